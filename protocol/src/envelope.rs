@@ -1,0 +1,273 @@
+//! The signed envelope: header, payload, signature.
+//!
+//! ```text
+//! offset  size  field
+//! 0       8     domain tag: "caas-cmd" (command) or "caas-rpt" (report)
+//! 8       1     format version (1)
+//! 9       8     signer key id: SHA-512("caas-key-id" || public key)[0..8]
+//! 17      2     payload length, u16 little-endian
+//! 19      n     payload: the postcard encoding of a Command or a Report
+//! 19+n    64    Ed25519 signature over bytes [0, 19+n)
+//! ```
+//!
+//! The signature covers the tag, so a report can never pass for a command or the other way
+//! round, and covers the exact payload bytes, so there is no re-encoding ambiguity. Payloads
+//! are decoded only after the signature verifies.
+
+use core::fmt;
+use ed25519_dalek::{Signature, Signer};
+use sha2::{Digest, Sha512};
+
+use crate::keys::{SigningKey, VerifyingKey};
+use crate::messages::{Command, Report, MAX_COMMAND_SIZE, MAX_REPORT_SIZE};
+use crate::reject::RejectCode;
+
+/// The envelope format this crate writes and reads.
+pub const FORMAT_VERSION: u8 = 1;
+/// Bytes before the payload.
+pub const FRAME_HEADER_SIZE: usize = 19;
+/// Bytes of the trailing signature.
+pub const SIGNATURE_SIZE: usize = 64;
+/// Largest command frame; a car refuses anything longer with [`RejectCode::TooLarge`].
+pub const MAX_COMMAND_FRAME_SIZE: usize = FRAME_HEADER_SIZE + MAX_COMMAND_SIZE + SIGNATURE_SIZE;
+/// Largest report frame; a gateway refuses anything longer.
+pub const MAX_REPORT_FRAME_SIZE: usize = FRAME_HEADER_SIZE + MAX_REPORT_SIZE + SIGNATURE_SIZE;
+/// Largest frame of either kind.
+pub const MAX_FRAME_SIZE: usize = if MAX_COMMAND_FRAME_SIZE > MAX_REPORT_FRAME_SIZE {
+    MAX_COMMAND_FRAME_SIZE
+} else {
+    MAX_REPORT_FRAME_SIZE
+};
+
+const COMMAND_TAG: &[u8; 8] = b"caas-cmd";
+const REPORT_TAG: &[u8; 8] = b"caas-rpt";
+const KEY_ID_CONTEXT: &[u8] = b"caas-key-id";
+
+/// Which kind of message a frame carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// Gateway to car.
+    Command,
+    /// Car to gateway.
+    Report,
+}
+
+impl FrameKind {
+    fn tag(self) -> &'static [u8; 8] {
+        match self {
+            FrameKind::Command => COMMAND_TAG,
+            FrameKind::Report => REPORT_TAG,
+        }
+    }
+
+    fn max_frame(self) -> usize {
+        match self {
+            FrameKind::Command => MAX_COMMAND_FRAME_SIZE,
+            FrameKind::Report => MAX_REPORT_FRAME_SIZE,
+        }
+    }
+}
+
+/// The short name of a public key carried in every frame.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; 8]);
+
+impl KeyId {
+    /// The id of `key`: the first 8 bytes of SHA-512("caas-key-id" || key).
+    pub fn of(key: &VerifyingKey) -> Self {
+        let digest = Sha512::new().chain_update(KEY_ID_CONTEXT).chain_update(key.as_bytes()).finalize();
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        KeyId(id)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyId({self})")
+    }
+}
+
+/// A public key a verifier trusts, with its precomputed id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TrustedKey {
+    /// The key's id as frames carry it.
+    pub id: KeyId,
+    /// The key.
+    pub key: VerifyingKey,
+}
+
+impl TrustedKey {
+    /// Trusts `key`.
+    pub fn new(key: VerifyingKey) -> Self {
+        TrustedKey { id: KeyId::of(&key), key }
+    }
+}
+
+/// A frame split into its parts, not yet verified.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RawFrame<'a> {
+    /// The kind its tag names.
+    pub kind: FrameKind,
+    /// The format version byte.
+    pub version: u8,
+    /// The signer's key id.
+    pub key_id: KeyId,
+    /// The payload bytes.
+    pub payload: &'a [u8],
+    /// The bytes the signature covers (header and payload).
+    pub signed: &'a [u8],
+    /// The signature.
+    pub signature: [u8; SIGNATURE_SIZE],
+}
+
+impl RawFrame<'_> {
+    /// Verifies the signature (strictly: no malleable or small-order signatures or keys).
+    pub fn verify(&self, key: &VerifyingKey) -> Result<(), RejectCode> {
+        key.verify_strict(self.signed, &Signature::from_bytes(&self.signature))
+            .map_err(|_| RejectCode::BadSignature)
+    }
+}
+
+/// Splits a frame of `expected` kind into its parts, checking length, tag and version.
+/// Nothing here is trusted yet; use [`open_command`] or [`open_report`] to verify and decode.
+pub fn parse_frame(frame: &[u8], expected: FrameKind) -> Result<RawFrame<'_>, RejectCode> {
+    if frame.len() > expected.max_frame() {
+        return Err(RejectCode::TooLarge);
+    }
+    if frame.len() < FRAME_HEADER_SIZE + SIGNATURE_SIZE {
+        return Err(RejectCode::Malformed);
+    }
+    let kind = match &frame[..8] {
+        t if t == COMMAND_TAG => FrameKind::Command,
+        t if t == REPORT_TAG => FrameKind::Report,
+        _ => return Err(RejectCode::Malformed),
+    };
+    if kind != expected {
+        return Err(RejectCode::Malformed);
+    }
+    let version = frame[8];
+    if version != FORMAT_VERSION {
+        return Err(RejectCode::UnsupportedVersion);
+    }
+    let mut key_id = [0u8; 8];
+    key_id.copy_from_slice(&frame[9..17]);
+    let payload_len = usize::from(u16::from_le_bytes([frame[17], frame[18]]));
+    if frame.len() != FRAME_HEADER_SIZE + payload_len + SIGNATURE_SIZE {
+        return Err(RejectCode::Malformed);
+    }
+    let signed_end = FRAME_HEADER_SIZE + payload_len;
+    let mut signature = [0u8; SIGNATURE_SIZE];
+    signature.copy_from_slice(&frame[signed_end..]);
+    Ok(RawFrame {
+        kind,
+        version,
+        key_id: KeyId(key_id),
+        payload: &frame[FRAME_HEADER_SIZE..signed_end],
+        signed: &frame[..signed_end],
+        signature,
+    })
+}
+
+/// Why a message could not be sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The output buffer is too small (size it with `MAX_*_FRAME_SIZE`).
+    BufferTooSmall,
+    /// The message breaks a structural rule ([`Command::check_structure`]).
+    Invalid(RejectCode),
+}
+
+impl fmt::Display for SealError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SealError::BufferTooSmall => f.write_str("output buffer too small for the frame"),
+            SealError::Invalid(code) => write!(f, "message is not valid: {code}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for SealError {}
+
+fn seal<'b, T: serde::Serialize>(
+    kind: FrameKind,
+    msg: &T,
+    key: &SigningKey,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], SealError> {
+    if buf.len() < FRAME_HEADER_SIZE + SIGNATURE_SIZE {
+        return Err(SealError::BufferTooSmall);
+    }
+    let payload_len = postcard::to_slice(msg, &mut buf[FRAME_HEADER_SIZE..])
+        .map_err(|_| SealError::BufferTooSmall)?
+        .len();
+    let signed_end = FRAME_HEADER_SIZE + payload_len;
+    let frame_len = signed_end + SIGNATURE_SIZE;
+    if frame_len > buf.len() {
+        return Err(SealError::BufferTooSmall);
+    }
+    // The bounds in messages.rs keep every valid message under the frame maximum.
+    let len16 = u16::try_from(payload_len).map_err(|_| SealError::Invalid(RejectCode::TooLarge))?;
+    buf[..8].copy_from_slice(kind.tag());
+    buf[8] = FORMAT_VERSION;
+    buf[9..17].copy_from_slice(&KeyId::of(&key.verifying_key()).0);
+    buf[17..19].copy_from_slice(&len16.to_le_bytes());
+    let signature = key.sign(&buf[..signed_end]);
+    buf[signed_end..frame_len].copy_from_slice(&signature.to_bytes());
+    Ok(&buf[..frame_len])
+}
+
+/// Encodes and signs a command into `buf`, returning the frame.
+pub fn seal_command<'b>(cmd: &Command, key: &SigningKey, buf: &'b mut [u8]) -> Result<&'b [u8], SealError> {
+    cmd.check_structure().map_err(SealError::Invalid)?;
+    seal(FrameKind::Command, cmd, key, buf)
+}
+
+/// Encodes and signs a report into `buf`, returning the frame.
+pub fn seal_report<'b>(report: &Report, key: &SigningKey, buf: &'b mut [u8]) -> Result<&'b [u8], SealError> {
+    report.check_structure().map_err(SealError::Invalid)?;
+    seal(FrameKind::Report, report, key, buf)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, RejectCode> {
+    let (value, rest) = postcard::take_from_bytes(payload).map_err(|_| RejectCode::Malformed)?;
+    if !rest.is_empty() {
+        return Err(RejectCode::Malformed);
+    }
+    Ok(value)
+}
+
+/// Verifies a command frame against the trusted gateway keys and decodes it.
+///
+/// Checks, in order: size, tag, version, layout, key id, signature, payload, structure.
+/// What it does not check (VIN, sequence, time, features) needs the car's state: see
+/// [`crate::check_command`].
+pub fn open_command(frame: &[u8], trusted: &[TrustedKey]) -> Result<Command, RejectCode> {
+    let raw = parse_frame(frame, FrameKind::Command)?;
+    let key = trusted.iter().find(|k| k.id == raw.key_id).ok_or(RejectCode::UnknownKey)?;
+    raw.verify(&key.key)?;
+    let cmd: Command = decode(raw.payload)?;
+    cmd.check_structure()?;
+    Ok(cmd)
+}
+
+/// Verifies a report frame with the car's key and decodes it. The caller must still check
+/// that the report's VIN is the car whose key it used.
+pub fn open_report(frame: &[u8], car_key: &TrustedKey) -> Result<Report, RejectCode> {
+    let raw = parse_frame(frame, FrameKind::Report)?;
+    if raw.key_id != car_key.id {
+        return Err(RejectCode::UnknownKey);
+    }
+    raw.verify(&car_key.key)?;
+    let report: Report = decode(raw.payload)?;
+    report.check_structure()?;
+    Ok(report)
+}

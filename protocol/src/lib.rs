@@ -1,0 +1,62 @@
+//! # caas-protocol: the signed command and report formats of the CaaS fleet
+//!
+//! Every part of the system speaks through this crate: the gateway builds and signs
+//! [`Command`]s, the agent in each car (Linux, Cortex-M, or the simulator) verifies them
+//! and answers with a [`Report`] signed by the car's own key, and `caasctl` inspects both.
+//!
+//! The crate is `#![no_std]` and allocation-free: every string and list is a bounded
+//! `heapless` type, every frame has a compile-time maximum ([`MAX_COMMAND_FRAME_SIZE`],
+//! [`MAX_REPORT_FRAME_SIZE`]), and nothing here reads a clock, a socket or a disk — time is
+//! an argument. Feature `std` only adds conveniences (key files, key generation,
+//! `std::error::Error`).
+//!
+//! The byte layout, the bounds, the topics and the security argument are written down in
+//! `protocol/SPEC.md`; tests pin the exact bytes so the format cannot drift unnoticed.
+//!
+//! ```
+//! use caas_protocol::*;
+//!
+//! let gateway = SigningKey::from_bytes(&[7; 32]);
+//! let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
+//! let mut grant = Grant::new("power-boost".parse().unwrap());
+//! grant.flags.push("power_boost".parse().unwrap()).unwrap();
+//! grant.ends_at = Some(1_800_000_000);
+//! let mut desired = DesiredState::default();
+//! desired.grants.push(grant).unwrap();
+//! let cmd = Command { vin, seq: 1, issued_at: 1_700_000_000, not_after: 1_700_086_400,
+//!                     body: CommandBody::SetState(desired) };
+//!
+//! let mut buf = [0u8; MAX_COMMAND_FRAME_SIZE];
+//! let frame = seal_command(&cmd, &gateway, &mut buf).unwrap();
+//! let trusted = [TrustedKey::new(gateway.verifying_key())];
+//! assert_eq!(open_command(frame, &trusted).unwrap(), cmd);
+//! ```
+#![cfg_attr(not(feature = "std"), no_std)]
+#![forbid(unsafe_code)]
+
+mod check;
+mod envelope;
+mod keys;
+mod messages;
+mod names;
+mod reject;
+pub mod topics;
+mod vin;
+
+pub use check::{check_command, CheckContext, FeatureClass, PlatformFeatures, MAX_FUTURE_SKEW_SECS};
+pub use envelope::{
+    open_command, open_report, parse_frame, seal_command, seal_report, FrameKind, KeyId,
+    RawFrame, SealError, TrustedKey, FORMAT_VERSION, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE,
+    MAX_FRAME_SIZE, MAX_REPORT_FRAME_SIZE, SIGNATURE_SIZE,
+};
+pub use keys::{
+    signing_key_from_hex, signing_key_to_hex, verifying_key_from_hex, verifying_key_to_hex,
+    KeyError, SigningKey, VerifyingKey,
+};
+pub use messages::*;
+pub use names::{ErrorCode, FeatureFlag, FirmwareVersion, NameError, ParamKey, ParamValue, ServiceId};
+pub use reject::RejectCode;
+pub use vin::{Vin, VinError, VIN_LEN};
+
+#[cfg(feature = "std")]
+pub use keys::files;

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one command that runs every test (README "Test"). It installs what the tests need when
+# it is missing, idempotently, then runs formatting, lints, the no_std builds, the workspace
+# tests and the firmware's QEMU tests. CI (.ci/run) calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "installing what the tests need (idempotent)"
+scripts/install-deps.sh
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "no_std builds for thumbv7em-none-eabihf"
+cargo build -p caas-protocol --target thumbv7em-none-eabihf --no-default-features
+cargo build -p caas-agent --target thumbv7em-none-eabihf --no-default-features
+
+step "cargo test --workspace"
+cargo test --workspace
+
+if [ -f agent-firmware/Cargo.toml ]; then
+  step "agent-firmware: build, QEMU scenario, size budget"
+  scripts/firmware-test.sh
+fi

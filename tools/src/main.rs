@@ -1,0 +1,2 @@
+//! # caasctl: the operator and technician CLI
+fn main() {}
