@@ -1,0 +1,129 @@
+//! The transport seam, and the byte format of the QEMU scenario that stands in for it.
+//!
+//! On hardware the agent talks to the telematics modem over a UART: frames in, frames out.
+//! The firmware only sees [`Transport`]. In QEMU the host test writes a scenario file of
+//! [`Step`]s (each with the "now" the car's clock reads at that step, because time is an
+//! input of the sans-IO core) and reads back a file of [`Out`] records.
+//!
+//! Scenario record: `tag u8 | now u64 LE | len u16 LE | len bytes`.
+//! Output record:   `tag u8 | len u16 LE | len bytes`.
+
+/// Bytes before a scenario step's body.
+pub const STEP_HEADER_SIZE: usize = 11;
+/// Bytes before an output record's body.
+pub const OUT_HEADER_SIZE: usize = 3;
+
+/// Moves whole frames between the agent and the outside world.
+pub trait Transport {
+    /// The link's error.
+    type Error;
+    /// Sends one frame (a signed report).
+    fn send(&mut self, frame: &[u8]) -> Result<(), Self::Error>;
+}
+
+/// What one scenario step asks the firmware to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    /// A frame arrives from the modem (body: the frame).
+    Frame = 1,
+    /// Only time passes (empty body): grants may end.
+    Tick = 2,
+    /// The ECU reboots: the agent is rebuilt from flash (empty body).
+    Reboot = 3,
+    /// Benchmark: verify the body (a command frame) alone and report guest instructions.
+    BenchVerify = 4,
+    /// End of the scenario (empty body).
+    End = 5,
+}
+
+impl StepKind {
+    /// The kind for a tag byte.
+    pub fn from_u8(tag: u8) -> Option<Self> {
+        [Self::Frame, Self::Tick, Self::Reboot, Self::BenchVerify, Self::End]
+            .into_iter()
+            .find(|k| *k as u8 == tag)
+    }
+}
+
+/// A decoded step header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepHeader {
+    /// What to do.
+    pub kind: StepKind,
+    /// The car's clock at this step (Unix seconds).
+    pub now: u64,
+    /// Length of the body that follows.
+    pub len: u16,
+}
+
+impl StepHeader {
+    /// Encodes the header.
+    pub fn encode(&self) -> [u8; STEP_HEADER_SIZE] {
+        let mut out = [0u8; STEP_HEADER_SIZE];
+        out[0] = self.kind as u8;
+        out[1..9].copy_from_slice(&self.now.to_le_bytes());
+        out[9..11].copy_from_slice(&self.len.to_le_bytes());
+        out
+    }
+
+    /// Decodes a header; `None` for an unknown tag.
+    pub fn decode(bytes: &[u8; STEP_HEADER_SIZE]) -> Option<Self> {
+        let kind = StepKind::from_u8(bytes[0])?;
+        let mut now = [0u8; 8];
+        now.copy_from_slice(&bytes[1..9]);
+        Some(StepHeader { kind, now: u64::from_le_bytes(now), len: u16::from_le_bytes([bytes[9], bytes[10]]) })
+    }
+}
+
+/// What the firmware writes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    /// A signed report frame the agent sent.
+    Report = 1,
+    /// After each step: `step u16 LE | lines u32 LE` (bit i = feature line i).
+    Lines = 2,
+    /// A benchmark: `what u8 | guest instructions u64 LE`.
+    Bench = 3,
+    /// At the end: `stack high-water bytes u32 LE | painted bytes u32 LE`.
+    Stack = 4,
+    /// A line of text for the log (UTF-8).
+    Log = 5,
+}
+
+impl OutKind {
+    /// The kind for a tag byte.
+    pub fn from_u8(tag: u8) -> Option<Self> {
+        [Self::Report, Self::Lines, Self::Bench, Self::Stack, Self::Log]
+            .into_iter()
+            .find(|k| *k as u8 == tag)
+    }
+}
+
+/// Benchmark ids in [`OutKind::Bench`] records.
+pub mod bench {
+    /// `open_command` alone: envelope checks, SHA-512, Ed25519 strict verify, decode.
+    pub const VERIFY: u8 = 1;
+    /// A whole `SetState` through the agent core: verify, check, persist, apply, sign report.
+    pub const HANDLE_COMMAND: u8 = 2;
+}
+
+/// Encodes an output record header.
+pub fn out_header(kind: OutKind, len: u16) -> [u8; OUT_HEADER_SIZE] {
+    let l = len.to_le_bytes();
+    [kind as u8, l[0], l[1]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_headers_round_trip_and_unknown_tags_are_refused() {
+        let h = StepHeader { kind: StepKind::Frame, now: 1_700_000_123, len: 300 };
+        assert_eq!(StepHeader::decode(&h.encode()), Some(h));
+        let mut bad = h.encode();
+        bad[0] = 99;
+        assert_eq!(StepHeader::decode(&bad), None);
+        assert_eq!(OutKind::from_u8(out_header(OutKind::Stack, 8)[0]), Some(OutKind::Stack));
+    }
+}
