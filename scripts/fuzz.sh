@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the protocol's decode+verify fuzz target (a benchmark-style job, not part of the
+# default test run). Installs cargo-fuzz when missing; needs the nightly toolchain.
+# Usage: scripts/fuzz.sh [SECONDS]   (default 60)
+set -euo pipefail
+cd "$(dirname "$0")/../protocol"
+secs="${1:-60}"
+rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+cargo +nightly fuzz run decode_verify -- -max_total_time="$secs" -max_len=4096
