@@ -48,3 +48,14 @@ const PINNED_REPORT: &str = "636161732d7270740140bf7e7b7045ed204c00115756575a5a5
 const PINNED_QUERY: &str = "636161732d636d640168bc317183d12ed32200115756575a5a5a314a5a585730303030303107c08df6d706fc8df6d70601eeff83063ab38343ebf6ecc5f98909634748b6392810aeaac8f4c3092effa92f8cd8be88f02cdf4948c469c9654612faf0d75707c68dd1bd0352ce231c7f1b21fb3e0902";
 const PINNED_GATEWAY_KEY_ID: &str = "68bc317183d12ed3";
 const PINNED_GATEWAY_PUBLIC: &str = "2152f8d19b791d24453242e15f2eab6cb7cffa7b6a5ed30097960e069881db12";
+
+#[test]
+fn stated_bounds_match_spec() {
+    // SPEC.md quotes these numbers; change both together.
+    assert_eq!(MAX_GRANT_SIZE, 378);
+    assert_eq!(MAX_COMMAND_SIZE, 3203);
+    assert_eq!(MAX_COMMAND_FRAME_SIZE, 3286);
+    assert_eq!(MAX_REPORT_SIZE, 498);
+    assert_eq!(MAX_REPORT_FRAME_SIZE, 581);
+    assert_eq!(MAX_FRAME_SIZE, 3286);
+}
