@@ -19,25 +19,47 @@ fn rates(c: &mut Criterion) {
     let report = typical_report();
     let cmd_frame = seal_cmd(&cmd, &gateway);
     let report_frame = seal_rpt(&report, &car);
-    let cmd_payload = parse_frame(&cmd_frame, FrameKind::Command).unwrap().payload.to_vec();
-    let report_payload = parse_frame(&report_frame, FrameKind::Report).unwrap().payload.to_vec();
+    let cmd_payload = parse_frame(&cmd_frame, FrameKind::Command)
+        .unwrap()
+        .payload
+        .to_vec();
+    let report_payload = parse_frame(&report_frame, FrameKind::Report)
+        .unwrap()
+        .payload
+        .to_vec();
 
     let mut g = c.benchmark_group("command");
     g.throughput(Throughput::Elements(1));
     let mut buf = [0u8; MAX_COMMAND_FRAME_SIZE];
-    g.bench_function("encode", |b| b.iter(|| postcard::to_slice(black_box(&cmd), &mut buf).map(|s| s.len())));
-    g.bench_function("decode", |b| b.iter(|| postcard::from_bytes::<Command>(black_box(&cmd_payload))));
-    g.bench_function("seal (encode+sign)", |b| b.iter(|| seal_command(black_box(&cmd), &gateway, &mut buf).map(|s| s.len())));
-    g.bench_function("open (verify+decode)", |b| b.iter(|| open_command(black_box(&cmd_frame), &trusted)));
+    g.bench_function("encode", |b| {
+        b.iter(|| postcard::to_slice(black_box(&cmd), &mut buf).map(|s| s.len()))
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| postcard::from_bytes::<Command>(black_box(&cmd_payload)))
+    });
+    g.bench_function("seal (encode+sign)", |b| {
+        b.iter(|| seal_command(black_box(&cmd), &gateway, &mut buf).map(|s| s.len()))
+    });
+    g.bench_function("open (verify+decode)", |b| {
+        b.iter(|| open_command(black_box(&cmd_frame), &trusted))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("report");
     g.throughput(Throughput::Elements(1));
     let mut buf = [0u8; MAX_REPORT_FRAME_SIZE];
-    g.bench_function("encode", |b| b.iter(|| postcard::to_slice(black_box(&report), &mut buf).map(|s| s.len())));
-    g.bench_function("decode", |b| b.iter(|| postcard::from_bytes::<Report>(black_box(&report_payload))));
-    g.bench_function("seal (encode+sign)", |b| b.iter(|| seal_report(black_box(&report), &car, &mut buf).map(|s| s.len())));
-    g.bench_function("open (verify+decode)", |b| b.iter(|| open_report(black_box(&report_frame), &car_trusted)));
+    g.bench_function("encode", |b| {
+        b.iter(|| postcard::to_slice(black_box(&report), &mut buf).map(|s| s.len()))
+    });
+    g.bench_function("decode", |b| {
+        b.iter(|| postcard::from_bytes::<Report>(black_box(&report_payload)))
+    });
+    g.bench_function("seal (encode+sign)", |b| {
+        b.iter(|| seal_report(black_box(&report), &car, &mut buf).map(|s| s.len()))
+    });
+    g.bench_function("open (verify+decode)", |b| {
+        b.iter(|| open_report(black_box(&report_frame), &car_trusted))
+    });
     g.finish();
 }
 

@@ -75,7 +75,10 @@ pub struct KeyId(pub [u8; 8]);
 impl KeyId {
     /// The id of `key`: the first 8 bytes of SHA-512("caas-key-id" || key).
     pub fn of(key: &VerifyingKey) -> Self {
-        let digest = Sha512::new().chain_update(KEY_ID_CONTEXT).chain_update(key.as_bytes()).finalize();
+        let digest = Sha512::new()
+            .chain_update(KEY_ID_CONTEXT)
+            .chain_update(key.as_bytes())
+            .finalize();
         let mut id = [0u8; 8];
         id.copy_from_slice(&digest[..8]);
         KeyId(id)
@@ -106,7 +109,10 @@ pub struct TrustedKey {
 impl TrustedKey {
     /// Trusts `key`.
     pub fn new(key: VerifyingKey) -> Self {
-        TrustedKey { id: KeyId::of(&key), key }
+        TrustedKey {
+            id: KeyId::of(&key),
+            key,
+        }
     }
 }
 
@@ -226,13 +232,21 @@ fn seal<'b, T: serde::Serialize>(
 }
 
 /// Encodes and signs a command into `buf`, returning the frame.
-pub fn seal_command<'b>(cmd: &Command, key: &SigningKey, buf: &'b mut [u8]) -> Result<&'b [u8], SealError> {
+pub fn seal_command<'b>(
+    cmd: &Command,
+    key: &SigningKey,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], SealError> {
     cmd.check_structure().map_err(SealError::Invalid)?;
     seal(FrameKind::Command, cmd, key, buf)
 }
 
 /// Encodes and signs a report into `buf`, returning the frame.
-pub fn seal_report<'b>(report: &Report, key: &SigningKey, buf: &'b mut [u8]) -> Result<&'b [u8], SealError> {
+pub fn seal_report<'b>(
+    report: &Report,
+    key: &SigningKey,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], SealError> {
     report.check_structure().map_err(SealError::Invalid)?;
     seal(FrameKind::Report, report, key, buf)
 }
@@ -252,7 +266,10 @@ fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, RejectCod
 /// [`crate::check_command`].
 pub fn open_command(frame: &[u8], trusted: &[TrustedKey]) -> Result<Command, RejectCode> {
     let raw = parse_frame(frame, FrameKind::Command)?;
-    let key = trusted.iter().find(|k| k.id == raw.key_id).ok_or(RejectCode::UnknownKey)?;
+    let key = trusted
+        .iter()
+        .find(|k| k.id == raw.key_id)
+        .ok_or(RejectCode::UnknownKey)?;
     raw.verify(&key.key)?;
     let cmd: Command = decode(raw.payload)?;
     cmd.check_structure()?;

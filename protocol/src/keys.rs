@@ -101,7 +101,10 @@ pub mod files {
     }
 
     fn invalid(path: &Path, e: KeyError) -> std::io::Error {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
     }
 
     /// Reads a secret key file.
@@ -158,14 +161,23 @@ mod tests {
         let sk = SigningKey::from_bytes(&[9; 32]);
         let text = signing_key_to_hex(&sk);
         assert_eq!(text.as_str(), &"09".repeat(32));
-        assert_eq!(signing_key_from_hex(&text).unwrap().to_bytes(), sk.to_bytes());
+        assert_eq!(
+            signing_key_from_hex(&text).unwrap().to_bytes(),
+            sk.to_bytes()
+        );
         let pk = verifying_key_to_hex(&sk.verifying_key());
         assert_eq!(verifying_key_from_hex(&pk), Ok(sk.verifying_key()));
         assert!(matches!(signing_key_from_hex("abc"), Err(KeyError::NotHex)));
-        assert_eq!(verifying_key_from_hex(&"zz".repeat(32)), Err(KeyError::NotHex));
+        assert_eq!(
+            verifying_key_from_hex(&"zz".repeat(32)),
+            Err(KeyError::NotHex)
+        );
         // The identity point is a weak key: refused.
         let mut ident = [0u8; 32];
         ident[0] = 1;
-        assert_eq!(verifying_key_from_hex(&hex32(&ident)), Err(KeyError::InvalidPoint));
+        assert_eq!(
+            verifying_key_from_hex(&hex32(&ident)),
+            Err(KeyError::InvalidPoint)
+        );
     }
 }

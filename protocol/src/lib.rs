@@ -43,10 +43,12 @@ mod reject;
 pub mod topics;
 mod vin;
 
-pub use check::{check_command, CheckContext, FeatureClass, PlatformFeatures, MAX_FUTURE_SKEW_SECS};
+pub use check::{
+    check_command, CheckContext, FeatureClass, PlatformFeatures, MAX_FUTURE_SKEW_SECS,
+};
 pub use envelope::{
-    open_command, open_report, parse_frame, seal_command, seal_report, FrameKind, KeyId,
-    RawFrame, SealError, TrustedKey, FORMAT_VERSION, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE,
+    open_command, open_report, parse_frame, seal_command, seal_report, FrameKind, KeyId, RawFrame,
+    SealError, TrustedKey, FORMAT_VERSION, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE,
     MAX_FRAME_SIZE, MAX_REPORT_FRAME_SIZE, SIGNATURE_SIZE,
 };
 pub use keys::{
@@ -54,7 +56,9 @@ pub use keys::{
     KeyError, SigningKey, VerifyingKey,
 };
 pub use messages::*;
-pub use names::{ErrorCode, FeatureFlag, FirmwareVersion, NameError, ParamKey, ParamValue, ServiceId};
+pub use names::{
+    ErrorCode, FeatureFlag, FirmwareVersion, NameError, ParamKey, ParamValue, ServiceId,
+};
 pub use reject::RejectCode;
 pub use vin::{Vin, VinError, VIN_LEN};
 

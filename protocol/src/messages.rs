@@ -146,7 +146,12 @@ pub struct Grant {
 impl Grant {
     /// A grant with no flags, no parameters and no end time yet.
     pub fn new(service_id: ServiceId) -> Self {
-        Grant { service_id, flags: Vec::new(), params: Vec::new(), ends_at: None }
+        Grant {
+            service_id,
+            flags: Vec::new(),
+            params: Vec::new(),
+            ends_at: None,
+        }
     }
 
     /// Whether the grant is in force at `now` (Unix seconds).
@@ -206,7 +211,10 @@ impl Command {
                 if grant.flags.is_empty() {
                     return Err(RejectCode::Malformed);
                 }
-                if desired.grants[..i].iter().any(|g| g.service_id == grant.service_id) {
+                if desired.grants[..i]
+                    .iter()
+                    .any(|g| g.service_id == grant.service_id)
+                {
                     return Err(RejectCode::Malformed);
                 }
                 for (j, p) in grant.params.iter().enumerate() {
@@ -300,14 +308,25 @@ mod tests {
 
     #[test]
     fn request_ids_round_trip_as_uuids() {
-        let id = RequestId([0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8]);
+        let id = RequestId([
+            0x12, 0x34, 0x56, 0x78, 0x9a, 0xbc, 0xde, 0xf0, 1, 2, 3, 4, 5, 6, 7, 8,
+        ]);
         let mut s = heapless::String::<40>::new();
         core::fmt::write(&mut s, format_args!("{id}")).unwrap();
         assert_eq!(s.as_str(), "12345678-9abc-def0-0102-030405060708");
         assert_eq!(s.parse::<RequestId>(), Ok(id));
-        assert_eq!("123456789abcdef00102030405060708".parse::<RequestId>(), Ok(id));
-        assert!("123456789abcdef0010203040506070".parse::<RequestId>().is_err());
-        assert!("123456789abcdef001020304050607080".parse::<RequestId>().is_err());
-        assert!("zz345678-9abc-def0-0102-030405060708".parse::<RequestId>().is_err());
+        assert_eq!(
+            "123456789abcdef00102030405060708".parse::<RequestId>(),
+            Ok(id)
+        );
+        assert!("123456789abcdef0010203040506070"
+            .parse::<RequestId>()
+            .is_err());
+        assert!("123456789abcdef001020304050607080"
+            .parse::<RequestId>()
+            .is_err());
+        assert!("zz345678-9abc-def0-0102-030405060708"
+            .parse::<RequestId>()
+            .is_err());
     }
 }

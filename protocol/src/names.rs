@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(FeatureFlag::new("Power"), Err(NameError::Character(0)));
         assert_eq!(FeatureFlag::new("snow-mode"), Err(NameError::Character(4)));
         assert!(FeatureFlag::new(&"x".repeat(32)).is_ok());
-        assert_eq!(FeatureFlag::new(&"x".repeat(33)), Err(NameError::TooLong(32)));
+        assert_eq!(
+            FeatureFlag::new(&"x".repeat(33)),
+            Err(NameError::TooLong(32))
+        );
     }
 
     #[test]

@@ -100,11 +100,26 @@ mod tests {
     #[test]
     fn topics_are_per_car_and_parse_back() {
         let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
-        assert_eq!(command_topic(&vin).as_str(), "/tenants/WVWZZZ1JZXW000001/cmd");
-        assert_eq!(report_topic(&vin).as_str(), "/tenants/WVWZZZ1JZXW000001/report");
-        assert_eq!(presence_topic(&vin).as_str(), "/tenants/WVWZZZ1JZXW000001/presence");
-        assert_eq!(parse_topic(&report_topic(&vin)), Some((vin, TopicKind::Report)));
-        assert_eq!(parse_topic(&presence_topic(&vin)), Some((vin, TopicKind::Presence)));
+        assert_eq!(
+            command_topic(&vin).as_str(),
+            "/tenants/WVWZZZ1JZXW000001/cmd"
+        );
+        assert_eq!(
+            report_topic(&vin).as_str(),
+            "/tenants/WVWZZZ1JZXW000001/report"
+        );
+        assert_eq!(
+            presence_topic(&vin).as_str(),
+            "/tenants/WVWZZZ1JZXW000001/presence"
+        );
+        assert_eq!(
+            parse_topic(&report_topic(&vin)),
+            Some((vin, TopicKind::Report))
+        );
+        assert_eq!(
+            parse_topic(&presence_topic(&vin)),
+            Some((vin, TopicKind::Presence))
+        );
         assert_eq!(parse_topic("/tenants/WVWZZZ1JZXW000001/other"), None);
         assert_eq!(parse_topic("/tenants/BAD/report"), None);
         assert_eq!(parse_topic("tenants/WVWZZZ1JZXW000001/report"), None);

@@ -124,10 +124,25 @@ mod tests {
     #[test]
     fn rejects_bad_vins() {
         assert_eq!("1HGCM82633A00435".parse::<Vin>(), Err(VinError::Length(16)));
-        assert_eq!("1HGCM82633A0043522".parse::<Vin>(), Err(VinError::Length(18)));
-        assert_eq!("IHGCM82633A004352".parse::<Vin>(), Err(VinError::Character(0)));
-        assert_eq!("1HGCM82633A00435O".parse::<Vin>(), Err(VinError::Character(16)));
-        assert_eq!("1HGCM8Q633A004352".parse::<Vin>(), Err(VinError::Character(6)));
-        assert_eq!("1hgcm82633a004352".parse::<Vin>(), Err(VinError::Character(1)));
+        assert_eq!(
+            "1HGCM82633A0043522".parse::<Vin>(),
+            Err(VinError::Length(18))
+        );
+        assert_eq!(
+            "IHGCM82633A004352".parse::<Vin>(),
+            Err(VinError::Character(0))
+        );
+        assert_eq!(
+            "1HGCM82633A00435O".parse::<Vin>(),
+            Err(VinError::Character(16))
+        );
+        assert_eq!(
+            "1HGCM8Q633A004352".parse::<Vin>(),
+            Err(VinError::Character(6))
+        );
+        assert_eq!(
+            "1hgcm82633a004352".parse::<Vin>(),
+            Err(VinError::Character(1))
+        );
     }
 }

@@ -7,7 +7,12 @@ use caas_protocol::*;
 use common::*;
 
 fn ctx<'a>(vin: &'a Vin, last: u64, now: u64) -> CheckContext<'a> {
-    CheckContext { vin, last_applied_seq: last, now, platform: &Catalog }
+    CheckContext {
+        vin,
+        last_applied_seq: last,
+        now,
+        platform: &Catalog,
+    }
 }
 
 /// Opens and checks a frame as a car at `now` with `last` applied would.
@@ -21,7 +26,10 @@ fn car_verdict(frame: &[u8], last: u64, now: u64) -> Result<Command, RejectCode>
 #[test]
 fn a_valid_command_is_accepted() {
     let frame = seal_cmd(&typical_command(), &gateway_key());
-    assert_eq!(car_verdict(&frame, 6, ISSUED_AT + 10), Ok(typical_command()));
+    assert_eq!(
+        car_verdict(&frame, 6, ISSUED_AT + 10),
+        Ok(typical_command())
+    );
 }
 
 #[test]
@@ -29,26 +37,38 @@ fn bad_signature() {
     let mut frame = seal_cmd(&typical_command(), &gateway_key());
     let last = frame.len() - 1;
     frame[last] ^= 0x01;
-    assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::BadSignature));
+    assert_eq!(
+        car_verdict(&frame, 0, ISSUED_AT),
+        Err(RejectCode::BadSignature)
+    );
     // A payload byte changed after signing (seq 7 -> 8) is caught the same way.
     let mut frame = seal_cmd(&typical_command(), &gateway_key());
     let seq_at = FRAME_HEADER_SIZE + 18;
     assert_eq!(frame[seq_at], 7);
     frame[seq_at] = 8;
-    assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::BadSignature));
+    assert_eq!(
+        car_verdict(&frame, 0, ISSUED_AT),
+        Err(RejectCode::BadSignature)
+    );
 }
 
 #[test]
 fn unknown_key() {
     let frame = seal_cmd(&typical_command(), &SigningKey::from_bytes(&[1; 32]));
-    assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::UnknownKey));
+    assert_eq!(
+        car_verdict(&frame, 0, ISSUED_AT),
+        Err(RejectCode::UnknownKey)
+    );
 }
 
 #[test]
 fn key_rotation_trusts_either_key() {
     let old = gateway_key();
     let new = SigningKey::from_bytes(&[0x43; 32]);
-    let trusted = [TrustedKey::new(old.verifying_key()), TrustedKey::new(new.verifying_key())];
+    let trusted = [
+        TrustedKey::new(old.verifying_key()),
+        TrustedKey::new(new.verifying_key()),
+    ];
     for key in [&old, &new] {
         let frame = seal_cmd(&typical_command(), key);
         assert_eq!(open_command(&frame, &trusted), Ok(typical_command()));
@@ -75,7 +95,10 @@ fn expired() {
     let cmd = typical_command();
     let frame = seal_cmd(&cmd, &gateway_key());
     assert!(car_verdict(&frame, 0, cmd.not_after).is_ok());
-    assert_eq!(car_verdict(&frame, 0, cmd.not_after + 1), Err(RejectCode::Expired));
+    assert_eq!(
+        car_verdict(&frame, 0, cmd.not_after + 1),
+        Err(RejectCode::Expired)
+    );
 }
 
 #[test]
@@ -93,20 +116,29 @@ fn malformed() {
     let frame = seal_cmd(&typical_command(), &gateway_key());
     // A report frame is not a command, whatever its signature.
     let report = seal_rpt(&typical_report(), &gateway_key());
-    assert_eq!(car_verdict(&report, 0, ISSUED_AT), Err(RejectCode::Malformed));
+    assert_eq!(
+        car_verdict(&report, 0, ISSUED_AT),
+        Err(RejectCode::Malformed)
+    );
     // A length field that disagrees with the frame.
     let mut bad = frame.clone();
     bad[17] = bad[17].wrapping_add(1);
     assert_eq!(car_verdict(&bad, 0, ISSUED_AT), Err(RejectCode::Malformed));
     // Well signed, but the payload is not a command: signed garbage is still refused.
     let garbage = sign_raw(b"caas-cmd", &[0xff; 40]);
-    assert_eq!(car_verdict(&garbage, 0, ISSUED_AT), Err(RejectCode::Malformed));
+    assert_eq!(
+        car_verdict(&garbage, 0, ISSUED_AT),
+        Err(RejectCode::Malformed)
+    );
     // Well signed, decodes, but breaks a structural rule (issued after not-after).
     let mut cmd = typical_command();
     cmd.not_after = cmd.issued_at - 1;
     let payload = postcard::to_allocvec(&cmd).unwrap();
     let frame = sign_raw(b"caas-cmd", &payload);
-    assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::Malformed));
+    assert_eq!(
+        car_verdict(&frame, 0, ISSUED_AT),
+        Err(RejectCode::Malformed)
+    );
     // Sealing refuses it in the first place.
     let mut buf = [0u8; MAX_COMMAND_FRAME_SIZE];
     assert_eq!(
@@ -116,7 +148,10 @@ fn malformed() {
     // Trailing bytes after the payload are refused.
     let mut payload = postcard::to_allocvec(&typical_command()).unwrap();
     payload.push(0);
-    assert_eq!(car_verdict(&sign_raw(b"caas-cmd", &payload), 0, ISSUED_AT), Err(RejectCode::Malformed));
+    assert_eq!(
+        car_verdict(&sign_raw(b"caas-cmd", &payload), 0, ISSUED_AT),
+        Err(RejectCode::Malformed)
+    );
     // A grant without flags, a duplicated service.
     for breakage in [0, 1] {
         let mut cmd = typical_command();
@@ -128,12 +163,18 @@ fn malformed() {
             }
         }
         let frame = sign_raw(b"caas-cmd", &postcard::to_allocvec(&cmd).unwrap());
-        assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::Malformed));
+        assert_eq!(
+            car_verdict(&frame, 0, ISSUED_AT),
+            Err(RejectCode::Malformed)
+        );
     }
     // An invalid VIN inside a well-signed payload.
     let mut payload = postcard::to_allocvec(&typical_command()).unwrap();
     payload[1] = b'I';
-    assert_eq!(car_verdict(&sign_raw(b"caas-cmd", &payload), 0, ISSUED_AT), Err(RejectCode::Malformed));
+    assert_eq!(
+        car_verdict(&sign_raw(b"caas-cmd", &payload), 0, ISSUED_AT),
+        Err(RejectCode::Malformed)
+    );
 }
 
 #[test]
@@ -141,14 +182,20 @@ fn too_large() {
     let frame = vec![0u8; MAX_COMMAND_FRAME_SIZE + 1];
     assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::TooLarge));
     let endless = vec![0u8; 1 << 20];
-    assert_eq!(car_verdict(&endless, 0, ISSUED_AT), Err(RejectCode::TooLarge));
+    assert_eq!(
+        car_verdict(&endless, 0, ISSUED_AT),
+        Err(RejectCode::TooLarge)
+    );
 }
 
 #[test]
 fn unsupported_version() {
     let mut frame = seal_cmd(&typical_command(), &gateway_key());
     frame[8] = 2;
-    assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::UnsupportedVersion));
+    assert_eq!(
+        car_verdict(&frame, 0, ISSUED_AT),
+        Err(RejectCode::UnsupportedVersion)
+    );
 }
 
 fn with_flag(flag: &str) -> Command {
@@ -162,13 +209,19 @@ fn with_flag(flag: &str) -> Command {
 #[test]
 fn unknown_feature() {
     let frame = seal_cmd(&with_flag("warp_drive"), &gateway_key());
-    assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::UnknownFeature));
+    assert_eq!(
+        car_verdict(&frame, 0, ISSUED_AT),
+        Err(RejectCode::UnknownFeature)
+    );
 }
 
 #[test]
 fn base_platform_feature() {
     let frame = seal_cmd(&with_flag("abs"), &gateway_key());
-    assert_eq!(car_verdict(&frame, 0, ISSUED_AT), Err(RejectCode::BasePlatformFeature));
+    assert_eq!(
+        car_verdict(&frame, 0, ISSUED_AT),
+        Err(RejectCode::BasePlatformFeature)
+    );
 }
 
 #[test]
@@ -182,7 +235,10 @@ fn queries_are_not_replays_but_are_still_checked() {
     };
     let ok = seal_cmd(&query(VIN, ISSUED_AT + 60), &gateway_key());
     assert!(car_verdict(&ok, 9, ISSUED_AT).is_ok());
-    assert_eq!(car_verdict(&ok, 9, ISSUED_AT + 61), Err(RejectCode::Expired));
+    assert_eq!(
+        car_verdict(&ok, 9, ISSUED_AT + 61),
+        Err(RejectCode::Expired)
+    );
     let other = seal_cmd(&query(OTHER_VIN, ISSUED_AT + 60), &gateway_key());
     assert_eq!(car_verdict(&other, 9, ISSUED_AT), Err(RejectCode::WrongVin));
 }
@@ -213,7 +269,11 @@ fn reports_are_only_believed_from_the_car_key() {
     // Signal strength above 100 is malformed.
     let mut report = typical_report();
     report.diagnostics.signal_strength = 101;
-    let frame = sign_raw_with(b"caas-rpt", &postcard::to_allocvec(&report).unwrap(), &car_key());
+    let frame = sign_raw_with(
+        b"caas-rpt",
+        &postcard::to_allocvec(&report).unwrap(),
+        &car_key(),
+    );
     assert_eq!(open_report(&frame, &car), Err(RejectCode::Malformed));
 }
 
@@ -222,7 +282,10 @@ fn every_truncation_and_byte_flip_is_refused_without_panic() {
     let trusted = trusted_gateway();
     let car = TrustedKey::new(car_key().verifying_key());
     let frames = [
-        (FrameKind::Command, seal_cmd(&typical_command(), &gateway_key())),
+        (
+            FrameKind::Command,
+            seal_cmd(&typical_command(), &gateway_key()),
+        ),
         (FrameKind::Report, seal_rpt(&typical_report(), &car_key())),
     ];
     let open = |kind, bytes: &[u8]| match kind {
@@ -233,7 +296,10 @@ fn every_truncation_and_byte_flip_is_refused_without_panic() {
     for (kind, frame) in &frames {
         assert!(open(*kind, frame).is_ok());
         for len in 0..frame.len() {
-            assert!(open(*kind, &frame[..len]).is_err(), "truncation to {len} accepted");
+            assert!(
+                open(*kind, &frame[..len]).is_err(),
+                "truncation to {len} accepted"
+            );
             checked += 1;
         }
         for i in 0..frame.len() {
@@ -271,13 +337,22 @@ fn maximal_messages_fill_exactly_the_stated_bounds() {
             key.replace_range(0..1, &p.to_string());
             grant
                 .params
-                .push(Param { key: key.parse().unwrap(), value: name(ParamValue::MAX_LEN).parse().unwrap() })
+                .push(Param {
+                    key: key.parse().unwrap(),
+                    value: name(ParamValue::MAX_LEN).parse().unwrap(),
+                })
                 .unwrap();
         }
         grant.ends_at = Some(max_u64);
         desired.grants.push(grant).unwrap();
     }
-    let cmd = Command { vin: vin(), seq: max_u64, issued_at: max_u64, not_after: max_u64, body: CommandBody::SetState(desired) };
+    let cmd = Command {
+        vin: vin(),
+        seq: max_u64,
+        issued_at: max_u64,
+        not_after: max_u64,
+        body: CommandBody::SetState(desired),
+    };
     let frame = seal_cmd(&cmd, &gateway_key());
     assert_eq!(frame.len(), MAX_COMMAND_FRAME_SIZE);
     assert_eq!(open_command(&frame, &trusted_gateway()), Ok(cmd));
@@ -285,23 +360,39 @@ fn maximal_messages_fill_exactly_the_stated_bounds() {
     let mut report = typical_report();
     report.applied_seq = max_u64;
     report.car_time = max_u64;
-    report.outcome = Outcome::Rejected { seq: max_u64, code: RejectCode::Replay };
+    report.outcome = Outcome::Rejected {
+        seq: max_u64,
+        code: RejectCode::Replay,
+    };
     report.active.clear();
     for g in 0..MAX_GRANTS {
         let mut sid = name(ServiceId::MAX_LEN);
         sid.replace_range(0..1, &g.to_string());
-        report.active.push(ActiveService { service_id: sid.parse().unwrap(), ends_at: Some(max_u64) }).unwrap();
+        report
+            .active
+            .push(ActiveService {
+                service_id: sid.parse().unwrap(),
+                ends_at: Some(max_u64),
+            })
+            .unwrap();
     }
     report.diagnostics.firmware_version = name(FirmwareVersion::MAX_LEN).parse().unwrap();
     report.diagnostics.error_codes.clear();
     for _ in 0..MAX_ERROR_CODES {
-        report.diagnostics.error_codes.push(name(ErrorCode::MAX_LEN).parse().unwrap()).unwrap();
+        report
+            .diagnostics
+            .error_codes
+            .push(name(ErrorCode::MAX_LEN).parse().unwrap())
+            .unwrap();
     }
     let frame = seal_rpt(&report, &car_key());
     assert_eq!(frame.len(), MAX_REPORT_FRAME_SIZE);
     // Too small a buffer is an error, not a panic.
     let mut small = [0u8; 100];
-    assert_eq!(seal_report(&report, &car_key(), &mut small), Err(SealError::BufferTooSmall));
+    assert_eq!(
+        seal_report(&report, &car_key(), &mut small),
+        Err(SealError::BufferTooSmall)
+    );
 }
 
 /// Builds a frame around arbitrary payload bytes, signed by the gateway key.

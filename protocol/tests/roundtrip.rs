@@ -19,17 +19,33 @@ fn grant(i: usize) -> impl Strategy<Value = Grant> {
     (
         "[A-Za-z0-9_.:-]{1,28}",
         prop::collection::vec(flag(), 1..=MAX_FLAGS_PER_GRANT),
-        prop::collection::btree_map("[A-Za-z0-9_]{1,24}", "[ -~]{0,24}", 0..=MAX_PARAMS_PER_GRANT),
+        prop::collection::btree_map(
+            "[A-Za-z0-9_]{1,24}",
+            "[ -~]{0,24}",
+            0..=MAX_PARAMS_PER_GRANT,
+        ),
         prop::option::of(any::<u64>()),
     )
         .prop_map(move |(sid, flags, params, ends_at)| {
             // A numeric prefix keeps service ids unique within the command.
-            let mut g = Grant::new(format!("{i}{sid}").chars().take(32).collect::<String>().parse().unwrap());
+            let mut g = Grant::new(
+                format!("{i}{sid}")
+                    .chars()
+                    .take(32)
+                    .collect::<String>()
+                    .parse()
+                    .unwrap(),
+            );
             for f in flags {
                 g.flags.push(f).unwrap();
             }
             for (k, v) in params {
-                g.params.push(Param { key: k.parse().unwrap(), value: v.parse().unwrap() }).unwrap();
+                g.params
+                    .push(Param {
+                        key: k.parse().unwrap(),
+                        value: v.parse().unwrap(),
+                    })
+                    .unwrap();
             }
             g.ends_at = ends_at;
             g
@@ -52,12 +68,20 @@ fn command_strategy() -> impl Strategy<Value = Command> {
                 Some(nonce) => CommandBody::QueryStatus { nonce },
                 None => {
                     let mut d = DesiredState::default();
-                    settles.into_iter().for_each(|s| d.settles.push(RequestId(s)).unwrap());
+                    settles
+                        .into_iter()
+                        .for_each(|s| d.settles.push(RequestId(s)).unwrap());
                     grants.into_iter().for_each(|g| d.grants.push(g).unwrap());
                     CommandBody::SetState(d)
                 }
             };
-            Command { vin, seq, issued_at: a.min(b), not_after: a.max(b), body }
+            Command {
+                vin,
+                seq,
+                issued_at: a.min(b),
+                not_after: a.max(b),
+                body,
+            }
         })
 }
 
@@ -73,32 +97,42 @@ fn report_strategy() -> impl Strategy<Value = Report> {
             any::<u64>().prop_map(|nonce| Outcome::Status { nonce }),
             any::<u64>().prop_map(|counter| Outcome::Periodic { counter }),
         ],
-        prop::collection::vec(("[A-Za-z0-9_.:-]{1,32}", any::<Option<u64>>()), 0..=MAX_GRANTS),
+        prop::collection::vec(
+            ("[A-Za-z0-9_.:-]{1,32}", any::<Option<u64>>()),
+            0..=MAX_GRANTS,
+        ),
         "[ -~]{1,24}",
         prop::collection::vec("[A-Za-z0-9_]{1,16}", 0..=MAX_ERROR_CODES),
         0u8..=100,
     )
-        .prop_map(|(vin, applied_seq, car_time, outcome, active, fw, codes, signal)| {
-            let mut r = Report {
-                vin,
-                applied_seq,
-                car_time,
-                outcome,
-                active: heapless::Vec::new(),
-                diagnostics: Diagnostics {
-                    firmware_version: fw.parse().unwrap(),
-                    error_codes: heapless::Vec::new(),
-                    signal_strength: signal,
-                },
-            };
-            for (sid, ends_at) in active {
-                r.active.push(ActiveService { service_id: sid.parse().unwrap(), ends_at }).unwrap();
-            }
-            for c in codes {
-                r.diagnostics.error_codes.push(c.parse().unwrap()).unwrap();
-            }
-            r
-        })
+        .prop_map(
+            |(vin, applied_seq, car_time, outcome, active, fw, codes, signal)| {
+                let mut r = Report {
+                    vin,
+                    applied_seq,
+                    car_time,
+                    outcome,
+                    active: heapless::Vec::new(),
+                    diagnostics: Diagnostics {
+                        firmware_version: fw.parse().unwrap(),
+                        error_codes: heapless::Vec::new(),
+                        signal_strength: signal,
+                    },
+                };
+                for (sid, ends_at) in active {
+                    r.active
+                        .push(ActiveService {
+                            service_id: sid.parse().unwrap(),
+                            ends_at,
+                        })
+                        .unwrap();
+                }
+                for c in codes {
+                    r.diagnostics.error_codes.push(c.parse().unwrap()).unwrap();
+                }
+                r
+            },
+        )
 }
 
 proptest! {

@@ -27,7 +27,10 @@ pub(crate) fn typical_command() -> Command {
     boost.flags.push("power_boost".parse().unwrap()).unwrap();
     boost
         .params
-        .push(Param { key: "boostPercent".parse().unwrap(), value: "15".parse().unwrap() })
+        .push(Param {
+            key: "boostPercent".parse().unwrap(),
+            value: "15".parse().unwrap(),
+        })
         .unwrap();
     boost.ends_at = Some(ISSUED_AT + 7 * 86_400);
     let mut seats = Grant::new("heated-seats".parse().unwrap());
@@ -48,9 +51,17 @@ pub(crate) fn typical_command() -> Command {
 pub(crate) fn typical_report() -> Report {
     let mut active = heapless::Vec::new();
     active
-        .push(ActiveService { service_id: "power-boost".parse().unwrap(), ends_at: Some(ISSUED_AT + 7 * 86_400) })
+        .push(ActiveService {
+            service_id: "power-boost".parse().unwrap(),
+            ends_at: Some(ISSUED_AT + 7 * 86_400),
+        })
         .unwrap();
-    active.push(ActiveService { service_id: "heated-seats".parse().unwrap(), ends_at: None }).unwrap();
+    active
+        .push(ActiveService {
+            service_id: "heated-seats".parse().unwrap(),
+            ends_at: None,
+        })
+        .unwrap();
     let mut error_codes = heapless::Vec::new();
     error_codes.push("TPMS_LOW".parse().unwrap()).unwrap();
     Report {
@@ -87,7 +98,9 @@ pub(crate) struct Catalog;
 impl PlatformFeatures for Catalog {
     fn classify(&self, flag: &FeatureFlag) -> FeatureClass {
         match flag.as_str() {
-            "power_boost" | "heated_seats" | "snow_mode" | "highway_autopilot" => FeatureClass::Optional,
+            "power_boost" | "heated_seats" | "snow_mode" | "highway_autopilot" => {
+                FeatureClass::Optional
+            }
             "abs" | "airbags" => FeatureClass::Base,
             _ => FeatureClass::Unknown,
         }
