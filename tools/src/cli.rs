@@ -1,0 +1,457 @@
+//! The command line: argument definitions (clap derive) and what each command prints.
+//!
+//! Every command prints its result on stdout (a readable form, or JSON with `--json`) and
+//! fails with one `error: ...` line on stderr and exit status 1; usage mistakes are clap's
+//! (exit status 2).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use caas_protocol::Vin;
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::frame;
+use crate::http::Client;
+use crate::keys::{self, KeyFileKind};
+use crate::local;
+use crate::pki;
+use crate::vehicle::{self, Gateway};
+
+/// caasctl: the CaaS operator and technician CLI.
+#[derive(Debug, Parser)]
+#[command(name = "caasctl", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The command groups.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Ed25519 key files (the gateway's signing key, a car's device key).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// The development PKI: CA, broker server certificate, car client certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Signed command and report frames.
+    #[command(subcommand)]
+    Frame(FrameCommand),
+    /// The car agent's local diagnostic endpoint (for a technician at the car).
+    #[command(subcommand)]
+    Local(LocalCommand),
+    /// A car's state and history from the gateway's IoT API.
+    #[command(subcommand)]
+    Vehicle(VehicleCommand),
+}
+
+/// `caasctl keys ...`
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Generate an Ed25519 key pair: DIR/NAME.key (secret, mode 0600) and DIR/NAME.pub.
+    ///
+    /// Both files hold one line of 64 lowercase hex digits (the secret seed, or the public
+    /// key), the format of caas_protocol::files. Refuses to overwrite an existing key.
+    /// Prints the public key (the IoT API's `publicKey` when provisioning a car) and its key
+    /// id (what signed frames carry).
+    Gen {
+        /// Directory to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Base name of the two files.
+        #[arg(long, default_value = "device")]
+        name: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the public key and key id of a secret (.key) or public (.pub) key file.
+    Show {
+        /// The key file.
+        file: PathBuf,
+        /// What the file holds, when its extension (.key / .pub) does not say.
+        #[arg(long, value_enum)]
+        kind: Option<KeyFileKind>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `caasctl certs ...`
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Make a new development PKI in DIR: ca.pem/ca.key (the CA), server.pem/server.key (the
+    /// broker, for localhost and 127.0.0.1), gateway.pem/gateway.key (the gateway's client
+    /// certificate). PEM; keys mode 0600. Replaces a PKI already in DIR.
+    Init {
+        /// Directory to write into (created if missing), e.g. certs/dev.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue a car's client certificate, subject CN = O = VIN, signed by the CA in --ca-dir:
+    /// VIN.pem and VIN.key. (rumqttd's tenant check reads O, Mosquitto's
+    /// use_identity_as_username reads CN.)
+    Car {
+        /// The car's VIN (17 characters, 0-9 and A-Z except I, O, Q).
+        #[arg(long)]
+        vin: String,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Directory to write into (default: the CA directory).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Issue another client certificate, subject CN = O = NAME (e.g. a second gateway or a
+    /// test client): NAME.pem and NAME.key.
+    Client {
+        /// The identity: 1-64 of A-Z a-z 0-9 _ - .
+        #[arg(long)]
+        name: String,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Directory to write into (default: the CA directory).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `caasctl frame ...`
+#[derive(Debug, Subcommand)]
+pub enum FrameCommand {
+    /// Decode a signed command or report frame and print every field; say whether its
+    /// signature verifies with the given key.
+    ///
+    /// A command is checked with --gateway-key, a report with --car-key; either may be a
+    /// public (.pub) or a secret (.key) key file (other extensions are read as public keys).
+    /// Exits 1 (after printing) when a given key does not verify the frame, or when the
+    /// payload does not decode or breaks a structural rule.
+    Inspect {
+        /// The frame file, or - for standard input.
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// The input is hex text (whitespace ignored) rather than raw bytes.
+        #[arg(long)]
+        hex: bool,
+        /// The gateway's key, to verify a command.
+        #[arg(long, value_name = "FILE")]
+        gateway_key: Option<PathBuf>,
+        /// The car's key, to verify a report.
+        #[arg(long, value_name = "FILE")]
+        car_key: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `caasctl local ...`
+#[derive(Debug, Subcommand)]
+pub enum LocalCommand {
+    /// Read the car agent's state from its loopback diagnostic endpoint (GET
+    /// http://ADDR/status) and print it as a table, or as the agent's JSON with --json.
+    Status {
+        /// The agent's diagnostic address, host:port or a base URL.
+        #[arg(long, value_name = "ADDR", default_value = local::DEFAULT_AGENT_ADDR)]
+        agent: String,
+        /// Print the agent's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Where the gateway is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// The gateway's base URL.
+    #[arg(long, value_name = "URL", env = "CAAS_GATEWAY_URL", default_value = vehicle::DEFAULT_GATEWAY_URL)]
+    pub gateway: String,
+    /// The IoT API bearer token.
+    #[arg(long, value_name = "T", env = "CAAS_API_TOKEN", default_value = vehicle::DEFAULT_API_TOKEN, hide_env_values = true)]
+    pub token: String,
+}
+
+/// `caasctl vehicle ...`
+#[derive(Debug, Subcommand)]
+pub enum VehicleCommand {
+    /// A car's connectivity, last seen time, active services and diagnostics
+    /// (GET /vehicles/{vin}/status).
+    Status {
+        /// The car's VIN.
+        vin: String,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The commands sent to a car and the reports it sent, newest first
+    /// (GET /vehicles/{vin}/history).
+    History {
+        /// The car's VIN.
+        vin: String,
+        /// Most entries to show.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(vehicle::MAX_HISTORY_LIMIT)))]
+        limit: u32,
+        /// Show entries older than this cursor (the previous page's nextBefore).
+        #[arg(long, value_name = "CURSOR")]
+        before: Option<String>,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_vin(s: &str) -> Result<Vin> {
+    s.parse::<Vin>()
+        .map_err(|e| anyhow!("invalid VIN {s:?}: {e}"))
+}
+
+fn print(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .context("cannot write to stdout")
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    let text = serde_json::to_string_pretty(v).context("cannot format JSON")?;
+    print(&format!("{text}\n"))
+}
+
+fn show(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keys(cmd) => run_keys(cmd),
+        Command::Certs(cmd) => run_certs(cmd),
+        Command::Frame(cmd) => run_frame(cmd),
+        Command::Local(cmd) => run_local(cmd),
+        Command::Vehicle(cmd) => run_vehicle(cmd),
+    }
+}
+
+fn run_keys(cmd: KeysCommand) -> Result<()> {
+    match cmd {
+        KeysCommand::Gen { out, name, json } => {
+            let g = keys::generate_key_files(&out, &name)?;
+            if json {
+                print_json(&json!({
+                    "secretKeyFile": show(&g.secret_path), "publicKeyFile": show(&g.public_path),
+                    "publicKey": g.info.public_hex(), "keyId": g.info.key_id.to_string(),
+                }))
+            } else {
+                print(&format!(
+                    "wrote {} (secret, mode 0600) and {}\npublic key  {}\nkey id      {}\n",
+                    show(&g.secret_path),
+                    show(&g.public_path),
+                    g.info.public_hex(),
+                    g.info.key_id
+                ))
+            }
+        }
+        KeysCommand::Show { file, kind, json } => {
+            let info = keys::read_key_info(&file, kind)?;
+            let kind = if info.from_secret { "secret" } else { "public" };
+            if json {
+                print_json(&json!({
+                    "file": show(&file), "kind": kind,
+                    "publicKey": info.public_hex(), "keyId": info.key_id.to_string(),
+                }))
+            } else {
+                print(&format!(
+                    "file        {} ({kind} key)\npublic key  {}\nkey id      {}\n",
+                    show(&file),
+                    info.public_hex(),
+                    info.key_id
+                ))
+            }
+        }
+    }
+}
+
+fn run_certs(cmd: CertsCommand) -> Result<()> {
+    match cmd {
+        CertsCommand::Init { out, json } => {
+            let f = pki::init_dev_pki(&out)?;
+            if json {
+                return print_json(&json!({
+                    "caCert": show(&f.ca_cert), "caKey": show(&f.ca_key),
+                    "serverCert": show(&f.server_cert), "serverKey": show(&f.server_key),
+                    "gatewayCert": show(&f.gateway_cert), "gatewayKey": show(&f.gateway_key),
+                }));
+            }
+            let rows = [
+                (
+                    pki::CA_CERT,
+                    "the CA certificate: brokers and clients trust it".to_owned(),
+                ),
+                (
+                    pki::CA_KEY,
+                    "the CA key (secret): issues car certificates".to_owned(),
+                ),
+                (
+                    pki::SERVER_CERT,
+                    "the broker's server certificate (localhost, 127.0.0.1)".to_owned(),
+                ),
+                (pki::SERVER_KEY, "its key (secret)".to_owned()),
+                (
+                    pki::GATEWAY_CERT,
+                    format!(
+                        "the gateway's client certificate (CN = O = {})",
+                        pki::GATEWAY_IDENTITY
+                    ),
+                ),
+                (pki::GATEWAY_KEY, "its key (secret)".to_owned()),
+            ];
+            let mut text = format!("wrote a development PKI in {}:\n", show(&out));
+            for (file, what) in rows {
+                text.push_str(&format!("  {file:<12} {what}\n"));
+            }
+            text.push_str(&format!(
+                "next: caasctl certs car --vin VIN --ca-dir {}\n",
+                show(&out)
+            ));
+            print(&text)
+        }
+        CertsCommand::Car {
+            vin,
+            ca_dir,
+            out,
+            json,
+        } => {
+            let vin = parse_vin(&vin)?;
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            let f = pki::issue_car_cert(&ca_dir, &vin, &out)?;
+            print_issued(&f, vin.as_str(), json)
+        }
+        CertsCommand::Client {
+            name,
+            ca_dir,
+            out,
+            json,
+        } => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            let f = pki::issue_client_cert(&ca_dir, &name, &out)?;
+            print_issued(&f, &name, json)
+        }
+    }
+}
+
+fn print_issued(f: &pki::CertFiles, identity: &str, json: bool) -> Result<()> {
+    if json {
+        print_json(
+            &json!({"cert": show(&f.cert), "key": show(&f.key), "commonName": identity, "organization": identity}),
+        )
+    } else {
+        print(&format!(
+            "wrote {} and {} (secret): client certificate CN = O = {identity}\n",
+            show(&f.cert),
+            show(&f.key)
+        ))
+    }
+}
+
+fn load_verify_key(path: &Path) -> Result<caas_protocol::VerifyingKey> {
+    let kind = KeyFileKind::from_extension(path).unwrap_or(KeyFileKind::Public);
+    Ok(keys::read_key_info(path, Some(kind))?.public_key)
+}
+
+fn run_frame(cmd: FrameCommand) -> Result<()> {
+    let FrameCommand::Inspect {
+        file,
+        hex,
+        gateway_key,
+        car_key,
+        json,
+    } = cmd;
+    let gateway_key = gateway_key.as_deref().map(load_verify_key).transpose()?;
+    let car_key = car_key.as_deref().map(load_verify_key).transpose()?;
+    let bytes = if file.as_os_str() == "-" {
+        frame::read_frame(std::io::stdin().lock(), hex)?
+    } else {
+        let f =
+            std::fs::File::open(&file).with_context(|| format!("cannot open {}", show(&file)))?;
+        frame::read_frame(f, hex).with_context(|| show(&file))?
+    };
+    let inspection = frame::inspect(&bytes, gateway_key.as_ref(), car_key.as_ref())?;
+    if json {
+        print_json(&inspection.to_json())?;
+    } else {
+        print(&inspection.to_text())?;
+    }
+    match inspection.problem() {
+        Some(p) => bail!(p),
+        None => Ok(()),
+    }
+}
+
+fn run_local(cmd: LocalCommand) -> Result<()> {
+    let LocalCommand::Status { agent, json } = cmd;
+    let client = Client::new()?;
+    let (raw, status) = local::fetch_status(&client, &agent)?;
+    if json {
+        print_json(&raw)
+    } else {
+        print(&status.to_text())
+    }
+}
+
+fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
+    let client = Client::new()?;
+    match cmd {
+        VehicleCommand::Status { vin, gateway, json } => {
+            let vin = parse_vin(&vin)?;
+            let gw = Gateway {
+                url: gateway.gateway,
+                token: gateway.token,
+            };
+            let v = gw.status(&client, &vin)?;
+            if json {
+                print_json(&v)
+            } else {
+                print(&vehicle::status_text(&v))
+            }
+        }
+        VehicleCommand::History {
+            vin,
+            limit,
+            before,
+            gateway,
+            json,
+        } => {
+            let vin = parse_vin(&vin)?;
+            let gw = Gateway {
+                url: gateway.gateway,
+                token: gateway.token,
+            };
+            let v = gw.history(&client, &vin, limit, before.as_deref())?;
+            if json {
+                print_json(&v)
+            } else {
+                print(&vehicle::history_text(&v, &vin, limit))
+            }
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The small blocking HTTP client `caasctl` uses for the agent's diagnostic endpoint and the
+//! gateway's IoT API: JSON in, bounded bodies, timeouts, and the server's own error shown.
+
+use std::io::Read;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Largest response body read (a history page of 1000 entries is well under this).
+pub const MAX_BODY_SIZE: u64 = 4 * 1024 * 1024;
+/// Time allowed to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for a whole request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest non-JSON error body quoted in a message.
+const MAX_QUOTED: usize = 300;
+
+/// Why a request gave no usable JSON.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum HttpError {
+    /// The URL could not be built.
+    #[error("invalid URL {0}")]
+    Url(String),
+    /// No answer (connection refused, timeout, TLS...).
+    #[error("cannot reach {url}: {reason}")]
+    Transport {
+        /// The URL.
+        url: String,
+        /// The cause chain, one line.
+        reason: String,
+    },
+    /// The server answered with an error status; `body` is its JSON error (e.g. the IoT API's
+    /// `{"error","field","reason"}`) printed compactly, or its text.
+    #[error("{url} answered HTTP {status}: {body}")]
+    Status {
+        /// The URL.
+        url: String,
+        /// Status code and reason.
+        status: String,
+        /// The error body, one line.
+        body: String,
+        /// The body as JSON, when it was JSON.
+        json: Option<Value>,
+    },
+    /// The body is not JSON or too large.
+    #[error("{url} answered something caasctl cannot read: {reason}")]
+    Body {
+        /// The URL.
+        url: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// A client for `caasctl`'s requests.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inner: reqwest::blocking::Client,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    // Error chains are short; the bound only guards against a cycle.
+    for _ in 0..8 {
+        let Some(s) = cur else { break };
+        let text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+fn one_line(s: &str) -> String {
+    let s: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let s = s.trim();
+    if s.chars().count() > MAX_QUOTED {
+        format!("{}…", s.chars().take(MAX_QUOTED).collect::<String>())
+    } else if s.is_empty() {
+        "(empty body)".to_owned()
+    } else {
+        s.to_owned()
+    }
+}
+
+impl Client {
+    /// A client with [`CONNECT_TIMEOUT`] and [`REQUEST_TIMEOUT`], using rustls (ring).
+    pub fn new() -> Result<Self, HttpError> {
+        // rustls 0.23 panics when no crypto provider is chosen and several are compiled in.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let inner = reqwest::blocking::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .user_agent(concat!("caasctl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| HttpError::Transport {
+                url: String::new(),
+                reason: chain(&e),
+            })?;
+        Ok(Client { inner })
+    }
+
+    /// `GET url` with an optional bearer token; the JSON body of a 2xx answer.
+    pub fn get_json(&self, url: &str, token: Option<&str>) -> Result<Value, HttpError> {
+        let parsed = reqwest::Url::parse(url).map_err(|e| HttpError::Url(format!("{url}: {e}")))?;
+        let mut req = self.inner.get(parsed).header("accept", "application/json");
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().map_err(|e| HttpError::Transport {
+            url: url.to_owned(),
+            reason: chain(&e),
+        })?;
+        let status = resp.status();
+        let mut body = Vec::new();
+        resp.take(MAX_BODY_SIZE + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| HttpError::Transport {
+                url: url.to_owned(),
+                reason: chain(&e),
+            })?;
+        if body.len() as u64 > MAX_BODY_SIZE {
+            return Err(HttpError::Body {
+                url: url.to_owned(),
+                reason: format!("the body is larger than {MAX_BODY_SIZE} bytes"),
+            });
+        }
+        let json: Result<Value, _> = serde_json::from_slice(&body);
+        if !status.is_success() {
+            let (text, json) = match json {
+                Ok(v) => (v.to_string(), Some(v)),
+                Err(_) => (one_line(&String::from_utf8_lossy(&body)), None),
+            };
+            return Err(HttpError::Status {
+                url: url.to_owned(),
+                status: status.to_string(),
+                body: text,
+                json,
+            });
+        }
+        json.map_err(|e| HttpError::Body {
+            url: url.to_owned(),
+            reason: format!("not JSON ({e})"),
+        })
+    }
+}
+
+/// Percent-encodes one path segment or query value (RFC 3986 unreserved characters kept).
+pub fn encode_component(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// `base` without trailing slashes, so `base + "/path"` never doubles them.
+pub fn trim_base(base: &str) -> &str {
+    base.trim_end_matches('/')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn components_are_encoded() {
+        assert_eq!(encode_component("a b/c?d"), "a%20b%2Fc%3Fd");
+        assert_eq!(encode_component("WVWZZZ1JZXW000001"), "WVWZZZ1JZXW000001");
+        assert_eq!(trim_base("http://x:1//"), "http://x:1");
+    }
+
+    #[test]
+    fn error_bodies_become_one_short_line() {
+        assert_eq!(one_line("a\nb"), "a b");
+        assert_eq!(one_line(""), "(empty body)");
+        assert_eq!(one_line(&"x".repeat(1000)).chars().count(), MAX_QUOTED + 1);
+    }
+}

@@ -1,0 +1,182 @@
+//! Plain-text output: aligned tables, key/value blocks, and times.
+
+use std::fmt::Write as _;
+
+/// Most rows one table prints; the rest are summarised in one line. The inputs are already
+/// bounded (a command has at most 8 grants, a history page at most its limit), so this only
+/// keeps a misbehaving server from flooding the terminal.
+pub const MAX_TABLE_ROWS: usize = 1000;
+/// Widest cell printed; longer values are cut with an ellipsis.
+pub const MAX_CELL_WIDTH: usize = 80;
+
+fn cell(s: &str) -> String {
+    // One line per row: control characters from a server never reach the terminal.
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.chars().count() > MAX_CELL_WIDTH {
+        let mut cut: String = clean.chars().take(MAX_CELL_WIDTH - 1).collect();
+        cut.push('…');
+        cut
+    } else {
+        clean
+    }
+}
+
+/// Renders rows under a header, columns padded to their widest cell, two spaces apart.
+pub fn render(header: &[&str], rows: &[Vec<String>]) -> String {
+    let header: Vec<String> = header.iter().map(|h| cell(h)).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .take(MAX_TABLE_ROWS)
+        .map(|r| r.iter().map(|c| cell(c)).collect())
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (i, c) in row.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[String]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate().take(widths.len()) {
+            if i + 1 == widths.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(row);
+    }
+    if rows.len() == MAX_TABLE_ROWS {
+        out.push_str("(more rows not shown)\n");
+    }
+    out
+}
+
+/// Renders `key  value` lines with the keys padded to the widest.
+pub fn key_values(pairs: &[(&str, String)]) -> String {
+    let width = pairs
+        .iter()
+        .map(|(k, _)| k.chars().count())
+        .max()
+        .unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in pairs {
+        let _ = writeln!(out, "{k:<width$}  {}", cell(v));
+    }
+    out
+}
+
+/// `1700000000` → `2023-11-14T22:13:20Z`; the number itself when out of range.
+pub fn unix_to_iso(secs: u64) -> String {
+    i64::try_from(secs)
+        .ok()
+        .and_then(|s| time::OffsetDateTime::from_unix_timestamp(s).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs} (out of range)"))
+}
+
+/// A JSON value as one short line: strings bare, `null` as `-`, everything else as JSON.
+pub fn json_cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_owned(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Array(a) if a.is_empty() => "-".to_owned(),
+        serde_json::Value::Array(a) if a.iter().all(|x| x.is_string()) => a
+            .iter()
+            .filter_map(|x| x.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
+        serde_json::Value::Object(o) if o.is_empty() => "-".to_owned(),
+        serde_json::Value::Object(o) if o.values().all(|x| !x.is_object() && !x.is_array()) => o
+            .iter()
+            .map(|(k, v)| format!("{k}={}", json_cell(v)))
+            .collect::<Vec<_>>()
+            .join(" "),
+        other => other.to_string(),
+    }
+}
+
+/// Renders a list of JSON objects as a table: the `preferred` keys first (with their
+/// headers), then every other key in order of first appearance (header = the key), so a
+/// field a server adds later is shown rather than dropped. Non-object items are shown whole.
+pub fn objects_table(items: &[serde_json::Value], preferred: &[(&str, &str)]) -> String {
+    let mut keys: Vec<(String, String)> = preferred
+        .iter()
+        .map(|(k, h)| ((*k).to_owned(), (*h).to_owned()))
+        .collect();
+    for item in items.iter().take(MAX_TABLE_ROWS) {
+        if let Some(obj) = item.as_object() {
+            for k in obj.keys() {
+                if !keys.iter().any(|(known, _)| known == k) {
+                    keys.push((k.clone(), k.clone()));
+                }
+            }
+        }
+    }
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|item| match item.as_object() {
+            Some(obj) => keys
+                .iter()
+                .map(|(k, _)| obj.get(k).map_or_else(|| "-".to_owned(), json_cell))
+                .collect(),
+            None => vec![json_cell(item)],
+        })
+        .collect();
+    let header: Vec<&str> = keys.iter().map(|(_, h)| h.as_str()).collect();
+    render(&header, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_clean_cells() {
+        let t = render(
+            &["A", "BB"],
+            &[
+                vec!["xxx".into(), "y\nz".into()],
+                vec!["1".into(), "2".into()],
+            ],
+        );
+        assert_eq!(t, "A    BB\nxxx  y z\n1    2\n");
+    }
+
+    #[test]
+    fn times_and_json_cells() {
+        assert_eq!(unix_to_iso(1_700_000_000), "2023-11-14T22:13:20Z");
+        assert!(unix_to_iso(u64::MAX).contains("out of range"));
+        assert_eq!(json_cell(&serde_json::json!(null)), "-");
+        assert_eq!(json_cell(&serde_json::json!(["a", "b"])), "a, b");
+        assert_eq!(json_cell(&serde_json::json!({"k": "v", "n": 1})), "k=v n=1");
+        assert_eq!(json_cell(&serde_json::json!(3)), "3");
+    }
+
+    #[test]
+    fn object_tables_keep_unknown_fields() {
+        let items = vec![
+            serde_json::json!({"seq": 2, "kind": "report", "outcome": "APPLIED"}),
+            serde_json::json!({"kind": "command", "seq": 1, "extra": {"a": 1}}),
+        ];
+        let t = objects_table(&items, &[("kind", "KIND"), ("seq", "SEQ")]);
+        assert_eq!(
+            t,
+            "KIND     SEQ  outcome  extra\nreport   2    APPLIED  -\ncommand  1    -        a=1\n"
+        );
+    }
+}

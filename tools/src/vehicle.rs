@@ -1,0 +1,202 @@
+//! `caasctl vehicle status|history`: a car's state and history from the gateway's IoT API.
+//!
+//! - `GET /vehicles/{vin}/status` answers (DESIGN.md §4)
+//!   `{vin, connectivity, lastSeen, activeServices:[{serviceId, activationDate, status}],
+//!   diagnostics:{errorCodes, firmwareVersion, networkSignalStrength}}`.
+//! - `GET /vehicles/{vin}/history?limit=N[&before=CURSOR]` answers, newest first,
+//!   `{vin, items:[{kind: "command"|"report", seq, timestamp, ...}], nextBefore}`.
+//!
+//! Both are rendered from the JSON generically around the fields named here, so a field the
+//! gateway adds (or a small difference in shape) is shown rather than breaking the tool.
+
+use caas_protocol::Vin;
+use serde_json::{Map, Value};
+
+use crate::http::{encode_component, trim_base, Client, HttpError};
+use crate::table::{json_cell, key_values, objects_table};
+
+/// The gateway the tool talks to when neither `--gateway` nor `CAAS_GATEWAY_URL` says.
+pub const DEFAULT_GATEWAY_URL: &str = "http://127.0.0.1:8080";
+/// The API token used when neither `--token` nor `CAAS_API_TOKEN` says (the development one).
+pub const DEFAULT_API_TOKEN: &str = "dev-token";
+/// Largest `--limit` for a history page.
+pub const MAX_HISTORY_LIMIT: u32 = 1000;
+
+/// A gateway and the token to use with it.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// Bearer token.
+    pub token: String,
+}
+
+impl Gateway {
+    /// `GET /vehicles/{vin}/status`.
+    pub fn status(&self, client: &Client, vin: &Vin) -> Result<Value, HttpError> {
+        let url = format!("{}/vehicles/{}/status", trim_base(&self.url), vin);
+        client.get_json(&url, Some(&self.token))
+    }
+
+    /// `GET /vehicles/{vin}/history?limit=N[&before=CURSOR]`.
+    pub fn history(
+        &self,
+        client: &Client,
+        vin: &Vin,
+        limit: u32,
+        before: Option<&str>,
+    ) -> Result<Value, HttpError> {
+        let mut url = format!(
+            "{}/vehicles/{}/history?limit={limit}",
+            trim_base(&self.url),
+            vin
+        );
+        if let Some(b) = before {
+            url.push_str("&before=");
+            url.push_str(&encode_component(b));
+        }
+        client.get_json(&url, Some(&self.token))
+    }
+}
+
+fn field(obj: &Map<String, Value>, key: &str) -> String {
+    obj.get(key).map_or_else(|| "-".to_owned(), json_cell)
+}
+
+/// The readable form of a status answer.
+pub fn status_text(v: &Value) -> String {
+    let Some(obj) = v.as_object() else {
+        return format!("{v}\n");
+    };
+    let diag = obj.get("diagnostics").and_then(Value::as_object);
+    let d = |k: &str| diag.map_or_else(|| "-".to_owned(), |m| field(m, k));
+    let signal = match diag.and_then(|m| m.get("networkSignalStrength")) {
+        Some(Value::Number(n)) => format!("{n}%"),
+        Some(other) => json_cell(other),
+        None => "-".to_owned(),
+    };
+    let mut pairs = vec![
+        ("VIN", field(obj, "vin")),
+        ("Connectivity", field(obj, "connectivity")),
+        ("Last seen", field(obj, "lastSeen")),
+        ("Firmware", d("firmwareVersion")),
+        ("Signal", signal),
+        ("Error codes", d("errorCodes")),
+    ];
+    const KNOWN: [&str; 5] = [
+        "vin",
+        "connectivity",
+        "lastSeen",
+        "diagnostics",
+        "activeServices",
+    ];
+    for (k, val) in obj.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())) {
+        pairs.push((k.as_str(), json_cell(val)));
+    }
+    if let Some(diag) = diag {
+        const KNOWN_DIAG: [&str; 3] = ["errorCodes", "firmwareVersion", "networkSignalStrength"];
+        for (k, val) in diag
+            .iter()
+            .filter(|(k, _)| !KNOWN_DIAG.contains(&k.as_str()))
+        {
+            pairs.push((k.as_str(), json_cell(val)));
+        }
+    }
+    let mut out = key_values(&pairs);
+    let services: &[Value] = obj
+        .get("activeServices")
+        .and_then(Value::as_array)
+        .map_or(&[], |a| a);
+    out.push_str(&format!("\nActive services: {}\n", services.len()));
+    if !services.is_empty() {
+        out.push_str(&objects_table(
+            services,
+            &[
+                ("serviceId", "SERVICE"),
+                ("status", "STATUS"),
+                ("activationDate", "ACTIVATED"),
+            ],
+        ));
+    }
+    out
+}
+
+/// The entries of a history answer: its `items`, or the first list in it, or itself.
+fn history_items(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(a) => a,
+        Value::Object(o) => o
+            .get("items")
+            .and_then(Value::as_array)
+            .or_else(|| o.values().find_map(Value::as_array))
+            .map_or(&[], |a| a),
+        _ => &[],
+    }
+}
+
+/// The readable form of a history page; `vin` is used in the hint for the next page.
+pub fn history_text(v: &Value, vin: &Vin, limit: u32) -> String {
+    let items = history_items(v);
+    let mut out = format!("History of {vin}: {} entries, newest first\n", items.len());
+    if !items.is_empty() {
+        out.push_str(&objects_table(
+            items,
+            &[("timestamp", "TIME"), ("kind", "KIND"), ("seq", "SEQ")],
+        ));
+    }
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj {
+            if k == "items" || k == "vin" || val.is_array() {
+                continue;
+            }
+            if k == "nextBefore" {
+                if !val.is_null() {
+                    out.push_str(&format!(
+                        "Older entries: caasctl vehicle history {vin} --limit {limit} --before {}\n",
+                        json_cell(val)
+                    ));
+                }
+            } else {
+                out.push_str(&format!("{k}: {}\n", json_cell(val)));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn status_renders_known_and_unknown_fields() {
+        let v = json!({
+            "vin": "WVWZZZ1JZXW000001", "connectivity": "ONLINE", "lastSeen": "2026-11-22T13:00:00Z",
+            "activeServices": [{"serviceId": "power-boost", "activationDate": "2026-11-01T00:00:00Z", "status": "ACTIVE"}],
+            "diagnostics": {"errorCodes": [], "firmwareVersion": "2.4.1", "networkSignalStrength": 80},
+            "region": "eu"
+        });
+        let t = status_text(&v);
+        assert!(t.contains("Signal        80%"), "{t}");
+        assert!(t.contains("region        eu"), "{t}");
+        assert!(
+            t.contains("power-boost  ACTIVE  2026-11-01T00:00:00Z"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn history_finds_items_and_the_next_page() {
+        let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
+        let v = json!({"vin": vin.as_str(), "items": [
+            {"kind": "report", "seq": 2, "timestamp": "t2", "outcome": "APPLIED"},
+            {"kind": "command", "seq": 2, "timestamp": "t1"}], "nextBefore": "abc"});
+        let t = history_text(&v, &vin, 2);
+        assert!(t.contains("2 entries"), "{t}");
+        assert!(t.contains("t2    report   2    APPLIED"), "{t}");
+        assert!(t.contains("--before abc"), "{t}");
+        let bare = json!([{"kind": "command", "seq": 1, "timestamp": "t0"}]);
+        assert!(history_text(&bare, &vin, 5).contains("1 entries"));
+    }
+}
