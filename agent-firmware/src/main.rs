@@ -1,19 +1,327 @@
-//! Placeholder: replaced below.
+//! # caas-agent-firmware: the CaaS agent core on a Cortex-M4 ECU, run in QEMU
+//!
+//! A `#![no_std]` `#![no_main]` binary for `thumbv7em-none-eabihf` (QEMU `mps2-an386`) that
+//! runs the agent core (`caas-agent`, the same state machine as the Linux agent and the
+//! simulator) unchanged. What it adds is thin:
+//!
+//! - the board ([`caas_firmware_board`]): feature lines on `embedded-hal` output pins (here
+//!   recording pins whose state is written out for the host test), the agent's persisted
+//!   record in NOR flash through `embedded-storage` (A/B slots that survive a power cut at
+//!   any write point), and the transport seam (a UART to the modem on hardware);
+//! - the QEMU stand-ins ([`semi`], [`flash`]): host files through semihosting for the
+//!   provisioning data, the scenario of incoming frames, the flash image and the output
+//!   (reports, line states, benchmarks, the stack's high-water mark).
+//!
+//! The driver loop is the core's contract: after every `handle_*`, drain `poll_action`,
+//! carrying out each action (persist synchronously, then lines, then acks, then reports)
+//! before the next; call `handle_timeout` when `poll_timeout` comes due.
+//!
+//! **Ed25519.** The core verifies with `ed25519-dalek` (through `caas-protocol`, built with
+//! `default-features = false`: no precomputed tables, the `u32` field backend). It is the
+//! same code the gateway and the Linux agent run, and its `verify_strict` refuses malleable
+//! signatures and small-order keys; the measured budget (`scripts/firmware-test.sh`) shows it
+//! fits. The smaller alternative, `ed25519-compact`, would only be worth it with its
+//! `opt_size` feature, and would mean a second implementation of the same checks.
+//!
+//! The QEMU files, relative to QEMU's working directory (the host tool writes them):
+//! `provision.bin` (VIN, car secret key, gateway public key), `flash.bin` (the NOR image),
+//! `scenario.bin` (steps in) and `out.bin` (records out); formats in
+//! [`caas_firmware_board::transport`].
 #![no_std]
 #![no_main]
+#![deny(unsafe_code)]
 
+mod flash;
+mod measure;
+mod semi;
+
+use caas_agent::{Action, Agent, Catalog, Config, FeatureLines};
+use caas_firmware_board::lines::{PinLines, RecordingPin};
+use caas_firmware_board::store::SlotStore;
+use caas_firmware_board::transport::{
+    bench, out_header, OutKind, StepHeader, StepKind, Transport, STEP_HEADER_SIZE,
+};
+use caas_protocol::{open_command, ErrorCode, FeatureFlag, Param, SigningKey, TrustedKey, VerifyingKey, Vin};
 use cortex_m_rt::entry;
-use cortex_m_semihosting::{debug, hprintln};
+use cortex_m_semihosting::debug;
+
+use crate::flash::FileFlash;
+use crate::semi::{mode, HostError, HostFile};
+
+/// The platform's optional features, in feature-line order (line i = bit i).
+const OPTIONAL_FEATURES: [&str; 4] = ["power_boost", "highway_autopilot", "snow_mode", "heated_seats"];
+/// The base platform: no command may touch these.
+const BASE_FEATURES: &[&str] = &["abs", "esc", "airbag"];
+/// Reported in every report's diagnostics.
+const FIRMWARE_VERSION: &str = "fw-m4-0.1.0";
+/// Diagnostic code when a feature line could not be driven.
+const ERR_LINE_FAULT: &str = "LINE_FAULT";
+/// Bytes of `provision.bin`: VIN, car secret key seed, gateway public key.
+const PROVISION_SIZE: usize = 17 + 32 + 32;
+/// `cortex_m::asm::delay` cycles used to calibrate SysTick ticks against instructions: the
+/// loop runs two instructions per two cycles, so this many instructions.
+const CALIBRATION_INSTRUCTIONS: u32 = 2_000_000;
 
 #[entry]
 fn main() -> ! {
-    hprintln!("hello from the firmware");
-    debug::exit(debug::EXIT_SUCCESS);
+    let status = match run() {
+        Ok(()) => debug::EXIT_SUCCESS,
+        Err(_) => debug::EXIT_FAILURE,
+    };
+    debug::exit(status);
+    #[allow(clippy::empty_loop)]
     loop {}
+}
+
+/// Why the firmware stopped before the scenario ended.
+#[derive(Debug)]
+enum Fault {
+    /// A host file could not be opened, read or written.
+    Host,
+    /// `provision.bin` is malformed.
+    Provision,
+    /// The flash image is unusable.
+    Flash,
+    /// The scenario is malformed.
+    Scenario,
+}
+
+impl From<HostError> for Fault {
+    fn from(_: HostError) -> Self {
+        Fault::Host
+    }
+}
+
+/// The output file: the QEMU stand-in for the modem link, plus test records.
+struct OutFile(HostFile);
+
+impl OutFile {
+    fn record(&mut self, kind: OutKind, body: &[u8]) -> Result<(), HostError> {
+        let len = u16::try_from(body.len()).map_err(|_| HostError)?;
+        self.0.write_all(&out_header(kind, len))?;
+        self.0.write_all(body)
+    }
+}
+
+impl Transport for OutFile {
+    type Error = HostError;
+    fn send(&mut self, frame: &[u8]) -> Result<(), HostError> {
+        self.record(OutKind::Report, frame)
+    }
+}
+
+/// The agent's [`FeatureLines`] on the board's pins.
+struct Lines {
+    pins: PinLines<RecordingPin, { OPTIONAL_FEATURES.len() }>,
+    fault: bool,
+}
+
+impl FeatureLines for Lines {
+    fn set_feature(&mut self, flag: &FeatureFlag, on: bool, _params: &[Param]) {
+        // The core only switches optional features, which all have a line; an unknown one
+        // or a pin error is a board fault the next reports carry.
+        if !matches!(self.pins.set(flag.as_str(), on), Ok(true)) {
+            self.fault = true;
+        }
+    }
+}
+
+type Store = SlotStore<FileFlash>;
+
+fn run() -> Result<(), Fault> {
+    if let Some(p) = cortex_m::Peripherals::take() {
+        measure::start_ticks(p.SYST);
+    }
+    let mut out = OutFile(HostFile::open(b"out.bin\0", mode::WRITE)?);
+
+    let before = measure::ticks();
+    cortex_m::asm::delay(CALIBRATION_INSTRUCTIONS);
+    let ticks = measure::ticks() - before;
+    bench_record(&mut out, 0, ticks)?;
+
+    let mut provision = [0u8; PROVISION_SIZE];
+    HostFile::open(b"provision.bin\0", mode::READ)?.read_exact(&mut provision)?;
+    let flash = FileFlash::new(HostFile::open(b"flash.bin\0", mode::READ_WRITE)?).map_err(|_| Fault::Flash)?;
+    let mut store = Store::new(flash, 0, flash::SECTOR as u32).map_err(|_| Fault::Flash)?;
+    let mut scenario = HostFile::open(b"scenario.bin\0", mode::READ)?;
+    let pins = PinLines::new(OPTIONAL_FEATURES.map(|name| (name, RecordingPin::default())))
+        .map_err(|_| Fault::Flash)?;
+    let mut lines = Lines { pins, fault: false };
+
+    let mut step = 0u16;
+    // Each pass is one power-on: the agent is rebuilt from flash; `Reboot` steps end a pass.
+    while boot_and_run(&provision, &mut store, &mut scenario, &mut out, &mut lines, &mut step)? {
+        // A reboot loses the lines' state as the ECU would: the new agent starts them off.
+        lines.pins.apply(0).map_err(|_| Fault::Flash)?;
+    }
+    let (high_water, painted) = measure::stack_high_water();
+    let mut body = [0u8; 8];
+    body[..4].copy_from_slice(&high_water.to_le_bytes());
+    body[4..].copy_from_slice(&painted.to_le_bytes());
+    out.record(OutKind::Stack, &body)?;
+    Ok(())
+}
+
+fn config(provision: &[u8; PROVISION_SIZE]) -> Result<Config<Catalog<'static>>, Fault> {
+    let vin = core::str::from_utf8(&provision[..17]).ok().and_then(|s| s.parse::<Vin>().ok()).ok_or(Fault::Provision)?;
+    let mut seed = [0u8; 32];
+    seed.copy_from_slice(&provision[17..49]);
+    let mut gateway = [0u8; 32];
+    gateway.copy_from_slice(&provision[49..81]);
+    let gateway = VerifyingKey::from_bytes(&gateway).map_err(|_| Fault::Provision)?;
+    let mut trusted_keys = heapless::Vec::new();
+    trusted_keys.push(TrustedKey::new(gateway)).map_err(|_| Fault::Provision)?;
+    Ok(Config {
+        vin,
+        trusted_keys,
+        device_key: SigningKey::from_bytes(&seed),
+        platform: Catalog { optional: &OPTIONAL_FEATURES, base: BASE_FEATURES },
+        firmware_version: FIRMWARE_VERSION.parse().map_err(|_| Fault::Provision)?,
+        report_interval_secs: 0,
+    })
+}
+
+/// Boots the agent from flash and runs scenario steps until the end (`Ok(false)`) or a
+/// reboot (`Ok(true)`). The agent lives in this frame only, so a reboot never holds two.
+fn boot_and_run(
+    provision: &[u8; PROVISION_SIZE],
+    store: &mut Store,
+    scenario: &mut HostFile,
+    out: &mut OutFile,
+    lines: &mut Lines,
+    step: &mut u16,
+) -> Result<bool, Fault> {
+    let mut header = [0u8; STEP_HEADER_SIZE];
+    scenario.read_exact(&mut header)?;
+    let first = StepHeader::decode(&header).ok_or(Fault::Scenario)?;
+    let mut agent = {
+        let mut record = [0u8; caas_agent::MAX_PERSISTED_SIZE];
+        let stored = match store.load(&mut record) {
+            Ok(Some(n)) => Some(&record[..n]),
+            Ok(None) => None,
+            // An unreadable store boots the safe state, as a corrupt record does.
+            Err(_) => Some(&record[..0]),
+        };
+        Agent::new(config(provision)?, stored, first.now)
+    };
+    drain(&mut agent, store, out, lines)?;
+    agent.handle_connected(first.now);
+    drain(&mut agent, store, out, lines)?;
+
+    let mut next = Some(first);
+    loop {
+        let h = match next.take() {
+            Some(h) => h,
+            None => {
+                scenario.read_exact(&mut header)?;
+                StepHeader::decode(&header).ok_or(Fault::Scenario)?
+            }
+        };
+        if agent.poll_timeout().is_some_and(|t| t <= h.now) {
+            agent.handle_timeout(h.now);
+            drain(&mut agent, store, out, lines)?;
+        }
+        let len = usize::from(h.len);
+        match h.kind {
+            StepKind::End | StepKind::Reboot => {
+                if len != 0 {
+                    return Err(Fault::Scenario);
+                }
+                return Ok(h.kind == StepKind::Reboot);
+            }
+            StepKind::Tick => {}
+            StepKind::Frame => {
+                let buf = agent.frame_buffer();
+                // A frame larger than the buffer is read and dropped; the agent refuses it
+                // as TOO_LARGE (the length it is given is beyond its buffer).
+                if len <= buf.len() {
+                    scenario.read_exact(&mut buf[..len])?;
+                } else {
+                    skip(scenario, len)?;
+                }
+                let before = measure::ticks();
+                agent.handle_buffered_frame(len, h.now);
+                drain(&mut agent, store, out, lines)?;
+                bench_record(out, bench::HANDLE_COMMAND, measure::ticks() - before)?;
+            }
+            StepKind::BenchVerify => {
+                let keys = agent.config().trusted_keys.clone();
+                let buf = agent.frame_buffer();
+                let frame = buf.get_mut(..len).ok_or(Fault::Scenario)?;
+                scenario.read_exact(frame)?;
+                let before = measure::ticks();
+                let verified = open_command(frame, &keys).is_ok();
+                bench_record(out, bench::VERIFY, measure::ticks() - before)?;
+                if !verified {
+                    return Err(Fault::Scenario);
+                }
+            }
+        }
+        let mut body = [0u8; 6];
+        body[..2].copy_from_slice(&step.to_le_bytes());
+        body[2..].copy_from_slice(&lines.pins.state().to_le_bytes());
+        out.record(OutKind::Lines, &body)?;
+        *step = step.wrapping_add(1);
+    }
+}
+
+/// Carries out every pending action, in the order the core gives them.
+fn drain(
+    agent: &mut Agent<Catalog<'static>>,
+    store: &mut Store,
+    out: &mut OutFile,
+    lines: &mut Lines,
+) -> Result<(), Fault> {
+    // Bounded: the core yields at most a persist, MAX_LINES line changes twice over, one
+    // ack per frame and MAX_PENDING_REPORTS reports per call.
+    for _ in 0..256 {
+        let mut persist_failed = false;
+        match agent.poll_action() {
+            None => {
+                if lines.fault {
+                    lines.fault = false;
+                    if let Ok(code) = ErrorCode::new(ERR_LINE_FAULT) {
+                        agent.add_error_code(code);
+                    }
+                }
+                return Ok(());
+            }
+            Some(Action::Persist(record)) => persist_failed = store.save(record).is_err(),
+            Some(action @ Action::SetFeature { .. }) => {
+                action.apply_to(lines);
+            }
+            Some(Action::Ack) => out.record(OutKind::Ack, &[])?,
+            Some(Action::Publish(frame)) => out.send(frame)?,
+        }
+        if persist_failed {
+            agent.persist_failed();
+        }
+    }
+    Err(Fault::Scenario)
+}
+
+fn skip(file: &mut HostFile, mut len: usize) -> Result<(), HostError> {
+    let mut sink = [0u8; 64];
+    while len > 0 {
+        let n = len.min(sink.len());
+        file.read_exact(&mut sink[..n])?;
+        len -= n;
+    }
+    Ok(())
+}
+
+fn bench_record(out: &mut OutFile, what: u8, ticks: u64) -> Result<(), HostError> {
+    let mut body = [0u8; 9];
+    body[0] = what;
+    body[1..].copy_from_slice(&ticks.to_le_bytes());
+    out.record(OutKind::Bench, &body)
 }
 
 #[panic_handler]
 fn panic(_: &core::panic::PanicInfo) -> ! {
+    // No formatting here: it would pull core::fmt's machinery into the flash budget. The
+    // host test sees the failure exit and the missing records.
     debug::exit(debug::EXIT_FAILURE);
+    #[allow(clippy::empty_loop)]
     loop {}
 }

@@ -88,12 +88,14 @@ pub enum OutKind {
     Stack = 4,
     /// A line of text for the log (UTF-8).
     Log = 5,
+    /// The agent acknowledged a frame to the transport (empty body).
+    Ack = 6,
 }
 
 impl OutKind {
     /// The kind for a tag byte.
     pub fn from_u8(tag: u8) -> Option<Self> {
-        [Self::Report, Self::Lines, Self::Bench, Self::Stack, Self::Log]
+        [Self::Report, Self::Lines, Self::Bench, Self::Stack, Self::Log, Self::Ack]
             .into_iter()
             .find(|k| *k as u8 == tag)
     }
