@@ -121,12 +121,21 @@ fn name(cn: &str, o: &str) -> DistinguishedName {
 }
 
 impl Ca {
-    /// A fresh development CA ("CaaS Development CA"), valid [`CA_VALIDITY_DAYS`], allowed to
+    /// A fresh development CA ("CaaS Development CA <tag from its key>"), valid [`CA_VALIDITY_DAYS`], allowed to
     /// sign end-entity certificates only (path length 0).
     pub fn generate() -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = name("CaaS Development CA", "CaaS development");
+        // A tag from the CA's own public key tells two development CAs apart, so a
+        // certificate from another one fails as "unknown issuer", not as a bad signature.
+        let tag: String = key
+            .public_key_raw()
+            .iter()
+            .skip(1)
+            .take(4)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        params.distinguished_name = name(&format!("CaaS Development CA {tag}"), "CaaS development");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         validity(&mut params, CA_VALIDITY_DAYS);

@@ -6,17 +6,23 @@ use std::fmt::Write as _;
 /// bounded (a command has at most 8 grants, a history page at most its limit), so this only
 /// keeps a misbehaving server from flooding the terminal.
 pub const MAX_TABLE_ROWS: usize = 1000;
-/// Widest cell printed; longer values are cut with an ellipsis.
+/// Widest table cell printed; longer values are cut with an ellipsis.
 pub const MAX_CELL_WIDTH: usize = 80;
+/// Widest value of a key/value line (a 128-digit signature fits).
+pub const MAX_VALUE_WIDTH: usize = 200;
 
 fn cell(s: &str) -> String {
+    clip(s, MAX_CELL_WIDTH)
+}
+
+fn clip(s: &str, max: usize) -> String {
     // One line per row: control characters from a server never reach the terminal.
     let clean: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
-    if clean.chars().count() > MAX_CELL_WIDTH {
-        let mut cut: String = clean.chars().take(MAX_CELL_WIDTH - 1).collect();
+    if clean.chars().count() > max {
+        let mut cut: String = clean.chars().take(max - 1).collect();
         cut.push('…');
         cut
     } else {
@@ -72,7 +78,7 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
         .unwrap_or(0);
     let mut out = String::new();
     for (k, v) in pairs {
-        let _ = writeln!(out, "{k:<width$}  {}", cell(v));
+        let _ = writeln!(out, "{k:<width$}  {}", clip(v, MAX_VALUE_WIDTH));
     }
     out
 }
