@@ -418,15 +418,30 @@ fn run_local(cmd: LocalCommand) -> Result<()> {
     }
 }
 
+fn gateway_of(args: GatewayArgs) -> Result<Gateway> {
+    match reqwest::Url::parse(&args.gateway) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(Gateway {
+            url: args.gateway,
+            token: args.token,
+        }),
+        Ok(_) => bail!(
+            "invalid gateway URL {:?}: use http:// or https://",
+            args.gateway
+        ),
+        Err(e) => bail!(
+            "invalid gateway URL {:?}: {e} (e.g. {})",
+            args.gateway,
+            vehicle::DEFAULT_GATEWAY_URL
+        ),
+    }
+}
+
 fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
     let client = Client::new()?;
     match cmd {
         VehicleCommand::Status { vin, gateway, json } => {
             let vin = parse_vin(&vin)?;
-            let gw = Gateway {
-                url: gateway.gateway,
-                token: gateway.token,
-            };
+            let gw = gateway_of(gateway)?;
             let v = gw.status(&client, &vin)?;
             if json {
                 print_json(&v)
@@ -442,10 +457,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
             json,
         } => {
             let vin = parse_vin(&vin)?;
-            let gw = Gateway {
-                url: gateway.gateway,
-                token: gateway.token,
-            };
+            let gw = gateway_of(gateway)?;
             let v = gw.history(&client, &vin, limit, before.as_deref())?;
             if json {
                 print_json(&v)

@@ -59,9 +59,14 @@ pub struct Client {
     inner: reqwest::blocking::Client,
 }
 
+/// The causes of `e` on one line. reqwest's own outer message only repeats the URL, which
+/// the caller already names, so when there is a cause the chain starts there.
 fn chain(e: &dyn std::error::Error) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
+    let (first, mut cur) = match e.source() {
+        Some(s) => (s.to_string(), s.source()),
+        None => (e.to_string(), None),
+    };
+    let mut parts = vec![first];
     // Error chains are short; the bound only guards against a cycle.
     for _ in 0..8 {
         let Some(s) = cur else { break };

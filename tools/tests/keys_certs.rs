@@ -265,9 +265,7 @@ fn certs_init_and_car_make_a_pki_that_rustls_accepts_with_the_vin_as_identity() 
 
     // The server certificate is for localhost and 127.0.0.1 only.
     let (server, client) = configs(&pki, &cars, VIN);
-    let err = handshake(server, client, "broker.example.com")
-        .err()
-        .expect("refused");
+    let err = handshake(server, client, "broker.example.com").expect_err("refused");
     assert!(
         matches!(
             err,
@@ -304,9 +302,7 @@ fn a_car_certificate_from_another_ca_is_refused_and_a_new_init_replaces_the_ca()
             key(&b.join(format!("{VIN}.key"))),
         )
         .unwrap();
-    let err = handshake(server, Arc::new(client), "localhost")
-        .err()
-        .expect("refused");
+    let err = handshake(server, Arc::new(client), "localhost").expect_err("refused");
     assert!(
         matches!(
             err,
