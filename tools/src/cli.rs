@@ -115,7 +115,7 @@ pub enum CertsCommand {
     /// Issue another client certificate, subject CN = O = NAME (e.g. a second gateway or a
     /// test client): NAME.pem and NAME.key.
     Client {
-        /// The identity: 1-64 of A-Z a-z 0-9 _ - .
+        /// The identity: 1-64 ASCII letters and digits (rumqttd's rule for a tenant id).
         #[arg(long)]
         name: String,
         /// Directory holding ca.pem and ca.key.

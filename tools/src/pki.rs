@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `ca.pem`, `ca.key` | the development CA; brokers and clients trust `ca.pem` |
 //! | `server.pem`, `server.key` | the broker's server certificate for `localhost` and `127.0.0.1` |
-//! | `gateway.pem`, `gateway.key` | a client certificate for the gateway (CN = O = `caas-gateway`), for brokers that require one from everybody (Mosquitto with `require_certificate`) |
+//! | `gateway.pem`, `gateway.key` | a client certificate for the gateway (CN = O = `gateway`), for brokers that require one from everybody (Mosquitto with `require_certificate`) |
 //! | `VIN.pem`, `VIN.key` | a car's client certificate (CN = O = VIN) |
 //!
 //! The VIN is in both CN and O because the brokers read different fields for a client's
@@ -41,7 +41,7 @@ pub const GATEWAY_CERT: &str = "gateway.pem";
 /// The gateway client key's file name.
 pub const GATEWAY_KEY: &str = "gateway.key";
 /// The identity (CN and O) of the gateway's client certificate.
-pub const GATEWAY_IDENTITY: &str = "caas-gateway";
+pub const GATEWAY_IDENTITY: &str = "gateway";
 /// The names the broker's server certificate is valid for.
 pub const SERVER_NAMES: [&str; 2] = ["localhost", "127.0.0.1"];
 /// How long the CA is valid.
@@ -76,7 +76,7 @@ pub enum PkiError {
         reason: String,
     },
     /// A name is not allowed in a certificate.
-    #[error("invalid certificate name {0:?}")]
+    #[error("invalid certificate name {0:?}: a client identity is 1-64 ASCII letters and digits")]
     BadName(String),
     /// rcgen refused.
     #[error("certificate generation failed: {0}")]
@@ -233,8 +233,8 @@ impl Ca {
 
     /// A TLS client certificate whose subject CN and O are both `identity`.
     ///
-    /// `identity` must be 1-64 characters of `[A-Za-z0-9_.-]`, so it is safe as a broker user
-    /// name, a tenant id and a file name.
+    /// `identity` must be 1-64 ASCII letters and digits: rumqttd refuses any other character
+    /// in a tenant id (O), and it is then safe as a Mosquitto user name and a file name too.
     pub fn issue_client(&self, identity: &str) -> Result<PemPair, PkiError> {
         if !valid_identity(identity) {
             return Err(PkiError::BadName(identity.to_owned()));
@@ -264,12 +264,12 @@ pub enum CaPemError {
     Key(&'static str),
 }
 
+/// Longest client identity.
+pub const MAX_IDENTITY_LEN: usize = 64;
+
 fn valid_identity(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+    // rumqttd refuses a tenant id (O) with anything but letters and digits.
+    !s.is_empty() && s.len() <= MAX_IDENTITY_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 fn pem_cert_der(pem: &str) -> Option<Vec<u8>> {
@@ -504,7 +504,17 @@ mod tests {
     fn identities_are_plain() {
         assert!(valid_identity("WVWZZZ1JZXW000001"));
         assert!(valid_identity(GATEWAY_IDENTITY));
-        for bad in ["", ".x", "a/b", "a b", "a,O=evil"] {
+        assert!(valid_identity("gateway2"));
+        for bad in [
+            "",
+            ".x",
+            "a/b",
+            "a b",
+            "a,O=evil",
+            "caas-gateway",
+            "a_b",
+            &"x".repeat(65),
+        ] {
             assert!(!valid_identity(bad), "{bad:?}");
         }
     }

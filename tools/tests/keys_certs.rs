@@ -258,10 +258,7 @@ fn certs_init_and_car_make_a_pki_that_rustls_accepts_with_the_vin_as_identity() 
     // The gateway's client certificate works the same way.
     let (server, client) = configs(&pki, &pki, "gateway");
     let sv = handshake(server, client, "localhost").unwrap();
-    assert_eq!(
-        subject(&sv.peer_certificates().unwrap()[0]).0,
-        "caas-gateway"
-    );
+    assert_eq!(subject(&sv.peer_certificates().unwrap()[0]).0, "gateway");
 
     // The server certificate is for localhost and 127.0.0.1 only.
     let (server, client) = configs(&pki, &cars, VIN);
@@ -347,7 +344,32 @@ fn bad_input_gets_one_clear_line_and_changes_nothing() {
         let line = out.err();
         assert!(line.contains("invalid VIN") && line.contains(why), "{line}");
     }
+    let out = caasctl(&[
+        "certs",
+        "client",
+        "--name",
+        "caas-gateway",
+        "--ca-dir",
+        s(&pki),
+    ]);
+    assert!(
+        out.err().contains("ASCII letters and digits"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(listing(), before);
+    let out = caasctl(&[
+        "certs",
+        "client",
+        "--name",
+        "tester",
+        "--ca-dir",
+        s(&pki),
+        "--out",
+        s(dir.path()),
+    ]);
+    assert!(out.ok().contains("CN = O = tester"));
+    assert!(dir.path().join("tester.pem").is_file() && dir.path().join("tester.key").is_file());
 
     // A directory that cannot be created (its parent is a file): as root, permission bits
     // would not stop us, a file in the way does.
