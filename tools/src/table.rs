@@ -116,15 +116,19 @@ pub fn json_cell(v: &serde_json::Value) -> String {
     }
 }
 
-/// Renders a list of JSON objects as a table: the `preferred` keys first (with their
-/// headers), then every other key in order of first appearance (header = the key), so a
-/// field a server adds later is shown rather than dropped. Non-object items are shown whole.
+/// Renders a list of JSON objects as a table: the `preferred` keys that any item has first
+/// (with their headers), then every other key in order of first appearance (header = the
+/// key), so a field a server adds later is shown rather than dropped. Non-object items are
+/// shown whole.
 pub fn objects_table(items: &[serde_json::Value], preferred: &[(&str, &str)]) -> String {
+    let shown = &items[..items.len().min(MAX_TABLE_ROWS)];
+    let present = |k: &str| shown.iter().any(|i| i.get(k).is_some());
     let mut keys: Vec<(String, String)> = preferred
         .iter()
+        .filter(|(k, _)| present(k))
         .map(|(k, h)| ((*k).to_owned(), (*h).to_owned()))
         .collect();
-    for item in items.iter().take(MAX_TABLE_ROWS) {
+    for item in shown {
         if let Some(obj) = item.as_object() {
             for k in obj.keys() {
                 if !keys.iter().any(|(known, _)| known == k) {
@@ -133,7 +137,7 @@ pub fn objects_table(items: &[serde_json::Value], preferred: &[(&str, &str)]) ->
             }
         }
     }
-    let rows: Vec<Vec<String>> = items
+    let rows: Vec<Vec<String>> = shown
         .iter()
         .map(|item| match item.as_object() {
             Some(obj) => keys

@@ -19,8 +19,8 @@ use crate::table::{json_cell, key_values, objects_table};
 pub const DEFAULT_GATEWAY_URL: &str = "http://127.0.0.1:8080";
 /// The API token used when neither `--token` nor `CAAS_API_TOKEN` says (the development one).
 pub const DEFAULT_API_TOKEN: &str = "dev-token";
-/// Largest `--limit` for a history page.
-pub const MAX_HISTORY_LIMIT: u32 = 1000;
+/// Largest `--limit` for a history page (the gateway's own page maximum).
+pub const MAX_HISTORY_LIMIT: u32 = 500;
 
 /// A gateway and the token to use with it.
 #[derive(Debug, Clone)]
@@ -121,12 +121,14 @@ pub fn status_text(v: &Value) -> String {
     out
 }
 
-/// The entries of a history answer: its `items`, or the first list in it, or itself.
+/// The entries of a history answer: its `items` (or `entries`), or the first list in it, or
+/// itself.
 fn history_items(v: &Value) -> &[Value] {
     match v {
         Value::Array(a) => a,
         Value::Object(o) => o
             .get("items")
+            .or_else(|| o.get("entries"))
             .and_then(Value::as_array)
             .or_else(|| o.values().find_map(Value::as_array))
             .map_or(&[], |a| a),
@@ -141,12 +143,19 @@ pub fn history_text(v: &Value, vin: &Vin, limit: u32) -> String {
     if !items.is_empty() {
         out.push_str(&objects_table(
             items,
-            &[("timestamp", "TIME"), ("kind", "KIND"), ("seq", "SEQ")],
+            &[
+                ("timestamp", "TIME"),
+                ("kind", "KIND"),
+                ("type", "TYPE"),
+                ("seq", "SEQ"),
+                ("requestId", "REQUEST"),
+                ("detail", "DETAIL"),
+            ],
         ));
     }
     if let Some(obj) = v.as_object() {
         for (k, val) in obj {
-            if k == "items" || k == "vin" || val.is_array() {
+            if k == "vin" || val.is_array() {
                 continue;
             }
             if k == "nextBefore" {
@@ -196,6 +205,27 @@ mod tests {
         assert!(t.contains("2 entries"), "{t}");
         assert!(t.contains("t2    report   2    APPLIED"), "{t}");
         assert!(t.contains("--before abc"), "{t}");
+        // The gateway's own shape (entries with a type, an id and a detail).
+        let gw = json!({"vin": vin.as_str(), "entries": [
+            {"id": "9", "timestamp": "t9", "type": "REPORT", "seq": 3, "detail": "applied"},
+            {"id": "8", "timestamp": "t8", "type": "PRESENCE", "detail": "online"},
+            {"id": "7", "timestamp": "t7", "type": "COMMAND", "seq": 3, "requestId": "r1", "detail": "attempt 1"}],
+            "nextBefore": "7"});
+        let t = history_text(&gw, &vin, 3);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(
+            lines[1], "TIME  TYPE      SEQ  REQUEST  DETAIL     id",
+            "{t}"
+        );
+        assert_eq!(
+            lines[3], "t8    PRESENCE  -    -        online     8",
+            "{t}"
+        );
+        assert_eq!(
+            lines[4], "t7    COMMAND   3    r1       attempt 1  7",
+            "{t}"
+        );
+        assert!(t.contains("--limit 3 --before 7"), "{t}");
         let bare = json!([{"kind": "command", "seq": 1, "timestamp": "t0"}]);
         assert!(history_text(&bare, &vin, 5).contains("1 entries"));
     }
