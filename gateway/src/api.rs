@@ -1,0 +1,591 @@
+//! The IoT API over HTTP (axum), the shapes of DESIGN.md §4.
+//!
+//! Every route but `/healthz` needs `Authorization: Bearer <token>`. Bodies are parsed by
+//! hand from JSON values so that every refusal names the field: a 4xx answer is always
+//! `{"error": "...", "field": "...", "reason": "..."}` and changes nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use caas_protocol::{
+    verifying_key_from_hex, FeatureFlag, FirmwareVersion, ParamKey, ParamValue, RequestId, ServiceId, Vin,
+    MAX_FLAGS_PER_GRANT, MAX_PARAMS_PER_GRANT,
+};
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+use crate::engine::{Engine, Msg, NewRequest, Op};
+use crate::metrics::Metrics;
+use crate::store::{dec, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec, RequestRec, Store, Ticket, VehicleRec};
+
+/// Largest request body on every route but `POST /campaigns`.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest `POST /campaigns` body (room for 200,000 VINs).
+pub const MAX_CAMPAIGN_BODY_BYTES: usize = 8 * 1024 * 1024;
+/// Most VINs in one campaign.
+pub const MAX_CAMPAIGN_VINS: usize = 200_000;
+/// Most history entries or tickets one page returns.
+pub const MAX_PAGE: usize = 500;
+/// Most refused VINs a campaign answer lists (the count is always complete).
+const MAX_REFUSED_LISTED: usize = 100;
+/// Longest platform name.
+const MAX_PLATFORM_LEN: usize = 64;
+
+/// A refusal: HTTP status and the JSON body naming the field.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status code.
+    pub status: u16,
+    /// Short error text.
+    pub error: String,
+    /// The offending field (dotted path), if one.
+    pub field: Option<String>,
+    /// Why.
+    pub reason: String,
+}
+
+impl ApiError {
+    /// A refusal naming `field`.
+    pub fn new(status: u16, error: &str, field: &str, reason: &str) -> ApiError {
+        ApiError { status, error: error.into(), field: Some(field.into()), reason: reason.into() }
+    }
+
+    fn bad(field: &str, reason: impl std::fmt::Display) -> ApiError {
+        ApiError::new(400, "invalid field", field, &reason.to_string())
+    }
+
+    /// A storage failure (500).
+    pub fn storage(e: impl std::fmt::Display) -> ApiError {
+        ApiError { status: 500, error: "storage failure".into(), field: None, reason: e.to_string() }
+    }
+
+    fn unavailable() -> ApiError {
+        ApiError { status: 503, error: "shutting down".into(), field: None, reason: "the engine is stopping".into() }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        (status, Json(json!({ "error": self.error, "field": self.field, "reason": self.reason }))).into_response()
+    }
+}
+
+/// What the handlers share.
+pub(crate) struct AppState {
+    pub(crate) engine: Engine,
+    pub(crate) store: Store,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) api_token: String,
+    pub(crate) key_id: String,
+    pub(crate) public_key: String,
+}
+
+type St = State<Arc<AppState>>;
+type ApiResult = Result<Response, ApiError>;
+
+/// The router with every route.
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let authed = Router::new()
+        .route("/ota/activate", post(activate))
+        .route("/ota/deactivate", post(deactivate))
+        .route("/ota/requests/{request_id}", get(get_request))
+        .route("/vehicles", post(register))
+        .route("/vehicles/{vin}/status", get(status))
+        .route("/vehicles/{vin}/history", get(history))
+        .route("/campaigns", post(campaign).layer(DefaultBodyLimit::max(MAX_CAMPAIGN_BODY_BYTES)))
+        .route("/campaigns/{campaign_id}", get(get_campaign))
+        .route("/support/tickets", get(tickets))
+        .route("/keys", get(keys))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .merge(authed)
+        .fallback(|| async { ApiError::new(404, "no such route", "path", "see GET /openapi.json") })
+        .with_state(state)
+}
+
+async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), st.api_token.as_bytes()));
+    if !ok {
+        return ApiError::new(401, "unauthorized", "Authorization", "send Authorization: Bearer <api token>")
+            .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+// ---------- body parsing ----------
+
+fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Map<String, Value>, ApiError> {
+    let bytes = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(413, "body too large", "body", &format!("the body limit is {limit} bytes"))
+        } else {
+            ApiError::new(400, "unreadable body", "body", &e.body_text())
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(400, "malformed JSON", "body", &e.to_string()))?;
+    match v {
+        Value::Object(m) => Ok(m),
+        _ => Err(ApiError::new(400, "malformed JSON", "body", "expected a JSON object")),
+    }
+}
+
+fn join(path: &str, name: &str) -> String {
+    if path.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{path}.{name}")
+    }
+}
+
+fn no_unknown(m: &Map<String, Value>, allowed: &[&str], path: &str) -> Result<(), ApiError> {
+    match m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::new(400, "unknown field", &join(path, k), "not part of this request")),
+        None => Ok(()),
+    }
+}
+
+fn opt_str<'a>(m: &'a Map<String, Value>, name: &str, path: &str) -> Result<Option<&'a str>, ApiError> {
+    match m.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::bad(&join(path, name), "must be a string")),
+    }
+}
+
+fn req_str<'a>(m: &'a Map<String, Value>, name: &str, path: &str) -> Result<&'a str, ApiError> {
+    opt_str(m, name, path)?.ok_or_else(|| ApiError::new(400, "missing field", &join(path, name), "required"))
+}
+
+fn parse_vin(s: &str, field: &str) -> Result<Vin, ApiError> {
+    s.parse::<Vin>().map_err(|e| ApiError::bad(field, e))
+}
+
+fn parse_service(m: &Map<String, Value>) -> Result<String, ApiError> {
+    let s = req_str(m, "serviceId", "")?;
+    ServiceId::new(s).map_err(|e| ApiError::bad("serviceId", format!("service id {e} (1-32 of A-Z a-z 0-9 _ - . :)")))?;
+    Ok(s.to_owned())
+}
+
+fn parse_iso(s: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
+    u64::try_from(t.unix_timestamp()).ok()
+}
+
+/// Validates `configuration` and `duration` into a grant (seq and request filled later).
+fn parse_grant(m: &Map<String, Value>, service_id: &str) -> Result<GrantRec, ApiError> {
+    let config = match m.get("configuration") {
+        Some(Value::Object(c)) => c,
+        Some(_) => return Err(ApiError::bad("configuration", "must be an object")),
+        None => return Err(ApiError::new(400, "missing field", "configuration", "required")),
+    };
+    no_unknown(config, &["featureFlags", "parameters"], "configuration")?;
+    let flags = match config.get("featureFlags") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::bad("configuration.featureFlags", "must be an array of strings")),
+        None => return Err(ApiError::new(400, "missing field", "configuration.featureFlags", "required")),
+    };
+    if flags.is_empty() || flags.len() > MAX_FLAGS_PER_GRANT {
+        return Err(ApiError::bad(
+            "configuration.featureFlags",
+            format!("1 to {MAX_FLAGS_PER_GRANT} feature flags"),
+        ));
+    }
+    let mut out_flags = Vec::new();
+    for (i, f) in flags.iter().enumerate() {
+        let field = format!("configuration.featureFlags[{i}]");
+        let s = f.as_str().ok_or_else(|| ApiError::bad(&field, "must be a string"))?;
+        FeatureFlag::new(s).map_err(|e| ApiError::bad(&field, format!("feature flag {e} (1-32 of a-z 0-9 _)")))?;
+        if out_flags.iter().any(|x| x == s) {
+            return Err(ApiError::bad(&field, "listed twice"));
+        }
+        out_flags.push(s.to_owned());
+    }
+    let mut params = Vec::new();
+    match config.get("parameters") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(p)) => {
+            if p.len() > MAX_PARAMS_PER_GRANT {
+                return Err(ApiError::bad(
+                    "configuration.parameters",
+                    format!("at most {MAX_PARAMS_PER_GRANT} parameters"),
+                ));
+            }
+            for (k, v) in p {
+                let field = format!("configuration.parameters.{k}");
+                ParamKey::new(k).map_err(|e| ApiError::bad(&field, format!("parameter name {e} (1-24 of A-Z a-z 0-9 _)")))?;
+                let text = match v {
+                    Value::String(s) => s.clone(),
+                    Value::Number(n) => n.to_string(),
+                    Value::Bool(b) => b.to_string(),
+                    _ => return Err(ApiError::bad(&field, "must be a string, number or boolean")),
+                };
+                ParamValue::new(&text).map_err(|e| ApiError::bad(&field, format!("value {e} (0-24 printable ASCII)")))?;
+                params.push((k.clone(), text));
+            }
+        }
+        Some(_) => return Err(ApiError::bad("configuration.parameters", "must be an object")),
+    }
+    let duration = match m.get("duration") {
+        Some(Value::Object(d)) => d,
+        Some(_) => return Err(ApiError::bad("duration", "must be an object")),
+        None => return Err(ApiError::new(400, "missing field", "duration", "required")),
+    };
+    no_unknown(duration, &["type", "expiryDate", "autoRenewal"], "duration")?;
+    let kind = req_str(duration, "type", "duration")?;
+    let expiry = match opt_str(duration, "expiryDate", "duration")? {
+        Some(s) => {
+            let t = parse_iso(s).ok_or_else(|| ApiError::bad("duration.expiryDate", "not an ISO-8601 timestamp"))?;
+            if t <= now_ms() / 1000 {
+                return Err(ApiError::bad("duration.expiryDate", "is in the past"));
+            }
+            Some(t)
+        }
+        None => None,
+    };
+    match duration.get("autoRenewal") {
+        None | Some(Value::Null) | Some(Value::Bool(_)) => {}
+        Some(_) => return Err(ApiError::bad("duration.autoRenewal", "must be a boolean")),
+    }
+    let ends_at = match kind {
+        "TEMPORARY" => Some(expiry.ok_or_else(|| {
+            ApiError::new(400, "missing field", "duration.expiryDate", "required for a TEMPORARY duration")
+        })?),
+        "PERMANENT" => {
+            if expiry.is_some() {
+                return Err(ApiError::bad("duration.expiryDate", "a PERMANENT duration has no expiry"));
+            }
+            None
+        }
+        // A subscription runs until withdrawn; an expiryDate, if given, ends the current period.
+        "SUBSCRIPTION" => expiry,
+        _ => return Err(ApiError::bad("duration.type", "must be TEMPORARY, PERMANENT or SUBSCRIPTION")),
+    };
+    Ok(GrantRec {
+        service_id: service_id.to_owned(),
+        flags: out_flags,
+        params,
+        ends_at,
+        request_id: String::new(),
+        seq: 0,
+        activation_date: String::new(),
+    })
+}
+
+async fn ask<T>(engine: &Engine, vin: &Vin, msg: Msg, rx: oneshot::Receiver<T>) -> Result<T, ApiError> {
+    engine.shard(vin).send_async(msg).await.map_err(|_| ApiError::unavailable())?;
+    rx.await.map_err(|_| ApiError::unavailable())
+}
+
+fn request_answer(rec: &RequestRec) -> Response {
+    (StatusCode::ACCEPTED, Json(json!({ "requestId": rec.request_id, "status": rec.status, "timestamp": rec.created_at })))
+        .into_response()
+}
+
+async fn submit(st: &AppState, vin: Vin, op: Op) -> ApiResult {
+    let req = NewRequest { vin, op, request_id: RequestId(new_uuid()), campaign_id: None, created_ms: now_ms() };
+    let (tx, rx) = oneshot::channel();
+    let rec = ask(&st.engine, &vin, Msg::Request { req, resp: tx }, rx).await??;
+    Ok(request_answer(&rec))
+}
+
+async fn activate(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let m = parse_body(body, MAX_BODY_BYTES)?;
+    no_unknown(&m, &["vin", "serviceId", "configuration", "duration"], "")?;
+    let vin = parse_vin(req_str(&m, "vin", "")?, "vin")?;
+    let service = parse_service(&m)?;
+    let grant = parse_grant(&m, &service)?;
+    submit(&st, vin, Op::Activate(grant)).await
+}
+
+async fn deactivate(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let m = parse_body(body, MAX_BODY_BYTES)?;
+    no_unknown(&m, &["vin", "serviceId"], "")?;
+    let vin = parse_vin(req_str(&m, "vin", "")?, "vin")?;
+    let service = parse_service(&m)?;
+    submit(&st, vin, Op::Deactivate(service)).await
+}
+
+fn request_view(rec: &RequestRec) -> Value {
+    json!({
+        "requestId": rec.request_id,
+        "vin": rec.vin,
+        "action": rec.action,
+        "serviceId": rec.service_id,
+        "status": rec.status,
+        "phase": rec.phase,
+        "attempts": rec.attempts,
+        "seq": rec.seq,
+        "errorCode": rec.error_code,
+        "createdAt": rec.created_at,
+        "updatedAt": rec.updated_at,
+        "completedAt": rec.completed_at,
+        "campaignId": rec.campaign_id,
+    })
+}
+
+async fn get_request(State(st): St, Path(id): Path<String>) -> ApiResult {
+    let rid: RequestId = id.parse().map_err(|e| ApiError::bad("requestId", e))?;
+    let v = st.store.requests.get(rid.0).map_err(ApiError::storage)?;
+    let rec: RequestRec = v
+        .and_then(|v| dec(&v))
+        .ok_or_else(|| ApiError::new(404, "unknown request", "requestId", "no request with this id"))?;
+    Ok(Json(request_view(&rec)).into_response())
+}
+
+async fn register(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let m = parse_body(body, MAX_BODY_BYTES)?;
+    no_unknown(&m, &["vin", "publicKey", "platform", "firmwareVersion"], "")?;
+    let vin = parse_vin(req_str(&m, "vin", "")?, "vin")?;
+    let key_text = req_str(&m, "publicKey", "")?;
+    let key = verifying_key_from_hex(key_text).map_err(|e| ApiError::bad("publicKey", e))?;
+    let platform = req_str(&m, "platform", "")?;
+    if platform.is_empty()
+        || platform.len() > MAX_PLATFORM_LEN
+        || !platform.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+    {
+        return Err(ApiError::bad("platform", format!("1-{MAX_PLATFORM_LEN} of A-Z a-z 0-9 _ - .")));
+    }
+    let fw = opt_str(&m, "firmwareVersion", "")?;
+    if let Some(f) = fw {
+        FirmwareVersion::new(f).map_err(|e| ApiError::bad("firmwareVersion", format!("firmware version {e}")))?;
+    }
+    let rec = VehicleRec {
+        vin: vin.to_string(),
+        public_key: key_text.trim().to_ascii_lowercase(),
+        platform: platform.to_owned(),
+        firmware_version: fw.map(str::to_owned),
+        registered_at: iso_now(),
+    };
+    let (tx, rx) = oneshot::channel();
+    let created = ask(&st.engine, &vin, Msg::Register { rec: rec.clone(), vin, key, resp: tx }, rx).await??;
+    let stored: VehicleRec = st
+        .store
+        .vehicles
+        .get(vin.as_bytes())
+        .map_err(ApiError::storage)?
+        .and_then(|v| dec(&v))
+        .unwrap_or(rec);
+    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((code, Json(stored)).into_response())
+}
+
+async fn status(State(st): St, Path(vin): Path<String>) -> ApiResult {
+    let vin = parse_vin(&vin, "vin")?;
+    let (tx, rx) = oneshot::channel();
+    let v = ask(&st.engine, &vin, Msg::Status { vin, resp: tx }, rx).await?;
+    v.map(|v| Json(v).into_response())
+        .ok_or_else(|| ApiError::new(404, "unknown car", "vin", "no vehicle with this VIN is registered"))
+}
+
+fn page_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
+    match q.get("limit") {
+        None => Ok(default),
+        Some(s) => match s.parse::<usize>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(ApiError::bad("limit", format!("an integer from 1 to {MAX_PAGE}"))),
+        },
+    }
+}
+
+async fn history(State(st): St, Path(vin): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let vin = parse_vin(&vin, "vin")?;
+    let limit = page_limit(&q, 50)?;
+    let before = match q.get("before") {
+        None => u64::MAX,
+        Some(s) => s.parse::<u64>().map_err(|_| ApiError::bad("before", "an entry id from a previous page"))?,
+    };
+    if let Some(k) = q.keys().find(|k| *k != "limit" && *k != "before") {
+        return Err(ApiError::new(400, "unknown parameter", k, "only limit and before"));
+    }
+    if !st.store.vehicles.contains_key(vin.as_bytes()).map_err(ApiError::storage)? {
+        return Err(ApiError::new(404, "unknown car", "vin", "no vehicle with this VIN is registered"));
+    }
+    let mut lo = vin.as_bytes().to_vec();
+    lo.extend_from_slice(&0u64.to_be_bytes());
+    let mut hi = vin.as_bytes().to_vec();
+    hi.extend_from_slice(&before.to_be_bytes());
+    let mut entries = Vec::new();
+    for item in st.store.history.range(lo..hi).rev().take(limit) {
+        let (_, v) = item.map_err(ApiError::storage)?;
+        if let Some(e) = dec::<Value>(&v) {
+            entries.push(e);
+        }
+    }
+    let next = if entries.len() == limit { entries.last().and_then(|e| e["id"].as_str().map(str::to_owned)) } else { None };
+    Ok(Json(json!({ "vin": vin.to_string(), "entries": entries, "nextBefore": next })).into_response())
+}
+
+async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let m = parse_body(body, MAX_CAMPAIGN_BODY_BYTES)?;
+    no_unknown(&m, &["vins", "action", "serviceId", "configuration", "duration"], "")?;
+    let vins = match m.get("vins") {
+        Some(Value::Array(a)) => a,
+        Some(_) => return Err(ApiError::bad("vins", "must be an array of VINs")),
+        None => return Err(ApiError::new(400, "missing field", "vins", "required")),
+    };
+    if vins.is_empty() || vins.len() > MAX_CAMPAIGN_VINS {
+        return Err(ApiError::bad("vins", format!("1 to {MAX_CAMPAIGN_VINS} VINs")));
+    }
+    let mut parsed = Vec::with_capacity(vins.len());
+    let mut seen = HashSet::with_capacity(vins.len());
+    for (i, v) in vins.iter().enumerate() {
+        let field = format!("vins[{i}]");
+        let s = v.as_str().ok_or_else(|| ApiError::bad(&field, "must be a string"))?;
+        let vin = parse_vin(s, &field)?;
+        if !seen.insert(vin) {
+            return Err(ApiError::bad(&field, "listed twice"));
+        }
+        parsed.push(vin);
+    }
+    let service = parse_service(&m)?;
+    let action = req_str(&m, "action", "")?;
+    let op = match action {
+        "ACTIVATE" => Op::Activate(parse_grant(&m, &service)?),
+        "DEACTIVATE" => {
+            if let Some(k) = ["configuration", "duration"].into_iter().find(|k| m.contains_key(*k)) {
+                return Err(ApiError::new(400, "unknown field", k, "not part of a DEACTIVATE campaign"));
+            }
+            Op::Deactivate(service.clone())
+        }
+        _ => return Err(ApiError::bad("action", "must be ACTIVATE or DEACTIVATE")),
+    };
+    let cid = RequestId(new_uuid());
+    let created = now_ms();
+    let rec = CampaignRec {
+        campaign_id: cid.to_string(),
+        action: action.to_owned(),
+        service_id: service,
+        total: parsed.len(),
+        created_at: iso_now(),
+    };
+    st.store.campaigns.insert(cid.0, enc(&rec)).map_err(ApiError::storage)?;
+    let n = st.engine.shard_count();
+    let mut per_shard: Vec<Vec<NewRequest>> = (0..n).map(|_| Vec::new()).collect();
+    for vin in parsed {
+        per_shard[st.engine.shard_index(&vin)].push(NewRequest {
+            vin,
+            op: op.clone(),
+            request_id: RequestId(new_uuid()),
+            campaign_id: Some(cid.to_string()),
+            created_ms: created,
+        });
+    }
+    let mut waits = Vec::new();
+    for (i, reqs) in per_shard.into_iter().enumerate() {
+        if reqs.is_empty() {
+            continue;
+        }
+        let (tx, rx) = oneshot::channel();
+        st.engine.shard_at(i).send_async(Msg::Batch { reqs, resp: tx }).await.map_err(|_| ApiError::unavailable())?;
+        waits.push(rx);
+    }
+    let mut accepted = 0;
+    let mut refused = Vec::new();
+    let mut refused_count = 0;
+    for rx in waits {
+        let (ok, r) = rx.await.map_err(|_| ApiError::unavailable())?;
+        accepted += ok;
+        refused_count += r.len();
+        for (vin, reason) in r {
+            if refused.len() < MAX_REFUSED_LISTED {
+                refused.push(json!({ "vin": vin, "reason": reason }));
+            }
+        }
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({
+            "campaignId": rec.campaign_id,
+            "total": rec.total,
+            "accepted": accepted,
+            "refusedCount": refused_count,
+            "refused": refused,
+            "timestamp": rec.created_at,
+        })),
+    )
+        .into_response())
+}
+
+async fn get_campaign(State(st): St, Path(id): Path<String>) -> ApiResult {
+    let cid: RequestId = id.parse().map_err(|e| ApiError::bad("campaignId", e))?;
+    let rec: CampaignRec = st
+        .store
+        .campaigns
+        .get(cid.0)
+        .map_err(ApiError::storage)?
+        .and_then(|v| dec(&v))
+        .ok_or_else(|| ApiError::new(404, "unknown campaign", "campaignId", "no campaign with this id"))?;
+    let store = st.store.clone();
+    let counts = tokio::task::spawn_blocking(move || {
+        let mut counts: HashMap<String, usize> =
+            ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"].iter().map(|s| (s.to_string(), 0)).collect();
+        for item in store.campaign_reqs.scan_prefix(cid.0).keys() {
+            let Ok(k) = item else { continue };
+            if let Some(r) = k.get(16..32).and_then(|rid| store.requests.get(rid).ok().flatten()) {
+                if let Some(r) = dec::<RequestRec>(&r) {
+                    *counts.entry(r.status).or_default() += 1;
+                }
+            }
+        }
+        counts
+    })
+    .await
+    .map_err(ApiError::storage)?;
+    Ok(Json(json!({
+        "campaignId": rec.campaign_id,
+        "action": rec.action,
+        "serviceId": rec.service_id,
+        "total": rec.total,
+        "createdAt": rec.created_at,
+        "counts": counts,
+    }))
+    .into_response())
+}
+
+async fn tickets(State(st): St, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+    let limit = page_limit(&q, 100)?;
+    let mut out = Vec::new();
+    for item in st.store.tickets.iter().rev().take(limit) {
+        let (_, v) = item.map_err(ApiError::storage)?;
+        if let Some(t) = dec::<Ticket>(&v) {
+            out.push(t);
+        }
+    }
+    Ok(Json(json!({ "tickets": out })).into_response())
+}
+
+async fn keys(State(st): St) -> ApiResult {
+    Ok(Json(json!({ "keys": [{ "keyId": st.key_id, "publicKey": st.public_key, "algorithm": "Ed25519" }] }))
+        .into_response())
+}
+
+async fn metrics(State(st): St) -> ApiResult {
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response())
+}
+
+async fn openapi() -> ApiResult {
+    Ok(Json(crate::openapi::document()).into_response())
+}

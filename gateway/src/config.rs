@@ -1,0 +1,346 @@
+//! The gateway's settings: command line, `CAAS_GATEWAY_*` environment, TOML file, defaults.
+//!
+//! Precedence: command line, then environment, then the `--config` file, then the defaults
+//! below. Every name is the same in all three places (`--attempt-timeout`,
+//! `CAAS_GATEWAY_ATTEMPT_TIMEOUT`, `attempt-timeout = "60s"` in the file).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde::Deserialize;
+
+/// The API token used when none is configured. Printed at start; never use it outside a laptop.
+pub const DEV_API_TOKEN: &str = "dev-token";
+
+/// PEM files for TLS: the CA that signs the other side's certificate, our certificate and key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// CA certificate (PEM) that client (or broker) certificates must chain to.
+    pub ca: PathBuf,
+    /// Our certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Our private key (PEM).
+    pub key: PathBuf,
+}
+
+/// The seed's retry policy: attempts, a timeout per attempt, backoff between attempts.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts before the request is given up (at least 1).
+    pub attempts: u32,
+    /// How long each attempt (and the final status probe) waits for the car's report.
+    pub attempt_timeout: Duration,
+    /// Pause after failed attempt `k` (1-based) is `backoff[min(k, len) - 1]`.
+    pub backoff: Vec<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 4,
+            attempt_timeout: Duration::from_secs(60),
+            backoff: vec![
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+                Duration::from_secs(900),
+                Duration::from_secs(1800),
+            ],
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause after failed attempt `attempt` (1-based).
+    pub fn backoff_after(&self, attempt: u32) -> Duration {
+        let i = (attempt.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
+        self.backoff.get(i).copied().unwrap_or(Duration::from_secs(1))
+    }
+}
+
+/// Everything the gateway needs to run. [`Config::default`] serves on loopback only.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP listen address (port 0 picks a free port).
+    pub http: SocketAddr,
+    /// Embedded broker's plain MQTT listener (port 0 picks a free port); `None` for none.
+    pub mqtt: Option<SocketAddr>,
+    /// Embedded broker's TLS listener with client certificates (needs `tls`).
+    pub mqtts: Option<SocketAddr>,
+    /// TLS files: server side for `mqtts`, client side for an `mqtts://` external broker.
+    pub tls: Option<TlsFiles>,
+    /// External broker URL (`mqtt://host:port` or `mqtts://host:port`) instead of the embedded one.
+    pub broker: Option<String>,
+    /// Data directory (sled database, signing key).
+    pub data: PathBuf,
+    /// Signing key file (64 hex digits); generated when absent. Default `DATA/signing.key`.
+    pub signing_key: Option<PathBuf>,
+    /// Where callbacks are POSTed; `None` records results without calling anyone.
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key of the callback signature.
+    pub webhook_secret: String,
+    /// Bearer token every route but `/healthz` requires.
+    pub api_token: String,
+    /// Retry policy of activations and deactivations.
+    pub retry: RetryPolicy,
+    /// How long a signed command stays valid (its `not_after - issued_at`).
+    pub command_ttl: Duration,
+    /// Engine shards (threads owning disjoint sets of cars), at least 1.
+    pub shards: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            mqtts: None,
+            tls: None,
+            broker: None,
+            data: PathBuf::from("./data/gateway"),
+            signing_key: None,
+            webhook_url: None,
+            webhook_secret: String::new(),
+            api_token: DEV_API_TOKEN.to_owned(),
+            retry: RetryPolicy::default(),
+            command_ttl: Duration::from_secs(24 * 3600),
+            shards: 4,
+        }
+    }
+}
+
+impl Config {
+    /// The signing key path actually used.
+    pub fn signing_key_path(&self) -> PathBuf {
+        self.signing_key.clone().unwrap_or_else(|| self.data.join("signing.key"))
+    }
+
+    /// Checks combinations that cannot work.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.retry.attempts == 0 {
+            bail!("--attempts must be at least 1");
+        }
+        if self.retry.backoff.is_empty() {
+            bail!("--backoff needs at least one duration");
+        }
+        if self.mqtts.is_some() && self.tls.is_none() {
+            bail!("--mqtts needs --tls-ca, --tls-cert and --tls-key");
+        }
+        if let Some(url) = &self.broker {
+            let (scheme, _) = split_broker_url(url)?;
+            if scheme == "mqtts" && self.tls.is_none() {
+                bail!("an mqtts:// broker needs --tls-ca, --tls-cert and --tls-key");
+            }
+        }
+        if self.shards == 0 {
+            bail!("shards must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Splits `mqtt://host:port` into its scheme and `host:port`.
+pub(crate) fn split_broker_url(url: &str) -> anyhow::Result<(&str, &str)> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| anyhow!("broker URL {url:?} is not scheme://host:port"))?;
+    if scheme != "mqtt" && scheme != "mqtts" {
+        bail!("broker URL scheme must be mqtt or mqtts, not {scheme:?}");
+    }
+    let rest = rest.trim_end_matches('/');
+    if !rest.contains(':') {
+        bail!("broker URL {url:?} needs a port");
+    }
+    Ok((scheme, rest))
+}
+
+/// Parses `500ms`, `2s`, `1m`, `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let t = text.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, "s"),
+    };
+    let n: u64 = num.parse().with_context(|| format!("{text:?} is not a duration like 60s"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => bail!("{text:?}: unit must be ms, s, m or h"),
+    })
+}
+
+/// Parses a comma-separated list of durations (`1m,5m,15m,30m`).
+pub fn parse_duration_list(text: &str) -> anyhow::Result<Vec<Duration>> {
+    text.split(',').filter(|s| !s.trim().is_empty()).map(parse_duration).collect()
+}
+
+/// `caas-gateway serve` options; each also reads `CAAS_GATEWAY_<NAME>` and the config file.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ServeArgs {
+    /// HTTP listen address [default: 127.0.0.1:8080]
+    #[arg(long, env = "CAAS_GATEWAY_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// Embedded broker's plain MQTT listener [default: 127.0.0.1:1883]
+    #[arg(long, env = "CAAS_GATEWAY_MQTT")]
+    pub mqtt: Option<SocketAddr>,
+    /// Embedded broker's TLS listener with client certificates (cert O = VIN)
+    #[arg(long, env = "CAAS_GATEWAY_MQTTS")]
+    pub mqtts: Option<SocketAddr>,
+    /// Use an external broker instead: mqtt://host:port or mqtts://host:port
+    #[arg(long, env = "CAAS_GATEWAY_BROKER")]
+    pub broker: Option<String>,
+    /// CA certificate (PEM)
+    #[arg(long, env = "CAAS_GATEWAY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Our certificate (PEM)
+    #[arg(long, env = "CAAS_GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// Our private key (PEM)
+    #[arg(long, env = "CAAS_GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Data directory [default: ./data/gateway]
+    #[arg(long, env = "CAAS_GATEWAY_DATA")]
+    pub data: Option<PathBuf>,
+    /// Signing key file, generated when absent [default: DATA/signing.key]
+    #[arg(long, env = "CAAS_GATEWAY_SIGNING_KEY")]
+    pub signing_key: Option<PathBuf>,
+    /// Callback URL
+    #[arg(long, env = "CAAS_GATEWAY_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Callback HMAC secret
+    #[arg(long, env = "CAAS_GATEWAY_WEBHOOK_SECRET")]
+    pub webhook_secret: Option<String>,
+    /// API bearer token [default: dev-token]
+    #[arg(long, env = "CAAS_GATEWAY_API_TOKEN")]
+    pub api_token: Option<String>,
+    /// Attempts per request [default: 4]
+    #[arg(long, env = "CAAS_GATEWAY_ATTEMPTS")]
+    pub attempts: Option<u32>,
+    /// Timeout per attempt [default: 60s]
+    #[arg(long, env = "CAAS_GATEWAY_ATTEMPT_TIMEOUT")]
+    pub attempt_timeout: Option<String>,
+    /// Backoff between attempts [default: 1m,5m,15m,30m]
+    #[arg(long, env = "CAAS_GATEWAY_BACKOFF")]
+    pub backoff: Option<String>,
+    /// Validity of a signed command [default: 24h]
+    #[arg(long, env = "CAAS_GATEWAY_COMMAND_TTL")]
+    pub command_ttl: Option<String>,
+    /// Engine shards [default: 4]
+    #[arg(long, env = "CAAS_GATEWAY_SHARDS")]
+    pub shards: Option<usize>,
+    /// TOML file with the same names (kebab-case)
+    #[arg(long, env = "CAAS_GATEWAY_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+}
+
+impl ServeArgs {
+    /// Fills what the command line and environment left unset from `--config`, then defaults.
+    pub fn into_config(self) -> anyhow::Result<Config> {
+        let file: ServeArgs = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => ServeArgs::default(),
+        };
+        let a = self.merge(file);
+        let d = Config::default();
+        let tls = match (a.tls_ca, a.tls_cert, a.tls_key) {
+            (Some(ca), Some(cert), Some(key)) => Some(TlsFiles { ca, cert, key }),
+            (None, None, None) => None,
+            _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
+        };
+        let mut retry = RetryPolicy::default();
+        if let Some(n) = a.attempts {
+            retry.attempts = n;
+        }
+        if let Some(t) = &a.attempt_timeout {
+            retry.attempt_timeout = parse_duration(t).context("--attempt-timeout")?;
+        }
+        if let Some(b) = &a.backoff {
+            retry.backoff = parse_duration_list(b).context("--backoff")?;
+        }
+        let config = Config {
+            http: a.http.unwrap_or(d.http),
+            // An external broker replaces the embedded one, listeners included.
+            mqtt: if a.broker.is_some() { a.mqtt } else { a.mqtt.or(d.mqtt) },
+            mqtts: a.mqtts,
+            tls,
+            broker: a.broker,
+            data: a.data.unwrap_or(d.data),
+            signing_key: a.signing_key,
+            webhook_url: a.webhook_url,
+            webhook_secret: a.webhook_secret.unwrap_or_default(),
+            api_token: a.api_token.unwrap_or(d.api_token),
+            retry,
+            command_ttl: match &a.command_ttl {
+                Some(t) => parse_duration(t).context("--command-ttl")?,
+                None => d.command_ttl,
+            },
+            shards: a.shards.unwrap_or(d.shards),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn merge(self, file: ServeArgs) -> ServeArgs {
+        ServeArgs {
+            http: self.http.or(file.http),
+            mqtt: self.mqtt.or(file.mqtt),
+            mqtts: self.mqtts.or(file.mqtts),
+            broker: self.broker.or(file.broker),
+            tls_ca: self.tls_ca.or(file.tls_ca),
+            tls_cert: self.tls_cert.or(file.tls_cert),
+            tls_key: self.tls_key.or(file.tls_key),
+            data: self.data.or(file.data),
+            signing_key: self.signing_key.or(file.signing_key),
+            webhook_url: self.webhook_url.or(file.webhook_url),
+            webhook_secret: self.webhook_secret.or(file.webhook_secret),
+            api_token: self.api_token.or(file.api_token),
+            attempts: self.attempts.or(file.attempts),
+            attempt_timeout: self.attempt_timeout.or(file.attempt_timeout),
+            backoff: self.backoff.or(file.backoff),
+            command_ttl: self.command_ttl.or(file.command_ttl),
+            shards: self.shards.or(file.shards),
+            config: self.config,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("m").is_err());
+        assert_eq!(parse_duration_list("1m,5m").unwrap().len(), 2);
+    }
+
+    #[test]
+    fn file_fills_what_flags_leave_unset() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(&path, "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\n").unwrap();
+        let args = ServeArgs { attempts: Some(3), config: Some(path), ..Default::default() };
+        let c = args.into_config().unwrap();
+        assert_eq!(c.http.port(), 9999);
+        assert_eq!(c.retry.attempts, 3);
+        assert_eq!(c.retry.backoff, vec![Duration::from_secs(1), Duration::from_secs(2)]);
+        assert_eq!(c.retry.backoff_after(5), Duration::from_secs(2));
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "nope = 1\n").unwrap();
+        assert!(ServeArgs { config: Some(bad), ..Default::default() }.into_config().is_err());
+    }
+}

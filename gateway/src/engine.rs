@@ -1,0 +1,959 @@
+//! The activation engine: per-car desired state, signed commands, retries, results.
+//!
+//! Cars are split over shards by a hash of the VIN. Each shard is one OS thread that owns
+//! its cars outright (no lock is shared between shards or with the HTTP handlers): it
+//! signs commands, verifies reports, keeps the retry timers and writes to sled. It handles
+//! messages in batches and hands each batch to the group committer, whose continuation
+//! publishes the batch's commands, answers its HTTP callers and wakes the webhook sender
+//! only after the flush. Signing and verifying therefore never run on the async executor.
+//!
+//! A request's life: accepted (seq N, command signed, flushed, published retained, 2xx) →
+//! settled when a report verified with the car's key shows `applied_seq >= N` (callback
+//! `ACTIVATED`/`DEACTIVATED`) → otherwise after each attempt's timeout a backoff, then the
+//! same desired state re-signed and re-sent; after the last attempt a status query and one
+//! more wait, then a support ticket, the grant withdrawn by a newer command, and callback
+//! `FAILED`. A report refusing the command fails its requests at once with the car's code.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use caas_protocol::{
+    open_report, seal_command, topics, Command, CommandBody, DesiredState, FeatureFlag, Grant,
+    Outcome, Param, ParamKey, ParamValue, RequestId, ServiceId, SigningKey, TrustedKey,
+    VerifyingKey, Vin, MAX_COMMAND_FRAME_SIZE, MAX_GRANTS, MAX_SETTLES,
+};
+use serde_json::json;
+use tokio::sync::oneshot;
+
+use crate::api::ApiError;
+use crate::config::RetryPolicy;
+use crate::metrics::Metrics;
+use crate::store::{
+    enc, iso_ms, next_id, now_ms, CarRec, Committer, Continuation, GrantRec, HistoryEntry,
+    OutboxEntry, RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
+};
+
+/// Messages queued per shard before senders wait.
+pub(crate) const SHARD_QUEUE: usize = 65_536;
+/// Messages one shard handles before committing a batch.
+const SHARD_BATCH: usize = 4_096;
+/// Service errors remembered per car for `GET /vehicles/{vin}/status`.
+const MAX_ERRORS: usize = 8;
+/// Re-sends of a car's state closer together than this are merged into one.
+const RESEND_MERGE: Duration = Duration::from_millis(200);
+
+/// A message the engine publishes.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbound {
+    pub(crate) topic: String,
+    pub(crate) payload: Vec<u8>,
+    pub(crate) retain: bool,
+}
+
+/// What a request asks for.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    /// Add (or replace) this grant.
+    Activate(GrantRec),
+    /// Remove this service.
+    Deactivate(String),
+}
+
+/// A validated request on its way to the car's shard.
+#[derive(Debug, Clone)]
+pub(crate) struct NewRequest {
+    pub(crate) vin: Vin,
+    pub(crate) op: Op,
+    pub(crate) request_id: RequestId,
+    pub(crate) campaign_id: Option<String>,
+    pub(crate) created_ms: u64,
+}
+
+/// What the HTTP side asks a shard.
+pub(crate) enum Msg {
+    Register { rec: VehicleRec, vin: Vin, key: VerifyingKey, resp: oneshot::Sender<Result<bool, ApiError>> },
+    Request { req: NewRequest, resp: oneshot::Sender<Result<RequestRec, ApiError>> },
+    Batch { reqs: Vec<NewRequest>, resp: oneshot::Sender<(usize, Vec<(String, String)>)> },
+    Report { vin: Vin, payload: Vec<u8> },
+    Presence { vin: Vin, online: bool },
+    Status { vin: Vin, resp: oneshot::Sender<Option<serde_json::Value>> },
+    Load { rec: VehicleRec, car: Option<CarRec> },
+    LoadPending(RequestRec),
+    RepublishAll,
+    Stop(std::sync::mpsc::Sender<()>),
+}
+
+/// What every shard shares (read-only or atomics).
+pub(crate) struct Shared {
+    pub(crate) store: Store,
+    pub(crate) committer: Committer,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) command_ttl: Duration,
+    pub(crate) key: SigningKey,
+    pub(crate) out: flume::Sender<Outbound>,
+    pub(crate) webhook: Option<Arc<tokio::sync::Notify>>,
+}
+
+/// The handle the HTTP side and the MQTT side use.
+#[derive(Clone)]
+pub(crate) struct Engine {
+    shards: Arc<Vec<flume::Sender<Msg>>>,
+}
+
+/// Which shard owns `vin` (FNV-1a over its bytes).
+fn shard_of(vin: &Vin, n: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vin.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
+impl Engine {
+    /// Starts `n` shard threads.
+    pub(crate) fn start(shared: Arc<Shared>, n: usize) -> std::io::Result<Engine> {
+        let mut senders = Vec::with_capacity(n);
+        for i in 0..n {
+            let (tx, rx) = flume::bounded(SHARD_QUEUE);
+            let shard = Shard::new(shared.clone());
+            std::thread::Builder::new().name(format!("gw-shard-{i}")).spawn(move || shard.run(rx))?;
+            senders.push(tx);
+        }
+        Ok(Engine { shards: Arc::new(senders) })
+    }
+
+    /// The shard sender for `vin`.
+    pub(crate) fn shard(&self, vin: &Vin) -> &flume::Sender<Msg> {
+        &self.shards[shard_of(vin, self.shards.len())]
+    }
+
+    /// Number of shards.
+    pub(crate) fn shard_count(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Shard `i`'s sender.
+    pub(crate) fn shard_at(&self, i: usize) -> &flume::Sender<Msg> {
+        &self.shards[i % self.shards.len()]
+    }
+
+    /// Index of the shard owning `vin`.
+    pub(crate) fn shard_index(&self, vin: &Vin) -> usize {
+        shard_of(vin, self.shards.len())
+    }
+
+    /// Sends `msg` to every shard built by `f`.
+    pub(crate) fn broadcast(&self, f: impl Fn() -> Msg) {
+        for s in self.shards.iter() {
+            let _ = s.send(f());
+        }
+    }
+
+    /// Stops every shard after its last batch is committed (blocking).
+    pub(crate) fn stop(&self) {
+        let mut acks = Vec::new();
+        for s in self.shards.iter() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            if s.send(Msg::Stop(tx)).is_ok() {
+                acks.push(rx);
+            }
+        }
+        for rx in acks {
+            let _ = rx.recv_timeout(Duration::from_secs(10));
+        }
+    }
+}
+
+/// A service whose last request failed, shown as `ERROR` in the car's status.
+#[derive(Debug, Clone)]
+struct ServiceError {
+    service_id: String,
+    at: String,
+}
+
+/// What the newest report said.
+#[derive(Debug, Clone)]
+struct LastReport {
+    error_codes: Vec<String>,
+    firmware_version: String,
+    signal: u8,
+}
+
+/// One car, as its shard holds it.
+struct Car {
+    vin: Vin,
+    key: TrustedKey,
+    vehicle: VehicleRec,
+    rec: CarRec,
+    online: bool,
+    last_seen_ms: Option<u64>,
+    last_report: Option<LastReport>,
+    last_sent_ms: Option<u64>,
+    last_resend: Option<Instant>,
+    pending: Vec<RequestId>,
+    errors: Vec<ServiceError>,
+    history_written: usize,
+    probe_answered: bool,
+}
+
+/// A request not yet final.
+struct Pending {
+    rec: RequestRec,
+    gen: u64,
+}
+
+/// The effects of one batch, run after its flush.
+#[derive(Default)]
+struct Batch {
+    publishes: Vec<Outbound>,
+    after: Vec<Continuation>,
+    callbacks: bool,
+}
+
+struct Shard {
+    sh: Arc<Shared>,
+    cars: HashMap<Vin, Car>,
+    pending: HashMap<RequestId, Pending>,
+    timers: BinaryHeap<Reverse<(Instant, u64, RequestId)>>,
+    gen: u64,
+    batch: Batch,
+    buf: Box<[u8; MAX_COMMAND_FRAME_SIZE]>,
+}
+
+fn rid_text(id: &RequestId) -> String {
+    id.to_string()
+}
+
+fn to_grant(g: &GrantRec) -> Option<Grant> {
+    let mut grant = Grant::new(ServiceId::new(&g.service_id).ok()?);
+    for f in &g.flags {
+        grant.flags.push(FeatureFlag::new(f).ok()?).ok()?;
+    }
+    for (k, v) in &g.params {
+        grant.params.push(Param { key: ParamKey::new(k).ok()?, value: ParamValue::new(v).ok()? }).ok()?;
+    }
+    grant.ends_at = g.ends_at;
+    Some(grant)
+}
+
+impl Shard {
+    fn new(sh: Arc<Shared>) -> Shard {
+        Shard {
+            sh,
+            cars: HashMap::new(),
+            pending: HashMap::new(),
+            timers: BinaryHeap::new(),
+            gen: 0,
+            batch: Batch::default(),
+            buf: Box::new([0u8; MAX_COMMAND_FRAME_SIZE]),
+        }
+    }
+
+    fn run(mut self, rx: flume::Receiver<Msg>) {
+        loop {
+            let msg = match self.timers.peek() {
+                Some(Reverse((at, _, _))) => match rx.recv_deadline(*at) {
+                    Ok(m) => Some(m),
+                    Err(flume::RecvTimeoutError::Timeout) => None,
+                    Err(flume::RecvTimeoutError::Disconnected) => break,
+                },
+                None => match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => break,
+                },
+            };
+            if let Some(m) = msg {
+                if let Some(stop) = self.handle(m) {
+                    self.commit();
+                    let _ = stop.send(());
+                    return;
+                }
+                for m in rx.try_iter().take(SHARD_BATCH) {
+                    if let Some(stop) = self.handle(m) {
+                        self.commit();
+                        let _ = stop.send(());
+                        return;
+                    }
+                }
+            }
+            self.fire_timers();
+            self.commit();
+        }
+        self.commit();
+    }
+
+    fn commit(&mut self) {
+        let batch = std::mem::take(&mut self.batch);
+        if batch.publishes.is_empty() && batch.after.is_empty() && !batch.callbacks {
+            return;
+        }
+        let out = self.sh.out.clone();
+        let notify = if batch.callbacks { self.sh.webhook.clone() } else { None };
+        let metrics = self.sh.metrics.clone();
+        self.sh.committer.after_flush(Box::new(move |r| {
+            if r.is_ok() {
+                metrics.commands_published.fetch_add(batch.publishes.len() as u64, Relaxed);
+                for p in batch.publishes {
+                    if out.send(p).is_err() {
+                        break;
+                    }
+                }
+                if let Some(n) = notify {
+                    n.notify_one();
+                }
+            }
+            for k in batch.after {
+                k(r.clone());
+            }
+        }));
+    }
+
+    fn schedule(&mut self, id: RequestId, after: Duration) {
+        self.gen += 1;
+        if let Some(p) = self.pending.get_mut(&id) {
+            p.gen = self.gen;
+        }
+        self.timers.push(Reverse((Instant::now() + after, self.gen, id)));
+    }
+
+    /// Handles one message; `Some` means stop.
+    fn handle(&mut self, msg: Msg) -> Option<std::sync::mpsc::Sender<()>> {
+        match msg {
+            Msg::Register { rec, vin, key, resp } => {
+                let r = self.register(rec, vin, key);
+                match r {
+                    Ok(created) => self.batch.after.push(Box::new(move |f| {
+                        let _ = resp.send(f.map(|_| created).map_err(ApiError::storage));
+                    })),
+                    Err(e) => {
+                        let _ = resp.send(Err(e));
+                    }
+                }
+            }
+            Msg::Request { req, resp } => match self.new_request(req) {
+                Ok(rec) => self.batch.after.push(Box::new(move |f| {
+                    let _ = resp.send(f.map(|_| rec).map_err(ApiError::storage));
+                })),
+                Err(e) => {
+                    let _ = resp.send(Err(e));
+                }
+            },
+            Msg::Batch { reqs, resp } => {
+                let mut ok = 0;
+                let mut refused = Vec::new();
+                for r in reqs {
+                    let vin = r.vin.to_string();
+                    match self.new_request(r) {
+                        Ok(_) => ok += 1,
+                        Err(e) => refused.push((vin, e.reason)),
+                    }
+                }
+                self.batch.after.push(Box::new(move |f| {
+                    let _ = resp.send(if f.is_ok() { (ok, refused) } else { (0, refused) });
+                }));
+            }
+            Msg::Report { vin, payload } => self.on_report(vin, &payload),
+            Msg::Presence { vin, online } => self.on_presence(vin, online),
+            Msg::Status { vin, resp } => {
+                let _ = resp.send(self.status(&vin));
+            }
+            Msg::Load { rec, car } => self.load(rec, car),
+            Msg::LoadPending(rec) => self.load_pending(rec),
+            Msg::RepublishAll => {
+                let vins: Vec<Vin> =
+                    self.cars.iter().filter(|(_, c)| c.rec.seq > 0).map(|(v, _)| *v).collect();
+                for vin in vins {
+                    self.send_state(&vin, false);
+                }
+            }
+            Msg::Stop(tx) => return Some(tx),
+        }
+        None
+    }
+
+    fn load(&mut self, rec: VehicleRec, car: Option<CarRec>) {
+        let (Ok(vin), Ok(key)) =
+            (rec.vin.parse::<Vin>(), caas_protocol::verifying_key_from_hex(&rec.public_key))
+        else {
+            tracing::warn!(vin = %rec.vin, "stored vehicle is unreadable; skipped");
+            return;
+        };
+        self.cars.insert(vin, new_car(vin, key, rec, car.unwrap_or_default()));
+    }
+
+    fn load_pending(&mut self, rec: RequestRec) {
+        let Ok(id) = rec.request_id.parse::<RequestId>() else { return };
+        let Ok(vin) = rec.vin.parse::<Vin>() else { return };
+        let Some(car) = self.cars.get_mut(&vin) else { return };
+        car.pending.push(id);
+        let wait = match rec.phase.as_str() {
+            "BACKOFF" => self.sh.retry.backoff_after(rec.attempts),
+            _ => self.sh.retry.attempt_timeout,
+        };
+        self.sh.metrics.requests_in_flight.fetch_add(1, Relaxed);
+        self.pending.insert(id, Pending { rec, gen: 0 });
+        self.schedule(id, wait);
+    }
+
+    fn register(&mut self, rec: VehicleRec, vin: Vin, key: VerifyingKey) -> Result<bool, ApiError> {
+        if let Some(car) = self.cars.get(&vin) {
+            if car.key.key == key {
+                return Ok(false);
+            }
+            return Err(ApiError::new(
+                409,
+                "vehicle already registered with another key",
+                "publicKey",
+                "this VIN is registered with a different public key",
+            ));
+        }
+        self.sh.store.vehicles.insert(vin.as_bytes(), enc(&rec)).map_err(ApiError::storage)?;
+        self.cars.insert(vin, new_car(vin, key, rec, CarRec::default()));
+        Ok(true)
+    }
+
+    fn history(&mut self, vin: &Vin, kind: &str, seq: Option<u64>, request_id: Option<String>, detail: String) {
+        let id = next_id();
+        let entry = HistoryEntry {
+            id: id.to_string(),
+            timestamp: iso_ms(id / 1000),
+            kind: kind.to_owned(),
+            seq,
+            request_id,
+            detail,
+        };
+        let mut key = Vec::with_capacity(25);
+        key.extend_from_slice(vin.as_bytes());
+        key.extend_from_slice(&id.to_be_bytes());
+        let _ = self.sh.store.history.insert(key, enc(&entry));
+        if let Some(car) = self.cars.get_mut(vin) {
+            car.history_written += 1;
+            if car.history_written >= HISTORY_PER_CAR {
+                car.history_written = 0;
+                prune_history(&self.sh.store.history, vin);
+            }
+        }
+    }
+
+    fn sign_state(&mut self, vin: &Vin) -> Option<Vec<u8>> {
+        let car = self.cars.get(vin)?;
+        let mut desired = DesiredState::default();
+        for s in car.rec.settles.iter().rev().take(MAX_SETTLES) {
+            if let Ok(id) = s.parse::<RequestId>() {
+                let _ = desired.settles.push(id);
+            }
+        }
+        for g in &car.rec.grants {
+            if let Some(grant) = to_grant(g) {
+                let _ = desired.grants.push(grant);
+            }
+        }
+        let now = now_ms() / 1000;
+        let cmd = Command {
+            vin: *vin,
+            seq: car.rec.seq,
+            issued_at: now,
+            not_after: now + self.sh.command_ttl.as_secs(),
+            body: CommandBody::SetState(desired),
+        };
+        match seal_command(&cmd, &self.sh.key, &mut self.buf[..]) {
+            Ok(frame) => Some(frame.to_vec()),
+            Err(e) => {
+                tracing::error!(%vin, error = %e, "cannot seal command");
+                None
+            }
+        }
+    }
+
+    /// Signs the car's current desired state afresh and queues it for publishing.
+    fn send_state(&mut self, vin: &Vin, merge: bool) {
+        if merge {
+            if let Some(car) = self.cars.get(vin) {
+                if car.last_resend.is_some_and(|t| t.elapsed() < RESEND_MERGE) {
+                    return;
+                }
+            }
+        }
+        let Some(frame) = self.sign_state(vin) else { return };
+        let Some(car) = self.cars.get_mut(vin) else { return };
+        car.last_sent_ms = Some(now_ms());
+        car.last_resend = Some(Instant::now());
+        self.batch.publishes.push(Outbound {
+            topic: topics::command_topic(vin).to_string(),
+            payload: frame,
+            retain: topics::COMMAND_RETAIN,
+        });
+    }
+
+    fn save_car(&self, vin: &Vin) {
+        if let Some(car) = self.cars.get(vin) {
+            let _ = self.sh.store.cars.insert(vin.as_bytes(), enc(&car.rec));
+        }
+    }
+
+    fn save_request(&self, rec: &RequestRec) {
+        if let Ok(id) = rec.request_id.parse::<RequestId>() {
+            let _ = self.sh.store.requests.insert(id.0, enc(rec));
+        }
+    }
+
+    fn new_request(&mut self, nr: NewRequest) -> Result<RequestRec, ApiError> {
+        let now = now_ms();
+        let now_iso = iso_ms(now);
+        let rid = rid_text(&nr.request_id);
+        let car = self.cars.get_mut(&nr.vin).ok_or_else(|| {
+            ApiError::new(404, "unknown car", "vin", "no vehicle with this VIN is registered (POST /vehicles)")
+        })?;
+        let seq = car.rec.seq + 1;
+        let (action, service_id, grant) = match nr.op {
+            Op::Activate(mut g) => {
+                let now_s = now / 1000;
+                car.rec.grants.retain(|x| x.service_id != g.service_id && x.ends_at.is_none_or(|e| e > now_s));
+                if car.rec.grants.len() >= MAX_GRANTS {
+                    return Err(ApiError::new(
+                        409,
+                        "too many services",
+                        "serviceId",
+                        &format!("a car holds at most {MAX_GRANTS} services at once"),
+                    ));
+                }
+                g.seq = seq;
+                g.request_id = rid.clone();
+                g.activation_date = now_iso.clone();
+                car.rec.grants.push(g.clone());
+                ("ACTIVATE", g.service_id.clone(), Some(g))
+            }
+            Op::Deactivate(service) => {
+                let before = car.rec.grants.len();
+                car.rec.grants.retain(|x| x.service_id != service);
+                if car.rec.grants.len() == before {
+                    return Err(ApiError::new(
+                        409,
+                        "service not active",
+                        "serviceId",
+                        "this car has no such service to deactivate",
+                    ));
+                }
+                ("DEACTIVATE", service, None)
+            }
+        };
+        car.rec.seq = seq;
+        car.pending.push(nr.request_id);
+        car.rec.settles = car.pending.iter().rev().take(MAX_SETTLES).rev().map(rid_text).collect();
+        car.errors.retain(|e| e.service_id != service_id);
+        let rec = RequestRec {
+            request_id: rid.clone(),
+            vin: nr.vin.to_string(),
+            action: action.to_owned(),
+            service_id: service_id.clone(),
+            seq,
+            status: "IN_PROGRESS".into(),
+            phase: "SENDING".into(),
+            attempts: 1,
+            error_code: None,
+            created_at: iso_ms(nr.created_ms),
+            updated_at: now_iso,
+            completed_at: None,
+            campaign_id: nr.campaign_id.clone(),
+            grant,
+            created_ms: nr.created_ms,
+        };
+        let store = &self.sh.store;
+        self.save_request(&rec);
+        let _ = store.pending.insert(nr.request_id.0, &[]);
+        if let Some(c) = nr.campaign_id.as_ref().and_then(|c| c.parse::<RequestId>().ok()) {
+            let mut k = c.0.to_vec();
+            k.extend_from_slice(&nr.request_id.0);
+            let _ = store.campaign_reqs.insert(k, &[]);
+        }
+        self.save_car(&nr.vin);
+        self.history(&nr.vin, "REQUEST", Some(seq), Some(rid.clone()), format!("{action} {service_id}"));
+        self.send_state(&nr.vin, false);
+        let m = &self.sh.metrics;
+        m.requests_created.fetch_add(1, Relaxed);
+        m.requests_in_flight.fetch_add(1, Relaxed);
+        m.attempts.fetch_add(1, Relaxed);
+        self.pending.insert(nr.request_id, Pending { rec: rec.clone(), gen: 0 });
+        self.schedule(nr.request_id, self.sh.retry.attempt_timeout);
+        Ok(rec)
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse((at, gen, id))) = self.timers.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(p) = self.pending.get_mut(&id) else { continue };
+            if p.gen != gen {
+                continue;
+            }
+            let vin = match p.rec.vin.parse::<Vin>() {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            let retry = self.sh.retry.clone();
+            match p.rec.phase.as_str() {
+                "SENDING" if p.rec.attempts < retry.attempts => {
+                    p.rec.phase = "BACKOFF".into();
+                    let wait = retry.backoff_after(p.rec.attempts);
+                    p.rec.updated_at = iso_ms(now_ms());
+                    let rec = p.rec.clone();
+                    self.save_request(&rec);
+                    self.schedule(id, wait);
+                }
+                "SENDING" => {
+                    p.rec.phase = "PROBING".into();
+                    p.rec.updated_at = iso_ms(now_ms());
+                    let rec = p.rec.clone();
+                    self.save_request(&rec);
+                    self.probe(&vin, &rec);
+                    self.schedule(id, retry.attempt_timeout);
+                }
+                "BACKOFF" => {
+                    p.rec.phase = "SENDING".into();
+                    p.rec.attempts += 1;
+                    p.rec.updated_at = iso_ms(now_ms());
+                    let rec = p.rec.clone();
+                    self.save_request(&rec);
+                    self.sh.metrics.attempts.fetch_add(1, Relaxed);
+                    self.history(&vin, "COMMAND", Some(rec.seq), Some(rec.request_id.clone()), format!("attempt {} (re-sent)", rec.attempts));
+                    self.send_state(&vin, true);
+                    self.schedule(id, retry.attempt_timeout);
+                }
+                _ => self.finish(id, Err(("NO_CONFIRMATION".into(), true))),
+            }
+        }
+    }
+
+    fn probe(&mut self, vin: &Vin, rec: &RequestRec) {
+        self.sh.metrics.probes.fetch_add(1, Relaxed);
+        let now = now_ms() / 1000;
+        let nonce: u64 = rand::random();
+        let Some(car) = self.cars.get_mut(vin) else { return };
+        car.probe_answered = false;
+        let cmd = Command {
+            vin: *vin,
+            seq: car.rec.seq,
+            issued_at: now,
+            not_after: now + self.sh.command_ttl.as_secs(),
+            body: CommandBody::QueryStatus { nonce },
+        };
+        if let Ok(frame) = seal_command(&cmd, &self.sh.key, &mut self.buf[..]) {
+            self.batch.publishes.push(Outbound {
+                topic: topics::command_topic(vin).to_string(),
+                payload: frame.to_vec(),
+                retain: topics::QUERY_RETAIN,
+            });
+        }
+        self.history(vin, "COMMAND", Some(rec.seq), Some(rec.request_id.clone()), "status query after the last attempt".into());
+    }
+
+    /// Makes a request final: `Ok` settled, `Err((code, open_ticket))` failed.
+    fn finish(&mut self, id: RequestId, result: Result<(), (String, bool)>) {
+        let Some(p) = self.pending.remove(&id) else { return };
+        let _ = self.sh.store.pending.remove(id.0);
+        let mut rec = p.rec;
+        let Ok(vin) = rec.vin.parse::<Vin>() else { return };
+        let now = now_ms();
+        rec.phase = "DONE".into();
+        rec.updated_at = iso_ms(now);
+        rec.completed_at = Some(iso_ms(now));
+        let m = self.sh.metrics.clone();
+        m.requests_in_flight.fetch_sub(1, Relaxed);
+        let callback_status;
+        match &result {
+            Ok(()) => {
+                rec.status = "COMPLETED".into();
+                callback_status = if rec.action == "ACTIVATE" { "ACTIVATED" } else { "DEACTIVATED" };
+                m.requests_completed.fetch_add(1, Relaxed);
+                m.observe_latency(now.saturating_sub(rec.created_ms) as f64 / 1000.0);
+            }
+            Err((code, ticket)) => {
+                rec.status = "FAILED".into();
+                rec.error_code = Some(code.clone());
+                callback_status = "FAILED";
+                m.requests_failed.fetch_add(1, Relaxed);
+                if *ticket {
+                    self.open_ticket(&vin, &rec, code);
+                }
+            }
+        }
+        if let Some(car) = self.cars.get_mut(&vin) {
+            car.pending.retain(|x| *x != id);
+            if result.is_err() {
+                if car.errors.len() >= MAX_ERRORS {
+                    car.errors.remove(0);
+                }
+                car.errors.retain(|e| e.service_id != rec.service_id);
+                car.errors.push(ServiceError { service_id: rec.service_id.clone(), at: rec.created_at.clone() });
+                // Withdraw what this request granted, so a car that comes back later does
+                // not keep a feature nobody paid for.
+                let before = car.rec.grants.len();
+                car.rec.grants.retain(|g| !(g.service_id == rec.service_id && g.request_id == rec.request_id));
+                if car.rec.grants.len() != before {
+                    car.rec.seq += 1;
+                    car.rec.settles = car.pending.iter().map(rid_text).collect();
+                    let seq = car.rec.seq;
+                    self.save_car(&vin);
+                    self.history(&vin, "COMMAND", Some(seq), Some(rec.request_id.clone()), format!("withdraw {}", rec.service_id));
+                    self.send_state(&vin, false);
+                }
+            }
+        }
+        self.history(
+            &vin,
+            "RESULT",
+            Some(rec.seq),
+            Some(rec.request_id.clone()),
+            match &rec.error_code {
+                Some(c) => format!("{callback_status} {c}"),
+                None => callback_status.to_owned(),
+            },
+        );
+        self.save_request(&rec);
+        if self.sh.webhook.is_some() {
+            let mut body = json!({
+                "requestId": rec.request_id,
+                "vin": rec.vin,
+                "status": callback_status,
+                "timestamp": iso_ms(now),
+            });
+            if let Some(c) = &rec.error_code {
+                body["errorCode"] = json!(c);
+            }
+            let oid = next_id();
+            let entry = OutboxEntry { id: oid, request_id: rec.request_id.clone(), body: body.to_string(), tries: 0 };
+            let mut key = now.to_be_bytes().to_vec();
+            key.extend_from_slice(&oid.to_be_bytes());
+            let _ = self.sh.store.outbox.insert(key, enc(&entry));
+            self.batch.callbacks = true;
+        }
+    }
+
+    fn open_ticket(&mut self, vin: &Vin, rec: &RequestRec, code: &str) {
+        let Some(car) = self.cars.get(vin) else { return };
+        let id = next_id();
+        let ticket = Ticket {
+            ticket_id: format!("T-{id}"),
+            request_id: rec.request_id.clone(),
+            vin: rec.vin.clone(),
+            service_id: rec.service_id.clone(),
+            action: rec.action.clone(),
+            created_at: iso_ms(id / 1000),
+            reason: format!("{code}: no confirmation after {} attempts and a status query", rec.attempts),
+            attempts: rec.attempts,
+            connectivity: self.connectivity(car).to_owned(),
+            last_seen: car.last_seen_ms.map(iso_ms),
+            probe_answered: car.probe_answered,
+            expected_seq: rec.seq,
+            applied_seq: car.rec.applied_seq,
+            diagnostics: car.last_report.as_ref().map(|r| diagnostics_json(Some(r), &car.vehicle)),
+        };
+        let _ = self.sh.store.tickets.insert(id.to_be_bytes(), enc(&ticket));
+        self.sh.metrics.tickets.fetch_add(1, Relaxed);
+        tracing::warn!(vin = %vin, request = %rec.request_id, "support ticket opened");
+    }
+
+    fn on_report(&mut self, vin: Vin, payload: &[u8]) {
+        let m = self.sh.metrics.clone();
+        let Some(car) = self.cars.get_mut(&vin) else {
+            m.reports_forged.fetch_add(1, Relaxed);
+            return;
+        };
+        let report = match open_report(payload, &car.key) {
+            Ok(r) if r.vin == vin => r,
+            _ => {
+                m.reports_forged.fetch_add(1, Relaxed);
+                tracing::debug!(%vin, "report failed verification; ignored");
+                return;
+            }
+        };
+        m.reports_verified.fetch_add(1, Relaxed);
+        let now = now_ms();
+        car.last_seen_ms = Some(now);
+        if !car.online {
+            car.online = true;
+            m.connected_cars.fetch_add(1, Relaxed);
+        }
+        car.last_report = Some(LastReport {
+            error_codes: report.diagnostics.error_codes.iter().map(|c| c.to_string()).collect(),
+            firmware_version: report.diagnostics.firmware_version.to_string(),
+            signal: report.diagnostics.signal_strength,
+        });
+        if report.applied_seq > car.rec.applied_seq {
+            car.rec.applied_seq = report.applied_seq;
+            let _ = self.sh.store.cars.insert(vin.as_bytes(), enc(&car.rec));
+        }
+        let applied = car.rec.applied_seq;
+        let latest = car.rec.seq;
+        let detail = match report.outcome {
+            Outcome::Applied { seq } => format!("applied seq {seq}"),
+            Outcome::Rejected { seq, code } => format!("rejected seq {seq}: {}", code.as_str()),
+            Outcome::Status { .. } => {
+                car.probe_answered = true;
+                format!("status (applied seq {})", report.applied_seq)
+            }
+            Outcome::Periodic { counter } => format!("periodic #{counter} (applied seq {})", report.applied_seq),
+        };
+        let last_sent = car.last_sent_ms;
+        let settled: Vec<RequestId> = car
+            .pending
+            .iter()
+            .filter(|id| self.pending.get(id).is_some_and(|p| p.rec.seq <= applied))
+            .copied()
+            .collect();
+        self.history(&vin, "REPORT", Some(report.applied_seq), None, detail);
+        for id in settled {
+            self.finish(id, Ok(()));
+        }
+        if let Outcome::Rejected { seq, code } = report.outcome {
+            m.reports_refused.fetch_add(1, Relaxed);
+            if seq > applied {
+                let refused: Vec<RequestId> = self
+                    .cars
+                    .get(&vin)
+                    .map(|c| c.pending.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|id| self.pending.get(id).is_some_and(|p| p.rec.seq <= seq))
+                    .collect();
+                for id in refused {
+                    self.finish(id, Err((code.as_str().to_owned(), false)));
+                }
+            }
+        } else if latest > applied && last_sent.is_none_or(|t| now.saturating_sub(t) > 5_000) {
+            // The car is behind and nothing went out recently (e.g. the gateway restarted):
+            // send it its state again, freshly signed.
+            self.send_state(&vin, true);
+        }
+    }
+
+    fn on_presence(&mut self, vin: Vin, online: bool) {
+        let m = self.sh.metrics.clone();
+        let Some(car) = self.cars.get_mut(&vin) else { return };
+        let behind = car.rec.seq > car.rec.applied_seq;
+        if online {
+            car.last_seen_ms = Some(now_ms());
+            if !car.online {
+                car.online = true;
+                m.connected_cars.fetch_add(1, Relaxed);
+            }
+        } else if car.online {
+            car.online = false;
+            m.connected_cars.fetch_sub(1, Relaxed);
+        }
+        self.history(&vin, "PRESENCE", None, None, if online { "online" } else { "offline" }.into());
+        if online && behind {
+            // The retained command may have expired while the car was away: re-sign it.
+            self.send_state(&vin, true);
+        }
+    }
+
+    fn connectivity(&self, car: &Car) -> &'static str {
+        if !car.online {
+            return "OFFLINE";
+        }
+        let timeout = self.sh.retry.attempt_timeout.as_millis() as u64;
+        let lagging = car.rec.seq > car.rec.applied_seq
+            && car.last_sent_ms.is_some_and(|t| now_ms().saturating_sub(t) > timeout)
+            && car.last_seen_ms.is_none_or(|s| car.last_sent_ms.is_some_and(|t| s < t));
+        if lagging {
+            "LIMITED"
+        } else {
+            "ONLINE"
+        }
+    }
+
+    fn status(&self, vin: &Vin) -> Option<serde_json::Value> {
+        let car = self.cars.get(vin)?;
+        let mut services = Vec::new();
+        for g in &car.rec.grants {
+            let active = car.rec.applied_seq >= g.seq;
+            services.push(json!({
+                "serviceId": g.service_id,
+                "activationDate": g.activation_date,
+                "status": if active { "ACTIVE" } else { "PENDING" },
+            }));
+        }
+        for id in &car.pending {
+            if let Some(p) = self.pending.get(id) {
+                if p.rec.action == "DEACTIVATE" && !car.rec.grants.iter().any(|g| g.service_id == p.rec.service_id) {
+                    services.push(json!({
+                        "serviceId": p.rec.service_id,
+                        "activationDate": p.rec.created_at,
+                        "status": "PENDING",
+                    }));
+                }
+            }
+        }
+        for e in &car.errors {
+            if !car.rec.grants.iter().any(|g| g.service_id == e.service_id) {
+                services.push(json!({ "serviceId": e.service_id, "activationDate": e.at, "status": "ERROR" }));
+            }
+        }
+        Some(json!({
+            "vin": vin.to_string(),
+            "connectivity": self.connectivity(car),
+            "lastSeen": car.last_seen_ms.map(iso_ms),
+            "activeServices": services,
+            "diagnostics": diagnostics_json(car.last_report.as_ref(), &car.vehicle),
+        }))
+    }
+}
+
+fn diagnostics_json(r: Option<&LastReport>, v: &VehicleRec) -> serde_json::Value {
+    match r {
+        Some(r) => json!({
+            "errorCodes": r.error_codes,
+            "firmwareVersion": r.firmware_version,
+            "networkSignalStrength": r.signal,
+        }),
+        None => json!({
+            "errorCodes": [],
+            "firmwareVersion": v.firmware_version,
+            "networkSignalStrength": null,
+        }),
+    }
+}
+
+fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
+    Car {
+        vin,
+        key: TrustedKey::new(key),
+        vehicle,
+        rec,
+        online: false,
+        last_seen_ms: None,
+        last_report: None,
+        last_sent_ms: None,
+        last_resend: None,
+        pending: Vec::new(),
+        errors: Vec::new(),
+        history_written: 0,
+        probe_answered: false,
+    }
+}
+
+/// Keeps the newest [`HISTORY_PER_CAR`] entries of `vin`.
+fn prune_history(tree: &sled::Tree, vin: &Vin) {
+    let keys: Vec<sled::IVec> = tree.scan_prefix(vin.as_bytes()).keys().filter_map(Result::ok).collect();
+    if keys.len() > HISTORY_PER_CAR {
+        for k in &keys[..keys.len() - HISTORY_PER_CAR] {
+            let _ = tree.remove(k);
+        }
+    }
+}
+
+impl Car {
+    #[allow(dead_code)]
+    fn vin(&self) -> &Vin {
+        &self.vin
+    }
+}

@@ -1,0 +1,250 @@
+//! # caas-gateway: the fleet command gateway
+//!
+//! Sits between the CaaS core and the cars (DESIGN.md §1): it serves the IoT API over HTTP
+//! ([`api`]), keeps a durable activation engine (sled with group commits, per-car desired
+//! state, retries, support tickets, signed webhooks from an outbox), signs every command
+//! with `caas-protocol` and fans them out over MQTT: an embedded rumqttd broker by default
+//! (plain listener, plus an mTLS listener with per-car isolation through our own TLS front)
+//! or an external broker such as Mosquitto 2.
+//!
+//! Run it as `caas-gateway serve` (see [`config::ServeArgs`]) or embed it:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let mut config = caas_gateway::Config::default();
+//! config.http = "127.0.0.1:0".parse()?;
+//! config.mqtt = Some("127.0.0.1:0".parse()?);
+//! config.data = "/tmp/gw-data".into();
+//! let gw = caas_gateway::start(config).await?;
+//! println!("HTTP on {}, MQTT on {:?}", gw.http_addr(), gw.mqtt_addr());
+//! gw.shutdown().await;
+//! # Ok(()) }
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod config;
+mod engine;
+mod metrics;
+mod mqtt;
+mod openapi;
+mod store;
+mod tlsfront;
+pub mod webhook;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use caas_protocol::{files, verifying_key_to_hex, KeyId, RequestId};
+
+pub use config::{Config, RetryPolicy, TlsFiles, DEV_API_TOKEN};
+
+use engine::{Engine, Msg, Shared};
+use store::{dec, Committer, RequestRec, Store};
+
+/// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`].
+pub struct Gateway {
+    http_addr: SocketAddr,
+    mqtt_addr: Option<SocketAddr>,
+    mqtts_addr: Option<SocketAddr>,
+    public_key: String,
+    key_id: String,
+    engine: Engine,
+    store: Store,
+    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    http_task: tokio::task::JoinHandle<()>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Where the IoT API listens.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The embedded broker's plain MQTT listener, if any.
+    pub fn mqtt_addr(&self) -> Option<SocketAddr> {
+        self.mqtt_addr
+    }
+
+    /// The embedded broker's mTLS listener, if any.
+    pub fn mqtts_addr(&self) -> Option<SocketAddr> {
+        self.mqtts_addr
+    }
+
+    /// The command-signing public key (64 hex digits) cars must trust.
+    pub fn public_key_hex(&self) -> &str {
+        &self.public_key
+    }
+
+    /// The key id of the signing key (16 hex digits).
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Stops accepting HTTP, lets the engine commit its last batch, flushes sled.
+    /// (The embedded broker's threads end with the process.)
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.http_stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.http_task).await;
+        self.http_task.abort();
+        for t in &self.tasks {
+            t.abort();
+        }
+        let engine = self.engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
+        let _ = self.store.db.flush_async().await;
+        tracing::info!("gateway stopped");
+    }
+}
+
+/// Starts the gateway: opens the data directory, loads state, starts the broker (or connects
+/// to the external one), re-publishes every car's newest command, and serves HTTP.
+pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    config.validate()?;
+    std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
+    let key = files::load_or_generate(&config.signing_key_path())
+        .with_context(|| format!("signing key {}", config.signing_key_path().display()))?;
+    let public_key = verifying_key_to_hex(&key.verifying_key()).to_string();
+    let key_id = KeyId::of(&key.verifying_key()).to_string();
+    let store = Store::open(&config.data.join("db")).context("opening the database")?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let committer = Committer::start(store.db.clone(), metrics.clone())?;
+    let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
+    let webhook_notify = config.webhook_url.as_ref().map(|_| Arc::new(tokio::sync::Notify::new()));
+    let shared = Arc::new(Shared {
+        store: store.clone(),
+        committer,
+        metrics: metrics.clone(),
+        retry: config.retry.clone(),
+        command_ttl: config.command_ttl,
+        key,
+        out: out_tx,
+        webhook: webhook_notify.clone(),
+    });
+    let engine = Engine::start(shared, config.shards)?;
+    load_state(&store, &engine).await?;
+
+    let mut tasks = Vec::new();
+    let mut mqtt_addr = None;
+    let mut mqtts_addr = None;
+    if let Some(url) = &config.broker {
+        tasks.push(mqtt::start_external(&config, url, engine.clone(), metrics.clone(), out_rx)?);
+    } else {
+        let mut listeners = Vec::new();
+        if let Some(a) = config.mqtt {
+            listeners.push(("mqtt", a));
+        }
+        if config.mqtts.is_some() {
+            listeners.push(("mqtt-internal", SocketAddr::from(([127, 0, 0, 1], 0))));
+        }
+        let addrs = mqtt::start_embedded(engine.clone(), metrics.clone(), out_rx, &listeners)?;
+        let mut it = addrs.into_iter();
+        if config.mqtt.is_some() {
+            mqtt_addr = it.next();
+        }
+        if let (Some(listen), Some(tls), Some(internal)) = (config.mqtts, &config.tls, it.next()) {
+            let server = tlsfront::server_config(tls)?;
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("MQTT TLS listener {listen}"))?;
+            mqtts_addr = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(tlsfront::serve(listener, server, internal)));
+        }
+        engine.broadcast(|| Msg::RepublishAll);
+    }
+    if let (Some(url), Some(notify)) = (&config.webhook_url, webhook_notify) {
+        tasks.push(tokio::spawn(webhook::run(
+            store.clone(),
+            metrics.clone(),
+            url.clone(),
+            config.webhook_secret.clone(),
+            notify,
+        )));
+    }
+
+    let state = Arc::new(api::AppState {
+        engine: engine.clone(),
+        store: store.clone(),
+        metrics,
+        api_token: config.api_token.clone(),
+        key_id: key_id.clone(),
+        public_key: public_key.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.http)
+        .await
+        .with_context(|| format!("HTTP listener {}", config.http))?;
+    let http_addr = listener.local_addr()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let app = api::router(state);
+    let http_task = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP server");
+        }
+    });
+    tracing::info!(%http_addr, ?mqtt_addr, ?mqtts_addr, broker = ?config.broker, key_id = %key_id, "gateway started");
+    Ok(Gateway {
+        http_addr,
+        mqtt_addr,
+        mqtts_addr,
+        public_key,
+        key_id,
+        engine,
+        store,
+        http_stop: Some(stop_tx),
+        http_task,
+        tasks,
+    })
+}
+
+/// Starts the gateway, runs until `shutdown` resolves, then stops it cleanly.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let gw = start(config).await?;
+    shutdown.await;
+    gw.shutdown().await;
+    Ok(())
+}
+
+/// Hands every stored car and every unfinished request to its shard.
+async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
+    let store = store.clone();
+    let engine = engine.clone();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let mut cars = 0usize;
+        for item in store.vehicles.iter() {
+            let (k, v) = item?;
+            let Some(rec) = dec(&v) else { continue };
+            let car = store.cars.get(&k)?.and_then(|c| dec(&c));
+            let Ok(vin) = std::str::from_utf8(&k).unwrap_or("").parse::<caas_protocol::Vin>() else { continue };
+            let _ = engine.shard(&vin).send(Msg::Load { rec, car });
+            cars += 1;
+        }
+        let mut pending = 0usize;
+        for item in store.pending.iter() {
+            let (k, _) = item?;
+            let Some(rec) = store.requests.get(&k)?.and_then(|v| dec::<RequestRec>(&v)) else { continue };
+            let Ok(vin) = rec.vin.parse::<caas_protocol::Vin>() else { continue };
+            let _ = engine.shard(&vin).send(Msg::LoadPending(rec));
+            pending += 1;
+        }
+        tracing::info!(cars, pending, "state loaded");
+        Ok(())
+    })
+    .await?
+}
+
+/// Parses a request id (UUID text), for callers of the lib API.
+pub fn parse_request_id(s: &str) -> Option<[u8; 16]> {
+    s.parse::<RequestId>().ok().map(|r| r.0)
+}

@@ -1,0 +1,89 @@
+//! Prometheus counters, gauges and the activation latency histogram (lock-free atomics).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Upper bounds (seconds) of the latency histogram's buckets.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0];
+
+/// Every metric the gateway exports at `GET /metrics`.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    pub(crate) requests_created: AtomicU64,
+    pub(crate) requests_completed: AtomicU64,
+    pub(crate) requests_failed: AtomicU64,
+    pub(crate) requests_in_flight: AtomicI64,
+    pub(crate) attempts: AtomicU64,
+    pub(crate) probes: AtomicU64,
+    pub(crate) commands_published: AtomicU64,
+    pub(crate) reports_verified: AtomicU64,
+    pub(crate) reports_refused: AtomicU64,
+    pub(crate) reports_forged: AtomicU64,
+    pub(crate) connected_cars: AtomicI64,
+    pub(crate) tickets: AtomicU64,
+    pub(crate) webhook_deliveries: AtomicU64,
+    pub(crate) webhook_failures: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    latency_count: AtomicU64,
+    latency_sum_us: AtomicU64,
+}
+
+impl Metrics {
+    /// Records one request's POST-to-completion latency.
+    pub(crate) fn observe_latency(&self, secs: f64) {
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.latency_buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.latency_count.fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add((secs * 1e6) as u64, Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub(crate) fn render(&self) -> String {
+        let mut s = String::with_capacity(4096);
+        let mut counter = |name: &str, help: &str, labels: &[(&str, u64)]| {
+            let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (l, v) in labels {
+                if l.is_empty() {
+                    let _ = writeln!(s, "{name} {v}");
+                } else {
+                    let _ = writeln!(s, "{name}{{{l}}} {v}");
+                }
+            }
+        };
+        counter(
+            "caas_requests_total",
+            "IoT API requests by final state (created counts every accepted request).",
+            &[
+                ("state=\"created\"", self.requests_created.load(Relaxed)),
+                ("state=\"completed\"", self.requests_completed.load(Relaxed)),
+                ("state=\"failed\"", self.requests_failed.load(Relaxed)),
+            ],
+        );
+        counter("caas_attempts_total", "Command delivery attempts (first sends and retries).", &[("", self.attempts.load(Relaxed))]);
+        counter("caas_status_probes_total", "Status queries sent after the last attempt.", &[("", self.probes.load(Relaxed))]);
+        counter("caas_commands_published_total", "Signed commands published.", &[("", self.commands_published.load(Relaxed))]);
+        counter("caas_reports_verified_total", "Reports whose signature verified with the car's key.", &[("", self.reports_verified.load(Relaxed))]);
+        counter("caas_reports_refused_total", "Verified reports saying the car refused a command.", &[("", self.reports_refused.load(Relaxed))]);
+        counter("caas_reports_forged_total", "Reports that failed verification (bad signature, wrong VIN, unknown car) and were ignored.", &[("", self.reports_forged.load(Relaxed))]);
+        counter("caas_support_tickets_total", "Support tickets opened.", &[("", self.tickets.load(Relaxed))]);
+        counter("caas_webhook_deliveries_total", "Callbacks answered 2xx.", &[("", self.webhook_deliveries.load(Relaxed))]);
+        counter("caas_webhook_failures_total", "Callback attempts that failed (will be retried).", &[("", self.webhook_failures.load(Relaxed))]);
+        counter("caas_store_flushes_total", "sled flushes (group commits).", &[("", self.flushes.load(Relaxed))]);
+        let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_activation_latency_seconds Time from the accepted POST to the car's confirming report.\n# TYPE caas_activation_latency_seconds histogram");
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(s, "caas_activation_latency_seconds_bucket{{le=\"{le}\"}} {}", self.latency_buckets[i].load(Relaxed));
+        }
+        let count = self.latency_count.load(Relaxed);
+        let _ = writeln!(s, "caas_activation_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(s, "caas_activation_latency_seconds_sum {}", self.latency_sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(s, "caas_activation_latency_seconds_count {count}");
+        s
+    }
+}

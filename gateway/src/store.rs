@@ -1,0 +1,273 @@
+//! Durable state in sled, and the group committer that makes it durable.
+//!
+//! sled writes are in memory until `flush`; the gateway answers 2xx only after the flush
+//! that covers its writes. One committer thread flushes for everyone: it takes every
+//! waiting batch, flushes once, then runs each batch's continuation (answer the HTTP
+//! caller, publish the signed commands, queue the callbacks). Under load one fsync covers
+//! hundreds of requests.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// Most continuations waiting for one flush; shards block (backpressure) beyond it.
+pub(crate) const COMMIT_QUEUE: usize = 65_536;
+/// Most continuations one flush serves.
+const COMMIT_BATCH: usize = 8_192;
+/// History entries kept per car; older ones are pruned.
+pub(crate) const HISTORY_PER_CAR: usize = 256;
+
+/// The sled trees.
+#[derive(Clone)]
+pub(crate) struct Store {
+    pub(crate) db: sled::Db,
+    /// VIN → [`VehicleRec`].
+    pub(crate) vehicles: sled::Tree,
+    /// VIN → [`CarRec`].
+    pub(crate) cars: sled::Tree,
+    /// request id (16 bytes) → [`RequestRec`].
+    pub(crate) requests: sled::Tree,
+    /// request id → () for requests not yet final.
+    pub(crate) pending: sled::Tree,
+    /// ticket id (u64 BE) → [`Ticket`].
+    pub(crate) tickets: sled::Tree,
+    /// due time ms (u64 BE) ++ id (u64 BE) → [`OutboxEntry`].
+    pub(crate) outbox: sled::Tree,
+    /// VIN ++ id (u64 BE) → [`HistoryEntry`].
+    pub(crate) history: sled::Tree,
+    /// campaign id (16 bytes) → [`CampaignRec`].
+    pub(crate) campaigns: sled::Tree,
+    /// campaign id ++ request id → ().
+    pub(crate) campaign_reqs: sled::Tree,
+}
+
+impl Store {
+    pub(crate) fn open(path: &std::path::Path) -> anyhow::Result<Store> {
+        let db = sled::Config::new().path(path).flush_every_ms(Some(200)).open()?;
+        Ok(Store {
+            vehicles: db.open_tree("vehicles")?,
+            cars: db.open_tree("cars")?,
+            requests: db.open_tree("requests")?,
+            pending: db.open_tree("pending")?,
+            tickets: db.open_tree("tickets")?,
+            outbox: db.open_tree("outbox")?,
+            history: db.open_tree("history")?,
+            campaigns: db.open_tree("campaigns")?,
+            campaign_reqs: db.open_tree("campaign_reqs")?,
+            db,
+        })
+    }
+}
+
+/// Serialises a record for sled.
+pub(crate) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    // Our own records always serialise; an empty value would read back as an error, not a panic.
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Reads a record from sled.
+pub(crate) fn dec<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
+    serde_json::from_slice(bytes).ok()
+}
+
+/// A provisioned car.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct VehicleRec {
+    pub(crate) vin: String,
+    pub(crate) public_key: String,
+    pub(crate) platform: String,
+    pub(crate) firmware_version: Option<String>,
+    pub(crate) registered_at: String,
+}
+
+/// One grant of a car's desired state, with where it came from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct GrantRec {
+    pub(crate) service_id: String,
+    pub(crate) flags: Vec<String>,
+    pub(crate) params: Vec<(String, String)>,
+    pub(crate) ends_at: Option<u64>,
+    pub(crate) request_id: String,
+    /// The seq of the command that first carried it.
+    pub(crate) seq: u64,
+    pub(crate) activation_date: String,
+}
+
+/// A car's desired state and sequence numbers.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CarRec {
+    /// The newest seq issued (0: none yet).
+    pub(crate) seq: u64,
+    /// The newest seq the car reported applied.
+    pub(crate) applied_seq: u64,
+    pub(crate) grants: Vec<GrantRec>,
+    /// Request ids the newest command settles.
+    pub(crate) settles: Vec<String>,
+}
+
+/// An IoT API request, as `GET /ota/requests/{id}` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RequestRec {
+    pub(crate) request_id: String,
+    pub(crate) vin: String,
+    /// `ACTIVATE` or `DEACTIVATE`.
+    pub(crate) action: String,
+    pub(crate) service_id: String,
+    pub(crate) seq: u64,
+    /// `QUEUED`, `IN_PROGRESS`, `COMPLETED` or `FAILED`.
+    pub(crate) status: String,
+    /// `SENDING`, `BACKOFF`, `PROBING` or `DONE`.
+    pub(crate) phase: String,
+    pub(crate) attempts: u32,
+    pub(crate) error_code: Option<String>,
+    pub(crate) created_at: String,
+    pub(crate) updated_at: String,
+    pub(crate) completed_at: Option<String>,
+    pub(crate) campaign_id: Option<String>,
+    /// The grant an activation adds (kept to rebuild the desired state).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) grant: Option<GrantRec>,
+    /// Milliseconds since the epoch when the request was accepted.
+    pub(crate) created_ms: u64,
+}
+
+/// A support ticket opened after a request ran out of attempts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct Ticket {
+    pub(crate) ticket_id: String,
+    pub(crate) request_id: String,
+    pub(crate) vin: String,
+    pub(crate) service_id: String,
+    pub(crate) action: String,
+    pub(crate) created_at: String,
+    pub(crate) reason: String,
+    pub(crate) attempts: u32,
+    pub(crate) connectivity: String,
+    pub(crate) last_seen: Option<String>,
+    pub(crate) probe_answered: bool,
+    pub(crate) expected_seq: u64,
+    pub(crate) applied_seq: u64,
+    pub(crate) diagnostics: Option<serde_json::Value>,
+}
+
+/// A callback waiting to be delivered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct OutboxEntry {
+    pub(crate) id: u64,
+    pub(crate) request_id: String,
+    pub(crate) body: String,
+    pub(crate) tries: u32,
+}
+
+/// One line of a car's history.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct HistoryEntry {
+    pub(crate) id: String,
+    pub(crate) timestamp: String,
+    /// `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE`.
+    #[serde(rename = "type")]
+    pub(crate) kind: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) seq: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub(crate) request_id: Option<String>,
+    pub(crate) detail: String,
+}
+
+/// A fleet campaign.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct CampaignRec {
+    pub(crate) campaign_id: String,
+    pub(crate) action: String,
+    pub(crate) service_id: String,
+    pub(crate) total: usize,
+    pub(crate) created_at: String,
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// ISO-8601 UTC text of a Unix time in milliseconds.
+pub(crate) fn iso_ms(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// ISO-8601 UTC text of now.
+pub(crate) fn iso_now() -> String {
+    iso_ms(now_ms())
+}
+
+/// Unique, growing ids (microseconds since the epoch, bumped on collision).
+pub(crate) fn next_id() -> u64 {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ms() * 1000;
+    let mut prev = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(p) => prev = p,
+        }
+    }
+}
+
+/// A fresh random UUID (v4) as 16 bytes.
+pub(crate) fn new_uuid() -> [u8; 16] {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    b
+}
+
+/// What runs after the flush that made a batch durable: `Ok` if it is durable.
+pub(crate) type Continuation = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+/// The handle to the committer thread.
+#[derive(Clone)]
+pub(crate) struct Committer {
+    tx: flume::Sender<Continuation>,
+}
+
+impl Committer {
+    /// Starts the committer thread for `db`.
+    pub(crate) fn start(db: sled::Db, metrics: std::sync::Arc<crate::metrics::Metrics>) -> std::io::Result<Committer> {
+        let (tx, rx) = flume::bounded::<Continuation>(COMMIT_QUEUE);
+        std::thread::Builder::new().name("gw-commit".into()).spawn(move || {
+            let mut batch = Vec::with_capacity(1024);
+            while let Ok(first) = rx.recv() {
+                batch.push(first);
+                batch.extend(rx.try_iter().take(COMMIT_BATCH));
+                metrics.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "flush failed");
+                }
+                for k in batch.drain(..) {
+                    k(result.clone());
+                }
+            }
+        })?;
+        Ok(Committer { tx })
+    }
+
+    /// Runs `k` after the next flush (blocking when the queue is full: backpressure).
+    pub(crate) fn after_flush(&self, k: Continuation) {
+        if let Err(flume::SendError(k)) = self.tx.send(k) {
+            k(Err("committer stopped".into()));
+        }
+    }
+}
+}

@@ -1,0 +1,306 @@
+//! The embedded broker's mTLS listener: our own TLS front with per-car isolation.
+//!
+//! Why not rumqttd's TLS listener: it performs every TLS handshake inline in its accept
+//! loop with no timeout, so one TCP socket that connects and says nothing stalls every other
+//! car's connection (issue 4, §4). Here each connection gets its own task and a
+//! [`HANDSHAKE_TIMEOUT`]; a verified client certificate's Organization must be a VIN
+//! (the same rule rumqttd's `validate-tenant-prefix` applies), and the plain MQTT stream is
+//! then proxied to an internal loopback listener of the embedded broker through a filter
+//! that enforces the tenant prefix `/tenants/{VIN}/` on every PUBLISH topic, SUBSCRIBE
+//! filter and will topic (a violation closes the connection, as rumqttd does), and renames
+//! the client id to `{VIN}.{client id}` so one car cannot take over another's session.
+//! Only MQTT 3.1.1 is accepted here.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use caas_protocol::Vin;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::TlsFiles;
+
+/// Longest a client may take to finish its TLS handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest MQTT packet a car may send through the front (a report is well under 1 KiB).
+pub(crate) const MAX_PACKET: usize = 64 * 1024;
+/// Most connections in the TLS handshake or being proxied at once.
+pub(crate) const MAX_CONNECTIONS: usize = 200_000;
+
+/// Reads every certificate of a PEM file.
+pub(crate) fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(f))
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading certificates from {}", path.display()))?;
+    if certs.is_empty() {
+        return Err(anyhow!("no certificate in {}", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Reads the first private key of a PEM file.
+pub(crate) fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    rustls_pemfile::private_key(&mut std::io::BufReader::new(f))
+        .with_context(|| format!("reading key from {}", path.display()))?
+        .ok_or_else(|| anyhow!("no private key in {}", path.display()))
+}
+
+/// The server configuration: our certificate, client certificates required from the CA.
+pub(crate) fn server_config(tls: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in read_certs(&tls.ca)? {
+        roots.add(c).context("CA certificate")?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| anyhow!("client verifier: {e}"))?;
+    let config = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)
+        .context("server certificate")?;
+    Ok(Arc::new(config))
+}
+
+/// The VIN in a certificate's subject Organization.
+fn vin_of(cert: &CertificateDer<'_>) -> Option<Vin> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let org = c.subject().iter_organization().next()?.as_str().ok()?;
+    org.parse().ok()
+}
+
+/// Accepts TLS connections on `listener` and proxies them to `upstream` until aborted.
+pub(crate) async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfig>, upstream: SocketAddr) {
+    let acceptor = TlsAcceptor::from(config);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "TLS front accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "TLS front: connection limit reached; refused");
+            continue;
+        };
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let vin = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(vin_of);
+            let Some(vin) = vin else {
+                tracing::warn!(%peer, "client certificate has no VIN as its Organization; closed");
+                return;
+            };
+            let up = match TcpStream::connect(upstream).await {
+                Ok(u) => u,
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS front cannot reach the broker");
+                    return;
+                }
+            };
+            let _ = up.set_nodelay(true);
+            if let Err(e) = proxy(tls, up, vin).await {
+                tracing::debug!(%peer, %vin, error = %e, "TLS front connection closed");
+            }
+        });
+    }
+}
+
+async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(client: S, up: TcpStream, vin: Vin) -> anyhow::Result<()> {
+    let (mut cr, mut cw) = tokio::io::split(client);
+    let (mut ur, mut uw) = up.into_split();
+    let prefix = format!("/tenants/{vin}/");
+    let to_broker = async {
+        let mut first = true;
+        loop {
+            let Some(packet) = read_packet(&mut cr).await? else { return Ok(()) };
+            let packet = filter_packet(packet, &prefix, &vin, first)?;
+            first = false;
+            uw.write_all(&packet).await?;
+        }
+    };
+    let to_car = async {
+        tokio::io::copy(&mut ur, &mut cw).await?;
+        cw.shutdown().await?;
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        r = to_broker => r,
+        r = to_car => r,
+    }
+}
+
+/// Reads one whole MQTT packet (fixed header included); `None` at a clean end of stream.
+async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut b0 = [0u8; 1];
+    if r.read(&mut b0).await? == 0 {
+        return Ok(None);
+    }
+    let mut packet = vec![b0[0]];
+    let mut len: usize = 0;
+    for i in 0..4 {
+        let b = r.read_u8().await?;
+        packet.push(b);
+        len |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i == 3 {
+            return Err(anyhow!("malformed remaining length"));
+        }
+    }
+    if len > MAX_PACKET {
+        return Err(anyhow!("packet of {len} bytes is over {MAX_PACKET}"));
+    }
+    let start = packet.len();
+    packet.resize(start + len, 0);
+    r.read_exact(&mut packet[start..]).await?;
+    Ok(Some(packet))
+}
+
+fn header_len(packet: &[u8]) -> usize {
+    1 + packet[1..].iter().take(4).position(|b| b & 0x80 == 0).map_or(4, |p| p + 1)
+}
+
+fn read_str(body: &[u8], at: usize) -> anyhow::Result<(&[u8], usize)> {
+    let len = body.get(at..at + 2).ok_or_else(|| anyhow!("truncated"))?;
+    let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
+    let s = body.get(at + 2..at + 2 + len).ok_or_else(|| anyhow!("truncated"))?;
+    Ok((s, at + 2 + len))
+}
+
+fn encode_len(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+/// Checks (and for CONNECT rewrites) one client-to-broker packet.
+fn filter_packet(packet: Vec<u8>, prefix: &str, vin: &Vin, first: bool) -> anyhow::Result<Vec<u8>> {
+    let kind = packet[0] >> 4;
+    let body = &packet[header_len(&packet)..];
+    if first && kind != 1 {
+        return Err(anyhow!("first packet is not CONNECT"));
+    }
+    match kind {
+        1 => {
+            if !first {
+                return Err(anyhow!("second CONNECT"));
+            }
+            let (_name, at) = read_str(body, 0)?;
+            let level = *body.get(at).ok_or_else(|| anyhow!("truncated"))?;
+            if level != 4 && level != 3 {
+                return Err(anyhow!("only MQTT 3.1.1 is accepted on this listener"));
+            }
+            let flags = *body.get(at + 1).ok_or_else(|| anyhow!("truncated"))?;
+            let id_at = at + 4;
+            let (client_id, rest_at) = read_str(body, id_at)?;
+            if flags & 0x04 != 0 {
+                let (topic, _) = read_str(body, rest_at)?;
+                if !topic.starts_with(prefix.as_bytes()) {
+                    return Err(anyhow!("will topic outside {prefix}"));
+                }
+            }
+            let new_id = format!("{vin}.{}", String::from_utf8_lossy(client_id));
+            let new_id_len = u16::try_from(new_id.len()).map_err(|_| anyhow!("client id too long"))?;
+            let mut new_body = Vec::with_capacity(body.len() + 20);
+            new_body.extend_from_slice(&body[..id_at]);
+            new_body.extend_from_slice(&new_id_len.to_be_bytes());
+            new_body.extend_from_slice(new_id.as_bytes());
+            new_body.extend_from_slice(&body[rest_at..]);
+            let mut out = vec![packet[0]];
+            encode_len(new_body.len(), &mut out);
+            out.extend_from_slice(&new_body);
+            Ok(out)
+        }
+        3 => {
+            let (topic, _) = read_str(body, 0)?;
+            if !topic.starts_with(prefix.as_bytes()) {
+                return Err(anyhow!("publish to {} outside {prefix}", String::from_utf8_lossy(topic)));
+            }
+            Ok(packet)
+        }
+        8 => {
+            let mut at = 2;
+            while at < body.len() {
+                let (filter, next) = read_str(body, at)?;
+                if !filter.starts_with(prefix.as_bytes()) {
+                    return Err(anyhow!("subscribe to {} outside {prefix}", String::from_utf8_lossy(filter)));
+                }
+                at = next + 1;
+            }
+            Ok(packet)
+        }
+        _ => Ok(packet),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vin() -> Vin {
+        "WVWZZZ1JZXW000001".parse().unwrap()
+    }
+
+    fn publish(topic: &str) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(b"x");
+        let mut p = vec![0x30];
+        encode_len(body.len(), &mut p);
+        p.extend_from_slice(&body);
+        p
+    }
+
+    #[test]
+    fn publishes_outside_the_tenant_are_refused() {
+        let prefix = "/tenants/WVWZZZ1JZXW000001/";
+        assert!(filter_packet(publish("/tenants/WVWZZZ1JZXW000001/report"), prefix, &vin(), false).is_ok());
+        assert!(filter_packet(publish("/tenants/WVWZZZ1JZXW000002/report"), prefix, &vin(), false).is_err());
+        assert!(filter_packet(publish("/tenants/WVWZZZ1JZXW000001/report"), prefix, &vin(), true).is_err());
+    }
+
+    #[test]
+    fn connect_gets_the_vin_in_its_client_id() {
+        // CONNECT, MQTT 3.1.1, clean session, keepalive 30, client id "car".
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 3, b'c', b'a', b'r'];
+        let mut p = vec![0x10];
+        encode_len(body.len(), &mut p);
+        p.append(&mut body);
+        let out = filter_packet(p, "/tenants/WVWZZZ1JZXW000001/", &vin(), true).unwrap();
+        let b = &out[header_len(&out)..];
+        let (id, _) = read_str(b, 10).unwrap();
+        assert_eq!(id, b"WVWZZZ1JZXW000001.car");
+        assert_eq!(usize::from(out[1]), b.len());
+    }
+}
