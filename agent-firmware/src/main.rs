@@ -41,7 +41,9 @@ use caas_firmware_board::store::SlotStore;
 use caas_firmware_board::transport::{
     bench, out_header, OutKind, StepHeader, StepKind, Transport, STEP_HEADER_SIZE,
 };
-use caas_protocol::{open_command, ErrorCode, FeatureFlag, Param, SigningKey, TrustedKey, VerifyingKey, Vin};
+use caas_protocol::{
+    open_command, ErrorCode, FeatureFlag, Param, SigningKey, TrustedKey, VerifyingKey, Vin,
+};
 use cortex_m_rt::entry;
 use cortex_m_semihosting::debug;
 
@@ -49,7 +51,12 @@ use crate::flash::FileFlash;
 use crate::semi::{mode, HostError, HostFile};
 
 /// The platform's optional features, in feature-line order (line i = bit i).
-const OPTIONAL_FEATURES: [&str; 4] = ["power_boost", "highway_autopilot", "snow_mode", "heated_seats"];
+const OPTIONAL_FEATURES: [&str; 4] = [
+    "power_boost",
+    "highway_autopilot",
+    "snow_mode",
+    "heated_seats",
+];
 /// The base platform: no command may touch these.
 const BASE_FEATURES: &[&str] = &["abs", "esc", "airbag"];
 /// Reported in every report's diagnostics.
@@ -58,9 +65,9 @@ const FIRMWARE_VERSION: &str = "fw-m4-0.1.0";
 const ERR_LINE_FAULT: &str = "LINE_FAULT";
 /// Bytes of `provision.bin`: VIN, car secret key seed, gateway public key.
 const PROVISION_SIZE: usize = 17 + 32 + 32;
-/// `cortex_m::asm::delay` cycles used to calibrate SysTick ticks against instructions: the
-/// loop runs two instructions per two cycles, so this many instructions.
-const CALIBRATION_INSTRUCTIONS: u32 = 2_000_000;
+/// `cortex_m::asm::delay` argument used to calibrate SysTick ticks against instructions:
+/// cortex-m 0.7.10 runs `n + 1` iterations of `subs; bne`, i.e. 4,000,002 instructions.
+const CALIBRATION_DELAY: u32 = 2_000_000;
 
 #[entry]
 fn main() -> ! {
@@ -128,6 +135,32 @@ impl FeatureLines for Lines {
 
 type Store = SlotStore<FileFlash>;
 
+/// The deepest stack seen over the whole run (each step re-paints the stack).
+struct StackWatch {
+    max: u32,
+}
+
+impl StackWatch {
+    /// The stack used since the last reading, which then starts afresh.
+    fn take(&mut self) -> u32 {
+        let used = measure::stack_high_water();
+        self.max = self.max.max(used);
+        measure::repaint();
+        used
+    }
+}
+
+/// Everything around the agent: the board's parts and the QEMU stand-ins.
+struct Board {
+    store: Store,
+    scenario: HostFile,
+    out: OutFile,
+    lines: Lines,
+    stack: StackWatch,
+    /// Steps done so far, over all boots.
+    step: u16,
+}
+
 fn run() -> Result<(), Fault> {
     if let Some(p) = cortex_m::Peripherals::take() {
         measure::start_ticks(p.SYST);
@@ -135,91 +168,99 @@ fn run() -> Result<(), Fault> {
     let mut out = OutFile(HostFile::open(b"out.bin\0", mode::WRITE)?);
 
     let before = measure::ticks();
-    cortex_m::asm::delay(CALIBRATION_INSTRUCTIONS);
+    cortex_m::asm::delay(CALIBRATION_DELAY);
     let ticks = measure::ticks() - before;
     bench_record(&mut out, 0, ticks)?;
 
     let mut provision = [0u8; PROVISION_SIZE];
     HostFile::open(b"provision.bin\0", mode::READ)?.read_exact(&mut provision)?;
-    let flash = FileFlash::new(HostFile::open(b"flash.bin\0", mode::READ_WRITE)?).map_err(|_| Fault::Flash)?;
-    let mut store = Store::new(flash, 0, flash::SECTOR as u32).map_err(|_| Fault::Flash)?;
-    let mut scenario = HostFile::open(b"scenario.bin\0", mode::READ)?;
+    let flash = FileFlash::new(HostFile::open(b"flash.bin\0", mode::READ_WRITE)?)
+        .map_err(|_| Fault::Flash)?;
     let pins = PinLines::new(OPTIONAL_FEATURES.map(|name| (name, RecordingPin::default())))
         .map_err(|_| Fault::Flash)?;
-    let mut lines = Lines { pins, fault: false };
+    let mut board = Board {
+        store: Store::new(flash, 0, flash::SECTOR as u32).map_err(|_| Fault::Flash)?,
+        scenario: HostFile::open(b"scenario.bin\0", mode::READ)?,
+        out,
+        lines: Lines { pins, fault: false },
+        stack: StackWatch { max: 0 },
+        step: 0,
+    };
 
-    let mut step = 0u16;
+    // The one place the agent lives (about 9 KiB): built in place by `boot_agent`, dropped
+    // before a reboot builds the next one, so there are never two.
+    let mut slot = None;
     // Each pass is one power-on: the agent is rebuilt from flash; `Reboot` steps end a pass.
-    while boot_and_run(&provision, &mut store, &mut scenario, &mut out, &mut lines, &mut step)? {
+    while boot_and_run(&provision, &mut board, &mut slot)? {
         // A reboot loses the lines' state as the ECU would: the new agent starts them off.
-        lines.pins.apply(0).map_err(|_| Fault::Flash)?;
+        board.lines.pins.apply(0).map_err(|_| Fault::Flash)?;
     }
-    let (high_water, painted) = measure::stack_high_water();
     let mut body = [0u8; 8];
-    body[..4].copy_from_slice(&high_water.to_le_bytes());
-    body[4..].copy_from_slice(&painted.to_le_bytes());
-    out.record(OutKind::Stack, &body)?;
+    body[..4].copy_from_slice(&board.stack.max.to_le_bytes());
+    body[4..].copy_from_slice(&measure::window_size().to_le_bytes());
+    board.out.record(OutKind::Stack, &body)?;
     Ok(())
 }
 
 fn config(provision: &[u8; PROVISION_SIZE]) -> Result<Config<Catalog<'static>>, Fault> {
-    let vin = core::str::from_utf8(&provision[..17]).ok().and_then(|s| s.parse::<Vin>().ok()).ok_or(Fault::Provision)?;
+    let vin = core::str::from_utf8(&provision[..17])
+        .ok()
+        .and_then(|s| s.parse::<Vin>().ok())
+        .ok_or(Fault::Provision)?;
     let mut seed = [0u8; 32];
     seed.copy_from_slice(&provision[17..49]);
     let mut gateway = [0u8; 32];
     gateway.copy_from_slice(&provision[49..81]);
     let gateway = VerifyingKey::from_bytes(&gateway).map_err(|_| Fault::Provision)?;
     let mut trusted_keys = heapless::Vec::new();
-    trusted_keys.push(TrustedKey::new(gateway)).map_err(|_| Fault::Provision)?;
+    trusted_keys
+        .push(TrustedKey::new(gateway))
+        .map_err(|_| Fault::Provision)?;
     Ok(Config {
         vin,
         trusted_keys,
         device_key: SigningKey::from_bytes(&seed),
-        platform: Catalog { optional: &OPTIONAL_FEATURES, base: BASE_FEATURES },
+        platform: Catalog {
+            optional: &OPTIONAL_FEATURES,
+            base: BASE_FEATURES,
+        },
         firmware_version: FIRMWARE_VERSION.parse().map_err(|_| Fault::Provision)?,
         report_interval_secs: 0,
     })
 }
 
 /// Boots the agent from flash and runs scenario steps until the end (`Ok(false)`) or a
-/// reboot (`Ok(true)`). The agent lives in this frame only, so a reboot never holds two.
+/// reboot (`Ok(true)`).
 fn boot_and_run(
     provision: &[u8; PROVISION_SIZE],
-    store: &mut Store,
-    scenario: &mut HostFile,
-    out: &mut OutFile,
-    lines: &mut Lines,
-    step: &mut u16,
+    board: &mut Board,
+    slot: &mut Option<Agent<Catalog<'static>>>,
 ) -> Result<bool, Fault> {
     let mut header = [0u8; STEP_HEADER_SIZE];
-    scenario.read_exact(&mut header)?;
+    board.scenario.read_exact(&mut header)?;
     let first = StepHeader::decode(&header).ok_or(Fault::Scenario)?;
-    let mut agent = {
-        let mut record = [0u8; caas_agent::MAX_PERSISTED_SIZE];
-        let stored = match store.load(&mut record) {
-            Ok(Some(n)) => Some(&record[..n]),
-            Ok(None) => None,
-            // An unreadable store boots the safe state, as a corrupt record does.
-            Err(_) => Some(&record[..0]),
-        };
-        Agent::new(config(provision)?, stored, first.now)
-    };
-    drain(&mut agent, store, out, lines)?;
+    board.stack.take();
+    *slot = None;
+    boot_agent(provision, &mut board.store, first.now, slot)?;
+    let agent = slot.as_mut().ok_or(Fault::Flash)?;
+    drain(agent, board)?;
     agent.handle_connected(first.now);
-    drain(&mut agent, store, out, lines)?;
+    drain(agent, board)?;
+    let boot_stack = board.stack.take();
+    board.out.record(OutKind::Boot, &boot_stack.to_le_bytes())?;
 
     let mut next = Some(first);
     loop {
         let h = match next.take() {
             Some(h) => h,
             None => {
-                scenario.read_exact(&mut header)?;
+                board.scenario.read_exact(&mut header)?;
                 StepHeader::decode(&header).ok_or(Fault::Scenario)?
             }
         };
         if agent.poll_timeout().is_some_and(|t| t <= h.now) {
             agent.handle_timeout(h.now);
-            drain(&mut agent, store, out, lines)?;
+            drain(agent, board)?;
         }
         let len = usize::from(h.len);
         match h.kind {
@@ -235,63 +276,98 @@ fn boot_and_run(
                 // A frame larger than the buffer is read and dropped; the agent refuses it
                 // as TOO_LARGE (the length it is given is beyond its buffer).
                 if len <= buf.len() {
-                    scenario.read_exact(&mut buf[..len])?;
+                    board.scenario.read_exact(&mut buf[..len])?;
                 } else {
-                    skip(scenario, len)?;
+                    skip(&mut board.scenario, len)?;
                 }
                 let before = measure::ticks();
-                agent.handle_buffered_frame(len, h.now);
-                drain(&mut agent, store, out, lines)?;
-                bench_record(out, bench::HANDLE_COMMAND, measure::ticks() - before)?;
+                handle_frame(agent, len, h.now);
+                drain(agent, board)?;
+                let ticks = measure::ticks() - before;
+                bench_record(&mut board.out, bench::HANDLE_COMMAND, ticks)?;
             }
             StepKind::BenchVerify => {
-                let keys = agent.config().trusted_keys.clone();
-                let buf = agent.frame_buffer();
-                let frame = buf.get_mut(..len).ok_or(Fault::Scenario)?;
-                scenario.read_exact(frame)?;
-                let before = measure::ticks();
-                let verified = open_command(frame, &keys).is_ok();
-                bench_record(out, bench::VERIFY, measure::ticks() - before)?;
+                let frame = agent.frame_buffer().get_mut(..len).ok_or(Fault::Scenario)?;
+                board.scenario.read_exact(frame)?;
+                let (verified, ticks) = bench_verify(agent, len);
+                bench_record(&mut board.out, bench::VERIFY, ticks)?;
                 if !verified {
                     return Err(Fault::Scenario);
                 }
             }
         }
-        let mut body = [0u8; 6];
-        body[..2].copy_from_slice(&step.to_le_bytes());
-        body[2..].copy_from_slice(&lines.pins.state().to_le_bytes());
-        out.record(OutKind::Lines, &body)?;
-        *step = step.wrapping_add(1);
+        let mut body = [0u8; 10];
+        body[..2].copy_from_slice(&board.step.to_le_bytes());
+        body[2..6].copy_from_slice(&board.lines.pins.state().to_le_bytes());
+        body[6..].copy_from_slice(&board.stack.take().to_le_bytes());
+        board.out.record(OutKind::Lines, &body)?;
+        board.step = board.step.wrapping_add(1);
     }
 }
 
-/// Carries out every pending action, in the order the core gives them.
-fn drain(
-    agent: &mut Agent<Catalog<'static>>,
+/// Loads the stored record and builds the agent into `slot`. Not inlined: the record
+/// buffer and `Agent::new`'s temporaries live in this frame, which is gone before commands
+/// run (returning the agent by value would keep a second copy in the caller's frame).
+#[inline(never)]
+fn boot_agent(
+    provision: &[u8; PROVISION_SIZE],
     store: &mut Store,
-    out: &mut OutFile,
-    lines: &mut Lines,
+    now: u64,
+    slot: &mut Option<Agent<Catalog<'static>>>,
 ) -> Result<(), Fault> {
+    let mut record = [0u8; caas_agent::MAX_PERSISTED_SIZE];
+    let stored = match store.load(&mut record) {
+        Ok(Some(n)) => Some(&record[..n]),
+        Ok(None) => None,
+        // An unreadable store boots the safe state, as a corrupt record does.
+        Err(_) => Some(&record[..0]),
+    };
+    *slot = Some(Agent::new(config(provision)?, stored, now));
+    Ok(())
+}
+
+/// The core's `handle_buffered_frame` behind a call boundary: the decoded command and its
+/// temporaries then live in this frame while it runs, not in `main`'s for the whole run.
+#[inline(never)]
+fn handle_frame(agent: &mut Agent<Catalog<'static>>, len: usize, now: u64) {
+    agent.handle_buffered_frame(len, now);
+}
+
+/// Times `open_command` alone on the frame in the agent's buffer: `(verified, ticks)`.
+/// Not inlined, so the decoded command is not a temporary of `main`'s frame.
+#[inline(never)]
+fn bench_verify(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
+    let keys = agent.config().trusted_keys.clone();
+    let Some(frame) = agent.frame_buffer().get(..len) else {
+        return (false, 0);
+    };
+    let before = measure::ticks();
+    let verified = open_command(frame, &keys).is_ok();
+    (verified, measure::ticks() - before)
+}
+
+/// Carries out every pending action, in the order the core gives them.
+fn drain(agent: &mut Agent<Catalog<'static>>, board: &mut Board) -> Result<(), Fault> {
     // Bounded: the core yields at most a persist, MAX_LINES line changes twice over, one
     // ack per frame and MAX_PENDING_REPORTS reports per call.
     for _ in 0..256 {
         let mut persist_failed = false;
         match agent.poll_action() {
             None => {
-                if lines.fault {
-                    lines.fault = false;
+                if board.lines.fault {
+                    board.lines.fault = false;
                     if let Ok(code) = ErrorCode::new(ERR_LINE_FAULT) {
                         agent.add_error_code(code);
                     }
                 }
                 return Ok(());
             }
-            Some(Action::Persist(record)) => persist_failed = store.save(record).is_err(),
+            Some(Action::Persist(record)) => persist_failed = board.store.save(record).is_err(),
             Some(action @ Action::SetFeature { .. }) => {
-                action.apply_to(lines);
+                action.apply_to(&mut board.lines);
             }
-            Some(Action::Ack) => out.record(OutKind::Ack, &[])?,
-            Some(Action::Publish(frame)) => out.send(frame)?,
+            Some(Action::Ack) => board.out.record(OutKind::Ack, &[])?,
+            Some(Action::Publish(frame)) => board.out.send(frame)?,
         }
         if persist_failed {
             agent.persist_failed();

@@ -139,9 +139,11 @@ mod tests {
 
     #[test]
     fn lines_follow_flags_and_unknown_flags_are_refused() {
-        let mut lines =
-            PinLines::new([("power_boost", RecordingPin::default()), ("snow_mode", RecordingPin::default())])
-                .unwrap();
+        let mut lines = PinLines::new([
+            ("power_boost", RecordingPin::default()),
+            ("snow_mode", RecordingPin::default()),
+        ])
+        .unwrap();
         assert_eq!(lines.state(), 0);
         assert_eq!(lines.set("snow_mode", true), Ok(true));
         assert_eq!(lines.state(), 0b10);
@@ -155,6 +157,9 @@ mod tests {
 
     #[test]
     fn a_failing_pin_reports_its_line() {
-        assert_eq!(PinLines::new([("x", BrokenPin)]).err(), Some(LineError { line: 0 }));
+        assert_eq!(
+            PinLines::new([("x", BrokenPin)]).err(),
+            Some(LineError { line: 0 })
+        );
     }
 }

@@ -91,7 +91,12 @@ impl<F: NorFlash> SlotStore<F> {
         if !geometry_ok {
             return Err(StoreError::Geometry);
         }
-        let mut store = SlotStore { flash, base, slot_size, newest: None };
+        let mut store = SlotStore {
+            flash,
+            base,
+            slot_size,
+            newest: None,
+        };
         store.newest = store.scan()?;
         Ok(store)
     }
@@ -109,10 +114,13 @@ impl<F: NorFlash> SlotStore<F> {
     /// Copies the newest valid payload into `buf` and returns its length, or `None` when no
     /// record was ever committed.
     pub fn load(&mut self, buf: &mut [u8]) -> Result<Option<usize>, StoreError<F::Error>> {
-        let Some(newest) = self.newest else { return Ok(None) };
+        let Some(newest) = self.newest else {
+            return Ok(None);
+        };
         let len = newest.len as usize;
         let dst = buf.get_mut(..len).ok_or(StoreError::BufferTooSmall)?;
-        self.flash.read(self.slot_offset(newest.slot) + HEADER_SIZE as u32, dst)?;
+        self.flash
+            .read(self.slot_offset(newest.slot) + HEADER_SIZE as u32, dst)?;
         Ok(Some(len))
     }
 
@@ -141,7 +149,11 @@ impl<F: NorFlash> SlotStore<F> {
         crc.update(payload);
         header[16..20].copy_from_slice(&crc.finish().to_le_bytes());
 
-        let mut writer = ChunkWriter { buf: [0xFF; CHUNK], fill: 0, offset: start };
+        let mut writer = ChunkWriter {
+            buf: [0xFF; CHUNK],
+            fill: 0,
+            offset: start,
+        };
         writer.push(&mut self.flash, &header)?;
         writer.push(&mut self.flash, payload)?;
         writer.flush::<F>(&mut self.flash)?;
@@ -149,9 +161,14 @@ impl<F: NorFlash> SlotStore<F> {
         let mut commit = [0xFFu8; CHUNK];
         let csize = commit_size::<F>();
         commit[..4].copy_from_slice(&COMMIT);
-        self.flash.write(start + self.slot_size - csize as u32, &commit[..csize])?;
+        self.flash
+            .write(start + self.slot_size - csize as u32, &commit[..csize])?;
 
-        self.newest = Some(Newest { slot, generation, len });
+        self.newest = Some(Newest {
+            slot,
+            generation,
+            len,
+        });
         Ok(())
     }
 
@@ -189,7 +206,10 @@ impl<F: NorFlash> SlotStore<F> {
             return Ok(None);
         }
         let mut commit = [0u8; 4];
-        self.flash.read(start + self.slot_size - commit_size::<F>() as u32, &mut commit)?;
+        self.flash.read(
+            start + self.slot_size - commit_size::<F>() as u32,
+            &mut commit,
+        )?;
         if commit != COMMIT {
             return Ok(None);
         }
@@ -199,7 +219,8 @@ impl<F: NorFlash> SlotStore<F> {
         let mut done = 0u32;
         while done < len {
             let n = (len - done).min(CHUNK as u32);
-            self.flash.read(start + HEADER_SIZE as u32 + done, &mut chunk[..n as usize])?;
+            self.flash
+                .read(start + HEADER_SIZE as u32 + done, &mut chunk[..n as usize])?;
             crc.update(&chunk[..n as usize]);
             done += n;
         }
@@ -208,9 +229,14 @@ impl<F: NorFlash> SlotStore<F> {
             return Ok(None);
         }
         let generation = u64::from_le_bytes([
-            header[4], header[5], header[6], header[7], header[8], header[9], header[10], header[11],
+            header[4], header[5], header[6], header[7], header[8], header[9], header[10],
+            header[11],
         ]);
-        Ok(Some(Newest { slot, generation, len }))
+        Ok(Some(Newest {
+            slot,
+            generation,
+            len,
+        }))
     }
 }
 

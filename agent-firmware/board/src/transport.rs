@@ -39,9 +39,15 @@ pub enum StepKind {
 impl StepKind {
     /// The kind for a tag byte.
     pub fn from_u8(tag: u8) -> Option<Self> {
-        [Self::Frame, Self::Tick, Self::Reboot, Self::BenchVerify, Self::End]
-            .into_iter()
-            .find(|k| *k as u8 == tag)
+        [
+            Self::Frame,
+            Self::Tick,
+            Self::Reboot,
+            Self::BenchVerify,
+            Self::End,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == tag)
     }
 }
 
@@ -71,7 +77,11 @@ impl StepHeader {
         let kind = StepKind::from_u8(bytes[0])?;
         let mut now = [0u8; 8];
         now.copy_from_slice(&bytes[1..9]);
-        Some(StepHeader { kind, now: u64::from_le_bytes(now), len: u16::from_le_bytes([bytes[9], bytes[10]]) })
+        Some(StepHeader {
+            kind,
+            now: u64::from_le_bytes(now),
+            len: u16::from_le_bytes([bytes[9], bytes[10]]),
+        })
     }
 }
 
@@ -80,24 +90,35 @@ impl StepHeader {
 pub enum OutKind {
     /// A signed report frame the agent sent.
     Report = 1,
-    /// After each step: `step u16 LE | lines u32 LE` (bit i = feature line i).
+    /// After each step: `step u16 LE | lines u32 LE | stack u32 LE` (bit i = feature line
+    /// i; stack = the deepest the stack went during the step, in bytes).
     Lines = 2,
     /// A benchmark: `what u8 | guest instructions u64 LE`.
     Bench = 3,
-    /// At the end: `stack high-water bytes u32 LE | painted bytes u32 LE`.
+    /// At the end: `stack high-water bytes u32 LE | measured window bytes u32 LE`.
     Stack = 4,
     /// A line of text for the log (UTF-8).
     Log = 5,
     /// The agent acknowledged a frame to the transport (empty body).
     Ack = 6,
+    /// After each boot: `stack u32 LE`, the deepest the stack went while booting.
+    Boot = 7,
 }
 
 impl OutKind {
     /// The kind for a tag byte.
     pub fn from_u8(tag: u8) -> Option<Self> {
-        [Self::Report, Self::Lines, Self::Bench, Self::Stack, Self::Log, Self::Ack]
-            .into_iter()
-            .find(|k| *k as u8 == tag)
+        [
+            Self::Report,
+            Self::Lines,
+            Self::Bench,
+            Self::Stack,
+            Self::Log,
+            Self::Ack,
+            Self::Boot,
+        ]
+        .into_iter()
+        .find(|k| *k as u8 == tag)
     }
 }
 
@@ -121,11 +142,18 @@ mod tests {
 
     #[test]
     fn step_headers_round_trip_and_unknown_tags_are_refused() {
-        let h = StepHeader { kind: StepKind::Frame, now: 1_700_000_123, len: 300 };
+        let h = StepHeader {
+            kind: StepKind::Frame,
+            now: 1_700_000_123,
+            len: 300,
+        };
         assert_eq!(StepHeader::decode(&h.encode()), Some(h));
         let mut bad = h.encode();
         bad[0] = 99;
         assert_eq!(StepHeader::decode(&bad), None);
-        assert_eq!(OutKind::from_u8(out_header(OutKind::Stack, 8)[0]), Some(OutKind::Stack));
+        assert_eq!(
+            OutKind::from_u8(out_header(OutKind::Stack, 8)[0]),
+            Some(OutKind::Stack)
+        );
     }
 }

@@ -73,7 +73,14 @@ struct CutFlash {
 
 impl CutFlash {
     fn new(mem: Vec<u8>, fail_at: Option<u64>, failure: Failure, seed: u64) -> Self {
-        CutFlash { mem, ops: 0, fail_at, failure, dead: false, rng: Rng(seed | 1) }
+        CutFlash {
+            mem,
+            ops: 0,
+            fail_at,
+            failure,
+            dead: false,
+            rng: Rng(seed | 1),
+        }
     }
 
     /// Counts one erase/write; says whether this one is torn.
@@ -148,13 +155,14 @@ impl NorFlash for CutFlash {
             // Torn write: whole words before the tear, one word half-programmed.
             let words = bytes.len() / 4;
             let k = self.rng.below(words as u64 + 1) as usize;
-            for i in 0..k * 4 {
-                self.mem[o + i] &= bytes[i];
+            let target = &mut self.mem[o..o + bytes.len()];
+            for (m, b) in target[..k * 4].iter_mut().zip(bytes) {
+                *m &= b;
             }
             if k < words {
-                for i in k * 4..k * 4 + 4 {
+                for (m, b) in target[k * 4..k * 4 + 4].iter_mut().zip(&bytes[k * 4..]) {
                     let noise = self.rng.next() as u8;
-                    self.mem[o + i] &= bytes[i] | noise;
+                    *m &= b | noise;
                 }
             }
             return Err(FlashError::PowerCut);
@@ -199,12 +207,20 @@ struct Model {
 
 impl Model {
     fn new() -> Self {
-        Model { durable: None, generation: 0 }
+        Model {
+            durable: None,
+            generation: 0,
+        }
     }
 
     /// After a reboot: the state is the durable one or the one in flight, never anything
     /// else, and nothing went backwards.
-    fn check_reboot(&mut self, store: &mut SlotStore<CutFlash>, in_flight: Option<&[u8]>, what: &str) {
+    fn check_reboot(
+        &mut self,
+        store: &mut SlotStore<CutFlash>,
+        in_flight: Option<&[u8]>,
+        what: &str,
+    ) {
         let found = load(store);
         let ok = found == self.durable || (in_flight.is_some() && found.as_deref() == in_flight);
         assert!(
@@ -215,16 +231,25 @@ impl Model {
             in_flight.map(seq_of),
             found.as_deref().map(seq_of)
         );
-        assert!(store.generation() >= self.generation, "{what}: generation went backwards");
+        assert!(
+            store.generation() >= self.generation,
+            "{what}: generation went backwards"
+        );
         if let (Some(old), Some(new)) = (&self.durable, &found) {
-            assert!(seq_of(new) >= seq_of(old), "{what}: sequence number went backwards");
+            assert!(
+                seq_of(new) >= seq_of(old),
+                "{what}: sequence number went backwards"
+            );
         }
         self.durable = found;
         self.generation = store.generation();
     }
 
     fn acknowledged(&mut self, store: &SlotStore<CutFlash>, p: &[u8]) {
-        assert!(store.generation() > self.generation, "an acknowledged save must raise the generation");
+        assert!(
+            store.generation() > self.generation,
+            "an acknowledged save must raise the generation"
+        );
         self.durable = Some(p.to_vec());
         self.generation = store.generation();
     }
@@ -253,7 +278,11 @@ fn run(
             }
             Err(StoreError::Flash(FlashError::Fault)) => {
                 // Power is still on: the store must still hold the previous state.
-                assert_eq!(load(&mut store), model.durable, "a failed save changed the state");
+                assert_eq!(
+                    load(&mut store),
+                    model.durable,
+                    "a failed save changed the state"
+                );
             }
             Err(e) => panic!("unexpected store error {e:?}"),
         }
@@ -307,13 +336,26 @@ fn power_cut_at_every_write_point_of_short_sequences() {
     for (s, updates) in sequences.iter().enumerate() {
         for (start_name, start) in [("erased", erased()), ("one state", with_initial_state())] {
             // Count the write points of a clean run, then cut at each of them.
-            let (_, _, total) = run(start.clone(), &mut Model::new(), 100, updates, None, Failure::Cut, 1);
+            let (_, _, total) = run(
+                start.clone(),
+                &mut Model::new(),
+                100,
+                updates,
+                None,
+                Failure::Cut,
+                1,
+            );
             assert!(total >= 2 * updates.len() as u64);
             for cut in 0..total {
                 for tear in 0..12u64 {
                     let seed = (s as u64) << 40 | cut << 8 | tear;
-                    let what = format!("sequence {s} from {start_name}, cut at op {cut}, tear seed {seed}");
-                    assert!(cut_and_check(start.clone(), updates, cut, seed, &what), "{what}: no cut");
+                    let what = format!(
+                        "sequence {s} from {start_name}, cut at op {cut}, tear seed {seed}"
+                    );
+                    assert!(
+                        cut_and_check(start.clone(), updates, cut, seed, &what),
+                        "{what}: no cut"
+                    );
                     cuts += 1;
                 }
             }
@@ -337,11 +379,22 @@ fn random_sequences_with_repeated_power_cuts() {
             let n = 1 + rng.below(6) as usize;
             let updates: Vec<usize> = (0..n).map(|_| 8 + rng.below(max - 7) as usize).collect();
             // Every save is one erase, a write per 32 bytes of record and the commit word.
-            let ops: u64 = updates.iter().map(|&l| 2 + (20 + l as u64).div_ceil(32)).sum();
+            let ops: u64 = updates
+                .iter()
+                .map(|&l| 2 + (20 + l as u64).div_ceil(32))
+                .sum();
             let cut = rng.below(ops + 1);
             let seed = rng.next();
             let what = format!("trial {trial} round {round} cut {cut} seed {seed}");
-            let (after, in_flight, _) = run(mem, &mut model, seq, &updates, Some(cut), Failure::Cut, seed);
+            let (after, in_flight, _) = run(
+                mem,
+                &mut model,
+                seq,
+                &updates,
+                Some(cut),
+                Failure::Cut,
+                seed,
+            );
             let mut store = boot(after, None, Failure::Cut, seed);
             model.check_reboot(&mut store, in_flight.as_deref(), &what);
             if in_flight.is_some() {
@@ -358,16 +411,39 @@ fn random_sequences_with_repeated_power_cuts() {
 #[test]
 fn a_failed_write_without_power_loss_changes_nothing_and_the_store_recovers() {
     let updates = [64, 200, 8, 700];
-    let (_, _, total) = run(erased(), &mut Model::new(), 1, &updates, None, Failure::Cut, 1);
+    let (_, _, total) = run(
+        erased(),
+        &mut Model::new(),
+        1,
+        &updates,
+        None,
+        Failure::Cut,
+        1,
+    );
     for fault in 0..total {
         let mut model = Model::new();
-        let (mem, _, _) = run(erased(), &mut model, 1, &updates, Some(fault), Failure::Fault, fault);
+        let (mem, _, _) = run(
+            erased(),
+            &mut model,
+            1,
+            &updates,
+            Some(fault),
+            Failure::Fault,
+            fault,
+        );
         let mut store = boot(mem, None, Failure::Cut, 1);
         assert_eq!(load(&mut store), model.durable, "fault at op {fault}");
-        assert!(model.durable.as_deref().map(seq_of) >= Some(3), "fault at op {fault}: later saves must land");
+        assert!(
+            model.durable.as_deref().map(seq_of) >= Some(3),
+            "fault at op {fault}: later saves must land"
+        );
         store.save(&payload(5, 300)).unwrap();
         let mut store = boot(store.into_flash().mem, None, Failure::Cut, 1);
-        assert_eq!(load(&mut store), Some(payload(5, 300)), "fault at op {fault}");
+        assert_eq!(
+            load(&mut store),
+            Some(payload(5, 300)),
+            "fault at op {fault}"
+        );
     }
 }
 
@@ -386,18 +462,30 @@ fn garbage_and_blank_flash_hold_no_state_and_oversized_payloads_are_refused() {
         let mut store = boot(mem, None, Failure::Cut, 1);
         assert_eq!(load(&mut store), None);
         store.save(&payload(7, 100)).unwrap();
-        assert_eq!(load(&mut boot(store.into_flash().mem, None, Failure::Cut, 1)), Some(payload(7, 100)));
+        assert_eq!(
+            load(&mut boot(store.into_flash().mem, None, Failure::Cut, 1)),
+            Some(payload(7, 100))
+        );
     }
 
     let mut small = [0u8; 4];
     let mut store = boot(with_initial_state(), None, Failure::Cut, 1);
-    assert!(matches!(store.load(&mut small), Err(StoreError::BufferTooSmall)));
+    assert!(matches!(
+        store.load(&mut small),
+        Err(StoreError::BufferTooSmall)
+    ));
 }
 
 #[test]
 fn bad_geometry_is_refused() {
     let flash = CutFlash::new(erased(), None, Failure::Cut, 1);
-    assert!(matches!(SlotStore::new(flash, 100, SLOT), Err(StoreError::Geometry)));
+    assert!(matches!(
+        SlotStore::new(flash, 100, SLOT),
+        Err(StoreError::Geometry)
+    ));
     let flash = CutFlash::new(erased(), None, Failure::Cut, 1);
-    assert!(matches!(SlotStore::new(flash, 3 * SLOT, SLOT), Err(StoreError::Geometry)));
+    assert!(matches!(
+        SlotStore::new(flash, 3 * SLOT, SLOT),
+        Err(StoreError::Geometry)
+    ));
 }

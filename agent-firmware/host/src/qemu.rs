@@ -25,10 +25,24 @@ impl Qemu {
     /// Runs the firmware with `dir` as QEMU's working directory (where the semihosting
     /// files are) and returns its exit status and its console output.
     pub(crate) fn run(&self, dir: &Path) -> Result<(i32, String), String> {
-        let elf = std::fs::canonicalize(&self.elf).map_err(|e| format!("{}: {e}", self.elf.display()))?;
+        let elf =
+            std::fs::canonicalize(&self.elf).map_err(|e| format!("{}: {e}", self.elf.display()))?;
         let mut child = Command::new(&self.binary)
-            .args(["-machine", "mps2-an386", "-cpu", "cortex-m4", "-nographic", "-monitor", "none"])
-            .args(["-serial", "none", "-semihosting-config", "enable=on,target=native"])
+            .args([
+                "-machine",
+                "mps2-an386",
+                "-cpu",
+                "cortex-m4",
+                "-nographic",
+                "-monitor",
+                "none",
+            ])
+            .args([
+                "-serial",
+                "none",
+                "-semihosting-config",
+                "enable=on,target=native",
+            ])
             // One instruction = 1 ns of virtual time: SysTick then counts instructions.
             .args(["-icount", "shift=0"])
             .arg("-kernel")
@@ -38,7 +52,12 @@ impl Qemu {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {} (scripts/install-deps.sh installs it): {e}", self.binary))?;
+            .map_err(|e| {
+                format!(
+                    "cannot start {} (scripts/install-deps.sh installs it): {e}",
+                    self.binary
+                )
+            })?;
         let start = Instant::now();
         let status = loop {
             if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
@@ -71,12 +90,16 @@ pub(crate) fn read_records(path: &Path) -> Result<Vec<Record>, String> {
         if rest.len() < OUT_HEADER_SIZE {
             return Err("out.bin ends inside a record header".into());
         }
-        let kind = OutKind::from_u8(rest[0]).ok_or_else(|| format!("out.bin: unknown record tag {}", rest[0]))?;
+        let kind = OutKind::from_u8(rest[0])
+            .ok_or_else(|| format!("out.bin: unknown record tag {}", rest[0]))?;
         let len = usize::from(u16::from_le_bytes([rest[1], rest[2]]));
         let body = rest
             .get(OUT_HEADER_SIZE..OUT_HEADER_SIZE + len)
             .ok_or("out.bin ends inside a record body")?;
-        records.push(Record { kind, body: body.to_vec() });
+        records.push(Record {
+            kind,
+            body: body.to_vec(),
+        });
         rest = &rest[OUT_HEADER_SIZE + len..];
     }
     Ok(records)

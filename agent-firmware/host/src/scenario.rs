@@ -4,8 +4,8 @@ use std::path::Path;
 
 use caas_firmware_board::transport::{bench, OutKind, StepHeader, StepKind};
 use caas_protocol::{
-    open_report, seal_command, Command, CommandBody, DesiredState, Grant, Outcome, RejectCode, SigningKey,
-    TrustedKey, Vin, MAX_COMMAND_FRAME_SIZE,
+    open_report, seal_command, Command, CommandBody, DesiredState, Grant, Outcome, RejectCode,
+    SigningKey, TrustedKey, Vin, MAX_COMMAND_FRAME_SIZE,
 };
 
 use crate::qemu::{read_records, Qemu, Record};
@@ -59,10 +59,16 @@ fn parse_vin(s: &str) -> Vin {
 
 /// A grant: service id, flags, end time.
 fn grant(service: &str, flags: &[&str], ends_at: Option<u64>) -> Grant {
-    let mut g = Grant::new(service.parse().unwrap_or_else(|e| panic!("service id {service}: {e}")));
+    let mut g = Grant::new(
+        service
+            .parse()
+            .unwrap_or_else(|e| panic!("service id {service}: {e}")),
+    );
     for f in flags {
         let flag = f.parse().unwrap_or_else(|e| panic!("flag {f}: {e}"));
-        g.flags.push(flag).unwrap_or_else(|_| panic!("too many flags"));
+        g.flags
+            .push(flag)
+            .unwrap_or_else(|_| panic!("too many flags"));
     }
     g.ends_at = ends_at;
     g
@@ -71,9 +77,18 @@ fn grant(service: &str, flags: &[&str], ends_at: Option<u64>) -> Grant {
 fn set_state(vin: Vin, seq: u64, issued_at: u64, not_after: u64, grants: Vec<Grant>) -> Command {
     let mut desired = DesiredState::default();
     for g in grants {
-        desired.grants.push(g).unwrap_or_else(|_| panic!("too many grants"));
+        desired
+            .grants
+            .push(g)
+            .unwrap_or_else(|_| panic!("too many grants"));
     }
-    Command { vin, seq, issued_at, not_after, body: CommandBody::SetState(desired) }
+    Command {
+        vin,
+        seq,
+        issued_at,
+        not_after,
+        body: CommandBody::SetState(desired),
+    }
 }
 
 fn seal(cmd: &Command, key: &SigningKey) -> Vec<u8> {
@@ -107,15 +122,51 @@ struct Step {
 }
 
 impl Step {
-    fn frame(name: &'static str, now: u64, body: Vec<u8>, reports: Vec<Expect>, lines: u32) -> Self {
-        let bench = matches!(reports.last(), Some(Expect::Outcome(Outcome::Applied { .. }, Some(_))));
-        Step { name, kind: StepKind::Frame, now, body, reports, lines, acks: 1, bench }
+    fn frame(
+        name: &'static str,
+        now: u64,
+        body: Vec<u8>,
+        reports: Vec<Expect>,
+        lines: u32,
+    ) -> Self {
+        let bench = matches!(
+            reports.last(),
+            Some(Expect::Outcome(Outcome::Applied { .. }, Some(_)))
+        );
+        Step {
+            name,
+            kind: StepKind::Frame,
+            now,
+            body,
+            reports,
+            lines,
+            acks: 1,
+            bench,
+        }
     }
     fn tick(name: &'static str, now: u64, reports: Vec<Expect>, lines: u32) -> Self {
-        Step { name, kind: StepKind::Tick, now, body: Vec::new(), reports, lines, acks: 0, bench: false }
+        Step {
+            name,
+            kind: StepKind::Tick,
+            now,
+            body: Vec::new(),
+            reports,
+            lines,
+            acks: 0,
+            bench: false,
+        }
     }
     fn control(name: &'static str, kind: StepKind, now: u64) -> Self {
-        Step { name, kind, now, body: Vec::new(), reports: Vec::new(), lines: 0, acks: 0, bench: false }
+        Step {
+            name,
+            kind,
+            now,
+            body: Vec::new(),
+            reports: Vec::new(),
+            lines: 0,
+            acks: 0,
+            bench: false,
+        }
     }
     /// Steps after which the firmware writes a lines record.
     fn reports_lines(&self) -> bool {
@@ -138,7 +189,10 @@ fn first_run(k: &Keys) -> Vec<Step> {
         1,
         T0,
         T0 + 3600,
-        vec![grant("perf", &["power_boost"], None), grant("winter", &["snow_mode"], Some(winter_end))],
+        vec![
+            grant("perf", &["power_boost"], None),
+            grant("winter", &["snow_mode"], Some(winter_end)),
+        ],
     );
     let frame1 = seal(&cmd1, &k.gateway);
     let grants2 = || {
@@ -148,16 +202,43 @@ fn first_run(k: &Keys) -> Vec<Step> {
             grant("seats", &["heated_seats"], None),
         ]
     };
-    let frame2 = seal(&set_state(k.vin, 2, T0 + 20, T0 + 3600, grants2()), &k.gateway);
-    let mut tampered = seal(&set_state(k.vin, 2, T0 + 10, T0 + 3600, grants2()), &k.gateway);
+    let frame2 = seal(
+        &set_state(k.vin, 2, T0 + 20, T0 + 3600, grants2()),
+        &k.gateway,
+    );
+    let mut tampered = seal(
+        &set_state(k.vin, 2, T0 + 10, T0 + 3600, grants2()),
+        &k.gateway,
+    );
     // Flip one payload bit (past the 19-byte header): the signature no longer covers it.
     tampered[40] ^= 0x01;
-    let other_car = seal(&set_state(k.other_vin, 3, T0 + 50, T0 + 3600, vec![]), &k.gateway);
+    let other_car = seal(
+        &set_state(k.other_vin, 3, T0 + 50, T0 + 3600, vec![]),
+        &k.gateway,
+    );
     let expired = seal(&set_state(k.vin, 3, T0, T0 + 60, vec![]), &k.gateway);
-    let rogue = seal(&set_state(k.vin, 3, T0 + 110, T0 + 3600, vec![]), &k.rogue_gateway);
-    let base = seal(&set_state(k.vin, 3, T0 + 120, T0 + 3600, vec![grant("x", &["abs"], None)]), &k.gateway);
+    let rogue = seal(
+        &set_state(k.vin, 3, T0 + 110, T0 + 3600, vec![]),
+        &k.rogue_gateway,
+    );
+    let base = seal(
+        &set_state(
+            k.vin,
+            3,
+            T0 + 120,
+            T0 + 3600,
+            vec![grant("x", &["abs"], None)],
+        ),
+        &k.gateway,
+    );
     let query = seal(
-        &Command { vin: k.vin, seq: 3, issued_at: T0 + 140, not_after: T0 + 3600, body: CommandBody::QueryStatus { nonce: 77 } },
+        &Command {
+            vin: k.vin,
+            seq: 3,
+            issued_at: T0 + 140,
+            not_after: T0 + 3600,
+            body: CommandBody::QueryStatus { nonce: 77 },
+        },
         &k.gateway,
     );
     let oversized = vec![0xA5u8; MAX_COMMAND_FRAME_SIZE + 1];
@@ -173,9 +254,27 @@ fn first_run(k: &Keys) -> Vec<Step> {
             vec![Expect::Periodic, applied(1, vec!["perf", "winter"])],
             both,
         ),
-        Step::frame("tampered command", T0 + 10, tampered, vec![rejected(0, RejectCode::BadSignature)], both),
-        Step::frame("second command adds a line", T0 + 20, frame2.clone(), vec![applied(2, vec!["perf", "winter", "seats"])], three),
-        Step::frame("replayed older command", T0 + 30, frame1.clone(), vec![rejected(1, RejectCode::Replay)], three),
+        Step::frame(
+            "tampered command",
+            T0 + 10,
+            tampered,
+            vec![rejected(0, RejectCode::BadSignature)],
+            both,
+        ),
+        Step::frame(
+            "second command adds a line",
+            T0 + 20,
+            frame2.clone(),
+            vec![applied(2, vec!["perf", "winter", "seats"])],
+            three,
+        ),
+        Step::frame(
+            "replayed older command",
+            T0 + 30,
+            frame1.clone(),
+            vec![rejected(1, RejectCode::Replay)],
+            three,
+        ),
         Step::frame(
             "re-delivered newest command is answered, not re-applied",
             T0 + 40,
@@ -183,19 +282,76 @@ fn first_run(k: &Keys) -> Vec<Step> {
             vec![Expect::Outcome(Outcome::Applied { seq: 2 }, None)],
             three,
         ),
-        Step::frame("other car's command", T0 + 50, other_car, vec![rejected(3, RejectCode::WrongVin)], three),
-        Step::frame("expired command", T0 + 100, expired, vec![rejected(3, RejectCode::Expired)], three),
-        Step::frame("unknown gateway key", T0 + 110, rogue, vec![rejected(0, RejectCode::UnknownKey)], three),
-        Step::frame("base-platform feature", T0 + 120, base, vec![rejected(3, RejectCode::BasePlatformFeature)], three),
-        Step::frame("oversized frame", T0 + 130, oversized, vec![rejected(0, RejectCode::TooLarge)], three),
-        Step::frame("status query", T0 + 140, query, vec![Expect::Outcome(Outcome::Status { nonce: 77 }, None)], three),
-        Step::tick("temporary grant ends at its end time", winter_end, vec![], after_end),
+        Step::frame(
+            "other car's command",
+            T0 + 50,
+            other_car,
+            vec![rejected(3, RejectCode::WrongVin)],
+            three,
+        ),
+        Step::frame(
+            "expired command",
+            T0 + 100,
+            expired,
+            vec![rejected(3, RejectCode::Expired)],
+            three,
+        ),
+        Step::frame(
+            "unknown gateway key",
+            T0 + 110,
+            rogue,
+            vec![rejected(0, RejectCode::UnknownKey)],
+            three,
+        ),
+        Step::frame(
+            "base-platform feature",
+            T0 + 120,
+            base,
+            vec![rejected(3, RejectCode::BasePlatformFeature)],
+            three,
+        ),
+        Step::frame(
+            "oversized frame",
+            T0 + 130,
+            oversized,
+            vec![rejected(0, RejectCode::TooLarge)],
+            three,
+        ),
+        Step::frame(
+            "status query",
+            T0 + 140,
+            query,
+            vec![Expect::Outcome(Outcome::Status { nonce: 77 }, None)],
+            three,
+        ),
+        Step::tick(
+            "temporary grant ends at its end time",
+            winter_end,
+            vec![],
+            after_end,
+        ),
         Step::control("warm reboot", StepKind::Reboot, winter_end + 10),
-        Step::tick("after reboot the lines come back from flash", winter_end + 20, vec![Expect::Periodic], after_end),
-        Step::frame("replay after reboot", winter_end + 30, frame1, vec![rejected(1, RejectCode::Replay)], after_end),
+        Step::tick(
+            "after reboot the lines come back from flash",
+            winter_end + 20,
+            vec![Expect::Periodic],
+            after_end,
+        ),
+        Step::frame(
+            "replay after reboot",
+            winter_end + 30,
+            frame1,
+            vec![rejected(1, RejectCode::Replay)],
+            after_end,
+        ),
         Step {
             body: frame2,
-            ..Step::tick("benchmark: verify one command", winter_end + 40, vec![], after_end)
+            ..Step::tick(
+                "benchmark: verify one command",
+                winter_end + 40,
+                vec![],
+                after_end,
+            )
         }
         .with_kind(StepKind::BenchVerify),
         Step::control("end", StepKind::End, winter_end + 50),
@@ -213,13 +369,48 @@ impl Step {
 fn second_run(k: &Keys) -> Vec<Step> {
     let t = T0 + 700;
     let withdraw = seal(&set_state(k.vin, 4, t + 10, t + 3600, vec![]), &k.gateway);
-    let older = seal(&set_state(k.vin, 3, T0 + 150, t + 3600, vec![grant("perf", &["power_boost"], None)]), &k.gateway);
-    let future = seal(&set_state(k.vin, 5, t + 100_000, t + 200_000, vec![]), &k.gateway);
+    let older = seal(
+        &set_state(
+            k.vin,
+            3,
+            T0 + 150,
+            t + 3600,
+            vec![grant("perf", &["power_boost"], None)],
+        ),
+        &k.gateway,
+    );
+    let future = seal(
+        &set_state(k.vin, 5, t + 100_000, t + 200_000, vec![]),
+        &k.gateway,
+    );
     vec![
-        Step::tick("cold boot restores the lines from flash", t, vec![Expect::Periodic], POWER_BOOST | HEATED_SEATS),
-        Step::frame("withdrawing every grant", t + 10, withdraw, vec![applied(4, vec![])], 0),
-        Step::frame("older command after the cold boot", t + 20, older, vec![rejected(3, RejectCode::Replay)], 0),
-        Step::frame("command issued in the future", t + 30, future, vec![rejected(5, RejectCode::IssuedInFuture)], 0),
+        Step::tick(
+            "cold boot restores the lines from flash",
+            t,
+            vec![Expect::Periodic],
+            POWER_BOOST | HEATED_SEATS,
+        ),
+        Step::frame(
+            "withdrawing every grant",
+            t + 10,
+            withdraw,
+            vec![applied(4, vec![])],
+            0,
+        ),
+        Step::frame(
+            "older command after the cold boot",
+            t + 20,
+            older,
+            vec![rejected(3, RejectCode::Replay)],
+            0,
+        ),
+        Step::frame(
+            "command issued in the future",
+            t + 30,
+            future,
+            vec![rejected(5, RejectCode::IssuedInFuture)],
+            0,
+        ),
         Step::control("end", StepKind::End, t + 40),
     ]
 }
@@ -231,6 +422,8 @@ pub(crate) struct Results {
     instructions_per_tick: f64,
     verify_ticks: Vec<u64>,
     command_ticks: Vec<u64>,
+    /// The deepest stack of each step (and boot), in bytes.
+    step_stack: Vec<(String, u32)>,
     checks: usize,
     failures: Vec<String>,
 }
@@ -254,11 +447,33 @@ impl Results {
             let min = ticks.iter().copied().map(instr).min().unwrap_or(0);
             let max = ticks.iter().copied().map(instr).max().unwrap_or(0);
             let mean = ticks.iter().copied().map(instr).sum::<u64>() / ticks.len() as u64;
-            println!("  {what:<58} mean {mean:>9}  min {min:>9}  max {max:>9}  (n={})", ticks.len());
+            println!(
+                "  {what:<58} mean {mean:>9}  min {min:>9}  max {max:>9}  (n={})",
+                ticks.len()
+            );
         };
-        println!("guest instructions (QEMU -icount shift=0, SysTick calibrated to {:.2} instr/tick)", self.instructions_per_tick);
-        line("open_command: Ed25519 verify_strict + decode", &self.verify_ticks);
-        line("whole SetState: verify, check, persist, lines, sign report", &self.command_ticks);
+        println!(
+            "guest instructions (QEMU -icount shift=0, SysTick calibrated to {:.2} instr/tick)",
+            self.instructions_per_tick
+        );
+        line(
+            "open_command: Ed25519 verify_strict + decode",
+            &self.verify_ticks,
+        );
+        line(
+            "whole SetState: verify, check, persist, lines, sign report",
+            &self.command_ticks,
+        );
+    }
+
+    /// Prints the deepest stack of each step.
+    pub(crate) fn print_stack(&self) {
+        println!(
+            "stack high-water per step (bytes below the top of the stack, main's frame included)"
+        );
+        for (name, bytes) in &self.step_stack {
+            println!("  {bytes:>6}  {name}");
+        }
     }
 
     /// A closing line in the plain "N passed, N failed" form.
@@ -275,7 +490,11 @@ impl Results {
         if self.failures.is_empty() {
             Ok(())
         } else {
-            Err(format!("QEMU scenario: {} check(s) failed:\n  {}", self.failures.len(), self.failures.join("\n  ")))
+            Err(format!(
+                "QEMU scenario: {} check(s) failed:\n  {}",
+                self.failures.len(),
+                self.failures.join("\n  ")
+            ))
         }
     }
 }
@@ -283,8 +502,16 @@ impl Results {
 fn write_scenario(path: &Path, steps: &[Step]) -> Result<(), String> {
     let mut bytes = Vec::new();
     for s in steps {
-        let len = u16::try_from(s.body.len()).map_err(|_| format!("step {}: body too long", s.name))?;
-        bytes.extend_from_slice(&StepHeader { kind: s.kind, now: s.now, len }.encode());
+        let len =
+            u16::try_from(s.body.len()).map_err(|_| format!("step {}: body too long", s.name))?;
+        bytes.extend_from_slice(
+            &StepHeader {
+                kind: s.kind,
+                now: s.now,
+                len,
+            }
+            .encode(),
+        );
         bytes.extend_from_slice(&s.body);
     }
     std::fs::write(path, bytes).map_err(|e| format!("{}: {e}", path.display()))
@@ -307,17 +534,27 @@ pub(crate) fn run_all(qemu: &Qemu, work: &Path) -> Result<Results, String> {
         instructions_per_tick: 0.0,
         verify_ticks: Vec::new(),
         command_ticks: Vec::new(),
+        step_stack: Vec::new(),
         checks: 0,
         failures: Vec::new(),
     };
-    for (run, steps) in [("first power-on", first_run(&keys)), ("cold reboot", second_run(&keys))] {
+    for (run, steps) in [
+        ("first power-on", first_run(&keys)),
+        ("cold reboot", second_run(&keys)),
+    ] {
         write_scenario(&work.join("scenario.bin"), &steps)?;
         let _ = std::fs::remove_file(work.join("out.bin"));
         let (status, console) = qemu.run(work)?;
-        results.expect(status == 0, || format!("{run}: QEMU exit status {status}, console: {console}"));
+        results.expect(status == 0, || {
+            format!("{run}: QEMU exit status {status}, console: {console}")
+        });
         let records = read_records(&work.join("out.bin"))?;
         check_run(run, &keys, &steps, &records, &mut results);
-        println!("QEMU run \"{run}\": {} steps, {} output records, exit status {status}", steps.len(), records.len());
+        println!(
+            "QEMU run \"{run}\": {} steps, {} output records, exit status {status}",
+            steps.len(),
+            records.len()
+        );
     }
     Ok(results)
 }
@@ -332,7 +569,10 @@ fn check_run(run: &str, keys: &Keys, steps: &[Step], records: &[Record], r: &mut
     for rec in records {
         if dump {
             let detail = match rec.kind {
-                OutKind::Report => format!("{:?}", open_report(&rec.body, &car).map(|r| (r.applied_seq, r.outcome))),
+                OutKind::Report => format!(
+                    "{:?}",
+                    open_report(&rec.body, &car).map(|r| (r.applied_seq, r.outcome))
+                ),
                 _ => format!("{:02x?}", rec.body),
             };
             eprintln!("{run}: {:?} {detail}", rec.kind);
@@ -340,22 +580,48 @@ fn check_run(run: &str, keys: &Keys, steps: &[Step], records: &[Record], r: &mut
         match rec.kind {
             OutKind::Lines => {
                 let idx = usize::from(u16::from_le_bytes([rec.body[0], rec.body[1]]));
-                let lines = u32::from_le_bytes([rec.body[2], rec.body[3], rec.body[4], rec.body[5]]);
+                let lines =
+                    u32::from_le_bytes([rec.body[2], rec.body[3], rec.body[4], rec.body[5]]);
+                let stack =
+                    u32::from_le_bytes([rec.body[6], rec.body[7], rec.body[8], rec.body[9]]);
                 let Some(step) = with_lines.get(idx) else {
-                    r.expect(false, || format!("{run}: lines record for unknown step {idx}"));
+                    r.expect(false, || {
+                        format!("{run}: lines record for unknown step {idx}")
+                    });
                     continue;
                 };
-                r.expect(idx == seen_steps, || format!("{run}: step {idx} out of order"));
+                r.expect(idx == seen_steps, || {
+                    format!("{run}: step {idx} out of order")
+                });
+                r.step_stack.push((format!("{run}: {}", step.name), stack));
                 check_step(run, keys, &car, step, &segment, lines, r);
                 segment.clear();
                 seen_steps += 1;
             }
             OutKind::Stack => {
                 saw_stack = true;
-                let hw = u64::from(u32::from_le_bytes([rec.body[0], rec.body[1], rec.body[2], rec.body[3]]));
-                let painted = u64::from(u32::from_le_bytes([rec.body[4], rec.body[5], rec.body[6], rec.body[7]]));
+                let hw = u64::from(u32::from_le_bytes([
+                    rec.body[0],
+                    rec.body[1],
+                    rec.body[2],
+                    rec.body[3],
+                ]));
+                let painted = u64::from(u32::from_le_bytes([
+                    rec.body[4],
+                    rec.body[5],
+                    rec.body[6],
+                    rec.body[7],
+                ]));
                 r.stack_high_water = r.stack_high_water.max(hw);
                 r.painted = painted;
+            }
+            OutKind::Boot => {
+                let stack =
+                    u32::from_le_bytes([rec.body[0], rec.body[1], rec.body[2], rec.body[3]]);
+                r.step_stack.push((
+                    format!("{run}: boot (load record, Agent::new, first actions)"),
+                    stack,
+                ));
             }
             OutKind::Bench if rec.body.first() == Some(&0) => {
                 let ticks = u64::from_le_bytes(rec.body[1..9].try_into().unwrap_or([0; 8]));
@@ -367,16 +633,33 @@ fn check_run(run: &str, keys: &Keys, steps: &[Step], records: &[Record], r: &mut
         }
     }
     r.expect(seen_steps == with_lines.len(), || {
-        format!("{run}: the firmware finished {seen_steps} of {} steps", with_lines.len())
+        format!(
+            "{run}: the firmware finished {seen_steps} of {} steps",
+            with_lines.len()
+        )
     });
-    r.expect(saw_stack, || format!("{run}: no stack measurement (the firmware did not reach its end)"));
+    r.expect(saw_stack, || {
+        format!("{run}: no stack measurement (the firmware did not reach its end)")
+    });
 }
 
-fn check_step(run: &str, keys: &Keys, car: &TrustedKey, step: &Step, segment: &[&Record], lines: u32, r: &mut Results) {
+fn check_step(
+    run: &str,
+    keys: &Keys,
+    car: &TrustedKey,
+    step: &Step,
+    segment: &[&Record],
+    lines: u32,
+    r: &mut Results,
+) {
     let at = |what: String| format!("{run}, step \"{}\": {what}", step.name);
-    r.expect(lines == step.lines, || at(format!("lines {lines:#06b}, expected {:#06b}", step.lines)));
+    r.expect(lines == step.lines, || {
+        at(format!("lines {lines:#06b}, expected {:#06b}", step.lines))
+    });
     let acks = segment.iter().filter(|x| x.kind == OutKind::Ack).count();
-    r.expect(acks == step.acks, || at(format!("{acks} acks, expected {}", step.acks)));
+    r.expect(acks == step.acks, || {
+        at(format!("{acks} acks, expected {}", step.acks))
+    });
     for rec in segment.iter().filter(|x| x.kind == OutKind::Bench) {
         let ticks = u64::from_le_bytes(rec.body[1..9].try_into().unwrap_or([0; 8]));
         match rec.body[0] {
@@ -385,32 +668,57 @@ fn check_step(run: &str, keys: &Keys, car: &TrustedKey, step: &Step, segment: &[
             _ => {}
         }
     }
-    let reports: Vec<&&Record> = segment.iter().filter(|x| x.kind == OutKind::Report).collect();
+    let reports: Vec<&&Record> = segment
+        .iter()
+        .filter(|x| x.kind == OutKind::Report)
+        .collect();
     r.expect(reports.len() == step.reports.len(), || {
-        at(format!("{} reports, expected {}", reports.len(), step.reports.len()))
+        at(format!(
+            "{} reports, expected {}",
+            reports.len(),
+            step.reports.len()
+        ))
     });
     for (rec, expect) in reports.iter().zip(&step.reports) {
         let report = match open_report(&rec.body, car) {
             Ok(report) => report,
             Err(code) => {
-                r.expect(false, || at(format!("a report does not verify with the car's key: {code}")));
+                r.expect(false, || {
+                    at(format!(
+                        "a report does not verify with the car's key: {code}"
+                    ))
+                });
                 continue;
             }
         };
-        r.expect(report.vin == keys.vin, || at(format!("report for VIN {}", report.vin)));
+        r.expect(report.vin == keys.vin, || {
+            at(format!("report for VIN {}", report.vin))
+        });
         match expect {
             Expect::Periodic => {
                 r.expect(matches!(report.outcome, Outcome::Periodic { .. }), || {
-                    at(format!("outcome {:?}, expected a periodic report", report.outcome))
+                    at(format!(
+                        "outcome {:?}, expected a periodic report",
+                        report.outcome
+                    ))
                 });
             }
             Expect::Outcome(outcome, active) => {
                 r.expect(report.outcome == *outcome, || {
-                    at(format!("outcome {:?}, expected {outcome:?}", report.outcome))
+                    at(format!(
+                        "outcome {:?}, expected {outcome:?}",
+                        report.outcome
+                    ))
                 });
                 if let Some(active) = active {
-                    let got: Vec<&str> = report.active.iter().map(|a| a.service_id.as_str()).collect();
-                    r.expect(got == *active, || at(format!("active services {got:?}, expected {active:?}")));
+                    let got: Vec<&str> = report
+                        .active
+                        .iter()
+                        .map(|a| a.service_id.as_str())
+                        .collect();
+                    r.expect(got == *active, || {
+                        at(format!("active services {got:?}, expected {active:?}"))
+                    });
                 }
             }
         }
