@@ -1,0 +1,471 @@
+//! Test support: a real gateway, a real webhook receiver, test cars on real MQTT connections.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use caas_protocol::*;
+use rumqttc::{AsyncClient, Event, LastWill, MqttOptions, Packet, QoS, Transport};
+use serde_json::{json, Value};
+
+pub const TOKEN: &str = "test-token";
+pub const SECRET: &str = "s3cret";
+
+pub fn vin(n: u32) -> Vin {
+    format!("WVWZZZ1JZXW{n:06}").parse().unwrap()
+}
+
+pub fn car_key(n: u32) -> SigningKey {
+    let mut seed = [7u8; 32];
+    seed[..4].copy_from_slice(&n.to_be_bytes());
+    SigningKey::from_bytes(&seed)
+}
+
+/// A callback the receiver got, with whether its signature verified.
+#[derive(Debug, Clone)]
+pub struct Callback {
+    pub body: Value,
+    pub signature_ok: bool,
+}
+
+/// A tiny axum server that records callbacks; answers 500 to the first `fail_first`.
+#[derive(Clone)]
+pub struct Webhook {
+    pub url: String,
+    pub got: Arc<Mutex<Vec<Callback>>>,
+}
+
+impl Webhook {
+    pub async fn start(fail_first: u64) -> Webhook {
+        use axum::http::HeaderMap;
+        let got: Arc<Mutex<Vec<Callback>>> = Arc::default();
+        let failures = Arc::new(AtomicU64::new(fail_first));
+        let g = got.clone();
+        let app = axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |headers: HeaderMap, body: String| {
+                let g = g.clone();
+                let failures = failures.clone();
+                async move {
+                    if failures.load(Ordering::SeqCst) > 0 {
+                        failures.fetch_sub(1, Ordering::SeqCst);
+                        return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+                    }
+                    let ts = headers.get("x-caas-timestamp").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    let sig = headers.get("x-caas-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
+                    let ok = !ts.is_empty() && sig == caas_gateway::webhook::signature(SECRET, ts, &body);
+                    g.lock().unwrap().push(Callback { body: serde_json::from_str(&body).unwrap(), signature_ok: ok });
+                    axum::http::StatusCode::NO_CONTENT
+                }
+            }),
+        );
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", l.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        Webhook { url, got }
+    }
+
+    pub fn for_request(&self, id: &str) -> Vec<Callback> {
+        self.got.lock().unwrap().iter().filter(|c| c.body["requestId"] == id).cloned().collect()
+    }
+
+    /// Waits (bounded) for the first callback of `id`.
+    pub async fn wait(&self, id: &str, within: Duration) -> Callback {
+        let end = Instant::now() + within;
+        loop {
+            if let Some(c) = self.for_request(id).into_iter().next() {
+                return c;
+            }
+            assert!(Instant::now() < end, "no callback for {id} within {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub fn config(data: &Path, webhook: Option<&Webhook>) -> caas_gateway::Config {
+    let mut c = caas_gateway::Config::default();
+    c.http = "127.0.0.1:0".parse().unwrap();
+    c.mqtt = Some("127.0.0.1:0".parse().unwrap());
+    c.data = data.to_path_buf();
+    c.api_token = TOKEN.into();
+    c.webhook_url = webhook.map(|w| w.url.clone());
+    c.webhook_secret = SECRET.into();
+    c.retry = caas_gateway::RetryPolicy {
+        attempts: 2,
+        attempt_timeout: Duration::from_secs(1),
+        backoff: vec![Duration::from_millis(500)],
+    };
+    c.shards = 2;
+    c
+}
+
+/// The IoT API client.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(addr: SocketAddr) -> Api {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Api { base: format!("http://{addr}"), http: reqwest::Client::new() }
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(TOKEN).json(body).send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(TOKEN).send().await.unwrap();
+        let s = r.status().as_u16();
+        (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn get_text(&self, path: &str) -> String {
+        self.http.get(format!("{}{path}", self.base)).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap()
+    }
+
+    pub async fn register(&self, n: u32) {
+        let (s, b) = self
+            .post(
+                "/vehicles",
+                &json!({"vin": vin(n).to_string(), "publicKey": verifying_key_to_hex(&car_key(n).verifying_key()).as_str(), "platform": "mqb-evo", "firmwareVersion": "1.0.0"}),
+            )
+            .await;
+        assert!(s == 201 || s == 200, "register: {s} {b}");
+    }
+
+    pub async fn activate(&self, n: u32, service: &str, flag: &str) -> String {
+        let (s, b) = self.post("/ota/activate", &activation(n, service, flag)).await;
+        assert_eq!(s, 202, "{b}");
+        b["requestId"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.get_text("/metrics").await;
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    }
+}
+
+pub fn activation(n: u32, service: &str, flag: &str) -> Value {
+    json!({
+        "vin": vin(n).to_string(),
+        "serviceId": service,
+        "configuration": {"featureFlags": [flag], "parameters": {"boostPercent": "15"}},
+        "duration": {"type": "PERMANENT"}
+    })
+}
+
+/// How a test car behaves.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Mode {
+    /// Verify, apply, report.
+    Obey,
+    /// Receive and say nothing.
+    Ignore,
+}
+
+/// What a test car saw.
+#[derive(Default, Debug)]
+pub struct Seen {
+    pub set_states: Vec<Command>,
+    pub queries: u32,
+    pub applied_seq: u64,
+    pub grants: Vec<String>,
+}
+
+/// A car on a real MQTT connection that verifies with the gateway key and signs reports.
+pub struct TestCar {
+    pub vin: Vin,
+    pub seen: Arc<Mutex<Seen>>,
+    pub ignore: Arc<AtomicBool>,
+    pub client: AsyncClient,
+    pub connected: Arc<AtomicBool>,
+    pub errors: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestCar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+struct Platform;
+impl PlatformFeatures for Platform {
+    fn classify(&self, flag: &FeatureFlag) -> FeatureClass {
+        if flag.as_str().starts_with("unknown") {
+            FeatureClass::Unknown
+        } else if flag.as_str().starts_with("base") {
+            FeatureClass::Base
+        } else {
+            FeatureClass::Optional
+        }
+    }
+}
+
+pub struct CarOpts {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    pub mode: Mode,
+}
+
+impl TestCar {
+    pub async fn start(n: u32, gateway_key: &str, o: CarOpts) -> TestCar {
+        let vin = vin(n);
+        let key = car_key(n);
+        let gw = TrustedKey::new(verifying_key_from_hex(gateway_key).unwrap());
+        let mut opts = MqttOptions::new(vin.to_string(), o.host.clone(), o.port);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_clean_session(true);
+        opts.set_last_will(LastWill::new(
+            topics::presence_topic(&vin).as_str(),
+            topics::PRESENCE_OFFLINE,
+            QoS::AtLeastOnce,
+            true,
+        ));
+        if let Some(tls) = &o.tls {
+            opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+        }
+        let (client, mut el) = AsyncClient::new(opts, 64);
+        let mut net = el.network_options();
+        net.set_tcp_nodelay(true);
+        el.set_network_options(net);
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let ignore = Arc::new(AtomicBool::new(o.mode == Mode::Ignore));
+        let connected = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(AtomicU64::new(0));
+        let (s, ig, c, cl, errs) = (seen.clone(), ignore.clone(), connected.clone(), client.clone(), errors.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        c.store(true, Ordering::SeqCst);
+                        cl.subscribe(topics::command_topic(&vin).as_str(), QoS::AtLeastOnce).await.unwrap();
+                        cl.publish(topics::presence_topic(&vin).as_str(), QoS::AtLeastOnce, true, topics::PRESENCE_ONLINE)
+                            .await
+                            .unwrap();
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if p.topic != topics::command_topic(&vin).as_str() {
+                            continue;
+                        }
+                        let Ok(cmd) = open_command(&p.payload, &[gw]) else { continue };
+                        let outcome;
+                        {
+                            let mut seen = s.lock().unwrap();
+                            match &cmd.body {
+                                CommandBody::SetState(_) => seen.set_states.push(cmd.clone()),
+                                CommandBody::QueryStatus { .. } => seen.queries += 1,
+                            }
+                            if ig.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            let now = SystemTime_now();
+                            let ctx = CheckContext { vin: &vin, last_applied_seq: seen.applied_seq, now, platform: &Platform };
+                            outcome = match (&cmd.body, check_command(&cmd, &ctx)) {
+                                (CommandBody::QueryStatus { nonce }, Ok(())) => Outcome::Status { nonce: *nonce },
+                                (CommandBody::SetState(d), Ok(())) => {
+                                    seen.applied_seq = cmd.seq;
+                                    seen.grants = d.grants.iter().map(|g| g.service_id.to_string()).collect();
+                                    Outcome::Applied { seq: cmd.seq }
+                                }
+                                (CommandBody::SetState(_), Err(RejectCode::Replay)) if cmd.seq == seen.applied_seq => {
+                                    Outcome::Applied { seq: cmd.seq }
+                                }
+                                (_, Err(code)) => Outcome::Rejected { seq: cmd.seq, code },
+                            };
+                        }
+                        let applied = s.lock().unwrap().applied_seq;
+                        let frame = report(&vin, &key, applied, outcome);
+                        let _ = cl.publish(topics::report_topic(&vin).as_str(), QoS::AtLeastOnce, false, frame).await;
+                    }
+                    Ok(_) => {}
+                    Err(_) => {
+                        c.store(false, Ordering::SeqCst);
+                        errs.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        });
+        TestCar { vin, seen, ignore, client, connected, errors, task }
+    }
+
+    pub async fn wait_connected(&self) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !self.connected.load(Ordering::SeqCst) {
+            assert!(Instant::now() < end, "car {} did not connect", self.vin);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+#[allow(non_snake_case)]
+pub fn SystemTime_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+}
+
+pub fn report(vin: &Vin, key: &SigningKey, applied: u64, outcome: Outcome) -> Vec<u8> {
+    let r = Report {
+        vin: *vin,
+        applied_seq: applied,
+        car_time: SystemTime_now(),
+        outcome,
+        active: heapless::Vec::new(),
+        diagnostics: Diagnostics {
+            firmware_version: "1.0.0".parse().unwrap(),
+            error_codes: heapless::Vec::new(),
+            signal_strength: 80,
+        },
+    };
+    let mut buf = [0u8; MAX_REPORT_FRAME_SIZE];
+    seal_report(&r, key, &mut buf).unwrap().to_vec()
+}
+
+pub async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) {
+    let end = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Test PKI: a CA, a server certificate for 127.0.0.1/localhost, client certificates.
+pub struct Pki {
+    pub dir: PathBuf,
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.distinguished_name.push(DnType::CommonName, "caas test CA");
+        let ca_key = KeyPair::generate().unwrap();
+        let ca_cert = p.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
+        let pki = Pki { dir: dir.to_path_buf(), ca_cert, ca_key };
+        pki.issue("server", &["127.0.0.1", "localhost"], "server", None, true);
+        pki
+    }
+
+    /// Writes `{name}.pem` and `{name}.key`.
+    pub fn issue(&self, name: &str, sans: &[&str], cn: &str, org: Option<&str>, server: bool) {
+        use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
+        let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        if let Some(o) = org {
+            p.distinguished_name.push(DnType::OrganizationName, o);
+        }
+        p.extended_key_usages =
+            vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
+        std::fs::write(self.dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(self.dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+
+    pub fn car(&self, n: u32) -> Arc<rustls::ClientConfig> {
+        let v = vin(n).to_string();
+        let name = format!("car{n}");
+        self.issue(&name, &[], &v, Some(&v), false);
+        self.client_config(&name)
+    }
+
+    pub fn client_config(&self, name: &str) -> Arc<rustls::ClientConfig> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(self.dir.join("ca.pem")).unwrap())) {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
+            std::fs::File::open(self.dir.join(format!("{name}.pem"))).unwrap(),
+        ))
+        .map(|c| c.unwrap())
+        .collect();
+        let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+            std::fs::File::open(self.dir.join(format!("{name}.key"))).unwrap(),
+        ))
+        .unwrap()
+        .unwrap();
+        Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(certs, key).unwrap())
+    }
+
+    pub fn tls_files(&self) -> caas_gateway::TlsFiles {
+        caas_gateway::TlsFiles {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join("server.pem"),
+            key: self.dir.join("server.key"),
+        }
+    }
+}
+
+/// The mosquitto binary, if installed.
+pub fn mosquitto_bin() -> Option<PathBuf> {
+    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/local/bin/mosquitto"] {
+        if Path::new(p).exists() {
+            return Some(PathBuf::from(p));
+        }
+    }
+    None
+}
+
+/// A mosquitto process killed on drop.
+pub struct Mosquitto(pub std::process::Child);
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub async fn start_mosquitto(conf: &Path, port: u16) -> Mosquitto {
+    let bin = mosquitto_bin().unwrap();
+    let child = std::process::Command::new(bin)
+        .arg("-c")
+        .arg(conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let m = Mosquitto(child);
+    let end = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < end, "mosquitto did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    m
+}

@@ -1,0 +1,229 @@
+//! End-to-end: a real gateway (in process) with its embedded broker, a real webhook
+//! receiver and test cars on real MQTT connections.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+async fn gateway(dir: &std::path::Path, hook: &Webhook) -> (caas_gateway::Gateway, Api) {
+    let gw = caas_gateway::start(config(dir, Some(hook))).await.unwrap();
+    let api = Api::new(gw.http_addr());
+    (gw, api)
+}
+
+fn car_opts(gw: &caas_gateway::Gateway, mode: Mode) -> CarOpts {
+    CarOpts { host: "127.0.0.1".into(), port: gw.mqtt_addr().unwrap().port(), tls: None, mode }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_and_deactivation_call_back_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(1).await; // the first delivery fails: the outbox retries it
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    api.register(1).await;
+    let car = TestCar::start(1, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await;
+    car.wait_connected().await;
+
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    let cb = hook.wait(&id, Duration::from_secs(15)).await;
+    assert_eq!(cb.body["status"], "ACTIVATED");
+    assert_eq!(cb.body["vin"], vin(1).to_string());
+    assert!(cb.signature_ok, "callback signature must verify");
+    assert!(cb.body.get("errorCode").is_none());
+    assert_eq!(car.seen.lock().unwrap().grants, vec!["power-boost".to_string()]);
+
+    let (s, r) = api.get(&format!("/ota/requests/{id}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(r["status"], "COMPLETED");
+    assert_eq!(r["attempts"], 1);
+    let (s, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
+    assert_eq!(s, 200);
+    assert_eq!(st["connectivity"], "ONLINE");
+    assert_eq!(st["activeServices"][0]["serviceId"], "power-boost");
+    assert_eq!(st["activeServices"][0]["status"], "ACTIVE");
+    assert_eq!(st["diagnostics"]["firmwareVersion"], "1.0.0");
+    assert_eq!(st["diagnostics"]["networkSignalStrength"], 80);
+
+    let (s, b) = api.post("/ota/deactivate", &json!({"vin": vin(1).to_string(), "serviceId": "power-boost"})).await;
+    assert_eq!(s, 202, "{b}");
+    let did = b["requestId"].as_str().unwrap().to_owned();
+    let cb = hook.wait(&did, Duration::from_secs(15)).await;
+    assert_eq!(cb.body["status"], "DEACTIVATED");
+    assert!(car.seen.lock().unwrap().grants.is_empty());
+    let (_, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
+    assert_eq!(st["activeServices"].as_array().unwrap().len(), 0);
+
+    let (s, h) = api.get(&format!("/vehicles/{}/history?limit=3", vin(1))).await;
+    assert_eq!(s, 200);
+    let entries = h["entries"].as_array().unwrap();
+    assert_eq!(entries.len(), 3);
+    assert!(entries[0]["id"].as_str().unwrap() > entries[1]["id"].as_str().unwrap(), "newest first");
+    let next = h["nextBefore"].as_str().unwrap();
+    let (_, h2) = api.get(&format!("/vehicles/{}/history?limit=500&before={next}", vin(1))).await;
+    assert!(h2["entries"].as_array().unwrap().iter().all(|e| e["id"].as_str().unwrap() < next));
+    assert!(h2["entries"].as_array().unwrap().iter().any(|e| e["type"] == "REQUEST"));
+
+    // One final callback per request, even though the first delivery was refused.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(hook.for_request(&id).len(), 1);
+    assert!(api.metric("caas_webhook_failures_total").await >= 1.0);
+    assert_eq!(api.metric("caas_reports_forged_total").await, 0.0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignoring_car_gets_attempts_probe_ticket_failed_and_withdrawal() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await; // 2 attempts, 1 s each, 0.5 s backoff
+    api.register(2).await;
+    let car = TestCar::start(2, gw.public_key_hex(), car_opts(&gw, Mode::Ignore)).await;
+    car.wait_connected().await;
+
+    let id = api.activate(2, "snow-mode", "snow_mode").await;
+    let cb = hook.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(cb.body["status"], "FAILED");
+    assert_eq!(cb.body["errorCode"], "NO_CONFIRMATION");
+    let (_, r) = api.get(&format!("/ota/requests/{id}")).await;
+    assert_eq!(r["status"], "FAILED");
+    assert_eq!(r["attempts"], 2);
+    let seq = r["seq"].as_u64().unwrap();
+
+    // Exactly the configured attempts, one status probe, then the withdrawal.
+    wait_until("withdrawal", Duration::from_secs(5), || {
+        car.seen.lock().unwrap().set_states.last().is_some_and(|c| c.seq == seq + 1)
+    })
+    .await;
+    {
+        let seen = car.seen.lock().unwrap();
+        let with_grant = seen.set_states.iter().filter(|c| c.seq == seq).count();
+        assert_eq!(with_grant, 2, "one command per attempt");
+        assert_eq!(seen.queries, 1, "one status query after the last attempt");
+        let last = seen.set_states.last().unwrap();
+        match &last.body {
+            caas_protocol::CommandBody::SetState(d) => assert!(d.grants.is_empty(), "grant withdrawn"),
+            _ => panic!("not a SetState"),
+        }
+    }
+    let (_, t) = api.get("/support/tickets").await;
+    let tickets = t["tickets"].as_array().unwrap();
+    assert_eq!(tickets.len(), 1);
+    assert_eq!(tickets[0]["requestId"], id.as_str());
+    assert_eq!(tickets[0]["attempts"], 2);
+    assert_eq!(tickets[0]["probeAnswered"], false);
+    let (_, st) = api.get(&format!("/vehicles/{}/status", vin(2))).await;
+    assert_eq!(st["activeServices"][0]["status"], "ERROR");
+
+    // A car that answers later does not turn the FAILED into a second final callback.
+    car.ignore.store(false, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(hook.for_request(&id).len(), 1);
+    assert_eq!(api.metric("caas_support_tickets_total").await, 1.0);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_car_back_within_the_budget_is_activated() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let mut c = config(dir.path(), Some(&hook));
+    c.retry = caas_gateway::RetryPolicy {
+        attempts: 3,
+        attempt_timeout: Duration::from_secs(1),
+        backoff: vec![Duration::from_secs(1)],
+    };
+    let gw = caas_gateway::start(c).await.unwrap();
+    let api = Api::new(gw.http_addr());
+    api.register(3).await;
+    let id = api.activate(3, "heated-seats", "heated_seats").await;
+    let (_, st) = api.get(&format!("/vehicles/{}/status", vin(3))).await;
+    assert_eq!(st["connectivity"], "OFFLINE");
+    assert_eq!(st["activeServices"][0]["status"], "PENDING");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let car = TestCar::start(3, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await;
+    let cb = hook.wait(&id, Duration::from_secs(15)).await;
+    assert_eq!(cb.body["status"], "ACTIVATED");
+    assert_eq!(car.seen.lock().unwrap().grants, vec!["heated-seats".to_string()]);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_command_fails_with_the_cars_code_and_forged_reports_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    api.register(4).await;
+    api.register(5).await;
+    let car = TestCar::start(4, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await;
+    car.wait_connected().await;
+    let id = api.activate(4, "mystery", "unknown_feature").await;
+    let cb = hook.wait(&id, Duration::from_secs(10)).await;
+    assert_eq!(cb.body["status"], "FAILED");
+    assert_eq!(cb.body["errorCode"], "UNKNOWN_FEATURE");
+    assert!(api.metric("caas_reports_refused_total").await >= 1.0);
+
+    // Car 5 is offline with a pending request; car 4 forges car 5's "applied" report (signed
+    // with car 4's key) on car 5's report topic (the plain listener has no tenants).
+    let id5 = api.activate(5, "power-boost", "power_boost").await;
+    let (_, r5) = api.get(&format!("/ota/requests/{id5}")).await;
+    let seq5 = r5["seq"].as_u64().unwrap();
+    let forged = report(&vin(5), &car_key(4), seq5, caas_protocol::Outcome::Applied { seq: seq5 });
+    car.client
+        .publish(caas_protocol::topics::report_topic(&vin(5)).as_str(), rumqttc::QoS::AtLeastOnce, false, forged)
+        .await
+        .unwrap();
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    while api.metric("caas_reports_forged_total").await < 1.0 {
+        assert!(std::time::Instant::now() < end, "forged report not counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, r5) = api.get(&format!("/ota/requests/{id5}")).await;
+    assert_ne!(r5["status"], "COMPLETED");
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_reaches_every_car_and_counts_states() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let mut cars = Vec::new();
+    for n in 10..20 {
+        api.register(n).await;
+        cars.push(TestCar::start(n, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await);
+    }
+    for c in &cars {
+        c.wait_connected().await;
+    }
+    let vins: Vec<String> = (10..20).map(|n| vin(n).to_string()).chain([vin(99).to_string()]).collect();
+    let (s, b) = api
+        .post(
+            "/campaigns",
+            &json!({"vins": vins, "action": "ACTIVATE", "serviceId": "autopilot",
+                    "configuration": {"featureFlags": ["highway_autopilot"]}, "duration": {"type": "SUBSCRIPTION", "autoRenewal": true}}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(b["accepted"], 10);
+    assert_eq!(b["refusedCount"], 1, "vin 99 is not registered");
+    let cid = b["campaignId"].as_str().unwrap().to_owned();
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let (s, c) = api.get(&format!("/campaigns/{cid}")).await;
+        assert_eq!(s, 200);
+        if c["counts"]["COMPLETED"] == 10 {
+            assert_eq!(c["total"], 11);
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "campaign not completed: {c}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for c in &cars {
+        assert_eq!(c.seen.lock().unwrap().grants, vec!["autopilot".to_string()]);
+    }
+    gw.shutdown().await;
+}
