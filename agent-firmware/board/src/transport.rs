@@ -13,10 +13,16 @@ pub const STEP_HEADER_SIZE: usize = 11;
 /// Bytes before an output record's body.
 pub const OUT_HEADER_SIZE: usize = 3;
 
-/// Moves whole frames between the agent and the outside world.
+/// Moves whole frames between the agent and the outside world (on hardware: the UART to
+/// the telematics modem, with the modem's framing).
 pub trait Transport {
     /// The link's error.
     type Error;
+    /// Receives the next whole frame into `buf` and returns its length, or `None` when no
+    /// frame is waiting. A frame longer than `buf` is consumed and dropped, and its length
+    /// is still returned: the agent core refuses a length beyond its buffer as `TOO_LARGE`
+    /// and reports it, so an oversized frame is answered, not silently lost.
+    fn recv(&mut self, buf: &mut [u8]) -> Result<Option<usize>, Self::Error>;
     /// Sends one frame (a signed report).
     fn send(&mut self, frame: &[u8]) -> Result<(), Self::Error>;
 }
@@ -128,6 +134,12 @@ pub mod bench {
     pub const VERIFY: u8 = 1;
     /// A whole `SetState` through the agent core: verify, check, persist, apply, sign report.
     pub const HANDLE_COMMAND: u8 = 2;
+    /// Not ticks but stack bytes: the deepest the stack went (from its top) during
+    /// `open_command` alone.
+    pub const VERIFY_STACK: u8 = 3;
+    /// Not ticks but stack bytes: the deepest the stack went during the firmware's
+    /// in-place, grant-by-grant decode prototype (destination command included).
+    pub const IN_PLACE_STACK: u8 = 4;
 }
 
 /// Encodes an output record header.

@@ -424,6 +424,10 @@ pub(crate) struct Results {
     command_ticks: Vec<u64>,
     /// The deepest stack of each step (and boot), in bytes.
     step_stack: Vec<(String, u32)>,
+    /// The deepest stack during `open_command` alone, and during the in-place decode
+    /// prototype (`agent-firmware/src/prototype.rs`), in bytes.
+    verify_stack: Option<u64>,
+    in_place_stack: Option<u64>,
     checks: usize,
     failures: Vec<String>,
 }
@@ -473,6 +477,13 @@ impl Results {
         );
         for (name, bytes) in &self.step_stack {
             println!("  {bytes:>6}  {name}");
+        }
+        if let (Some(verify), Some(in_place)) = (self.verify_stack, self.in_place_stack) {
+            println!("  {verify:>6}  open_command alone (verify + by-value decode)");
+            println!(
+                "  {in_place:>6}  prototype: the same command decoded in place, grant by grant \
+                 (src/prototype.rs)"
+            );
         }
     }
 
@@ -535,6 +546,8 @@ pub(crate) fn run_all(qemu: &Qemu, work: &Path) -> Result<Results, String> {
         verify_ticks: Vec::new(),
         command_ticks: Vec::new(),
         step_stack: Vec::new(),
+        verify_stack: None,
+        in_place_stack: None,
         checks: 0,
         failures: Vec::new(),
     };
@@ -665,6 +678,8 @@ fn check_step(
         match rec.body[0] {
             bench::VERIFY => r.verify_ticks.push(ticks),
             bench::HANDLE_COMMAND if step.bench => r.command_ticks.push(ticks),
+            bench::VERIFY_STACK => r.verify_stack = Some(ticks),
+            bench::IN_PLACE_STACK => r.in_place_stack = Some(ticks),
             _ => {}
         }
     }
