@@ -20,6 +20,8 @@ const CHUNK: usize = 64;
 /// NOR flash over a host file.
 pub(crate) struct FileFlash {
     file: HostFile,
+    /// Fail the next erase or write, without effect (the scenario's storage fault).
+    pub(crate) fail_next: bool,
 }
 
 /// The host file failed, or an operation was out of range or misaligned.
@@ -27,6 +29,8 @@ pub(crate) struct FileFlash {
 pub(crate) enum FlashError {
     /// Semihosting failed.
     Host,
+    /// An injected fault (see [`FileFlash::fail_next`]).
+    Injected,
     /// Out of range or misaligned.
     Bounds,
 }
@@ -40,7 +44,7 @@ impl From<HostError> for FlashError {
 impl NorFlashError for FlashError {
     fn kind(&self) -> NorFlashErrorKind {
         match self {
-            FlashError::Host => NorFlashErrorKind::Other,
+            FlashError::Host | FlashError::Injected => NorFlashErrorKind::Other,
             FlashError::Bounds => NorFlashErrorKind::OutOfBounds,
         }
     }
@@ -52,7 +56,10 @@ impl FileFlash {
         if file.len()? != CAPACITY {
             return Err(FlashError::Bounds);
         }
-        Ok(FileFlash { file })
+        Ok(FileFlash {
+            file,
+            fail_next: false,
+        })
     }
 
     fn check(offset: u32, len: usize) -> Result<usize, FlashError> {
@@ -88,6 +95,9 @@ impl NorFlash for FileFlash {
     const ERASE_SIZE: usize = SECTOR;
 
     fn erase(&mut self, from: u32, to: u32) -> Result<(), FlashError> {
+        if core::mem::take(&mut self.fail_next) {
+            return Err(FlashError::Injected);
+        }
         let start = Self::check(from, (to as usize).saturating_sub(from as usize))?;
         if from % SECTOR as u32 != 0 || to % SECTOR as u32 != 0 || to < from {
             return Err(FlashError::Bounds);
@@ -101,6 +111,9 @@ impl NorFlash for FileFlash {
     }
 
     fn write(&mut self, offset: u32, bytes: &[u8]) -> Result<(), FlashError> {
+        if core::mem::take(&mut self.fail_next) {
+            return Err(FlashError::Injected);
+        }
         let start = Self::check(offset, bytes.len())?;
         if start % Self::WRITE_SIZE != 0 || bytes.len() % Self::WRITE_SIZE != 0 {
             return Err(FlashError::Bounds);

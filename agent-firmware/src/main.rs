@@ -77,7 +77,12 @@ const CALIBRATION_DELAY: u32 = 2_000_000;
 fn main() -> ! {
     let status = match run() {
         Ok(()) => debug::EXIT_SUCCESS,
-        Err(_) => debug::EXIT_FAILURE,
+        Err(fault) => {
+            if let Ok(mut err) = cortex_m_semihosting::hio::hstderr() {
+                let _ = err.write_all(fault.message().as_bytes());
+            }
+            debug::EXIT_FAILURE
+        }
     };
     debug::exit(status);
     #[allow(clippy::empty_loop)]
@@ -95,6 +100,18 @@ enum Fault {
     Flash,
     /// The scenario is malformed.
     Scenario,
+}
+
+impl Fault {
+    /// A line for QEMU's console (no `core::fmt`: it would cost flash).
+    fn message(&self) -> &'static str {
+        match self {
+            Fault::Host => "firmware: a semihosting file operation failed\n",
+            Fault::Provision => "firmware: provision.bin is malformed\n",
+            Fault::Flash => "firmware: flash.bin or the board is unusable\n",
+            Fault::Scenario => "firmware: scenario.bin is malformed\n",
+        }
+    }
 }
 
 impl From<HostError> for Fault {
@@ -302,6 +319,7 @@ fn boot_and_run(
                 return Ok(h.kind == StepKind::Reboot);
             }
             StepKind::Tick => {}
+            StepKind::FailNextWrite => board.store.flash_mut().fail_next = true,
             StepKind::Frame => {
                 board.link.pending = len;
                 let Some(len) = board.link.recv(agent.frame_buffer())? else {

@@ -172,6 +172,11 @@ impl<F: NorFlash> SlotStore<F> {
         Ok(())
     }
 
+    /// The flash, e.g. for a board to inject a fault in a test.
+    pub fn flash_mut(&mut self) -> &mut F {
+        &mut self.flash
+    }
+
     /// Gives the flash back (tests use it to "reboot" with the same contents).
     pub fn into_flash(self) -> F {
         self.flash

@@ -40,21 +40,25 @@ pub enum StepKind {
     BenchVerify = 4,
     /// End of the scenario (empty body).
     End = 5,
+    /// The flash fails its next erase or write (empty body): a storage fault.
+    FailNextWrite = 6,
 }
 
 impl StepKind {
     /// The kind for a tag byte.
     pub fn from_u8(tag: u8) -> Option<Self> {
-        [
-            Self::Frame,
-            Self::Tick,
-            Self::Reboot,
-            Self::BenchVerify,
-            Self::End,
-        ]
-        .into_iter()
-        .find(|k| *k as u8 == tag)
+        Self::ALL.into_iter().find(|k| *k as u8 == tag)
     }
+
+    /// Every kind (the tests check none is missing).
+    pub const ALL: [StepKind; 6] = [
+        Self::Frame,
+        Self::Tick,
+        Self::Reboot,
+        Self::BenchVerify,
+        Self::End,
+        Self::FailNextWrite,
+    ];
 }
 
 /// A decoded step header.
@@ -114,18 +118,19 @@ pub enum OutKind {
 impl OutKind {
     /// The kind for a tag byte.
     pub fn from_u8(tag: u8) -> Option<Self> {
-        [
-            Self::Report,
-            Self::Lines,
-            Self::Bench,
-            Self::Stack,
-            Self::Log,
-            Self::Ack,
-            Self::Boot,
-        ]
-        .into_iter()
-        .find(|k| *k as u8 == tag)
+        Self::ALL.into_iter().find(|k| *k as u8 == tag)
     }
+
+    /// Every kind (the tests check none is missing).
+    pub const ALL: [OutKind; 7] = [
+        Self::Report,
+        Self::Lines,
+        Self::Bench,
+        Self::Stack,
+        Self::Log,
+        Self::Ack,
+        Self::Boot,
+    ];
 }
 
 /// Benchmark ids in [`OutKind::Bench`] records.
@@ -151,6 +156,39 @@ pub fn out_header(kind: OutKind, len: u16) -> [u8; OUT_HEADER_SIZE] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fails to compile when a kind is added without a tag here, and fails when `ALL`
+    /// misses one.
+    #[test]
+    fn every_kind_decodes_from_its_tag() {
+        for tag in 0..=u8::MAX {
+            if let Some(k) = StepKind::from_u8(tag) {
+                let expected = match k {
+                    StepKind::Frame => 1,
+                    StepKind::Tick => 2,
+                    StepKind::Reboot => 3,
+                    StepKind::BenchVerify => 4,
+                    StepKind::End => 5,
+                    StepKind::FailNextWrite => 6,
+                };
+                assert_eq!(tag, expected);
+            }
+            if let Some(k) = OutKind::from_u8(tag) {
+                let expected = match k {
+                    OutKind::Report => 1,
+                    OutKind::Lines => 2,
+                    OutKind::Bench => 3,
+                    OutKind::Stack => 4,
+                    OutKind::Log => 5,
+                    OutKind::Ack => 6,
+                    OutKind::Boot => 7,
+                };
+                assert_eq!(tag, expected);
+            }
+        }
+        assert_eq!((1..=6).filter_map(StepKind::from_u8).count(), 6);
+        assert_eq!((1..=7).filter_map(OutKind::from_u8).count(), 7);
+    }
 
     #[test]
     fn step_headers_round_trip_and_unknown_tags_are_refused() {

@@ -20,6 +20,7 @@ const FLASH_SIZE: usize = 8192;
 
 /// Feature lines, as the firmware numbers them (bit i = line i).
 const POWER_BOOST: u32 = 1 << 0;
+const AUTOPILOT: u32 = 1 << 1;
 const SNOW_MODE: u32 = 1 << 2;
 const HEATED_SEATS: u32 = 1 << 3;
 
@@ -242,10 +243,17 @@ fn first_run(k: &Keys) -> Vec<Step> {
         &k.gateway,
     );
     let oversized = vec![0xA5u8; MAX_COMMAND_FRAME_SIZE + 1];
+    let mut grants3 = grants2();
+    grants3.push(grant("autopilot", &["highway_autopilot"], None));
+    let frame3 = seal(
+        &set_state(k.vin, 3, T0 + 150, T0 + 3600, grants3),
+        &k.gateway,
+    );
 
     let both = POWER_BOOST | SNOW_MODE;
     let three = POWER_BOOST | SNOW_MODE | HEATED_SEATS;
-    let after_end = POWER_BOOST | HEATED_SEATS;
+    let four = three | AUTOPILOT;
+    let after_end = POWER_BOOST | HEATED_SEATS | AUTOPILOT;
     vec![
         Step::frame(
             "valid command turns its lines on",
@@ -324,6 +332,27 @@ fn first_run(k: &Keys) -> Vec<Step> {
             vec![Expect::Outcome(Outcome::Status { nonce: 77 }, None)],
             three,
         ),
+        Step {
+            kind: StepKind::FailNextWrite,
+            ..Step::tick("storage fault injected", T0 + 150, vec![], three)
+        },
+        Step {
+            acks: 0,
+            ..Step::frame(
+                "command whose persist fails is refused and not acknowledged",
+                T0 + 160,
+                frame3.clone(),
+                vec![rejected(3, RejectCode::StorageFailed)],
+                three,
+            )
+        },
+        Step::frame(
+            "its redelivery after the fault is applied",
+            T0 + 170,
+            frame3,
+            vec![applied(3, vec!["perf", "winter", "seats", "autopilot"])],
+            four,
+        ),
         Step::tick(
             "temporary grant ends at its end time",
             winter_end,
@@ -388,7 +417,7 @@ fn second_run(k: &Keys) -> Vec<Step> {
             "cold boot restores the lines from flash",
             t,
             vec![Expect::Periodic],
-            POWER_BOOST | HEATED_SEATS,
+            POWER_BOOST | HEATED_SEATS | AUTOPILOT,
         ),
         Step::frame(
             "withdrawing every grant",
@@ -725,6 +754,18 @@ fn check_step(
                         report.outcome
                     ))
                 });
+                if matches!(
+                    outcome,
+                    Outcome::Rejected {
+                        code: RejectCode::StorageFailed,
+                        ..
+                    }
+                ) {
+                    let codes = &report.diagnostics.error_codes;
+                    r.expect(codes.iter().any(|c| c.as_str() == "PERSIST_FAILED"), || {
+                        at(format!("diagnostics {codes:?} lack PERSIST_FAILED"))
+                    });
+                }
                 if let Some(active) = active {
                     let got: Vec<&str> = report
                         .active
