@@ -13,6 +13,8 @@ use caas_protocol::{files, verifying_key_to_hex, KeyId, VerifyingKey};
 
 /// Longest key name `keys gen --name` accepts.
 pub const MAX_KEY_NAME_LEN: usize = 64;
+/// Largest key file read (a key file is 65 bytes; the slack allows CRLF and blank lines).
+pub const MAX_KEY_FILE_SIZE: u64 = 1024;
 
 /// Why a key could not be made or read.
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +29,9 @@ pub enum KeysError {
     /// The extension does not say whether the file is secret or public.
     #[error("cannot tell whether {0} holds a secret or a public key: name it .key or .pub, or pass --kind")]
     UnknownKind(PathBuf),
+    /// The file is far larger than a key file.
+    #[error("{0} is larger than {MAX_KEY_FILE_SIZE} bytes: not a key file")]
+    TooLarge(PathBuf),
     /// Reading, writing or parsing failed (the message names the file).
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -148,6 +153,12 @@ pub fn read_key_info(path: &Path, kind: Option<KeyFileKind>) -> Result<KeyInfo, 
     let kind = kind
         .or_else(|| KeyFileKind::from_extension(path))
         .ok_or_else(|| KeysError::UnknownKind(path.to_owned()))?;
+    let len = std::fs::metadata(path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?
+        .len();
+    if len > MAX_KEY_FILE_SIZE {
+        return Err(KeysError::TooLarge(path.to_owned()));
+    }
     Ok(match kind {
         KeyFileKind::Secret => KeyInfo::new(files::read_signing_key(path)?.verifying_key(), true),
         KeyFileKind::Public => KeyInfo::new(files::read_verifying_key(path)?, false),

@@ -121,7 +121,7 @@ fn name(cn: &str, o: &str) -> DistinguishedName {
 }
 
 impl Ca {
-    /// A fresh development CA ("CaaS Development CA <tag from its key>"), valid [`CA_VALIDITY_DAYS`], allowed to
+    /// A fresh development CA ("CaaS Development CA" and a tag from its key), valid [`CA_VALIDITY_DAYS`], allowed to
     /// sign end-entity certificates only (path length 0).
     pub fn generate() -> Result<Self, PkiError> {
         let key = KeyPair::generate()?;

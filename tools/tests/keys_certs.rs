@@ -99,6 +99,10 @@ fn keys_gen_default_name_json_and_keys_show_agree() {
         bad.stderr
     );
 
+    std::fs::write(sub.join("huge.pub"), vec![b'a'; 4096]).unwrap();
+    let huge = caasctl(&["keys", "show", s(&sub.join("huge.pub"))]);
+    assert!(huge.err().contains("not a key file"), "{}", huge.stderr);
+
     let name = caasctl(&["keys", "gen", "--out", s(dir.path()), "--name", "../escape"]);
     assert!(name.err().contains("invalid key name"), "{}", name.stderr);
 }
