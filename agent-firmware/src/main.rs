@@ -45,8 +45,8 @@ use caas_firmware_board::transport::{
     bench, out_header, OutKind, StepHeader, StepKind, Transport, STEP_HEADER_SIZE,
 };
 use caas_protocol::{
-    open_command, Command, CommandBody, ErrorCode, FeatureFlag, Param, SigningKey, TrustedKey,
-    VerifyingKey, Vin,
+    open_command, parse_frame, Command, CommandBody, ErrorCode, FeatureFlag, FrameKind, Param,
+    SigningKey, TrustedKey, VerifyingKey, Vin,
 };
 use cortex_m_rt::entry;
 use cortex_m_semihosting::debug;
@@ -343,7 +343,29 @@ fn boot_and_run(
                     bench::VERIFY_STACK,
                     verify_stack.into(),
                 )?;
-                let decoded = prototype_decode(agent, len);
+                let (signature_ok, ticks) = bench_signature(agent, len);
+                let signature_stack = board.stack.take();
+                bench_record(&mut board.link.out, bench::SIGNATURE, ticks)?;
+                bench_record(
+                    &mut board.link.out,
+                    bench::SIGNATURE_STACK,
+                    signature_stack.into(),
+                )?;
+                #[cfg(feature = "compare-ed25519-compact")]
+                {
+                    let (ok, ticks) = bench_compact_signature(agent, len);
+                    let stack = board.stack.take();
+                    bench_record(&mut board.link.out, bench::COMPACT_SIGNATURE, ticks)?;
+                    bench_record(
+                        &mut board.link.out,
+                        bench::COMPACT_SIGNATURE_STACK,
+                        stack.into(),
+                    )?;
+                    if !ok {
+                        return Err(Fault::Scenario);
+                    }
+                }
+                let decoded = signature_ok && prototype_decode(agent, len);
                 let decode_stack = board.stack.take();
                 bench_record(
                     &mut board.link.out,
@@ -402,6 +424,46 @@ fn bench_verify(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) 
     };
     let before = measure::ticks();
     let verified = open_command(frame, &keys).is_ok();
+    (verified, measure::ticks() - before)
+}
+
+/// Times the Ed25519 check alone (`verify_strict` over header and payload, with the SHA-512
+/// it needs): `(verified, ticks)`.
+#[inline(never)]
+fn bench_signature(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
+    let Some(key) = agent.config().trusted_keys.first().map(|k| k.key) else {
+        return (false, 0);
+    };
+    let Some(frame) = agent.frame_buffer().get(..len) else {
+        return (false, 0);
+    };
+    let before = measure::ticks();
+    let verified = parse_frame(frame, FrameKind::Command).is_ok_and(|raw| raw.verify(&key).is_ok());
+    (verified, measure::ticks() - before)
+}
+
+/// [`bench_signature`] with ed25519-compact instead of ed25519-dalek.
+#[cfg(feature = "compare-ed25519-compact")]
+#[inline(never)]
+fn bench_compact_signature(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
+    let Some(key) = agent
+        .config()
+        .trusted_keys
+        .first()
+        .map(|k| k.key.to_bytes())
+    else {
+        return (false, 0);
+    };
+    let Some(frame) = agent.frame_buffer().get(..len) else {
+        return (false, 0);
+    };
+    let Ok(raw) = parse_frame(frame, FrameKind::Command) else {
+        return (false, 0);
+    };
+    let key = ed25519_compact::PublicKey::new(key);
+    let signature = ed25519_compact::Signature::new(raw.signature);
+    let before = measure::ticks();
+    let verified = key.verify(raw.signed, &signature).is_ok();
     (verified, measure::ticks() - before)
 }
 

@@ -145,6 +145,15 @@ pub mod bench {
     /// Not ticks but stack bytes: the deepest the stack went during the firmware's
     /// in-place, grant-by-grant decode prototype (destination command included).
     pub const IN_PLACE_STACK: u8 = 4;
+    /// The Ed25519 signature check alone (`parse_frame` + `RawFrame::verify`), in ticks.
+    pub const SIGNATURE: u8 = 5;
+    /// Not ticks but stack bytes: the deepest the stack went during [`SIGNATURE`].
+    pub const SIGNATURE_STACK: u8 = 6;
+    /// The same check with ed25519-compact (`opt_size`), in ticks (feature
+    /// `compare-ed25519-compact` of the firmware only).
+    pub const COMPACT_SIGNATURE: u8 = 7;
+    /// Not ticks but stack bytes: the deepest the stack went during [`COMPACT_SIGNATURE`].
+    pub const COMPACT_SIGNATURE_STACK: u8 = 8;
 }
 
 /// Encodes an output record header.

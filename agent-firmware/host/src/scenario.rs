@@ -457,6 +457,12 @@ pub(crate) struct Results {
     /// prototype (`agent-firmware/src/prototype.rs`), in bytes.
     verify_stack: Option<u64>,
     in_place_stack: Option<u64>,
+    /// The Ed25519 check alone: ticks, and the deepest stack.
+    signature_ticks: Vec<u64>,
+    signature_stack: Option<u64>,
+    /// The same with ed25519-compact (firmware feature `compare-ed25519-compact`).
+    compact_ticks: Vec<u64>,
+    compact_stack: Option<u64>,
     checks: usize,
     failures: Vec<String>,
 }
@@ -490,6 +496,16 @@ impl Results {
             self.instructions_per_tick
         );
         line(
+            "Ed25519 verify_strict alone (SHA-512 included)",
+            &self.signature_ticks,
+        );
+        if !self.compact_ticks.is_empty() {
+            line(
+                "the same check with ed25519-compact (opt_size)",
+                &self.compact_ticks,
+            );
+        }
+        line(
             "open_command: Ed25519 verify_strict + decode",
             &self.verify_ticks,
         );
@@ -506,6 +522,12 @@ impl Results {
         );
         for (name, bytes) in &self.step_stack {
             println!("  {bytes:>6}  {name}");
+        }
+        if let Some(sig) = self.signature_stack {
+            println!("  {sig:>6}  Ed25519 verify_strict alone (SHA-512 included)");
+        }
+        if let Some(sig) = self.compact_stack {
+            println!("  {sig:>6}  the same check with ed25519-compact (opt_size)");
         }
         if let (Some(verify), Some(in_place)) = (self.verify_stack, self.in_place_stack) {
             println!("  {verify:>6}  open_command alone (verify + by-value decode)");
@@ -577,6 +599,10 @@ pub(crate) fn run_all(qemu: &Qemu, work: &Path) -> Result<Results, String> {
         step_stack: Vec::new(),
         verify_stack: None,
         in_place_stack: None,
+        signature_ticks: Vec::new(),
+        signature_stack: None,
+        compact_ticks: Vec::new(),
+        compact_stack: None,
         checks: 0,
         failures: Vec::new(),
     };
@@ -709,6 +735,10 @@ fn check_step(
             bench::HANDLE_COMMAND if step.bench => r.command_ticks.push(ticks),
             bench::VERIFY_STACK => r.verify_stack = Some(ticks),
             bench::IN_PLACE_STACK => r.in_place_stack = Some(ticks),
+            bench::SIGNATURE => r.signature_ticks.push(ticks),
+            bench::SIGNATURE_STACK => r.signature_stack = Some(ticks),
+            bench::COMPACT_SIGNATURE => r.compact_ticks.push(ticks),
+            bench::COMPACT_SIGNATURE_STACK => r.compact_stack = Some(ticks),
             _ => {}
         }
     }
