@@ -2,7 +2,8 @@
 # The firmware's tests (scripts/test.sh calls this when agent-firmware/Cargo.toml exists):
 #   1. rustfmt and clippy over agent-firmware/ (it is outside the host workspace, so the root
 #      checks do not see it);
-#   2. the board layer's host tests, among them the power-cut tests (>10,000 cuts);
+#   2. the board layer's host tests, among them the power-cut tests (>10,000 cuts: the flash
+#      store alone, and the real agent core over it);
 #   3. the release firmware build for thumbv7em-none-eabihf;
 #   4. the QEMU scenario (two power-ons over one flash image), whose reports are verified
 #      with the car's key, then the size report: .text/.rodata/.data/.bss, the painted
