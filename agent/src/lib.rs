@@ -131,6 +131,8 @@ extern crate std;
 
 mod machine;
 mod record;
+#[cfg(feature = "std")]
+pub mod runtime;
 
 pub use machine::{
     Action, Agent, BootStatus, Catalog, Config, FeatureLines, AGENT_BUFFER_SIZE,

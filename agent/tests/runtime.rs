@@ -1,0 +1,648 @@
+//! The `caas-agent` binary against a real broker (rumqttd, embedded in the test on a free
+//! port), real key files, a real sled store, real processes and the diagnostic endpoint.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::{Duration, Instant};
+
+use caas_protocol::*;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+const VIN: &str = "WVWZZZ1JZXW000001";
+/// Upper bound for anything to happen; tests never assert durations.
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start_broker() -> u16 {
+    let port = free_port();
+    let server = rumqttd::ServerSettings {
+        name: "v4".into(),
+        listen: format!("127.0.0.1:{port}").parse().unwrap(),
+        tls: None,
+        next_connection_delay_ms: 1,
+        connections: rumqttd::ConnectionSettings {
+            connection_timeout_ms: 5000,
+            max_payload_size: 64 * 1024,
+            max_inflight_count: 100,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = rumqttd::Config {
+        router: rumqttd::RouterConfig {
+            max_connections: 100,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 10,
+            ..Default::default()
+        },
+        v4: Some([("v4".to_string(), server)].into_iter().collect()),
+        ..Default::default()
+    };
+    std::thread::spawn(move || {
+        let mut broker = rumqttd::Broker::new(config);
+        let _ = broker.start();
+    });
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "broker did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    port
+}
+
+fn vin() -> Vin {
+    VIN.parse().unwrap()
+}
+
+/// A car's files: keys, data directory, hook log.
+struct CarFiles {
+    dir: tempfile::TempDir,
+    gateway: SigningKey,
+    device_pub: VerifyingKey,
+    diag_port: u16,
+}
+
+impl CarFiles {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let gateway = SigningKey::from_bytes(&[11; 32]);
+        let device = SigningKey::from_bytes(&[12; 32]);
+        files::write_verifying_key(&dir.path().join("gateway.pub"), &gateway.verifying_key())
+            .unwrap();
+        files::write_signing_key(&dir.path().join("device.key"), &device).unwrap();
+        let hook = dir.path().join("hook.sh");
+        std::fs::write(
+            &hook,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}\n",
+                dir.path().join("hook.log").display()
+            ),
+        )
+        .unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        CarFiles {
+            dir,
+            gateway,
+            device_pub: device.verifying_key(),
+            diag_port: free_port(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn args(&self, broker_port: u16) -> Vec<String> {
+        let p = |n: &str| self.path(n).display().to_string();
+        vec![
+            "run".into(),
+            "--vin".into(),
+            VIN.into(),
+            "--broker".into(),
+            format!("mqtt://127.0.0.1:{broker_port}"),
+            "--gateway-key".into(),
+            p("gateway.pub"),
+            "--device-key".into(),
+            p("device.key"),
+            "--data".into(),
+            p("data"),
+            "--hook".into(),
+            p("hook.sh"),
+            "--diag".into(),
+            format!("127.0.0.1:{}", self.diag_port),
+        ]
+    }
+
+    fn spawn(&self, broker_port: u16, env: &[(&str, &str)]) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("agent.log"))
+            .unwrap();
+        let mut cmd = Process::new(env!("CARGO_BIN_EXE_caas-agent"));
+        cmd.args(self.args(broker_port))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    }
+
+    fn hook_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("hook.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.path("agent.log")).unwrap_or_default()
+    }
+
+    /// `GET /status` from the diagnostic endpoint, waiting until it answers.
+    fn status(&self) -> serde_json::Value {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.diag_port)) {
+                s.write_all(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\n")
+                    .unwrap();
+                let mut resp = String::new();
+                s.read_to_string(&mut resp).unwrap();
+                assert!(resp.starts_with("HTTP/1.1 200 OK\r\n"), "{resp}");
+                assert!(resp.contains("Content-Type: application/json"));
+                let body = resp.split("\r\n\r\n").nth(1).unwrap();
+                return serde_json::from_str(body).unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "diagnostic endpoint never answered"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The gateway's side of the broker: publishes commands, collects reports and presence.
+struct Gateway {
+    client: AsyncClient,
+    rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    car_key: TrustedKey,
+}
+
+#[allow(clippy::large_enum_variant)] // test-only, short-lived
+enum Seen {
+    Report(Report),
+    Presence(String),
+}
+
+impl Gateway {
+    async fn connect(port: u16, car_key: VerifyingKey) -> Self {
+        let mut opts = MqttOptions::new(format!("test-gateway-{port}"), "127.0.0.1", port);
+        opts.set_max_packet_size(64 * 1024, 64 * 1024);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        client
+            .subscribe(topics::ALL_REPORTS, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        client
+            .subscribe(topics::ALL_PRESENCE, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        if tx.send((p.topic.clone(), p.payload.to_vec())).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            }
+        });
+        Gateway {
+            client,
+            rx,
+            car_key: TrustedKey::new(car_key),
+        }
+    }
+
+    async fn next(&mut self) -> Seen {
+        let (topic, payload) = tokio::time::timeout(PATIENCE, self.rx.recv())
+            .await
+            .expect("nothing arrived from the car in time")
+            .expect("gateway connection task ended");
+        match topics::parse_topic(&topic) {
+            Some((v, topics::TopicKind::Report)) => {
+                assert_eq!(v, vin());
+                let report = open_report(&payload, &self.car_key)
+                    .expect("report verifies with the car's public key");
+                assert_eq!(report.vin, vin());
+                Seen::Report(report)
+            }
+            Some((_, topics::TopicKind::Presence)) => {
+                Seen::Presence(String::from_utf8(payload).unwrap())
+            }
+            _ => panic!("unexpected topic {topic}"),
+        }
+    }
+
+    /// Reports until one has the wanted outcome; returns every report seen, that one last.
+    async fn reports_until(&mut self, want: impl Fn(&Outcome) -> bool) -> Vec<Report> {
+        let mut seen = Vec::new();
+        loop {
+            if let Seen::Report(r) = self.next().await {
+                let done = want(&r.outcome);
+                seen.push(r);
+                if done {
+                    return seen;
+                }
+            }
+        }
+    }
+
+    async fn presence_until(&mut self, want: &str) {
+        loop {
+            if let Seen::Presence(p) = self.next().await {
+                if p == want {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn send(&self, frame: Vec<u8>) {
+        self.client
+            .publish(
+                topics::command_topic(&vin()).as_str(),
+                QoS::AtLeastOnce,
+                false,
+                frame,
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn boost(seq: u64, vin: Vin) -> Command {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let mut g = Grant::new("power-boost".parse().unwrap());
+    g.flags.push("power_boost".parse().unwrap()).unwrap();
+    g.params
+        .push(Param {
+            key: "boostPercent".parse().unwrap(),
+            value: "15".parse().unwrap(),
+        })
+        .unwrap();
+    g.ends_at = Some(now + 86_400);
+    let mut desired = DesiredState::default();
+    desired.grants.push(g).unwrap();
+    Command {
+        vin,
+        seq,
+        issued_at: now,
+        not_after: now + 600,
+        body: CommandBody::SetState(desired),
+    }
+}
+
+fn query(nonce: u64) -> Command {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    Command {
+        vin: vin(),
+        seq: 0,
+        issued_at: now,
+        not_after: now + 600,
+        body: CommandBody::QueryStatus { nonce },
+    }
+}
+
+fn seal(cmd: &Command, key: &SigningKey) -> Vec<u8> {
+    let mut buf = [0u8; MAX_COMMAND_FRAME_SIZE];
+    seal_command(cmd, key, &mut buf).unwrap().to_vec()
+}
+
+fn kill9(child: &mut Child) {
+    child.kill().unwrap(); // SIGKILL on Unix
+    child.wait().unwrap();
+}
+
+fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "the agent did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signed_command_is_applied_acknowledged_once_and_reported() {
+    let port = start_broker();
+    let car = CarFiles::new();
+    let mut gw = Gateway::connect(port, car.device_pub).await;
+    let mut agent = car.spawn(port, &[]);
+    gw.presence_until("online").await;
+    gw.reports_until(|o| matches!(o, Outcome::Periodic { .. }))
+        .await;
+
+    gw.send(seal(&boost(1, vin()), &car.gateway)).await;
+    let reports = gw
+        .reports_until(|o| *o == Outcome::Applied { seq: 1 })
+        .await;
+    let applied = reports.last().unwrap();
+    assert_eq!(applied.applied_seq, 1);
+    assert_eq!(applied.active.len(), 1);
+    assert_eq!(applied.active[0].service_id.as_str(), "power-boost");
+    assert_eq!(car.hook_lines(), vec!["power_boost on boostPercent=15"]);
+
+    let status = car.status();
+    let mut keys: Vec<&str> = status
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        vec![
+            "activeGrants",
+            "appliedSeq",
+            "carTime",
+            "connectivity",
+            "errorCodes",
+            "firmwareVersion",
+            "lastRejection",
+            "vin"
+        ]
+    );
+    assert_eq!(status["vin"], VIN);
+    assert_eq!(status["appliedSeq"], 1);
+    assert_eq!(status["connectivity"], "ONLINE");
+    assert_eq!(status["lastRejection"], serde_json::Value::Null);
+    assert_eq!(status["errorCodes"], serde_json::json!([]));
+    assert!(status["carTime"].as_str().unwrap().ends_with('Z'));
+    let grant = &status["activeGrants"][0];
+    assert_eq!(grant["serviceId"], "power-boost");
+    assert_eq!(grant["flags"], serde_json::json!(["power_boost"]));
+    assert_eq!(
+        grant["parameters"],
+        serde_json::json!({"boostPercent": "15"})
+    );
+    assert!(grant["endsAt"].as_str().unwrap().ends_with('Z'));
+
+    // Kill -9: the broker publishes the last will. Restart on the same persistent session:
+    // had the command not been acknowledged, the broker would redeliver it now, before the
+    // query below, and the car would report `Applied` for it again.
+    kill9(&mut agent);
+    gw.presence_until("offline").await;
+    let mut agent = car.spawn(port, &[]);
+    gw.presence_until("online").await;
+    gw.send(seal(&query(9), &car.gateway)).await;
+    let reports = gw
+        .reports_until(|o| *o == Outcome::Status { nonce: 9 })
+        .await;
+    assert!(
+        reports
+            .iter()
+            .all(|r| !matches!(r.outcome, Outcome::Applied { .. })),
+        "the command was redelivered, so it had not been acknowledged: {reports:?}"
+    );
+    assert_eq!(
+        reports.last().unwrap().applied_seq,
+        1,
+        "the state survived the kill"
+    );
+    kill9(&mut agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_replayed_and_other_car_commands_are_refused_with_their_code() {
+    let port = start_broker();
+    let car = CarFiles::new();
+    let mut gw = Gateway::connect(port, car.device_pub).await;
+    let mut agent = car.spawn(port, &[]);
+    gw.presence_until("online").await;
+    gw.send(seal(&boost(1, vin()), &car.gateway)).await;
+    gw.reports_until(|o| *o == Outcome::Applied { seq: 1 })
+        .await;
+    gw.send(seal(&boost(2, vin()), &car.gateway)).await;
+    gw.reports_until(|o| *o == Outcome::Applied { seq: 2 })
+        .await;
+
+    let mut tampered = seal(&boost(3, vin()), &car.gateway);
+    tampered[FRAME_HEADER_SIZE + 20] ^= 1;
+    gw.send(tampered).await;
+    let r = gw
+        .reports_until(|o| matches!(o, Outcome::Rejected { .. }))
+        .await;
+    assert_eq!(
+        r.last().unwrap().outcome,
+        Outcome::Rejected {
+            seq: 0,
+            code: RejectCode::BadSignature
+        }
+    );
+
+    gw.send(seal(&boost(1, vin()), &car.gateway)).await;
+    let r = gw
+        .reports_until(|o| matches!(o, Outcome::Rejected { .. }))
+        .await;
+    assert_eq!(
+        r.last().unwrap().outcome,
+        Outcome::Rejected {
+            seq: 1,
+            code: RejectCode::Replay
+        }
+    );
+
+    gw.send(seal(
+        &boost(3, "WVWZZZ1JZXW000002".parse().unwrap()),
+        &car.gateway,
+    ))
+    .await;
+    let r = gw
+        .reports_until(|o| matches!(o, Outcome::Rejected { .. }))
+        .await;
+    assert_eq!(
+        r.last().unwrap().outcome,
+        Outcome::Rejected {
+            seq: 3,
+            code: RejectCode::WrongVin
+        }
+    );
+
+    let stranger = SigningKey::from_bytes(&[99; 32]);
+    gw.send(seal(&boost(3, vin()), &stranger)).await;
+    let r = gw
+        .reports_until(|o| matches!(o, Outcome::Rejected { .. }))
+        .await;
+    assert_eq!(
+        r.last().unwrap().outcome,
+        Outcome::Rejected {
+            seq: 0,
+            code: RejectCode::UnknownKey
+        }
+    );
+    assert_eq!(r.last().unwrap().applied_seq, 2, "nothing changed");
+
+    let status = car.status();
+    assert_eq!(status["appliedSeq"], 2);
+    assert_eq!(
+        status["lastRejection"],
+        serde_json::json!({"seq": 0, "code": "UNKNOWN_KEY"})
+    );
+    // Two applied commands switched the feature on twice (the second refreshes its
+    // parameters); the four refusals switched nothing.
+    assert_eq!(car.hook_lines().len(), 2);
+    kill9(&mut agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_receive_and_persist_leaves_the_command_unacknowledged() {
+    let port = start_broker();
+    let car = CarFiles::new();
+    let mut gw = Gateway::connect(port, car.device_pub).await;
+    let mut agent = car.spawn(port, &[("CAAS_AGENT_CRASH_BEFORE_PERSIST", "1")]);
+    gw.presence_until("online").await;
+    gw.send(seal(&boost(1, vin()), &car.gateway)).await;
+    let status = wait_exit(&mut agent);
+    assert!(!status.success(), "the test hook aborts the agent");
+    gw.presence_until("offline").await;
+    assert!(
+        car.hook_lines().is_empty(),
+        "nothing was applied before the crash"
+    );
+
+    // Restarted: the broker redelivers the unacknowledged command, which is applied once.
+    let mut agent = car.spawn(port, &[]);
+    let reports = gw
+        .reports_until(|o| *o == Outcome::Applied { seq: 1 })
+        .await;
+    assert!(reports.iter().all(|r| r.applied_seq <= 1));
+    gw.send(seal(&query(5), &car.gateway)).await;
+    let reports = gw
+        .reports_until(|o| *o == Outcome::Status { nonce: 5 })
+        .await;
+    assert!(
+        reports
+            .iter()
+            .all(|r| !matches!(r.outcome, Outcome::Applied { .. })),
+        "{reports:?}"
+    );
+    assert_eq!(
+        car.hook_lines(),
+        vec!["power_boost on boostPercent=15"],
+        "applied exactly once"
+    );
+    assert_eq!(car.status()["appliedSeq"], 1);
+    kill9(&mut agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_broker_is_retried_with_backoff_and_the_car_reports_offline() {
+    let car = CarFiles::new();
+    let port = free_port(); // nothing listens here
+    let mut agent = car.spawn(port, &[]);
+    let deadline = Instant::now() + PATIENCE;
+    while car.log().matches("broker unreachable; retrying").count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "no retries logged:\n{}",
+            car.log()
+        );
+        assert!(
+            agent.try_wait().unwrap().is_none(),
+            "the agent gave up:\n{}",
+            car.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(car.log().contains("retry_in_ms"));
+    assert_eq!(car.status()["connectivity"], "OFFLINE");
+    kill9(&mut agent);
+}
+
+fn run_expecting_error(args: &[String]) -> String {
+    let out = Process::new(env!("CARGO_BIN_EXE_caas-agent"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one clear line: {stderr}");
+    stderr
+}
+
+#[test]
+fn bad_configuration_gets_one_clear_line_and_a_nonzero_exit() {
+    let car = CarFiles::new();
+    let mut args = car.args(1883);
+    let i = args.iter().position(|a| a == "--device-key").unwrap();
+    args[i + 1] = car.path("missing.key").display().to_string();
+    let err = run_expecting_error(&args);
+    assert!(
+        err.starts_with("caas-agent: --device-key ") && err.contains("missing.key"),
+        "{err}"
+    );
+
+    let mut args = car.args(1883);
+    args[2] = "WVWZZZ1JZXW00000I".into();
+    let err = run_expecting_error(&args);
+    assert!(
+        err.contains("--vin") && err.contains("not allowed in a VIN"),
+        "{err}"
+    );
+
+    let mut args = car.args(1883);
+    args[4] = "http://127.0.0.1:1883".into();
+    assert!(run_expecting_error(&args).contains("mqtt://HOST:PORT"));
+
+    let mut args = car.args(1883);
+    let i = args.iter().position(|a| a == "--diag").unwrap();
+    args[i + 1] = "0.0.0.0:7070".into();
+    assert!(run_expecting_error(&args).contains("loopback"));
+}
+
+#[test]
+fn options_come_from_a_config_file_and_the_environment() {
+    let car = CarFiles::new();
+    let p = |n: &str| car.path(n).display().to_string();
+    std::fs::write(
+        car.path("agent.toml"),
+        format!(
+            "vin = \"{VIN}\"\nbroker = \"mqtt://127.0.0.1:1\"\ngateway-key = [\"gateway.pub\"]\ndata = \"data\"\n"
+        ),
+    )
+    .unwrap();
+    // The VIN, broker, gateway key and data directory from the file, the device key and a
+    // non-loopback diagnostic address from the environment: the refusal of the latter
+    // proves the environment was read, the data directory proves the file was.
+    let out = Process::new(env!("CARGO_BIN_EXE_caas-agent"))
+        .args(["run", "--config", &p("agent.toml")])
+        .env("CAAS_AGENT_DEVICE_KEY", p("device.key"))
+        .env("CAAS_AGENT_DIAG", "192.0.2.1:7070")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("--diag 192.0.2.1:7070") && stderr.contains("loopback"),
+        "{stderr}"
+    );
+    assert!(
+        Path::new(&p("data")).is_dir(),
+        "relative paths in the file are relative to it"
+    );
+}
