@@ -38,7 +38,7 @@ mod measure;
 mod prototype;
 mod semi;
 
-use caas_agent::{Action, Agent, Catalog, Config, FeatureLines};
+use caas_agent::{Action, Agent, BootStatus, Catalog, Config, FeatureLines};
 use caas_firmware_board::lines::{PinLines, RecordingPin};
 use caas_firmware_board::store::SlotStore;
 use caas_firmware_board::transport::{
@@ -296,6 +296,12 @@ fn boot_and_run(
         .link
         .out
         .record(OutKind::Boot, &boot_stack.to_le_bytes())?;
+    let status: &[u8] = match agent.boot_status() {
+        BootStatus::Fresh => b"boot: fresh",
+        BootStatus::Restored => b"boot: restored",
+        BootStatus::SafeState => b"boot: safe state",
+    };
+    board.link.out.record(OutKind::Log, status)?;
 
     let mut next = Some(first);
     loop {

@@ -107,7 +107,8 @@ pub enum OutKind {
     Bench = 3,
     /// At the end: `stack high-water bytes u32 LE | measured window bytes u32 LE`.
     Stack = 4,
-    /// A line of text for the log (UTF-8).
+    /// A line of text (UTF-8); after each boot `boot: fresh`, `boot: restored` or
+    /// `boot: safe state` (the stored record was refused).
     Log = 5,
     /// The agent acknowledged a frame to the transport (empty body).
     Ack = 6,

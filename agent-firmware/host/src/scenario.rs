@@ -606,10 +606,17 @@ pub(crate) fn run_all(qemu: &Qemu, work: &Path) -> Result<Results, String> {
         checks: 0,
         failures: Vec::new(),
     };
-    for (run, steps) in [
-        ("first power-on", first_run(&keys)),
-        ("cold reboot", second_run(&keys)),
-    ] {
+    // The first power-on starts from blank flash and reboots once (warm); the second is a
+    // cold boot over the same flash.
+    let runs: [(&str, Vec<Step>, &[&str]); 2] = [
+        (
+            "first power-on",
+            first_run(&keys),
+            &["boot: fresh", "boot: restored"],
+        ),
+        ("cold reboot", second_run(&keys), &["boot: restored"]),
+    ];
+    for (run, steps, boots) in runs {
         write_scenario(&work.join("scenario.bin"), &steps)?;
         let _ = std::fs::remove_file(work.join("out.bin"));
         let (status, console) = qemu.run(work)?;
@@ -617,7 +624,7 @@ pub(crate) fn run_all(qemu: &Qemu, work: &Path) -> Result<Results, String> {
             format!("{run}: QEMU exit status {status}, console: {console}")
         });
         let records = read_records(&work.join("out.bin"))?;
-        check_run(run, &keys, &steps, &records, &mut results);
+        check_run(run, &keys, &steps, boots, &records, &mut results);
         println!(
             "QEMU run \"{run}\": {} steps, {} output records, exit status {status}",
             steps.len(),
@@ -627,13 +634,21 @@ pub(crate) fn run_all(qemu: &Qemu, work: &Path) -> Result<Results, String> {
     Ok(results)
 }
 
-fn check_run(run: &str, keys: &Keys, steps: &[Step], records: &[Record], r: &mut Results) {
+fn check_run(
+    run: &str,
+    keys: &Keys,
+    steps: &[Step],
+    expected_boots: &[&str],
+    records: &[Record],
+    r: &mut Results,
+) {
     let car = TrustedKey::new(keys.car.verifying_key());
     let with_lines: Vec<&Step> = steps.iter().filter(|s| s.reports_lines()).collect();
     let mut segment: Vec<&Record> = Vec::new();
     let mut seen_steps = 0usize;
     let mut saw_stack = false;
     let dump = std::env::var_os("CAAS_FW_DUMP").is_some();
+    let mut boots = Vec::new();
     for rec in records {
         if dump {
             let detail = match rec.kind {
@@ -683,6 +698,7 @@ fn check_run(run: &str, keys: &Keys, steps: &[Step], records: &[Record], r: &mut
                 r.stack_high_water = r.stack_high_water.max(hw);
                 r.painted = painted;
             }
+            OutKind::Log => boots.push(String::from_utf8_lossy(&rec.body).into_owned()),
             OutKind::Boot => {
                 let stack =
                     u32::from_le_bytes([rec.body[0], rec.body[1], rec.body[2], rec.body[3]]);
@@ -705,6 +721,9 @@ fn check_run(run: &str, keys: &Keys, steps: &[Step], records: &[Record], r: &mut
             "{run}: the firmware finished {seen_steps} of {} steps",
             with_lines.len()
         )
+    });
+    r.expect(boots == expected_boots, || {
+        format!("{run}: boots {boots:?}, expected {expected_boots:?} (never a safe-state boot)")
     });
     r.expect(saw_stack, || {
         format!("{run}: no stack measurement (the firmware did not reach its end)")
