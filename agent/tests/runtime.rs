@@ -131,6 +131,10 @@ impl CarFiles {
     }
 
     fn spawn(&self, broker_port: u16, env: &[(&str, &str)]) -> Child {
+        self.spawn_with(broker_port, &[], env)
+    }
+
+    fn spawn_with(&self, broker_port: u16, extra: &[String], env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -138,6 +142,7 @@ impl CarFiles {
             .unwrap();
         let mut cmd = Process::new(env!("CARGO_BIN_EXE_caas-agent"));
         cmd.args(self.args(broker_port))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
             .env("RUST_LOG", "info");
@@ -291,6 +296,14 @@ fn boost(seq: u64, vin: Vin) -> Command {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
+    boost_until(seq, vin, now + 86_400)
+}
+
+fn boost_until(seq: u64, vin: Vin, ends_at: u64) -> Command {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     let mut g = Grant::new("power-boost".parse().unwrap());
     g.flags.push("power_boost".parse().unwrap()).unwrap();
     g.params
@@ -299,7 +312,7 @@ fn boost(seq: u64, vin: Vin) -> Command {
             value: "15".parse().unwrap(),
         })
         .unwrap();
-    g.ends_at = Some(now + 86_400);
+    g.ends_at = Some(ends_at);
     let mut desired = DesiredState::default();
     desired.grants.push(g).unwrap();
     Command {
@@ -645,4 +658,75 @@ fn options_come_from_a_config_file_and_the_environment() {
         Path::new(&p("data")).is_dir(),
         "relative paths in the file are relative to it"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_key_is_trusted_reports_are_periodic_and_a_grant_ends_on_time() {
+    let port = start_broker();
+    let car = CarFiles::new();
+    let next = SigningKey::from_bytes(&[13; 32]);
+    files::write_verifying_key(&car.path("gateway-next.pub"), &next.verifying_key()).unwrap();
+    let mut gw = Gateway::connect(port, car.device_pub).await;
+    let extra = [
+        "--gateway-key".into(),
+        car.path("gateway-next.pub").display().to_string(),
+    ];
+    let extra = [&extra[..], &["--report-interval".into(), "1".into()]].concat();
+    let mut agent = car.spawn_with(port, &extra, &[]);
+    gw.presence_until("online").await;
+
+    // Signed with the next key of a rotation: trusted, since both keys are configured.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    gw.send(seal(&boost_until(1, vin(), now + 2), &next)).await;
+    gw.reports_until(|o| *o == Outcome::Applied { seq: 1 })
+        .await;
+    gw.send(seal(&boost(2, vin()), &car.gateway)).await;
+    gw.reports_until(|o| *o == Outcome::Applied { seq: 2 })
+        .await;
+    gw.send(seal(&boost_until(3, vin(), now + 2), &next)).await;
+    gw.reports_until(|o| *o == Outcome::Applied { seq: 3 })
+        .await;
+
+    // Periodic reports flow, each counting the reports before it.
+    let reports = gw
+        .reports_until(|o| matches!(o, Outcome::Periodic { counter } if *counter >= 6))
+        .await;
+    let counters: Vec<u64> = reports
+        .iter()
+        .filter_map(|r| match r.outcome {
+            Outcome::Periodic { counter } => Some(counter),
+            _ => None,
+        })
+        .collect();
+    assert!(counters.windows(2).all(|w| w[0] < w[1]), "{counters:?}");
+    // The temporary grant ends by the car's own timer: the hook switches it off and the
+    // reports stop listing it.
+    let deadline = Instant::now() + PATIENCE;
+    while !car.hook_lines().contains(&"power_boost off".to_string()) {
+        assert!(
+            Instant::now() < deadline,
+            "the grant never ended: {:?}",
+            car.hook_lines()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..30 {
+        let r = gw
+            .reports_until(|o| matches!(o, Outcome::Periodic { .. }))
+            .await;
+        if r.last().unwrap().active.is_empty() {
+            break;
+        }
+    }
+    let r = gw
+        .reports_until(|o| matches!(o, Outcome::Periodic { .. }))
+        .await;
+    assert!(r.last().unwrap().active.is_empty(), "{r:?}");
+    assert!(r.last().unwrap().car_time >= now + 2);
+    assert_eq!(car.status()["activeGrants"], serde_json::json!([]));
+    assert_eq!(car.status()["appliedSeq"], 3);
+    kill9(&mut agent);
 }

@@ -33,6 +33,25 @@ pub const DEFAULT_BASE_FEATURES: &[&str] = &["abs", "airbags", "esc", "headlight
 /// acknowledging it). Used by the crash-recovery integration test; never set it in a car.
 pub const CRASH_BEFORE_PERSIST_ENV: &str = "CAAS_AGENT_CRASH_BEFORE_PERSIST";
 
+const RUN_AFTER_HELP: &str = "\
+Precedence: command line, then the CAAS_AGENT_* environment variables, then the --config
+TOML file (keys named like the long options), then the defaults.
+
+Key files: one line of 64 hex digits (public keys for --gateway-key, the secret seed for
+--device-key), as `caasctl` writes them.
+
+MQTT: client id = VIN, persistent session; subscribes /tenants/VIN/cmd (QoS 1); publishes
+signed reports on /tenants/VIN/report (QoS 1); presence `online` (retained) on every connect
+and `offline` as the retained last will at /tenants/VIN/presence. A command is acknowledged
+only after its state is flushed to --data and the features are switched.
+
+Diagnostics: `curl http://127.0.0.1:7070/status` or `caasctl local status --agent 127.0.0.1:7070`.
+Logs go to stderr; filter with RUST_LOG (default: info).
+Exit status: 0 after SIGINT/SIGTERM; 2 for bad configuration (one line on stderr). An
+unreachable broker is not fatal: the agent retries with jittered exponential backoff (up to 30 s).
+Test hook (never in a car): CAAS_AGENT_CRASH_BEFORE_PERSIST=1 makes the agent abort right after
+a command arrives, before it is persisted or acknowledged.";
+
 /// The car agent for Linux telematics units: verifies signed feature commands from the
 /// gateway over MQTT, persists them, switches features and answers with signed reports.
 #[derive(Debug, Parser)]
@@ -47,6 +66,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum CliCommand {
     /// Connect to the broker and run the agent until SIGINT/SIGTERM.
+    #[command(after_help = RUN_AFTER_HELP)]
     Run(RunArgs),
 }
 
