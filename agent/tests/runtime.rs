@@ -25,21 +25,49 @@ fn free_port() -> u16 {
 }
 
 fn start_broker() -> u16 {
+    start_broker_with_tls(None).0
+}
+
+/// A broker with a plain listener and, given `(ca, cert, key)` PEM paths, a TLS listener
+/// that requires client certificates (their O is the tenant: `/tenants/{O}/...` only).
+/// Returns (plain port, TLS port).
+fn start_broker_with_tls(tls: Option<(&Path, &Path, &Path)>) -> (u16, u16) {
     let port = free_port();
+    let tls_port = free_port();
+    let connections = rumqttd::ConnectionSettings {
+        connection_timeout_ms: 5000,
+        max_payload_size: 64 * 1024,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: true,
+    };
+    let mut servers = std::collections::HashMap::new();
+    if let Some((ca, cert, key)) = tls {
+        let s = |p: &Path| p.display().to_string();
+        servers.insert(
+            "tls".to_string(),
+            rumqttd::ServerSettings {
+                name: "tls".into(),
+                listen: format!("127.0.0.1:{tls_port}").parse().unwrap(),
+                tls: Some(rumqttd::TlsConfig::Rustls {
+                    capath: Some(s(ca)),
+                    certpath: s(cert),
+                    keypath: s(key),
+                }),
+                next_connection_delay_ms: 1,
+                connections: connections.clone(),
+            },
+        );
+    }
     let server = rumqttd::ServerSettings {
         name: "v4".into(),
         listen: format!("127.0.0.1:{port}").parse().unwrap(),
         tls: None,
         next_connection_delay_ms: 1,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 5000,
-            max_payload_size: 64 * 1024,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
+        connections,
     };
+    servers.insert("v4".to_string(), server);
     let config = rumqttd::Config {
         router: rumqttd::RouterConfig {
             max_connections: 100,
@@ -48,7 +76,7 @@ fn start_broker() -> u16 {
             max_segment_count: 10,
             ..Default::default()
         },
-        v4: Some([("v4".to_string(), server)].into_iter().collect()),
+        v4: Some(servers),
         ..Default::default()
     };
     std::thread::spawn(move || {
@@ -56,11 +84,18 @@ fn start_broker() -> u16 {
         let _ = broker.start();
     });
     let deadline = Instant::now() + PATIENCE;
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "broker did not start");
-        std::thread::sleep(Duration::from_millis(20));
+    let ports = if tls.is_some() {
+        vec![port, tls_port]
+    } else {
+        vec![port]
+    };
+    for p in ports {
+        while TcpStream::connect(("127.0.0.1", p)).is_err() {
+            assert!(Instant::now() < deadline, "broker did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    port
+    (port, tls_port)
 }
 
 fn vin() -> Vin {
@@ -728,5 +763,95 @@ async fn a_rotated_key_is_trusted_reports_are_periodic_and_a_grant_ends_on_time(
     assert!(r.last().unwrap().car_time >= now + 2);
     assert_eq!(car.status()["activeGrants"], serde_json::json!([]));
     assert_eq!(car.status()["appliedSeq"], 3);
+    kill9(&mut agent);
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate for the car
+/// (CN = O = VIN, the tenant rumqttd enforces), written as PEM files into `dir`.
+fn write_test_pki(dir: &Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    };
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "caas test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let mut server =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server_cert = server.signed_by(&server_key, &ca_cert, &ca_key).unwrap();
+    let car_key = KeyPair::generate().unwrap();
+    let mut car = CertificateParams::new(Vec::<String>::new()).unwrap();
+    car.distinguished_name.push(DnType::CommonName, VIN);
+    car.distinguished_name.push(DnType::OrganizationName, VIN);
+    car.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let car_cert = car.signed_by(&car_key, &ca_cert, &ca_key).unwrap();
+    for (name, pem) in [
+        ("ca.pem", ca_cert.pem()),
+        ("server.pem", server_cert.pem()),
+        ("server.key", server_key.serialize_pem()),
+        ("car.pem", car_cert.pem()),
+        ("car-tls.key", car_key.serialize_pem()),
+    ] {
+        std::fs::write(dir.join(name), pem).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_speaks_mqtts_with_its_client_certificate() {
+    caas_agent::runtime::install_crypto_provider();
+    let car = CarFiles::new();
+    write_test_pki(car.dir.path());
+    let (plain, tls) = start_broker_with_tls(Some((
+        &car.path("ca.pem"),
+        &car.path("server.pem"),
+        &car.path("server.key"),
+    )));
+    let mut gw = Gateway::connect(plain, car.device_pub).await;
+    let mut args = car.args(tls);
+    args[4] = format!("mqtts://127.0.0.1:{tls}");
+    for (flag, file) in [
+        ("--ca", "ca.pem"),
+        ("--cert", "car.pem"),
+        ("--key", "car-tls.key"),
+    ] {
+        args.push(flag.into());
+        args.push(car.path(file).display().to_string());
+    }
+    let log = std::fs::File::create(car.path("agent.log")).unwrap();
+    let mut agent = Process::new(env!("CARGO_BIN_EXE_caas-agent"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    gw.presence_until("online").await;
+    gw.send(seal(&boost(1, vin()), &car.gateway)).await;
+    gw.reports_until(|o| *o == Outcome::Applied { seq: 1 })
+        .await;
+    assert_eq!(car.status()["connectivity"], "ONLINE");
+    kill9(&mut agent);
+
+    // Without its client certificate the car cannot get in.
+    let mut args = args[..args.len() - 4].to_vec();
+    let log = std::fs::File::create(car.path("agent-nocert.log")).unwrap();
+    let mut agent = Process::new(env!("CARGO_BIN_EXE_caas-agent"))
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let log = std::fs::read_to_string(car.path("agent-nocert.log")).unwrap_or_default();
+        if log.matches("broker unreachable; retrying").count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     kill9(&mut agent);
 }
