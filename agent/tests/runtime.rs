@@ -836,7 +836,7 @@ async fn the_agent_speaks_mqtts_with_its_client_certificate() {
     kill9(&mut agent);
 
     // Without its client certificate the car cannot get in.
-    let mut args = args[..args.len() - 4].to_vec();
+    let args = args[..args.len() - 4].to_vec();
     let log = std::fs::File::create(car.path("agent-nocert.log")).unwrap();
     let mut agent = Process::new(env!("CARGO_BIN_EXE_caas-agent"))
         .args(&args)
