@@ -1,8 +1,4 @@
-//! # caas-sim: the fleet simulator
-//!
-//! Will run thousands of virtual cars (each a real MQTT connection running the real agent
-//! core), drive scenarios against the IoT API, run the demo and print the benchmark table.
+//! The `caas-sim` binary: `fleet`, `run`, `demo`, `bench` (see the `caas_sim` library docs).
 fn main() {
-    eprintln!("caas-sim: not built yet");
-    std::process::exit(2);
+    std::process::exit(caas_sim::cli::main());
 }

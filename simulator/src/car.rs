@@ -1,0 +1,627 @@
+//! One virtual car: the real agent core driven over its own MQTT connection.
+//!
+//! The driver follows the core's contract (see `caas_agent`): after every `handle_*` it
+//! drains `poll_action` and carries each action out before the next — `Persist` into an
+//! in-memory record (the stand-in for sled), `SetFeature` into a small table of lines,
+//! `Ack` as the MQTT PUBACK of the frame being handled (manual acks), `Publish` on the car's
+//! report topic — then sleeps until `poll_timeout` or the next frame.
+//!
+//! The connection is a car's, as the Linux runtime makes it: client id = VIN, persistent
+//! session (`clean_session = false`), TCP_NODELAY, manual acks, retained `offline` last
+//! will and a retained `online` on connect, a QoS 1 subscription to the command topic.
+//!
+//! Faults are injected around the core, never inside it: a dropped command is acknowledged
+//! and never shown to the core; a refused one makes the store fail (the core then reports
+//! `STORAGE_FAILED` and does not acknowledge); a corrupted frame has one byte flipped; a
+//! reconnect storm drops the TCP connection without DISCONNECT (so the broker publishes the
+//! last will) and reconnects.
+//!
+//! Per-car memory is the core (~9 KiB), the MQTT client's state and buffers, and a few
+//! hundred bytes here; nothing grows with time (the pending-request queue of the MQTT client
+//! is bounded by [`CLIENT_QUEUE`]).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use caas_agent::{Action, Agent, Catalog, Config, MAX_TRUSTED_KEYS};
+use caas_protocol::{
+    parse_frame, topics, FirmwareVersion, FrameKind, Outcome, Report, SigningKey, TrustedKey, Vin,
+};
+use rand::Rng;
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, Publish,
+    QoS,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::{watch, Semaphore};
+
+use crate::faults::CarFaults;
+use crate::stats::{bump, FleetStats};
+
+/// Capacity of each car's MQTT request channel. A handled frame queues at most one PUBACK
+/// and a few reports (the core holds at most `MAX_PENDING_REPORTS`), and the event loop
+/// drains the channel on every poll.
+pub const CLIENT_QUEUE: usize = 16;
+/// Most unacknowledged QoS 1 publishes a car keeps in flight.
+pub const CAR_INFLIGHT: u16 = 8;
+/// Largest MQTT packet a car accepts or sends (a command frame is well under 2 KiB).
+pub const CAR_MAX_PACKET: usize = 8 * 1024;
+/// Longest wait between two reconnect attempts.
+pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The seed catalogue's optional features: any of them can be granted.
+pub const SEED_OPTIONAL: &[&str] = &[
+    "power_boost",
+    "highway_autopilot",
+    "parking_assist",
+    "lane_keeping",
+    "adaptive_cruise",
+    "collision_avoidance",
+    "snow_mode",
+    "offroad_mode",
+    "sport_mode",
+    "advanced_hvac",
+    "heated_seats",
+    "seat_cooling",
+    "premium_audio",
+    "streaming",
+];
+/// The simulated base platform: features every car was sold with, which no command may touch.
+pub const SEED_BASE: &[&str] = &[
+    "abs",
+    "esc",
+    "airbags",
+    "headlights",
+    "basic_audio",
+    "climate",
+];
+/// The simulated platform's name, as registered with `POST /vehicles`.
+pub const SEED_PLATFORM: &str = "sim-platform-v1";
+
+/// The seed platform's catalogue.
+pub fn seed_catalog() -> Catalog<'static> {
+    Catalog {
+        optional: SEED_OPTIONAL,
+        base: SEED_BASE,
+    }
+}
+
+/// A car's key, derived from the fleet seed and its index (so worker processes and the
+/// parent agree on keys without passing them around).
+pub fn car_key(seed: u64, index: u64) -> SigningKey {
+    let digest = Sha256::new()
+        .chain_update(b"caas-sim car key")
+        .chain_update(seed.to_le_bytes())
+        .chain_update(index.to_le_bytes())
+        .finalize();
+    let mut bytes = [0u8; 32];
+    bytes.copy_from_slice(&digest);
+    SigningKey::from_bytes(&bytes)
+}
+
+/// The VIN of car `index` with a 6-character prefix (`SMV` + 3 run characters):
+/// prefix, then the index as 11 decimal digits.
+pub fn car_vin(prefix: &str, index: u64) -> Result<Vin, String> {
+    let text = format!("{prefix}{index:011}");
+    text.parse()
+        .map_err(|e| format!("VIN `{text}` from prefix `{prefix}`: {e}"))
+}
+
+/// A random 6-character VIN prefix for a run (`SMV` and three VIN characters).
+pub fn random_prefix() -> String {
+    const CHARS: &[u8] = b"ABCDEFGHJKLMNPRSTUVWXYZ0123456789";
+    let mut rng = rand::thread_rng();
+    let tail: String = (0..3)
+        .map(|_| CHARS[rng.gen_range(0..CHARS.len())] as char)
+        .collect();
+    format!("SMV{tail}")
+}
+
+/// What every car of one fleet (process) shares.
+pub struct FleetContext {
+    /// Broker host.
+    pub mqtt_host: String,
+    /// Broker port.
+    pub mqtt_port: u16,
+    /// Gateway keys the cars trust.
+    pub trusted: heapless::Vec<TrustedKey, MAX_TRUSTED_KEYS>,
+    /// The platform's catalogue.
+    pub platform: Catalog<'static>,
+    /// Firmware version reported.
+    pub firmware: FirmwareVersion,
+    /// Seconds between periodic reports (0: none).
+    pub report_interval_secs: u64,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// Counters and histograms.
+    pub stats: Arc<FleetStats>,
+    /// Bounds concurrent connection attempts.
+    pub connect_gate: Arc<Semaphore>,
+    /// Paces first connections.
+    pub pacer: Pacer,
+    /// Share of command frames to corrupt.
+    pub corrupt: f64,
+    /// Delay before handling a command.
+    pub net_delay: Option<Duration>,
+    /// Turns `true` to stop every car.
+    pub shutdown: watch::Receiver<bool>,
+    /// When the fleet started.
+    pub epoch: Instant,
+}
+
+/// Spaces out events to at most one per interval (first connections).
+pub struct Pacer {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl Pacer {
+    /// At most `per_sec` events per second (0: unpaced).
+    pub fn new(per_sec: u32) -> Self {
+        let interval = if per_sec == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(1.0 / f64::from(per_sec))
+        };
+        Pacer {
+            interval,
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for the next slot.
+    pub async fn wait(&self) {
+        if self.interval.is_zero() {
+            return;
+        }
+        let slot = match self.next.lock() {
+            Ok(mut next) => {
+                let now = Instant::now();
+                let slot = (*next).max(now);
+                *next = slot + self.interval;
+                slot
+            }
+            Err(_) => return,
+        };
+        tokio::time::sleep_until(slot.into()).await;
+    }
+}
+
+/// What the outside (the demo, the tests) can see of and change in one car while it runs.
+#[derive(Default)]
+pub struct CarShared {
+    /// The car drops commands until this many milliseconds after the fleet epoch
+    /// (`u64::MAX`: for ever; 0: not at all).
+    pub drop_until_ms: AtomicU64,
+    /// The car's store fails (the refuse fault).
+    pub refuse: AtomicBool,
+    /// The car's state after its last handled event.
+    pub snapshot: Mutex<CarSnapshot>,
+    /// Wakes the car to drop its connection and reconnect (as a storm does).
+    pub reconnect: tokio::sync::Notify,
+}
+
+/// A car's state as last seen by its driver.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CarSnapshot {
+    /// Connected to the broker now.
+    pub connected: bool,
+    /// The newest applied command's seq.
+    pub applied_seq: u64,
+    /// The feature lines switched on.
+    pub lines_on: Vec<String>,
+    /// Command frames received.
+    pub commands: u64,
+    /// The last rejection code reported, if any.
+    pub last_rejection: Option<String>,
+}
+
+impl CarShared {
+    /// Shared state for a car with `faults`.
+    pub fn new(faults: &CarFaults) -> Self {
+        let drop_until_ms = match faults.drop {
+            None => 0,
+            Some(None) => u64::MAX,
+            Some(Some(d)) => u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        };
+        CarShared {
+            drop_until_ms: AtomicU64::new(drop_until_ms),
+            refuse: AtomicBool::new(faults.refuse),
+            snapshot: Mutex::new(CarSnapshot::default()),
+            reconnect: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A copy of the snapshot.
+    pub fn snapshot(&self) -> CarSnapshot {
+        self.snapshot.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Makes the car drop every command from now on (`true`) or answer again (`false`).
+    pub fn set_silent(&self, silent: bool) {
+        self.drop_until_ms
+            .store(if silent { u64::MAX } else { 0 }, Ordering::Relaxed);
+    }
+}
+
+/// One car to run.
+pub struct CarSpec {
+    /// Its VIN.
+    pub vin: Vin,
+    /// Its report-signing key.
+    pub key: SigningKey,
+    /// Its faults.
+    pub faults: CarFaults,
+    /// What the outside sees of it.
+    pub shared: Arc<CarShared>,
+}
+
+struct Driver {
+    agent: Agent<Catalog<'static>>,
+    store: Vec<u8>,
+    client: AsyncClient,
+    report_topic: String,
+    /// The frame being handled, acknowledged on the core's `Ack`.
+    current: Option<Publish>,
+    shared: Arc<CarShared>,
+    ctx: Arc<FleetContext>,
+    lines_changed: bool,
+}
+
+impl Driver {
+    /// Drains the core's actions. `in_command`: the actions follow a received command, so a
+    /// refusing car fails its store.
+    fn drain(&mut self, in_command: bool) -> bool {
+        let stats = &self.ctx.stats;
+        let refuse = in_command && self.shared.refuse.load(Ordering::Relaxed);
+        let mut published = false;
+        loop {
+            let mut failed = false;
+            let Some(action) = self.agent.poll_action() else {
+                break;
+            };
+            match action {
+                Action::Persist(bytes) => {
+                    if refuse {
+                        failed = true;
+                    } else {
+                        self.store.clear();
+                        self.store.extend_from_slice(bytes);
+                    }
+                }
+                Action::SetFeature { .. } => self.lines_changed = true,
+                Action::Ack => {
+                    if let Some(p) = self.current.take() {
+                        if self.client.try_ack(&p).is_err() {
+                            bump(&stats.client_queue_full);
+                        } else {
+                            bump(&stats.acks);
+                        }
+                    }
+                }
+                Action::Publish(frame) => {
+                    classify_report(frame, stats);
+                    match self.client.try_publish(
+                        self.report_topic.as_str(),
+                        QoS::AtLeastOnce,
+                        topics::REPORT_RETAIN,
+                        frame.to_vec(),
+                    ) {
+                        Ok(()) => {
+                            bump(&stats.reports);
+                            published = true;
+                        }
+                        Err(_) => bump(&stats.client_queue_full),
+                    }
+                }
+            }
+            if failed {
+                bump(&stats.persists_refused);
+                self.agent.persist_failed();
+            }
+        }
+        // A frame the core did not acknowledge (its store failed) stays unacknowledged: the
+        // broker redelivers it after a reconnect.
+        self.current = None;
+        self.update_snapshot();
+        published
+    }
+
+    fn update_snapshot(&mut self) {
+        if let Ok(mut s) = self.shared.snapshot.lock() {
+            s.applied_seq = self.agent.state().applied_seq;
+            if self.lines_changed {
+                s.lines_on = self
+                    .agent
+                    .lines_on()
+                    .iter()
+                    .map(|f| f.as_str().to_string())
+                    .collect();
+                self.lines_changed = false;
+            }
+            s.last_rejection = self
+                .agent
+                .last_rejection()
+                .map(|(_, c)| c.as_str().to_string());
+        }
+    }
+
+    fn set_connected(&self, on: bool) {
+        if let Ok(mut s) = self.shared.snapshot.lock() {
+            s.connected = on;
+        }
+    }
+}
+
+/// Counts a report by its outcome (the car's own frame: no need to verify it).
+fn classify_report(frame: &[u8], stats: &FleetStats) {
+    let Ok(raw) = parse_frame(frame, FrameKind::Report) else {
+        return;
+    };
+    let Ok(report) = postcard::from_bytes::<Report>(raw.payload) else {
+        return;
+    };
+    match report.outcome {
+        Outcome::Applied { .. } => bump(&stats.applied),
+        Outcome::Status { .. } => bump(&stats.status),
+        Outcome::Periodic { .. } => bump(&stats.periodic),
+        Outcome::Rejected { code, .. } => stats.rejected(code.as_str()),
+    }
+}
+
+fn instant_of_unix(deadline: u64) -> Instant {
+    let now = crate::unix_now();
+    Instant::now() + Duration::from_secs(deadline.saturating_sub(now))
+}
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Runs one car until the fleet shuts down.
+pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
+    let vin = spec.vin;
+    let mut shutdown = ctx.shutdown.clone();
+    if let Some(wait) = spec.faults.offline_for {
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+    let command_topic = topics::command_topic(&vin).as_str().to_string();
+    let presence_topic = topics::presence_topic(&vin).as_str().to_string();
+    let mut opts = MqttOptions::new(vin.as_str(), ctx.mqtt_host.as_str(), ctx.mqtt_port);
+    opts.set_keep_alive(ctx.keep_alive)
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_inflight(CAR_INFLIGHT)
+        .set_max_packet_size(CAR_MAX_PACKET, CAR_MAX_PACKET)
+        .set_last_will(LastWill::new(
+            presence_topic.as_str(),
+            topics::PRESENCE_OFFLINE,
+            QoS::AtLeastOnce,
+            topics::PRESENCE_RETAIN,
+        ));
+    let (client, mut eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    let mut net = NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_connection_timeout(10);
+    eventloop.set_network_options(net);
+
+    let config = Config {
+        vin,
+        trusted_keys: ctx.trusted.clone(),
+        device_key: spec.key,
+        platform: ctx.platform,
+        firmware_version: ctx.firmware.clone(),
+        report_interval_secs: ctx.report_interval_secs,
+    };
+    let agent = Agent::new(config, None, crate::unix_now());
+    let mut d = Driver {
+        agent,
+        store: Vec::new(),
+        client,
+        report_topic: topics::report_topic(&vin).as_str().to_string(),
+        current: None,
+        shared: spec.shared,
+        ctx: ctx.clone(),
+        lines_changed: true,
+    };
+    d.drain(false);
+
+    let stats = ctx.stats.clone();
+    let shared = d.shared.clone();
+    let mut first = true;
+    let mut failures: u32 = 0;
+    let mut next_storm = spec.faults.storm_every.map(|e| Instant::now() + jitter(e));
+    loop {
+        if eventloop.network.is_none() {
+            // Connecting: bounded concurrency, paced the first time.
+            let Ok(permit) = ctx.connect_gate.clone().acquire_owned().await else {
+                return;
+            };
+            if first {
+                ctx.pacer.wait().await;
+            }
+            let t0 = Instant::now();
+            let res = tokio::select! {
+                r = eventloop.poll() => r,
+                _ = shutdown.changed() => return,
+            };
+            drop(permit);
+            match res {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    stats.record_connect(t0.elapsed());
+                    bump(&stats.connects);
+                    bump(&stats.connected);
+                    if first {
+                        bump(&stats.ever_connected);
+                        first = false;
+                    }
+                    failures = 0;
+                    d.set_connected(true);
+                    on_connected(&mut d, &command_topic, &presence_topic);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    bump(&stats.connect_errors);
+                    failures = failures.saturating_add(1);
+                    eventloop.network = None;
+                    if !backoff(failures, &mut shutdown, &e).await {
+                        return;
+                    }
+                }
+            }
+            continue;
+        }
+
+        let timeout_at = d
+            .agent
+            .poll_timeout()
+            .map(instant_of_unix)
+            .unwrap_or_else(far_future);
+        let storm_at = next_storm.unwrap_or_else(far_future);
+        tokio::select! {
+            ev = eventloop.poll() => match ev {
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    on_publish(&mut d, p, &command_topic).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    lost(&mut d, &stats);
+                    failures = failures.saturating_add(1);
+                    if !backoff(failures, &mut shutdown, &e).await {
+                        return;
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(timeout_at.into()) => {
+                d.agent.handle_timeout(crate::unix_now());
+                d.drain(false);
+            }
+            _ = tokio::time::sleep_until(storm_at.into()) => {
+                // Drop the TCP connection without DISCONNECT: the broker sends the last will.
+                eventloop.clean();
+                bump(&stats.storm_drops);
+                lost(&mut d, &stats);
+                next_storm = spec.faults.storm_every.map(|e| Instant::now() + jitter(e));
+                let pause = Duration::from_millis(rand::thread_rng().gen_range(50..500));
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+            _ = shared.reconnect.notified() => {
+                eventloop.clean();
+                lost(&mut d, &stats);
+            }
+            _ = shutdown.changed() => {
+                let _ = d.client.try_disconnect();
+                let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
+                return;
+            }
+        }
+    }
+}
+
+fn lost(d: &mut Driver, stats: &FleetStats) {
+    bump(&stats.disconnects);
+    stats.connected.fetch_sub(1, Ordering::Relaxed);
+    d.set_connected(false);
+}
+
+/// Sleeps before the next reconnect; `false` when the fleet is shutting down.
+async fn backoff(
+    failures: u32,
+    shutdown: &mut watch::Receiver<bool>,
+    _e: &ConnectionError,
+) -> bool {
+    let base = Duration::from_millis(250u64.saturating_mul(1 << failures.min(5)));
+    let wait = jitter(base.min(MAX_RECONNECT_BACKOFF));
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
+/// `d` ± 25%, so cars do not move in lockstep.
+fn jitter(d: Duration) -> Duration {
+    let f = rand::thread_rng().gen_range(0.75..1.25);
+    d.mul_f64(f)
+}
+
+fn on_connected(d: &mut Driver, command_topic: &str, presence_topic: &str) {
+    if d.client
+        .try_subscribe(command_topic, QoS::AtLeastOnce)
+        .is_err()
+        || d.client
+            .try_publish(
+                presence_topic,
+                QoS::AtLeastOnce,
+                topics::PRESENCE_RETAIN,
+                topics::PRESENCE_ONLINE,
+            )
+            .is_err()
+    {
+        bump(&d.ctx.stats.client_queue_full);
+    }
+    d.agent.handle_connected(crate::unix_now());
+    d.drain(false);
+}
+
+async fn on_publish(d: &mut Driver, p: Publish, command_topic: &str) {
+    let stats = d.ctx.stats.clone();
+    if p.topic != command_topic {
+        // Not ours to handle; acknowledge so the broker does not hold it.
+        let _ = d.client.try_ack(&p);
+        return;
+    }
+    bump(&stats.commands_received);
+    if let Ok(mut s) = d.shared.snapshot.lock() {
+        s.commands += 1;
+    }
+    let elapsed_ms = u64::try_from(d.ctx.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+    if elapsed_ms < d.shared.drop_until_ms.load(Ordering::Relaxed) {
+        bump(&stats.commands_dropped);
+        if d.client.try_ack(&p).is_err() {
+            bump(&stats.client_queue_full);
+        }
+        return;
+    }
+    if let Some(delay) = d.ctx.net_delay {
+        tokio::time::sleep(delay).await;
+    }
+    let t0 = Instant::now();
+    let corrupt = d.ctx.corrupt > 0.0 && rand::thread_rng().gen_bool(d.ctx.corrupt);
+    let payload = p.payload.clone();
+    d.current = Some(p);
+    if corrupt && !payload.is_empty() {
+        bump(&stats.frames_corrupted);
+        let mut bytes = payload.to_vec();
+        let i = rand::thread_rng().gen_range(0..bytes.len());
+        bytes[i] ^= 0x5a;
+        d.agent.handle_frame(&bytes, crate::unix_now());
+    } else {
+        d.agent.handle_frame(&payload, crate::unix_now());
+    }
+    if d.drain(true) {
+        stats.record_handle(t0.elapsed());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vins_and_keys_are_deterministic() {
+        let v = car_vin("SMVABC", 42).unwrap();
+        assert_eq!(v.as_str(), "SMVABC00000000042");
+        assert!(car_vin("SMVIOQ", 1).is_err());
+        assert_eq!(car_key(1, 2).to_bytes(), car_key(1, 2).to_bytes());
+        assert_ne!(car_key(1, 2).to_bytes(), car_key(1, 3).to_bytes());
+        let p = random_prefix();
+        assert!(car_vin(&p, 99_999_999_999).is_ok());
+    }
+}

@@ -1,0 +1,583 @@
+//! The command line: `caas-sim fleet | run | demo | bench`.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::{Command as Process, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde::{Deserialize, Serialize};
+
+use crate::faults::FaultPlan;
+use crate::fleet::{Fleet, FleetOptions, MAX_CARS_PER_PROCESS};
+use crate::stats::{decode_histogram, FleetReport, Percentiles};
+
+/// The CaaS fleet simulator.
+#[derive(Parser, Debug)]
+#[command(name = "caas-sim", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Provision N virtual cars and keep them connected, running the real agent core.
+    Fleet(FleetArgs),
+    /// Drive a running gateway the way the CaaS core would (activations at a rate, or a
+    /// campaign), receiving and checking the webhook callbacks.
+    Run(crate::scenario::RunArgs),
+    /// One command, no setup: a gateway, 1,000 cars and the system's story.
+    Demo(crate::demo::DemoArgs),
+    /// Embedded broker vs Mosquitto: the performance table.
+    Bench(crate::bench::BenchArgs),
+    /// (internal) run the gateway: `caas-sim gateway serve` is `caas-gateway serve`.
+    #[command(hide = true, subcommand)]
+    Gateway(GatewayCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum GatewayCmd {
+    /// Serve the IoT API and the MQTT fan-out (the same options as `caas-gateway serve`).
+    Serve(caas_gateway::config::ServeArgs),
+}
+
+fn gateway_main(cmd: GatewayCmd) -> i32 {
+    let GatewayCmd::Serve(args) = cmd;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,rumqttd=warn,sled=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("caas-gateway: {e:#}");
+            return 2;
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("caas-gateway: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let stop = async {
+        #[cfg(unix)]
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match rt.block_on(caas_gateway::run(config, stop)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("caas-gateway: {e:#}");
+            1
+        }
+    }
+}
+
+/// Where the gateway is.
+#[derive(Args, Debug, Clone)]
+pub struct GatewayArgs {
+    /// The gateway's IoT API base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub gateway: String,
+    /// The IoT API bearer token.
+    #[arg(long, env = "CAAS_API_TOKEN", default_value = "dev-token")]
+    pub api_token: String,
+}
+
+/// Fault injection flags (ratios are `0.3` or `30%`, durations `500ms`, `5s`, `2m`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct FaultArgs {
+    /// Share of cars offline at start.
+    #[arg(long, value_parser = crate::parse_ratio, default_value = "0")]
+    pub offline_at_start: f64,
+    /// How long they stay offline.
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub offline_for: Option<Duration>,
+    /// Share of cars that drop (acknowledge and ignore) commands.
+    #[arg(long, value_parser = crate::parse_ratio, default_value = "0")]
+    pub drop_commands: f64,
+    /// For how long from start they drop commands (default: for ever — they never answer).
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub drop_for: Option<Duration>,
+    /// Share of cars that refuse to apply (their store fails: STORAGE_FAILED).
+    #[arg(long, value_parser = crate::parse_ratio, default_value = "0")]
+    pub refuse: f64,
+    /// Delay before a car handles each command (network latency).
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub net_delay: Option<Duration>,
+    /// Share of cars that drop their connection and reconnect periodically.
+    #[arg(long, value_parser = crate::parse_ratio, default_value = "0")]
+    pub storm: f64,
+    /// How often storm cars reconnect.
+    #[arg(long, value_parser = crate::parse_duration)]
+    pub storm_every: Option<Duration>,
+    /// Share of command frames corrupted (one byte flipped) before the car sees them.
+    #[arg(long, value_parser = crate::parse_ratio, default_value = "0")]
+    pub corrupt: f64,
+}
+
+impl FaultArgs {
+    /// The plan these flags describe.
+    pub fn plan(&self) -> FaultPlan {
+        FaultPlan {
+            offline_at_start: self.offline_at_start,
+            offline_for: self.offline_for,
+            drop_commands: self.drop_commands,
+            drop_for: self.drop_for,
+            refuse: self.refuse,
+            net_delay: self.net_delay,
+            storm: self.storm,
+            storm_every: self.storm_every,
+            corrupt: self.corrupt,
+        }
+    }
+}
+
+/// `caas-sim fleet`.
+#[derive(Args, Debug, Clone)]
+pub struct FleetArgs {
+    #[command(flatten)]
+    gw: GatewayArgs,
+    /// The MQTT broker the gateway uses, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: String,
+    /// Number of cars.
+    #[arg(long, default_value_t = 100)]
+    cars: u64,
+    /// Run this long, then stop (default: until Ctrl-C).
+    #[arg(long, value_parser = crate::parse_duration)]
+    duration: Option<Duration>,
+    /// Write the VINs here, one a line.
+    #[arg(long)]
+    vins_out: Option<PathBuf>,
+    /// Write `VIN faults` lines here (faults: offline, silent, drop, refuse, storm or `-`).
+    #[arg(long)]
+    faults_out: Option<PathBuf>,
+    /// Write the final report here as JSON.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Seed of the cars' keys (random by default).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// The 6-character VIN prefix (random `SMVxxx` by default).
+    #[arg(long)]
+    vin_prefix: Option<String>,
+    /// First connections per second.
+    #[arg(long, default_value_t = 2000)]
+    connect_rate: u32,
+    /// Most MQTT handshakes in flight at once.
+    #[arg(long, default_value_t = 256)]
+    max_connecting: usize,
+    /// MQTT keep-alive.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "60s")]
+    keep_alive: Duration,
+    /// Seconds between the cars' periodic status reports (0: none).
+    #[arg(long, default_value_t = 0)]
+    report_interval: u64,
+    /// Trust this gateway public key file instead of asking `GET /keys`.
+    #[arg(long)]
+    gateway_key: Option<PathBuf>,
+    /// Do not register the cars (they already are, with the same seed and prefix).
+    #[arg(long)]
+    no_provision: bool,
+    /// Worker processes (0: one per 15,000 cars).
+    #[arg(long, default_value_t = 0)]
+    workers: u64,
+    /// Longest wait for the fleet to connect.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "10m")]
+    connect_timeout: Duration,
+    /// No progress bars.
+    #[arg(long)]
+    no_progress: bool,
+    #[command(flatten)]
+    faults: FaultArgs,
+    /// (internal) run as a worker: cars from this index, JSON lines on stdout.
+    #[arg(long, hide = true)]
+    worker_first: Option<u64>,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    crate::init_crypto();
+    let cli = match cli.command {
+        Cmd::Gateway(g) => return gateway_main(g),
+        other => other,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("caas-sim: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli {
+            Cmd::Gateway(_) => Ok(2),
+            Cmd::Fleet(a) => fleet_main(a).await,
+            Cmd::Run(a) => crate::scenario::run_main(a).await,
+            Cmd::Demo(a) => crate::demo::demo_main(a).await,
+            Cmd::Bench(a) => crate::bench::bench_main(a).await,
+        }
+    });
+    // Cars' tasks may still be winding down; do not wait for them.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("caas-sim: {e:#}");
+            1
+        }
+    }
+}
+
+/// One line a worker process writes on stdout.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WorkerLine {
+    Connected(u64),
+    Done {
+        report: Box<FleetReport>,
+        handle_hist: String,
+        connect_hist: String,
+    },
+}
+
+fn options(a: &FleetArgs, seed: u64, prefix: String) -> Result<FleetOptions> {
+    let gateway_key = match &a.gateway_key {
+        Some(p) => Some(caas_protocol::files::read_verifying_key(p)?),
+        None => None,
+    };
+    Ok(FleetOptions {
+        gateway: a.gw.gateway.clone(),
+        api_token: a.gw.api_token.clone(),
+        mqtt: a.mqtt.clone(),
+        cars: a.cars,
+        first_index: 0,
+        seed,
+        vin_prefix: prefix,
+        connect_rate: a.connect_rate,
+        max_connecting: a.max_connecting,
+        keep_alive: a.keep_alive,
+        report_interval_secs: a.report_interval,
+        faults: a.faults.plan(),
+        gateway_key,
+        provision: !a.no_provision,
+        progress: !a.no_progress,
+    })
+}
+
+async fn wait_for_end(duration: Option<Duration>) {
+    match duration {
+        Some(d) => {
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        None => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+async fn fleet_main(a: FleetArgs) -> Result<i32> {
+    if a.cars == 0 {
+        bail!("--cars must be at least 1");
+    }
+    let seed = a.seed.unwrap_or_else(rand::random);
+    let prefix = a
+        .vin_prefix
+        .clone()
+        .unwrap_or_else(crate::car::random_prefix);
+    crate::car::car_vin(&prefix, 0).map_err(anyhow::Error::msg)?;
+    let plan = a.faults.plan();
+    plan.validate().map_err(anyhow::Error::msg)?;
+    let opts = options(&a, seed, prefix.clone())?;
+
+    if let Some(first) = a.worker_first {
+        return worker_main(a, opts, first).await;
+    }
+    let workers = match a.workers {
+        0 => a.cars.div_ceil(MAX_CARS_PER_PROCESS),
+        n => n.min(a.cars),
+    };
+    // The files a test or QA uses to find the cars come first.
+    let vins: Vec<String> = (0..a.cars)
+        .map(|i| crate::car::car_vin(&prefix, i).map(|v| v.as_str().to_string()))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+    if let Some(path) = &a.vins_out {
+        std::fs::write(path, vins.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &a.faults_out {
+        let lines: Vec<String> = vins
+            .iter()
+            .enumerate()
+            .map(|(i, v)| format!("{v} {}", plan.for_car(i as u64).describe()))
+            .collect();
+        std::fs::write(path, lines.join("\n") + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!(
+        "caas-sim fleet: {} cars (VINs {}00000000000..), {} process{}, broker {}, gateway {}",
+        a.cars,
+        prefix,
+        workers,
+        if workers == 1 { "" } else { "es" },
+        a.mqtt,
+        a.gw.gateway
+    );
+
+    let report = if workers <= 1 {
+        let mut fleet = Fleet::start(&opts).await?;
+        let n = fleet.wait_connected(a.connect_timeout, opts.progress).await;
+        eprintln!("caas-sim fleet: {n} cars connected; running (Ctrl-C to stop)");
+        let pb = run_bar(opts.progress);
+        let stats = fleet.stats.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                let c = stats.counters();
+                pb.set_message(format!(
+                    "{} online | {} commands, {} acked, {} reports",
+                    c.connected, c.commands_received, c.acks, c.reports
+                ));
+                pb.tick();
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        wait_for_end(a.duration).await;
+        ticker.abort();
+        fleet.stop().await
+    } else {
+        run_workers(&a, workers, seed, &prefix).await?
+    };
+    println!("{}", report.text());
+    if let Some(path) = &a.report {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(0)
+}
+
+fn run_bar(show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let pb = indicatif::ProgressBar::new_spinner();
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+    {
+        pb.set_style(style);
+    }
+    pb
+}
+
+fn emit(line: &WorkerLine) {
+    if let Ok(text) = serde_json::to_string(line) {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{text}");
+        let _ = out.flush();
+    }
+}
+
+async fn worker_main(a: FleetArgs, mut opts: FleetOptions, first: u64) -> Result<i32> {
+    opts.first_index = first;
+    opts.progress = false;
+    let mut fleet = Fleet::start(&opts).await?;
+    let stats = fleet.stats.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            emit(&WorkerLine::Connected(
+                stats.ever_connected.load(Ordering::Relaxed),
+            ));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    fleet.wait_connected(a.connect_timeout, false).await;
+    wait_for_end(a.duration).await;
+    ticker.abort();
+    let (handle_hist, connect_hist) = fleet.stats.histograms();
+    let report = fleet.stop().await;
+    emit(&WorkerLine::Done {
+        report: Box::new(report),
+        handle_hist,
+        connect_hist,
+    });
+    Ok(0)
+}
+
+async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Result<FleetReport> {
+    let exe = std::env::current_exe().context("locating caas-sim")?;
+    let per = a.cars.div_ceil(workers);
+    let connected = Arc::new(Mutex::new(vec![0u64; workers as usize]));
+    let done: Arc<Mutex<Vec<WorkerLine>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut children = Vec::new();
+    let mut readers = Vec::new();
+    let started = Instant::now();
+    for w in 0..workers {
+        let first = w * per;
+        let count = per.min(a.cars.saturating_sub(first));
+        if count == 0 {
+            break;
+        }
+        let mut cmd = Process::new(&exe);
+        cmd.arg("fleet")
+            .args(["--gateway", &a.gw.gateway, "--api-token", &a.gw.api_token])
+            .args(["--mqtt", &a.mqtt, "--cars", &count.to_string()])
+            .args(["--seed", &seed.to_string(), "--vin-prefix", prefix])
+            .args(["--worker-first", &first.to_string(), "--no-progress"])
+            .args([
+                "--connect-rate",
+                &(a.connect_rate as u64 / workers).max(1).to_string(),
+            ])
+            .args([
+                "--max-connecting",
+                &(a.max_connecting as u64 / workers).max(1).to_string(),
+            ])
+            .args(["--keep-alive", &format!("{}ms", a.keep_alive.as_millis())])
+            .args(["--report-interval", &a.report_interval.to_string()])
+            .args([
+                "--connect-timeout",
+                &format!("{}ms", a.connect_timeout.as_millis()),
+            ]);
+        if let Some(d) = a.duration {
+            cmd.args(["--duration", &format!("{}ms", d.as_millis())]);
+        }
+        if let Some(k) = &a.gateway_key {
+            cmd.arg("--gateway-key").arg(k);
+        }
+        if a.no_provision {
+            cmd.arg("--no-provision");
+        }
+        let f = &a.faults;
+        cmd.args(["--offline-at-start", &f.offline_at_start.to_string()])
+            .args(["--drop-commands", &f.drop_commands.to_string()])
+            .args(["--refuse", &f.refuse.to_string()])
+            .args(["--storm", &f.storm.to_string()])
+            .args(["--corrupt", &f.corrupt.to_string()]);
+        for (flag, d) in [
+            ("--offline-for", f.offline_for),
+            ("--drop-for", f.drop_for),
+            ("--net-delay", f.net_delay),
+            ("--storm-every", f.storm_every),
+        ] {
+            if let Some(d) = d {
+                cmd.args([flag, &format!("{}ms", d.as_millis())]);
+            }
+        }
+        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        let mut child = cmd.spawn().context("starting a worker process")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let connected = connected.clone();
+        let done = done.clone();
+        readers.push(std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                match serde_json::from_str::<WorkerLine>(&line) {
+                    Ok(WorkerLine::Connected(n)) => {
+                        if let Ok(mut c) = connected.lock() {
+                            c[w as usize] = n;
+                        }
+                    }
+                    Ok(d @ WorkerLine::Done { .. }) => {
+                        if let Ok(mut v) = done.lock() {
+                            v.push(d);
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        }));
+        children.push(child);
+    }
+    let pb = crate::fleet::bar(a.cars, "connecting", !a.no_progress);
+    let mut connected_at = None;
+    loop {
+        let n: u64 = connected.lock().map(|c| c.iter().sum()).unwrap_or(0);
+        pb.set_position(n);
+        if n >= a.cars && connected_at.is_none() {
+            connected_at = Some(started.elapsed());
+            pb.finish_and_clear();
+            eprintln!("caas-sim fleet: {n} cars connected; running (Ctrl-C to stop)");
+        }
+        let all_exited = children
+            .iter_mut()
+            .all(|c| matches!(c.try_wait(), Ok(Some(_))));
+        if all_exited {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    pb.finish_and_clear();
+    for r in readers {
+        let _ = r.join();
+    }
+    let lines = std::mem::take(&mut *done.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let mut total = FleetReport {
+        workers,
+        ..FleetReport::default()
+    };
+    let mut handle = crate::stats::new_histogram();
+    let mut connect = crate::stats::new_histogram();
+    for l in lines {
+        if let WorkerLine::Done {
+            report,
+            handle_hist,
+            connect_hist,
+        } = l
+        {
+            total.cars += report.cars;
+            total.cars_connected += report.cars_connected;
+            total.counters.add(&report.counters);
+            total.rss_bytes += report.rss_bytes;
+            total.memory_per_car_bytes += report.memory_per_car_bytes * report.cars;
+            total.connect_secs = total.connect_secs.max(report.connect_secs);
+            total.run_secs = total.run_secs.max(report.run_secs);
+            if let Some(h) = decode_histogram(&handle_hist) {
+                let _ = handle.add(&h);
+            }
+            if let Some(h) = decode_histogram(&connect_hist) {
+                let _ = connect.add(&h);
+            }
+        }
+    }
+    if total.cars == 0 {
+        bail!("no worker process reported (see their errors above)");
+    }
+    total.memory_per_car_bytes /= total.cars;
+    if let Some(t) = connected_at {
+        total.connect_secs = t.as_secs_f64();
+    }
+    total.connect_rate_per_sec = total.cars_connected as f64 / total.connect_secs.max(1e-9);
+    total.handle_latency = Percentiles::of(&handle);
+    total.connect_latency = Percentiles::of(&connect);
+    Ok(total)
+}
