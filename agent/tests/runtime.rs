@@ -554,6 +554,12 @@ async fn tampered_replayed_and_other_car_commands_are_refused_with_their_code() 
     // Two applied commands switched the feature on twice (the second refreshes its
     // parameters); the four refusals switched nothing.
     assert_eq!(car.hook_lines().len(), 2);
+    let log = car.log();
+    assert!(
+        log.contains("command refused") && log.contains("code=REPLAY"),
+        "{log}"
+    );
+    assert!(log.contains("command applied"), "{log}");
     kill9(&mut agent);
 }
 

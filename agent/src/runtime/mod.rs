@@ -428,6 +428,7 @@ impl Runner {
                     _ => debug!("nothing to acknowledge on this connection"),
                 },
                 Action::Publish(frame) => {
+                    log_report(frame);
                     if !self.online {
                         debug!("offline: report not sent (a fresh one follows the reconnect)");
                         continue;
@@ -486,6 +487,23 @@ impl Runner {
                 }
             }
         }
+    }
+}
+
+/// One log line per report the car sends, from its own (already signed) bytes.
+fn log_report(frame: &[u8]) {
+    let report = caas_protocol::parse_frame(frame, caas_protocol::FrameKind::Report)
+        .ok()
+        .and_then(|raw| postcard::from_bytes::<caas_protocol::Report>(raw.payload).ok());
+    let Some(report) = report else { return };
+    let active = report.active.len();
+    match report.outcome {
+        caas_protocol::Outcome::Applied { seq } => info!(seq, active, "command applied; reporting"),
+        caas_protocol::Outcome::Rejected { seq, code } => {
+            warn!(seq, %code, "command refused; reporting")
+        }
+        caas_protocol::Outcome::Status { nonce } => info!(nonce, active, "status query answered"),
+        caas_protocol::Outcome::Periodic { counter } => debug!(counter, active, "status report"),
     }
 }
 
