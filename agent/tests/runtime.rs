@@ -625,6 +625,20 @@ async fn an_unreachable_broker_is_retried_with_backoff_and_the_car_reports_offli
     }
     assert!(car.log().contains("retry_in_ms"));
     assert_eq!(car.status()["connectivity"], "OFFLINE");
+    let raw = |req: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", car.diag_port)).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    assert!(raw("GET /secrets HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
+    assert!(raw("POST /status HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405 "));
+    assert!(raw(&format!(
+        "GET /status HTTP/1.1\r\nX: {}\r\n\r\n",
+        "a".repeat(5000)
+    ))
+    .starts_with("HTTP/1.1 431 "));
     kill9(&mut agent);
 }
 
