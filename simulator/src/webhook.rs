@@ -184,6 +184,11 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
 impl Receiver {
     /// Starts a receiver on `127.0.0.1:0` checking signatures with `secret`.
     pub async fn start(secret: &str) -> Result<Receiver> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), secret).await
+    }
+
+    /// Starts a receiver on `addr`.
+    pub async fn start_on(addr: SocketAddr, secret: &str) -> Result<Receiver> {
         let inner = Arc::new(Inner {
             secret: secret.to_string(),
             entries: Mutex::new(HashMap::new()),
@@ -198,9 +203,9 @@ impl Receiver {
             .fallback(axum::routing::post(handle))
             .layer(DefaultBodyLimit::max(MAX_BODY))
             .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .context("binding the webhook receiver")?;
+            .with_context(|| format!("binding the webhook receiver on {addr}"))?;
         let addr = listener.local_addr()?;
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
