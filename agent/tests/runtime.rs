@@ -1,5 +1,6 @@
 //! The `caas-agent` binary against a real broker (rumqttd, embedded in the test on a free
 //! port), real key files, a real sled store, real processes and the diagnostic endpoint.
+#![cfg(feature = "std")]
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::io::{Read, Write};
