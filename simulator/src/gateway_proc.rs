@@ -32,8 +32,11 @@ pub fn free_port() -> Result<u16> {
 /// How to start a gateway.
 #[derive(Debug, Clone)]
 pub struct GatewaySpawn {
-    /// A `caas-gateway` binary to run; `None`: this binary's `gateway serve`.
+    /// A `caas-gateway` binary to run; `None`: `gateway serve` of [`GatewaySpawn::sim_binary`].
     pub binary: Option<PathBuf>,
+    /// A binary running `caas_sim::cli::main` (its hidden `gateway serve` is the gateway);
+    /// `None`: this very binary.
+    pub sim_binary: Option<PathBuf>,
     /// External broker `mqtt://HOST:PORT` instead of the embedded one.
     pub broker: Option<String>,
     /// Where callbacks go.
@@ -58,6 +61,7 @@ impl Default for GatewaySpawn {
     fn default() -> Self {
         GatewaySpawn {
             binary: None,
+            sim_binary: None,
             broker: None,
             webhook_url: None,
             webhook_secret: "demo-secret".to_string(),
@@ -112,7 +116,11 @@ impl GatewayProc {
         let mut cmd = match &spawn.binary {
             Some(b) => Command::new(b),
             None => {
-                let mut c = Command::new(std::env::current_exe().context("locating caas-sim")?);
+                let exe = match &spawn.sim_binary {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe().context("locating caas-sim")?,
+                };
+                let mut c = Command::new(exe);
                 c.arg("gateway");
                 c
             }

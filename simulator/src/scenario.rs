@@ -278,6 +278,9 @@ struct Tracked {
     accepted: AtomicU64,
     errors: AtomicU64,
     first_error: Mutex<Option<String>>,
+    /// Services with an accepted activation, per car: deactivations pick from these (a
+    /// deactivation of a service the car does not have is refused with 409).
+    active: Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 /// Sends the scenario's requests to `vins` and waits for their callbacks.
@@ -299,6 +302,7 @@ pub async fn run_scenario(
         accepted: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         first_error: Mutex::new(None),
+        active: Mutex::new(std::collections::HashMap::new()),
     });
     let mut report = RunReport {
         target_rate: sc.rate,
@@ -356,6 +360,26 @@ pub async fn run_scenario(
             }
             (chosen.clone(), rng.gen_bool(sc.deactivate_share))
         };
+        // A deactivation takes a service this car was given; with none, it activates.
+        let (svc, deactivate) = if deactivate {
+            let taken = tracked
+                .active
+                .lock()
+                .ok()
+                .and_then(|mut m| m.get_mut(&vin).and_then(|list| list.pop()));
+            match taken {
+                Some(id) => (
+                    ServiceMix {
+                        service_id: id,
+                        ..svc
+                    },
+                    true,
+                ),
+                None => (svc, false),
+            }
+        } else {
+            (svc, false)
+        };
         sent += 1;
         let api = api.clone();
         let receiver = receiver.clone();
@@ -378,6 +402,14 @@ pub async fn run_scenario(
             match res {
                 Ok(id) => {
                     receiver.expect(&id, t0);
+                    if !deactivate {
+                        if let Ok(mut m) = tracked.active.lock() {
+                            let list = m.entry(vin.clone()).or_default();
+                            if !list.contains(&svc.service_id) {
+                                list.push(svc.service_id.clone());
+                            }
+                        }
+                    }
                     if let Ok(mut h) = tracked.post_hist.lock() {
                         record(&mut h, t0.elapsed());
                     }

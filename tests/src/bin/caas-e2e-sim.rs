@@ -1,0 +1,4 @@
+//! `caas-sim`'s command line, built as part of the end-to-end tests (see `Cargo.toml`).
+fn main() {
+    std::process::exit(caas_sim::cli::main());
+}

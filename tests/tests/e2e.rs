@@ -1,0 +1,292 @@
+//! The system's promises, checked end to end with real processes (see the crate docs).
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use caas_sim::api::Lasting;
+use caas_sim::scenario::{run_scenario, Scenario, ServiceMix};
+use caas_tests::{Env, Retry};
+
+const CARS: u64 = 200;
+
+fn sim() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_caas-e2e-sim"))
+}
+
+fn service(id: &str, flag: &str, lasting: &str) -> ServiceMix {
+    ServiceMix {
+        service_id: id.to_string(),
+        flags: vec![flag.to_string()],
+        lasting: lasting.to_string(),
+        expires_in: (lasting == "temporary").then(|| "1h".to_string()),
+        weight: 1,
+    }
+}
+
+/// Activates `service` on every car once, concurrently; returns (vin, request id) pairs.
+async fn activate_all(env: &Env, svc: &str, flag: &str) -> Vec<(String, String)> {
+    let mut set = tokio::task::JoinSet::new();
+    for vin in env.vins.clone() {
+        let api = env.api.clone();
+        let (svc, flag) = (svc.to_string(), flag.to_string());
+        set.spawn(async move {
+            let id = api
+                .activate(
+                    &vin,
+                    &svc,
+                    &[flag],
+                    &serde_json::Map::new(),
+                    &Lasting::Permanent,
+                )
+                .await
+                .unwrap();
+            (vin, id)
+        });
+    }
+    let mut out = Vec::new();
+    while let Some(r) = set.join_next().await {
+        out.push(r.unwrap());
+    }
+    out
+}
+
+fn status_of(env: &Env, id: &str) -> Vec<String> {
+    env.receiver
+        .callbacks(id)
+        .into_iter()
+        .map(|c| c.status)
+        .collect()
+}
+
+async fn service_state(env: &Env, vin: &str, svc: &str) -> Option<String> {
+    let v = env.api.vehicle_status(vin).await.unwrap();
+    v["activeServices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["serviceId"] == svc)
+        .map(|s| s["status"].as_str().unwrap_or("").to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixed_run_gets_exactly_one_final_callback_per_request() {
+    let retry = Retry {
+        attempts: 4,
+        attempt_timeout: "1s",
+        backoff: "500ms",
+    };
+    // 5% of command frames arrive corrupted: those attempts fail and are retried.
+    let env = Env::start(sim(), CARS, retry, &["--corrupt", "0.05"])
+        .await
+        .unwrap();
+    let mut sc = Scenario {
+        rate: 100.0,
+        duration: "4s".to_string(),
+        deactivate_share: 0.2,
+        settle: "40s".to_string(),
+        services: vec![
+            service("power-boost", "power_boost", "temporary"),
+            service("heated-seats", "heated_seats", "permanent"),
+            service("streaming", "streaming", "subscription"),
+            service("snow-mode", "snow_mode", "subscription"),
+        ],
+        ..Scenario::default()
+    };
+    sc.validate().unwrap();
+    let report = run_scenario(&env.api, &env.receiver, &env.vins, &sc)
+        .await
+        .unwrap();
+    assert!(report.sent >= 300, "{}", report.text());
+    assert_eq!(report.http_errors, 0, "{}", report.text());
+    assert_eq!(report.accepted, report.sent, "{}", report.text());
+    assert_eq!(report.no_callback, 0, "{}", report.text());
+    assert_eq!(report.several_callbacks, 0, "{}", report.text());
+    assert_eq!(report.exactly_one_callback, report.accepted);
+    assert_eq!(report.bad_signatures, 0);
+    let settled = report.by_status.get("ACTIVATED").copied().unwrap_or(0)
+        + report.by_status.get("DEACTIVATED").copied().unwrap_or(0);
+    assert_eq!(settled, report.accepted, "{}", report.text());
+    let mut env = env;
+    let fleet = env.stop_fleet().unwrap();
+    assert!(fleet.counters.frames_corrupted > 0, "{}", fleet.text());
+    assert!(
+        fleet
+            .counters
+            .rejected
+            .get("BAD_SIGNATURE")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "{}",
+        fleet.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_thirty_percent_dropping_commands_for_a_while_all_activate_within_the_budget() {
+    // Budget: 4 attempts of 2 s with 1 s pauses, about 11 s; the cars drop for 6 s from start.
+    let retry = Retry {
+        attempts: 4,
+        attempt_timeout: "2s",
+        backoff: "1s",
+    };
+    let mut env = Env::start(
+        sim(),
+        CARS,
+        retry,
+        &["--drop-commands", "0.3", "--drop-for", "6s"],
+    )
+    .await
+    .unwrap();
+    let droppers: HashSet<String> = env.with_fault("drop").into_iter().collect();
+    assert!(
+        (30..=90).contains(&droppers.len()),
+        "{} droppers",
+        droppers.len()
+    );
+    let started = Instant::now();
+    let reqs = activate_all(&env, "lane-keeping", "lane_keeping").await;
+    let ids: Vec<String> = reqs.iter().map(|(_, id)| id.clone()).collect();
+    let n = env.receiver.wait_for(&ids, Duration::from_secs(40)).await;
+    assert_eq!(n, ids.len(), "callbacks missing");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (vin, id) in &reqs {
+        assert_eq!(status_of(&env, id), vec!["ACTIVATED"], "{vin}");
+        assert_eq!(
+            service_state(&env, vin, "lane-keeping").await.as_deref(),
+            Some("ACTIVE"),
+            "{vin}"
+        );
+    }
+    let fleet = env.stop_fleet().unwrap();
+    assert!(
+        fleet.counters.commands_dropped >= droppers.len() as u64,
+        "{}",
+        fleet.text()
+    );
+    eprintln!(
+        "all {} activated within {:.1} s",
+        reqs.len(),
+        started.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cars_that_never_answer_end_failed_with_their_grants_withdrawn() {
+    let retry = Retry {
+        attempts: 2,
+        attempt_timeout: "1s",
+        backoff: "500ms",
+    };
+    let env = Env::start(sim(), CARS, retry, &["--drop-commands", "0.1"])
+        .await
+        .unwrap();
+    let silent: HashSet<String> = env.with_fault("silent").into_iter().collect();
+    assert!(
+        (5..=40).contains(&silent.len()),
+        "{} silent cars",
+        silent.len()
+    );
+    let reqs = activate_all(&env, "offroad-mode", "offroad_mode").await;
+    let ids: Vec<String> = reqs.iter().map(|(_, id)| id.clone()).collect();
+    let n = env.receiver.wait_for(&ids, Duration::from_secs(40)).await;
+    assert_eq!(n, ids.len(), "callbacks missing");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut failed = HashSet::new();
+    for (vin, id) in &reqs {
+        let cbs = env.receiver.callbacks(id);
+        assert_eq!(cbs.len(), 1, "{vin}: {cbs:?}");
+        match cbs[0].status.as_str() {
+            "FAILED" => {
+                assert!(cbs[0].error_code.is_some(), "{vin}: FAILED without a code");
+                failed.insert(vin.clone());
+            }
+            "ACTIVATED" => {}
+            other => panic!("{vin}: {other}"),
+        }
+    }
+    assert_eq!(failed, silent, "exactly the silent cars fail");
+    for vin in &silent {
+        // Withdrawn: never ACTIVE, and a newer command without the grant went out.
+        let state = service_state(&env, vin, "offroad-mode").await;
+        assert_ne!(state.as_deref(), Some("ACTIVE"), "{vin}");
+        let h = env.api.history(vin).await.unwrap();
+        assert!(
+            h["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["detail"].as_str().unwrap_or("").contains("withdraw")),
+            "{vin}: no withdrawal in {h}"
+        );
+    }
+    for (vin, _) in reqs.iter().filter(|(v, _)| !silent.contains(v)).take(20) {
+        assert_eq!(
+            service_state(&env, vin, "offroad-mode").await.as_deref(),
+            Some("ACTIVE"),
+            "{vin}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_storm_loses_nothing() {
+    let retry = Retry {
+        attempts: 6,
+        attempt_timeout: "1s",
+        backoff: "500ms",
+    };
+    let mut env = Env::start(
+        sim(),
+        CARS,
+        retry,
+        &["--storm", "0.3", "--storm-every", "1s"],
+    )
+    .await
+    .unwrap();
+    let stormy = env.with_fault("storm");
+    assert!(!stormy.is_empty());
+    let mut sc = Scenario {
+        rate: 100.0,
+        duration: "4s".to_string(),
+        settle: "40s".to_string(),
+        services: vec![
+            service("sport-mode", "sport_mode", "permanent"),
+            service("premium-audio", "premium_audio", "subscription"),
+        ],
+        ..Scenario::default()
+    };
+    sc.validate().unwrap();
+    let report = run_scenario(&env.api, &env.receiver, &env.vins, &sc)
+        .await
+        .unwrap();
+    assert_eq!(report.accepted, report.sent, "{}", report.text());
+    assert_eq!(
+        report.exactly_one_callback,
+        report.accepted,
+        "{}",
+        report.text()
+    );
+    assert_eq!(
+        report.by_status.get("ACTIVATED").copied().unwrap_or(0),
+        report.accepted,
+        "{}",
+        report.text()
+    );
+    // Every car's desired state reached it: nothing is left PENDING at the gateway.
+    for vin in &stormy {
+        let v = env.api.vehicle_status(vin).await.unwrap();
+        for s in v["activeServices"].as_array().unwrap() {
+            assert_eq!(s["status"], "ACTIVE", "{vin}: {v}");
+        }
+    }
+    let fleet = env.stop_fleet().unwrap();
+    assert!(fleet.counters.storm_drops > 0, "{}", fleet.text());
+    assert!(
+        fleet.counters.connects > CARS,
+        "cars reconnected: {}",
+        fleet.text()
+    );
+}
