@@ -1,9 +1,467 @@
-//! `caas-sim bench`: TODO
+//! `caas-sim bench`: the performance table, embedded broker vs Mosquitto, side by side.
+//!
+//! For each broker it starts a fresh gateway process (temporary data directory, webhooks to
+//! this process), connects the fleet (in this process), then measures, in this order:
+//!
+//! 1. cars connected and the connect rate;
+//! 2. a campaign to every car, the first after the gateway started, until every request is
+//!    final (`GET /campaigns/{id}`), then a repeat with another service;
+//! 3. p50/p99 POST→callback latency at a fixed rate (default 1,000/s);
+//! 4. the highest rate, of a rising list, whose p99 POST→callback stays under 50 ms and
+//!    that the run actually achieves (end to end: POST → signed command → car verifies,
+//!    persists, applies → signed report → callback);
+//! 5. memory: gateway (and Mosquitto) resident growth per connected car, and the
+//!    simulator's.
+//!
+//! These are measurements, printed as a markdown table; nothing is asserted. Both sides
+//! share the same machine, so the simulator's own CPU use is part of every number.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
 use clap::Args;
+
+use crate::cli::FleetChild;
+use crate::fleet::FleetOptions;
+use crate::gateway_proc::{GatewayProc, GatewaySpawn, Mosquitto};
+use crate::scenario::{run_scenario, Scenario, ServiceMix};
+use crate::webhook::Receiver;
+
 /// `caas-sim bench` flags.
 #[derive(Args, Debug, Clone)]
-pub struct BenchArgs {}
-/// Runs it.
-pub async fn bench_main(_a: BenchArgs) -> anyhow::Result<i32> {
-    Ok(2)
+pub struct BenchArgs {
+    /// Number of cars.
+    #[arg(long, default_value_t = 10_000)]
+    pub cars: u64,
+    /// Rates tried, rising, for the sustained-rate search (per second).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "250,500,1000,1500,2000,3000"
+    )]
+    pub rates: Vec<f64>,
+    /// How long each rate of the search runs.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "5s")]
+    pub step: Duration,
+    /// The p99 bound of the sustained rate, in milliseconds.
+    #[arg(long, default_value_t = 50.0)]
+    pub p99_ms: f64,
+    /// The fixed rate of the latency row.
+    #[arg(long, default_value_t = 1000.0)]
+    pub latency_rate: f64,
+    /// How long the latency row runs.
+    #[arg(long, value_parser = crate::parse_duration, default_value = "10s")]
+    pub latency_duration: Duration,
+    /// Only this broker: `embedded` or `mosquitto`.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Also write the table here.
+    #[arg(long)]
+    pub out: Option<std::path::PathBuf>,
+    /// No progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// One column of the table.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Column {
+    /// Broker name.
+    pub broker: String,
+    /// Cars connected.
+    pub connected: u64,
+    /// Cars per second while connecting.
+    pub connect_rate: f64,
+    /// Highest rate that kept p99 under the bound (0 if none did).
+    pub sustained_rate: f64,
+    /// p99 at that rate, ms.
+    pub sustained_p99_ms: f64,
+    /// p50 at the latency rate, ms.
+    pub p50_ms: f64,
+    /// p99 at the latency rate, ms.
+    pub p99_ms: f64,
+    /// Achieved rate of the latency row.
+    pub latency_achieved: f64,
+    /// Campaign to every car, first after start, seconds.
+    pub campaign_first_secs: f64,
+    /// Campaign repeat, seconds.
+    pub campaign_repeat_secs: f64,
+    /// Gateway resident growth per connected car, bytes.
+    pub gateway_per_car: u64,
+    /// Mosquitto resident growth per connected car, bytes (external broker only).
+    pub broker_per_car: Option<u64>,
+    /// Simulator memory per car, bytes.
+    pub sim_per_car: u64,
+    /// Callbacks that were not exactly one per request, over the whole column.
+    pub callback_anomalies: u64,
+    /// What went wrong, if something did.
+    pub error: Option<String>,
+}
+
+fn svc(id: &str, flag: &str) -> ServiceMix {
+    ServiceMix {
+        service_id: id.to_string(),
+        flags: vec![flag.to_string()],
+        lasting: "subscription".to_string(),
+        expires_in: None,
+        weight: 1,
+    }
+}
+
+async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
+    let mut col = Column {
+        broker: broker.to_string(),
+        ..Column::default()
+    };
+    let mosquitto = if broker == "mosquitto" {
+        Some(Mosquitto::start().await?)
+    } else {
+        None
+    };
+    let secret = format!("bench-{:016x}", rand::random::<u64>());
+    let receiver = Receiver::start(&secret).await?;
+    let spawn = GatewaySpawn {
+        broker: mosquitto.as_ref().map(|m| format!("mqtt://{}", m.addr)),
+        webhook_url: Some(receiver.url()),
+        webhook_secret: secret,
+        attempts: 3,
+        attempt_timeout: "30s".to_string(),
+        backoff: "1s".to_string(),
+        ..GatewaySpawn::default()
+    };
+    let gateway = GatewayProc::start(&spawn)
+        .await
+        .context("starting the gateway")?;
+    let api = gateway.api()?;
+    let progress = !a.no_progress;
+    let seed: u64 = rand::random();
+    let prefix = crate::car::random_prefix();
+    // Register the cars here, so the gateway's baseline memory below already holds them.
+    let opts = FleetOptions {
+        gateway: gateway.http.clone(),
+        mqtt: gateway.mqtt.clone(),
+        cars: a.cars,
+        seed,
+        vin_prefix: prefix.clone(),
+        progress,
+        ..FleetOptions::default()
+    };
+    crate::fleet::provision(&api, &opts).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let gw_before = gateway.rss();
+    let broker_before = mosquitto.as_ref().map(|m| m.rss());
+    // The cars run in their own process, so their memory and the gateway's are apart.
+    let mut fleet = FleetChild::spawn(
+        &gateway.http,
+        &gateway.mqtt,
+        a.cars,
+        seed,
+        &prefix,
+        &[
+            "--no-provision".to_string(),
+            "--keep-alive".to_string(),
+            "120s".to_string(),
+        ],
+    )?;
+    let t0 = Instant::now();
+    col.connected = fleet
+        .wait_connected(a.cars, Duration::from_secs(600), progress)
+        .await;
+    col.connect_rate = col.connected as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cars = col.connected.max(1);
+    col.gateway_per_car = gateway.rss().saturating_sub(gw_before) / cars;
+    col.broker_per_car = match (&mosquitto, broker_before) {
+        (Some(m), Some(b)) => Some(m.rss().saturating_sub(b) / cars),
+        _ => None,
+    };
+    eprintln!(
+        "bench[{broker}]: {} cars connected at {:.0}/s",
+        col.connected, col.connect_rate
+    );
+    let vins: Vec<String> = (0..a.cars)
+        .map(|i| crate::car::car_vin(&prefix, i).map(|v| v.as_str().to_string()))
+        .collect::<Result<_, _>>()
+        .map_err(anyhow::Error::msg)?;
+
+    for (i, (id, flag)) in [
+        ("streaming", "streaming"),
+        ("premium-audio", "premium_audio"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let t = Instant::now();
+        let cid = api
+            .campaign(
+                &vins,
+                true,
+                id,
+                &[flag.to_string()],
+                &crate::api::Lasting::Subscription { auto_renewal: true },
+            )
+            .await?;
+        let (ok, counts) =
+            crate::demo::wait_campaign(&api, &cid, vins.len(), Duration::from_secs(600)).await;
+        let secs = t.elapsed().as_secs_f64();
+        if i == 0 {
+            col.campaign_first_secs = secs;
+        } else {
+            col.campaign_repeat_secs = secs;
+        }
+        eprintln!(
+            "bench[{broker}]: campaign {} in {secs:.2} s ({counts})",
+            i + 1
+        );
+        if !ok {
+            col.error = Some(format!("campaign {}: {counts}", i + 1));
+        }
+    }
+    // Let the campaigns' callbacks drain before timing single requests.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let mix = vec![
+        svc("power-boost", "power_boost"),
+        svc("heated-seats", "heated_seats"),
+        svc("snow-mode", "snow_mode"),
+        svc("sport-mode", "sport_mode"),
+    ];
+    let scenario = |rate: f64, d: Duration| Scenario {
+        rate,
+        duration: format!("{}ms", d.as_millis()),
+        deactivate_share: 0.0,
+        settle: "30s".to_string(),
+        services: mix.clone(),
+        ..Scenario::default()
+    };
+    receiver.reset_latency();
+    let r = run_scenario(
+        &api,
+        &receiver,
+        &vins,
+        &scenario(a.latency_rate, a.latency_duration),
+    )
+    .await?;
+    col.p50_ms = r.callback_latency.p50_ms;
+    col.p99_ms = r.callback_latency.p99_ms;
+    col.latency_achieved = r.achieved_rate;
+    col.callback_anomalies += r.no_callback + r.several_callbacks + r.http_errors;
+    eprintln!(
+        "bench[{broker}]: {:.0}/s → {}",
+        a.latency_rate,
+        r.callback_latency.line()
+    );
+    for &rate in &a.rates {
+        receiver.reset_latency();
+        let r = run_scenario(&api, &receiver, &vins, &scenario(rate, a.step)).await?;
+        col.callback_anomalies += r.no_callback + r.several_callbacks + r.http_errors;
+        let p99 = r.callback_latency.p99_ms;
+        let kept_up = r.achieved_rate >= 0.95 * rate && r.skipped == 0 && r.no_callback == 0;
+        eprintln!(
+            "bench[{broker}]: {rate:.0}/s (achieved {:.0}/s) → p99 {p99:.1} ms{}",
+            r.achieved_rate,
+            if kept_up { "" } else { " (did not keep up)" }
+        );
+        if p99 < a.p99_ms && kept_up {
+            col.sustained_rate = r.achieved_rate;
+            col.sustained_p99_ms = p99;
+        } else {
+            break;
+        }
+    }
+    if let Some(report) = fleet.stop().await {
+        col.sim_per_car = report.memory_per_car_bytes;
+        if report.connect_secs > 0.0 {
+            col.connect_rate = report.connect_rate_per_sec;
+        }
+    }
+    drop(gateway);
+    drop(mosquitto);
+    Ok(col)
+}
+
+fn kib(b: u64) -> String {
+    format!("{:.1} KiB", b as f64 / 1024.0)
+}
+
+/// The markdown table.
+pub fn table(cols: &[Column], a: &BenchArgs) -> String {
+    let mut rows: Vec<(String, Vec<String>)> = vec![
+        (
+            "cars connected".into(),
+            cols.iter().map(|c| c.connected.to_string()).collect(),
+        ),
+        (
+            "connect rate".into(),
+            cols.iter()
+                .map(|c| format!("{:.0} cars/s", c.connect_rate))
+                .collect(),
+        ),
+        (
+            format!(
+                "sustained activations/s end to end with p99 < {:.0} ms",
+                a.p99_ms
+            ),
+            cols.iter()
+                .map(|c| {
+                    if c.sustained_rate > 0.0 {
+                        format!(
+                            "{:.0}/s (p99 {:.1} ms)",
+                            c.sustained_rate, c.sustained_p99_ms
+                        )
+                    } else {
+                        format!("< {:.0}/s", a.rates.first().copied().unwrap_or(0.0))
+                    }
+                })
+                .collect(),
+        ),
+        (
+            format!("p50 / p99 POST→callback at {:.0}/s", a.latency_rate),
+            cols.iter()
+                .map(|c| {
+                    format!(
+                        "{:.1} / {:.1} ms (achieved {:.0}/s)",
+                        c.p50_ms, c.p99_ms, c.latency_achieved
+                    )
+                })
+                .collect(),
+        ),
+        (
+            "campaign to every car fully acknowledged, first after gateway start".into(),
+            cols.iter()
+                .map(|c| format!("{:.2} s", c.campaign_first_secs))
+                .collect(),
+        ),
+        (
+            "campaign to every car, repeat".into(),
+            cols.iter()
+                .map(|c| format!("{:.2} s", c.campaign_repeat_secs))
+                .collect(),
+        ),
+        (
+            "gateway memory per connected car".into(),
+            cols.iter()
+                .map(|c| match c.broker_per_car {
+                    Some(b) => format!("{} (+ Mosquitto {})", kib(c.gateway_per_car), kib(b)),
+                    None => format!("{} (broker included)", kib(c.gateway_per_car)),
+                })
+                .collect(),
+        ),
+        (
+            "simulator memory per car".into(),
+            cols.iter().map(|c| kib(c.sim_per_car)).collect(),
+        ),
+        (
+            "callbacks missing or repeated".into(),
+            cols.iter()
+                .map(|c| c.callback_anomalies.to_string())
+                .collect(),
+        ),
+    ];
+    if cols.iter().any(|c| c.error.is_some()) {
+        rows.push((
+            "errors".into(),
+            cols.iter()
+                .map(|c| c.error.clone().unwrap_or_else(|| "-".into()))
+                .collect(),
+        ));
+    }
+    let mut out = String::new();
+    out.push_str("| | ");
+    out.push_str(
+        &cols
+            .iter()
+            .map(|c| match c.broker.as_str() {
+                "embedded" => "embedded rumqttd".to_string(),
+                _ => format!("Mosquitto {}", mosquitto_version()),
+            })
+            .collect::<Vec<_>>()
+            .join(" | "),
+    );
+    out.push_str(" |\n|---|");
+    out.push_str(&"---|".repeat(cols.len()));
+    out.push('\n');
+    for (name, vals) in rows {
+        out.push_str(&format!("| {name} | {} |\n", vals.join(" | ")));
+    }
+    out
+}
+
+fn mosquitto_version() -> String {
+    let Some(bin) = crate::gateway_proc::mosquitto_binary() else {
+        return String::new();
+    };
+    let out = std::process::Command::new(bin).arg("-h").output();
+    out.ok()
+        .and_then(|o| {
+            let text = String::from_utf8_lossy(&o.stdout).to_string();
+            text.split_whitespace()
+                .skip_while(|w| *w != "version")
+                .nth(1)
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// `model name` and core count of this machine, and its memory.
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|kb| format!("{:.0} GiB", kb as f64 / 1048576.0))
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem} RAM")
+}
+
+/// Runs the benchmark and prints the table.
+pub async fn bench_main(a: BenchArgs) -> Result<i32> {
+    let brokers: Vec<&str> = match a.only.as_deref() {
+        Some("embedded") => vec!["embedded"],
+        Some("mosquitto") => vec!["mosquitto"],
+        Some(other) => anyhow::bail!("--only {other}: embedded or mosquitto"),
+        None => vec!["embedded", "mosquitto"],
+    };
+    let mut cols = Vec::new();
+    for b in brokers {
+        match column(&a, b).await {
+            Ok(c) => cols.push(c),
+            Err(e) => {
+                eprintln!("bench[{b}]: {e:#}");
+                cols.push(Column {
+                    broker: b.to_string(),
+                    error: Some(format!("{e:#}")),
+                    ..Column::default()
+                });
+            }
+        }
+    }
+    let header = format!(
+        "caas-sim bench: {} cars; gateway, broker and simulator on one machine: {}\n\n",
+        a.cars,
+        machine()
+    );
+    let t = table(&cols, &a);
+    println!("\n{header}{t}");
+    if let Some(p) = &a.out {
+        std::fs::write(p, format!("{header}{t}"))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(0)
 }

@@ -581,3 +581,117 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
     total.connect_latency = Percentiles::of(&connect);
     Ok(total)
 }
+
+/// A fleet in a child process (`caas-sim fleet` in worker mode), so its memory and CPU are
+/// measured apart from the caller's.
+pub struct FleetChild {
+    child: std::process::Child,
+    connected: Arc<std::sync::atomic::AtomicU64>,
+    done: Arc<Mutex<Option<FleetReport>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FleetChild {
+    /// Starts `cars` cars (provisioned by the child) with VINs `prefix` + index and keys
+    /// from `seed`; `extra` are more `fleet` flags.
+    pub fn spawn(
+        gateway: &str,
+        mqtt: &str,
+        cars: u64,
+        seed: u64,
+        prefix: &str,
+        extra: &[String],
+    ) -> Result<FleetChild> {
+        let exe = std::env::current_exe().context("locating caas-sim")?;
+        let mut child = Process::new(exe)
+            .arg("fleet")
+            .args(["--gateway", gateway, "--mqtt", mqtt])
+            .args(["--cars", &cars.to_string(), "--seed", &seed.to_string()])
+            .args([
+                "--vin-prefix",
+                prefix,
+                "--worker-first",
+                "0",
+                "--no-progress",
+            ])
+            .args(["--duration", "24h"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the fleet process")?;
+        let stdout = child.stdout.take().context("fleet stdout")?;
+        let connected = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let done = Arc::new(Mutex::new(None));
+        let (c, d) = (connected.clone(), done.clone());
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                match serde_json::from_str::<WorkerLine>(&line) {
+                    Ok(WorkerLine::Connected(n)) => c.store(n, Ordering::Relaxed),
+                    Ok(WorkerLine::Done { report, .. }) => {
+                        if let Ok(mut slot) = d.lock() {
+                            *slot = Some(*report);
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+        Ok(FleetChild {
+            child,
+            connected,
+            done,
+            reader: Some(reader),
+        })
+    }
+
+    /// Waits until `n` cars connected (or `timeout`, or the child exits); returns the count.
+    pub async fn wait_connected(&mut self, n: u64, timeout: Duration, progress: bool) -> u64 {
+        let pb = crate::fleet::bar(n, "connecting", progress);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.connected.load(Ordering::Relaxed);
+            pb.set_position(c);
+            let exited = matches!(self.child.try_wait(), Ok(Some(_)));
+            if c >= n || exited || Instant::now() >= deadline {
+                pb.finish_and_clear();
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the fleet (SIGINT) and returns its final report.
+    pub async fn stop(mut self) -> Option<FleetReport> {
+        let _ = Process::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(self.child.try_wait(), Ok(Some(_))) {
+            if Instant::now() >= deadline {
+                let _ = self.child.kill();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.done.lock().ok().and_then(|mut d| d.take())
+    }
+}
+
+impl Drop for FleetChild {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
