@@ -34,6 +34,7 @@
 #![cfg_attr(not(feature = "std"), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 mod check;
 mod envelope;
 mod keys;

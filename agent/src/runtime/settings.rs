@@ -19,15 +19,9 @@ pub const DEFAULT_REPORT_INTERVAL_SECS: u64 = 300;
 /// Default address of the diagnostic endpoint (loopback only).
 pub const DEFAULT_DIAG_ADDR: &str = "127.0.0.1:7070";
 /// Optional features of the default platform (the seed's catalogue).
-pub const DEFAULT_OPTIONAL_FEATURES: &[&str] = &[
-    "power_boost",
-    "highway_autopilot",
-    "snow_mode",
-    "heated_seats",
-    "premium_audio",
-];
+pub const DEFAULT_OPTIONAL_FEATURES: &[&str] = caas_protocol::catalog::SEED_OPTIONAL_FEATURES;
 /// Base-platform features of the default platform: no command may touch them.
-pub const DEFAULT_BASE_FEATURES: &[&str] = &["abs", "airbags", "esc", "headlights"];
+pub const DEFAULT_BASE_FEATURES: &[&str] = caas_protocol::catalog::SEED_BASE_FEATURES;
 /// Test hook: when this environment variable is `1`, the agent aborts right after
 /// receiving a command frame, before handing it to the core (so before persisting and
 /// acknowledging it). Used by the crash-recovery integration test; never set it in a car.
@@ -145,7 +139,7 @@ pub struct RunArgs {
     pub firmware_version: Option<String>,
 
     /// Feature flags commands may switch (comma-separated)
-    /// [default: power_boost,highway_autopilot,snow_mode,heated_seats,premium_audio].
+    /// [default: the seed catalogue, caas_protocol::catalog::SEED_OPTIONAL_FEATURES].
     #[arg(
         long = "optional-features",
         env = "CAAS_AGENT_OPTIONAL_FEATURES",
@@ -156,7 +150,7 @@ pub struct RunArgs {
     pub optional_features: Vec<String>,
 
     /// Base-platform feature flags no command may touch (comma-separated)
-    /// [default: abs,airbags,esc,headlights].
+    /// [default: abs,esc,airbags,headlights,basic_audio,climate].
     #[arg(
         long = "base-features",
         env = "CAAS_AGENT_BASE_FEATURES",
