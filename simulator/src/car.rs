@@ -50,32 +50,11 @@ pub const CAR_MAX_PACKET: usize = 8 * 1024;
 /// Longest wait between two reconnect attempts.
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
-/// The seed catalogue's optional features: any of them can be granted.
-pub const SEED_OPTIONAL: &[&str] = &[
-    "power_boost",
-    "highway_autopilot",
-    "parking_assist",
-    "lane_keeping",
-    "adaptive_cruise",
-    "collision_avoidance",
-    "snow_mode",
-    "offroad_mode",
-    "sport_mode",
-    "advanced_hvac",
-    "heated_seats",
-    "seat_cooling",
-    "premium_audio",
-    "streaming",
-];
-/// The simulated base platform: features every car was sold with, which no command may touch.
-pub const SEED_BASE: &[&str] = &[
-    "abs",
-    "esc",
-    "airbags",
-    "headlights",
-    "basic_audio",
-    "climate",
-];
+/// The seed catalogue's optional features: any of them can be granted (kept in
+/// `caas_protocol::catalog` so the agent runtime, the gateway and the simulator agree).
+pub const SEED_OPTIONAL: &[&str] = caas_protocol::catalog::SEED_OPTIONAL_FEATURES;
+/// The base platform: features every car was sold with, which no command may touch.
+pub const SEED_BASE: &[&str] = caas_protocol::catalog::SEED_BASE_FEATURES;
 /// The simulated platform's name, as registered with `POST /vehicles`.
 pub const SEED_PLATFORM: &str = "sim-platform-v1";
 
@@ -120,10 +99,10 @@ pub fn random_prefix() -> String {
 
 /// What every car of one fleet (process) shares.
 pub struct FleetContext {
-    /// Broker host.
-    pub mqtt_host: String,
-    /// Broker port.
-    pub mqtt_port: u16,
+    /// Broker addresses (host, port); car `i` uses entry `i % len`. Several addresses of one
+    /// broker (e.g. 127.0.0.1 and 127.0.0.2 for a broker on 0.0.0.0) multiply the ephemeral
+    /// ports available, which are counted per (source, destination) pair.
+    pub brokers: Vec<(String, u16)>,
     /// Gateway keys the cars trust.
     pub trusted: heapless::Vec<TrustedKey, MAX_TRUSTED_KEYS>,
     /// The platform's catalogue.
@@ -255,6 +234,8 @@ pub struct CarSpec {
     pub faults: CarFaults,
     /// What the outside sees of it.
     pub shared: Arc<CarShared>,
+    /// Which of the fleet's broker addresses it uses (modulo their number).
+    pub broker_slot: usize,
 }
 
 struct Driver {
@@ -391,7 +372,12 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
     }
     let command_topic = topics::command_topic(&vin).as_str().to_string();
     let presence_topic = topics::presence_topic(&vin).as_str().to_string();
-    let mut opts = MqttOptions::new(vin.as_str(), ctx.mqtt_host.as_str(), ctx.mqtt_port);
+    let (host, port) = ctx
+        .brokers
+        .get(spec.broker_slot % ctx.brokers.len().max(1))
+        .cloned()
+        .unwrap_or_else(|| ("127.0.0.1".to_string(), 1883));
+    let mut opts = MqttOptions::new(vin.as_str(), host, port);
     opts.set_keep_alive(ctx.keep_alive)
         .set_clean_session(false)
         .set_manual_acks(true)

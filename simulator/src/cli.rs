@@ -159,7 +159,8 @@ impl FaultArgs {
 pub struct FleetArgs {
     #[command(flatten)]
     gw: GatewayArgs,
-    /// The MQTT broker the gateway uses, HOST:PORT.
+    /// The MQTT broker the gateway uses, HOST:PORT; several addresses of the same broker,
+    /// comma-separated, spread the cars over them (more ephemeral ports past ~28,000 cars).
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt: String,
     /// Number of cars.

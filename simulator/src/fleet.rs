@@ -34,7 +34,8 @@ pub struct FleetOptions {
     pub gateway: String,
     /// The IoT API token.
     pub api_token: String,
-    /// The broker, `HOST:PORT`.
+    /// The broker, `HOST:PORT`, or several addresses of it separated by commas (cars are
+    /// spread over them round-robin).
     pub mqtt: String,
     /// Cars in this process.
     pub cars: u64,
@@ -198,14 +199,21 @@ impl Fleet {
         if opts.provision {
             provision(&api, opts).await?;
         }
-        let (host, port) = split_host_port(&opts.mqtt)?;
+        let brokers = opts
+            .mqtt
+            .split(',')
+            .filter(|a| !a.trim().is_empty())
+            .map(split_host_port)
+            .collect::<Result<Vec<_>>>()?;
+        if brokers.is_empty() {
+            bail!("no MQTT broker address");
+        }
         let mut trusted = heapless::Vec::new();
         let _ = trusted.push(TrustedKey::new(gateway_key));
         let stats = Arc::new(FleetStats::default());
         let (shutdown, shutdown_rx) = watch::channel(false);
         let ctx = Arc::new(FleetContext {
-            mqtt_host: host,
-            mqtt_port: port,
+            brokers,
             trusted,
             platform: car::seed_catalog(),
             firmware: FirmwareVersion::new(FIRMWARE).map_err(|e| anyhow::anyhow!("{e}"))?,
@@ -242,6 +250,7 @@ impl Fleet {
                 key: car::car_key(opts.seed, index),
                 faults,
                 shared,
+                broker_slot: index as usize,
             };
             tasks.push(tokio::spawn(car::run_car(spec, ctx.clone())));
         }
