@@ -6,6 +6,7 @@
 use crate::messages::{Command, CommandBody};
 use crate::names::FeatureFlag;
 use crate::reject::RejectCode;
+use crate::view::{BodyView, CommandView};
 use crate::vin::Vin;
 
 /// How far ahead of the car's trusted clock a command's `issued_at` may be (seconds).
@@ -45,29 +46,69 @@ pub struct CheckContext<'a> {
 /// from the future, not a replay (for `SetState`), only optional features of this platform.
 /// `Ok` means the car should obey it; `Err` carries the code to report.
 pub fn check_command(cmd: &Command, ctx: &CheckContext<'_>) -> Result<(), RejectCode> {
-    if &cmd.vin != ctx.vin {
-        return Err(RejectCode::WrongVin);
-    }
-    if ctx.now > cmd.not_after {
-        return Err(RejectCode::Expired);
-    }
-    if cmd.issued_at > ctx.now.saturating_add(MAX_FUTURE_SKEW_SECS) {
-        return Err(RejectCode::IssuedInFuture);
-    }
+    check_header(&cmd.vin, cmd.issued_at, cmd.not_after, ctx)?;
     match &cmd.body {
         CommandBody::QueryStatus { .. } => Ok(()),
         CommandBody::SetState(desired) => {
-            if cmd.seq <= ctx.last_applied_seq {
-                return Err(RejectCode::Replay);
-            }
+            check_seq(cmd.seq, ctx)?;
             for flag in desired.grants.iter().flat_map(|g| g.flags.iter()) {
-                match ctx.platform.classify(flag) {
-                    FeatureClass::Optional => {}
-                    FeatureClass::Base => return Err(RejectCode::BasePlatformFeature),
-                    FeatureClass::Unknown => return Err(RejectCode::UnknownFeature),
+                check_flag(flag, ctx)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// [`check_command`] for a command read in place ([`crate::CommandView`]): the same rules in
+/// the same order, reading the grants one at a time.
+pub fn check_command_view(
+    view: &CommandView<'_>,
+    ctx: &CheckContext<'_>,
+) -> Result<(), RejectCode> {
+    check_header(&view.vin, view.issued_at, view.not_after, ctx)?;
+    match &view.body {
+        BodyView::QueryStatus { .. } => Ok(()),
+        BodyView::SetState(desired) => {
+            check_seq(view.seq, ctx)?;
+            for grant in desired.grants().iter() {
+                for flag in grant.flags.iter() {
+                    check_flag(flag, ctx)?;
                 }
             }
             Ok(())
         }
+    }
+}
+
+fn check_header(
+    vin: &Vin,
+    issued_at: u64,
+    not_after: u64,
+    ctx: &CheckContext<'_>,
+) -> Result<(), RejectCode> {
+    if vin != ctx.vin {
+        return Err(RejectCode::WrongVin);
+    }
+    if ctx.now > not_after {
+        return Err(RejectCode::Expired);
+    }
+    if issued_at > ctx.now.saturating_add(MAX_FUTURE_SKEW_SECS) {
+        return Err(RejectCode::IssuedInFuture);
+    }
+    Ok(())
+}
+
+fn check_seq(seq: u64, ctx: &CheckContext<'_>) -> Result<(), RejectCode> {
+    if seq <= ctx.last_applied_seq {
+        return Err(RejectCode::Replay);
+    }
+    Ok(())
+}
+
+fn check_flag(flag: &FeatureFlag, ctx: &CheckContext<'_>) -> Result<(), RejectCode> {
+    match ctx.platform.classify(flag) {
+        FeatureClass::Optional => Ok(()),
+        FeatureClass::Base => Err(RejectCode::BasePlatformFeature),
+        FeatureClass::Unknown => Err(RejectCode::UnknownFeature),
     }
 }

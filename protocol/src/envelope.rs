@@ -209,12 +209,28 @@ fn seal<'b, T: serde::Serialize>(
     key: &SigningKey,
     buf: &'b mut [u8],
 ) -> Result<&'b [u8], SealError> {
+    let payload_len = encode_payload(msg, buf)?;
+    sign_in_place(kind, payload_len, key, buf)
+}
+
+/// Encodes `msg` at `buf[FRAME_HEADER_SIZE..]`, where its frame's payload goes.
+fn encode_payload<T: serde::Serialize>(msg: &T, buf: &mut [u8]) -> Result<usize, SealError> {
     if buf.len() < FRAME_HEADER_SIZE + SIGNATURE_SIZE {
         return Err(SealError::BufferTooSmall);
     }
-    let payload_len = postcard::to_slice(msg, &mut buf[FRAME_HEADER_SIZE..])
+    Ok(postcard::to_slice(msg, &mut buf[FRAME_HEADER_SIZE..])
         .map_err(|_| SealError::BufferTooSmall)?
-        .len();
+        .len())
+}
+
+/// Writes the header in front of the payload at `buf[FRAME_HEADER_SIZE..][..payload_len]`
+/// and the signature after it.
+fn sign_in_place<'b>(
+    kind: FrameKind,
+    payload_len: usize,
+    key: &SigningKey,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], SealError> {
     let signed_end = FRAME_HEADER_SIZE + payload_len;
     let frame_len = signed_end + SIGNATURE_SIZE;
     if frame_len > buf.len() {
@@ -251,6 +267,31 @@ pub fn seal_report<'b>(
     seal(FrameKind::Report, report, key, buf)
 }
 
+/// [`seal_report`] in two calls, for a signer short of stack (a microcontroller): this one
+/// checks the report's structure and encodes it where its frame's payload goes
+/// (`buf[FRAME_HEADER_SIZE..]`) and returns the payload's length; then
+/// [`sign_report_in_place`] signs it. Each returns before the next begins, so the `Report`
+/// value is off the stack before Ed25519 signing (about 7 KiB of stack) starts. The two
+/// together produce exactly the frame [`seal_report`] produces.
+#[inline(never)]
+pub fn encode_report_payload(report: &Report, buf: &mut [u8]) -> Result<usize, SealError> {
+    report.check_structure().map_err(SealError::Invalid)?;
+    encode_payload(report, buf)
+}
+
+/// Signs the report payload [`encode_report_payload`] left in `buf` (`payload_len` bytes at
+/// `buf[FRAME_HEADER_SIZE..]`): writes the header in front and the signature behind, and
+/// returns the frame. The payload must be an encoded [`Report`]; a gateway opening the frame
+/// decodes and checks it like any other.
+#[inline(never)]
+pub fn sign_report_in_place<'b>(
+    payload_len: usize,
+    key: &SigningKey,
+    buf: &'b mut [u8],
+) -> Result<&'b [u8], SealError> {
+    sign_in_place(FrameKind::Report, payload_len, key, buf)
+}
+
 fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, RejectCode> {
     let (value, rest) = postcard::take_from_bytes(payload).map_err(|_| RejectCode::Malformed)?;
     if !rest.is_empty() {
@@ -265,15 +306,28 @@ fn decode<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, RejectCod
 /// What it does not check (VIN, sequence, time, features) needs the car's state: see
 /// [`crate::check_command`].
 pub fn open_command(frame: &[u8], trusted: &[TrustedKey]) -> Result<Command, RejectCode> {
+    let payload = verify_command(frame, trusted)?;
+    let cmd: Command = decode(payload)?;
+    cmd.check_structure()?;
+    Ok(cmd)
+}
+
+/// The first half of [`open_command`]: checks a command frame's envelope (size, tag, version,
+/// layout), finds its key among the trusted gateway keys and verifies the signature, then
+/// returns the payload, not yet decoded. Decode it with [`crate::CommandView::parse`] (in
+/// place) or as a [`Command`]; [`crate::open_command_view`] does both.
+///
+/// Not inlined, so that Ed25519's stack (about 7.8 KiB on a Cortex-M4) is gone before the
+/// caller decodes anything.
+#[inline(never)]
+pub fn verify_command<'a>(frame: &'a [u8], trusted: &[TrustedKey]) -> Result<&'a [u8], RejectCode> {
     let raw = parse_frame(frame, FrameKind::Command)?;
     let key = trusted
         .iter()
         .find(|k| k.id == raw.key_id)
         .ok_or(RejectCode::UnknownKey)?;
     raw.verify(&key.key)?;
-    let cmd: Command = decode(raw.payload)?;
-    cmd.check_structure()?;
-    Ok(cmd)
+    Ok(raw.payload)
 }
 
 /// Verifies a report frame with the car's key and decodes it. The caller must still check

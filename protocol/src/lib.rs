@@ -10,6 +10,9 @@
 //! an argument. Feature `std` only adds conveniences (key files, key generation,
 //! `std::error::Error`).
 //!
+//! For a car short of RAM, [`open_command_view`] reads a command in place instead (see
+//! [`CommandView`]): the same checks and verdicts without a 3.6 KiB `Command` on the stack.
+//!
 //! The byte layout, the bounds, the topics and the security argument are written down in
 //! `protocol/SPEC.md`; tests pin the exact bytes so the format cannot drift unnoticed.
 //!
@@ -42,15 +45,18 @@ mod messages;
 mod names;
 mod reject;
 pub mod topics;
+mod view;
 mod vin;
 
 pub use check::{
-    check_command, CheckContext, FeatureClass, PlatformFeatures, MAX_FUTURE_SKEW_SECS,
+    check_command, check_command_view, CheckContext, FeatureClass, PlatformFeatures,
+    MAX_FUTURE_SKEW_SECS,
 };
 pub use envelope::{
-    open_command, open_report, parse_frame, seal_command, seal_report, FrameKind, KeyId, RawFrame,
-    SealError, TrustedKey, FORMAT_VERSION, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE,
-    MAX_FRAME_SIZE, MAX_REPORT_FRAME_SIZE, SIGNATURE_SIZE,
+    encode_report_payload, open_command, open_report, parse_frame, seal_command, seal_report,
+    sign_report_in_place, verify_command, FrameKind, KeyId, RawFrame, SealError, TrustedKey,
+    FORMAT_VERSION, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE, MAX_FRAME_SIZE,
+    MAX_REPORT_FRAME_SIZE, SIGNATURE_SIZE,
 };
 pub use keys::{
     signing_key_from_hex, signing_key_to_hex, verifying_key_from_hex, verifying_key_to_hex,
@@ -61,6 +67,7 @@ pub use names::{
     ErrorCode, FeatureFlag, FirmwareVersion, NameError, ParamKey, ParamValue, ServiceId,
 };
 pub use reject::RejectCode;
+pub use view::{open_command_view, BodyView, CommandView, DesiredView, EncodedGrants, GrantIter};
 pub use vin::{Vin, VinError, VIN_LEN};
 
 #[cfg(feature = "std")]

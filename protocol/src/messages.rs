@@ -158,6 +158,20 @@ impl Grant {
     pub fn is_active_at(&self, now: u64) -> bool {
         self.ends_at.is_none_or(|end| now < end)
     }
+
+    /// The structural rules one grant keeps on its own (part of
+    /// [`Command::check_structure`]): at least one flag, no parameter name twice.
+    pub fn check_structure(&self) -> Result<(), RejectCode> {
+        if self.flags.is_empty() {
+            return Err(RejectCode::Malformed);
+        }
+        for (j, p) in self.params.iter().enumerate() {
+            if self.params[..j].iter().any(|q| q.key == p.key) {
+                return Err(RejectCode::Malformed);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The whole desired set of grants for a car, and the requests this state settles.
@@ -208,19 +222,12 @@ impl Command {
         }
         if let CommandBody::SetState(desired) = &self.body {
             for (i, grant) in desired.grants.iter().enumerate() {
-                if grant.flags.is_empty() {
-                    return Err(RejectCode::Malformed);
-                }
+                grant.check_structure()?;
                 if desired.grants[..i]
                     .iter()
                     .any(|g| g.service_id == grant.service_id)
                 {
                     return Err(RejectCode::Malformed);
-                }
-                for (j, p) in grant.params.iter().enumerate() {
-                    if grant.params[..j].iter().any(|q| q.key == p.key) {
-                        return Err(RejectCode::Malformed);
-                    }
                 }
             }
         }
