@@ -7,8 +7,8 @@
 //! 2. a campaign to every car, the first after the gateway started, until every request is
 //!    final (`GET /campaigns/{id}`), then a repeat with another service;
 //! 3. p50/p99 POST→callback latency at a fixed rate (default 1,000/s);
-//! 4. the highest rate, of a rising list, whose p99 POST→callback stays under 50 ms and
-//!    that the run actually achieves (end to end: POST → signed command → car verifies,
+//! 4. the highest rate, of a rising list (stopping after two misses in a row), whose p99
+//!    POST→callback stays under 50 ms and that the run actually achieves (end to end: POST → signed command → car verifies,
 //!    persists, applies → signed report → callback);
 //! 5. memory: gateway (and Mosquitto) resident growth per connected car, and the
 //!    simulator's.
@@ -251,6 +251,7 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         a.latency_rate,
         r.callback_latency.line()
     );
+    let mut misses = 0;
     for &rate in &a.rates {
         receiver.reset_latency();
         let r = run_scenario(&api, &receiver, &vins, &scenario(rate, a.step)).await?;
@@ -263,10 +264,17 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
             if kept_up { "" } else { " (did not keep up)" }
         );
         if p99 < a.p99_ms && kept_up {
-            col.sustained_rate = r.achieved_rate;
-            col.sustained_p99_ms = p99;
+            misses = 0;
+            if r.achieved_rate > col.sustained_rate {
+                col.sustained_rate = r.achieved_rate;
+                col.sustained_p99_ms = p99;
+            }
         } else {
-            break;
+            // One miss on a shared machine can be noise; two in a row end the search.
+            misses += 1;
+            if misses >= 2 {
+                break;
+            }
         }
     }
     if let Some(report) = fleet.stop().await {

@@ -47,6 +47,8 @@ pub const CLIENT_QUEUE: usize = 16;
 pub const CAR_INFLIGHT: u16 = 8;
 /// Largest MQTT packet a car accepts or sends (a command frame is well under 2 KiB).
 pub const CAR_MAX_PACKET: usize = 8 * 1024;
+/// Shortest pause before the core's same timer deadline is handled again.
+pub const MIN_TIMER_REPEAT: Duration = Duration::from_millis(100);
 /// Longest wait between two reconnect attempts.
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -420,6 +422,7 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
     let shared = d.shared.clone();
     let mut first = true;
     let mut failures: u32 = 0;
+    let mut last_deadline: Option<u64> = None;
     let mut next_storm = spec.faults.storm_every.map(|e| Instant::now() + jitter(e));
     loop {
         if eventloop.network.is_none() {
@@ -462,11 +465,13 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
             continue;
         }
 
-        let timeout_at = d
-            .agent
-            .poll_timeout()
-            .map(instant_of_unix)
-            .unwrap_or_else(far_future);
+        // Time is in whole seconds: a deadline that is already due and was just handled
+        // waits a little, so a core that asks again within the same second is not spun on.
+        let deadline = d.agent.poll_timeout();
+        let mut timeout_at = deadline.map(instant_of_unix).unwrap_or_else(far_future);
+        if deadline.is_some() && deadline == last_deadline {
+            timeout_at = timeout_at.max(Instant::now() + MIN_TIMER_REPEAT);
+        }
         let storm_at = next_storm.unwrap_or_else(far_future);
         tokio::select! {
             ev = eventloop.poll() => match ev {
@@ -483,6 +488,7 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
                 }
             },
             _ = tokio::time::sleep_until(timeout_at.into()) => {
+                last_deadline = deadline;
                 d.agent.handle_timeout(crate::unix_now());
                 d.drain(false);
             }

@@ -263,7 +263,7 @@ impl Receiver {
             if n == ids.len() || Instant::now() >= deadline {
                 return n;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
