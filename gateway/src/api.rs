@@ -16,15 +16,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use caas_protocol::{
-    verifying_key_from_hex, FeatureFlag, FirmwareVersion, ParamKey, ParamValue, RequestId, ServiceId, Vin,
-    MAX_FLAGS_PER_GRANT, MAX_PARAMS_PER_GRANT,
+    verifying_key_from_hex, FeatureFlag, FirmwareVersion, ParamKey, ParamValue, RequestId,
+    ServiceId, Vin, MAX_FLAGS_PER_GRANT, MAX_PARAMS_PER_GRANT,
 };
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
 use crate::engine::{Engine, Msg, NewRequest, Op};
 use crate::metrics::Metrics;
-use crate::store::{dec, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec, RequestRec, Store, Ticket, VehicleRec};
+use crate::store::{
+    dec, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec, RequestRec, Store, Ticket,
+    VehicleRec,
+};
 
 /// Largest request body on every route but `POST /campaigns`.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -55,7 +58,12 @@ pub struct ApiError {
 impl ApiError {
     /// A refusal naming `field`.
     pub fn new(status: u16, error: &str, field: &str, reason: &str) -> ApiError {
-        ApiError { status, error: error.into(), field: Some(field.into()), reason: reason.into() }
+        ApiError {
+            status,
+            error: error.into(),
+            field: Some(field.into()),
+            reason: reason.into(),
+        }
     }
 
     fn bad(field: &str, reason: impl std::fmt::Display) -> ApiError {
@@ -64,18 +72,32 @@ impl ApiError {
 
     /// A storage failure (500).
     pub fn storage(e: impl std::fmt::Display) -> ApiError {
-        ApiError { status: 500, error: "storage failure".into(), field: None, reason: e.to_string() }
+        ApiError {
+            status: 500,
+            error: "storage failure".into(),
+            field: None,
+            reason: e.to_string(),
+        }
     }
 
     fn unavailable() -> ApiError {
-        ApiError { status: 503, error: "shutting down".into(), field: None, reason: "the engine is stopping".into() }
+        ApiError {
+            status: 503,
+            error: "shutting down".into(),
+            field: None,
+            reason: "the engine is stopping".into(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        (status, Json(json!({ "error": self.error, "field": self.field, "reason": self.reason }))).into_response()
+        (
+            status,
+            Json(json!({ "error": self.error, "field": self.field, "reason": self.reason })),
+        )
+            .into_response()
     }
 }
 
@@ -101,7 +123,10 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/vehicles", post(register))
         .route("/vehicles/{vin}/status", get(status))
         .route("/vehicles/{vin}/history", get(history))
-        .route("/campaigns", post(campaign).layer(DefaultBodyLimit::max(MAX_CAMPAIGN_BODY_BYTES)))
+        .route(
+            "/campaigns",
+            post(campaign).layer(DefaultBodyLimit::max(MAX_CAMPAIGN_BODY_BYTES)),
+        )
         .route("/campaigns/{campaign_id}", get(get_campaign))
         .route("/support/tickets", get(tickets))
         .route("/keys", get(keys))
@@ -124,8 +149,13 @@ async fn auth(State(st): St, req: Request, next: Next) -> Response {
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), st.api_token.as_bytes()));
     if !ok {
-        return ApiError::new(401, "unauthorized", "Authorization", "send Authorization: Bearer <api token>")
-            .into_response();
+        return ApiError::new(
+            401,
+            "unauthorized",
+            "Authorization",
+            "send Authorization: Bearer <api token>",
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -136,10 +166,18 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 // ---------- body parsing ----------
 
-fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Map<String, Value>, ApiError> {
+fn parse_body(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Map<String, Value>, ApiError> {
     let bytes = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(413, "body too large", "body", &format!("the body limit is {limit} bytes"))
+            ApiError::new(
+                413,
+                "body too large",
+                "body",
+                &format!("the body limit is {limit} bytes"),
+            )
         } else {
             ApiError::new(400, "unreadable body", "body", &e.body_text())
         }
@@ -148,7 +186,12 @@ fn parse_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Map<S
         .map_err(|e| ApiError::new(400, "malformed JSON", "body", &e.to_string()))?;
     match v {
         Value::Object(m) => Ok(m),
-        _ => Err(ApiError::new(400, "malformed JSON", "body", "expected a JSON object")),
+        _ => Err(ApiError::new(
+            400,
+            "malformed JSON",
+            "body",
+            "expected a JSON object",
+        )),
     }
 }
 
@@ -162,12 +205,21 @@ fn join(path: &str, name: &str) -> String {
 
 fn no_unknown(m: &Map<String, Value>, allowed: &[&str], path: &str) -> Result<(), ApiError> {
     match m.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::new(400, "unknown field", &join(path, k), "not part of this request")),
+        Some(k) => Err(ApiError::new(
+            400,
+            "unknown field",
+            &join(path, k),
+            "not part of this request",
+        )),
         None => Ok(()),
     }
 }
 
-fn opt_str<'a>(m: &'a Map<String, Value>, name: &str, path: &str) -> Result<Option<&'a str>, ApiError> {
+fn opt_str<'a>(
+    m: &'a Map<String, Value>,
+    name: &str,
+    path: &str,
+) -> Result<Option<&'a str>, ApiError> {
     match m.get(name) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -176,7 +228,8 @@ fn opt_str<'a>(m: &'a Map<String, Value>, name: &str, path: &str) -> Result<Opti
 }
 
 fn req_str<'a>(m: &'a Map<String, Value>, name: &str, path: &str) -> Result<&'a str, ApiError> {
-    opt_str(m, name, path)?.ok_or_else(|| ApiError::new(400, "missing field", &join(path, name), "required"))
+    opt_str(m, name, path)?
+        .ok_or_else(|| ApiError::new(400, "missing field", &join(path, name), "required"))
 }
 
 fn parse_vin(s: &str, field: &str) -> Result<Vin, ApiError> {
@@ -185,7 +238,12 @@ fn parse_vin(s: &str, field: &str) -> Result<Vin, ApiError> {
 
 fn parse_service(m: &Map<String, Value>) -> Result<String, ApiError> {
     let s = req_str(m, "serviceId", "")?;
-    ServiceId::new(s).map_err(|e| ApiError::bad("serviceId", format!("service id {e} (1-32 of A-Z a-z 0-9 _ - . :)")))?;
+    ServiceId::new(s).map_err(|e| {
+        ApiError::bad(
+            "serviceId",
+            format!("service id {e} (1-32 of A-Z a-z 0-9 _ - . :)"),
+        )
+    })?;
     Ok(s.to_owned())
 }
 
@@ -199,13 +257,32 @@ fn parse_grant(m: &Map<String, Value>, service_id: &str) -> Result<GrantRec, Api
     let config = match m.get("configuration") {
         Some(Value::Object(c)) => c,
         Some(_) => return Err(ApiError::bad("configuration", "must be an object")),
-        None => return Err(ApiError::new(400, "missing field", "configuration", "required")),
+        None => {
+            return Err(ApiError::new(
+                400,
+                "missing field",
+                "configuration",
+                "required",
+            ))
+        }
     };
     no_unknown(config, &["featureFlags", "parameters"], "configuration")?;
     let flags = match config.get("featureFlags") {
         Some(Value::Array(a)) => a,
-        Some(_) => return Err(ApiError::bad("configuration.featureFlags", "must be an array of strings")),
-        None => return Err(ApiError::new(400, "missing field", "configuration.featureFlags", "required")),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "configuration.featureFlags",
+                "must be an array of strings",
+            ))
+        }
+        None => {
+            return Err(ApiError::new(
+                400,
+                "missing field",
+                "configuration.featureFlags",
+                "required",
+            ))
+        }
     };
     if flags.is_empty() || flags.len() > MAX_FLAGS_PER_GRANT {
         return Err(ApiError::bad(
@@ -216,8 +293,11 @@ fn parse_grant(m: &Map<String, Value>, service_id: &str) -> Result<GrantRec, Api
     let mut out_flags = Vec::new();
     for (i, f) in flags.iter().enumerate() {
         let field = format!("configuration.featureFlags[{i}]");
-        let s = f.as_str().ok_or_else(|| ApiError::bad(&field, "must be a string"))?;
-        FeatureFlag::new(s).map_err(|e| ApiError::bad(&field, format!("feature flag {e} (1-32 of a-z 0-9 _)")))?;
+        let s = f
+            .as_str()
+            .ok_or_else(|| ApiError::bad(&field, "must be a string"))?;
+        FeatureFlag::new(s)
+            .map_err(|e| ApiError::bad(&field, format!("feature flag {e} (1-32 of a-z 0-9 _)")))?;
         if out_flags.iter().any(|x| x == s) {
             return Err(ApiError::bad(&field, "listed twice"));
         }
@@ -235,18 +315,30 @@ fn parse_grant(m: &Map<String, Value>, service_id: &str) -> Result<GrantRec, Api
             }
             for (k, v) in p {
                 let field = format!("configuration.parameters.{k}");
-                ParamKey::new(k).map_err(|e| ApiError::bad(&field, format!("parameter name {e} (1-24 of A-Z a-z 0-9 _)")))?;
+                ParamKey::new(k).map_err(|e| {
+                    ApiError::bad(
+                        &field,
+                        format!("parameter name {e} (1-24 of A-Z a-z 0-9 _)"),
+                    )
+                })?;
                 let text = match v {
                     Value::String(s) => s.clone(),
                     Value::Number(n) => n.to_string(),
                     Value::Bool(b) => b.to_string(),
                     _ => return Err(ApiError::bad(&field, "must be a string, number or boolean")),
                 };
-                ParamValue::new(&text).map_err(|e| ApiError::bad(&field, format!("value {e} (0-24 printable ASCII)")))?;
+                ParamValue::new(&text).map_err(|e| {
+                    ApiError::bad(&field, format!("value {e} (0-24 printable ASCII)"))
+                })?;
                 params.push((k.clone(), text));
             }
         }
-        Some(_) => return Err(ApiError::bad("configuration.parameters", "must be an object")),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "configuration.parameters",
+                "must be an object",
+            ))
+        }
     }
     let duration = match m.get("duration") {
         Some(Value::Object(d)) => d,
@@ -257,7 +349,8 @@ fn parse_grant(m: &Map<String, Value>, service_id: &str) -> Result<GrantRec, Api
     let kind = req_str(duration, "type", "duration")?;
     let expiry = match opt_str(duration, "expiryDate", "duration")? {
         Some(s) => {
-            let t = parse_iso(s).ok_or_else(|| ApiError::bad("duration.expiryDate", "not an ISO-8601 timestamp"))?;
+            let t = parse_iso(s)
+                .ok_or_else(|| ApiError::bad("duration.expiryDate", "not an ISO-8601 timestamp"))?;
             if t <= now_ms() / 1000 {
                 return Err(ApiError::bad("duration.expiryDate", "is in the past"));
             }
@@ -271,17 +364,30 @@ fn parse_grant(m: &Map<String, Value>, service_id: &str) -> Result<GrantRec, Api
     }
     let ends_at = match kind {
         "TEMPORARY" => Some(expiry.ok_or_else(|| {
-            ApiError::new(400, "missing field", "duration.expiryDate", "required for a TEMPORARY duration")
+            ApiError::new(
+                400,
+                "missing field",
+                "duration.expiryDate",
+                "required for a TEMPORARY duration",
+            )
         })?),
         "PERMANENT" => {
             if expiry.is_some() {
-                return Err(ApiError::bad("duration.expiryDate", "a PERMANENT duration has no expiry"));
+                return Err(ApiError::bad(
+                    "duration.expiryDate",
+                    "a PERMANENT duration has no expiry",
+                ));
             }
             None
         }
         // A subscription runs until withdrawn; an expiryDate, if given, ends the current period.
         "SUBSCRIPTION" => expiry,
-        _ => return Err(ApiError::bad("duration.type", "must be TEMPORARY, PERMANENT or SUBSCRIPTION")),
+        _ => {
+            return Err(ApiError::bad(
+                "duration.type",
+                "must be TEMPORARY, PERMANENT or SUBSCRIPTION",
+            ))
+        }
     };
     Ok(GrantRec {
         service_id: service_id.to_owned(),
@@ -294,8 +400,17 @@ fn parse_grant(m: &Map<String, Value>, service_id: &str) -> Result<GrantRec, Api
     })
 }
 
-async fn ask<T>(engine: &Engine, vin: &Vin, msg: Msg, rx: oneshot::Receiver<T>) -> Result<T, ApiError> {
-    engine.shard(vin).send_async(msg).await.map_err(|_| ApiError::unavailable())?;
+async fn ask<T>(
+    engine: &Engine,
+    vin: &Vin,
+    msg: Msg,
+    rx: oneshot::Receiver<T>,
+) -> Result<T, ApiError> {
+    engine
+        .shard(vin)
+        .send_async(msg)
+        .await
+        .map_err(|_| ApiError::unavailable())?;
     rx.await.map_err(|_| ApiError::unavailable())
 }
 
@@ -305,7 +420,13 @@ fn request_answer(rec: &RequestRec) -> Response {
 }
 
 async fn submit(st: &AppState, vin: Vin, op: Op) -> ApiResult {
-    let req = NewRequest { vin, op, request_id: RequestId(new_uuid()), campaign_id: None, created_ms: now_ms() };
+    let req = NewRequest {
+        vin,
+        op,
+        request_id: RequestId(new_uuid()),
+        campaign_id: None,
+        created_ms: now_ms(),
+    };
     let (tx, rx) = oneshot::channel();
     let rec = ask(&st.engine, &vin, Msg::Request { req, resp: tx }, rx).await??;
     Ok(request_answer(&rec))
@@ -349,9 +470,14 @@ fn request_view(rec: &RequestRec) -> Value {
 async fn get_request(State(st): St, Path(id): Path<String>) -> ApiResult {
     let rid: RequestId = id.parse().map_err(|e| ApiError::bad("requestId", e))?;
     let v = st.store.requests.get(rid.0).map_err(ApiError::storage)?;
-    let rec: RequestRec = v
-        .and_then(|v| dec(&v))
-        .ok_or_else(|| ApiError::new(404, "unknown request", "requestId", "no request with this id"))?;
+    let rec: RequestRec = v.and_then(|v| dec(&v)).ok_or_else(|| {
+        ApiError::new(
+            404,
+            "unknown request",
+            "requestId",
+            "no request with this id",
+        )
+    })?;
     Ok(Json(request_view(&rec)).into_response())
 }
 
@@ -364,13 +490,19 @@ async fn register(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
     let platform = req_str(&m, "platform", "")?;
     if platform.is_empty()
         || platform.len() > MAX_PLATFORM_LEN
-        || !platform.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        || !platform
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
     {
-        return Err(ApiError::bad("platform", format!("1-{MAX_PLATFORM_LEN} of A-Z a-z 0-9 _ - .")));
+        return Err(ApiError::bad(
+            "platform",
+            format!("1-{MAX_PLATFORM_LEN} of A-Z a-z 0-9 _ - ."),
+        ));
     }
     let fw = opt_str(&m, "firmwareVersion", "")?;
     if let Some(f) = fw {
-        FirmwareVersion::new(f).map_err(|e| ApiError::bad("firmwareVersion", format!("firmware version {e}")))?;
+        FirmwareVersion::new(f)
+            .map_err(|e| ApiError::bad("firmwareVersion", format!("firmware version {e}")))?;
     }
     let rec = VehicleRec {
         vin: vin.to_string(),
@@ -380,7 +512,18 @@ async fn register(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         registered_at: iso_now(),
     };
     let (tx, rx) = oneshot::channel();
-    let created = ask(&st.engine, &vin, Msg::Register { rec: rec.clone(), vin, key, resp: tx }, rx).await??;
+    let created = ask(
+        &st.engine,
+        &vin,
+        Msg::Register {
+            rec: rec.clone(),
+            vin,
+            key,
+            resp: tx,
+        },
+        rx,
+    )
+    .await??;
     let stored: VehicleRec = st
         .store
         .vehicles
@@ -388,7 +531,11 @@ async fn register(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         .map_err(ApiError::storage)?
         .and_then(|v| dec(&v))
         .unwrap_or(rec);
-    let code = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let code = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((code, Json(stored)).into_response())
 }
 
@@ -396,8 +543,14 @@ async fn status(State(st): St, Path(vin): Path<String>) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let (tx, rx) = oneshot::channel();
     let v = ask(&st.engine, &vin, Msg::Status { vin, resp: tx }, rx).await?;
-    v.map(|v| Json(v).into_response())
-        .ok_or_else(|| ApiError::new(404, "unknown car", "vin", "no vehicle with this VIN is registered"))
+    v.map(|v| Json(v).into_response()).ok_or_else(|| {
+        ApiError::new(
+            404,
+            "unknown car",
+            "vin",
+            "no vehicle with this VIN is registered",
+        )
+    })
 }
 
 fn page_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
@@ -405,23 +558,47 @@ fn page_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiE
         None => Ok(default),
         Some(s) => match s.parse::<usize>() {
             Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
-            _ => Err(ApiError::bad("limit", format!("an integer from 1 to {MAX_PAGE}"))),
+            _ => Err(ApiError::bad(
+                "limit",
+                format!("an integer from 1 to {MAX_PAGE}"),
+            )),
         },
     }
 }
 
-async fn history(State(st): St, Path(vin): Path<String>, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+async fn history(
+    State(st): St,
+    Path(vin): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let limit = page_limit(&q, 50)?;
     let before = match q.get("before") {
         None => u64::MAX,
-        Some(s) => s.parse::<u64>().map_err(|_| ApiError::bad("before", "an entry id from a previous page"))?,
+        Some(s) => s
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad("before", "an entry id from a previous page"))?,
     };
     if let Some(k) = q.keys().find(|k| *k != "limit" && *k != "before") {
-        return Err(ApiError::new(400, "unknown parameter", k, "only limit and before"));
+        return Err(ApiError::new(
+            400,
+            "unknown parameter",
+            k,
+            "only limit and before",
+        ));
     }
-    if !st.store.vehicles.contains_key(vin.as_bytes()).map_err(ApiError::storage)? {
-        return Err(ApiError::new(404, "unknown car", "vin", "no vehicle with this VIN is registered"));
+    if !st
+        .store
+        .vehicles
+        .contains_key(vin.as_bytes())
+        .map_err(ApiError::storage)?
+    {
+        return Err(ApiError::new(
+            404,
+            "unknown car",
+            "vin",
+            "no vehicle with this VIN is registered",
+        ));
     }
     let mut lo = vin.as_bytes().to_vec();
     lo.extend_from_slice(&0u64.to_be_bytes());
@@ -434,26 +611,44 @@ async fn history(State(st): St, Path(vin): Path<String>, Query(q): Query<HashMap
             entries.push(e);
         }
     }
-    let next = if entries.len() == limit { entries.last().and_then(|e| e["id"].as_str().map(str::to_owned)) } else { None };
-    Ok(Json(json!({ "vin": vin.to_string(), "entries": entries, "nextBefore": next })).into_response())
+    let next = if entries.len() == limit {
+        entries
+            .last()
+            .and_then(|e| e["id"].as_str().map(str::to_owned))
+    } else {
+        None
+    };
+    Ok(
+        Json(json!({ "vin": vin.to_string(), "entries": entries, "nextBefore": next }))
+            .into_response(),
+    )
 }
 
 async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
     let m = parse_body(body, MAX_CAMPAIGN_BODY_BYTES)?;
-    no_unknown(&m, &["vins", "action", "serviceId", "configuration", "duration"], "")?;
+    no_unknown(
+        &m,
+        &["vins", "action", "serviceId", "configuration", "duration"],
+        "",
+    )?;
     let vins = match m.get("vins") {
         Some(Value::Array(a)) => a,
         Some(_) => return Err(ApiError::bad("vins", "must be an array of VINs")),
         None => return Err(ApiError::new(400, "missing field", "vins", "required")),
     };
     if vins.is_empty() || vins.len() > MAX_CAMPAIGN_VINS {
-        return Err(ApiError::bad("vins", format!("1 to {MAX_CAMPAIGN_VINS} VINs")));
+        return Err(ApiError::bad(
+            "vins",
+            format!("1 to {MAX_CAMPAIGN_VINS} VINs"),
+        ));
     }
     let mut parsed = Vec::with_capacity(vins.len());
     let mut seen = HashSet::with_capacity(vins.len());
     for (i, v) in vins.iter().enumerate() {
         let field = format!("vins[{i}]");
-        let s = v.as_str().ok_or_else(|| ApiError::bad(&field, "must be a string"))?;
+        let s = v
+            .as_str()
+            .ok_or_else(|| ApiError::bad(&field, "must be a string"))?;
         let vin = parse_vin(s, &field)?;
         if !seen.insert(vin) {
             return Err(ApiError::bad(&field, "listed twice"));
@@ -465,8 +660,16 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
     let op = match action {
         "ACTIVATE" => Op::Activate(parse_grant(&m, &service)?),
         "DEACTIVATE" => {
-            if let Some(k) = ["configuration", "duration"].into_iter().find(|k| m.contains_key(*k)) {
-                return Err(ApiError::new(400, "unknown field", k, "not part of a DEACTIVATE campaign"));
+            if let Some(k) = ["configuration", "duration"]
+                .into_iter()
+                .find(|k| m.contains_key(*k))
+            {
+                return Err(ApiError::new(
+                    400,
+                    "unknown field",
+                    k,
+                    "not part of a DEACTIVATE campaign",
+                ));
             }
             Op::Deactivate(service.clone())
         }
@@ -481,7 +684,10 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         total: parsed.len(),
         created_at: iso_now(),
     };
-    st.store.campaigns.insert(cid.0, enc(&rec)).map_err(ApiError::storage)?;
+    st.store
+        .campaigns
+        .insert(cid.0, enc(&rec))
+        .map_err(ApiError::storage)?;
     let n = st.engine.shard_count();
     let mut per_shard: Vec<Vec<NewRequest>> = (0..n).map(|_| Vec::new()).collect();
     for vin in parsed {
@@ -499,7 +705,11 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
             continue;
         }
         let (tx, rx) = oneshot::channel();
-        st.engine.shard_at(i).send_async(Msg::Batch { reqs, resp: tx }).await.map_err(|_| ApiError::unavailable())?;
+        st.engine
+            .shard_at(i)
+            .send_async(Msg::Batch { reqs, resp: tx })
+            .await
+            .map_err(|_| ApiError::unavailable())?;
         waits.push(rx);
     }
     let mut accepted = 0;
@@ -537,14 +747,26 @@ async fn get_campaign(State(st): St, Path(id): Path<String>) -> ApiResult {
         .get(cid.0)
         .map_err(ApiError::storage)?
         .and_then(|v| dec(&v))
-        .ok_or_else(|| ApiError::new(404, "unknown campaign", "campaignId", "no campaign with this id"))?;
+        .ok_or_else(|| {
+            ApiError::new(
+                404,
+                "unknown campaign",
+                "campaignId",
+                "no campaign with this id",
+            )
+        })?;
     let store = st.store.clone();
     let counts = tokio::task::spawn_blocking(move || {
-        let mut counts: HashMap<String, usize> =
-            ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"].iter().map(|s| (s.to_string(), 0)).collect();
+        let mut counts: HashMap<String, usize> = ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"]
+            .iter()
+            .map(|s| (s.to_string(), 0))
+            .collect();
         for item in store.campaign_reqs.scan_prefix(cid.0).keys() {
             let Ok(k) = item else { continue };
-            if let Some(r) = k.get(16..32).and_then(|rid| store.requests.get(rid).ok().flatten()) {
+            if let Some(r) = k
+                .get(16..32)
+                .and_then(|rid| store.requests.get(rid).ok().flatten())
+            {
                 if let Some(r) = dec::<RequestRec>(&r) {
                     *counts.entry(r.status).or_default() += 1;
                 }
@@ -583,7 +805,11 @@ async fn keys(State(st): St) -> ApiResult {
 }
 
 async fn metrics(State(st): St) -> ApiResult {
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response())
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        st.metrics.render(),
+    )
+        .into_response())
 }
 
 async fn openapi() -> ApiResult {

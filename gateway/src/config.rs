@@ -55,7 +55,10 @@ impl RetryPolicy {
     /// The pause after failed attempt `attempt` (1-based).
     pub fn backoff_after(&self, attempt: u32) -> Duration {
         let i = (attempt.max(1) as usize - 1).min(self.backoff.len().saturating_sub(1));
-        self.backoff.get(i).copied().unwrap_or(Duration::from_secs(1))
+        self.backoff
+            .get(i)
+            .copied()
+            .unwrap_or(Duration::from_secs(1))
     }
 }
 
@@ -88,6 +91,9 @@ pub struct Config {
     pub command_ttl: Duration,
     /// Engine shards (threads owning disjoint sets of cars), at least 1.
     pub shards: usize,
+    /// Embedded broker routers (cars are spread over them by VIN), at least 1. rumqttd's
+    /// matching cost grows with the square of the cars on one router.
+    pub broker_shards: usize,
 }
 
 impl Default for Config {
@@ -106,6 +112,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(24 * 3600),
             shards: 4,
+            broker_shards: 32,
         }
     }
 }
@@ -113,7 +120,9 @@ impl Default for Config {
 impl Config {
     /// The signing key path actually used.
     pub fn signing_key_path(&self) -> PathBuf {
-        self.signing_key.clone().unwrap_or_else(|| self.data.join("signing.key"))
+        self.signing_key
+            .clone()
+            .unwrap_or_else(|| self.data.join("signing.key"))
     }
 
     /// Checks combinations that cannot work.
@@ -132,6 +141,9 @@ impl Config {
             if scheme == "mqtts" && self.tls.is_none() {
                 bail!("an mqtts:// broker needs --tls-ca, --tls-cert and --tls-key");
             }
+        }
+        if self.broker_shards == 0 {
+            bail!("broker shards must be at least 1");
         }
         if self.shards == 0 {
             bail!("shards must be at least 1");
@@ -162,7 +174,9 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         Some(i) => t.split_at(i),
         None => (t, "s"),
     };
-    let n: u64 = num.parse().with_context(|| format!("{text:?} is not a duration like 60s"))?;
+    let n: u64 = num
+        .parse()
+        .with_context(|| format!("{text:?} is not a duration like 60s"))?;
     Ok(match unit {
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
@@ -174,7 +188,10 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
 
 /// Parses a comma-separated list of durations (`1m,5m,15m,30m`).
 pub fn parse_duration_list(text: &str) -> anyhow::Result<Vec<Duration>> {
-    text.split(',').filter(|s| !s.trim().is_empty()).map(parse_duration).collect()
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(parse_duration)
+        .collect()
 }
 
 /// `caas-gateway serve` options; each also reads `CAAS_GATEWAY_<NAME>` and the config file.
@@ -232,6 +249,9 @@ pub struct ServeArgs {
     /// Engine shards [default: 4]
     #[arg(long, env = "CAAS_GATEWAY_SHARDS")]
     pub shards: Option<usize>,
+    /// Embedded broker routers, cars spread over them by VIN [default: 32]
+    #[arg(long, env = "CAAS_GATEWAY_BROKER_SHARDS")]
+    pub broker_shards: Option<usize>,
     /// TOML file with the same names (kebab-case)
     #[arg(long, env = "CAAS_GATEWAY_CONFIG")]
     #[serde(skip)]
@@ -269,7 +289,11 @@ impl ServeArgs {
         let config = Config {
             http: a.http.unwrap_or(d.http),
             // An external broker replaces the embedded one, listeners included.
-            mqtt: if a.broker.is_some() { a.mqtt } else { a.mqtt.or(d.mqtt) },
+            mqtt: if a.broker.is_some() {
+                a.mqtt
+            } else {
+                a.mqtt.or(d.mqtt)
+            },
             mqtts: a.mqtts,
             tls,
             broker: a.broker,
@@ -284,6 +308,7 @@ impl ServeArgs {
                 None => d.command_ttl,
             },
             shards: a.shards.unwrap_or(d.shards),
+            broker_shards: a.broker_shards.unwrap_or(d.broker_shards),
         };
         config.validate()?;
         Ok(config)
@@ -308,6 +333,7 @@ impl ServeArgs {
             backoff: self.backoff.or(file.backoff),
             command_ttl: self.command_ttl.or(file.command_ttl),
             shards: self.shards.or(file.shards),
+            broker_shards: self.broker_shards.or(file.broker_shards),
             config: self.config,
         }
     }
@@ -332,15 +358,31 @@ mod tests {
     fn file_fills_what_flags_leave_unset() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gw.toml");
-        std::fs::write(&path, "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\n").unwrap();
-        let args = ServeArgs { attempts: Some(3), config: Some(path), ..Default::default() };
+        std::fs::write(
+            &path,
+            "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\n",
+        )
+        .unwrap();
+        let args = ServeArgs {
+            attempts: Some(3),
+            config: Some(path),
+            ..Default::default()
+        };
         let c = args.into_config().unwrap();
         assert_eq!(c.http.port(), 9999);
         assert_eq!(c.retry.attempts, 3);
-        assert_eq!(c.retry.backoff, vec![Duration::from_secs(1), Duration::from_secs(2)]);
+        assert_eq!(
+            c.retry.backoff,
+            vec![Duration::from_secs(1), Duration::from_secs(2)]
+        );
         assert_eq!(c.retry.backoff_after(5), Duration::from_secs(2));
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "nope = 1\n").unwrap();
-        assert!(ServeArgs { config: Some(bad), ..Default::default() }.into_config().is_err());
+        assert!(ServeArgs {
+            config: Some(bad),
+            ..Default::default()
+        }
+        .into_config()
+        .is_err());
     }
 }

@@ -74,13 +74,36 @@ pub(crate) struct NewRequest {
 
 /// What the HTTP side asks a shard.
 pub(crate) enum Msg {
-    Register { rec: VehicleRec, vin: Vin, key: VerifyingKey, resp: oneshot::Sender<Result<bool, ApiError>> },
-    Request { req: NewRequest, resp: oneshot::Sender<Result<RequestRec, ApiError>> },
-    Batch { reqs: Vec<NewRequest>, resp: oneshot::Sender<(usize, Vec<(String, String)>)> },
-    Report { vin: Vin, payload: Vec<u8> },
-    Presence { vin: Vin, online: bool },
-    Status { vin: Vin, resp: oneshot::Sender<Option<serde_json::Value>> },
-    Load { rec: VehicleRec, car: Option<CarRec> },
+    Register {
+        rec: VehicleRec,
+        vin: Vin,
+        key: VerifyingKey,
+        resp: oneshot::Sender<Result<bool, ApiError>>,
+    },
+    Request {
+        req: NewRequest,
+        resp: oneshot::Sender<Result<RequestRec, ApiError>>,
+    },
+    Batch {
+        reqs: Vec<NewRequest>,
+        resp: oneshot::Sender<(usize, Vec<(String, String)>)>,
+    },
+    Report {
+        vin: Vin,
+        payload: Vec<u8>,
+    },
+    Presence {
+        vin: Vin,
+        online: bool,
+    },
+    Status {
+        vin: Vin,
+        resp: oneshot::Sender<Option<serde_json::Value>>,
+    },
+    Load {
+        rec: VehicleRec,
+        car: Option<CarRec>,
+    },
     LoadPending(RequestRec),
     RepublishAll,
     Stop(std::sync::mpsc::Sender<()>),
@@ -121,10 +144,14 @@ impl Engine {
         for i in 0..n {
             let (tx, rx) = flume::bounded(SHARD_QUEUE);
             let shard = Shard::new(shared.clone());
-            std::thread::Builder::new().name(format!("gw-shard-{i}")).spawn(move || shard.run(rx))?;
+            std::thread::Builder::new()
+                .name(format!("gw-shard-{i}"))
+                .spawn(move || shard.run(rx))?;
             senders.push(tx);
         }
-        Ok(Engine { shards: Arc::new(senders) })
+        Ok(Engine {
+            shards: Arc::new(senders),
+        })
     }
 
     /// The shard sender for `vin`.
@@ -235,7 +262,13 @@ fn to_grant(g: &GrantRec) -> Option<Grant> {
         grant.flags.push(FeatureFlag::new(f).ok()?).ok()?;
     }
     for (k, v) in &g.params {
-        grant.params.push(Param { key: ParamKey::new(k).ok()?, value: ParamValue::new(v).ok()? }).ok()?;
+        grant
+            .params
+            .push(Param {
+                key: ParamKey::new(k).ok()?,
+                value: ParamValue::new(v).ok()?,
+            })
+            .ok()?;
     }
     grant.ends_at = g.ends_at;
     Some(grant)
@@ -293,11 +326,17 @@ impl Shard {
             return;
         }
         let out = self.sh.out.clone();
-        let notify = if batch.callbacks { self.sh.webhook.clone() } else { None };
+        let notify = if batch.callbacks {
+            self.sh.webhook.clone()
+        } else {
+            None
+        };
         let metrics = self.sh.metrics.clone();
         self.sh.committer.after_flush(Box::new(move |r| {
             if r.is_ok() {
-                metrics.commands_published.fetch_add(batch.publishes.len() as u64, Relaxed);
+                metrics
+                    .commands_published
+                    .fetch_add(batch.publishes.len() as u64, Relaxed);
                 for p in batch.publishes {
                     if out.send(p).is_err() {
                         break;
@@ -318,13 +357,19 @@ impl Shard {
         if let Some(p) = self.pending.get_mut(&id) {
             p.gen = self.gen;
         }
-        self.timers.push(Reverse((Instant::now() + after, self.gen, id)));
+        self.timers
+            .push(Reverse((Instant::now() + after, self.gen, id)));
     }
 
     /// Handles one message; `Some` means stop.
     fn handle(&mut self, msg: Msg) -> Option<std::sync::mpsc::Sender<()>> {
         match msg {
-            Msg::Register { rec, vin, key, resp } => {
+            Msg::Register {
+                rec,
+                vin,
+                key,
+                resp,
+            } => {
                 let r = self.register(rec, vin, key);
                 match r {
                     Ok(created) => self.batch.after.push(Box::new(move |f| {
@@ -354,7 +399,11 @@ impl Shard {
                     }
                 }
                 self.batch.after.push(Box::new(move |f| {
-                    let _ = resp.send(if f.is_ok() { (ok, refused) } else { (0, refused) });
+                    let _ = resp.send(if f.is_ok() {
+                        (ok, refused)
+                    } else {
+                        (0, refused)
+                    });
                 }));
             }
             Msg::Report { vin, payload } => self.on_report(vin, &payload),
@@ -365,8 +414,12 @@ impl Shard {
             Msg::Load { rec, car } => self.load(rec, car),
             Msg::LoadPending(rec) => self.load_pending(rec),
             Msg::RepublishAll => {
-                let vins: Vec<Vin> =
-                    self.cars.iter().filter(|(_, c)| c.rec.seq > 0).map(|(v, _)| *v).collect();
+                let vins: Vec<Vin> = self
+                    .cars
+                    .iter()
+                    .filter(|(_, c)| c.rec.seq > 0)
+                    .map(|(v, _)| *v)
+                    .collect();
                 for vin in vins {
                     self.send_state(&vin, false);
                 }
@@ -377,19 +430,27 @@ impl Shard {
     }
 
     fn load(&mut self, rec: VehicleRec, car: Option<CarRec>) {
-        let (Ok(vin), Ok(key)) =
-            (rec.vin.parse::<Vin>(), caas_protocol::verifying_key_from_hex(&rec.public_key))
-        else {
+        let (Ok(vin), Ok(key)) = (
+            rec.vin.parse::<Vin>(),
+            caas_protocol::verifying_key_from_hex(&rec.public_key),
+        ) else {
             tracing::warn!(vin = %rec.vin, "stored vehicle is unreadable; skipped");
             return;
         };
-        self.cars.insert(vin, new_car(vin, key, rec, car.unwrap_or_default()));
+        self.cars
+            .insert(vin, new_car(vin, key, rec, car.unwrap_or_default()));
     }
 
     fn load_pending(&mut self, rec: RequestRec) {
-        let Ok(id) = rec.request_id.parse::<RequestId>() else { return };
-        let Ok(vin) = rec.vin.parse::<Vin>() else { return };
-        let Some(car) = self.cars.get_mut(&vin) else { return };
+        let Ok(id) = rec.request_id.parse::<RequestId>() else {
+            return;
+        };
+        let Ok(vin) = rec.vin.parse::<Vin>() else {
+            return;
+        };
+        let Some(car) = self.cars.get_mut(&vin) else {
+            return;
+        };
         car.pending.push(id);
         let wait = match rec.phase.as_str() {
             "BACKOFF" => self.sh.retry.backoff_after(rec.attempts),
@@ -412,12 +473,24 @@ impl Shard {
                 "this VIN is registered with a different public key",
             ));
         }
-        self.sh.store.vehicles.insert(vin.as_bytes(), enc(&rec)).map_err(ApiError::storage)?;
-        self.cars.insert(vin, new_car(vin, key, rec, CarRec::default()));
+        self.sh
+            .store
+            .vehicles
+            .insert(vin.as_bytes(), enc(&rec))
+            .map_err(ApiError::storage)?;
+        self.cars
+            .insert(vin, new_car(vin, key, rec, CarRec::default()));
         Ok(true)
     }
 
-    fn history(&mut self, vin: &Vin, kind: &str, seq: Option<u64>, request_id: Option<String>, detail: String) {
+    fn history(
+        &mut self,
+        vin: &Vin,
+        kind: &str,
+        seq: Option<u64>,
+        request_id: Option<String>,
+        detail: String,
+    ) {
         let id = next_id();
         let entry = HistoryEntry {
             id: id.to_string(),
@@ -479,8 +552,12 @@ impl Shard {
                 }
             }
         }
-        let Some(frame) = self.sign_state(vin) else { return };
-        let Some(car) = self.cars.get_mut(vin) else { return };
+        let Some(frame) = self.sign_state(vin) else {
+            return;
+        };
+        let Some(car) = self.cars.get_mut(vin) else {
+            return;
+        };
         car.last_sent_ms = Some(now_ms());
         car.last_resend = Some(Instant::now());
         self.batch.publishes.push(Outbound {
@@ -507,13 +584,20 @@ impl Shard {
         let now_iso = iso_ms(now);
         let rid = rid_text(&nr.request_id);
         let car = self.cars.get_mut(&nr.vin).ok_or_else(|| {
-            ApiError::new(404, "unknown car", "vin", "no vehicle with this VIN is registered (POST /vehicles)")
+            ApiError::new(
+                404,
+                "unknown car",
+                "vin",
+                "no vehicle with this VIN is registered (POST /vehicles)",
+            )
         })?;
         let seq = car.rec.seq + 1;
         let (action, service_id, grant) = match nr.op {
             Op::Activate(mut g) => {
                 let now_s = now / 1000;
-                car.rec.grants.retain(|x| x.service_id != g.service_id && x.ends_at.is_none_or(|e| e > now_s));
+                car.rec.grants.retain(|x| {
+                    x.service_id != g.service_id && x.ends_at.is_none_or(|e| e > now_s)
+                });
                 if car.rec.grants.len() >= MAX_GRANTS {
                     return Err(ApiError::new(
                         409,
@@ -544,7 +628,14 @@ impl Shard {
         };
         car.rec.seq = seq;
         car.pending.push(nr.request_id);
-        car.rec.settles = car.pending.iter().rev().take(MAX_SETTLES).rev().map(rid_text).collect();
+        car.rec.settles = car
+            .pending
+            .iter()
+            .rev()
+            .take(MAX_SETTLES)
+            .rev()
+            .map(rid_text)
+            .collect();
         car.errors.retain(|e| e.service_id != service_id);
         let rec = RequestRec {
             request_id: rid.clone(),
@@ -566,19 +657,35 @@ impl Shard {
         let store = &self.sh.store;
         self.save_request(&rec);
         let _ = store.pending.insert(nr.request_id.0, &[]);
-        if let Some(c) = nr.campaign_id.as_ref().and_then(|c| c.parse::<RequestId>().ok()) {
+        if let Some(c) = nr
+            .campaign_id
+            .as_ref()
+            .and_then(|c| c.parse::<RequestId>().ok())
+        {
             let mut k = c.0.to_vec();
             k.extend_from_slice(&nr.request_id.0);
             let _ = store.campaign_reqs.insert(k, &[]);
         }
         self.save_car(&nr.vin);
-        self.history(&nr.vin, "REQUEST", Some(seq), Some(rid.clone()), format!("{action} {service_id}"));
+        self.history(
+            &nr.vin,
+            "REQUEST",
+            Some(seq),
+            Some(rid.clone()),
+            format!("{action} {service_id}"),
+        );
         self.send_state(&nr.vin, false);
         let m = &self.sh.metrics;
         m.requests_created.fetch_add(1, Relaxed);
         m.requests_in_flight.fetch_add(1, Relaxed);
         m.attempts.fetch_add(1, Relaxed);
-        self.pending.insert(nr.request_id, Pending { rec: rec.clone(), gen: 0 });
+        self.pending.insert(
+            nr.request_id,
+            Pending {
+                rec: rec.clone(),
+                gen: 0,
+            },
+        );
         self.schedule(nr.request_id, self.sh.retry.attempt_timeout);
         Ok(rec)
     }
@@ -590,7 +697,9 @@ impl Shard {
                 break;
             }
             self.timers.pop();
-            let Some(p) = self.pending.get_mut(&id) else { continue };
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
             if p.gen != gen {
                 continue;
             }
@@ -623,7 +732,13 @@ impl Shard {
                     let rec = p.rec.clone();
                     self.save_request(&rec);
                     self.sh.metrics.attempts.fetch_add(1, Relaxed);
-                    self.history(&vin, "COMMAND", Some(rec.seq), Some(rec.request_id.clone()), format!("attempt {} (re-sent)", rec.attempts));
+                    self.history(
+                        &vin,
+                        "COMMAND",
+                        Some(rec.seq),
+                        Some(rec.request_id.clone()),
+                        format!("attempt {} (re-sent)", rec.attempts),
+                    );
                     self.send_state(&vin, true);
                     self.schedule(id, retry.attempt_timeout);
                 }
@@ -636,7 +751,9 @@ impl Shard {
         self.sh.metrics.probes.fetch_add(1, Relaxed);
         let now = now_ms() / 1000;
         let nonce: u64 = rand::random();
-        let Some(car) = self.cars.get_mut(vin) else { return };
+        let Some(car) = self.cars.get_mut(vin) else {
+            return;
+        };
         car.probe_answered = false;
         let cmd = Command {
             vin: *vin,
@@ -652,15 +769,25 @@ impl Shard {
                 retain: topics::QUERY_RETAIN,
             });
         }
-        self.history(vin, "COMMAND", Some(rec.seq), Some(rec.request_id.clone()), "status query after the last attempt".into());
+        self.history(
+            vin,
+            "COMMAND",
+            Some(rec.seq),
+            Some(rec.request_id.clone()),
+            "status query after the last attempt".into(),
+        );
     }
 
     /// Makes a request final: `Ok` settled, `Err((code, open_ticket))` failed.
     fn finish(&mut self, id: RequestId, result: Result<(), (String, bool)>) {
-        let Some(p) = self.pending.remove(&id) else { return };
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
         let _ = self.sh.store.pending.remove(id.0);
         let mut rec = p.rec;
-        let Ok(vin) = rec.vin.parse::<Vin>() else { return };
+        let Ok(vin) = rec.vin.parse::<Vin>() else {
+            return;
+        };
         let now = now_ms();
         rec.phase = "DONE".into();
         rec.updated_at = iso_ms(now);
@@ -671,7 +798,11 @@ impl Shard {
         match &result {
             Ok(()) => {
                 rec.status = "COMPLETED".into();
-                callback_status = if rec.action == "ACTIVATE" { "ACTIVATED" } else { "DEACTIVATED" };
+                callback_status = if rec.action == "ACTIVATE" {
+                    "ACTIVATED"
+                } else {
+                    "DEACTIVATED"
+                };
                 m.requests_completed.fetch_add(1, Relaxed);
                 m.observe_latency(now.saturating_sub(rec.created_ms) as f64 / 1000.0);
             }
@@ -692,17 +823,28 @@ impl Shard {
                     car.errors.remove(0);
                 }
                 car.errors.retain(|e| e.service_id != rec.service_id);
-                car.errors.push(ServiceError { service_id: rec.service_id.clone(), at: rec.created_at.clone() });
+                car.errors.push(ServiceError {
+                    service_id: rec.service_id.clone(),
+                    at: rec.created_at.clone(),
+                });
                 // Withdraw what this request granted, so a car that comes back later does
                 // not keep a feature nobody paid for.
                 let before = car.rec.grants.len();
-                car.rec.grants.retain(|g| !(g.service_id == rec.service_id && g.request_id == rec.request_id));
+                car.rec.grants.retain(|g| {
+                    !(g.service_id == rec.service_id && g.request_id == rec.request_id)
+                });
                 if car.rec.grants.len() != before {
                     car.rec.seq += 1;
                     car.rec.settles = car.pending.iter().map(rid_text).collect();
                     let seq = car.rec.seq;
                     self.save_car(&vin);
-                    self.history(&vin, "COMMAND", Some(seq), Some(rec.request_id.clone()), format!("withdraw {}", rec.service_id));
+                    self.history(
+                        &vin,
+                        "COMMAND",
+                        Some(seq),
+                        Some(rec.request_id.clone()),
+                        format!("withdraw {}", rec.service_id),
+                    );
                     self.send_state(&vin, false);
                 }
             }
@@ -729,7 +871,12 @@ impl Shard {
                 body["errorCode"] = json!(c);
             }
             let oid = next_id();
-            let entry = OutboxEntry { id: oid, request_id: rec.request_id.clone(), body: body.to_string(), tries: 0 };
+            let entry = OutboxEntry {
+                id: oid,
+                request_id: rec.request_id.clone(),
+                body: body.to_string(),
+                tries: 0,
+            };
             let mut key = now.to_be_bytes().to_vec();
             key.extend_from_slice(&oid.to_be_bytes());
             let _ = self.sh.store.outbox.insert(key, enc(&entry));
@@ -738,7 +885,9 @@ impl Shard {
     }
 
     fn open_ticket(&mut self, vin: &Vin, rec: &RequestRec, code: &str) {
-        let Some(car) = self.cars.get(vin) else { return };
+        let Some(car) = self.cars.get(vin) else {
+            return;
+        };
         let id = next_id();
         let ticket = Ticket {
             ticket_id: format!("T-{id}"),
@@ -747,14 +896,20 @@ impl Shard {
             service_id: rec.service_id.clone(),
             action: rec.action.clone(),
             created_at: iso_ms(id / 1000),
-            reason: format!("{code}: no confirmation after {} attempts and a status query", rec.attempts),
+            reason: format!(
+                "{code}: no confirmation after {} attempts and a status query",
+                rec.attempts
+            ),
             attempts: rec.attempts,
             connectivity: self.connectivity(car).to_owned(),
             last_seen: car.last_seen_ms.map(iso_ms),
             probe_answered: car.probe_answered,
             expected_seq: rec.seq,
             applied_seq: car.rec.applied_seq,
-            diagnostics: car.last_report.as_ref().map(|r| diagnostics_json(Some(r), &car.vehicle)),
+            diagnostics: car
+                .last_report
+                .as_ref()
+                .map(|r| diagnostics_json(Some(r), &car.vehicle)),
         };
         let _ = self.sh.store.tickets.insert(id.to_be_bytes(), enc(&ticket));
         self.sh.metrics.tickets.fetch_add(1, Relaxed);
@@ -783,7 +938,12 @@ impl Shard {
             m.connected_cars.fetch_add(1, Relaxed);
         }
         car.last_report = Some(LastReport {
-            error_codes: report.diagnostics.error_codes.iter().map(|c| c.to_string()).collect(),
+            error_codes: report
+                .diagnostics
+                .error_codes
+                .iter()
+                .map(|c| c.to_string())
+                .collect(),
             firmware_version: report.diagnostics.firmware_version.to_string(),
             signal: report.diagnostics.signal_strength,
         });
@@ -800,7 +960,9 @@ impl Shard {
                 car.probe_answered = true;
                 format!("status (applied seq {})", report.applied_seq)
             }
-            Outcome::Periodic { counter } => format!("periodic #{counter} (applied seq {})", report.applied_seq),
+            Outcome::Periodic { counter } => {
+                format!("periodic #{counter} (applied seq {})", report.applied_seq)
+            }
         };
         let last_sent = car.last_sent_ms;
         let settled: Vec<RequestId> = car
@@ -837,7 +999,9 @@ impl Shard {
 
     fn on_presence(&mut self, vin: Vin, online: bool) {
         let m = self.sh.metrics.clone();
-        let Some(car) = self.cars.get_mut(&vin) else { return };
+        let Some(car) = self.cars.get_mut(&vin) else {
+            return;
+        };
         let behind = car.rec.seq > car.rec.applied_seq;
         if online {
             car.last_seen_ms = Some(now_ms());
@@ -849,7 +1013,13 @@ impl Shard {
             car.online = false;
             m.connected_cars.fetch_sub(1, Relaxed);
         }
-        self.history(&vin, "PRESENCE", None, None, if online { "online" } else { "offline" }.into());
+        self.history(
+            &vin,
+            "PRESENCE",
+            None,
+            None,
+            if online { "online" } else { "offline" }.into(),
+        );
         if online && behind {
             // The retained command may have expired while the car was away: re-sign it.
             self.send_state(&vin, true);
@@ -862,8 +1032,12 @@ impl Shard {
         }
         let timeout = self.sh.retry.attempt_timeout.as_millis() as u64;
         let lagging = car.rec.seq > car.rec.applied_seq
-            && car.last_sent_ms.is_some_and(|t| now_ms().saturating_sub(t) > timeout)
-            && car.last_seen_ms.is_none_or(|s| car.last_sent_ms.is_some_and(|t| s < t));
+            && car
+                .last_sent_ms
+                .is_some_and(|t| now_ms().saturating_sub(t) > timeout)
+            && car
+                .last_seen_ms
+                .is_none_or(|s| car.last_sent_ms.is_some_and(|t| s < t));
         if lagging {
             "LIMITED"
         } else {
@@ -884,7 +1058,13 @@ impl Shard {
         }
         for id in &car.pending {
             if let Some(p) = self.pending.get(id) {
-                if p.rec.action == "DEACTIVATE" && !car.rec.grants.iter().any(|g| g.service_id == p.rec.service_id) {
+                if p.rec.action == "DEACTIVATE"
+                    && !car
+                        .rec
+                        .grants
+                        .iter()
+                        .any(|g| g.service_id == p.rec.service_id)
+                {
                     services.push(json!({
                         "serviceId": p.rec.service_id,
                         "activationDate": p.rec.created_at,
@@ -895,7 +1075,9 @@ impl Shard {
         }
         for e in &car.errors {
             if !car.rec.grants.iter().any(|g| g.service_id == e.service_id) {
-                services.push(json!({ "serviceId": e.service_id, "activationDate": e.at, "status": "ERROR" }));
+                services.push(
+                    json!({ "serviceId": e.service_id, "activationDate": e.at, "status": "ERROR" }),
+                );
             }
         }
         Some(json!({
@@ -943,7 +1125,11 @@ fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car
 
 /// Keeps the newest [`HISTORY_PER_CAR`] entries of `vin`.
 fn prune_history(tree: &sled::Tree, vin: &Vin) {
-    let keys: Vec<sled::IVec> = tree.scan_prefix(vin.as_bytes()).keys().filter_map(Result::ok).collect();
+    let keys: Vec<sled::IVec> = tree
+        .scan_prefix(vin.as_bytes())
+        .keys()
+        .filter_map(Result::ok)
+        .collect();
     if keys.len() > HISTORY_PER_CAR {
         for k in &keys[..keys.len() - HISTORY_PER_CAR] {
             let _ = tree.remove(k);

@@ -108,7 +108,8 @@ impl Gateway {
 pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     config.validate()?;
-    std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
+    std::fs::create_dir_all(&config.data)
+        .with_context(|| format!("creating {}", config.data.display()))?;
     let key = files::load_or_generate(&config.signing_key_path())
         .with_context(|| format!("signing key {}", config.signing_key_path().display()))?;
     let public_key = verifying_key_to_hex(&key.verifying_key()).to_string();
@@ -117,7 +118,10 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let metrics = Arc::new(metrics::Metrics::default());
     let committer = Committer::start(store.db.clone(), metrics.clone())?;
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
-    let webhook_notify = config.webhook_url.as_ref().map(|_| Arc::new(tokio::sync::Notify::new()));
+    let webhook_notify = config
+        .webhook_url
+        .as_ref()
+        .map(|_| Arc::new(tokio::sync::Notify::new()));
     let shared = Arc::new(Shared {
         store: store.clone(),
         committer,
@@ -135,27 +139,41 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let mut mqtt_addr = None;
     let mut mqtts_addr = None;
     if let Some(url) = &config.broker {
-        tasks.push(mqtt::start_external(&config, url, engine.clone(), metrics.clone(), out_rx)?);
+        tasks.push(mqtt::start_external(
+            &config,
+            url,
+            engine.clone(),
+            metrics.clone(),
+            out_rx,
+        )?);
     } else {
-        let mut listeners = Vec::new();
-        if let Some(a) = config.mqtt {
-            listeners.push(("mqtt", a));
+        let upstreams = Arc::new(mqtt::start_embedded(
+            engine.clone(),
+            metrics.clone(),
+            out_rx,
+            config.broker_shards,
+        )?);
+        if let Some(listen) = config.mqtt {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("MQTT listener {listen}"))?;
+            mqtt_addr = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(tlsfront::serve_plain(
+                listener,
+                upstreams.clone(),
+            )));
         }
-        if config.mqtts.is_some() {
-            listeners.push(("mqtt-internal", SocketAddr::from(([127, 0, 0, 1], 0))));
-        }
-        let addrs = mqtt::start_embedded(engine.clone(), metrics.clone(), out_rx, &listeners)?;
-        let mut it = addrs.into_iter();
-        if config.mqtt.is_some() {
-            mqtt_addr = it.next();
-        }
-        if let (Some(listen), Some(tls), Some(internal)) = (config.mqtts, &config.tls, it.next()) {
+        if let (Some(listen), Some(tls)) = (config.mqtts, &config.tls) {
             let server = tlsfront::server_config(tls)?;
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("MQTT TLS listener {listen}"))?;
             mqtts_addr = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(tlsfront::serve(listener, server, internal)));
+            tasks.push(tokio::spawn(tlsfront::serve(
+                listener,
+                server,
+                upstreams.clone(),
+            )));
         }
         engine.broadcast(|| Msg::RepublishAll);
     }
@@ -226,15 +244,24 @@ async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
             let (k, v) = item?;
             let Some(rec) = dec(&v) else { continue };
             let car = store.cars.get(&k)?.and_then(|c| dec(&c));
-            let Ok(vin) = std::str::from_utf8(&k).unwrap_or("").parse::<caas_protocol::Vin>() else { continue };
+            let Ok(vin) = std::str::from_utf8(&k)
+                .unwrap_or("")
+                .parse::<caas_protocol::Vin>()
+            else {
+                continue;
+            };
             let _ = engine.shard(&vin).send(Msg::Load { rec, car });
             cars += 1;
         }
         let mut pending = 0usize;
         for item in store.pending.iter() {
             let (k, _) = item?;
-            let Some(rec) = store.requests.get(&k)?.and_then(|v| dec::<RequestRec>(&v)) else { continue };
-            let Ok(vin) = rec.vin.parse::<caas_protocol::Vin>() else { continue };
+            let Some(rec) = store.requests.get(&k)?.and_then(|v| dec::<RequestRec>(&v)) else {
+                continue;
+            };
+            let Ok(vin) = rec.vin.parse::<caas_protocol::Vin>() else {
+                continue;
+            };
             let _ = engine.shard(&vin).send(Msg::LoadPending(rec));
             pending += 1;
         }

@@ -2,7 +2,11 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "caas-gateway", version, about = "CaaS fleet command gateway: IoT API, activation engine, MQTT fan-out")]
+#[command(
+    name = "caas-gateway",
+    version,
+    about = "CaaS fleet command gateway: IoT API, activation engine, MQTT fan-out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -40,8 +44,9 @@ async fn shutdown_signal() {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn,sled=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,rumqttd=warn,sled=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -55,9 +60,15 @@ fn main() {
         }
     };
     if config.api_token == caas_gateway::DEV_API_TOKEN {
-        eprintln!("caas-gateway: using the development API token {:?} (set --api-token)", caas_gateway::DEV_API_TOKEN);
+        eprintln!(
+            "caas-gateway: using the development API token {:?} (set --api-token)",
+            caas_gateway::DEV_API_TOKEN
+        );
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("caas-gateway: cannot start the runtime: {e}");

@@ -4,8 +4,9 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
 /// Upper bounds (seconds) of the latency histogram's buckets.
-const LATENCY_BUCKETS: [f64; 14] =
-    [0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0];
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
+];
 
 /// Every metric the gateway exports at `GET /metrics`.
 #[derive(Default)]
@@ -64,25 +65,72 @@ impl Metrics {
                 ("state=\"failed\"", self.requests_failed.load(Relaxed)),
             ],
         );
-        counter("caas_attempts_total", "Command delivery attempts (first sends and retries).", &[("", self.attempts.load(Relaxed))]);
-        counter("caas_status_probes_total", "Status queries sent after the last attempt.", &[("", self.probes.load(Relaxed))]);
-        counter("caas_commands_published_total", "Signed commands published.", &[("", self.commands_published.load(Relaxed))]);
-        counter("caas_reports_verified_total", "Reports whose signature verified with the car's key.", &[("", self.reports_verified.load(Relaxed))]);
-        counter("caas_reports_refused_total", "Verified reports saying the car refused a command.", &[("", self.reports_refused.load(Relaxed))]);
+        counter(
+            "caas_attempts_total",
+            "Command delivery attempts (first sends and retries).",
+            &[("", self.attempts.load(Relaxed))],
+        );
+        counter(
+            "caas_status_probes_total",
+            "Status queries sent after the last attempt.",
+            &[("", self.probes.load(Relaxed))],
+        );
+        counter(
+            "caas_commands_published_total",
+            "Signed commands published.",
+            &[("", self.commands_published.load(Relaxed))],
+        );
+        counter(
+            "caas_reports_verified_total",
+            "Reports whose signature verified with the car's key.",
+            &[("", self.reports_verified.load(Relaxed))],
+        );
+        counter(
+            "caas_reports_refused_total",
+            "Verified reports saying the car refused a command.",
+            &[("", self.reports_refused.load(Relaxed))],
+        );
         counter("caas_reports_forged_total", "Reports that failed verification (bad signature, wrong VIN, unknown car) and were ignored.", &[("", self.reports_forged.load(Relaxed))]);
-        counter("caas_support_tickets_total", "Support tickets opened.", &[("", self.tickets.load(Relaxed))]);
-        counter("caas_webhook_deliveries_total", "Callbacks answered 2xx.", &[("", self.webhook_deliveries.load(Relaxed))]);
-        counter("caas_webhook_failures_total", "Callback attempts that failed (will be retried).", &[("", self.webhook_failures.load(Relaxed))]);
-        counter("caas_store_flushes_total", "sled flushes (group commits).", &[("", self.flushes.load(Relaxed))]);
+        counter(
+            "caas_support_tickets_total",
+            "Support tickets opened.",
+            &[("", self.tickets.load(Relaxed))],
+        );
+        counter(
+            "caas_webhook_deliveries_total",
+            "Callbacks answered 2xx.",
+            &[("", self.webhook_deliveries.load(Relaxed))],
+        );
+        counter(
+            "caas_webhook_failures_total",
+            "Callback attempts that failed (will be retried).",
+            &[("", self.webhook_failures.load(Relaxed))],
+        );
+        counter(
+            "caas_store_flushes_total",
+            "sled flushes (group commits).",
+            &[("", self.flushes.load(Relaxed))],
+        );
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_activation_latency_seconds Time from the accepted POST to the car's confirming report.\n# TYPE caas_activation_latency_seconds histogram");
         for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(s, "caas_activation_latency_seconds_bucket{{le=\"{le}\"}} {}", self.latency_buckets[i].load(Relaxed));
+            let _ = writeln!(
+                s,
+                "caas_activation_latency_seconds_bucket{{le=\"{le}\"}} {}",
+                self.latency_buckets[i].load(Relaxed)
+            );
         }
         let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(s, "caas_activation_latency_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(s, "caas_activation_latency_seconds_sum {}", self.latency_sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            s,
+            "caas_activation_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            s,
+            "caas_activation_latency_seconds_sum {}",
+            self.latency_sum_us.load(Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(s, "caas_activation_latency_seconds_count {count}");
         s
     }

@@ -1,13 +1,15 @@
 //! MQTT fan-out: the embedded rumqttd broker (default) or an external broker (rumqttc).
 //!
 //! Either way the engine hands signed commands to one bounded queue ([`OUT_QUEUE`]) and
-//! receives every car's reports and presence through [`dispatch`].
+//! receives every car's reports and presence through [`route`].
 //!
-//! Embedded: we build rumqttd's router ourselves (so we own its sender), attach the
-//! gateway as an in-process link without a tenant that subscribes `/tenants/+/report` and
-//! `/tenants/+/presence`, and run rumqttd's plain v4 listener. Cars with certificates use
-//! our own TLS front ([`crate::tlsfront`]), which rumqttd's TLS listener cannot replace:
-//! it runs each handshake inline in its accept loop, so one idle socket stalls everyone.
+//! Embedded: we build rumqttd's routers ourselves (several, see [`start_embedded`]),
+//! attach the gateway to each as an in-process link without a tenant that subscribes
+//! `/tenants/+/report` and `/tenants/+/presence`, and give each an internal loopback v4
+//! listener. Cars never connect to those directly: our fronts ([`crate::tlsfront`]) accept
+//! them (plain and mTLS), set TCP_NODELAY, bound the time to the first packet, and hand each
+//! connection to its VIN's router. rumqttd's own TLS listener is not used: it runs every
+//! handshake inline in its accept loop, so one idle socket would stall every other car.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,23 +31,34 @@ const MAX_PAYLOAD: usize = 16 * 1024;
 /// How long a connection may take to send CONNECT.
 const CONNECT_TIMEOUT_MS: u16 = 10_000;
 
-/// Routes one received message to the car's shard.
-pub(crate) fn dispatch(engine: &Engine, metrics: &Metrics, topic: &str, payload: &[u8]) {
+/// What one received message means for the engine (`None`: ignore it).
+pub(crate) fn route(
+    metrics: &Metrics,
+    topic: &str,
+    payload: &[u8],
+) -> Option<(caas_protocol::Vin, Msg)> {
     match topics::parse_topic(topic) {
         Some((vin, TopicKind::Report)) => {
             if payload.len() > MAX_REPORT_FRAME_SIZE {
-                metrics.reports_forged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                return;
+                metrics
+                    .reports_forged
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return None;
             }
-            let _ = engine.shard(&vin).send(Msg::Report { vin, payload: payload.to_vec() });
+            Some((
+                vin,
+                Msg::Report {
+                    vin,
+                    payload: payload.to_vec(),
+                },
+            ))
         }
         Some((vin, TopicKind::Presence)) => {
             let online = payload == topics::PRESENCE_ONLINE;
-            if online || payload == topics::PRESENCE_OFFLINE {
-                let _ = engine.shard(&vin).send(Msg::Presence { vin, online });
-            }
+            (online || payload == topics::PRESENCE_OFFLINE)
+                .then_some((vin, Msg::Presence { vin, online }))
         }
-        _ => {}
+        _ => None,
     }
 }
 
@@ -71,72 +84,150 @@ fn router_config() -> rumqttd::RouterConfig {
     }
 }
 
-/// Starts rumqttd's router, the gateway's in-process link and a plain v4 listener for each
-/// `(name, address)`; returns the listeners' addresses (port 0 resolved).
+/// Which of `k` broker routers serves `vin` (FNV-1a; the same function routes the car's
+/// connection and the gateway's commands to it).
+pub(crate) fn broker_shard(vin: &caas_protocol::Vin, k: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in vin.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % k.max(1) as u64) as usize
+}
+
+/// Starts `k` rumqttd routers, each with the gateway's in-process link (subscribed to every
+/// car's reports and presence) and an internal loopback v4 listener; returns the internal
+/// listeners' addresses, index = [`broker_shard`]. Cars reach them through our fronts
+/// ([`crate::tlsfront`]), which pick the router by VIN.
+///
+/// Why several routers: rumqttd matches every new topic against every subscription filter
+/// and every new filter against every cached topic, so its cost grows with the square of
+/// the cars on one router (see `benches/router_matching.rs`: 8,000 cars on one router take
+/// 30-40 s for their first reports). `k` routers divide that by `k`.
 pub(crate) fn start_embedded(
     engine: Engine,
     metrics: Arc<Metrics>,
     out: flume::Receiver<Outbound>,
-    listeners: &[(&str, SocketAddr)],
+    k: usize,
 ) -> anyhow::Result<Vec<SocketAddr>> {
-    let router = rumqttd::Router::new(0, router_config());
-    let router_tx = router.spawn();
-    let (mut link_tx, mut link_rx, _ack) = rumqttd::local::LinkBuilder::new("caas-gateway", router_tx.clone())
-        .build()
-        .map_err(|e| anyhow!("gateway link: {e}"))?;
-    link_tx.subscribe(topics::ALL_REPORTS).map_err(|e| anyhow!("subscribe: {e}"))?;
-    link_tx.subscribe(topics::ALL_PRESENCE).map_err(|e| anyhow!("subscribe: {e}"))?;
-
-    std::thread::Builder::new().name("gw-mqtt-in".into()).spawn(move || loop {
-        match link_rx.recv() {
-            Ok(Some(rumqttd::Notification::Forward(f))) => {
-                if let Ok(topic) = std::str::from_utf8(&f.publish.topic) {
-                    dispatch(&engine, &metrics, topic, &f.publish.payload);
-                }
-            }
-            Ok(Some(rumqttd::Notification::Unschedule)) => {
-                if link_rx.ready().is_err() {
+    let k = k.max(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<Vec<SocketAddr>>>();
+    std::thread::Builder::new()
+        .name("gw-broker".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("gw-broker-io")
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
                     return;
                 }
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "embedded broker link closed");
-                return;
-            }
-        }
-    })?;
-
-    std::thread::Builder::new().name("gw-mqtt-out".into()).spawn(move || {
-        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
-        rt.block_on(async move {
-            while let Ok(o) = out.recv_async().await {
-                // Local links publish at QoS 0; rumqttd forwards at the subscriber's QoS, so
-                // cars subscribed at QoS 1 still get at-least-once delivery.
-                let publish = Publish::new(bytes::Bytes::from(o.topic.into_bytes()), o.payload.into(), o.retain);
-                if link_tx.send(Packet::Publish(publish, None)).await.is_err() {
-                    tracing::error!("embedded broker gone; publisher stops");
-                    return;
-                }
-            }
-        });
-    })?;
-    let mut addrs = Vec::new();
-    for (name, listen) in listeners {
-        let listen = resolve_port(*listen).with_context(|| format!("MQTT listener {listen}"))?;
-        // Fail early with a clear message if the address is taken (rumqttd would only log it).
-        drop(std::net::TcpListener::bind(listen).with_context(|| format!("MQTT listener {listen}"))?);
-        let mut server =
-            rumqttd::Server::new(server_settings(name, listen), router_tx.clone(), rumqttd::protocol::v4::V4);
-        std::thread::Builder::new().name(format!("gw-{name}")).spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+            };
             rt.block_on(async move {
-                if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-                    tracing::error!(error = %e, "MQTT listener stopped");
+                let started = start_routers(engine, metrics, out, k).await;
+                let failed = started.is_err();
+                let _ = ready_tx.send(started);
+                if !failed {
+                    // The broker lives as long as the process.
+                    std::future::pending::<()>().await;
                 }
             });
         })?;
+    ready_rx.recv().map_err(|_| anyhow!("broker thread died"))?
+}
+
+async fn start_routers(
+    engine: Engine,
+    metrics: Arc<Metrics>,
+    out: flume::Receiver<Outbound>,
+    k: usize,
+) -> anyhow::Result<Vec<SocketAddr>> {
+    let mut links = Vec::with_capacity(k);
+    let mut addrs = Vec::with_capacity(k);
+    for i in 0..k {
+        let router = rumqttd::Router::new(i, router_config());
+        let router_tx = router.spawn();
+        let (mut link_tx, mut link_rx, _ack) =
+            rumqttd::local::LinkBuilder::new("caas-gateway", router_tx.clone())
+                .build()
+                .map_err(|e| anyhow!("gateway link: {e}"))?;
+        link_tx
+            .subscribe(topics::ALL_REPORTS)
+            .map_err(|e| anyhow!("subscribe: {e}"))?;
+        link_tx
+            .subscribe(topics::ALL_PRESENCE)
+            .map_err(|e| anyhow!("subscribe: {e}"))?;
+        links.push(link_tx);
+        let (engine, metrics) = (engine.clone(), metrics.clone());
+        tokio::spawn(async move {
+            loop {
+                match link_rx.next().await {
+                    Ok(Some(rumqttd::Notification::Forward(f))) => {
+                        let Ok(topic) = std::str::from_utf8(&f.publish.topic) else {
+                            continue;
+                        };
+                        if let Some((vin, msg)) = route(&metrics, topic, &f.publish.payload) {
+                            let _ = engine.shard(&vin).send_async(msg).await;
+                        }
+                    }
+                    Ok(Some(rumqttd::Notification::Unschedule)) => {
+                        if link_rx.wake().await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(error = %e, "embedded broker link closed");
+                        return;
+                    }
+                }
+            }
+        });
+        let listen = resolve_port(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        let mut server = rumqttd::Server::new(
+            server_settings(&format!("mqtt-{i}"), listen),
+            router_tx,
+            rumqttd::protocol::v4::V4,
+        );
+        tokio::spawn(async move {
+            if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
+                tracing::error!(error = %e, "MQTT listener stopped");
+            }
+        });
         addrs.push(listen);
+    }
+    tokio::spawn(async move {
+        while let Ok(o) = out.recv_async().await {
+            let Some((vin, _)) = topics::parse_topic(&o.topic) else {
+                continue;
+            };
+            let link = &mut links[broker_shard(&vin, k)];
+            // Local links publish at QoS 0; rumqttd forwards at the subscriber's QoS, so
+            // cars subscribed at QoS 1 still get at-least-once delivery.
+            let publish = Publish::new(
+                bytes::Bytes::from(o.topic.into_bytes()),
+                o.payload.into(),
+                o.retain,
+            );
+            if link.send(Packet::Publish(publish, None)).await.is_err() {
+                tracing::error!("embedded broker gone; publisher stops");
+                return;
+            }
+        }
+    });
+    // Wait until every internal listener accepts, so the fronts never race them.
+    for a in &addrs {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(a).await.is_err() {
+            if std::time::Instant::now() > end {
+                return Err(anyhow!("internal MQTT listener {a} did not start"));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
     Ok(addrs)
 }
@@ -160,7 +251,10 @@ fn server_settings(name: &str, listen: SocketAddr) -> rumqttd::ServerSettings {
 
 /// Loads a rustls client configuration (for an `mqtts://` external broker).
 pub(crate) fn client_tls(cfg: &Config) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let tls = cfg.tls.as_ref().ok_or_else(|| anyhow!("mqtts:// needs --tls-ca/--tls-cert/--tls-key"))?;
+    let tls = cfg
+        .tls
+        .as_ref()
+        .ok_or_else(|| anyhow!("mqtts:// needs --tls-ca/--tls-cert/--tls-key"))?;
     let mut roots = rustls::RootCertStore::empty();
     for c in crate::tlsfront::read_certs(&tls.ca)? {
         roots.add(c).context("CA certificate")?;
@@ -184,8 +278,12 @@ pub(crate) fn start_external(
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet as CPacket, QoS as CQoS, Transport};
     let (scheme, hostport) = split_broker_url(url)?;
-    let (host, port) = hostport.rsplit_once(':').ok_or_else(|| anyhow!("broker URL needs host:port"))?;
-    let port: u16 = port.parse().with_context(|| format!("broker port in {url:?}"))?;
+    let (host, port) = hostport
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("broker URL needs host:port"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("broker port in {url:?}"))?;
     let client_id = format!("caas-gateway-{:08x}", rand::random::<u32>());
     let mut opts = MqttOptions::new(client_id, host.trim_matches(|c| c == '[' || c == ']'), port);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -193,7 +291,9 @@ pub(crate) fn start_external(
     opts.set_max_packet_size(MAX_PAYLOAD * 4, MAX_PAYLOAD * 4);
     opts.set_inflight(1000);
     if scheme == "mqtts" {
-        opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(client_tls(cfg)?)));
+        opts.set_transport(Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(client_tls(cfg)?),
+        ));
     }
     let (client, mut el) = AsyncClient::new(opts, 4096);
     let mut net = el.network_options();
@@ -202,7 +302,11 @@ pub(crate) fn start_external(
     let publisher = client.clone();
     tokio::spawn(async move {
         while let Ok(o) = out.recv_async().await {
-            if publisher.publish(o.topic, CQoS::AtLeastOnce, o.retain, o.payload).await.is_err() {
+            if publisher
+                .publish(o.topic, CQoS::AtLeastOnce, o.retain, o.payload)
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -218,7 +322,9 @@ pub(crate) fn start_external(
                     engine.broadcast(|| Msg::RepublishAll);
                 }
                 Ok(Event::Incoming(CPacket::Publish(p))) => {
-                    dispatch(&engine, &metrics, &p.topic, &p.payload);
+                    if let Some((vin, msg)) = route(&metrics, &p.topic, &p.payload) {
+                        let _ = engine.shard(&vin).send_async(msg).await;
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {

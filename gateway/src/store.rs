@@ -44,7 +44,10 @@ pub(crate) struct Store {
 
 impl Store {
     pub(crate) fn open(path: &std::path::Path) -> anyhow::Result<Store> {
-        let db = sled::Config::new().path(path).flush_every_ms(Some(200)).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(200))
+            .open()?;
         Ok(Store {
             vehicles: db.open_tree("vehicles")?,
             cars: db.open_tree("cars")?,
@@ -195,14 +198,18 @@ pub(crate) struct CampaignRec {
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// ISO-8601 UTC text of a Unix time in milliseconds.
 pub(crate) fn iso_ms(ms: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// ISO-8601 UTC text of now.
@@ -243,23 +250,30 @@ pub(crate) struct Committer {
 
 impl Committer {
     /// Starts the committer thread for `db`.
-    pub(crate) fn start(db: sled::Db, metrics: std::sync::Arc<crate::metrics::Metrics>) -> std::io::Result<Committer> {
+    pub(crate) fn start(
+        db: sled::Db,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+    ) -> std::io::Result<Committer> {
         let (tx, rx) = flume::bounded::<Continuation>(COMMIT_QUEUE);
-        std::thread::Builder::new().name("gw-commit".into()).spawn(move || {
-            let mut batch = Vec::with_capacity(1024);
-            while let Ok(first) = rx.recv() {
-                batch.push(first);
-                batch.extend(rx.try_iter().take(COMMIT_BATCH));
-                metrics.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "flush failed");
+        std::thread::Builder::new()
+            .name("gw-commit".into())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(1024);
+                while let Ok(first) = rx.recv() {
+                    batch.push(first);
+                    batch.extend(rx.try_iter().take(COMMIT_BATCH));
+                    metrics
+                        .flushes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "flush failed");
+                    }
+                    for k in batch.drain(..) {
+                        k(result.clone());
+                    }
                 }
-                for k in batch.drain(..) {
-                    k(result.clone());
-                }
-            }
-        })?;
+            })?;
         Ok(Committer { tx })
     }
 

@@ -1,15 +1,22 @@
-//! The embedded broker's mTLS listener: our own TLS front with per-car isolation.
+//! The embedded broker's listeners: our own fronts, plain and mTLS, in front of rumqttd.
 //!
-//! Why not rumqttd's TLS listener: it performs every TLS handshake inline in its accept
-//! loop with no timeout, so one TCP socket that connects and says nothing stalls every other
-//! car's connection (issue 4, §4). Here each connection gets its own task and a
-//! [`HANDSHAKE_TIMEOUT`]; a verified client certificate's Organization must be a VIN
-//! (the same rule rumqttd's `validate-tenant-prefix` applies), and the plain MQTT stream is
-//! then proxied to an internal loopback listener of the embedded broker through a filter
-//! that enforces the tenant prefix `/tenants/{VIN}/` on every PUBLISH topic, SUBSCRIBE
-//! filter and will topic (a violation closes the connection, as rumqttd does), and renames
-//! the client id to `{VIN}.{client id}` so one car cannot take over another's session.
-//! Only MQTT 3.1.1 is accepted here.
+//! Why not rumqttd's listeners directly: its TLS listener performs every handshake inline
+//! in its accept loop with no timeout, so one TCP socket that connects and says nothing
+//! stalls every other car's connection (issue 4, §4); and the gateway runs several rumqttd
+//! routers (see [`crate::mqtt::start_embedded`]), so something must pick each car's router.
+//! Here each connection gets its own task and [`HANDSHAKE_TIMEOUT`] to finish its TLS
+//! handshake and send CONNECT, both sockets get TCP_NODELAY, and the connection is proxied to
+//! the internal loopback listener of its VIN's router.
+//!
+//! * mTLS: a verified client certificate's Organization must be a VIN (the rule rumqttd's
+//!   `validate-tenant-prefix` applies). The client-to-broker stream passes a filter that
+//!   enforces the tenant prefix `/tenants/{VIN}/` on every PUBLISH topic, SUBSCRIBE filter
+//!   and will topic (a violation closes the connection, as rumqttd does), and renames the
+//!   client id to `{VIN}.{client id}` so one car cannot take over another's session. Only
+//!   MQTT 3.1.1 is accepted.
+//! * Plain (loopback tests, trusted networks): no isolation; the VIN is taken from the
+//!   CONNECT's will topic (`/tenants/{VIN}/presence`) or else the client id's first 17
+//!   characters; a connection naming no VIN goes to router 0.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -75,8 +82,12 @@ fn vin_of(cert: &CertificateDer<'_>) -> Option<Vin> {
     org.parse().ok()
 }
 
-/// Accepts TLS connections on `listener` and proxies them to `upstream` until aborted.
-pub(crate) async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfig>, upstream: SocketAddr) {
+/// Accepts TLS connections on `listener` and proxies each to its VIN's router until aborted.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    upstreams: Arc<Vec<SocketAddr>>,
+) {
     let acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
@@ -93,6 +104,7 @@ pub(crate) async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfi
             continue;
         };
         let acceptor = acceptor.clone();
+        let upstreams = upstreams.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
@@ -107,11 +119,17 @@ pub(crate) async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfi
                     return;
                 }
             };
-            let vin = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(vin_of);
+            let vin = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(vin_of);
             let Some(vin) = vin else {
                 tracing::warn!(%peer, "client certificate has no VIN as its Organization; closed");
                 return;
             };
+            let upstream = upstreams[crate::mqtt::broker_shard(&vin, upstreams.len())];
             let up = match TcpStream::connect(upstream).await {
                 Ok(u) => u,
                 Err(e) => {
@@ -127,14 +145,85 @@ pub(crate) async fn serve(listener: TcpListener, config: Arc<rustls::ServerConfi
     }
 }
 
-async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(client: S, up: TcpStream, vin: Vin) -> anyhow::Result<()> {
+/// Accepts plain MQTT connections on `listener` and proxies each to its VIN's router.
+pub(crate) async fn serve_plain(listener: TcpListener, upstreams: Arc<Vec<SocketAddr>>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let (mut stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "MQTT front accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "MQTT front: connection limit reached; refused");
+            continue;
+        };
+        let upstreams = upstreams.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ = stream.set_nodelay(true);
+            let connect =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_packet(&mut stream)).await {
+                    Ok(Ok(Some(p))) if p[0] >> 4 == 1 => p,
+                    _ => {
+                        tracing::debug!(%peer, "no CONNECT in time; closed");
+                        return;
+                    }
+                };
+            let shard =
+                connect_vin(&connect).map_or(0, |v| crate::mqtt::broker_shard(&v, upstreams.len()));
+            let Ok(mut up) = TcpStream::connect(upstreams[shard]).await else {
+                tracing::error!("MQTT front cannot reach the broker");
+                return;
+            };
+            let _ = up.set_nodelay(true);
+            if up.write_all(&connect).await.is_err() {
+                return;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+        });
+    }
+}
+
+/// The VIN a CONNECT names: its will topic's, else its client id's first 17 characters.
+fn connect_vin(packet: &[u8]) -> Option<Vin> {
+    let body = &packet[header_len(packet)..];
+    let (_name, at) = read_str(body, 0).ok()?;
+    let flags = *body.get(at + 1)?;
+    let (client_id, rest_at) = read_str(body, at + 4).ok()?;
+    if flags & 0x04 != 0 {
+        if let Ok((topic, _)) = read_str(body, rest_at) {
+            let vin = std::str::from_utf8(topic)
+                .ok()
+                .and_then(caas_protocol::topics::parse_topic)
+                .map(|(v, _)| v);
+            if vin.is_some() {
+                return vin;
+            }
+        }
+    }
+    client_id
+        .get(..caas_protocol::VIN_LEN)
+        .and_then(|b| Vin::from_bytes(b).ok())
+}
+
+async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
+    client: S,
+    up: TcpStream,
+    vin: Vin,
+) -> anyhow::Result<()> {
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut ur, mut uw) = up.into_split();
     let prefix = format!("/tenants/{vin}/");
     let to_broker = async {
         let mut first = true;
         loop {
-            let Some(packet) = read_packet(&mut cr).await? else { return Ok(()) };
+            let Some(packet) = read_packet(&mut cr).await? else {
+                return Ok(());
+            };
             let packet = filter_packet(packet, &prefix, &vin, first)?;
             first = false;
             uw.write_all(&packet).await?;
@@ -180,13 +269,19 @@ async fn read_packet<R: AsyncRead + Unpin>(r: &mut R) -> anyhow::Result<Option<V
 }
 
 fn header_len(packet: &[u8]) -> usize {
-    1 + packet[1..].iter().take(4).position(|b| b & 0x80 == 0).map_or(4, |p| p + 1)
+    1 + packet[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |p| p + 1)
 }
 
 fn read_str(body: &[u8], at: usize) -> anyhow::Result<(&[u8], usize)> {
     let len = body.get(at..at + 2).ok_or_else(|| anyhow!("truncated"))?;
     let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-    let s = body.get(at + 2..at + 2 + len).ok_or_else(|| anyhow!("truncated"))?;
+    let s = body
+        .get(at + 2..at + 2 + len)
+        .ok_or_else(|| anyhow!("truncated"))?;
     Ok((s, at + 2 + len))
 }
 
@@ -231,7 +326,8 @@ fn filter_packet(packet: Vec<u8>, prefix: &str, vin: &Vin, first: bool) -> anyho
                 }
             }
             let new_id = format!("{vin}.{}", String::from_utf8_lossy(client_id));
-            let new_id_len = u16::try_from(new_id.len()).map_err(|_| anyhow!("client id too long"))?;
+            let new_id_len =
+                u16::try_from(new_id.len()).map_err(|_| anyhow!("client id too long"))?;
             let mut new_body = Vec::with_capacity(body.len() + 20);
             new_body.extend_from_slice(&body[..id_at]);
             new_body.extend_from_slice(&new_id_len.to_be_bytes());
@@ -245,7 +341,10 @@ fn filter_packet(packet: Vec<u8>, prefix: &str, vin: &Vin, first: bool) -> anyho
         3 => {
             let (topic, _) = read_str(body, 0)?;
             if !topic.starts_with(prefix.as_bytes()) {
-                return Err(anyhow!("publish to {} outside {prefix}", String::from_utf8_lossy(topic)));
+                return Err(anyhow!(
+                    "publish to {} outside {prefix}",
+                    String::from_utf8_lossy(topic)
+                ));
             }
             Ok(packet)
         }
@@ -254,7 +353,10 @@ fn filter_packet(packet: Vec<u8>, prefix: &str, vin: &Vin, first: bool) -> anyho
             while at < body.len() {
                 let (filter, next) = read_str(body, at)?;
                 if !filter.starts_with(prefix.as_bytes()) {
-                    return Err(anyhow!("subscribe to {} outside {prefix}", String::from_utf8_lossy(filter)));
+                    return Err(anyhow!(
+                        "subscribe to {} outside {prefix}",
+                        String::from_utf8_lossy(filter)
+                    ));
                 }
                 at = next + 1;
             }
@@ -285,15 +387,35 @@ mod tests {
     #[test]
     fn publishes_outside_the_tenant_are_refused() {
         let prefix = "/tenants/WVWZZZ1JZXW000001/";
-        assert!(filter_packet(publish("/tenants/WVWZZZ1JZXW000001/report"), prefix, &vin(), false).is_ok());
-        assert!(filter_packet(publish("/tenants/WVWZZZ1JZXW000002/report"), prefix, &vin(), false).is_err());
-        assert!(filter_packet(publish("/tenants/WVWZZZ1JZXW000001/report"), prefix, &vin(), true).is_err());
+        assert!(filter_packet(
+            publish("/tenants/WVWZZZ1JZXW000001/report"),
+            prefix,
+            &vin(),
+            false
+        )
+        .is_ok());
+        assert!(filter_packet(
+            publish("/tenants/WVWZZZ1JZXW000002/report"),
+            prefix,
+            &vin(),
+            false
+        )
+        .is_err());
+        assert!(filter_packet(
+            publish("/tenants/WVWZZZ1JZXW000001/report"),
+            prefix,
+            &vin(),
+            true
+        )
+        .is_err());
     }
 
     #[test]
     fn connect_gets_the_vin_in_its_client_id() {
         // CONNECT, MQTT 3.1.1, clean session, keepalive 30, client id "car".
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 3, b'c', b'a', b'r'];
+        let mut body = vec![
+            0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 3, b'c', b'a', b'r',
+        ];
         let mut p = vec![0x10];
         encode_len(body.len(), &mut p);
         p.append(&mut body);

@@ -48,7 +48,11 @@ pub(crate) async fn run(
     secret: String,
     notify: Arc<tokio::sync::Notify>,
 ) {
-    let client = match reqwest::Client::builder().timeout(POST_TIMEOUT).tcp_nodelay(true).build() {
+    let client = match reqwest::Client::builder()
+        .timeout(POST_TIMEOUT)
+        .tcp_nodelay(true)
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "webhook client");
@@ -61,7 +65,11 @@ pub(crate) async fn run(
         let mut next_due = None;
         for item in store.outbox.iter() {
             let Ok((k, v)) = item else { break };
-            let at = k.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+            let at = k
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
             if at > now {
                 next_due = Some(at);
                 break;
@@ -77,7 +85,9 @@ pub(crate) async fn run(
             }
         }
         if due.is_empty() {
-            let wait = next_due.map_or(Duration::from_secs(1), |t| Duration::from_millis(t.saturating_sub(now)).min(Duration::from_secs(1)));
+            let wait = next_due.map_or(Duration::from_secs(1), |t| {
+                Duration::from_millis(t.saturating_sub(now)).min(Duration::from_secs(1))
+            });
             tokio::select! {
                 _ = notify.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
@@ -110,7 +120,9 @@ pub(crate) async fn run(
                     (k, e, ok)
                 });
             }
-            let Some(done) = set.join_next().await else { break };
+            let Some(done) = set.join_next().await else {
+                break;
+            };
             let Ok((k, mut e, ok)) = done else { continue };
             let _ = store.outbox.remove(&k);
             if ok {
@@ -119,7 +131,9 @@ pub(crate) async fn run(
                 metrics.webhook_failures.fetch_add(1, Relaxed);
                 e.tries += 1;
                 let backoff = Duration::from_secs(1u64 << e.tries.min(6)).min(MAX_BACKOFF);
-                let mut key = (now_ms() + backoff.as_millis() as u64).to_be_bytes().to_vec();
+                let mut key = (now_ms() + backoff.as_millis() as u64)
+                    .to_be_bytes()
+                    .to_vec();
                 key.extend_from_slice(&e.id.to_be_bytes());
                 let _ = store.outbox.insert(key, enc(&e));
             }

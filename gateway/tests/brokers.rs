@@ -24,11 +24,31 @@ impl Drop for Proc {
 
 fn spawn_gateway(data: &Path, http: u16, mqtt: u16, hook: &Webhook) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_caas-gateway"))
-        .args(["serve", "--http", &format!("127.0.0.1:{http}"), "--mqtt", &format!("127.0.0.1:{mqtt}")])
+        .args([
+            "serve",
+            "--http",
+            &format!("127.0.0.1:{http}"),
+            "--mqtt",
+            &format!("127.0.0.1:{mqtt}"),
+        ])
         .arg("--data")
         .arg(data)
-        .args(["--api-token", TOKEN, "--webhook-url", &hook.url, "--webhook-secret", SECRET])
-        .args(["--attempts", "4", "--attempt-timeout", "2s", "--backoff", "1s,1s,1s"])
+        .args([
+            "--api-token",
+            TOKEN,
+            "--webhook-url",
+            &hook.url,
+            "--webhook-secret",
+            SECRET,
+        ])
+        .args([
+            "--attempts",
+            "4",
+            "--attempt-timeout",
+            "2s",
+            "--backoff",
+            "1s,1s,1s",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -71,16 +91,31 @@ async fn request_survives_kill_9_after_its_2xx() {
     assert_eq!(r["status"], "IN_PROGRESS");
     let (_, keys) = api.get("/keys").await;
     let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
-    let car = TestCar::start(1, &key, CarOpts { host: "127.0.0.1".into(), port: mqtt, tls: None, mode: Mode::Obey }).await;
+    let car = TestCar::start(
+        1,
+        &key,
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port: mqtt,
+            tls: None,
+            mode: Mode::Obey,
+        },
+    )
+    .await;
     let cb = hook.wait(&id, Duration::from_secs(20)).await;
     assert_eq!(cb.body["status"], "ACTIVATED");
-    assert_eq!(car.seen.lock().unwrap().grants, vec!["power-boost".to_string()]);
+    assert_eq!(
+        car.seen.lock().unwrap().grants,
+        vec!["power-boost".to_string()]
+    );
     drop(gw);
 }
 
 fn mosquitto_or_skip() -> bool {
     if mosquitto_bin().is_none() {
-        eprintln!("\n*** SKIPPED: mosquitto is not installed (scripts/install-deps.sh installs it) ***\n");
+        eprintln!(
+            "\n*** SKIPPED: mosquitto is not installed (scripts/install-deps.sh installs it) ***\n"
+        );
         return false;
     }
     true
@@ -94,7 +129,11 @@ async fn activation_through_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let conf = dir.path().join("m.conf");
-    std::fs::write(&conf, format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")).unwrap();
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+    )
+    .unwrap();
     let _m = start_mosquitto(&conf, port).await;
     let hook = Webhook::start(0).await;
     let mut c = config(&dir.path().join("gw"), Some(&hook));
@@ -103,15 +142,32 @@ async fn activation_through_mosquitto() {
     let gw = caas_gateway::start(c).await.unwrap();
     let api = Api::new(gw.http_addr());
     api.register(1).await;
-    let car = TestCar::start(1, gw.public_key_hex(), CarOpts { host: "127.0.0.1".into(), port, tls: None, mode: Mode::Obey }).await;
+    let car = TestCar::start(
+        1,
+        gw.public_key_hex(),
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port,
+            tls: None,
+            mode: Mode::Obey,
+        },
+    )
+    .await;
     car.wait_connected().await;
     let id = api.activate(1, "power-boost", "power_boost").await;
     let cb = hook.wait(&id, Duration::from_secs(15)).await;
     assert_eq!(cb.body["status"], "ACTIVATED");
     assert!(cb.signature_ok);
-    let (s, b) = api.post("/ota/deactivate", &serde_json::json!({"vin": vin(1).to_string(), "serviceId": "power-boost"})).await;
+    let (s, b) = api
+        .post(
+            "/ota/deactivate",
+            &serde_json::json!({"vin": vin(1).to_string(), "serviceId": "power-boost"}),
+        )
+        .await;
     assert_eq!(s, 202);
-    let cb = hook.wait(b["requestId"].as_str().unwrap(), Duration::from_secs(15)).await;
+    let cb = hook
+        .wait(b["requestId"].as_str().unwrap(), Duration::from_secs(15))
+        .await;
     assert_eq!(cb.body["status"], "DEACTIVATED");
     gw.shutdown().await;
 }
@@ -126,7 +182,9 @@ fn intruder(
     publish: Option<(String, Vec<u8>)>,
 ) -> (Arc<AtomicU64>, Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
     let mut opts = MqttOptions::new(name, "127.0.0.1", port);
-    opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+    opts.set_transport(Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Rustls(tls),
+    ));
     let (client, mut el) = AsyncClient::new(opts, 16);
     let got = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -169,32 +227,74 @@ async fn embedded_mtls_isolates_cars_and_an_idle_socket_stalls_nobody() {
     api.register(2).await;
 
     // An idle TCP connection on the TLS port, held open for the whole test.
-    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
 
-    let car2 = TestCar::start(2, gw.public_key_hex(), CarOpts { host: "127.0.0.1".into(), port, tls: Some(pki.car(2)), mode: Mode::Obey }).await;
+    let car2 = TestCar::start(
+        2,
+        gw.public_key_hex(),
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port,
+            tls: Some(pki.car(2)),
+            mode: Mode::Obey,
+        },
+    )
+    .await;
     car2.wait_connected().await;
 
     // Car 1's certificate tries to read car 2's commands, and to forge car 2's report.
-    let forged = report(&vin(2), &car_key(1), 99, caas_protocol::Outcome::Applied { seq: 99 });
+    let forged = report(
+        &vin(2),
+        &car_key(1),
+        99,
+        caas_protocol::Outcome::Applied { seq: 99 },
+    );
     let (got, errors, task) = intruder(
         "intruder",
         port,
         pki.car(1),
         caas_protocol::topics::command_topic(&vin(2)).to_string(),
-        Some((caas_protocol::topics::report_topic(&vin(2)).to_string(), forged)),
+        Some((
+            caas_protocol::topics::report_topic(&vin(2)).to_string(),
+            forged,
+        )),
     );
 
     let id = api.activate(2, "power-boost", "power_boost").await;
     let cb = hook.wait(&id, Duration::from_secs(15)).await;
     assert_eq!(cb.body["status"], "ACTIVATED");
-    wait_until("the intruder to be cut off", Duration::from_secs(5), || errors.load(Ordering::SeqCst) > 0).await;
-    assert_eq!(got.load(Ordering::SeqCst), 0, "car 1 must not read car 2's commands");
-    assert_eq!(api.metric("caas_reports_forged_total").await, 0.0, "the forged report never reached the gateway");
+    wait_until("the intruder to be cut off", Duration::from_secs(5), || {
+        errors.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    assert_eq!(
+        got.load(Ordering::SeqCst),
+        0,
+        "car 1 must not read car 2's commands"
+    );
+    assert_eq!(
+        api.metric("caas_reports_forged_total").await,
+        0.0,
+        "the forged report never reached the gateway"
+    );
 
     // A certificate whose Organization is not a VIN is refused too.
     pki.issue("nobody", &[], "nobody", Some("ACME"), false);
-    let (_, errs, t2) = intruder("nobody", port, pki.client_config("nobody"), "/tenants/+/cmd".into(), None);
-    wait_until("the certificate without a VIN to be refused", Duration::from_secs(5), || errs.load(Ordering::SeqCst) > 0).await;
+    let (_, errs, t2) = intruder(
+        "nobody",
+        port,
+        pki.client_config("nobody"),
+        "/tenants/+/cmd".into(),
+        None,
+    );
+    wait_until(
+        "the certificate without a VIN to be refused",
+        Duration::from_secs(5),
+        || errs.load(Ordering::SeqCst) > 0,
+    )
+    .await;
     task.abort();
     t2.abort();
     gw.shutdown().await;
@@ -231,23 +331,49 @@ async fn mosquitto_with_the_shipped_mtls_config_isolates_cars() {
     let gw = caas_gateway::start(c).await.unwrap();
     let api = Api::new(gw.http_addr());
     api.register(2).await;
-    let car2 = TestCar::start(2, gw.public_key_hex(), CarOpts { host: "127.0.0.1".into(), port, tls: Some(pki.car(2)), mode: Mode::Obey }).await;
+    let car2 = TestCar::start(
+        2,
+        gw.public_key_hex(),
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port,
+            tls: Some(pki.car(2)),
+            mode: Mode::Obey,
+        },
+    )
+    .await;
     car2.wait_connected().await;
-    let forged = report(&vin(2), &car_key(1), 99, caas_protocol::Outcome::Applied { seq: 99 });
+    let forged = report(
+        &vin(2),
+        &car_key(1),
+        99,
+        caas_protocol::Outcome::Applied { seq: 99 },
+    );
     let (got, _errors, task) = intruder(
         "intruder",
         port,
         pki.car(1),
         caas_protocol::topics::command_topic(&vin(2)).to_string(),
-        Some((caas_protocol::topics::report_topic(&vin(2)).to_string(), forged)),
+        Some((
+            caas_protocol::topics::report_topic(&vin(2)).to_string(),
+            forged,
+        )),
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let id = api.activate(2, "power-boost", "power_boost").await;
     let cb = hook.wait(&id, Duration::from_secs(15)).await;
     assert_eq!(cb.body["status"], "ACTIVATED");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(got.load(Ordering::SeqCst), 0, "the ACL keeps car 1 out of car 2's commands");
-    assert_eq!(api.metric("caas_reports_forged_total").await, 0.0, "the ACL drops car 1's publish on car 2's topic");
+    assert_eq!(
+        got.load(Ordering::SeqCst),
+        0,
+        "the ACL keeps car 1 out of car 2's commands"
+    );
+    assert_eq!(
+        api.metric("caas_reports_forged_total").await,
+        0.0,
+        "the ACL drops car 1's publish on car 2's topic"
+    );
     task.abort();
     gw.shutdown().await;
 }

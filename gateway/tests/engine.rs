@@ -16,7 +16,12 @@ async fn gateway(dir: &std::path::Path, hook: &Webhook) -> (caas_gateway::Gatewa
 }
 
 fn car_opts(gw: &caas_gateway::Gateway, mode: Mode) -> CarOpts {
-    CarOpts { host: "127.0.0.1".into(), port: gw.mqtt_addr().unwrap().port(), tls: None, mode }
+    CarOpts {
+        host: "127.0.0.1".into(),
+        port: gw.mqtt_addr().unwrap().port(),
+        tls: None,
+        mode,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -34,7 +39,10 @@ async fn activation_and_deactivation_call_back_signed() {
     assert_eq!(cb.body["vin"], vin(1).to_string());
     assert!(cb.signature_ok, "callback signature must verify");
     assert!(cb.body.get("errorCode").is_none());
-    assert_eq!(car.seen.lock().unwrap().grants, vec!["power-boost".to_string()]);
+    assert_eq!(
+        car.seen.lock().unwrap().grants,
+        vec!["power-boost".to_string()]
+    );
 
     let (s, r) = api.get(&format!("/ota/requests/{id}")).await;
     assert_eq!(s, 200);
@@ -48,7 +56,12 @@ async fn activation_and_deactivation_call_back_signed() {
     assert_eq!(st["diagnostics"]["firmwareVersion"], "1.0.0");
     assert_eq!(st["diagnostics"]["networkSignalStrength"], 80);
 
-    let (s, b) = api.post("/ota/deactivate", &json!({"vin": vin(1).to_string(), "serviceId": "power-boost"})).await;
+    let (s, b) = api
+        .post(
+            "/ota/deactivate",
+            &json!({"vin": vin(1).to_string(), "serviceId": "power-boost"}),
+        )
+        .await;
     assert_eq!(s, 202, "{b}");
     let did = b["requestId"].as_str().unwrap().to_owned();
     let cb = hook.wait(&did, Duration::from_secs(15)).await;
@@ -57,15 +70,33 @@ async fn activation_and_deactivation_call_back_signed() {
     let (_, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
     assert_eq!(st["activeServices"].as_array().unwrap().len(), 0);
 
-    let (s, h) = api.get(&format!("/vehicles/{}/history?limit=3", vin(1))).await;
+    let (s, h) = api
+        .get(&format!("/vehicles/{}/history?limit=3", vin(1)))
+        .await;
     assert_eq!(s, 200);
     let entries = h["entries"].as_array().unwrap();
     assert_eq!(entries.len(), 3);
-    assert!(entries[0]["id"].as_str().unwrap() > entries[1]["id"].as_str().unwrap(), "newest first");
+    assert!(
+        entries[0]["id"].as_str().unwrap() > entries[1]["id"].as_str().unwrap(),
+        "newest first"
+    );
     let next = h["nextBefore"].as_str().unwrap();
-    let (_, h2) = api.get(&format!("/vehicles/{}/history?limit=500&before={next}", vin(1))).await;
-    assert!(h2["entries"].as_array().unwrap().iter().all(|e| e["id"].as_str().unwrap() < next));
-    assert!(h2["entries"].as_array().unwrap().iter().any(|e| e["type"] == "REQUEST"));
+    let (_, h2) = api
+        .get(&format!(
+            "/vehicles/{}/history?limit=500&before={next}",
+            vin(1)
+        ))
+        .await;
+    assert!(h2["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["id"].as_str().unwrap() < next));
+    assert!(h2["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["type"] == "REQUEST"));
 
     // One final callback per request, even though the first delivery was refused.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -95,7 +126,12 @@ async fn ignoring_car_gets_attempts_probe_ticket_failed_and_withdrawal() {
 
     // Exactly the configured attempts, one status probe, then the withdrawal.
     wait_until("withdrawal", Duration::from_secs(5), || {
-        car.seen.lock().unwrap().set_states.last().is_some_and(|c| c.seq == seq + 1)
+        car.seen
+            .lock()
+            .unwrap()
+            .set_states
+            .last()
+            .is_some_and(|c| c.seq == seq + 1)
     })
     .await;
     {
@@ -105,7 +141,9 @@ async fn ignoring_car_gets_attempts_probe_ticket_failed_and_withdrawal() {
         assert_eq!(seen.queries, 1, "one status query after the last attempt");
         let last = seen.set_states.last().unwrap();
         match &last.body {
-            caas_protocol::CommandBody::SetState(d) => assert!(d.grants.is_empty(), "grant withdrawn"),
+            caas_protocol::CommandBody::SetState(d) => {
+                assert!(d.grants.is_empty(), "grant withdrawn")
+            }
             _ => panic!("not a SetState"),
         }
     }
@@ -147,7 +185,10 @@ async fn offline_car_back_within_the_budget_is_activated() {
     let car = TestCar::start(3, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await;
     let cb = hook.wait(&id, Duration::from_secs(15)).await;
     assert_eq!(cb.body["status"], "ACTIVATED");
-    assert_eq!(car.seen.lock().unwrap().grants, vec!["heated-seats".to_string()]);
+    assert_eq!(
+        car.seen.lock().unwrap().grants,
+        vec!["heated-seats".to_string()]
+    );
     gw.shutdown().await;
 }
 
@@ -171,9 +212,19 @@ async fn refused_command_fails_with_the_cars_code_and_forged_reports_are_ignored
     let id5 = api.activate(5, "power-boost", "power_boost").await;
     let (_, r5) = api.get(&format!("/ota/requests/{id5}")).await;
     let seq5 = r5["seq"].as_u64().unwrap();
-    let forged = report(&vin(5), &car_key(4), seq5, caas_protocol::Outcome::Applied { seq: seq5 });
+    let forged = report(
+        &vin(5),
+        &car_key(4),
+        seq5,
+        caas_protocol::Outcome::Applied { seq: seq5 },
+    );
     car.client
-        .publish(caas_protocol::topics::report_topic(&vin(5)).as_str(), rumqttc::QoS::AtLeastOnce, false, forged)
+        .publish(
+            caas_protocol::topics::report_topic(&vin(5)).as_str(),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            forged,
+        )
         .await
         .unwrap();
     let end = std::time::Instant::now() + Duration::from_secs(5);
@@ -199,7 +250,10 @@ async fn campaign_reaches_every_car_and_counts_states() {
     for c in &cars {
         c.wait_connected().await;
     }
-    let vins: Vec<String> = (10..20).map(|n| vin(n).to_string()).chain([vin(99).to_string()]).collect();
+    let vins: Vec<String> = (10..20)
+        .map(|n| vin(n).to_string())
+        .chain([vin(99).to_string()])
+        .collect();
     let (s, b) = api
         .post(
             "/campaigns",
@@ -219,7 +273,10 @@ async fn campaign_reaches_every_car_and_counts_states() {
             assert_eq!(c["total"], 11);
             break;
         }
-        assert!(std::time::Instant::now() < end, "campaign not completed: {c}");
+        assert!(
+            std::time::Instant::now() < end,
+            "campaign not completed: {c}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for c in &cars {

@@ -1,5 +1,11 @@
 //! Test support: a real gateway, a real webhook receiver, test cars on real MQTT connections.
-#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs, dead_code, unreachable_pub)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    missing_docs,
+    dead_code,
+    unreachable_pub
+)]
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -54,10 +60,20 @@ impl Webhook {
                         failures.fetch_sub(1, Ordering::SeqCst);
                         return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
                     }
-                    let ts = headers.get("x-caas-timestamp").and_then(|v| v.to_str().ok()).unwrap_or("");
-                    let sig = headers.get("x-caas-signature").and_then(|v| v.to_str().ok()).unwrap_or("");
-                    let ok = !ts.is_empty() && sig == caas_gateway::webhook::signature(SECRET, ts, &body);
-                    g.lock().unwrap().push(Callback { body: serde_json::from_str(&body).unwrap(), signature_ok: ok });
+                    let ts = headers
+                        .get("x-caas-timestamp")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    let sig = headers
+                        .get("x-caas-signature")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    let ok = !ts.is_empty()
+                        && sig == caas_gateway::webhook::signature(SECRET, ts, &body);
+                    g.lock().unwrap().push(Callback {
+                        body: serde_json::from_str(&body).unwrap(),
+                        signature_ok: ok,
+                    });
                     axum::http::StatusCode::NO_CONTENT
                 }
             }),
@@ -69,7 +85,13 @@ impl Webhook {
     }
 
     pub fn for_request(&self, id: &str) -> Vec<Callback> {
-        self.got.lock().unwrap().iter().filter(|c| c.body["requestId"] == id).cloned().collect()
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.body["requestId"] == id)
+            .cloned()
+            .collect()
     }
 
     /// Waits (bounded) for the first callback of `id`.
@@ -79,27 +101,32 @@ impl Webhook {
             if let Some(c) = self.for_request(id).into_iter().next() {
                 return c;
             }
-            assert!(Instant::now() < end, "no callback for {id} within {within:?}");
+            assert!(
+                Instant::now() < end,
+                "no callback for {id} within {within:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
 pub fn config(data: &Path, webhook: Option<&Webhook>) -> caas_gateway::Config {
-    let mut c = caas_gateway::Config::default();
-    c.http = "127.0.0.1:0".parse().unwrap();
-    c.mqtt = Some("127.0.0.1:0".parse().unwrap());
-    c.data = data.to_path_buf();
-    c.api_token = TOKEN.into();
-    c.webhook_url = webhook.map(|w| w.url.clone());
-    c.webhook_secret = SECRET.into();
-    c.retry = caas_gateway::RetryPolicy {
-        attempts: 2,
-        attempt_timeout: Duration::from_secs(1),
-        backoff: vec![Duration::from_millis(500)],
-    };
-    c.shards = 2;
-    c
+    caas_gateway::Config {
+        http: "127.0.0.1:0".parse().unwrap(),
+        mqtt: Some("127.0.0.1:0".parse().unwrap()),
+        data: data.to_path_buf(),
+        api_token: TOKEN.into(),
+        webhook_url: webhook.map(|w| w.url.clone()),
+        webhook_secret: SECRET.into(),
+        retry: caas_gateway::RetryPolicy {
+            attempts: 2,
+            attempt_timeout: Duration::from_secs(1),
+            backoff: vec![Duration::from_millis(500)],
+        },
+        shards: 2,
+        broker_shards: 3,
+        ..Default::default()
+    }
 }
 
 /// The IoT API client.
@@ -112,11 +139,21 @@ pub struct Api {
 impl Api {
     pub fn new(addr: SocketAddr) -> Api {
         let _ = rustls::crypto::ring::default_provider().install_default();
-        Api { base: format!("http://{addr}"), http: reqwest::Client::new() }
+        Api {
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self.http.post(format!("{}{path}", self.base)).bearer_auth(TOKEN).json(body).send().await.unwrap();
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
     }
@@ -136,13 +173,27 @@ impl Api {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{path}", self.base)).bearer_auth(TOKEN).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn get_text(&self, path: &str) -> String {
-        self.http.get(format!("{}{path}", self.base)).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap()
+        self.http
+            .get(format!("{}{path}", self.base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
     }
 
     pub async fn register(&self, n: u32) {
@@ -156,7 +207,9 @@ impl Api {
     }
 
     pub async fn activate(&self, n: u32, service: &str, flag: &str) -> String {
-        let (s, b) = self.post("/ota/activate", &activation(n, service, flag)).await;
+        let (s, b) = self
+            .post("/ota/activate", &activation(n, service, flag))
+            .await;
         assert_eq!(s, 202, "{b}");
         b["requestId"].as_str().unwrap().to_owned()
     }
@@ -250,7 +303,9 @@ impl TestCar {
             true,
         ));
         if let Some(tls) = &o.tls {
-            opts.set_transport(Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
+            opts.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
         }
         let (client, mut el) = AsyncClient::new(opts, 64);
         let mut net = el.network_options();
@@ -260,22 +315,37 @@ impl TestCar {
         let ignore = Arc::new(AtomicBool::new(o.mode == Mode::Ignore));
         let connected = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(AtomicU64::new(0));
-        let (s, ig, c, cl, errs) = (seen.clone(), ignore.clone(), connected.clone(), client.clone(), errors.clone());
+        let (s, ig, c, cl, errs) = (
+            seen.clone(),
+            ignore.clone(),
+            connected.clone(),
+            client.clone(),
+            errors.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 match el.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         c.store(true, Ordering::SeqCst);
-                        cl.subscribe(topics::command_topic(&vin).as_str(), QoS::AtLeastOnce).await.unwrap();
-                        cl.publish(topics::presence_topic(&vin).as_str(), QoS::AtLeastOnce, true, topics::PRESENCE_ONLINE)
+                        cl.subscribe(topics::command_topic(&vin).as_str(), QoS::AtLeastOnce)
                             .await
                             .unwrap();
+                        cl.publish(
+                            topics::presence_topic(&vin).as_str(),
+                            QoS::AtLeastOnce,
+                            true,
+                            topics::PRESENCE_ONLINE,
+                        )
+                        .await
+                        .unwrap();
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic != topics::command_topic(&vin).as_str() {
                             continue;
                         }
-                        let Ok(cmd) = open_command(&p.payload, &[gw]) else { continue };
+                        let Ok(cmd) = open_command(&p.payload, &[gw]) else {
+                            continue;
+                        };
                         let outcome;
                         {
                             let mut seen = s.lock().unwrap();
@@ -287,15 +357,25 @@ impl TestCar {
                                 continue;
                             }
                             let now = SystemTime_now();
-                            let ctx = CheckContext { vin: &vin, last_applied_seq: seen.applied_seq, now, platform: &Platform };
+                            let ctx = CheckContext {
+                                vin: &vin,
+                                last_applied_seq: seen.applied_seq,
+                                now,
+                                platform: &Platform,
+                            };
                             outcome = match (&cmd.body, check_command(&cmd, &ctx)) {
-                                (CommandBody::QueryStatus { nonce }, Ok(())) => Outcome::Status { nonce: *nonce },
+                                (CommandBody::QueryStatus { nonce }, Ok(())) => {
+                                    Outcome::Status { nonce: *nonce }
+                                }
                                 (CommandBody::SetState(d), Ok(())) => {
                                     seen.applied_seq = cmd.seq;
-                                    seen.grants = d.grants.iter().map(|g| g.service_id.to_string()).collect();
+                                    seen.grants =
+                                        d.grants.iter().map(|g| g.service_id.to_string()).collect();
                                     Outcome::Applied { seq: cmd.seq }
                                 }
-                                (CommandBody::SetState(_), Err(RejectCode::Replay)) if cmd.seq == seen.applied_seq => {
+                                (CommandBody::SetState(_), Err(RejectCode::Replay))
+                                    if cmd.seq == seen.applied_seq =>
+                                {
                                     Outcome::Applied { seq: cmd.seq }
                                 }
                                 (_, Err(code)) => Outcome::Rejected { seq: cmd.seq, code },
@@ -303,7 +383,14 @@ impl TestCar {
                         }
                         let applied = s.lock().unwrap().applied_seq;
                         let frame = report(&vin, &key, applied, outcome);
-                        let _ = cl.publish(topics::report_topic(&vin).as_str(), QoS::AtLeastOnce, false, frame).await;
+                        let _ = cl
+                            .publish(
+                                topics::report_topic(&vin).as_str(),
+                                QoS::AtLeastOnce,
+                                false,
+                                frame,
+                            )
+                            .await;
                     }
                     Ok(_) => {}
                     Err(_) => {
@@ -314,7 +401,15 @@ impl TestCar {
                 }
             }
         });
-        TestCar { vin, seen, ignore, client, connected, errors, task }
+        TestCar {
+            vin,
+            seen,
+            ignore,
+            client,
+            connected,
+            errors,
+            task,
+        }
     }
 
     pub async fn wait_connected(&self) {
@@ -328,7 +423,10 @@ impl TestCar {
 
 #[allow(non_snake_case)]
 pub fn SystemTime_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
 }
 
 pub fn report(vin: &Vin, key: &SigningKey, applied: u64, outcome: Outcome) -> Vec<u8> {
@@ -357,7 +455,11 @@ pub async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f:
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Test PKI: a CA, a server certificate for 127.0.0.1/localhost, client certificates.
@@ -372,11 +474,16 @@ impl Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.distinguished_name.push(DnType::CommonName, "caas test CA");
+        p.distinguished_name
+            .push(DnType::CommonName, "caas test CA");
         let ca_key = KeyPair::generate().unwrap();
         let ca_cert = p.self_signed(&ca_key).unwrap();
         std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-        let pki = Pki { dir: dir.to_path_buf(), ca_cert, ca_key };
+        let pki = Pki {
+            dir: dir.to_path_buf(),
+            ca_cert,
+            ca_key,
+        };
         pki.issue("server", &["127.0.0.1", "localhost"], "server", None, true);
         pki
     }
@@ -384,13 +491,17 @@ impl Pki {
     /// Writes `{name}.pem` and `{name}.key`.
     pub fn issue(&self, name: &str, sans: &[&str], cn: &str, org: Option<&str>, server: bool) {
         use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
-        let mut p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let mut p =
+            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
         p.distinguished_name.push(DnType::CommonName, cn);
         if let Some(o) = org {
             p.distinguished_name.push(DnType::OrganizationName, o);
         }
-        p.extended_key_usages =
-            vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+        p.extended_key_usages = vec![if server {
+            ExtendedKeyUsagePurpose::ServerAuth
+        } else {
+            ExtendedKeyUsagePurpose::ClientAuth
+        }];
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         std::fs::write(self.dir.join(format!("{name}.pem")), cert.pem()).unwrap();
@@ -407,7 +518,9 @@ impl Pki {
     pub fn client_config(&self, name: &str) -> Arc<rustls::ClientConfig> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut roots = rustls::RootCertStore::empty();
-        for c in rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(self.dir.join("ca.pem")).unwrap())) {
+        for c in rustls_pemfile::certs(&mut std::io::BufReader::new(
+            std::fs::File::open(self.dir.join("ca.pem")).unwrap(),
+        )) {
             roots.add(c.unwrap()).unwrap();
         }
         let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
@@ -420,7 +533,12 @@ impl Pki {
         ))
         .unwrap()
         .unwrap();
-        Arc::new(rustls::ClientConfig::builder().with_root_certificates(roots).with_client_auth_cert(certs, key).unwrap())
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(roots)
+                .with_client_auth_cert(certs, key)
+                .unwrap(),
+        )
     }
 
     pub fn tls_files(&self) -> caas_gateway::TlsFiles {
@@ -434,7 +552,12 @@ impl Pki {
 
 /// The mosquitto binary, if installed.
 pub fn mosquitto_bin() -> Option<PathBuf> {
-    for p in ["/usr/sbin/mosquitto", "/usr/bin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/local/bin/mosquitto"] {
+    for p in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/usr/local/bin/mosquitto",
+    ] {
         if Path::new(p).exists() {
             return Some(PathBuf::from(p));
         }
