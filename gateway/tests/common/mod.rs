@@ -268,18 +268,16 @@ impl Drop for TestCar {
     }
 }
 
-struct Platform;
-impl PlatformFeatures for Platform {
-    fn classify(&self, flag: &FeatureFlag) -> FeatureClass {
-        if flag.as_str().starts_with("unknown") {
-            FeatureClass::Unknown
-        } else if flag.as_str().starts_with("base") {
-            FeatureClass::Base
-        } else {
-            FeatureClass::Optional
-        }
-    }
-}
+/// The test platform: these optional features, one base feature; anything else is unknown.
+const CATALOG: caas_agent::Catalog<'static> = caas_agent::Catalog {
+    optional: &[
+        "power_boost",
+        "snow_mode",
+        "heated_seats",
+        "highway_autopilot",
+    ],
+    base: &["base_abs"],
+};
 
 pub struct CarOpts {
     pub host: String,
@@ -322,7 +320,19 @@ impl TestCar {
             client.clone(),
             errors.clone(),
         );
+        let mut config = caas_agent::Config {
+            vin,
+            trusted_keys: heapless::Vec::new(),
+            device_key: key,
+            platform: CATALOG,
+            firmware_version: "1.0.0".parse().unwrap(),
+            report_interval_secs: 0,
+        };
+        config.trusted_keys.push(gw).unwrap();
         let task = tokio::spawn(async move {
+            let mut stored: Option<Vec<u8>> = None;
+            let mut agent = Box::new(caas_agent::Agent::new(config, None, SystemTime_now()));
+            agent.set_signal_strength(80);
             loop {
                 match el.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
@@ -338,59 +348,53 @@ impl TestCar {
                         )
                         .await
                         .unwrap();
+                        agent.handle_connected(SystemTime_now());
+                        for frame in drive(&mut agent, &mut stored) {
+                            let _ = cl
+                                .publish(
+                                    topics::report_topic(&vin).as_str(),
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    frame,
+                                )
+                                .await;
+                        }
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         if p.topic != topics::command_topic(&vin).as_str() {
                             continue;
                         }
-                        let Ok(cmd) = open_command(&p.payload, &[gw]) else {
-                            continue;
-                        };
-                        let outcome;
-                        {
+                        // Observe what the gateway sent (the agent decides what to do with it).
+                        if let Ok(cmd) = open_command(&p.payload, &[gw]) {
                             let mut seen = s.lock().unwrap();
                             match &cmd.body {
                                 CommandBody::SetState(_) => seen.set_states.push(cmd.clone()),
                                 CommandBody::QueryStatus { .. } => seen.queries += 1,
                             }
-                            if ig.load(Ordering::SeqCst) {
-                                continue;
-                            }
-                            let now = SystemTime_now();
-                            let ctx = CheckContext {
-                                vin: &vin,
-                                last_applied_seq: seen.applied_seq,
-                                now,
-                                platform: &Platform,
-                            };
-                            outcome = match (&cmd.body, check_command(&cmd, &ctx)) {
-                                (CommandBody::QueryStatus { nonce }, Ok(())) => {
-                                    Outcome::Status { nonce: *nonce }
-                                }
-                                (CommandBody::SetState(d), Ok(())) => {
-                                    seen.applied_seq = cmd.seq;
-                                    seen.grants =
-                                        d.grants.iter().map(|g| g.service_id.to_string()).collect();
-                                    Outcome::Applied { seq: cmd.seq }
-                                }
-                                (CommandBody::SetState(_), Err(RejectCode::Replay))
-                                    if cmd.seq == seen.applied_seq =>
-                                {
-                                    Outcome::Applied { seq: cmd.seq }
-                                }
-                                (_, Err(code)) => Outcome::Rejected { seq: cmd.seq, code },
-                            };
                         }
-                        let applied = s.lock().unwrap().applied_seq;
-                        let frame = report(&vin, &key, applied, outcome);
-                        let _ = cl
-                            .publish(
-                                topics::report_topic(&vin).as_str(),
-                                QoS::AtLeastOnce,
-                                false,
-                                frame,
-                            )
-                            .await;
+                        if ig.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        agent.handle_frame(&p.payload, SystemTime_now());
+                        let frames = drive(&mut agent, &mut stored);
+                        {
+                            let mut seen = s.lock().unwrap();
+                            seen.applied_seq = agent.state().applied_seq;
+                            seen.grants = agent
+                                .active_grants()
+                                .map(|g| g.service_id.to_string())
+                                .collect();
+                        }
+                        for frame in frames {
+                            let _ = cl
+                                .publish(
+                                    topics::report_topic(&vin).as_str(),
+                                    QoS::AtLeastOnce,
+                                    false,
+                                    frame,
+                                )
+                                .await;
+                        }
                     }
                     Ok(_) => {}
                     Err(_) => {
@@ -419,6 +423,22 @@ impl TestCar {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+}
+
+/// Carries out the agent's actions (persisting in memory); returns the reports to publish.
+fn drive(
+    agent: &mut caas_agent::Agent<caas_agent::Catalog<'static>>,
+    stored: &mut Option<Vec<u8>>,
+) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(action) = agent.poll_action() {
+        match action {
+            caas_agent::Action::Persist(bytes) => *stored = Some(bytes.to_vec()),
+            caas_agent::Action::Publish(frame) => out.push(frame.to_vec()),
+            caas_agent::Action::SetFeature { .. } | caas_agent::Action::Ack => {}
+        }
+    }
+    out
 }
 
 #[allow(non_snake_case)]
