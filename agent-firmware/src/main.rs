@@ -35,7 +35,6 @@
 
 mod flash;
 mod measure;
-mod prototype;
 mod semi;
 
 use caas_agent::{Action, Agent, BootStatus, Catalog, Config, FeatureLines};
@@ -45,8 +44,8 @@ use caas_firmware_board::transport::{
     bench, out_header, OutKind, StepHeader, StepKind, Transport, STEP_HEADER_SIZE,
 };
 use caas_protocol::{
-    open_command, parse_frame, Command, CommandBody, ErrorCode, FeatureFlag, FrameKind, Param,
-    SigningKey, TrustedKey, VerifyingKey, Vin,
+    open_command_view, parse_frame, BodyView, CommandView, ErrorCode, FeatureFlag, FirmwareVersion,
+    FrameKind, Param, SigningKey, TrustedKey, VerifyingKey, Vin,
 };
 use cortex_m_rt::entry;
 use cortex_m_semihosting::debug;
@@ -232,11 +231,12 @@ fn run() -> Result<(), Fault> {
         step: 0,
     };
 
-    // The one place the agent lives (about 9 KiB): built in place by `boot_agent`, dropped
-    // before a reboot builds the next one, so there are never two.
-    let mut slot = None;
-    // Each pass is one power-on: the agent is rebuilt from flash; `Reboot` steps end a pass.
-    while boot_and_run(&provision, &mut board, &mut slot)? {
+    // The one agent (about 7 KiB), built once here and booted again in place at every
+    // power-on (`boot_agent`), so there is never a second one nor a second record buffer.
+    let provision = Provision::parse(&provision)?;
+    let mut agent = new_agent(&provision);
+    // Each pass is one power-on: the agent boots from flash; `Reboot` steps end a pass.
+    while boot_and_run(&provision, &mut board, &mut agent)? {
         // A reboot loses the lines' state as the ECU would: the new agent starts them off.
         board.lines.pins.apply(0).map_err(|_| Fault::Flash)?;
     }
@@ -247,47 +247,64 @@ fn run() -> Result<(), Fault> {
     Ok(())
 }
 
-fn config(provision: &[u8; PROVISION_SIZE]) -> Result<Config<Catalog<'static>>, Fault> {
-    let vin = core::str::from_utf8(&provision[..17])
-        .ok()
-        .and_then(|s| s.parse::<Vin>().ok())
-        .ok_or(Fault::Provision)?;
-    let mut seed = [0u8; 32];
-    seed.copy_from_slice(&provision[17..49]);
-    let mut gateway = [0u8; 32];
-    gateway.copy_from_slice(&provision[49..81]);
-    let gateway = VerifyingKey::from_bytes(&gateway).map_err(|_| Fault::Provision)?;
-    let mut trusted_keys = heapless::Vec::new();
-    trusted_keys
-        .push(TrustedKey::new(gateway))
-        .map_err(|_| Fault::Provision)?;
-    Ok(Config {
-        vin,
-        trusted_keys,
-        device_key: SigningKey::from_bytes(&seed),
-        platform: Catalog {
-            optional: &OPTIONAL_FEATURES,
-            base: BASE_FEATURES,
-        },
-        firmware_version: FIRMWARE_VERSION.parse().map_err(|_| Fault::Provision)?,
-        report_interval_secs: 0,
-    })
+/// `provision.bin`, checked: everything the configuration needs that could be malformed.
+struct Provision {
+    vin: Vin,
+    seed: [u8; 32],
+    gateway: VerifyingKey,
+    firmware_version: FirmwareVersion,
+}
+
+impl Provision {
+    fn parse(bytes: &[u8; PROVISION_SIZE]) -> Result<Self, Fault> {
+        let vin = core::str::from_utf8(&bytes[..17])
+            .ok()
+            .and_then(|s| s.parse::<Vin>().ok())
+            .ok_or(Fault::Provision)?;
+        let mut seed = [0u8; 32];
+        seed.copy_from_slice(&bytes[17..49]);
+        let mut gateway = [0u8; 32];
+        gateway.copy_from_slice(&bytes[49..81]);
+        Ok(Provision {
+            vin,
+            seed,
+            gateway: VerifyingKey::from_bytes(&gateway).map_err(|_| Fault::Provision)?,
+            firmware_version: FIRMWARE_VERSION.parse().map_err(|_| Fault::Provision)?,
+        })
+    }
+
+    /// The agent's configuration. Infallible, so the agent can be built straight into its
+    /// place ([`new_agent`]).
+    fn config(&self) -> Config<Catalog<'static>> {
+        let mut trusted_keys = heapless::Vec::new();
+        // Cannot fail: one key, room for MAX_TRUSTED_KEYS.
+        let _ = trusted_keys.push(TrustedKey::new(self.gateway));
+        Config {
+            vin: self.vin,
+            trusted_keys,
+            device_key: SigningKey::from_bytes(&self.seed),
+            platform: Catalog {
+                optional: &OPTIONAL_FEATURES,
+                base: BASE_FEATURES,
+            },
+            firmware_version: self.firmware_version.clone(),
+            report_interval_secs: 0,
+        }
+    }
 }
 
 /// Boots the agent from flash and runs scenario steps until the end (`Ok(false)`) or a
 /// reboot (`Ok(true)`).
 fn boot_and_run(
-    provision: &[u8; PROVISION_SIZE],
+    provision: &Provision,
     board: &mut Board,
-    slot: &mut Option<Agent<Catalog<'static>>>,
+    agent: &mut Agent<Catalog<'static>>,
 ) -> Result<bool, Fault> {
     let mut header = [0u8; STEP_HEADER_SIZE];
     board.link.scenario.read_exact(&mut header)?;
     let first = StepHeader::decode(&header).ok_or(Fault::Scenario)?;
     board.stack.take();
-    *slot = None;
-    boot_agent(provision, &mut board.store, first.now, slot)?;
-    let agent = slot.as_mut().ok_or(Fault::Flash)?;
+    boot_agent(provision, &mut board.store, first.now, agent)?;
     drain(agent, board)?;
     agent.handle_connected(first.now);
     drain(agent, board)?;
@@ -371,7 +388,7 @@ fn boot_and_run(
                         return Err(Fault::Scenario);
                     }
                 }
-                let decoded = signature_ok && prototype_decode(agent, len);
+                let decoded = signature_ok && in_place_read(agent, len);
                 let decode_stack = board.stack.take();
                 bench_record(
                     &mut board.link.out,
@@ -392,24 +409,30 @@ fn boot_and_run(
     }
 }
 
-/// Loads the stored record and builds the agent into `slot`. Not inlined: the record
-/// buffer and `Agent::new`'s temporaries live in this frame, which is gone before commands
-/// run (returning the agent by value would keep a second copy in the caller's frame).
+/// The one agent, not booted yet (`boot_agent` boots it), built straight into the caller's
+/// place (`Agent::unbooted` makes no temporary copy). Not inlined: the configuration is a
+/// temporary of this frame only.
+#[inline(never)]
+fn new_agent(provision: &Provision) -> Agent<Catalog<'static>> {
+    Agent::unbooted(provision.config())
+}
+
+/// Loads the stored record into the agent's own buffer and boots the agent from it, in
+/// place. Not inlined: the configuration's temporaries live in this frame only.
 #[inline(never)]
 fn boot_agent(
-    provision: &[u8; PROVISION_SIZE],
+    provision: &Provision,
     store: &mut Store,
     now: u64,
-    slot: &mut Option<Agent<Catalog<'static>>>,
+    agent: &mut Agent<Catalog<'static>>,
 ) -> Result<(), Fault> {
-    let mut record = [0u8; caas_agent::MAX_PERSISTED_SIZE];
-    let stored = match store.load(&mut record) {
-        Ok(Some(n)) => Some(&record[..n]),
+    let stored = match store.load(agent.frame_buffer()) {
+        Ok(Some(n)) => Some(n),
         Ok(None) => None,
         // An unreadable store boots the safe state, as a corrupt record does.
-        Err(_) => Some(&record[..0]),
+        Err(_) => Some(0),
     };
-    *slot = Some(Agent::new(config(provision)?, stored, now));
+    agent.reboot_from_buffer(provision.config(), stored, now);
     Ok(())
 }
 
@@ -420,16 +443,18 @@ fn handle_frame(agent: &mut Agent<Catalog<'static>>, len: usize, now: u64) {
     agent.handle_buffered_frame(len, now);
 }
 
-/// Times `open_command` alone on the frame in the agent's buffer: `(verified, ticks)`.
-/// Not inlined, so the decoded command is not a temporary of `main`'s frame.
+/// Times `open_command_view` alone (verify, then read in place) on the frame in the agent's
+/// buffer: `(verified, ticks)`.
 #[inline(never)]
 fn bench_verify(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
-    let keys = agent.config().trusted_keys.clone();
+    let Some(key) = agent.config().trusted_keys.first().copied() else {
+        return (false, 0);
+    };
     let Some(frame) = agent.frame_buffer().get(..len) else {
         return (false, 0);
     };
     let before = measure::ticks();
-    let verified = open_command(frame, &keys).is_ok();
+    let verified = open_command_view(frame, &[key]).is_ok();
     (verified, measure::ticks() - before)
 }
 
@@ -473,22 +498,31 @@ fn bench_compact_signature(agent: &mut Agent<Catalog<'static>>, len: usize) -> (
     (verified, measure::ticks() - before)
 }
 
-/// Decodes the frame in the agent's buffer with [`prototype::decode_command_in_place`]
-/// into a command held here: the destination's 3.6 KiB count, as they would in the core.
+/// Reads the frame in the agent's buffer in place and decodes each of its grants, as the core
+/// does once the signature has verified (the steps before verified this frame): `true` when
+/// it holds grants.
 #[inline(never)]
-fn prototype_decode(agent: &mut Agent<Catalog<'static>>, len: usize) -> bool {
-    let mut cmd = Command {
-        vin: agent.config().vin,
-        seq: 0,
-        issued_at: 0,
-        not_after: 0,
-        body: CommandBody::QueryStatus { nonce: 0 },
-    };
+fn in_place_read(agent: &mut Agent<Catalog<'static>>, len: usize) -> bool {
     let Some(frame) = agent.frame_buffer().get(..len) else {
         return false;
     };
-    prototype::decode_command_in_place(frame, &mut cmd).is_some()
-        && matches!(&cmd.body, CommandBody::SetState(d) if !d.grants.is_empty())
+    let Ok(raw) = parse_frame(frame, FrameKind::Command) else {
+        return false;
+    };
+    match CommandView::parse(raw.payload) {
+        Ok(CommandView {
+            body: BodyView::SetState(desired),
+            ..
+        }) => {
+            desired
+                .grants()
+                .iter()
+                .filter(|g| !g.flags.is_empty())
+                .count()
+                > 0
+        }
+        _ => false,
+    }
 }
 
 /// Carries out every pending action, in the order the core gives them.

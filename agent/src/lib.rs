@@ -135,9 +135,12 @@ mod record;
 pub mod runtime;
 
 pub use machine::{
-    Action, Agent, BootStatus, Catalog, Config, FeatureLines, AGENT_BUFFER_SIZE,
-    ERR_PERSIST_FAILED, ERR_STATE_CORRUPT, ERR_STATE_FEATURES, ERR_STATE_VERSION,
-    ERR_STATE_WRONG_VIN, MAX_LINES, MAX_PENDING_REPORTS, MAX_TRUSTED_KEYS,
+    Action, Agent, BootStatus, Catalog, Config, FeatureCatalog, FeatureLines, LinesOn,
+    AGENT_BUFFER_SIZE, ERR_PERSIST_FAILED, ERR_STATE_CORRUPT, ERR_STATE_FEATURES,
+    ERR_STATE_VERSION, ERR_STATE_WRONG_VIN, MAX_LINES, MAX_PENDING_REPORTS, MAX_TRUSTED_KEYS,
     TIME_PERSIST_INTERVAL_SECS,
 };
-pub use record::{PersistedState, RecordError, MAX_PERSISTED_SIZE, PERSISTED_VERSION};
+pub use record::{
+    AppliedGrant, AppliedState, PersistedState, RecordError, MAX_PERSISTED_SIZE,
+    PERSISTED_VERSION,
+};

@@ -1,14 +1,18 @@
 //! The agent state machine: frames and time in, actions out.
 
 use caas_protocol::{
-    check_command, open_command, seal_report, ActiveService, CheckContext, Command, CommandBody,
-    Diagnostics, ErrorCode, FeatureClass, FeatureFlag, FirmwareVersion, Grant, Outcome, Param,
-    PlatformFeatures, RejectCode, Report, SigningKey, TrustedKey, Vin, MAX_COMMAND_FRAME_SIZE,
-    MAX_ERROR_CODES, MAX_FLAGS_PER_GRANT, MAX_GRANTS, MAX_REPORT_FRAME_SIZE, MAX_SIGNAL_STRENGTH,
+    check_command_view, encode_report_payload, open_command_view, sign_report_in_place,
+    ActiveService, BodyView, CheckContext, CommandView, Diagnostics, ErrorCode, FeatureClass, FeatureFlag,
+    FirmwareVersion, Grant, Outcome, Param, PlatformFeatures, RejectCode, Report, SigningKey,
+    TrustedKey, Vin, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE, MAX_ERROR_CODES,
+    MAX_FLAGS_PER_GRANT, MAX_GRANTS, MAX_REPORT_FRAME_SIZE, MAX_SIGNAL_STRENGTH,
 };
 use heapless::{Deque, Vec};
 
-use crate::record::{GrantsRef, PersistedState, RecordError, RecordRef, MAX_PERSISTED_SIZE};
+use crate::record::{
+    command_record_in_place, flag_name, load_record, write_record, AppliedGrants, AppliedState,
+    Loaded, RecordError, MAX_PERSISTED_SIZE,
+};
 
 /// Most gateway keys a car trusts at once: the current one, the next one during a rotation,
 /// and one spare (each costs about 200 bytes of RAM).
@@ -72,6 +76,34 @@ impl PlatformFeatures for Catalog<'_> {
         } else {
             FeatureClass::Unknown
         }
+    }
+}
+
+/// A platform catalogue whose optional features are numbered, so the agent keeps grant
+/// flags and feature lines as numbers (2 bytes) instead of names (36 bytes each: the lines
+/// alone would take over 1 KiB of a microcontroller's RAM).
+///
+/// The numbering must agree with [`PlatformFeatures::classify`]: `optional_index` is `Some`
+/// exactly for the flags classified [`FeatureClass::Optional`] (numbers below 65,536; a
+/// feature numbered beyond that cannot be switched), and `optional_name` gives the name back.
+/// It only has to be stable while the agent runs: records store names.
+pub trait FeatureCatalog: PlatformFeatures {
+    /// The number of `flag` among the optional features; `None` when it is not one.
+    fn optional_index(&self, flag: &FeatureFlag) -> Option<usize>;
+    /// The name of optional feature number `index`.
+    fn optional_name(&self, index: usize) -> Option<&str>;
+}
+
+impl FeatureCatalog for Catalog<'_> {
+    fn optional_index(&self, flag: &FeatureFlag) -> Option<usize> {
+        if self.base.contains(&flag.as_str()) {
+            return None;
+        }
+        self.optional.iter().position(|f| *f == flag.as_str())
+    }
+
+    fn optional_name(&self, index: usize) -> Option<&str> {
+        self.optional.get(index).copied()
     }
 }
 
@@ -208,17 +240,18 @@ impl TrustedClock {
 }
 
 /// One car's agent: a deterministic state machine with no I/O (see the crate docs for the
-/// contract). About 9 KiB on a Cortex-M4, most of it the grants and one shared buffer.
+/// contract). About 6.9 KiB on a Cortex-M4: one 3.3 KiB buffer, the applied grants in their
+/// compact form (2.4 KiB), the configuration (keys) and small bookkeeping.
 pub struct Agent<P> {
     config: Config<P>,
-    state: PersistedState,
+    state: AppliedState,
     persisted_time: u64,
     clock: TrustedClock,
     boot: BootStatus,
-    /// The feature lines the platform has been told to switch on.
-    lines: Vec<FeatureFlag, MAX_LINES>,
-    /// Holds the flag of the `SetFeature{on: false}` being returned (it has left `lines`).
-    off_flag: Option<FeatureFlag>,
+    /// The feature lines the platform has been told to switch on (optional-feature numbers).
+    lines: Vec<u16, MAX_LINES>,
+    /// The flag of the `SetFeature` being returned.
+    line_flag: Option<FeatureFlag>,
     sync: Option<SyncCursor>,
     stage: Stage,
     acks: u16,
@@ -230,95 +263,225 @@ pub struct Agent<P> {
     buf: [u8; AGENT_BUFFER_SIZE],
 }
 
-impl<P: PlatformFeatures> Agent<P> {
+/// The lines an agent has switched on ([`Agent::lines_on`]), named by the platform.
+pub struct LinesOn<'a, P> {
+    lines: &'a [u16],
+    platform: &'a P,
+}
+
+impl<'a, P: FeatureCatalog> LinesOn<'a, P> {
+    /// The lines, in the order they were switched on.
+    pub fn iter(&self) -> impl Iterator<Item = FeatureFlag> + 'a {
+        let platform = self.platform;
+        self.lines.iter().filter_map(move |&i| flag_name(platform, i))
+    }
+
+    /// How many lines are on.
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+
+    /// Whether no line is on.
+    pub fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    /// Whether the line named `flag` is on.
+    pub fn contains(&self, flag: &str) -> bool {
+        self.lines
+            .iter()
+            .any(|&i| self.platform.optional_name(usize::from(i)) == Some(flag))
+    }
+}
+
+/// A frame opened and checked: what the agent does next, without borrowing the buffer.
+enum Opened {
+    /// The command in force came again.
+    Redelivered { seq: u64 },
+    /// A command for the car-side rules' verdict.
+    Checked {
+        seq: u64,
+        issued_at: u64,
+        verdict: Result<(), RejectCode>,
+        body: OpenedBody,
+    },
+}
+
+enum OpenedBody {
+    Query {
+        nonce: u64,
+    },
+    /// A `SetState` whose `count` grants start at `buf[first..]`.
+    Set {
+        first: usize,
+        count: usize,
+    },
+}
+
+impl<P: FeatureCatalog> Agent<P> {
     /// Boots from the stored record (`None` when nothing was ever stored) at local time
     /// `now` (Unix seconds). A record that is corrupt, of an unknown version or for another
     /// VIN is not used: the car starts with no optional feature on and reports why in its
     /// diagnostics (`STATE_CORRUPT`, `STATE_VERSION`, `STATE_WRONG_VIN`). The first actions
     /// switch on the features the record grants and, if some grants ended while the car was
     /// off, persist their removal.
+    ///
+    /// This returns a 7 KiB value; a microcontroller builds its agent once (in a `static` or
+    /// its main frame) and boots it again in place with [`Agent::reboot_from_buffer`].
     pub fn new(config: Config<P>, persisted: Option<&[u8]>, now: u64) -> Self {
-        let mut error: Option<&str> = None;
-        let (state, boot) = match persisted.map(PersistedState::decode) {
-            None => (PersistedState::empty(config.vin), BootStatus::Fresh),
-            Some(Ok(s)) if s.vin == config.vin => (s, BootStatus::Restored),
-            Some(Ok(_)) => {
-                error = Some(ERR_STATE_WRONG_VIN);
-                (PersistedState::empty(config.vin), BootStatus::SafeState)
+        let mut agent = Agent::unbooted(config);
+        let stored = persisted.map(|bytes| match agent.buf.get_mut(..bytes.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                bytes.len()
             }
-            Some(Err(e)) => {
-                error = Some(match e {
-                    RecordError::UnknownVersion(_) => ERR_STATE_VERSION,
-                    _ => ERR_STATE_CORRUPT,
-                });
-                (PersistedState::empty(config.vin), BootStatus::SafeState)
-            }
-        };
-        let clock = TrustedClock {
-            trusted: state.trusted_time.max(now),
-            last_local: now,
-        };
-        let next_report = match config.report_interval_secs {
-            0 => None,
-            i => Some(clock.trusted.saturating_add(i)),
-        };
-        let diagnostics = Diagnostics {
-            firmware_version: config.firmware_version.clone(),
-            error_codes: Vec::new(),
-            signal_strength: 0,
-        };
-        // With nothing (usable) stored there is no time on the store to refresh yet.
-        let persisted_time = match boot {
-            BootStatus::Restored => state.trusted_time,
-            _ => clock.trusted,
-        };
-        let mut agent = Agent {
-            persisted_time,
-            state,
-            config,
-            clock,
-            boot,
+            // Longer than any record: refused as corrupt.
+            None => usize::MAX,
+        });
+        agent.boot(stored, now);
+        agent
+    }
+
+    /// An agent that has not read its store yet: nothing applied, nothing to do, its clock
+    /// at 0 (it behaves as `Agent::new(config, None, 0)`). Built as it is returned, with no
+    /// temporary copy, so a microcontroller can make its one agent with this (in a `static`
+    /// or its main frame) and then boot it in place with [`Agent::reboot_from_buffer`].
+    pub fn unbooted(config: Config<P>) -> Self {
+        Agent {
+            persisted_time: 0,
+            state: AppliedState {
+                applied_seq: 0,
+                trusted_time: 0,
+                grants: Vec::new(),
+            },
+            clock: TrustedClock {
+                trusted: 0,
+                last_local: 0,
+            },
+            boot: BootStatus::Fresh,
             lines: Vec::new(),
-            off_flag: None,
+            line_flag: None,
             sync: None,
             stage: Stage::Idle,
             acks: 0,
             reports: Deque::new(),
-            next_report,
+            next_report: match config.report_interval_secs {
+                0 => None,
+                i => Some(i),
+            },
             reports_sent: 0,
             last_rejection: None,
-            diagnostics,
+            diagnostics: Diagnostics {
+                firmware_version: config.firmware_version.clone(),
+                error_codes: Vec::new(),
+                signal_strength: 0,
+            },
+            config,
             buf: [0; AGENT_BUFFER_SIZE],
+        }
+    }
+
+    /// Boots this agent again, in place: the same as `*self = Agent::new(config, stored,
+    /// now)` where the stored record is the first `stored_len` bytes of
+    /// [`Agent::frame_buffer`] (`None`: nothing stored). A microcontroller loads its record
+    /// straight into that buffer and neither builds a second agent nor keeps a second
+    /// buffer. A length beyond the buffer counts as a corrupt record.
+    pub fn reboot_from_buffer(&mut self, config: Config<P>, stored_len: Option<usize>, now: u64) {
+        self.config = config;
+        self.diagnostics = Diagnostics {
+            firmware_version: self.config.firmware_version.clone(),
+            error_codes: Vec::new(),
+            signal_strength: 0,
+        };
+        self.lines.clear();
+        self.line_flag = None;
+        self.sync = None;
+        self.stage = Stage::Idle;
+        self.acks = 0;
+        self.reports.clear();
+        self.reports_sent = 0;
+        self.last_rejection = None;
+        self.boot(stored_len, now);
+    }
+
+    /// The boot itself, from the record in `buf[..stored]`, over freshly reset bookkeeping.
+    fn boot(&mut self, stored: Option<usize>, now: u64) {
+        let mut error: Option<&str> = None;
+        let mut dropped = false;
+        self.state.applied_seq = 0;
+        self.state.trusted_time = 0;
+        self.state.grants.clear();
+        self.boot = match stored {
+            None => BootStatus::Fresh,
+            Some(len) => {
+                let loaded = match self.buf.get(..len) {
+                    Some(bytes) => load_record(
+                        bytes,
+                        &self.config.vin,
+                        &self.config.platform,
+                        &mut self.state,
+                    ),
+                    None => Err(RecordError::Corrupt),
+                };
+                match loaded {
+                    Ok(Loaded::Restored { dropped: d }) => {
+                        dropped = d;
+                        BootStatus::Restored
+                    }
+                    Ok(Loaded::WrongVin) => {
+                        error = Some(ERR_STATE_WRONG_VIN);
+                        BootStatus::SafeState
+                    }
+                    Err(e) => {
+                        error = Some(match e {
+                            RecordError::UnknownVersion(_) => ERR_STATE_VERSION,
+                            _ => ERR_STATE_CORRUPT,
+                        });
+                        BootStatus::SafeState
+                    }
+                }
+            }
+        };
+        self.clock = TrustedClock {
+            trusted: self.state.trusted_time.max(now),
+            last_local: now,
+        };
+        self.next_report = match self.config.report_interval_secs {
+            0 => None,
+            i => Some(self.clock.trusted.saturating_add(i)),
+        };
+        // With nothing (usable) stored there is no time on the store to refresh yet.
+        self.persisted_time = match self.boot {
+            BootStatus::Restored => self.state.trusted_time,
+            _ => self.clock.trusted,
         };
         if let Some(code) = error {
-            agent.add_error_code_str(code);
+            self.add_error_code_str(code);
         }
         // A record written by a firmware with another catalogue must not switch on a base
-        // feature or an unknown line: such grants are dropped (and the drop persisted).
-        let before = agent.state.grants.len();
-        let platform = &agent.config.platform;
-        agent.state.grants.retain(|g| {
-            g.flags
-                .iter()
-                .all(|f| platform.classify(f) == FeatureClass::Optional)
-        });
-        let dropped = agent.state.grants.len() != before;
+        // feature or an unknown line: such grants were dropped (and the drop is persisted).
         if dropped {
-            agent.add_error_code_str(ERR_STATE_FEATURES);
+            self.add_error_code_str(ERR_STATE_FEATURES);
         }
-        agent.start_sync(false);
-        if dropped || agent.has_ended_grants() {
-            agent.stage_time_record();
+        self.start_sync(false);
+        if dropped || self.has_ended_grants() {
+            self.stage_time_record();
         }
-        agent
     }
 
     /// Handles one received command frame at local time `now`. Drain [`Agent::poll_action`]
-    /// before handing over the next frame.
+    /// before handing over the next frame. The frame is copied into the agent's buffer
+    /// first (a microcontroller receives it there directly: [`Agent::handle_buffered_frame`]).
     pub fn handle_frame(&mut self, frame: &[u8], now: u64) {
         self.enter(now);
-        let opened = open_command(frame, &self.config.trusted_keys);
-        self.handle_opened(opened);
+        match self.buf.get_mut(..frame.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(frame);
+                self.handle_buffered(frame.len());
+            }
+            // Longer than the largest command frame.
+            None => self.refuse(0, RejectCode::TooLarge),
+        }
     }
 
     /// Like [`Agent::handle_frame`] for a frame the driver received into
@@ -326,89 +489,117 @@ impl<P: PlatformFeatures> Agent<P> {
     /// second 3 KiB buffer. A `len` beyond the buffer is refused as `TOO_LARGE`.
     pub fn handle_buffered_frame(&mut self, len: usize, now: u64) {
         self.enter(now);
-        let opened = match self.buf.get(..len) {
-            // Everything the agent keeps is copied out of the frame here, so the buffer is
-            // free again for the record or the report that follows.
-            Some(frame) => open_command(frame, &self.config.trusted_keys),
-            None => Err(RejectCode::TooLarge),
-        };
-        self.handle_opened(opened);
+        self.handle_buffered(len);
     }
 
     /// The buffer a driver may receive a frame into before calling
-    /// [`Agent::handle_buffered_frame`]. Only valid between a drained
-    /// [`Agent::poll_action`] and that call: the agent reuses it for records and reports.
+    /// [`Agent::handle_buffered_frame`], or load the stored record into before
+    /// [`Agent::reboot_from_buffer`]. Only valid between a drained [`Agent::poll_action`]
+    /// and that call: the agent reuses it for records and reports.
     pub fn frame_buffer(&mut self) -> &mut [u8; AGENT_BUFFER_SIZE] {
         self.settle_stage();
         &mut self.buf
     }
 
-    fn handle_opened(&mut self, opened: Result<Command, RejectCode>) {
-        let cmd = match opened {
-            Ok(cmd) => cmd,
+    fn handle_buffered(&mut self, len: usize) {
+        let (seq, issued_at, verdict, body) = match self.open(len) {
             Err(code) => return self.refuse(0, code),
+            // A re-delivery of the command in force (the broker's redelivery, or its
+            // retained copy after a reconnect): acknowledge it and say again that it is
+            // applied.
+            Ok(Opened::Redelivered { seq }) => {
+                self.acks = self.acks.saturating_add(1);
+                return self.push_report(Outcome::Applied { seq });
+            }
+            Ok(Opened::Checked {
+                seq,
+                issued_at,
+                verdict,
+                body,
+            }) => (seq, issued_at, verdict, body),
         };
-        // A re-delivery of the command in force (the broker's redelivery, or its retained
-        // copy after a reconnect): acknowledge it and say again that it is applied.
-        if matches!(cmd.body, CommandBody::SetState(_))
-            && cmd.vin == self.config.vin
-            && cmd.seq != 0
-            && cmd.seq == self.state.applied_seq
-        {
-            self.acks = self.acks.saturating_add(1);
-            return self.push_report(Outcome::Applied { seq: cmd.seq });
-        }
-        let ctx = CheckContext {
-            vin: &self.config.vin,
-            last_applied_seq: self.state.applied_seq,
-            now: self.clock.trusted,
-            platform: &self.config.platform,
-        };
-        let checked = check_command(&cmd, &ctx);
         // A verified command for this car issued within the allowed skew proves the time
         // is at least its issue time.
         if !matches!(
-            checked,
+            verdict,
             Err(RejectCode::WrongVin | RejectCode::IssuedInFuture)
         ) {
-            self.clock.trusted = self.clock.trusted.max(cmd.issued_at);
+            self.clock.trusted = self.clock.trusted.max(issued_at);
         }
-        if let Err(code) = checked {
-            return self.refuse(cmd.seq, code);
+        if let Err(code) = verdict {
+            return self.refuse(seq, code);
         }
-        match &cmd.body {
-            CommandBody::QueryStatus { nonce } => {
+        match body {
+            OpenedBody::Query { nonce } => {
                 self.acks = self.acks.saturating_add(1);
-                self.push_report(Outcome::Status { nonce: *nonce });
+                self.push_report(Outcome::Status { nonce });
             }
-            CommandBody::SetState(desired) => {
-                let record = RecordRef {
-                    vin: &self.config.vin,
-                    applied_seq: cmd.seq,
-                    trusted_time: self.clock.trusted,
-                    grants: GrantsRef {
-                        grants: &desired.grants,
-                        active_at: None,
-                    },
-                };
+            OpenedBody::Set { first, count } => {
                 let follow = FollowUp {
-                    command_seq: Some(cmd.seq),
+                    command_seq: Some(seq),
                     refresh: true,
-                    outcome: Some(Outcome::Applied { seq: cmd.seq }),
+                    outcome: Some(Outcome::Applied { seq }),
                 };
-                match record.encode(&mut self.buf) {
-                    Ok(bytes) => {
-                        self.stage = Stage::Staged {
-                            len: bytes.len(),
-                            follow,
-                        }
-                    }
+                // The frame becomes the record that applies it, in the same buffer.
+                match command_record_in_place(
+                    &mut self.buf,
+                    &self.config.vin,
+                    seq,
+                    self.clock.trusted,
+                    first,
+                    count,
+                ) {
+                    Ok(len) => self.stage = Stage::Staged { len, follow },
                     // Cannot happen (the buffer holds the largest record); refuse rather
                     // than acknowledge something that was not stored.
                     Err(_) => self.fail_persist(follow),
                 }
             }
         }
+    }
+
+    /// Verifies the frame in `buf[..len]`, reads it in place and applies the car-side
+    /// rules. Not inlined, and each step returns before the next: Ed25519's stack, the
+    /// in-place decode's and the checks' are never on the stack together.
+    #[inline(never)]
+    fn open(&self, len: usize) -> Result<Opened, RejectCode> {
+        let frame = self.buf.get(..len).ok_or(RejectCode::TooLarge)?;
+        let view = open_command_view(frame, &self.config.trusted_keys)?;
+        let body = match &view.body {
+            BodyView::QueryStatus { nonce } => OpenedBody::Query { nonce: *nonce },
+            BodyView::SetState(desired) => {
+                if view.vin == self.config.vin
+                    && view.seq != 0
+                    && view.seq == self.state.applied_seq
+                {
+                    return Ok(Opened::Redelivered { seq: view.seq });
+                }
+                let grants = desired.grants();
+                OpenedBody::Set {
+                    first: FRAME_HEADER_SIZE + desired.grants_offset() + grants.count_len(),
+                    count: grants.len(),
+                }
+            }
+        };
+        Ok(Opened::Checked {
+            seq: view.seq,
+            issued_at: view.issued_at,
+            verdict: self.check(&view),
+            body,
+        })
+    }
+
+    /// The car-side rules. Not inlined: the grants it decodes one at a time are temporaries
+    /// of this frame, not of [`Agent::open`]'s, which is on the stack during Ed25519.
+    #[inline(never)]
+    fn check(&self, view: &CommandView<'_>) -> Result<(), RejectCode> {
+        let ctx = CheckContext {
+            vin: &self.config.vin,
+            last_applied_seq: self.state.applied_seq,
+            now: self.clock.trusted,
+            platform: &self.config.platform,
+        };
+        check_command_view(view, &ctx)
     }
 
     /// Handles the passing of time: ends grants whose end time came (even with no network),
@@ -475,24 +666,31 @@ impl<P: PlatformFeatures> Agent<P> {
             self.stage = Stage::Written { len, follow };
             return Some(Action::Persist(&self.buf[..len]));
         }
-        if self.sync.is_some() {
-            if let Some(step) = self.next_line_step() {
-                return Some(match step {
-                    LineStep::Off => Action::SetFeature {
-                        flag: self.off_flag.as_ref()?,
-                        on: false,
-                        params: &[],
-                    },
-                    LineStep::On { grant, flag } => {
-                        let g = &self.state.grants[grant];
-                        Action::SetFeature {
-                            flag: &g.flags[flag],
-                            on: true,
-                            params: &g.params,
-                        }
-                    }
-                });
+        let mut line = None;
+        while let Some(step) = self.sync.is_some().then(|| self.next_line_step()).flatten() {
+            let (index, on, grant) = match step {
+                LineStep::Off(index) => (index, false, None),
+                LineStep::On { grant, flag } => {
+                    (self.state.grants[grant].flags[flag], true, Some(grant))
+                }
+            };
+            // Always a name: the number came from this catalogue.
+            self.line_flag = flag_name(&self.config.platform, index);
+            if self.line_flag.is_some() {
+                line = Some((on, grant));
+                break;
             }
+        }
+        if let Some((on, grant)) = line {
+            let params = match grant {
+                Some(g) => &self.state.grants[g].params[..],
+                None => &[],
+            };
+            return Some(Action::SetFeature {
+                flag: self.line_flag.as_ref()?,
+                on,
+                params,
+            });
         }
         if self.acks > 0 {
             self.acks -= 1;
@@ -547,23 +745,29 @@ impl<P: PlatformFeatures> Agent<P> {
         self.diagnostics.signal_strength = percent.min(MAX_SIGNAL_STRENGTH);
     }
 
-    /// The committed state (what the store holds once pending actions are done).
-    pub fn state(&self) -> &PersistedState {
+    /// The committed state (what the store holds once pending actions are done), in the
+    /// agent's compact form. [`Agent::active_grants`] gives the grants in force by name.
+    pub fn state(&self) -> &AppliedState {
         &self.state
     }
 
-    /// The grants in force at the trusted time.
-    pub fn active_grants(&self) -> impl Iterator<Item = &Grant> + '_ {
+    /// The grants in force at the trusted time, decoded back to [`Grant`]s (flags named by
+    /// the platform). Each item is built on the fly (432 bytes on a 32-bit target).
+    pub fn active_grants(&self) -> impl Iterator<Item = Grant> + '_ {
         let now = self.clock.trusted;
         self.state
             .grants
             .iter()
             .filter(move |g| g.is_active_at(now))
+            .map(|g| g.to_grant(&self.config.platform))
     }
 
     /// The feature lines the platform has been told to switch on, so far.
-    pub fn lines_on(&self) -> &[FeatureFlag] {
-        &self.lines
+    pub fn lines_on(&self) -> LinesOn<'_, P> {
+        LinesOn {
+            lines: &self.lines,
+            platform: &self.config.platform,
+        }
     }
 
     /// The car's trusted time (Unix seconds): never behind the newest verified command, and
@@ -619,10 +823,18 @@ impl<P: PlatformFeatures> Agent<P> {
             Stage::Idle | Stage::Staged { .. } => {}
             Stage::Written { len, follow } => {
                 self.stage = Stage::Idle;
-                match PersistedState::decode(&self.buf[..len]) {
-                    Ok(state) => {
-                        self.persisted_time = state.trusted_time;
-                        self.state = state;
+                let loaded = match self.buf.get(..len) {
+                    Some(bytes) => load_record(
+                        bytes,
+                        &self.config.vin,
+                        &self.config.platform,
+                        &mut self.state,
+                    ),
+                    None => Err(RecordError::Corrupt),
+                };
+                match loaded {
+                    Ok(Loaded::Restored { .. }) => {
+                        self.persisted_time = self.state.trusted_time;
                         self.start_sync(follow.refresh);
                         if follow.command_seq.is_some() {
                             self.acks = self.acks.saturating_add(1);
@@ -631,9 +843,10 @@ impl<P: PlatformFeatures> Agent<P> {
                             self.push_report(outcome);
                         }
                     }
-                    // Only a bug could get here (the bytes are our own); do not apply what
-                    // may not be what was stored.
-                    Err(_) => self.fail_persist(follow),
+                    // Only a bug could get here (the bytes are our own, checked before
+                    // anything was taken from them); do not apply what may not be what was
+                    // stored.
+                    Ok(Loaded::WrongVin) | Err(_) => self.fail_persist(follow),
                 }
             }
         }
@@ -682,14 +895,10 @@ impl<P: PlatformFeatures> Agent<P> {
 
     /// Stages the current state with ended grants dropped and the trusted time refreshed.
     fn stage_time_record(&mut self) {
-        let record = RecordRef {
-            vin: &self.config.vin,
-            applied_seq: self.state.applied_seq,
-            trusted_time: self.clock.trusted,
-            grants: GrantsRef {
-                grants: &self.state.grants,
-                active_at: Some(self.clock.trusted),
-            },
+        let grants = AppliedGrants {
+            grants: &self.state.grants,
+            active_at: Some(self.clock.trusted),
+            platform: &self.config.platform,
         };
         // When a grant ends, a flag it shared with a later grant stays on but takes that
         // grant's parameters: re-send the lines that stay on.
@@ -698,13 +907,14 @@ impl<P: PlatformFeatures> Agent<P> {
             refresh: self.has_ended_grants(),
             outcome: None,
         };
-        match record.encode(&mut self.buf) {
-            Ok(bytes) => {
-                self.stage = Stage::Staged {
-                    len: bytes.len(),
-                    follow,
-                }
-            }
+        match write_record(
+            &mut self.buf,
+            &self.config.vin,
+            self.state.applied_seq,
+            self.clock.trusted,
+            &grants,
+        ) {
+            Ok(len) => self.stage = Stage::Staged { len, follow },
             Err(_) => self.fail_persist(follow),
         }
     }
@@ -718,24 +928,27 @@ impl<P: PlatformFeatures> Agent<P> {
         });
     }
 
-    fn wanted(&self, flag: &FeatureFlag) -> bool {
-        self.active_grants().any(|g| g.flags.contains(flag))
+    fn wanted(&self, flag: u16) -> bool {
+        let now = self.clock.trusted;
+        self.state
+            .grants
+            .iter()
+            .any(|g| g.is_active_at(now) && g.flags.contains(&flag))
     }
 
     /// The next line change: first every line that must go off, then every active flag
     /// that must go on (all of them on a refresh, since parameters may have changed). A
     /// flag granted twice takes the parameters of the first grant naming it.
     fn next_line_step(&mut self) -> Option<LineStep> {
-        if let Some(i) = self.lines.iter().position(|f| !self.wanted(f)) {
-            self.off_flag = Some(self.lines.swap_remove(i));
-            return Some(LineStep::Off);
+        if let Some(i) = self.lines.iter().position(|&f| !self.wanted(f)) {
+            return Some(LineStep::Off(self.lines.swap_remove(i)));
         }
         let mut cursor = self.sync?;
         let now = self.clock.trusted;
         while let Some(g) = self.state.grants.get(usize::from(cursor.grant)) {
             let gi = usize::from(cursor.grant);
             let fi = usize::from(cursor.flag);
-            let Some(flag) = g.flags.get(fi).filter(|_| g.is_active_at(now)) else {
+            let Some(&flag) = g.flags.get(fi).filter(|_| g.is_active_at(now)) else {
                 cursor.grant += 1;
                 cursor.flag = 0;
                 continue;
@@ -743,18 +956,18 @@ impl<P: PlatformFeatures> Agent<P> {
             cursor.flag += 1;
             let first_grant = self.state.grants[..gi]
                 .iter()
-                .any(|e| e.is_active_at(now) && e.flags.contains(flag));
-            let repeated = g.flags[..fi].contains(flag);
+                .any(|e| e.is_active_at(now) && e.flags.contains(&flag));
+            let repeated = g.flags[..fi].contains(&flag);
             if first_grant || repeated {
                 continue;
             }
-            let is_on = self.lines.contains(flag);
+            let is_on = self.lines.contains(&flag);
             if is_on && !cursor.refresh {
                 continue;
             }
             if !is_on {
                 // Cannot overflow: distinct active flags are at most MAX_LINES.
-                let _ = self.lines.push(flag.clone());
+                let _ = self.lines.push(flag);
             }
             self.sync = Some(cursor);
             return Some(LineStep::On {
@@ -766,7 +979,19 @@ impl<P: PlatformFeatures> Agent<P> {
         None
     }
 
+    /// Seals a report into the buffer: encoded in one call, signed in the next, so the
+    /// `Report` value (about 640 bytes) is off the stack while Ed25519 signs.
     fn seal(&mut self, outcome: Outcome) -> Option<usize> {
+        let payload = self.encode_report(outcome)?;
+        let len = sign_report_in_place(payload, &self.config.device_key, &mut self.buf)
+            .ok()?
+            .len();
+        self.reports_sent += 1;
+        Some(len)
+    }
+
+    #[inline(never)]
+    fn encode_report(&mut self, outcome: Outcome) -> Option<usize> {
         let outcome = match outcome {
             Outcome::Periodic { .. } => Outcome::Periodic {
                 counter: self.reports_sent,
@@ -790,16 +1015,13 @@ impl<P: PlatformFeatures> Agent<P> {
             active,
             diagnostics: self.diagnostics.clone(),
         };
-        let len = seal_report(&report, &self.config.device_key, &mut self.buf)
-            .ok()?
-            .len();
-        self.reports_sent += 1;
-        Some(len)
+        encode_report_payload(&report, &mut self.buf).ok()
     }
 }
 
 enum LineStep {
-    Off,
+    /// This line goes off (it has left `lines`).
+    Off(u16),
     On { grant: usize, flag: usize },
 }
 
@@ -810,7 +1032,8 @@ const _: () = assert!(
 // The sync cursor indexes grants and flags with u8.
 const _: () = assert!(MAX_GRANTS < u8::MAX as usize);
 const _: () = assert!(MAX_FLAGS_PER_GRANT < u8::MAX as usize);
-// The firmware's whole RAM budget is 16 KiB: the agent must leave room for the stack
-// (a decoded command alone is about 3.5 KiB) and the board. Checked on every 32-bit build.
+// The firmware's whole RAM budget is 16 KiB, and Ed25519 alone needs about 7.8 KiB of stack:
+// the agent (its one frame buffer, the compact grants, the keys) must stay near 7 KiB.
+// Checked on every 32-bit build.
 #[cfg(target_pointer_width = "32")]
-const _: () = assert!(core::mem::size_of::<Agent<Catalog<'static>>>() <= 9 * 1024);
+const _: () = assert!(core::mem::size_of::<Agent<Catalog<'static>>>() <= 7 * 1024);

@@ -149,7 +149,7 @@ proptest! {
             None => (0, Vec::new()),
         };
         prop_assert_eq!(car.agent.state().applied_seq, seq);
-        let active: Vec<Grant> = car.agent.active_grants().cloned().collect();
+        let active: Vec<Grant> = car.agent.active_grants().collect();
         prop_assert_eq!(&active, &expected);
         if seq > 0 {
             let stored = car.stored();

@@ -212,6 +212,11 @@ impl<'a> EncodedGrants<'a> {
         self.count == 0
     }
 
+    /// Bytes of the count in front of the first grant (1 when written canonically).
+    pub fn count_len(&self) -> usize {
+        self.first
+    }
+
     /// The encoding (count and grants), ready to be copied into another postcard message.
     pub fn as_bytes(&self) -> &'a [u8] {
         self.bytes

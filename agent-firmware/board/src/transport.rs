@@ -136,15 +136,16 @@ impl OutKind {
 
 /// Benchmark ids in [`OutKind::Bench`] records.
 pub mod bench {
-    /// `open_command` alone: envelope checks, SHA-512, Ed25519 strict verify, decode.
+    /// `open_command_view` alone: envelope checks, SHA-512, Ed25519 strict verify, then the
+    /// in-place read.
     pub const VERIFY: u8 = 1;
     /// A whole `SetState` through the agent core: verify, check, persist, apply, sign report.
     pub const HANDLE_COMMAND: u8 = 2;
     /// Not ticks but stack bytes: the deepest the stack went (from its top) during
-    /// `open_command` alone.
+    /// `open_command_view` alone.
     pub const VERIFY_STACK: u8 = 3;
-    /// Not ticks but stack bytes: the deepest the stack went during the firmware's
-    /// in-place, grant-by-grant decode prototype (destination command included).
+    /// Not ticks but stack bytes: the deepest the stack went during the in-place read of a
+    /// verified command alone (`CommandView::parse`, then each grant decoded).
     pub const IN_PLACE_STACK: u8 = 4;
     /// The Ed25519 signature check alone (`parse_frame` + `RawFrame::verify`), in ticks.
     pub const SIGNATURE: u8 = 5;

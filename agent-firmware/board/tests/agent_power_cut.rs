@@ -275,7 +275,7 @@ impl Model {
         // The record only ever holds the grants of the applied command, minus ended ones.
         let granted: BTreeSet<String> = agent
             .active_grants()
-            .flat_map(|g| g.flags.iter().map(|f| f.as_str().to_string()))
+            .flat_map(|g| g.flags.into_iter().map(|f| f.as_str().to_string()))
             .collect();
         assert_eq!(
             granted,

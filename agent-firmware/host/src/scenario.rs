@@ -453,8 +453,8 @@ pub(crate) struct Results {
     command_ticks: Vec<u64>,
     /// The deepest stack of each step (and boot), in bytes.
     step_stack: Vec<(String, u32)>,
-    /// The deepest stack during `open_command` alone, and during the in-place decode
-    /// prototype (`agent-firmware/src/prototype.rs`), in bytes.
+    /// The deepest stack during `open_command_view` alone (verify, then read in place), and
+    /// during the in-place read alone (after the signature), in bytes.
     verify_stack: Option<u64>,
     in_place_stack: Option<u64>,
     /// The Ed25519 check alone: ticks, and the deepest stack.
@@ -506,7 +506,7 @@ impl Results {
             );
         }
         line(
-            "open_command: Ed25519 verify_strict + decode",
+            "open_command_view: Ed25519 verify_strict + in-place read",
             &self.verify_ticks,
         );
         line(
@@ -530,10 +530,9 @@ impl Results {
             println!("  {sig:>6}  the same check with ed25519-compact (opt_size)");
         }
         if let (Some(verify), Some(in_place)) = (self.verify_stack, self.in_place_stack) {
-            println!("  {verify:>6}  open_command alone (verify + by-value decode)");
+            println!("  {verify:>6}  open_command_view alone (verify, then read in place)");
             println!(
-                "  {in_place:>6}  prototype: the same command decoded in place, grant by grant \
-                 (src/prototype.rs)"
+                "  {in_place:>6}  the in-place read alone (CommandView::parse, grant by grant)"
             );
         }
     }

@@ -34,7 +34,7 @@ use rumqttc::{
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::{Action, Agent, BootStatus, Config};
+use crate::{Action, Agent, BootStatus, Config, FeatureCatalog};
 pub use settings::Settings;
 use store::Store;
 
@@ -84,6 +84,19 @@ impl PlatformFeatures for OwnedCatalog {
         } else {
             FeatureClass::Unknown
         }
+    }
+}
+
+impl FeatureCatalog for OwnedCatalog {
+    fn optional_index(&self, flag: &FeatureFlag) -> Option<usize> {
+        if self.base.contains(flag) {
+            return None;
+        }
+        self.optional.iter().position(|f| f == flag)
+    }
+
+    fn optional_name(&self, index: usize) -> Option<&str> {
+        self.optional.get(index).map(|f| f.as_str())
     }
 }
 
