@@ -141,6 +141,5 @@ pub use machine::{
     TIME_PERSIST_INTERVAL_SECS,
 };
 pub use record::{
-    AppliedGrant, AppliedState, PersistedState, RecordError, MAX_PERSISTED_SIZE,
-    PERSISTED_VERSION,
+    AppliedGrant, AppliedState, PersistedState, RecordError, MAX_PERSISTED_SIZE, PERSISTED_VERSION,
 };
