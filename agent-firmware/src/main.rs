@@ -203,6 +203,26 @@ struct Board {
 }
 
 fn run() -> Result<(), Fault> {
+    let (mut board, provision) = setup()?;
+    // The one agent (about 7 KiB), built once here and booted again in place at every
+    // power-on (`boot_agent`), so there is never a second one nor a second record buffer.
+    let mut agent = new_agent(&provision);
+    // Each pass is one power-on: the agent boots from flash; `Reboot` steps end a pass.
+    while boot_and_run(&mut board, &mut agent)? {
+        // A reboot loses the lines' state as the ECU would: the new agent starts them off.
+        board.lines.pins.apply(0).map_err(|_| Fault::Flash)?;
+    }
+    let mut body = [0u8; 8];
+    body[..4].copy_from_slice(&board.stack.max.to_le_bytes());
+    body[4..].copy_from_slice(&measure::window_size().to_le_bytes());
+    board.link.out.record(OutKind::Stack, &body)?;
+    Ok(())
+}
+
+/// Calibrates the tick counter, opens the QEMU files and the flash store, and reads and checks
+/// `provision.bin`. Not inlined: its temporaries are gone before the agent runs.
+#[inline(never)]
+fn setup() -> Result<(Board, Provision), Fault> {
     if let Some(p) = cortex_m::Peripherals::take() {
         measure::start_ticks(p.SYST);
     }
@@ -215,11 +235,12 @@ fn run() -> Result<(), Fault> {
 
     let mut provision = [0u8; PROVISION_SIZE];
     HostFile::open(b"provision.bin\0", mode::READ)?.read_exact(&mut provision)?;
+    let provision = Provision::parse(&provision)?;
     let flash = FileFlash::new(HostFile::open(b"flash.bin\0", mode::READ_WRITE)?)
         .map_err(|_| Fault::Flash)?;
     let pins = PinLines::new(OPTIONAL_FEATURES.map(|name| (name, RecordingPin::default())))
         .map_err(|_| Fault::Flash)?;
-    let mut board = Board {
+    let board = Board {
         store: Store::new(flash, 0, flash::SECTOR as u32).map_err(|_| Fault::Flash)?,
         link: Link {
             scenario: HostFile::open(b"scenario.bin\0", mode::READ)?,
@@ -230,55 +251,43 @@ fn run() -> Result<(), Fault> {
         stack: StackWatch { max: 0 },
         step: 0,
     };
-
-    // The one agent (about 7 KiB), built once here and booted again in place at every
-    // power-on (`boot_agent`), so there is never a second one nor a second record buffer.
-    let provision = Provision::parse(&provision)?;
-    let mut agent = new_agent(&provision);
-    // Each pass is one power-on: the agent boots from flash; `Reboot` steps end a pass.
-    while boot_and_run(&provision, &mut board, &mut agent)? {
-        // A reboot loses the lines' state as the ECU would: the new agent starts them off.
-        board.lines.pins.apply(0).map_err(|_| Fault::Flash)?;
-    }
-    let mut body = [0u8; 8];
-    body[..4].copy_from_slice(&board.stack.max.to_le_bytes());
-    body[4..].copy_from_slice(&measure::window_size().to_le_bytes());
-    board.link.out.record(OutKind::Stack, &body)?;
-    Ok(())
+    Ok((board, provision))
 }
 
-/// `provision.bin`, checked: everything the configuration needs that could be malformed.
+/// `provision.bin` (VIN, car secret key seed, gateway public key), checked. The keys stay
+/// bytes (64, not the 400-odd of parsed keys) for as long as this lives.
 struct Provision {
     vin: Vin,
     seed: [u8; 32],
-    gateway: VerifyingKey,
+    gateway: [u8; 32],
     firmware_version: FirmwareVersion,
 }
 
 impl Provision {
     fn parse(bytes: &[u8; PROVISION_SIZE]) -> Result<Self, Fault> {
-        let vin = core::str::from_utf8(&bytes[..17])
-            .ok()
-            .and_then(|s| s.parse::<Vin>().ok())
-            .ok_or(Fault::Provision)?;
+        let vin = Vin::from_bytes(&bytes[..17]).map_err(|_| Fault::Provision)?;
         let mut seed = [0u8; 32];
         seed.copy_from_slice(&bytes[17..49]);
         let mut gateway = [0u8; 32];
         gateway.copy_from_slice(&bytes[49..81]);
+        VerifyingKey::from_bytes(&gateway).map_err(|_| Fault::Provision)?;
         Ok(Provision {
             vin,
             seed,
-            gateway: VerifyingKey::from_bytes(&gateway).map_err(|_| Fault::Provision)?,
+            gateway,
             firmware_version: FIRMWARE_VERSION.parse().map_err(|_| Fault::Provision)?,
         })
     }
 
     /// The agent's configuration. Infallible, so the agent can be built straight into its
-    /// place ([`new_agent`]).
+    /// place ([`new_agent`]): the gateway key was checked by [`Provision::parse`] (were it
+    /// unreadable, the car would trust no key and refuse every command).
     fn config(&self) -> Config<Catalog<'static>> {
         let mut trusted_keys = heapless::Vec::new();
-        // Cannot fail: one key, room for MAX_TRUSTED_KEYS.
-        let _ = trusted_keys.push(TrustedKey::new(self.gateway));
+        if let Ok(key) = VerifyingKey::from_bytes(&self.gateway) {
+            // Cannot fail: one key, room for MAX_TRUSTED_KEYS.
+            let _ = trusted_keys.push(TrustedKey::new(key));
+        }
         Config {
             vin: self.vin,
             trusted_keys,
@@ -295,16 +304,12 @@ impl Provision {
 
 /// Boots the agent from flash and runs scenario steps until the end (`Ok(false)`) or a
 /// reboot (`Ok(true)`).
-fn boot_and_run(
-    provision: &Provision,
-    board: &mut Board,
-    agent: &mut Agent<Catalog<'static>>,
-) -> Result<bool, Fault> {
+fn boot_and_run(board: &mut Board, agent: &mut Agent<Catalog<'static>>) -> Result<bool, Fault> {
     let mut header = [0u8; STEP_HEADER_SIZE];
     board.link.scenario.read_exact(&mut header)?;
     let first = StepHeader::decode(&header).ok_or(Fault::Scenario)?;
     board.stack.take();
-    boot_agent(provision, &mut board.store, first.now, agent)?;
+    boot_agent(&mut board.store, first.now, agent);
     drain(agent, board)?;
     agent.handle_connected(first.now);
     drain(agent, board)?;
@@ -418,26 +423,20 @@ fn new_agent(provision: &Provision) -> Agent<Catalog<'static>> {
 }
 
 /// Loads the stored record into the agent's own buffer and boots the agent from it, in
-/// place. Not inlined: the configuration's temporaries live in this frame only.
+/// place (a power-on). Not inlined: the boot's temporaries live in this frame only.
 #[inline(never)]
-fn boot_agent(
-    provision: &Provision,
-    store: &mut Store,
-    now: u64,
-    agent: &mut Agent<Catalog<'static>>,
-) -> Result<(), Fault> {
+fn boot_agent(store: &mut Store, now: u64, agent: &mut Agent<Catalog<'static>>) {
     let stored = match store.load(agent.frame_buffer()) {
         Ok(Some(n)) => Some(n),
         Ok(None) => None,
         // An unreadable store boots the safe state, as a corrupt record does.
         Err(_) => Some(0),
     };
-    agent.reboot_from_buffer(provision.config(), stored, now);
-    Ok(())
+    agent.reboot_from_buffer(stored, now);
 }
 
-/// The core's `handle_buffered_frame` behind a call boundary: the decoded command and its
-/// temporaries then live in this frame while it runs, not in `main`'s for the whole run.
+/// The core's `handle_buffered_frame` behind a call boundary: its temporaries then live in
+/// this frame while it runs, not in `main`'s for the whole run.
 #[inline(never)]
 fn handle_frame(agent: &mut Agent<Catalog<'static>>, len: usize, now: u64) {
     agent.handle_buffered_frame(len, now);

@@ -2,9 +2,9 @@
 
 use caas_protocol::{
     check_command_view, encode_report_payload, open_command_view, sign_report_in_place,
-    ActiveService, BodyView, CheckContext, CommandView, Diagnostics, ErrorCode, FeatureClass, FeatureFlag,
-    FirmwareVersion, Grant, Outcome, Param, PlatformFeatures, RejectCode, Report, SigningKey,
-    TrustedKey, Vin, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE, MAX_ERROR_CODES,
+    ActiveService, BodyView, CheckContext, CommandView, Diagnostics, ErrorCode, FeatureClass,
+    FeatureFlag, FirmwareVersion, Grant, Outcome, Param, PlatformFeatures, RejectCode, Report,
+    SigningKey, TrustedKey, Vin, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE, MAX_ERROR_CODES,
     MAX_FLAGS_PER_GRANT, MAX_GRANTS, MAX_REPORT_FRAME_SIZE, MAX_SIGNAL_STRENGTH,
 };
 use heapless::{Deque, Vec};
@@ -273,7 +273,9 @@ impl<'a, P: FeatureCatalog> LinesOn<'a, P> {
     /// The lines, in the order they were switched on.
     pub fn iter(&self) -> impl Iterator<Item = FeatureFlag> + 'a {
         let platform = self.platform;
-        self.lines.iter().filter_map(move |&i| flag_name(platform, i))
+        self.lines
+            .iter()
+            .filter_map(move |&i| flag_name(platform, i))
     }
 
     /// How many lines are on.
@@ -381,18 +383,15 @@ impl<P: FeatureCatalog> Agent<P> {
         }
     }
 
-    /// Boots this agent again, in place: the same as `*self = Agent::new(config, stored,
-    /// now)` where the stored record is the first `stored_len` bytes of
-    /// [`Agent::frame_buffer`] (`None`: nothing stored). A microcontroller loads its record
-    /// straight into that buffer and neither builds a second agent nor keeps a second
-    /// buffer. A length beyond the buffer counts as a corrupt record.
-    pub fn reboot_from_buffer(&mut self, config: Config<P>, stored_len: Option<usize>, now: u64) {
-        self.config = config;
-        self.diagnostics = Diagnostics {
-            firmware_version: self.config.firmware_version.clone(),
-            error_codes: Vec::new(),
-            signal_strength: 0,
-        };
+    /// Boots this agent again, in place, with the same configuration: the same as
+    /// `*self = Agent::new(config, stored, now)` where the stored record is the first
+    /// `stored_len` bytes of [`Agent::frame_buffer`] (`None`: nothing stored). A
+    /// microcontroller loads its record straight into that buffer, and neither builds a
+    /// second agent nor keeps a second buffer. A length beyond the buffer counts as a
+    /// corrupt record.
+    pub fn reboot_from_buffer(&mut self, stored_len: Option<usize>, now: u64) {
+        self.diagnostics.error_codes.clear();
+        self.diagnostics.signal_strength = 0;
         self.lines.clear();
         self.line_flag = None;
         self.sync = None;
@@ -1022,7 +1021,10 @@ impl<P: FeatureCatalog> Agent<P> {
 enum LineStep {
     /// This line goes off (it has left `lines`).
     Off(u16),
-    On { grant: usize, flag: usize },
+    On {
+        grant: usize,
+        flag: usize,
+    },
 }
 
 const _: () = assert!(
