@@ -445,37 +445,34 @@ fn handle_frame(agent: &mut Agent<Catalog<'static>>, len: usize, now: u64) {
 /// Times `open_command_view` alone (verify, then read in place) on the frame in the agent's
 /// buffer: `(verified, ticks)`.
 #[inline(never)]
-fn bench_verify(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
-    let Some(key) = agent.config().trusted_keys.first().copied() else {
-        return (false, 0);
-    };
-    let Some(frame) = agent.frame_buffer().get(..len) else {
+fn bench_verify(agent: &Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
+    let Some(frame) = agent.buffer().get(..len) else {
         return (false, 0);
     };
     let before = measure::ticks();
-    let verified = open_command_view(frame, &[key]).is_ok();
+    let verified = open_command_view(frame, &agent.config().trusted_keys).is_ok();
     (verified, measure::ticks() - before)
 }
 
 /// Times the Ed25519 check alone (`verify_strict` over header and payload, with the SHA-512
 /// it needs): `(verified, ticks)`.
 #[inline(never)]
-fn bench_signature(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
-    let Some(key) = agent.config().trusted_keys.first().map(|k| k.key) else {
+fn bench_signature(agent: &Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
+    let Some(key) = agent.config().trusted_keys.first().map(|k| &k.key) else {
         return (false, 0);
     };
-    let Some(frame) = agent.frame_buffer().get(..len) else {
+    let Some(frame) = agent.buffer().get(..len) else {
         return (false, 0);
     };
     let before = measure::ticks();
-    let verified = parse_frame(frame, FrameKind::Command).is_ok_and(|raw| raw.verify(&key).is_ok());
+    let verified = parse_frame(frame, FrameKind::Command).is_ok_and(|raw| raw.verify(key).is_ok());
     (verified, measure::ticks() - before)
 }
 
 /// [`bench_signature`] with ed25519-compact instead of ed25519-dalek.
 #[cfg(feature = "compare-ed25519-compact")]
 #[inline(never)]
-fn bench_compact_signature(agent: &mut Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
+fn bench_compact_signature(agent: &Agent<Catalog<'static>>, len: usize) -> (bool, u64) {
     let Some(key) = agent
         .config()
         .trusted_keys
@@ -484,7 +481,7 @@ fn bench_compact_signature(agent: &mut Agent<Catalog<'static>>, len: usize) -> (
     else {
         return (false, 0);
     };
-    let Some(frame) = agent.frame_buffer().get(..len) else {
+    let Some(frame) = agent.buffer().get(..len) else {
         return (false, 0);
     };
     let Ok(raw) = parse_frame(frame, FrameKind::Command) else {
@@ -501,8 +498,8 @@ fn bench_compact_signature(agent: &mut Agent<Catalog<'static>>, len: usize) -> (
 /// does once the signature has verified (the steps before verified this frame): `true` when
 /// it holds grants.
 #[inline(never)]
-fn in_place_read(agent: &mut Agent<Catalog<'static>>, len: usize) -> bool {
-    let Some(frame) = agent.frame_buffer().get(..len) else {
+fn in_place_read(agent: &Agent<Catalog<'static>>, len: usize) -> bool {
+    let Some(frame) = agent.buffer().get(..len) else {
         return false;
     };
     let Ok(raw) = parse_frame(frame, FrameKind::Command) else {

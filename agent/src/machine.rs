@@ -500,6 +500,13 @@ impl<P: FeatureCatalog> Agent<P> {
         &mut self.buf
     }
 
+    /// The same buffer, read-only and as it is: the frame last received into it, or the
+    /// record or report the agent last wrote there. For a driver that inspects a frame
+    /// before handing it over (the firmware's benchmarks).
+    pub fn buffer(&self) -> &[u8; AGENT_BUFFER_SIZE] {
+        &self.buf
+    }
+
     fn handle_buffered(&mut self, len: usize) {
         let (seq, issued_at, verdict, body) = match self.open(len) {
             Err(code) => return self.refuse(0, code),
