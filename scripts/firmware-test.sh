@@ -8,9 +8,7 @@
 #   4. the QEMU scenario (two power-ons over one flash image), whose reports are verified
 #      with the car's key, then the size report: .text/.rodata/.data/.bss, the painted
 #      stack's high-water mark, guest instructions per command; it fails over budget
-#      (flash 64 KiB, RAM = statics + stack 16 KiB). The RAM budget is waived while the
-#      agent core's known overrun is fixed (agent-firmware/README.md, "Why RAM is over"):
-#      FIRMWARE_STRICT_BUDGET=1 makes it fail anyway.
+#      (flash 64 KiB, RAM = statics + stack 16 KiB), with no waiver.
 # Idempotent; needs only what scripts/install-deps.sh installs. Targets go to
 # agent-firmware/target (or $FIRMWARE_TARGET_DIR), never the host workspace's.
 set -euo pipefail

@@ -16,14 +16,23 @@
 //! carrying out each action (persist synchronously, then lines, then acks, then reports)
 //! before the next; call `handle_timeout` when `poll_timeout` comes due.
 //!
+//! **RAM.** The budget is 16 KiB for statics and stack together. The one agent (about 7 KiB:
+//! its frame buffer, the applied grants in compact form, the keys) is built once in `main`'s
+//! frame with `Agent::unbooted` (returned in place, no copy) and booted again in place at
+//! every power-on with `Agent::reboot_from_buffer`, after the store loaded the record
+//! straight into the agent's own buffer: there is never a second agent nor a second record
+//! buffer. Frames are received into that buffer too (`Agent::handle_buffered_frame`). The
+//! peak is the Ed25519 signature check (about 7.3 KiB of stack) above that; the core
+//! verifies before it decodes anything and reads commands in place, so nothing else is
+//! stacked on it (README.md, "Budget").
+//!
 //! **Ed25519.** The core verifies with `ed25519-dalek` (through `caas-protocol`, built with
 //! `default-features = false`: no precomputed tables, the `u32` field backend). It is the
 //! same code the gateway and the Linux agent run, and its `verify_strict` refuses malleable
 //! signatures and small-order keys; with `sha2`'s compact SHA-512 the whole firmware takes
-//! about 43 KiB of the 64 KiB flash budget (`scripts/firmware-test.sh` measures it). The
+//! about 44 KiB of the 64 KiB flash budget (`scripts/firmware-test.sh` measures it). The
 //! smaller alternative, `ed25519-compact`, would only be worth it with its `opt_size`
-//! feature, and would mean a second implementation of the same checks. RAM is another
-//! matter: see README.md ("Why RAM is over").
+//! feature, and would mean a second implementation of the same checks.
 //!
 //! The QEMU files, relative to QEMU's working directory (the host tool writes them):
 //! `provision.bin` (VIN, car secret key, gateway public key), `flash.bin` (the NOR image),

@@ -56,9 +56,11 @@
 //! The `&[u8]`/`&FeatureFlag` in an action borrow the agent's one internal buffer and
 //! state, so use (or copy) them before polling again.
 //!
-//! **Rules for a command frame** (all through `caas_protocol::open_command` and
-//! `caas_protocol::check_command`): the signature must verify against one of the trusted
-//! gateway keys (up to [`MAX_TRUSTED_KEYS`], so keys rotate without downtime); the VIN must
+//! **Rules for a command frame** (all through `caas_protocol::open_command_view` and
+//! `caas_protocol::check_command_view`, which read the command in place and give the same
+//! verdicts as `open_command` and `check_command`): the signature must verify against one of
+//! the trusted gateway keys (up to [`MAX_TRUSTED_KEYS`], so keys rotate without downtime);
+//! the VIN must
 //! be this car's; a `SetState`'s seq must be above the last applied one (replay and
 //! rollback); the command must not have expired at the trusted time nor be issued more
 //! than `MAX_FUTURE_SKEW_SECS` ahead of it; its grants must name only optional features of
@@ -76,12 +78,23 @@
 //! [`ERR_STATE_WRONG_VIN`]). Stores use [`PersistedState::encode`]/[`PersistedState::decode`]
 //! to read or write records themselves (e.g. to provision or inspect one).
 //!
-//! **Size.** An `Agent` holds its grants, the lines it switched on and one buffer of
-//! [`AGENT_BUFFER_SIZE`] bytes, about 9 KiB on a Cortex-M4; a microcontroller can receive
-//! frames straight into that buffer ([`Agent::frame_buffer`],
-//! [`Agent::handle_buffered_frame`]) instead of keeping another. It owns everything it uses
-//! (no globals, no allocation), so it is `Send` when the platform type is, and ten thousand
-//! of them fit in a simulator.
+//! **Platforms.** The agent takes its feature catalogue as a [`FeatureCatalog`]: the
+//! platform's classification of flags (optional, base, unknown) with the optional features
+//! numbered, so grants and lines are kept as 2-byte numbers rather than 36-byte names.
+//! [`Catalog`] (two lists of names) is one.
+//!
+//! **Size.** An `Agent` holds one buffer of [`AGENT_BUFFER_SIZE`] bytes (frames in, records
+//! and reports out), the applied grants in a compact form ([`AppliedState`]: flags as
+//! catalogue numbers, no decoded command kept), its configuration and small bookkeeping:
+//! about 7 KiB on a Cortex-M4 (checked at compile time on 32-bit targets). It never holds a
+//! whole decoded `Command` (3.6 KiB): it verifies a frame before decoding anything, reads it
+//! in place, and turns it into the record that applies it inside the same buffer. A
+//! microcontroller receives frames straight into that buffer ([`Agent::frame_buffer`],
+//! [`Agent::handle_buffered_frame`]), builds its one agent with [`Agent::unbooted`] (no
+//! temporary copy) and boots it in place from the record its store loaded into the same
+//! buffer ([`Agent::reboot_from_buffer`]). It owns everything it uses (no globals, no
+//! allocation), so it is `Send` when the platform type is, and ten thousand of them fit in a
+//! simulator.
 //!
 //! ```
 //! use caas_agent::{Action, Agent, Catalog, Config};
@@ -121,6 +134,7 @@
 //!     }
 //! }
 //! assert_eq!(agent.state().applied_seq, 1);
+//! assert_eq!(agent.lines_on().iter().next().unwrap().as_str(), "power_boost");
 //! assert_eq!(caas_agent::PersistedState::decode(&stored).unwrap().applied_seq, 1);
 //! ```
 #![cfg_attr(not(feature = "std"), no_std)]

@@ -274,9 +274,7 @@ impl<'a> RecordView<'a> {
         if !rest.is_empty() {
             return Err(RecordError::Corrupt);
         }
-        grants
-            .check_structure()
-            .map_err(|_| RecordError::Corrupt)?;
+        grants.check_structure().map_err(|_| RecordError::Corrupt)?;
         Ok(RecordView {
             vin,
             applied_seq,
@@ -637,8 +635,8 @@ mod tests {
             };
             let first = FRAME_HEADER_SIZE + d.grants_offset() + d.grants().count_len();
             let count = d.grants().len();
-            let n = command_record_in_place(&mut buf, &vin(), seq, trusted_time, first, count)
-                .unwrap();
+            let n =
+                command_record_in_place(&mut buf, &vin(), seq, trusted_time, first, count).unwrap();
             let mut expected = PersistedState::empty(vin());
             expected.applied_seq = seq;
             expected.trusted_time = trusted_time;
@@ -648,6 +646,52 @@ mod tests {
             let mut want = [0u8; MAX_PERSISTED_SIZE];
             assert_eq!(&buf[..n], expected.encode(&mut want).unwrap());
         }
+    }
+
+    /// A command whose varints and length prefixes are longer than needed (postcard reads
+    /// them) still becomes its canonical record, in place.
+    #[test]
+    fn a_padded_command_becomes_its_canonical_record_in_place() {
+        let grants = std::vec![
+            grant("boost", &["power_boost"], None),
+            grant("seats", &["snow_mode"], Some(300)),
+        ];
+        let mut desired = DesiredState::default();
+        for g in &grants {
+            desired.grants.push(g.clone()).unwrap();
+        }
+        let cmd = Command {
+            vin: vin(),
+            seq: 5,
+            issued_at: 1,
+            not_after: 2,
+            body: CommandBody::SetState(desired),
+        };
+        let mut payload = postcard::to_allocvec(&cmd).unwrap();
+        // vin (18) + three one-byte varints + variant + empty settles: the grant count.
+        let at = 18 + 3 + 1 + 1;
+        assert_eq!(payload[at], 2);
+        // The count in three bytes, the first service id's length in two.
+        assert_eq!(payload[at + 1], 5);
+        payload.splice(at..at + 2, [0x82, 0x80, 0x00, 0x85, 0x00]);
+        let view = caas_protocol::CommandView::parse(&payload).unwrap();
+        assert_eq!(view.to_command(), cmd);
+        let caas_protocol::BodyView::SetState(d) = view.body else {
+            panic!("a SetState")
+        };
+        let mut buf = [0u8; MAX_COMMAND_FRAME_SIZE];
+        buf[FRAME_HEADER_SIZE..FRAME_HEADER_SIZE + payload.len()].copy_from_slice(&payload);
+        let first = FRAME_HEADER_SIZE + d.grants_offset() + d.grants().count_len();
+        assert_eq!(d.grants().count_len(), 3);
+        let n = command_record_in_place(&mut buf, &vin(), 5, 77, first, 2).unwrap();
+        let mut expected = PersistedState::empty(vin());
+        expected.applied_seq = 5;
+        expected.trusted_time = 77;
+        for g in grants {
+            expected.grants.push(g).unwrap();
+        }
+        let mut want = [0u8; MAX_PERSISTED_SIZE];
+        assert_eq!(&buf[..n], expected.encode(&mut want).unwrap());
     }
 
     #[test]
@@ -690,8 +734,17 @@ mod tests {
         assert_eq!(back.grants[0].service_id.as_str(), "power-boost");
         // Loading it back gives the same compact state; another VIN's record is not taken.
         let mut loaded = AppliedState::default();
-        let n = write_record(&mut a, &s.vin, 42, 5, &AppliedGrants { active_at: None, ..via })
-            .unwrap();
+        let n = write_record(
+            &mut a,
+            &s.vin,
+            42,
+            5,
+            &AppliedGrants {
+                active_at: None,
+                ..via
+            },
+        )
+        .unwrap();
         assert!(matches!(
             load_record(&a[..n], &s.vin, &CATALOG, &mut loaded),
             Ok(Loaded::Restored { dropped: false })

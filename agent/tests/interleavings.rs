@@ -1,5 +1,6 @@
 //! A thousand random interleavings of duplicate, reordered, stale and forged frames, with
-//! reboots and the clock moving, all end in the state of the newest valid command.
+//! reboots (anew, and in place as a microcontroller does) and the clock moving, all end in
+//! the state of the newest valid command.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -28,6 +29,9 @@ enum Event {
     Tick(u64),
     /// Power cycle.
     Reboot,
+    /// Power cycle as a microcontroller does it: the same agent booted again in place from
+    /// the record loaded into its own buffer.
+    RebootInPlace,
     /// The store fails its next write (full, worn, unplugged).
     FailNextPersist,
 }
@@ -50,6 +54,7 @@ fn event_strategy(n: usize) -> impl Strategy<Value = Event> {
         1 => (0..n).prop_map(Event::OtherCar),
         2 => (0..120u64).prop_map(Event::Tick),
         1 => Just(Event::Reboot),
+        1 => Just(Event::RebootInPlace),
         1 => Just(Event::FailNextPersist),
     ]
 }
@@ -131,6 +136,15 @@ proptest! {
                     car.timeout(now);
                 }
                 Event::Reboot => car.reboot(config(), now),
+                Event::RebootInPlace => {
+                    car.lines.clear();
+                    let stored = car.store.as_ref().map(|record| {
+                        car.agent.frame_buffer()[..record.len()].copy_from_slice(record);
+                        record.len()
+                    });
+                    car.agent.reboot_from_buffer(stored, now);
+                    car.drain();
+                }
                 Event::FailNextPersist => car.fail_next_persist = true,
             }
         }

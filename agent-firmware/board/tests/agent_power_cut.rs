@@ -148,13 +148,15 @@ fn power_on(
         SECTOR as u32,
     )
     .unwrap();
-    let mut record = vec![0u8; MAX_PERSISTED_SIZE];
-    let stored = match store.load(&mut record) {
-        Ok(Some(n)) => Some(&record[..n]),
+    // Booted as the firmware boots it: the record loaded straight into the agent's buffer,
+    // the agent booted from there in place.
+    let mut agent = Agent::unbooted(car.config());
+    let stored = match store.load(agent.frame_buffer()) {
+        Ok(Some(n)) => Some(n),
         Ok(None) => None,
         Err(e) => panic!("{what}: the store cannot be read at boot: {e:?}"),
     };
-    let mut agent = Agent::new(car.config(), stored, boot_now);
+    agent.reboot_from_buffer(stored, boot_now);
     model.check_boot(car, &agent, boot_now, what);
 
     let mut lines = BTreeSet::new();
@@ -185,7 +187,9 @@ fn power_on(
                 return finish(store, run);
             }
         }
-        agent.handle_frame(&frame, now);
+        // Received into the agent's buffer, as the firmware receives it.
+        agent.frame_buffer()[..frame.len()].copy_from_slice(&frame);
+        agent.handle_buffered_frame(frame.len(), now);
         if drain(&mut agent, &mut store, &mut lines, Some(seq), &mut run).is_err() {
             return finish(store, run);
         }

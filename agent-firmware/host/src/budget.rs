@@ -5,7 +5,7 @@ use std::path::Path;
 
 use object::{Object, ObjectSection};
 
-use crate::{FLASH_BUDGET, RAM_BUDGET, RAM_WAIVER};
+use crate::{FLASH_BUDGET, RAM_BUDGET};
 
 /// Sizes of the sections that occupy flash or RAM.
 #[derive(Debug, Default, Clone, Copy)]
@@ -73,7 +73,7 @@ impl Report {
     pub(crate) fn print(&self) {
         let s = &self.sizes;
         println!(
-            "firmware size report (thumbv7em-none-eabihf, release: opt-level=z, lto, panic=abort)"
+            "firmware size report (thumbv7em-none-eabihf, release: opt-level=z (Ed25519 crates s), lto, panic=abort)"
         );
         println!("  {:<34} {:>7} bytes", ".vector_table", s.vector_table);
         println!("  {:<34} {:>7} bytes", ".text", s.text);
@@ -117,19 +117,10 @@ impl Report {
             ));
         }
         if self.ram() > RAM_BUDGET {
-            let strict = std::env::var_os("FIRMWARE_STRICT_BUDGET").is_some_and(|v| v == "1");
-            match RAM_WAIVER {
-                Some(reason) if !strict => println!(
-                    "WARNING: RAM over budget ({} > {RAM_BUDGET} bytes), waived: {reason}",
-                    self.ram()
-                ),
-                _ => {
-                    return Err(format!(
-                        "RAM over budget: {} > {RAM_BUDGET} bytes",
-                        self.ram()
-                    ))
-                }
-            }
+            return Err(format!(
+                "RAM over budget: {} > {RAM_BUDGET} bytes",
+                self.ram()
+            ));
         }
         Ok(())
     }

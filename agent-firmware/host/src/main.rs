@@ -30,15 +30,6 @@ use std::time::Duration;
 pub(crate) const FLASH_BUDGET: u64 = 64 * 1024;
 /// RAM budget in bytes (`.data` + `.bss` + the stack's high-water mark).
 pub(crate) const RAM_BUDGET: u64 = 16 * 1024;
-/// A known RAM overrun that waits on changes outside the firmware: while set, the report
-/// still prints OVER BUDGET with this reason, but the run does not fail on it (every other
-/// check, and the flash budget, still fails the run). `FIRMWARE_STRICT_BUDGET=1` ignores
-/// the waiver. Set it back to `None` once the agent core and the protocol fit.
-pub(crate) const RAM_WAIVER: Option<&str> = Some(
-    "the agent core's and caas-protocol's by-value decoding (open_command, Agent::new, \
-     PersistedState::decode) needs 40-60 KiB of stack; agent-firmware/README.md lists the fixes",
-);
-
 struct Args {
     elf: PathBuf,
     work: PathBuf,
