@@ -410,6 +410,40 @@ mod tests {
         .is_err());
     }
 
+    fn connect(client_id: &str, will: Option<&str>) -> Vec<u8> {
+        let flags = if will.is_some() { 0x06 } else { 0x02 };
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, flags, 0, 30];
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        if let Some(t) = will {
+            body.extend_from_slice(&(t.len() as u16).to_be_bytes());
+            body.extend_from_slice(t.as_bytes());
+            body.extend_from_slice(&[0, 7]);
+            body.extend_from_slice(b"offline");
+        }
+        let mut p = vec![0x10];
+        encode_len(body.len(), &mut p);
+        p.extend_from_slice(&body);
+        p
+    }
+
+    #[test]
+    fn plain_connections_are_routed_by_the_vin_they_name() {
+        assert_eq!(
+            connect_vin(&connect("x", Some("/tenants/WVWZZZ1JZXW000001/presence"))),
+            Some(vin())
+        );
+        assert_eq!(
+            connect_vin(&connect("WVWZZZ1JZXW000001", None)),
+            Some(vin())
+        );
+        assert_eq!(
+            connect_vin(&connect("WVWZZZ1JZXW000001-sim", None)),
+            Some(vin())
+        );
+        assert_eq!(connect_vin(&connect("anonymous", None)), None);
+    }
+
     #[test]
     fn connect_gets_the_vin_in_its_client_id() {
         // CONNECT, MQTT 3.1.1, clean session, keepalive 30, client id "car".
