@@ -211,6 +211,10 @@ pub struct FleetArgs {
     /// No progress bars.
     #[arg(long)]
     no_progress: bool,
+    /// The cars' platform from a TOML file (`name`, `optional = [..]`, `base = [..]`);
+    /// default: the seed catalogue.
+    #[arg(long)]
+    platform: Option<PathBuf>,
     #[command(flatten)]
     faults: FaultArgs,
     /// (internal) run as a worker: cars from this index, JSON lines on stdout.
@@ -289,6 +293,17 @@ fn options(a: &FleetArgs, seed: u64, prefix: String) -> Result<FleetOptions> {
         gateway_key,
         provision: !a.no_provision,
         progress: !a.no_progress,
+        platform: match &a.platform {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                let spec: crate::fleet::PlatformSpec =
+                    toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?;
+                spec.validate()?;
+                Some(spec)
+            }
+            None => None,
+        },
     })
 }
 
@@ -472,6 +487,9 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
         }
         if let Some(k) = &a.gateway_key {
             cmd.arg("--gateway-key").arg(k);
+        }
+        if let Some(p) = &a.platform {
+            cmd.arg("--platform").arg(p);
         }
         if a.no_provision {
             cmd.arg("--no-provision");

@@ -61,6 +61,50 @@ pub struct FleetOptions {
     pub provision: bool,
     /// Show progress bars.
     pub progress: bool,
+    /// The cars' platform (default: the seed catalogue).
+    pub platform: Option<PlatformSpec>,
+}
+
+/// A car platform: its name (as registered) and its feature catalogue.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformSpec {
+    /// The platform name sent with `POST /vehicles`.
+    pub name: String,
+    /// Feature flags commands may switch.
+    pub optional: Vec<String>,
+    /// Base-platform features no command may touch.
+    pub base: Vec<String>,
+}
+
+impl PlatformSpec {
+    /// Checks the names (feature-flag syntax, no flag in both lists).
+    pub fn validate(&self) -> Result<()> {
+        for f in self.optional.iter().chain(&self.base) {
+            caas_protocol::FeatureFlag::new(f)
+                .map_err(|e| anyhow::anyhow!("platform {}: feature `{f}`: {e}", self.name))?;
+        }
+        if let Some(f) = self.optional.iter().find(|f| self.base.contains(f)) {
+            bail!("platform {}: `{f}` is both optional and base", self.name);
+        }
+        Ok(())
+    }
+
+    /// The catalogue, with names leaked once for the fleet's lifetime (the core's
+    /// `Catalog` borrows `'static` lists so that every car shares one copy).
+    fn leak(&self) -> caas_agent::Catalog<'static> {
+        let leak_list = |v: &Vec<String>| -> &'static [&'static str] {
+            let names: Vec<&'static str> = v
+                .iter()
+                .map(|s| &*Box::leak(s.clone().into_boxed_str()))
+                .collect();
+            Box::leak(names.into_boxed_slice())
+        };
+        caas_agent::Catalog {
+            optional: leak_list(&self.optional),
+            base: leak_list(&self.base),
+        }
+    }
 }
 
 impl Default for FleetOptions {
@@ -81,6 +125,7 @@ impl Default for FleetOptions {
             gateway_key: None,
             provision: true,
             progress: true,
+            platform: None,
         }
     }
 }
@@ -167,7 +212,11 @@ pub async fn provision(api: &Api, opts: &FleetOptions) -> Result<()> {
                 let vin = car::car_vin(&opts.vin_prefix, index).map_err(anyhow::Error::msg)?;
                 let key = car::car_key(opts.seed, index).verifying_key();
                 let hex = caas_protocol::verifying_key_to_hex(&key);
-                api.register_vehicle(vin.as_str(), &hex, car::SEED_PLATFORM, FIRMWARE)
+                let platform = opts
+                    .platform
+                    .as_ref()
+                    .map_or(car::SEED_PLATFORM, |p| p.name.as_str());
+                api.register_vehicle(vin.as_str(), &hex, platform, FIRMWARE)
                     .await?;
                 pb.inc(1);
             }
@@ -188,6 +237,9 @@ impl Fleet {
     /// in the background (see [`Fleet::wait_connected`]).
     pub async fn start(opts: &FleetOptions) -> Result<Fleet> {
         opts.faults.validate().map_err(anyhow::Error::msg)?;
+        if let Some(p) = &opts.platform {
+            p.validate()?;
+        }
         let api = Api::new(&opts.gateway, &opts.api_token)?;
         let gateway_key = match opts.gateway_key {
             Some(k) => k,
@@ -215,7 +267,10 @@ impl Fleet {
         let ctx = Arc::new(FleetContext {
             brokers,
             trusted,
-            platform: car::seed_catalog(),
+            platform: match &opts.platform {
+                Some(p) => p.leak(),
+                None => car::seed_catalog(),
+            },
             firmware: FirmwareVersion::new(FIRMWARE).map_err(|e| anyhow::anyhow!("{e}"))?,
             report_interval_secs: opts.report_interval_secs,
             keep_alive: opts.keep_alive,

@@ -26,6 +26,11 @@
 //! [faults]                # for the fleet `run --cars N` starts itself
 //! drop_commands = 0.1
 //! drop_for = "3s"
+//!
+//! [platform]              # that fleet's platform (default: the seed catalogue)
+//! name = "van-2027"
+//! optional = ["power_boost", "cargo_heating"]
+//! base = ["abs", "esc"]
 //! ```
 
 use std::path::PathBuf;
@@ -99,6 +104,9 @@ pub struct Scenario {
     /// Faults of a fleet started by `run --cars`.
     #[serde(default)]
     pub faults: FaultPlan,
+    /// The platform of a fleet started by `run --cars` (default: the seed catalogue).
+    #[serde(default)]
+    pub platform: Option<crate::fleet::PlatformSpec>,
 }
 
 fn default_rate() -> f64 {
@@ -121,6 +129,7 @@ impl Default for Scenario {
             settle: default_settle(),
             services: Vec::new(),
             faults: FaultPlan::default(),
+            platform: None,
         }
     }
 }
@@ -176,6 +185,9 @@ impl Scenario {
             }
         }
         self.faults.validate().map_err(anyhow::Error::msg)?;
+        if let Some(p) = &self.platform {
+            p.validate()?;
+        }
         Ok(())
     }
 
@@ -540,6 +552,7 @@ pub async fn run_main(a: RunArgs) -> Result<i32> {
             seed: rand::random(),
             vin_prefix: crate::car::random_prefix(),
             faults: sc.faults.clone(),
+            platform: sc.platform.clone(),
             ..Default::default()
         };
         let mut fleet = crate::fleet::Fleet::start(&opts).await?;
@@ -607,6 +620,15 @@ mod tests {
         };
         assert!(bad.validate().is_err());
         assert!(toml::from_str::<Scenario>("rat = 1").is_err());
+        let mut van: Scenario = toml::from_str(
+            "[platform]\nname = \"van\"\noptional = [\"cargo_heating\"]\nbase = [\"abs\"]\n",
+        )
+        .unwrap();
+        van.validate().unwrap();
+        let mut clash: Scenario =
+            toml::from_str("[platform]\nname = \"x\"\noptional = [\"abs\"]\nbase = [\"abs\"]\n")
+                .unwrap();
+        assert!(clash.validate().is_err());
         let mut bad_lasting: Scenario = toml::from_str(
             "[[services]]\nservice_id = \"x\"\nflags = [\"a\"]\nlasting = \"forever\"\n",
         )
