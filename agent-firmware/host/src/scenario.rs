@@ -412,6 +412,7 @@ fn second_run(k: &Keys) -> Vec<Step> {
         &set_state(k.vin, 5, t + 100_000, t + 200_000, vec![]),
         &k.gateway,
     );
+    let (largest, largest_ids) = largest_command(k, 6, t + 40);
     vec![
         Step::tick(
             "cold boot restores the lines from flash",
@@ -440,8 +441,52 @@ fn second_run(k: &Keys) -> Vec<Step> {
             vec![rejected(5, RejectCode::IssuedInFuture)],
             0,
         ),
-        Step::control("end", StepKind::End, t + 40),
+        Step::frame(
+            "the largest command this platform can get (8 grants, 32 flags, 32 parameters)",
+            t + 40,
+            largest,
+            vec![applied(6, largest_ids)],
+            POWER_BOOST | AUTOPILOT | SNOW_MODE | HEATED_SEATS,
+        ),
+        Step::control("end", StepKind::End, t + 50),
     ]
+}
+
+/// A command with every list at its bound and every id and parameter at its longest, over
+/// the platform's four optional features (so the frame is about 2.5 KiB, not the protocol's
+/// 3.3 KiB maximum, which needs 32-byte flag names): the agent keeps, stores, switches and
+/// reports it all; its stack is measured like every step's.
+fn largest_command(k: &Keys, seq: u64, now: u64) -> (Vec<u8>, Vec<&'static str>) {
+    const FLAGS: [&str; 4] = [
+        "power_boost",
+        "highway_autopilot",
+        "snow_mode",
+        "heated_seats",
+    ];
+    let mut ids = Vec::new();
+    let mut grants = Vec::new();
+    for i in 0..caas_protocol::MAX_GRANTS {
+        let id: &'static str = Box::leak(format!("{i}{}", "s".repeat(31)).into_boxed_str());
+        let mut g = grant(id, &FLAGS, Some(now + 86_400 * 365));
+        for j in 0..caas_protocol::MAX_PARAMS_PER_GRANT {
+            let param = caas_protocol::Param {
+                key: format!("{j}{}", "k".repeat(23))
+                    .parse()
+                    .unwrap_or_else(|e| panic!("parameter name: {e}")),
+                value: "v"
+                    .repeat(24)
+                    .parse()
+                    .unwrap_or_else(|e| panic!("parameter value: {e}")),
+            };
+            g.params
+                .push(param)
+                .unwrap_or_else(|_| panic!("too many parameters"));
+        }
+        ids.push(id);
+        grants.push(g);
+    }
+    let frame = seal(&set_state(k.vin, seq, now, now + 3600, grants), &k.gateway);
+    (frame, ids)
 }
 
 /// What the runs measured and how the checks went.
@@ -702,7 +747,7 @@ fn check_run(
                 let stack =
                     u32::from_le_bytes([rec.body[0], rec.body[1], rec.body[2], rec.body[3]]);
                 r.step_stack.push((
-                    format!("{run}: boot (load record, Agent::new, first actions)"),
+                    format!("{run}: boot (record loaded into the agent, reboot_from_buffer, first actions)"),
                     stack,
                 ));
             }
