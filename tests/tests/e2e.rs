@@ -290,3 +290,62 @@ async fn a_reconnect_storm_loses_nothing() {
         fleet.text()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusing_cars_fail_with_their_code_and_late_cars_still_activate() {
+    let retry = Retry {
+        attempts: 4,
+        attempt_timeout: "1s",
+        backoff: "1s",
+    };
+    // 10% of cars fail their store (STORAGE_FAILED); 20% connect only 3 s after the rest.
+    let env = Env::start(
+        sim(),
+        CARS,
+        retry,
+        &[
+            "--refuse",
+            "0.1",
+            "--offline-at-start",
+            "0.2",
+            "--offline-for",
+            "3s",
+            "--net-delay",
+            "20ms",
+        ],
+    )
+    .await
+    .unwrap();
+    let refusing: HashSet<String> = env.with_fault("refuse").into_iter().collect();
+    let late: HashSet<String> = env.with_fault("offline").into_iter().collect();
+    assert!(!refusing.is_empty() && !late.is_empty());
+    let reqs = activate_all(&env, "seat-cooling", "seat_cooling").await;
+    let ids: Vec<String> = reqs.iter().map(|(_, id)| id.clone()).collect();
+    let n = env.receiver.wait_for(&ids, Duration::from_secs(40)).await;
+    assert_eq!(n, ids.len(), "callbacks missing");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for (vin, id) in &reqs {
+        let cbs = env.receiver.callbacks(id);
+        assert_eq!(cbs.len(), 1, "{vin}: {cbs:?}");
+        if refusing.contains(vin) {
+            assert_eq!(cbs[0].status, "FAILED", "{vin}");
+            assert_eq!(
+                cbs[0].error_code.as_deref(),
+                Some("STORAGE_FAILED"),
+                "{vin}"
+            );
+            assert_ne!(
+                service_state(&env, vin, "seat-cooling").await.as_deref(),
+                Some("ACTIVE"),
+                "{vin}"
+            );
+        } else {
+            assert_eq!(
+                cbs[0].status,
+                "ACTIVATED",
+                "{vin} (late: {})",
+                late.contains(vin)
+            );
+        }
+    }
+}
