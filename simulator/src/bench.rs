@@ -168,6 +168,12 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         .wait_connected(a.cars, Duration::from_secs(600), progress)
         .await;
     col.connect_rate = col.connected as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    if col.connected < a.cars {
+        col.error = Some(format!(
+            "only {} of {} cars connected (connections stalled)",
+            col.connected, a.cars
+        ));
+    }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let cars = col.connected.max(1);
     col.gateway_per_car = gateway.rss().saturating_sub(gw_before) / cars;

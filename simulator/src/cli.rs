@@ -601,6 +601,9 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
     Ok(total)
 }
 
+/// How long a connecting fleet may make no progress before the wait gives up.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A fleet in a child process (`caas-sim fleet` in worker mode), so its memory and CPU are
 /// measured apart from the caller's.
 pub struct FleetChild {
@@ -671,11 +674,17 @@ impl FleetChild {
     pub async fn wait_connected(&mut self, n: u64, timeout: Duration, progress: bool) -> u64 {
         let pb = crate::fleet::bar(n, "connecting", progress);
         let deadline = Instant::now() + timeout;
+        let (mut last, mut last_change) = (0, Instant::now());
         loop {
             let c = self.connected.load(Ordering::Relaxed);
             pb.set_position(c);
+            if c != last {
+                (last, last_change) = (c, Instant::now());
+            }
             let exited = matches!(self.child.try_wait(), Ok(Some(_)));
-            if c >= n || exited || Instant::now() >= deadline {
+            // A broker that stops accepting (e.g. out of file descriptors) ends the wait.
+            let stalled = last_change.elapsed() > STALL_TIMEOUT;
+            if c >= n || exited || stalled || Instant::now() >= deadline {
                 pb.finish_and_clear();
                 return c;
             }
