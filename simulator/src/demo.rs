@@ -407,7 +407,7 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
     println!("\n{}", report.text());
     let c = receiver.counts();
     println!(
-        "callbacks: {} received (HMAC verified), {} duplicates, {} refused; POST→callback {}",
+        "callbacks: {} received (HMAC verified), {} duplicates, {} refused\nPOST→callback of the story's single requests (the FAILED one waited out its retries): {}",
         c.received,
         c.duplicates,
         c.bad_signature,
