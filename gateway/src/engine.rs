@@ -1021,8 +1021,11 @@ impl Shard {
             if online { "online" } else { "offline" }.into(),
         );
         if online && behind {
-            // The retained command may have expired while the car was away: re-sign it.
-            self.send_state(&vin, true);
+            // The retained command may have expired while the car was away, and a broker
+            // need not redeliver it to a resumed session: re-sign it. Never merged with a
+            // send just before (e.g. a withdrawal), or a car back within the merge window
+            // would keep its old state.
+            self.send_state(&vin, false);
         }
     }
 
