@@ -284,3 +284,160 @@ async fn campaign_reaches_every_car_and_counts_states() {
     }
     gw.shutdown().await;
 }
+
+/// Polls `GET /vehicles/{vin}/status` (bounded) until `pred` holds; returns that status.
+async fn wait_status(
+    api: &Api,
+    n: u32,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = std::time::Instant::now() + within;
+    loop {
+        let (s, st) = api.get(&format!("/vehicles/{}/status", vin(n))).await;
+        assert_eq!(s, 200, "{st}");
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}; last status {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connected_car_whose_reports_lag_is_limited_then_online_once_caught_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let mut c = config(dir.path(), Some(&hook));
+    // A long backoff leaves a window, after the first attempt timed out, where the car is
+    // online, behind and silent; three attempts leave room for the re-send it obeys.
+    c.retry = caas_gateway::RetryPolicy {
+        attempts: 3,
+        attempt_timeout: Duration::from_secs(1),
+        backoff: vec![Duration::from_secs(2)],
+    };
+    let gw = caas_gateway::start(c).await.unwrap();
+    let api = Api::new(gw.http_addr());
+    api.register(6).await;
+    let car = TestCar::start(6, gw.public_key_hex(), car_opts(&gw, Mode::Ignore)).await;
+    car.wait_connected().await;
+    // Presence seen first, so the car is ONLINE (not OFFLINE) before it falls behind.
+    wait_status(&api, 6, "ONLINE", Duration::from_secs(5), |st| {
+        st["connectivity"] == "ONLINE"
+    })
+    .await;
+
+    let id = api.activate(6, "power-boost", "power_boost").await;
+    let st = wait_status(&api, 6, "LIMITED", Duration::from_secs(5), |st| {
+        st["connectivity"] == "LIMITED"
+    })
+    .await;
+    assert_eq!(st["activeServices"][0]["serviceId"], "power-boost");
+    assert_eq!(st["activeServices"][0]["status"], "PENDING");
+    assert!(car.seen.lock().unwrap().grants.is_empty());
+    assert!(hook.for_request(&id).is_empty(), "not final yet");
+
+    // The car listens again: the next attempt's re-send is applied and reported.
+    car.ignore.store(false, std::sync::atomic::Ordering::SeqCst);
+    let cb = hook.wait(&id, Duration::from_secs(10)).await;
+    assert_eq!(cb.body["status"], "ACTIVATED");
+    let st = wait_status(&api, 6, "ONLINE and ACTIVE", Duration::from_secs(5), |st| {
+        st["connectivity"] == "ONLINE" && st["activeServices"][0]["status"] == "ACTIVE"
+    })
+    .await;
+    assert_eq!(st["activeServices"][0]["serviceId"], "power-boost");
+    let (_, r) = api.get(&format!("/ota/requests/{id}")).await;
+    assert_eq!(r["status"], "COMPLETED");
+    assert!(
+        r["attempts"].as_u64().unwrap() >= 2,
+        "applied on a re-send: {r}"
+    );
+    assert_eq!(
+        car.seen.lock().unwrap().grants,
+        vec!["power-boost".to_string()]
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn car_back_online_right_after_a_withdrawal_gets_the_withdrawal() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await; // 2 attempts, 1 s each, 0.5 s backoff
+    api.register(7).await;
+    let car = TestCar::start(7, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await;
+    // The car applies the grant but its reports are lost: the gateway will give up on it.
+    car.mute.store(true, std::sync::atomic::Ordering::SeqCst);
+    car.wait_connected().await;
+
+    let id = api.activate(7, "snow-mode", "snow_mode").await;
+    wait_until("the status query", Duration::from_secs(10), || {
+        car.seen.lock().unwrap().queries >= 1
+    })
+    .await;
+    assert_eq!(
+        car.seen.lock().unwrap().grants,
+        vec!["snow-mode".to_string()]
+    );
+    // Then the car goes deaf, so it misses the withdrawal that follows the FAILED.
+    car.ignore.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_, r) = api.get(&format!("/ota/requests/{id}")).await;
+    let seq = r["seq"].as_u64().unwrap();
+    wait_until("the (missed) withdrawal", Duration::from_secs(10), || {
+        car.seen
+            .lock()
+            .unwrap()
+            .set_states
+            .iter()
+            .any(|c| c.seq == seq + 1)
+    })
+    .await;
+    // Right away (well inside any merge window) the car's session resumes: it says online,
+    // listens and reports again. Only the gateway's re-send on presence can reach it now.
+    car.ignore.store(false, std::sync::atomic::Ordering::SeqCst);
+    car.mute.store(false, std::sync::atomic::Ordering::SeqCst);
+    car.announce_online().await;
+
+    let cb = hook.wait(&id, Duration::from_secs(10)).await;
+    assert_eq!(cb.body["status"], "FAILED");
+    assert_eq!(cb.body["errorCode"], "NO_CONFIRMATION");
+    wait_until("the withdrawal applied", Duration::from_secs(5), || {
+        car.seen.lock().unwrap().applied_seq == seq + 1
+    })
+    .await;
+    assert!(
+        car.seen.lock().unwrap().grants.is_empty(),
+        "grant withdrawn"
+    );
+    // The gateway hears the car apply the withdrawal.
+    let applied = format!("applied seq {}", seq + 1);
+    let end = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, h) = api
+            .get(&format!("/vehicles/{}/history?limit=50", vin(7)))
+            .await;
+        let heard = h["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "REPORT" && e["detail"] == applied.as_str());
+        if heard {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "no '{applied}' report: {h}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, st) = api.get(&format!("/vehicles/{}/status", vin(7))).await;
+    let services = st["activeServices"].as_array().unwrap();
+    assert_eq!(services.len(), 1, "{st}");
+    assert_eq!(services[0]["serviceId"], "snow-mode");
+    assert_eq!(services[0]["status"], "ERROR");
+    gw.shutdown().await;
+}

@@ -256,6 +256,9 @@ pub struct TestCar {
     pub vin: Vin,
     pub seen: Arc<Mutex<Seen>>,
     pub ignore: Arc<AtomicBool>,
+    /// While set (and not ignoring), the car applies commands but its reports are lost, so
+    /// the gateway never learns what it applied.
+    pub mute: Arc<AtomicBool>,
     pub client: AsyncClient,
     pub connected: Arc<AtomicBool>,
     pub errors: Arc<AtomicU64>,
@@ -311,11 +314,13 @@ impl TestCar {
         el.set_network_options(net);
         let seen: Arc<Mutex<Seen>> = Arc::default();
         let ignore = Arc::new(AtomicBool::new(o.mode == Mode::Ignore));
+        let mute = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(AtomicU64::new(0));
-        let (s, ig, c, cl, errs) = (
+        let (s, ig, mu, c, cl, errs) = (
             seen.clone(),
             ignore.clone(),
+            mute.clone(),
             connected.clone(),
             client.clone(),
             errors.clone(),
@@ -385,6 +390,9 @@ impl TestCar {
                                 .map(|g| g.service_id.to_string())
                                 .collect();
                         }
+                        if mu.load(Ordering::SeqCst) {
+                            continue;
+                        }
                         for frame in frames {
                             let _ = cl
                                 .publish(
@@ -409,11 +417,26 @@ impl TestCar {
             vin,
             seen,
             ignore,
+            mute,
             client,
             connected,
             errors,
             task,
         }
+    }
+
+    /// Publishes presence `online` again on the live session (no reconnect, no resubscribe,
+    /// so the broker redelivers no retained command): like a car whose session resumed.
+    pub async fn announce_online(&self) {
+        self.client
+            .publish(
+                topics::presence_topic(&self.vin).as_str(),
+                QoS::AtLeastOnce,
+                true,
+                topics::PRESENCE_ONLINE,
+            )
+            .await
+            .unwrap();
     }
 
     pub async fn wait_connected(&self) {
