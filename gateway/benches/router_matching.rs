@@ -90,7 +90,7 @@ fn main() {
         "| cars | subscribe N filters | 1st reports | 1st commands | 2nd reports | 2nd commands |"
     );
     println!("|---:|---:|---:|---:|---:|---:|");
-    for n in [1_000, 2_000, 4_000, 8_000] {
+    for n in [1_000, 2_000, 4_000, 8_000, 19_000, 40_000] {
         let r = run(n);
         let ms = |d: Duration| format!("{:.0} ms", d.as_secs_f64() * 1e3);
         println!(

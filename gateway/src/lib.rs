@@ -147,7 +147,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             out_rx,
         )?);
     } else {
-        let upstreams = Arc::new(mqtt::start_embedded(
+        let acceptors = Arc::new(mqtt::start_embedded(
             engine.clone(),
             metrics.clone(),
             out_rx,
@@ -160,7 +160,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             mqtt_addr = Some(listener.local_addr()?);
             tasks.push(tokio::spawn(tlsfront::serve_plain(
                 listener,
-                upstreams.clone(),
+                acceptors.clone(),
             )));
         }
         if let (Some(listen), Some(tls)) = (config.mqtts, &config.tls) {
@@ -172,7 +172,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             tasks.push(tokio::spawn(tlsfront::serve(
                 listener,
                 server,
-                upstreams.clone(),
+                acceptors.clone(),
             )));
         }
         engine.broadcast(|| Msg::RepublishAll);

@@ -3,15 +3,14 @@
 //! Either way the engine hands signed commands to one bounded queue ([`OUT_QUEUE`]) and
 //! receives every car's reports and presence through [`route`].
 //!
-//! Embedded: we build rumqttd's routers ourselves (several, see [`start_embedded`]),
+//! Embedded: we build rumqttd's routers ourselves (several, see [`start_embedded`]) and
 //! attach the gateway to each as an in-process link without a tenant that subscribes
-//! `/tenants/+/report` and `/tenants/+/presence`, and give each an internal loopback v4
-//! listener. Cars never connect to those directly: our fronts ([`crate::tlsfront`]) accept
-//! them (plain and mTLS), set TCP_NODELAY, bound the time to the first packet, and hand each
-//! connection to its VIN's router. rumqttd's own TLS listener is not used: it runs every
-//! handshake inline in its accept loop, so one idle socket would stall every other car.
+//! `/tenants/+/report` and `/tenants/+/presence`. rumqttd's listeners are not used: our
+//! fronts ([`crate::tlsfront`]) accept the cars (plain and mTLS), set TCP_NODELAY, bound the
+//! time to the first packet and hand each connection in-process to its VIN's router. (rumqttd's
+//! own TLS listener runs every handshake inline in its accept loop, so one idle socket would
+//! stall every other car.)
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,14 +61,8 @@ pub(crate) fn route(
     }
 }
 
-/// Binds `addr` if its port is 0 to learn a free port (rumqttd binds by address itself).
-pub(crate) fn resolve_port(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    if addr.port() != 0 {
-        return Ok(addr);
-    }
-    let l = std::net::TcpListener::bind(addr)?;
-    l.local_addr()
-}
+/// One embedded rumqttd router's door: our fronts hand it each accepted connection.
+pub(crate) type Acceptor = rumqttd::ConnectionAcceptor<rumqttd::protocol::v4::V4>;
 
 fn router_config() -> rumqttd::RouterConfig {
     rumqttd::RouterConfig {
@@ -96,58 +89,23 @@ pub(crate) fn broker_shard(vin: &caas_protocol::Vin, k: usize) -> usize {
 }
 
 /// Starts `k` rumqttd routers, each with the gateway's in-process link (subscribed to every
-/// car's reports and presence) and an internal loopback v4 listener; returns the internal
-/// listeners' addresses, index = [`broker_shard`]. Cars reach them through our fronts
-/// ([`crate::tlsfront`]), which pick the router by VIN.
+/// car's reports and presence); returns each router's [`Acceptor`], index = [`broker_shard`].
+/// Cars reach them through our fronts ([`crate::tlsfront`]), which pick the router by VIN and
+/// hand the connection over in-process: one file descriptor per car, no loopback hop.
 ///
-/// Why several routers: rumqttd matches every new topic against every subscription filter
-/// and every new filter against every cached topic, so its cost grows with the square of
-/// the cars on one router (see `benches/router_matching.rs`: 8,000 cars on one router take
-/// 30-40 s for their first reports). `k` routers divide that by `k`.
+/// rumqttd is vendored with a patch (`vendor/rumqttd/PATCHES.md`) so that a new topic is
+/// matched against the wildcard filters only and an exact filter is looked up, instead of
+/// every topic against every filter (quadratic over a fleet; `benches/router_matching.rs`).
+/// Several routers still spread the routing work over threads.
 pub(crate) fn start_embedded(
     engine: Engine,
     metrics: Arc<Metrics>,
     out: flume::Receiver<Outbound>,
     k: usize,
-) -> anyhow::Result<Vec<SocketAddr>> {
+) -> anyhow::Result<Vec<Acceptor>> {
     let k = k.max(1);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<anyhow::Result<Vec<SocketAddr>>>();
-    std::thread::Builder::new()
-        .name("gw-broker".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .thread_name("gw-broker-io")
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e.into()));
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let started = start_routers(engine, metrics, out, k).await;
-                let failed = started.is_err();
-                let _ = ready_tx.send(started);
-                if !failed {
-                    // The broker lives as long as the process.
-                    std::future::pending::<()>().await;
-                }
-            });
-        })?;
-    ready_rx.recv().map_err(|_| anyhow!("broker thread died"))?
-}
-
-async fn start_routers(
-    engine: Engine,
-    metrics: Arc<Metrics>,
-    out: flume::Receiver<Outbound>,
-    k: usize,
-) -> anyhow::Result<Vec<SocketAddr>> {
     let mut links = Vec::with_capacity(k);
-    let mut addrs = Vec::with_capacity(k);
+    let mut acceptors = Vec::with_capacity(k);
     for i in 0..k {
         let router = rumqttd::Router::new(i, router_config());
         let router_tx = router.spawn();
@@ -187,18 +145,11 @@ async fn start_routers(
                 }
             }
         });
-        let listen = resolve_port(SocketAddr::from(([127, 0, 0, 1], 0)))?;
-        let mut server = rumqttd::Server::new(
-            server_settings(&format!("mqtt-{i}"), listen),
+        acceptors.push(Acceptor::new(
+            connection_settings(),
             router_tx,
             rumqttd::protocol::v4::V4,
-        );
-        tokio::spawn(async move {
-            if let Err(e) = server.start(rumqttd::LinkType::Remote).await {
-                tracing::error!(error = %e, "MQTT listener stopped");
-            }
-        });
-        addrs.push(listen);
+        ));
     }
     tokio::spawn(async move {
         while let Ok(o) = out.recv_async().await {
@@ -219,33 +170,17 @@ async fn start_routers(
             }
         }
     });
-    // Wait until every internal listener accepts, so the fronts never race them.
-    for a in &addrs {
-        let end = std::time::Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(a).await.is_err() {
-            if std::time::Instant::now() > end {
-                return Err(anyhow!("internal MQTT listener {a} did not start"));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    Ok(addrs)
+    Ok(acceptors)
 }
 
-fn server_settings(name: &str, listen: SocketAddr) -> rumqttd::ServerSettings {
-    rumqttd::ServerSettings {
-        name: name.to_owned(),
-        listen,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: CONNECT_TIMEOUT_MS,
-            max_payload_size: MAX_PAYLOAD,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: false,
-        },
+fn connection_settings() -> rumqttd::ConnectionSettings {
+    rumqttd::ConnectionSettings {
+        connection_timeout_ms: CONNECT_TIMEOUT_MS,
+        max_payload_size: MAX_PAYLOAD,
+        max_inflight_count: 100,
+        auth: None,
+        external_auth: None,
+        dynamic_filters: false,
     }
 }
 

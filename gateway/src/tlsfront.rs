@@ -5,32 +5,33 @@
 //! stalls every other car's connection (issue 4, §4); and the gateway runs several rumqttd
 //! routers (see [`crate::mqtt::start_embedded`]), so something must pick each car's router.
 //! Here each connection gets its own task and [`HANDSHAKE_TIMEOUT`] to finish its TLS
-//! handshake and send CONNECT, both sockets get TCP_NODELAY, and the connection is proxied to
-//! the internal loopback listener of its VIN's router.
+//! handshake (rumqttd then gives it 10 s to send CONNECT), gets TCP_NODELAY, and is handed
+//! in-process to its VIN's router ([`crate::mqtt::Acceptor`]): one file descriptor per car.
 //!
-//! * mTLS: a verified client certificate's Organization must be a VIN (the rule rumqttd's
-//!   `validate-tenant-prefix` applies). The client-to-broker stream passes a filter that
-//!   enforces the tenant prefix `/tenants/{VIN}/` on every PUBLISH topic, SUBSCRIBE filter
-//!   and will topic (a violation closes the connection, as rumqttd does), and renames the
-//!   client id to `{VIN}.{client id}` so one car cannot take over another's session. Only
-//!   MQTT 3.1.1 is accepted.
+//! * mTLS: a verified client certificate's Organization must be a VIN. The connection is
+//!   handed over with that VIN as its tenant, so rumqttd (feature `validate-tenant-prefix`)
+//!   confines it to `/tenants/{VIN}/`: a PUBLISH, SUBSCRIBE or will outside it closes the
+//!   connection, and the client id becomes `{VIN}.{client id}` so one car cannot take over
+//!   another's session.
 //! * Plain (loopback tests, trusted networks): no isolation; the VIN is taken from the
 //!   CONNECT's will topic (`/tenants/{VIN}/presence`) or else the client id's first 17
 //!   characters; a connection naming no VIN goes to router 0.
 
-use std::net::SocketAddr;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use caas_protocol::Vin;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsFiles;
+use crate::mqtt::Acceptor;
 
 /// Longest a client may take to finish its TLS handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,13 +83,13 @@ fn vin_of(cert: &CertificateDer<'_>) -> Option<Vin> {
     org.parse().ok()
 }
 
-/// Accepts TLS connections on `listener` and proxies each to its VIN's router until aborted.
+/// Accepts TLS connections on `listener` and hands each to its VIN's router until aborted.
 pub(crate) async fn serve(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
-    upstreams: Arc<Vec<SocketAddr>>,
+    acceptors: Arc<Vec<Acceptor>>,
 ) {
-    let acceptor = TlsAcceptor::from(config);
+    let tls_acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -103,22 +104,23 @@ pub(crate) async fn serve(
             tracing::warn!(%peer, "TLS front: connection limit reached; refused");
             continue;
         };
-        let acceptor = acceptor.clone();
-        let upstreams = upstreams.clone();
+        let tls_acceptor = tls_acceptor.clone();
+        let acceptors = acceptors.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
+            let tls =
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_acceptor.accept(stream)).await {
+                    Ok(Ok(t)) => t,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(%peer, "TLS handshake timed out");
+                        return;
+                    }
+                };
             let vin = tls
                 .get_ref()
                 .1
@@ -129,24 +131,14 @@ pub(crate) async fn serve(
                 tracing::warn!(%peer, "client certificate has no VIN as its Organization; closed");
                 return;
             };
-            let upstream = upstreams[crate::mqtt::broker_shard(&vin, upstreams.len())];
-            let up = match TcpStream::connect(upstream).await {
-                Ok(u) => u,
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS front cannot reach the broker");
-                    return;
-                }
-            };
-            let _ = up.set_nodelay(true);
-            if let Err(e) = proxy(tls, up, vin).await {
-                tracing::debug!(%peer, %vin, error = %e, "TLS front connection closed");
-            }
+            let acceptor = &acceptors[crate::mqtt::broker_shard(&vin, acceptors.len())];
+            acceptor.serve(tls, Some(vin.to_string())).await;
         });
     }
 }
 
-/// Accepts plain MQTT connections on `listener` and proxies each to its VIN's router.
-pub(crate) async fn serve_plain(listener: TcpListener, upstreams: Arc<Vec<SocketAddr>>) {
+/// Accepts plain MQTT connections on `listener` and hands each to its VIN's router.
+pub(crate) async fn serve_plain(listener: TcpListener, acceptors: Arc<Vec<Acceptor>>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (mut stream, peer) = match listener.accept().await {
@@ -161,7 +153,7 @@ pub(crate) async fn serve_plain(listener: TcpListener, upstreams: Arc<Vec<Socket
             tracing::warn!(%peer, "MQTT front: connection limit reached; refused");
             continue;
         };
-        let upstreams = upstreams.clone();
+        let acceptors = acceptors.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
@@ -174,17 +166,81 @@ pub(crate) async fn serve_plain(listener: TcpListener, upstreams: Arc<Vec<Socket
                     }
                 };
             let shard =
-                connect_vin(&connect).map_or(0, |v| crate::mqtt::broker_shard(&v, upstreams.len()));
-            let Ok(mut up) = TcpStream::connect(upstreams[shard]).await else {
-                tracing::error!("MQTT front cannot reach the broker");
-                return;
-            };
-            let _ = up.set_nodelay(true);
-            if up.write_all(&connect).await.is_err() {
-                return;
-            }
-            let _ = tokio::io::copy_bidirectional(&mut stream, &mut up).await;
+                connect_vin(&connect).map_or(0, |v| crate::mqtt::broker_shard(&v, acceptors.len()));
+            acceptors[shard]
+                .serve(Replay::new(connect, stream), None)
+                .await;
         });
+    }
+}
+
+/// A stream that first replays bytes already read from it (the CONNECT the front looked at).
+struct Replay<S> {
+    head: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Replay<S> {
+    fn new(head: Vec<u8>, inner: S) -> Replay<S> {
+        Replay { head, at: 0, inner }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.head.len() {
+            let n = buf.remaining().min(this.head.len() - this.at);
+            buf.put_slice(&this.head[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.head.len() {
+                this.head = Vec::new();
+                this.at = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -208,36 +264,6 @@ fn connect_vin(packet: &[u8]) -> Option<Vin> {
     client_id
         .get(..caas_protocol::VIN_LEN)
         .and_then(|b| Vin::from_bytes(b).ok())
-}
-
-async fn proxy<S: AsyncRead + AsyncWrite + Unpin>(
-    client: S,
-    up: TcpStream,
-    vin: Vin,
-) -> anyhow::Result<()> {
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut ur, mut uw) = up.into_split();
-    let prefix = format!("/tenants/{vin}/");
-    let to_broker = async {
-        let mut first = true;
-        loop {
-            let Some(packet) = read_packet(&mut cr).await? else {
-                return Ok(());
-            };
-            let packet = filter_packet(packet, &prefix, &vin, first)?;
-            first = false;
-            uw.write_all(&packet).await?;
-        }
-    };
-    let to_car = async {
-        tokio::io::copy(&mut ur, &mut cw).await?;
-        cw.shutdown().await?;
-        anyhow::Ok(())
-    };
-    tokio::select! {
-        r = to_broker => r,
-        r = to_car => r,
-    }
 }
 
 /// Reads one whole MQTT packet (fixed header included); `None` at a clean end of stream.
@@ -285,129 +311,27 @@ fn read_str(body: &[u8], at: usize) -> anyhow::Result<(&[u8], usize)> {
     Ok((s, at + 2 + len))
 }
 
-fn encode_len(mut n: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-/// Checks (and for CONNECT rewrites) one client-to-broker packet.
-fn filter_packet(packet: Vec<u8>, prefix: &str, vin: &Vin, first: bool) -> anyhow::Result<Vec<u8>> {
-    let kind = packet[0] >> 4;
-    let body = &packet[header_len(&packet)..];
-    if first && kind != 1 {
-        return Err(anyhow!("first packet is not CONNECT"));
-    }
-    match kind {
-        1 => {
-            if !first {
-                return Err(anyhow!("second CONNECT"));
-            }
-            let (_name, at) = read_str(body, 0)?;
-            let level = *body.get(at).ok_or_else(|| anyhow!("truncated"))?;
-            if level != 4 && level != 3 {
-                return Err(anyhow!("only MQTT 3.1.1 is accepted on this listener"));
-            }
-            let flags = *body.get(at + 1).ok_or_else(|| anyhow!("truncated"))?;
-            let id_at = at + 4;
-            let (client_id, rest_at) = read_str(body, id_at)?;
-            if flags & 0x04 != 0 {
-                let (topic, _) = read_str(body, rest_at)?;
-                if !topic.starts_with(prefix.as_bytes()) {
-                    return Err(anyhow!("will topic outside {prefix}"));
-                }
-            }
-            let new_id = format!("{vin}.{}", String::from_utf8_lossy(client_id));
-            let new_id_len =
-                u16::try_from(new_id.len()).map_err(|_| anyhow!("client id too long"))?;
-            let mut new_body = Vec::with_capacity(body.len() + 20);
-            new_body.extend_from_slice(&body[..id_at]);
-            new_body.extend_from_slice(&new_id_len.to_be_bytes());
-            new_body.extend_from_slice(new_id.as_bytes());
-            new_body.extend_from_slice(&body[rest_at..]);
-            let mut out = vec![packet[0]];
-            encode_len(new_body.len(), &mut out);
-            out.extend_from_slice(&new_body);
-            Ok(out)
-        }
-        3 => {
-            let (topic, _) = read_str(body, 0)?;
-            if !topic.starts_with(prefix.as_bytes()) {
-                return Err(anyhow!(
-                    "publish to {} outside {prefix}",
-                    String::from_utf8_lossy(topic)
-                ));
-            }
-            Ok(packet)
-        }
-        8 => {
-            let mut at = 2;
-            while at < body.len() {
-                let (filter, next) = read_str(body, at)?;
-                if !filter.starts_with(prefix.as_bytes()) {
-                    return Err(anyhow!(
-                        "subscribe to {} outside {prefix}",
-                        String::from_utf8_lossy(filter)
-                    ));
-                }
-                at = next + 1;
-            }
-            Ok(packet)
-        }
-        _ => Ok(packet),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    fn encode_len(mut n: usize, out: &mut Vec<u8>) {
+        loop {
+            let mut b = (n % 128) as u8;
+            n /= 128;
+            if n > 0 {
+                b |= 0x80;
+            }
+            out.push(b);
+            if n == 0 {
+                break;
+            }
+        }
+    }
 
     fn vin() -> Vin {
         "WVWZZZ1JZXW000001".parse().unwrap()
-    }
-
-    fn publish(topic: &str) -> Vec<u8> {
-        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-        body.extend_from_slice(topic.as_bytes());
-        body.extend_from_slice(b"x");
-        let mut p = vec![0x30];
-        encode_len(body.len(), &mut p);
-        p.extend_from_slice(&body);
-        p
-    }
-
-    #[test]
-    fn publishes_outside_the_tenant_are_refused() {
-        let prefix = "/tenants/WVWZZZ1JZXW000001/";
-        assert!(filter_packet(
-            publish("/tenants/WVWZZZ1JZXW000001/report"),
-            prefix,
-            &vin(),
-            false
-        )
-        .is_ok());
-        assert!(filter_packet(
-            publish("/tenants/WVWZZZ1JZXW000002/report"),
-            prefix,
-            &vin(),
-            false
-        )
-        .is_err());
-        assert!(filter_packet(
-            publish("/tenants/WVWZZZ1JZXW000001/report"),
-            prefix,
-            &vin(),
-            true
-        )
-        .is_err());
     }
 
     fn connect(client_id: &str, will: Option<&str>) -> Vec<u8> {
@@ -444,19 +368,14 @@ mod tests {
         assert_eq!(connect_vin(&connect("anonymous", None)), None);
     }
 
-    #[test]
-    fn connect_gets_the_vin_in_its_client_id() {
-        // CONNECT, MQTT 3.1.1, clean session, keepalive 30, client id "car".
-        let mut body = vec![
-            0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 30, 0, 3, b'c', b'a', b'r',
-        ];
-        let mut p = vec![0x10];
-        encode_len(body.len(), &mut p);
-        p.append(&mut body);
-        let out = filter_packet(p, "/tenants/WVWZZZ1JZXW000001/", &vin(), true).unwrap();
-        let b = &out[header_len(&out)..];
-        let (id, _) = read_str(b, 10).unwrap();
-        assert_eq!(id, b"WVWZZZ1JZXW000001.car");
-        assert_eq!(usize::from(out[1]), b.len());
+    #[tokio::test]
+    async fn replay_yields_the_connect_then_the_stream() {
+        let (mut near, far) = tokio::io::duplex(64);
+        near.write_all(b" rest").await.unwrap();
+        drop(near);
+        let mut r = Replay::new(b"CONNECT".to_vec(), far);
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"CONNECT rest");
     }
 }
