@@ -112,7 +112,7 @@ impl Default for Config {
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(24 * 3600),
             shards: 4,
-            broker_shards: 32,
+            broker_shards: 4,
         }
     }
 }
@@ -249,7 +249,7 @@ pub struct ServeArgs {
     /// Engine shards [default: 4]
     #[arg(long, env = "CAAS_GATEWAY_SHARDS")]
     pub shards: Option<usize>,
-    /// Embedded broker routers, cars spread over them by VIN [default: 32]
+    /// Embedded broker routers, cars spread over them by VIN [default: 4]
     #[arg(long, env = "CAAS_GATEWAY_BROKER_SHARDS")]
     pub broker_shards: Option<usize>,
     /// TOML file with the same names (kebab-case)
