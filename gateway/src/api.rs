@@ -109,6 +109,8 @@ pub(crate) struct AppState {
     pub(crate) api_token: String,
     pub(crate) key_id: String,
     pub(crate) public_key: String,
+    /// Live counts of recent campaigns.
+    pub(crate) campaigns: Arc<crate::campaign::CampaignBook>,
 }
 
 type St = State<Arc<AppState>>;
@@ -425,6 +427,7 @@ async fn submit(st: &AppState, vin: Vin, op: Op) -> ApiResult {
         op,
         request_id: RequestId(new_uuid()),
         campaign_id: None,
+        campaign: None,
         created_ms: now_ms(),
     };
     let (tx, rx) = oneshot::channel();
@@ -688,6 +691,7 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         .campaigns
         .insert(cid.0, enc(&rec))
         .map_err(ApiError::storage)?;
+    let counts = st.campaigns.open(&rec.campaign_id);
     let n = st.engine.shard_count();
     let mut per_shard: Vec<Vec<NewRequest>> = (0..n).map(|_| Vec::new()).collect();
     for vin in parsed {
@@ -695,7 +699,8 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
             vin,
             op: op.clone(),
             request_id: RequestId(new_uuid()),
-            campaign_id: Some(cid.to_string()),
+            campaign_id: Some(rec.campaign_id.clone()),
+            campaign: Some(counts.clone()),
             created_ms: created,
         });
     }
@@ -755,8 +760,32 @@ async fn get_campaign(State(st): St, Path(id): Path<String>) -> ApiResult {
                 "no campaign with this id",
             )
         })?;
-    let store = st.store.clone();
-    let counts = tokio::task::spawn_blocking(move || {
+    let counts = match st.campaigns.get(&rec.campaign_id) {
+        Some(live) => {
+            let (in_progress, completed, failed) = live.snapshot();
+            json!({"QUEUED": 0, "IN_PROGRESS": in_progress, "COMPLETED": completed, "FAILED": failed})
+        }
+        None => json!(campaign_counts_from_store(&st.store, cid).await?),
+    };
+    Ok(Json(json!({
+        "campaignId": rec.campaign_id,
+        "action": rec.action,
+        "serviceId": rec.service_id,
+        "total": rec.total,
+        "createdAt": rec.created_at,
+        "counts": counts,
+    }))
+    .into_response())
+}
+
+/// Counts a campaign's requests by state from the store (a read per request): for a
+/// campaign the live book no longer keeps, e.g. one from before a restart.
+async fn campaign_counts_from_store(
+    store: &Store,
+    cid: RequestId,
+) -> Result<HashMap<String, usize>, ApiError> {
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
         let mut counts: HashMap<String, usize> = ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"]
             .iter()
             .map(|s| (s.to_string(), 0))
@@ -775,16 +804,7 @@ async fn get_campaign(State(st): St, Path(id): Path<String>) -> ApiResult {
         counts
     })
     .await
-    .map_err(ApiError::storage)?;
-    Ok(Json(json!({
-        "campaignId": rec.campaign_id,
-        "action": rec.action,
-        "serviceId": rec.service_id,
-        "total": rec.total,
-        "createdAt": rec.created_at,
-        "counts": counts,
-    }))
-    .into_response())
+    .map_err(ApiError::storage)
 }
 
 async fn tickets(State(st): St, Query(q): Query<HashMap<String, String>>) -> ApiResult {

@@ -29,12 +29,14 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::api::ApiError;
+use crate::campaign::CampaignCounts;
 use crate::config::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::store::{
     enc, iso_ms, next_id, now_ms, CarRec, Committer, Continuation, GrantRec, HistoryEntry,
     OutboxEntry, RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
 };
+use crate::webhook::{outbox_key, Due, Handoff};
 
 /// Messages queued per shard before senders wait.
 pub(crate) const SHARD_QUEUE: usize = 65_536;
@@ -69,6 +71,8 @@ pub(crate) struct NewRequest {
     pub(crate) op: Op,
     pub(crate) request_id: RequestId,
     pub(crate) campaign_id: Option<String>,
+    /// The campaign's live counts, moved as this request is accepted and ends.
+    pub(crate) campaign: Option<Arc<CampaignCounts>>,
     pub(crate) created_ms: u64,
 }
 
@@ -118,7 +122,8 @@ pub(crate) struct Shared {
     pub(crate) command_ttl: Duration,
     pub(crate) key: SigningKey,
     pub(crate) out: flume::Sender<Outbound>,
-    pub(crate) webhook: Option<Arc<tokio::sync::Notify>>,
+    /// Where flushed callbacks go (none without a webhook URL).
+    pub(crate) webhook: Option<Handoff>,
 }
 
 /// The handle the HTTP side and the MQTT side use.
@@ -226,12 +231,15 @@ struct Car {
     errors: Vec<ServiceError>,
     history_written: usize,
     probe_answered: bool,
+    /// Changed since the last commit: written once in the next one.
+    dirty: bool,
 }
 
 /// A request not yet final.
 struct Pending {
     rec: RequestRec,
     gen: u64,
+    campaign: Option<Arc<CampaignCounts>>,
 }
 
 /// The effects of one batch, run after its flush.
@@ -239,7 +247,10 @@ struct Pending {
 struct Batch {
     publishes: Vec<Outbound>,
     after: Vec<Continuation>,
-    callbacks: bool,
+    /// Outbox entries to hand to the webhook sender once flushed.
+    callbacks: Vec<Due>,
+    /// Cars whose record changed in this batch, written once at its commit.
+    dirty_cars: Vec<Vin>,
 }
 
 struct Shard {
@@ -321,16 +332,15 @@ impl Shard {
     }
 
     fn commit(&mut self) {
-        let batch = std::mem::take(&mut self.batch);
-        if batch.publishes.is_empty() && batch.after.is_empty() && !batch.callbacks {
+        let mut batch = std::mem::take(&mut self.batch);
+        for vin in std::mem::take(&mut batch.dirty_cars) {
+            self.save_car(&vin);
+        }
+        if batch.publishes.is_empty() && batch.after.is_empty() && batch.callbacks.is_empty() {
             return;
         }
         let out = self.sh.out.clone();
-        let notify = if batch.callbacks {
-            self.sh.webhook.clone()
-        } else {
-            None
-        };
+        let webhook = self.sh.webhook.clone();
         let metrics = self.sh.metrics.clone();
         self.sh.committer.after_flush(Box::new(move |r| {
             if r.is_ok() {
@@ -342,8 +352,10 @@ impl Shard {
                         break;
                     }
                 }
-                if let Some(n) = notify {
-                    n.notify_one();
+                if let Some(w) = webhook {
+                    for due in batch.callbacks {
+                        w.send(due);
+                    }
                 }
             }
             for k in batch.after {
@@ -457,7 +469,14 @@ impl Shard {
             _ => self.sh.retry.attempt_timeout,
         };
         self.sh.metrics.requests_in_flight.fetch_add(1, Relaxed);
-        self.pending.insert(id, Pending { rec, gen: 0 });
+        self.pending.insert(
+            id,
+            Pending {
+                rec,
+                gen: 0,
+                campaign: None,
+            },
+        );
         self.schedule(id, wait);
     }
 
@@ -567,8 +586,21 @@ impl Shard {
         });
     }
 
-    fn save_car(&self, vin: &Vin) {
-        if let Some(car) = self.cars.get(vin) {
+    /// Marks `vin`'s record to be written at the end of this batch (once, however often
+    /// it changes within the batch).
+    fn mark_dirty(&mut self, vin: &Vin) {
+        if let Some(car) = self.cars.get_mut(vin) {
+            if !car.dirty {
+                car.dirty = true;
+                self.batch.dirty_cars.push(*vin);
+            }
+        }
+    }
+
+    fn save_car(&mut self, vin: &Vin) {
+        if let Some(car) = self.cars.get_mut(vin) {
+            car.dirty = false;
+            car.rec.pending = car.pending.iter().map(rid_text).collect();
             let _ = self.sh.store.cars.insert(vin.as_bytes(), enc(&car.rec));
         }
     }
@@ -656,7 +688,6 @@ impl Shard {
         };
         let store = &self.sh.store;
         self.save_request(&rec);
-        let _ = store.pending.insert(nr.request_id.0, &[]);
         if let Some(c) = nr
             .campaign_id
             .as_ref()
@@ -666,7 +697,10 @@ impl Shard {
             k.extend_from_slice(&nr.request_id.0);
             let _ = store.campaign_reqs.insert(k, &[]);
         }
-        self.save_car(&nr.vin);
+        self.mark_dirty(&nr.vin);
+        if let Some(c) = &nr.campaign {
+            c.accepted();
+        }
         self.history(
             &nr.vin,
             "REQUEST",
@@ -684,6 +718,7 @@ impl Shard {
             Pending {
                 rec: rec.clone(),
                 gen: 0,
+                campaign: nr.campaign,
             },
         );
         self.schedule(nr.request_id, self.sh.retry.attempt_timeout);
@@ -783,7 +818,9 @@ impl Shard {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
-        let _ = self.sh.store.pending.remove(id.0);
+        if let Some(c) = &p.campaign {
+            c.ended(result.is_ok());
+        }
         let mut rec = p.rec;
         let Ok(vin) = rec.vin.parse::<Vin>() else {
             return;
@@ -816,6 +853,7 @@ impl Shard {
                 }
             }
         }
+        self.mark_dirty(&vin);
         if let Some(car) = self.cars.get_mut(&vin) {
             car.pending.retain(|x| *x != id);
             if result.is_err() {
@@ -837,7 +875,6 @@ impl Shard {
                     car.rec.seq += 1;
                     car.rec.settles = car.pending.iter().map(rid_text).collect();
                     let seq = car.rec.seq;
-                    self.save_car(&vin);
                     self.history(
                         &vin,
                         "COMMAND",
@@ -877,10 +914,9 @@ impl Shard {
                 body: body.to_string(),
                 tries: 0,
             };
-            let mut key = now.to_be_bytes().to_vec();
-            key.extend_from_slice(&oid.to_be_bytes());
-            let _ = self.sh.store.outbox.insert(key, enc(&entry));
-            self.batch.callbacks = true;
+            let key = outbox_key(now, oid);
+            let _ = self.sh.store.outbox.insert(key.clone(), enc(&entry));
+            self.batch.callbacks.push(Due { key, entry });
         }
     }
 
@@ -947,9 +983,9 @@ impl Shard {
             firmware_version: report.diagnostics.firmware_version.to_string(),
             signal: report.diagnostics.signal_strength,
         });
-        if report.applied_seq > car.rec.applied_seq {
+        let advanced = report.applied_seq > car.rec.applied_seq;
+        if advanced {
             car.rec.applied_seq = report.applied_seq;
-            let _ = self.sh.store.cars.insert(vin.as_bytes(), enc(&car.rec));
         }
         let applied = car.rec.applied_seq;
         let latest = car.rec.seq;
@@ -965,6 +1001,12 @@ impl Shard {
             }
         };
         let last_sent = car.last_sent_ms;
+        if advanced {
+            self.mark_dirty(&vin);
+        }
+        let Some(car) = self.cars.get(&vin) else {
+            return;
+        };
         let settled: Vec<RequestId> = car
             .pending
             .iter()
@@ -1123,6 +1165,7 @@ fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car
         errors: Vec::new(),
         history_written: 0,
         probe_answered: false,
+        dirty: false,
     }
 }
 

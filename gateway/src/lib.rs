@@ -23,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+mod campaign;
 pub mod config;
 mod engine;
 mod metrics;
@@ -118,10 +119,13 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let metrics = Arc::new(metrics::Metrics::default());
     let committer = Committer::start(store.db.clone(), metrics.clone())?;
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
-    let webhook_notify = config
-        .webhook_url
-        .as_ref()
-        .map(|_| Arc::new(tokio::sync::Notify::new()));
+    let (handoff, inbox) = match config.webhook_url {
+        Some(_) => {
+            let (h, i) = webhook::handoff();
+            (Some(h), Some(i))
+        }
+        None => (None, None),
+    };
     let shared = Arc::new(Shared {
         store: store.clone(),
         committer,
@@ -130,7 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         command_ttl: config.command_ttl,
         key,
         out: out_tx,
-        webhook: webhook_notify.clone(),
+        webhook: handoff,
     });
     let engine = Engine::start(shared, config.shards)?;
     load_state(&store, &engine).await?;
@@ -177,13 +181,13 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         }
         engine.broadcast(|| Msg::RepublishAll);
     }
-    if let (Some(url), Some(notify)) = (&config.webhook_url, webhook_notify) {
+    if let (Some(url), Some(inbox)) = (&config.webhook_url, inbox) {
         tasks.push(tokio::spawn(webhook::run(
             store.clone(),
             metrics.clone(),
             url.clone(),
             config.webhook_secret.clone(),
-            notify,
+            inbox,
         )));
     }
 
@@ -194,6 +198,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         api_token: config.api_token.clone(),
         key_id: key_id.clone(),
         public_key: public_key.clone(),
+        campaigns: Arc::new(campaign::CampaignBook::default()),
     });
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
@@ -234,36 +239,37 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-/// Hands every stored car and every unfinished request to its shard.
+/// Hands every stored car, then each car's unfinished requests, to its shard.
 async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
     let store = store.clone();
     let engine = engine.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut cars = 0usize;
+        let mut pending = 0usize;
         for item in store.vehicles.iter() {
             let (k, v) = item?;
             let Some(rec) = dec(&v) else { continue };
-            let car = store.cars.get(&k)?.and_then(|c| dec(&c));
+            let car: Option<store::CarRec> = store.cars.get(&k)?.and_then(|c| dec(&c));
             let Ok(vin) = std::str::from_utf8(&k)
                 .unwrap_or("")
                 .parse::<caas_protocol::Vin>()
             else {
                 continue;
             };
-            let _ = engine.shard(&vin).send(Msg::Load { rec, car });
+            let unfinished = car.as_ref().map(|c| c.pending.clone()).unwrap_or_default();
+            let shard = engine.shard(&vin);
+            let _ = shard.send(Msg::Load { rec, car });
             cars += 1;
-        }
-        let mut pending = 0usize;
-        for item in store.pending.iter() {
-            let (k, _) = item?;
-            let Some(rec) = store.requests.get(&k)?.and_then(|v| dec::<RequestRec>(&v)) else {
-                continue;
-            };
-            let Ok(vin) = rec.vin.parse::<caas_protocol::Vin>() else {
-                continue;
-            };
-            let _ = engine.shard(&vin).send(Msg::LoadPending(rec));
-            pending += 1;
+            for id in unfinished {
+                let Some(rid) = parse_request_id(&id) else {
+                    continue;
+                };
+                let Some(req) = store.requests.get(rid)?.and_then(|v| dec::<RequestRec>(&v)) else {
+                    continue;
+                };
+                let _ = shard.send(Msg::LoadPending(req));
+                pending += 1;
+            }
         }
         tracing::info!(cars, pending, "state loaded");
         Ok(())

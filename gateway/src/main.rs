@@ -1,6 +1,9 @@
 //! `caas-gateway serve`: the fleet command gateway as a process (see the library docs).
 use clap::{Parser, Subcommand};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "caas-gateway",

@@ -28,8 +28,6 @@ pub(crate) struct Store {
     pub(crate) cars: sled::Tree,
     /// request id (16 bytes) → [`RequestRec`].
     pub(crate) requests: sled::Tree,
-    /// request id → () for requests not yet final.
-    pub(crate) pending: sled::Tree,
     /// ticket id (u64 BE) → [`Ticket`].
     pub(crate) tickets: sled::Tree,
     /// due time ms (u64 BE) ++ id (u64 BE) → [`OutboxEntry`].
@@ -52,7 +50,6 @@ impl Store {
             vehicles: db.open_tree("vehicles")?,
             cars: db.open_tree("cars")?,
             requests: db.open_tree("requests")?,
-            pending: db.open_tree("pending")?,
             tickets: db.open_tree("tickets")?,
             outbox: db.open_tree("outbox")?,
             history: db.open_tree("history")?,
@@ -110,6 +107,9 @@ pub(crate) struct CarRec {
     pub(crate) grants: Vec<GrantRec>,
     /// Request ids the newest command settles.
     pub(crate) settles: Vec<String>,
+    /// Requests of this car not yet final (loaded and resumed on start), oldest first.
+    #[serde(default)]
+    pub(crate) pending: Vec<String>,
 }
 
 /// An IoT API request, as `GET /ota/requests/{id}` shows it.
