@@ -34,9 +34,9 @@ use crate::config::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::store::{
     enc, iso_ms, next_id, now_ms, CarRec, Committer, Continuation, GrantRec, HistoryEntry,
-    OutboxEntry, RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
+    RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
 };
-use crate::webhook::{outbox_key, Due, Handoff};
+use crate::webhook::{Due, Handoff};
 
 /// Messages queued per shard before senders wait.
 pub(crate) const SHARD_QUEUE: usize = 65_536;
@@ -46,6 +46,10 @@ const SHARD_BATCH: usize = 4_096;
 const MAX_ERRORS: usize = 8;
 /// Re-sends of a car's state closer together than this are merged into one.
 const RESEND_MERGE: Duration = Duration::from_millis(200);
+/// How long a car's record may wait with changes that need not be durable at once (its
+/// applied seq, a delivered callback): they are written together, at most this late. A
+/// crash loses only what the car's next report or a repeated callback restores.
+const LAZY_WRITE_AFTER: Duration = Duration::from_secs(1);
 
 /// A message the engine publishes.
 #[derive(Debug, Clone)]
@@ -109,6 +113,12 @@ pub(crate) enum Msg {
         car: Option<CarRec>,
     },
     LoadPending(RequestRec),
+    /// The callback of `request_id` was delivered, or filed in the outbox: the car's record
+    /// need not keep it any more.
+    CallbackSettled {
+        vin: Vin,
+        request_id: RequestId,
+    },
     RepublishAll,
     Stop(std::sync::mpsc::Sender<()>),
 }
@@ -228,11 +238,16 @@ struct Car {
     last_sent_ms: Option<u64>,
     last_resend: Option<Instant>,
     pending: Vec<RequestId>,
+    /// Final requests whose callback is in its first try (the record keeps them listed, so
+    /// a restart sends them again).
+    awaiting: Vec<RequestId>,
     errors: Vec<ServiceError>,
     history_written: usize,
     probe_answered: bool,
     /// Changed since the last commit: written once in the next one.
     dirty: bool,
+    /// Changed in ways that may wait up to [`LAZY_WRITE_AFTER`].
+    lazy: bool,
 }
 
 /// A request not yet final.
@@ -261,6 +276,9 @@ struct Shard {
     gen: u64,
     batch: Batch,
     buf: Box<[u8; MAX_COMMAND_FRAME_SIZE]>,
+    /// Cars with lazy changes, and when the oldest of them was made.
+    lazy_cars: Vec<Vin>,
+    lazy_since: Option<Instant>,
 }
 
 fn rid_text(id: &RequestId) -> String {
@@ -295,13 +313,21 @@ impl Shard {
             gen: 0,
             batch: Batch::default(),
             buf: Box::new([0u8; MAX_COMMAND_FRAME_SIZE]),
+            lazy_cars: Vec::new(),
+            lazy_since: None,
         }
     }
 
     fn run(mut self, rx: flume::Receiver<Msg>) {
         loop {
-            let msg = match self.timers.peek() {
-                Some(Reverse((at, _, _))) => match rx.recv_deadline(*at) {
+            let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
+            let lazy = self.lazy_since.map(|t| t + LAZY_WRITE_AFTER);
+            let deadline = match (timer, lazy) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let msg = match deadline {
+                Some(at) => match rx.recv_deadline(at) {
                     Ok(m) => Some(m),
                     Err(flume::RecvTimeoutError::Timeout) => None,
                     Err(flume::RecvTimeoutError::Disconnected) => break,
@@ -313,12 +339,14 @@ impl Shard {
             };
             if let Some(m) = msg {
                 if let Some(stop) = self.handle(m) {
+                    self.write_lazy();
                     self.commit();
                     let _ = stop.send(());
                     return;
                 }
                 for m in rx.try_iter().take(SHARD_BATCH) {
                     if let Some(stop) = self.handle(m) {
+                        self.write_lazy();
                         self.commit();
                         let _ = stop.send(());
                         return;
@@ -326,15 +354,34 @@ impl Shard {
                 }
             }
             self.fire_timers();
+            if self
+                .lazy_since
+                .is_some_and(|t| t.elapsed() >= LAZY_WRITE_AFTER)
+            {
+                self.write_lazy();
+            }
             self.commit();
         }
+        self.write_lazy();
         self.commit();
+    }
+
+    /// Writes every car with lazy changes (in the next commit's flush, or sled's own).
+    fn write_lazy(&mut self) {
+        self.lazy_since = None;
+        for vin in std::mem::take(&mut self.lazy_cars) {
+            if self.cars.get(&vin).is_some_and(|c| c.lazy) {
+                self.save_car(&vin);
+            }
+        }
     }
 
     fn commit(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
         for vin in std::mem::take(&mut batch.dirty_cars) {
-            self.save_car(&vin);
+            if self.cars.get(&vin).is_some_and(|c| c.dirty) {
+                self.save_car(&vin);
+            }
         }
         if batch.publishes.is_empty() && batch.after.is_empty() && batch.callbacks.is_empty() {
             return;
@@ -425,6 +472,12 @@ impl Shard {
             }
             Msg::Load { rec, car } => self.load(rec, car),
             Msg::LoadPending(rec) => self.load_pending(rec),
+            Msg::CallbackSettled { vin, request_id } => {
+                if let Some(car) = self.cars.get_mut(&vin) {
+                    car.awaiting.retain(|x| *x != request_id);
+                }
+                self.mark_lazy(&vin);
+            }
             Msg::RepublishAll => {
                 let vins: Vec<Vin> = self
                     .cars
@@ -460,6 +513,15 @@ impl Shard {
         let Ok(vin) = rec.vin.parse::<Vin>() else {
             return;
         };
+        if !self.cars.contains_key(&vin) {
+            return;
+        }
+        if rec.phase == "DONE" {
+            // Final, but its callback was not known delivered: send it again.
+            self.queue_callback(vin, id, &rec);
+            self.mark_lazy(&vin);
+            return;
+        }
         let Some(car) = self.cars.get_mut(&vin) else {
             return;
         };
@@ -597,10 +659,27 @@ impl Shard {
         }
     }
 
+    /// Marks `vin`'s record to be written within [`LAZY_WRITE_AFTER`], with other cars'.
+    fn mark_lazy(&mut self, vin: &Vin) {
+        if let Some(car) = self.cars.get_mut(vin) {
+            if !car.lazy && !car.dirty {
+                car.lazy = true;
+                self.lazy_cars.push(*vin);
+                self.lazy_since.get_or_insert_with(Instant::now);
+            }
+        }
+    }
+
     fn save_car(&mut self, vin: &Vin) {
         if let Some(car) = self.cars.get_mut(vin) {
             car.dirty = false;
-            car.rec.pending = car.pending.iter().map(rid_text).collect();
+            car.lazy = false;
+            car.rec.pending = car
+                .pending
+                .iter()
+                .chain(&car.awaiting)
+                .map(rid_text)
+                .collect();
             let _ = self.sh.store.cars.insert(vin.as_bytes(), enc(&car.rec));
         }
     }
@@ -853,7 +932,9 @@ impl Shard {
                 }
             }
         }
-        self.mark_dirty(&vin);
+        // The request moves from the car's pending list to its awaiting list (or leaves
+        // it when no callback is due): the same set on disk, so the write may wait.
+        self.mark_lazy(&vin);
         if let Some(car) = self.cars.get_mut(&vin) {
             car.pending.retain(|x| *x != id);
             if result.is_err() {
@@ -875,6 +956,8 @@ impl Shard {
                     car.rec.seq += 1;
                     car.rec.settles = car.pending.iter().map(rid_text).collect();
                     let seq = car.rec.seq;
+                    // A new seq and grant set: durable before the command goes out.
+                    self.mark_dirty(&vin);
                     self.history(
                         &vin,
                         "COMMAND",
@@ -897,27 +980,28 @@ impl Shard {
             },
         );
         self.save_request(&rec);
-        if self.sh.webhook.is_some() {
-            let mut body = json!({
-                "requestId": rec.request_id,
-                "vin": rec.vin,
-                "status": callback_status,
-                "timestamp": iso_ms(now),
-            });
-            if let Some(c) = &rec.error_code {
-                body["errorCode"] = json!(c);
-            }
-            let oid = next_id();
-            let entry = OutboxEntry {
-                id: oid,
-                request_id: rec.request_id.clone(),
-                body: body.to_string(),
-                tries: 0,
-            };
-            let key = outbox_key(now, oid);
-            let _ = self.sh.store.outbox.insert(key.clone(), enc(&entry));
-            self.batch.callbacks.push(Due { key, entry });
+        self.queue_callback(vin, id, &rec);
+    }
+
+    /// Queues the callback of the final request `rec` to leave after this batch's flush.
+    /// Its car keeps it listed until it is delivered; if the sender is far behind, it is
+    /// filed in the outbox instead (in this same flush).
+    fn queue_callback(&mut self, vin: Vin, id: RequestId, rec: &RequestRec) {
+        let Some(webhook) = &self.sh.webhook else {
+            return;
+        };
+        let Some(body) = callback_body(rec) else {
+            return;
+        };
+        let due = Due::first(vin, id, body);
+        if webhook.crowded(self.batch.callbacks.len() + 1) {
+            webhook.file(&due.entry);
+            return;
         }
+        if let Some(car) = self.cars.get_mut(&vin) {
+            car.awaiting.push(id);
+        }
+        self.batch.callbacks.push(due);
     }
 
     fn open_ticket(&mut self, vin: &Vin, rec: &RequestRec, code: &str) {
@@ -1002,7 +1086,7 @@ impl Shard {
         };
         let last_sent = car.last_sent_ms;
         if advanced {
-            self.mark_dirty(&vin);
+            self.mark_lazy(&vin);
         }
         let Some(car) = self.cars.get(&vin) else {
             return;
@@ -1150,6 +1234,26 @@ fn diagnostics_json(r: Option<&LastReport>, v: &VehicleRec) -> serde_json::Value
     }
 }
 
+/// The callback of a final request: `{requestId, vin, status, errorCode?, timestamp}`.
+fn callback_body(rec: &RequestRec) -> Option<String> {
+    let status = match (rec.status.as_str(), rec.action.as_str()) {
+        ("COMPLETED", "ACTIVATE") => "ACTIVATED",
+        ("COMPLETED", _) => "DEACTIVATED",
+        ("FAILED", _) => "FAILED",
+        _ => return None,
+    };
+    let mut body = json!({
+        "requestId": rec.request_id,
+        "vin": rec.vin,
+        "status": status,
+        "timestamp": rec.completed_at.as_deref().unwrap_or(&rec.updated_at),
+    });
+    if let Some(c) = &rec.error_code {
+        body["errorCode"] = json!(c);
+    }
+    Some(body.to_string())
+}
+
 fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
     Car {
         vin,
@@ -1166,6 +1270,8 @@ fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car
         history_written: 0,
         probe_answered: false,
         dirty: false,
+        lazy: false,
+        awaiting: Vec::new(),
     }
 }
 

@@ -121,7 +121,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
     let (handoff, inbox) = match config.webhook_url {
         Some(_) => {
-            let (h, i) = webhook::handoff();
+            let (h, i) = webhook::handoff(&store);
             (Some(h), Some(i))
         }
         None => (None, None),
@@ -185,6 +185,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         tasks.push(tokio::spawn(webhook::run(
             store.clone(),
             metrics.clone(),
+            engine.clone(),
             url.clone(),
             config.webhook_secret.clone(),
             inbox,

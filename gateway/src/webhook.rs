@@ -1,18 +1,19 @@
-//! Callback delivery from the durable outbox.
+//! Callback delivery: first tries straight from the engine, retries from the durable outbox.
 //!
-//! The engine writes each final result into the sled `outbox` tree (keyed by due time) in
-//! the same flush as the request's final state. After that flush the engine hands the entry
-//! to this task through a bounded queue ([`FRESH_QUEUE`]), so a callback leaves without
-//! reading the store back. The task POSTs, [`CONCURRENCY`] at a time, signed with
+//! A request's final state is flushed before its callback leaves, and until the callback is
+//! delivered the request stays listed in its car's record, so a restart finds it and sends
+//! it again. The engine therefore hands each flushed result to this task through a bounded
+//! queue ([`FRESH_QUEUE`]) without writing anything more: on a healthy receiver a callback
+//! costs no store write at all. The task POSTs, [`CONCURRENCY`] at a time, signed with
 //! HMAC-SHA256 over `timestamp + "." + body` (headers `X-CaaS-Timestamp` and
-//! `X-CaaS-Signature: sha256=<hex>`), deletes the entry on a 2xx and otherwise re-files it
-//! with exponential backoff (1 s doubling, at most [`MAX_BACKOFF`]), holding up to
-//! [`RETRY_HELD`] retries in memory.
-//!
-//! The outbox stays the truth: on start every entry in it is delivered, and whenever an
-//! entry could not be held in memory (queue or retry list full) the task scans the outbox
-//! again for due entries. A crash between a 2xx and the delete, or a scan racing a handover,
-//! repeats a callback with the same requestId and status, which the receiver can ignore.
+//! `X-CaaS-Signature: sha256=<hex>`). On a 2xx it tells the car's shard, which drops the
+//! request from the car's list. On a failure the callback is filed in the sled `outbox`
+//! tree (keyed by due time) and retried with exponential backoff (1 s doubling, at most
+//! [`MAX_BACKOFF`]), holding up to [`RETRY_HELD`] retries in memory; once filed, the car's
+//! list lets go of it. On start, and whenever an entry could not be held in memory, the
+//! task scans the outbox for due entries. A crash between a 2xx and the bookkeeping, or a
+//! scan racing a handover, repeats a callback with the same requestId and status, which
+//! the receiver can ignore.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
@@ -23,8 +24,11 @@ use std::time::Duration;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use caas_protocol::{RequestId, Vin};
+
+use crate::engine::{Engine, Msg};
 use crate::metrics::Metrics;
-use crate::store::{dec, enc, now_ms, OutboxEntry, Store};
+use crate::store::{dec, enc, next_id, now_ms, OutboxEntry, Store};
 
 /// Callbacks in flight at once.
 pub(crate) const CONCURRENCY: usize = 64;
@@ -41,11 +45,35 @@ const POST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the outbox is scanned when nothing says it must be (a safety net).
 const IDLE_SCAN: Duration = Duration::from_secs(30);
 
-/// An outbox entry to deliver, with its key in the outbox tree.
+/// Who keeps a callback until it is delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Keeper {
+    /// The car's record lists the request (its first try).
+    Car(Vin, RequestId),
+    /// The outbox, under this key (a retry, or found by a scan).
+    Outbox(Vec<u8>),
+}
+
+/// A callback to deliver.
 #[derive(Debug, Clone)]
 pub(crate) struct Due {
-    pub(crate) key: Vec<u8>,
+    pub(crate) keeper: Keeper,
     pub(crate) entry: OutboxEntry,
+}
+
+impl Due {
+    /// A first try, kept by the car's record.
+    pub(crate) fn first(vin: Vin, request_id: RequestId, body: String) -> Due {
+        Due {
+            keeper: Keeper::Car(vin, request_id),
+            entry: OutboxEntry {
+                id: next_id(),
+                request_id: request_id.to_string(),
+                body,
+                tries: 0,
+            },
+        }
+    }
 }
 
 /// The outbox key of an entry due at `due_ms`.
@@ -60,16 +88,34 @@ pub(crate) fn outbox_key(due_ms: u64, id: u64) -> Vec<u8> {
 #[derive(Clone)]
 pub(crate) struct Handoff {
     tx: flume::Sender<Due>,
-    /// Set when an entry could not be handed over: the sender scans the outbox.
+    /// Set when an entry went to the outbox instead: the sender scans it.
     missed: Arc<AtomicBool>,
+    outbox: sled::Tree,
 }
 
 impl Handoff {
-    /// Hands `due` to the sender; if its queue is full the entry waits in the outbox.
+    /// Hands `due` to the sender; if its queue is full the entry is filed in the outbox,
+    /// where the sender's next scan finds it.
     pub(crate) fn send(&self, due: Due) {
-        if self.tx.try_send(due).is_err() {
-            self.missed.store(true, Relaxed);
+        if let Err(flume::TrySendError::Full(due) | flume::TrySendError::Disconnected(due)) =
+            self.tx.try_send(due)
+        {
+            self.file(&due.entry);
         }
+    }
+
+    /// Whether `n` more first tries would crowd the queue (more than half full): the
+    /// engine then files results in the outbox instead of handing them over.
+    pub(crate) fn crowded(&self, n: usize) -> bool {
+        self.tx.len() + n > FRESH_QUEUE / 2
+    }
+
+    /// Files `entry` in the outbox, due now, and has the sender scan for it.
+    pub(crate) fn file(&self, entry: &OutboxEntry) {
+        let _ = self
+            .outbox
+            .insert(outbox_key(now_ms(), entry.id), enc(entry));
+        self.missed.store(true, Relaxed);
     }
 }
 
@@ -79,14 +125,15 @@ pub(crate) struct Inbox {
     missed: Arc<AtomicBool>,
 }
 
-/// A connected handoff pair.
-pub(crate) fn handoff() -> (Handoff, Inbox) {
+/// A connected handoff pair over `store`'s outbox.
+pub(crate) fn handoff(store: &Store) -> (Handoff, Inbox) {
     let (tx, rx) = flume::bounded(FRESH_QUEUE);
     let missed = Arc::new(AtomicBool::new(true)); // scan once at start
     (
         Handoff {
             tx,
             missed: missed.clone(),
+            outbox: store.outbox.clone(),
         },
         Inbox { rx, missed },
     )
@@ -113,18 +160,32 @@ struct Sender {
     secret: Arc<str>,
     /// Entries taken but not yet started (from a scan, or beyond [`CONCURRENCY`]).
     queued: VecDeque<Due>,
-    /// Keys queued or in flight, so a scan does not take them twice.
-    taken: HashSet<Vec<u8>>,
-    /// Failed entries by next due time.
+    /// Callbacks queued or in flight, so a scan does not take them twice.
+    taken: HashSet<Keeper>,
+    /// Failed entries by next due time, by outbox key.
     retries: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
     retry_entries: std::collections::HashMap<Vec<u8>, OutboxEntry>,
     in_flight: tokio::task::JoinSet<(Due, bool)>,
+    /// Tells a car's shard that its record need not keep a callback any more.
+    engine: Engine,
 }
 
 impl Sender {
     fn take(&mut self, due: Due) {
-        if self.taken.insert(due.key.clone()) {
+        if self.taken.insert(due.keeper.clone()) {
             self.queued.push_back(due);
+        }
+    }
+
+    /// The car's record no longer needs to keep this callback (delivered, or filed).
+    fn release_car(&self, keeper: &Keeper) {
+        if let Keeper::Car(vin, request_id) = keeper {
+            // Best effort: if the shard's queue is full the request stays listed and a
+            // restart repeats its callback, which the receiver may ignore.
+            let _ = self.engine.shard(vin).try_send(Msg::CallbackSettled {
+                vin: *vin,
+                request_id: *request_id,
+            });
         }
     }
 
@@ -154,10 +215,15 @@ impl Sender {
     }
 
     fn finished(&mut self, due: Due, ok: bool, missed: &AtomicBool) {
-        self.taken.remove(&due.key);
+        self.taken.remove(&due.keeper);
         if ok {
             self.metrics.webhook_deliveries.fetch_add(1, Relaxed);
-            let _ = self.store.outbox.remove(&due.key);
+            match &due.keeper {
+                Keeper::Outbox(key) => {
+                    let _ = self.store.outbox.remove(key);
+                }
+                car => self.release_car(car),
+            }
             return;
         }
         tracing::debug!(request = %due.entry.request_id, "callback failed; will retry");
@@ -167,9 +233,15 @@ impl Sender {
         let backoff = Duration::from_secs(1u64 << entry.tries.min(6)).min(MAX_BACKOFF);
         let at = now_ms() + backoff.as_millis() as u64;
         let key = outbox_key(at, entry.id);
-        // Insert before removing: a crash in between repeats the callback, never loses it.
+        // File before letting go of the old keeper: a crash in between repeats the
+        // callback, never loses it.
         let _ = self.store.outbox.insert(key.clone(), enc(&entry));
-        let _ = self.store.outbox.remove(&due.key);
+        match &due.keeper {
+            Keeper::Outbox(old) => {
+                let _ = self.store.outbox.remove(old);
+            }
+            car => self.release_car(car),
+        }
         if self.retries.len() < RETRY_HELD {
             self.retries.push(Reverse((at, key.clone())));
             self.retry_entries.insert(key, entry);
@@ -188,7 +260,10 @@ impl Sender {
                 break;
             };
             if let Some(entry) = self.retry_entries.remove(&key) {
-                self.take(Due { key, entry });
+                self.take(Due {
+                    keeper: Keeper::Outbox(key),
+                    entry,
+                });
             }
         }
     }
@@ -209,12 +284,16 @@ impl Sender {
                 break;
             }
             let key = k.to_vec();
-            if self.taken.contains(&key) || self.retry_entries.contains_key(&key) {
+            if self.retry_entries.contains_key(&key) {
+                continue;
+            }
+            let keeper = Keeper::Outbox(key);
+            if self.taken.contains(&keeper) {
                 continue;
             }
             match dec::<OutboxEntry>(&v) {
                 Some(entry) => {
-                    self.take(Due { key, entry });
+                    self.take(Due { keeper, entry });
                     taken += 1;
                 }
                 None => {
@@ -240,6 +319,7 @@ impl Sender {
 pub(crate) async fn run(
     store: Store,
     metrics: Arc<Metrics>,
+    engine: Engine,
     url: String,
     secret: String,
     inbox: Inbox,
@@ -267,6 +347,7 @@ pub(crate) async fn run(
         retries: BinaryHeap::new(),
         retry_entries: std::collections::HashMap::new(),
         in_flight: tokio::task::JoinSet::new(),
+        engine,
     };
     let Inbox { rx, missed } = inbox;
     let mut last_scan = tokio::time::Instant::now();

@@ -111,6 +111,60 @@ async fn request_survives_kill_9_after_its_2xx() {
     drop(gw);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callback_in_flight_at_kill_9_is_sent_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    hook.hold.store(true, Ordering::SeqCst);
+    let (http, mqtt) = (free_port(), free_port());
+    let mut gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
+    api.register(1).await;
+    let (_, keys) = api.get("/keys").await;
+    let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
+    let opts = |port| CarOpts {
+        host: "127.0.0.1".into(),
+        port,
+        tls: None,
+        mode: Mode::Obey,
+    };
+    let car = TestCar::start(1, &key, opts(mqtt)).await;
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    // The request completes; its callback's first try hangs at the receiver.
+    let end = Instant::now() + Duration::from_secs(20);
+    while hook.held.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < end, "no callback reached the receiver");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, r) = api.get(&format!("/ota/requests/{id}")).await;
+    assert_eq!(r["status"], "COMPLETED");
+    // SIGKILL with the callback in flight: it was never filed in the outbox, only the car's
+    // record still lists the request.
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    drop(car);
+    // Let the cut-off POST's handler finish, so only a new POST can add a callback.
+    hook.hold.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = hook.for_request(&id).len();
+    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let end = Instant::now() + Duration::from_secs(20);
+    while hook.for_request(&id).len() == before {
+        assert!(
+            Instant::now() < end,
+            "the callback was not sent after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cbs = hook.for_request(&id);
+    assert!(cbs
+        .iter()
+        .all(|c| c.body["status"] == "ACTIVATED" && c.signature_ok));
+    drop(gw);
+}
+
 fn mosquitto_or_skip() -> bool {
     if mosquitto_bin().is_none() {
         eprintln!(

@@ -42,6 +42,9 @@ pub struct Callback {
 pub struct Webhook {
     pub url: String,
     pub got: Arc<Mutex<Vec<Callback>>>,
+    /// While set, callbacks are held unanswered (counted in `held`) until it is cleared.
+    pub hold: Arc<AtomicBool>,
+    pub held: Arc<AtomicU64>,
 }
 
 impl Webhook {
@@ -49,13 +52,23 @@ impl Webhook {
         use axum::http::HeaderMap;
         let got: Arc<Mutex<Vec<Callback>>> = Arc::default();
         let failures = Arc::new(AtomicU64::new(fail_first));
+        let hold = Arc::new(AtomicBool::new(false));
+        let held = Arc::new(AtomicU64::new(0));
         let g = got.clone();
+        let (h, hd) = (hold.clone(), held.clone());
         let app = axum::Router::new().route(
             "/hook",
             axum::routing::post(move |headers: HeaderMap, body: String| {
                 let g = g.clone();
                 let failures = failures.clone();
+                let (hold, held) = (h.clone(), hd.clone());
                 async move {
+                    if hold.load(Ordering::SeqCst) {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        while hold.load(Ordering::SeqCst) {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
                     if failures.load(Ordering::SeqCst) > 0 {
                         failures.fetch_sub(1, Ordering::SeqCst);
                         return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
@@ -81,7 +94,12 @@ impl Webhook {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}/hook", l.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
-        Webhook { url, got }
+        Webhook {
+            url,
+            got,
+            hold,
+            held,
+        }
     }
 
     pub fn for_request(&self, id: &str) -> Vec<Callback> {
