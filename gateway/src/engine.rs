@@ -113,12 +113,9 @@ pub(crate) enum Msg {
         car: Option<CarRec>,
     },
     LoadPending(RequestRec),
-    /// The callback of `request_id` was delivered, or filed in the outbox: the car's record
-    /// need not keep it any more.
-    CallbackSettled {
-        vin: Vin,
-        request_id: RequestId,
-    },
+    /// These callbacks were delivered, or filed in the outbox: their cars' records need
+    /// not keep them any more.
+    CallbacksSettled(Vec<(Vin, RequestId)>),
     RepublishAll,
     Stop(std::sync::mpsc::Sender<()>),
 }
@@ -472,11 +469,13 @@ impl Shard {
             }
             Msg::Load { rec, car } => self.load(rec, car),
             Msg::LoadPending(rec) => self.load_pending(rec),
-            Msg::CallbackSettled { vin, request_id } => {
-                if let Some(car) = self.cars.get_mut(&vin) {
-                    car.awaiting.retain(|x| *x != request_id);
+            Msg::CallbacksSettled(list) => {
+                for (vin, request_id) in list {
+                    if let Some(car) = self.cars.get_mut(&vin) {
+                        car.awaiting.retain(|x| *x != request_id);
+                    }
+                    self.mark_lazy(&vin);
                 }
-                self.mark_lazy(&vin);
             }
             Msg::RepublishAll => {
                 let vins: Vec<Vin> = self

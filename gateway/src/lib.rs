@@ -58,6 +58,11 @@ pub struct Gateway {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The callback sender and what stops it (it tells the engine what it delivered first).
+    webhook: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl Gateway {
@@ -92,16 +97,30 @@ impl Gateway {
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.http_task).await;
-        self.http_task.abort();
-        for t in &self.tasks {
-            t.abort();
+        let http_task = self.http_task;
+        stop_within(http_task, Duration::from_secs(5)).await;
+        if let Some((stop, task)) = self.webhook.take() {
+            let _ = stop.send(());
+            stop_within(task, Duration::from_secs(5)).await;
+        }
+        for t in self.tasks.drain(..) {
+            stop_within(t, Duration::ZERO).await;
         }
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
         let _ = self.store.db.flush_async().await;
         tracing::info!("gateway stopped");
     }
+}
+
+/// Lets `task` end by itself within `grace`, then aborts it, and returns once it is gone (so
+/// nothing it holds, such as the database, outlives the gateway's shutdown).
+async fn stop_within(mut task: tokio::task::JoinHandle<()>, grace: Duration) {
+    if tokio::time::timeout(grace, &mut task).await.is_ok() {
+        return;
+    }
+    task.abort();
+    let _ = task.await;
 }
 
 /// Starts the gateway: opens the data directory, loads state, starts the broker (or connects
@@ -181,15 +200,19 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         }
         engine.broadcast(|| Msg::RepublishAll);
     }
+    let mut webhook_task = None;
     if let (Some(url), Some(inbox)) = (&config.webhook_url, inbox) {
-        tasks.push(tokio::spawn(webhook::run(
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(webhook::run(
             store.clone(),
             metrics.clone(),
             engine.clone(),
             url.clone(),
             config.webhook_secret.clone(),
             inbox,
-        )));
+            stop_rx,
+        ));
+        webhook_task = Some((stop_tx, task));
     }
 
     let state = Arc::new(api::AppState {
@@ -229,6 +252,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         http_stop: Some(stop_tx),
         http_task,
         tasks,
+        webhook: webhook_task,
     })
 }
 

@@ -44,6 +44,10 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the outbox is scanned when nothing says it must be (a safety net).
 const IDLE_SCAN: Duration = Duration::from_secs(30);
+/// Settled first tries told to one shard in one message (a wake-up per callback would cost
+/// a context switch each), and the longest they wait to be told.
+const SETTLE_BATCH: usize = 256;
+const SETTLE_EVERY: Duration = Duration::from_millis(200);
 
 /// Who keeps a callback until it is delivered.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -168,6 +172,9 @@ struct Sender {
     in_flight: tokio::task::JoinSet<(Due, bool)>,
     /// Tells a car's shard that its record need not keep a callback any more.
     engine: Engine,
+    /// Settled first tries not yet told, by shard (each at most [`SETTLE_BATCH`]).
+    settled: Vec<Vec<(Vin, RequestId)>>,
+    settled_since: Option<tokio::time::Instant>,
 }
 
 impl Sender {
@@ -178,14 +185,47 @@ impl Sender {
     }
 
     /// The car's record no longer needs to keep this callback (delivered, or filed).
-    fn release_car(&self, keeper: &Keeper) {
+    fn release_car(&mut self, keeper: &Keeper) {
         if let Keeper::Car(vin, request_id) = keeper {
-            // Best effort: if the shard's queue is full the request stays listed and a
-            // restart repeats its callback, which the receiver may ignore.
-            let _ = self.engine.shard(vin).try_send(Msg::CallbackSettled {
-                vin: *vin,
-                request_id: *request_id,
-            });
+            let i = self.engine.shard_index(vin);
+            let Some(list) = self.settled.get_mut(i) else {
+                return;
+            };
+            list.push((*vin, *request_id));
+            self.settled_since
+                .get_or_insert_with(tokio::time::Instant::now);
+            if list.len() >= SETTLE_BATCH {
+                self.tell_settled(i);
+            }
+        }
+    }
+
+    fn tell_settled(&mut self, shard: usize) {
+        let Some(list) = self.settled.get_mut(shard) else {
+            return;
+        };
+        if list.is_empty() {
+            return;
+        }
+        let list = std::mem::take(list);
+        // Best effort: if the shard's queue is full these stay listed and a restart
+        // repeats their callbacks, which the receiver may ignore.
+        let _ = self
+            .engine
+            .shard_at(shard)
+            .try_send(Msg::CallbacksSettled(list));
+    }
+
+    /// Tells every shard its settled callbacks once the oldest has waited long enough.
+    fn tell_settled_if_due(&mut self) {
+        if self
+            .settled_since
+            .is_some_and(|t| t.elapsed() >= SETTLE_EVERY)
+        {
+            self.settled_since = None;
+            for i in 0..self.settled.len() {
+                self.tell_settled(i);
+            }
         }
     }
 
@@ -308,14 +348,19 @@ impl Sender {
     }
 
     fn next_retry_in(&self) -> Duration {
-        match self.retries.peek() {
+        let retry = match self.retries.peek() {
             Some(Reverse((at, _))) => Duration::from_millis(at.saturating_sub(now_ms())),
             None => IDLE_SCAN,
+        };
+        match self.settled_since {
+            Some(t) => retry.min(SETTLE_EVERY.saturating_sub(t.elapsed())),
+            None => retry,
         }
     }
 }
 
-/// Runs the delivery loop until the task is aborted.
+/// Runs the delivery loop until `stop` fires (then tells the engine what it delivered and
+/// returns; what is in flight is sent again after a restart) or the task is aborted.
 pub(crate) async fn run(
     store: Store,
     metrics: Arc<Metrics>,
@@ -323,6 +368,7 @@ pub(crate) async fn run(
     url: String,
     secret: String,
     inbox: Inbox,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let client = match reqwest::Client::builder()
         .timeout(POST_TIMEOUT)
@@ -347,6 +393,8 @@ pub(crate) async fn run(
         retries: BinaryHeap::new(),
         retry_entries: std::collections::HashMap::new(),
         in_flight: tokio::task::JoinSet::new(),
+        settled: vec![Vec::new(); engine.shard_count()],
+        settled_since: None,
         engine,
     };
     let Inbox { rx, missed } = inbox;
@@ -360,6 +408,7 @@ pub(crate) async fn run(
             }
         }
         s.take_due_retries();
+        s.tell_settled_if_due();
         if s.queued.is_empty() && (missed.swap(false, Relaxed) || last_scan.elapsed() >= IDLE_SCAN)
         {
             last_scan = tokio::time::Instant::now();
@@ -384,6 +433,12 @@ pub(crate) async fn run(
                 }
             }
             _ = tokio::time::sleep(idle) => {}
+            _ = &mut stop => {
+                for i in 0..s.settled.len() {
+                    s.tell_settled(i);
+                }
+                return;
+            }
         }
     }
 }

@@ -441,3 +441,34 @@ async fn car_back_online_right_after_a_withdrawal_gets_the_withdrawal() {
     assert_eq!(services[0]["status"], "ERROR");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_callbacks_are_not_repeated_after_a_clean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let mut ids = Vec::new();
+    let mut cars = Vec::new();
+    for n in 1..=3 {
+        api.register(n).await;
+        let car = TestCar::start(n, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await;
+        car.wait_connected().await;
+        cars.push(car);
+        ids.push(api.activate(n, "power-boost", "power_boost").await);
+    }
+    for id in &ids {
+        assert_eq!(
+            hook.wait(id, Duration::from_secs(15)).await.body["status"],
+            "ACTIVATED"
+        );
+    }
+    // Straight away: the engine has not yet written that the cars need not keep them.
+    gw.shutdown().await;
+    drop(cars);
+    let (gw, _api) = gateway(dir.path(), &hook).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for id in &ids {
+        assert_eq!(hook.for_request(id).len(), 1, "{id} called back again");
+    }
+    gw.shutdown().await;
+}
