@@ -58,6 +58,8 @@ pub struct Gateway {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The group committer's thread (it ends once the engine's shards are gone).
+    committer_thread: std::thread::JoinHandle<()>,
     /// The callback sender and what stops it (it tells the engine what it delivered first).
     webhook: Option<(
         tokio::sync::oneshot::Sender<()>,
@@ -107,7 +109,15 @@ impl Gateway {
             stop_within(t, Duration::ZERO).await;
         }
         let engine = self.engine.clone();
-        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
+        let committer = self.committer_thread;
+        let _ = tokio::task::spawn_blocking(move || {
+            // The shards held the last handles to the committer: once they are all gone,
+            // it ends too.
+            if engine.stop() {
+                let _ = committer.join();
+            }
+        })
+        .await;
         let _ = self.store.db.flush_async().await;
         tracing::info!("gateway stopped");
     }
@@ -136,7 +146,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let key_id = KeyId::of(&key.verifying_key()).to_string();
     let store = Store::open(&config.data.join("db")).context("opening the database")?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let committer = Committer::start(store.db.clone(), metrics.clone())?;
+    let (committer, committer_thread) = Committer::start(store.db.clone(), metrics.clone())?;
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
     let (handoff, inbox) = match config.webhook_url {
         Some(_) => {
@@ -253,6 +263,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         http_task,
         tasks,
         webhook: webhook_task,
+        committer_thread,
     })
 }
 

@@ -249,13 +249,14 @@ pub(crate) struct Committer {
 }
 
 impl Committer {
-    /// Starts the committer thread for `db`.
+    /// Starts the committer thread for `db`. The thread ends once every `Committer` handle
+    /// is dropped; join it to know it has let go of the database.
     pub(crate) fn start(
         db: sled::Db,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
-    ) -> std::io::Result<Committer> {
+    ) -> std::io::Result<(Committer, std::thread::JoinHandle<()>)> {
         let (tx, rx) = flume::bounded::<Continuation>(COMMIT_QUEUE);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("gw-commit".into())
             .spawn(move || {
                 let mut batch = Vec::with_capacity(1024);
@@ -274,7 +275,7 @@ impl Committer {
                     }
                 }
             })?;
-        Ok(Committer { tx })
+        Ok((Committer { tx }, thread))
     }
 
     /// Runs `k` after the next flush (blocking when the queue is full: backpressure).

@@ -10,7 +10,10 @@ use common::*;
 use serde_json::json;
 
 async fn gateway(dir: &std::path::Path, hook: &Webhook) -> (caas_gateway::Gateway, Api) {
-    let gw = caas_gateway::start(config(dir, Some(hook))).await.unwrap();
+    let gw = match caas_gateway::start(config(dir, Some(hook))).await {
+        Ok(gw) => gw,
+        Err(e) => panic!("gateway start: {e:#}"),
+    };
     let api = Api::new(gw.http_addr());
     (gw, api)
 }

@@ -58,6 +58,8 @@ pub use envelope::{
     FORMAT_VERSION, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE, MAX_FRAME_SIZE,
     MAX_REPORT_FRAME_SIZE, SIGNATURE_SIZE,
 };
+#[cfg(feature = "batch")]
+pub use envelope::{open_reports, MIN_BATCH};
 pub use keys::{
     signing_key_from_hex, signing_key_to_hex, verifying_key_from_hex, verifying_key_to_hex,
     KeyError, SigningKey, VerifyingKey,
