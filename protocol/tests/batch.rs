@@ -18,6 +18,14 @@ fn report_of(n: u8, applied_seq: u64) -> Vec<u8> {
     seal_rpt(&report, &car(n))
 }
 
+fn paired<'a>(frames: &'a [Vec<u8>], keys: &'a [TrustedKey]) -> Vec<(&'a [u8], &'a TrustedKey)> {
+    frames
+        .iter()
+        .zip(keys)
+        .map(|(f, k)| (f.as_slice(), k))
+        .collect()
+}
+
 fn one_by_one(frames: &[(&[u8], &TrustedKey)]) -> Vec<Result<Report, RejectCode>> {
     frames.iter().map(|(f, k)| open_report(f, k)).collect()
 }
@@ -28,11 +36,7 @@ fn a_batch_of_good_reports_opens_like_each_alone() {
         .map(|n| TrustedKey::new(car(n).verifying_key()))
         .collect();
     let frames: Vec<Vec<u8>> = (0..16).map(|n| report_of(n, u64::from(n) + 1)).collect();
-    let input: Vec<(&[u8], &TrustedKey)> = frames
-        .iter()
-        .zip(&keys)
-        .map(|(f, k)| (f.as_slice(), k))
-        .collect();
+    let input = paired(&frames, &keys);
     let batch = open_reports(&input);
     assert!(batch.iter().all(Result::is_ok));
     assert_eq!(batch, one_by_one(&input));
@@ -48,11 +52,7 @@ fn one_bad_signature_fails_alone_and_the_rest_still_open() {
     let mut forged = report_of(6, 3);
     forged[9..17].copy_from_slice(&keys[5].id.0);
     frames[5] = forged;
-    let input: Vec<(&[u8], &TrustedKey)> = frames
-        .iter()
-        .zip(&keys)
-        .map(|(f, k)| (f.as_slice(), k))
-        .collect();
+    let input = paired(&frames, &keys);
     let batch = open_reports(&input);
     assert_eq!(batch[5], Err(RejectCode::BadSignature));
     assert_eq!(batch.iter().filter(|r| r.is_ok()).count(), 7);
@@ -127,11 +127,7 @@ proptest! {
                 f
             })
             .collect();
-        let input: Vec<(&[u8], &TrustedKey)> = frames
-            .iter()
-            .zip(&keys)
-            .map(|(f, k)| (f.as_slice(), k))
-            .collect();
+        let input = paired(&frames, &keys);
         prop_assert_eq!(open_reports(&input), one_by_one(&input));
     }
 }
