@@ -96,20 +96,6 @@ pub struct Config {
     pub broker_shards: usize,
 }
 
-/// One engine shard per core (at most [`MAX_DEFAULT_SHARDS`]): a shard is a busy thread, and
-/// more of them than cores only adds context switches and splits the batches that make
-/// commits and batch verification cheap (on 2 cores, 2 shards used about 10% less CPU per
-/// activation than 4 at 1,000 activations/s).
-pub fn default_shards() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, MAX_DEFAULT_SHARDS)
-}
-
-/// The most engine shards the default picks.
-pub const MAX_DEFAULT_SHARDS: usize = 16;
-
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -125,7 +111,7 @@ impl Default for Config {
             api_token: DEV_API_TOKEN.to_owned(),
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(24 * 3600),
-            shards: default_shards(),
+            shards: 4,
             broker_shards: 4,
         }
     }
@@ -260,7 +246,7 @@ pub struct ServeArgs {
     /// Validity of a signed command [default: 24h]
     #[arg(long, env = "CAAS_GATEWAY_COMMAND_TTL")]
     pub command_ttl: Option<String>,
-    /// Engine shards [default: the number of CPU cores, at most 16]
+    /// Engine shards [default: 4]
     #[arg(long, env = "CAAS_GATEWAY_SHARDS")]
     pub shards: Option<usize>,
     /// Embedded broker routers, cars spread over them by VIN [default: 4]
