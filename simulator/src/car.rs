@@ -16,9 +16,15 @@
 //! reconnect storm drops the TCP connection without DISCONNECT (so the broker publishes the
 //! last will) and reconnects.
 //!
+//! A command's PUBACK and its report leave in one write: the driver hands them to the event
+//! loop's own MQTT state (which numbers, tracks and resends them exactly as it does for the
+//! client's requests) and flushes once ([`OUT_CAP`] packets at most), where the client's
+//! request channel wrote each on its own turn of the event loop. That channel still carries
+//! everything else, and a report that would pass the in-flight window.
+//!
 //! Per-car memory is the core (~9 KiB), the MQTT client's state and buffers, and a few
 //! hundred bytes here; nothing grows with time (the pending-request queue of the MQTT client
-//! is bounded by [`CLIENT_QUEUE`]).
+//! is bounded by [`CLIENT_QUEUE`], the packets of one drain by [`OUT_CAP`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +36,8 @@ use caas_protocol::{
 };
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, Publish,
-    QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet,
+    PubAck, PubRec, Publish, QoS, Request,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
@@ -49,6 +55,11 @@ pub const CAR_INFLIGHT: u16 = 8;
 pub const CAR_MAX_PACKET: usize = 8 * 1024;
 /// Shortest pause before the core's same timer deadline is handled again.
 pub const MIN_TIMER_REPEAT: Duration = Duration::from_millis(100);
+/// Most packets one drain of the core queues for one write (a PUBACK and the core's pending
+/// reports, at most `caas_agent::MAX_PENDING_REPORTS`); more go through the client's queue.
+pub const OUT_CAP: usize = 1 + caas_agent::MAX_PENDING_REPORTS;
+/// Longest a car waits for its socket to take a write.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two reconnect attempts.
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -247,6 +258,12 @@ struct Driver {
     report_topic: String,
     /// The frame being handled, acknowledged on the core's `Ack`.
     current: Option<Publish>,
+    /// Packets the last drain queued, written together by [`write_out`] (at most [`OUT_CAP`]);
+    /// used only while `direct` holds.
+    out: Vec<Request>,
+    /// The connection is up with nothing left from an earlier one to resend: the drain may
+    /// queue packets in `out` instead of the client's request channel.
+    direct: bool,
     shared: Arc<CarShared>,
     ctx: Arc<FleetContext>,
     lines_changed: bool,
@@ -276,7 +293,12 @@ impl Driver {
                 Action::SetFeature { .. } => self.lines_changed = true,
                 Action::Ack => {
                     if let Some(p) = self.current.take() {
-                        if self.client.try_ack(&p).is_err() {
+                        if self.direct && self.out.len() < OUT_CAP {
+                            if let Some(ack) = ack_request(&p) {
+                                self.out.push(ack);
+                            }
+                            bump(&stats.acks);
+                        } else if self.client.try_ack(&p).is_err() {
                             bump(&stats.client_queue_full);
                         } else {
                             bump(&stats.acks);
@@ -285,6 +307,18 @@ impl Driver {
                 }
                 Action::Publish(frame) => {
                     classify_report(frame, stats);
+                    if self.direct && self.out.len() < OUT_CAP {
+                        let mut p = Publish::new(
+                            self.report_topic.as_str(),
+                            QoS::AtLeastOnce,
+                            frame.to_vec(),
+                        );
+                        p.retain = topics::REPORT_RETAIN;
+                        self.out.push(Request::Publish(p));
+                        bump(&stats.reports);
+                        published = true;
+                        continue;
+                    }
                     match self.client.try_publish(
                         self.report_topic.as_str(),
                         QoS::AtLeastOnce,
@@ -307,6 +341,8 @@ impl Driver {
         // A frame the core did not acknowledge (its store failed) stays unacknowledged: the
         // broker redelivers it after a reconnect.
         self.current = None;
+        // Each drain that may skip the channel is allowed anew, right before it.
+        self.direct = false;
         self.update_snapshot();
         published
     }
@@ -335,6 +371,78 @@ impl Driver {
             s.connected = on;
         }
     }
+}
+
+/// The acknowledgement of a received publish, as `AsyncClient::try_ack` makes it.
+fn ack_request(p: &Publish) -> Option<Request> {
+    match p.qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(Request::PubAck(PubAck::new(p.pkid))),
+        QoS::ExactlyOnce => Some(Request::PubRec(PubRec::new(p.pkid))),
+    }
+}
+
+/// Whether packets may skip the client's request channel: connected, nothing from an earlier
+/// connection waiting to be resent, no packet-id collision held by the event loop.
+fn can_write_direct(ev: &EventLoop) -> bool {
+    ev.network.is_some() && ev.pending.is_empty() && ev.state.collision.is_none()
+}
+
+/// Writes what the drain queued in `d.out` through the event loop's own state and
+/// connection, with one flush: a command's PUBACK and its report leave in one write, where
+/// the client's request channel wrote and flushed each on its own turn of the event loop (two
+/// system calls and two more turns per command). The state records each publish exactly as
+/// the event loop does (packet id, in flight until acknowledged, resent after a reconnect).
+/// A publish that would pass the in-flight window, or collide, goes through the channel
+/// instead, whose flow control then holds it. `false`: the connection failed.
+async fn write_out(d: &mut Driver, ev: &mut EventLoop) -> bool {
+    if d.out.is_empty() {
+        return true;
+    }
+    let Some(network) = ev.network.as_mut() else {
+        // Not reachable (the drain was allowed only while connected), but if it were: the
+        // reports go to the channel, kept for the next connection.
+        for req in d.out.drain(..) {
+            if let Request::Publish(p) = req {
+                let _ = d.client.try_publish(p.topic, p.qos, p.retain, p.payload);
+            }
+        }
+        return false;
+    };
+    let mut wrote = false;
+    let mut failed = false;
+    for req in d.out.drain(..) {
+        if let Request::Publish(p) = &req {
+            if ev.state.inflight() >= CAR_INFLIGHT || ev.state.collision.is_some() {
+                if d.client
+                    .try_publish(p.topic.as_str(), p.qos, p.retain, p.payload.clone())
+                    .is_err()
+                {
+                    bump(&d.ctx.stats.client_queue_full);
+                }
+                continue;
+            }
+        }
+        // After a failed write the rest is still recorded in the state: its publishes are
+        // resent after the reconnect, as the channel's would be.
+        match ev.state.handle_outgoing_packet(req) {
+            Ok(Some(packet)) if !failed => {
+                failed = network.write(packet).await.is_err();
+                wrote = true;
+            }
+            Ok(_) => {}
+            Err(_) => failed = true,
+        }
+    }
+    // The state queued `Outgoing` events for the event loop to hand out: these packets are
+    // ours and already counted (incoming events stay queued).
+    ev.state.events.retain(|e| !matches!(e, Event::Outgoing(_)));
+    !failed
+        && (!wrote
+            || matches!(
+                tokio::time::timeout(WRITE_TIMEOUT, network.flush()).await,
+                Ok(Ok(()))
+            ))
 }
 
 /// Counts a report by its outcome (the car's own frame: no need to verify it).
@@ -412,6 +520,8 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
         client,
         report_topic: topics::report_topic(&vin).as_str().to_string(),
         current: None,
+        out: Vec::with_capacity(OUT_CAP),
+        direct: false,
         shared: spec.shared,
         ctx: ctx.clone(),
         lines_changed: true,
@@ -476,7 +586,10 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
         tokio::select! {
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    on_publish(&mut d, p, &command_topic).await;
+                    if !on_publish(&mut d, &mut eventloop, p, &command_topic).await {
+                        eventloop.clean();
+                        lost(&mut d, &stats);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
@@ -490,7 +603,12 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
             _ = tokio::time::sleep_until(timeout_at.into()) => {
                 last_deadline = deadline;
                 d.agent.handle_timeout(crate::unix_now());
+                d.direct = can_write_direct(&eventloop);
                 d.drain(false);
+                if !write_out(&mut d, &mut eventloop).await {
+                    eventloop.clean();
+                    lost(&mut d, &stats);
+                }
             }
             _ = tokio::time::sleep_until(storm_at.into()) => {
                 // Drop the TCP connection without DISCONNECT: the broker sends the last will.
@@ -562,12 +680,13 @@ fn on_connected(d: &mut Driver, command_topic: &str, presence_topic: &str) {
     d.drain(false);
 }
 
-async fn on_publish(d: &mut Driver, p: Publish, command_topic: &str) {
+/// Handles a received publish; `false` when writing the answer failed (connection lost).
+async fn on_publish(d: &mut Driver, ev: &mut EventLoop, p: Publish, command_topic: &str) -> bool {
     let stats = d.ctx.stats.clone();
     if p.topic != command_topic {
         // Not ours to handle; acknowledge so the broker does not hold it.
         let _ = d.client.try_ack(&p);
-        return;
+        return true;
     }
     bump(&stats.commands_received);
     if let Ok(mut s) = d.shared.snapshot.lock() {
@@ -579,7 +698,7 @@ async fn on_publish(d: &mut Driver, p: Publish, command_topic: &str) {
         if d.client.try_ack(&p).is_err() {
             bump(&stats.client_queue_full);
         }
-        return;
+        return true;
     }
     if let Some(delay) = d.ctx.net_delay {
         tokio::time::sleep(delay).await;
@@ -597,9 +716,13 @@ async fn on_publish(d: &mut Driver, p: Publish, command_topic: &str) {
     } else {
         d.agent.handle_frame(&payload, crate::unix_now());
     }
-    if d.drain(true) {
+    d.direct = can_write_direct(ev);
+    let published = d.drain(true);
+    let written = write_out(d, ev).await;
+    if published && written {
         stats.record_handle(t0.elapsed());
     }
+    written
 }
 
 #[cfg(test)]
