@@ -124,6 +124,9 @@ pub struct CpuShare {
     pub driver: Option<f64>,
 }
 
+/// One process's figure of a [`CpuShare`].
+type ShareOf = fn(&CpuShare) -> Option<f64>;
+
 /// The processes of one column whose CPU time is read.
 struct Procs {
     gateway: u32,
@@ -461,7 +464,7 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
             text
         }
     };
-    let processes: [(&str, fn(&CpuShare) -> Option<f64>); 4] = [
+    let processes: [(&str, ShareOf); 4] = [
         ("gateway", |c| c.gateway),
         ("broker", |c| c.broker),
         ("fleet", |c| c.fleet),
