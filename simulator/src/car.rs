@@ -474,10 +474,14 @@ fn far_future() -> Instant {
 pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
     let vin = spec.vin;
     let mut shutdown = ctx.shutdown.clone();
+    // The loop's wake-ups live as long as the car, armed once and re-armed only when they
+    // fire or their deadline moves, rather than made anew (timer entries and waiter lists
+    // taken and dropped) on every turn: a car turns its loop several times per command.
+    let mut stop = std::pin::pin!(shutdown.changed());
     if let Some(wait) = spec.faults.offline_for {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+            _ = stop.as_mut() => return,
         }
     }
     let command_topic = topics::command_topic(&vin).as_str().to_string();
@@ -534,6 +538,13 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
     let mut failures: u32 = 0;
     let mut last_deadline: Option<u64> = None;
     let mut next_storm = spec.faults.storm_every.map(|e| Instant::now() + jitter(e));
+    let mut core_timer = std::pin::pin!(tokio::time::sleep_until(far_future().into()));
+    // What `core_timer` is set for: the core's deadline and whether it is a repeat.
+    let mut core_timer_for: Option<(Option<u64>, bool)> = None;
+    let mut storm_timer = std::pin::pin!(tokio::time::sleep_until(
+        next_storm.unwrap_or_else(far_future).into()
+    ));
+    let mut reconnect = std::pin::pin!(shared.reconnect.notified());
     loop {
         if eventloop.network.is_none() {
             // Connecting: bounded concurrency, paced the first time.
@@ -546,7 +557,7 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
             let t0 = Instant::now();
             let res = tokio::select! {
                 r = eventloop.poll() => r,
-                _ = shutdown.changed() => return,
+                _ = stop.as_mut() => return,
             };
             drop(permit);
             match res {
@@ -567,7 +578,7 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
                     bump(&stats.connect_errors);
                     failures = failures.saturating_add(1);
                     eventloop.network = None;
-                    if !backoff(failures, &mut shutdown, &e).await {
+                    if !backoff(failures, stop.as_mut(), &e).await {
                         return;
                     }
                 }
@@ -578,11 +589,15 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
         // Time is in whole seconds: a deadline that is already due and was just handled
         // waits a little, so a core that asks again within the same second is not spun on.
         let deadline = d.agent.poll_timeout();
-        let mut timeout_at = deadline.map(instant_of_unix).unwrap_or_else(far_future);
-        if deadline.is_some() && deadline == last_deadline {
-            timeout_at = timeout_at.max(Instant::now() + MIN_TIMER_REPEAT);
+        let repeat = deadline.is_some() && deadline == last_deadline;
+        if core_timer_for != Some((deadline, repeat)) {
+            let mut timeout_at = deadline.map(instant_of_unix).unwrap_or_else(far_future);
+            if repeat {
+                timeout_at = timeout_at.max(Instant::now() + MIN_TIMER_REPEAT);
+            }
+            core_timer.as_mut().reset(timeout_at.into());
+            core_timer_for = Some((deadline, repeat));
         }
-        let storm_at = next_storm.unwrap_or_else(far_future);
         tokio::select! {
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -595,12 +610,14 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
                 Err(e) => {
                     lost(&mut d, &stats);
                     failures = failures.saturating_add(1);
-                    if !backoff(failures, &mut shutdown, &e).await {
+                    if !backoff(failures, stop.as_mut(), &e).await {
                         return;
                     }
                 }
             },
-            _ = tokio::time::sleep_until(timeout_at.into()) => {
+            _ = core_timer.as_mut() => {
+                // Fired: armed again on the next turn, whatever the core asks then.
+                core_timer_for = None;
                 last_deadline = deadline;
                 d.agent.handle_timeout(crate::unix_now());
                 d.direct = can_write_direct(&eventloop);
@@ -610,23 +627,27 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
                     lost(&mut d, &stats);
                 }
             }
-            _ = tokio::time::sleep_until(storm_at.into()) => {
+            _ = storm_timer.as_mut() => {
                 // Drop the TCP connection without DISCONNECT: the broker sends the last will.
                 eventloop.clean();
                 bump(&stats.storm_drops);
                 lost(&mut d, &stats);
                 next_storm = spec.faults.storm_every.map(|e| Instant::now() + jitter(e));
+                storm_timer
+                    .as_mut()
+                    .reset(next_storm.unwrap_or_else(far_future).into());
                 let pause = Duration::from_millis(rand::thread_rng().gen_range(50..500));
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.changed() => return,
+                    _ = stop.as_mut() => return,
                 }
             }
-            _ = shared.reconnect.notified() => {
+            _ = reconnect.as_mut() => {
+                reconnect.set(shared.reconnect.notified());
                 eventloop.clean();
                 lost(&mut d, &stats);
             }
-            _ = shutdown.changed() => {
+            _ = stop.as_mut() => {
                 let _ = d.client.try_disconnect();
                 let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
                 return;
@@ -642,16 +663,16 @@ fn lost(d: &mut Driver, stats: &FleetStats) {
 }
 
 /// Sleeps before the next reconnect; `false` when the fleet is shutting down.
-async fn backoff(
+async fn backoff<F: std::future::Future>(
     failures: u32,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: std::pin::Pin<&mut F>,
     _e: &ConnectionError,
 ) -> bool {
     let base = Duration::from_millis(250u64.saturating_mul(1 << failures.min(5)));
     let wait = jitter(base.min(MAX_RECONNECT_BACKOFF));
     tokio::select! {
         _ = tokio::time::sleep(wait) => true,
-        _ = shutdown.changed() => false,
+        _ = stop => false,
     }
 }
 
