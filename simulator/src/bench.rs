@@ -11,10 +11,16 @@
 //!    POST→callback stays under 50 ms and that the run actually achieves (end to end: POST → signed command → car verifies,
 //!    persists, applies → signed report → callback);
 //! 5. memory: gateway (and Mosquitto) resident growth per connected car, and the
-//!    simulator's.
+//!    simulator's;
+//! 6. CPU per activation by process (gateway, Mosquitto, the fleet's processes, and this
+//!    process, the load driver: POSTs and callback checks) over the fixed-rate run of 3, and
+//!    CPU per car over each campaign of 2, from the `/proc/PID/stat` user + system times
+//!    before and after each phase.
 //!
 //! These are measurements, printed as a markdown table; nothing is asserted. Both sides
-//! share the same machine, so the simulator's own CPU use is part of every number.
+//! share the same machine, so the simulator's own CPU use is part of every number; CPU per
+//! activation is the figure that holds on a busy machine, where latencies and rates move
+//! with whatever else runs.
 
 use std::time::{Duration, Instant};
 
@@ -92,10 +98,76 @@ pub struct Column {
     pub broker_per_car: Option<u64>,
     /// Simulator memory per car, bytes.
     pub sim_per_car: u64,
+    /// CPU per activation over the fixed-rate run, µs.
+    pub cpu_per_activation: CpuShare,
+    /// CPU per car over the first campaign, µs.
+    pub cpu_per_car_first: CpuShare,
+    /// CPU per car over the repeat campaign, µs.
+    pub cpu_per_car_repeat: CpuShare,
     /// Callbacks that were not exactly one per request, over the whole column.
     pub callback_anomalies: u64,
     /// What went wrong, if something did.
     pub error: Option<String>,
+}
+
+/// CPU time of one phase by process, in µs per unit of work (activation or car); `None`
+/// where not measured.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct CpuShare {
+    /// The gateway process (with the embedded broker, when it is the broker).
+    pub gateway: Option<f64>,
+    /// The Mosquitto process (external broker only).
+    pub broker: Option<f64>,
+    /// The fleet: its process and every worker process below it.
+    pub fleet: Option<f64>,
+    /// This process: the load driver (POSTs, webhook receiver, campaign polling).
+    pub driver: Option<f64>,
+}
+
+/// One process's figure of a [`CpuShare`].
+type ShareOf = fn(&CpuShare) -> Option<f64>;
+
+/// The processes of one column whose CPU time is read.
+struct Procs {
+    gateway: u32,
+    broker: Option<u32>,
+    fleet: u32,
+}
+
+/// CPU seconds used so far by each process of a column.
+#[derive(Clone, Copy)]
+struct CpuSnap {
+    gateway: Option<f64>,
+    broker: Option<f64>,
+    fleet: Option<f64>,
+    driver: Option<f64>,
+}
+
+impl Procs {
+    fn snap(&self) -> CpuSnap {
+        CpuSnap {
+            gateway: crate::cpu_secs_of(&self.gateway.to_string()),
+            broker: self.broker.and_then(|p| crate::cpu_secs_of(&p.to_string())),
+            fleet: crate::cpu_secs_of_tree(self.fleet),
+            driver: crate::cpu_secs_of("self"),
+        }
+    }
+}
+
+impl CpuSnap {
+    /// µs per unit of work between `self` and `later`, over `units`.
+    fn per(&self, later: &CpuSnap, units: u64) -> CpuShare {
+        let per = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if units > 0 => Some((b - a).max(0.0) * 1e6 / units as f64),
+            _ => None,
+        };
+        CpuShare {
+            gateway: per(self.gateway, later.gateway),
+            broker: per(self.broker, later.broker),
+            fleet: per(self.fleet, later.fleet),
+            driver: per(self.driver, later.driver),
+        }
+    }
 }
 
 fn svc(id: &str, flag: &str) -> ServiceMix {
@@ -185,6 +257,11 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         "bench[{broker}]: {} cars connected at {:.0}/s",
         col.connected, col.connect_rate
     );
+    let procs = Procs {
+        gateway: gateway.pid(),
+        broker: mosquitto.as_ref().map(Mosquitto::pid),
+        fleet: fleet.pid(),
+    };
     let vins: Vec<String> = (0..a.cars)
         .map(|i| crate::car::car_vin(&prefix, i).map(|v| v.as_str().to_string()))
         .collect::<Result<_, _>>()
@@ -198,6 +275,7 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
     .enumerate()
     {
         let t = Instant::now();
+        let cpu0 = procs.snap();
         let cid = api
             .campaign(
                 &vins,
@@ -210,10 +288,13 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         let (ok, counts) =
             crate::demo::wait_campaign(&api, &cid, vins.len(), Duration::from_secs(600)).await;
         let secs = t.elapsed().as_secs_f64();
+        let cpu = cpu0.per(&procs.snap(), vins.len() as u64);
         if i == 0 {
             col.campaign_first_secs = secs;
+            col.cpu_per_car_first = cpu;
         } else {
             col.campaign_repeat_secs = secs;
+            col.cpu_per_car_repeat = cpu;
         }
         eprintln!(
             "bench[{broker}]: campaign {} in {secs:.2} s ({counts})",
@@ -241,6 +322,7 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         ..Scenario::default()
     };
     receiver.reset_latency();
+    let cpu0 = procs.snap();
     let r = run_scenario(
         &api,
         &receiver,
@@ -248,6 +330,7 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         &scenario(a.latency_rate, a.latency_duration),
     )
     .await?;
+    col.cpu_per_activation = cpu0.per(&procs.snap(), r.accepted);
     col.p50_ms = r.callback_latency.p50_ms;
     col.p99_ms = r.callback_latency.p99_ms;
     col.latency_achieved = r.achieved_rate;
@@ -372,6 +455,44 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
                 .collect(),
         ),
     ];
+    let us = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0} µs"));
+    // The embedded broker has no process of its own: its CPU is the gateway's.
+    let cell = |c: &Column, name: &str, text: String| {
+        if name == "broker" && c.broker == "embedded" {
+            "in the gateway".to_string()
+        } else {
+            text
+        }
+    };
+    let processes: [(&str, ShareOf); 4] = [
+        ("gateway", |c| c.gateway),
+        ("broker", |c| c.broker),
+        ("fleet", |c| c.fleet),
+        ("driver", |c| c.driver),
+    ];
+    for (name, of) in processes {
+        rows.push((
+            format!("CPU per activation at {:.0}/s: {name}", a.latency_rate),
+            cols.iter()
+                .map(|c| cell(c, name, us(of(&c.cpu_per_activation))))
+                .collect(),
+        ));
+    }
+    for (name, of) in processes {
+        rows.push((
+            format!("CPU per car, campaign first / repeat: {name}"),
+            cols.iter()
+                .map(|c| {
+                    let text = match (of(&c.cpu_per_car_first), of(&c.cpu_per_car_repeat)) {
+                        (None, None) => "-".to_string(),
+                        (f, r) => format!("{} / {}", us(f), us(r)),
+                    };
+                    cell(c, name, text)
+                })
+                .collect(),
+        ));
+    }
+
     if cols.iter().any(|c| c.error.is_some()) {
         rows.push((
             "errors".into(),
@@ -478,4 +599,90 @@ pub async fn bench_main(a: BenchArgs) -> Result<i32> {
             .with_context(|| format!("writing {}", p.display()))?;
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> BenchArgs {
+        BenchArgs {
+            cars: 10,
+            rates: vec![250.0],
+            step: Duration::from_secs(1),
+            p99_ms: 50.0,
+            latency_rate: 1000.0,
+            latency_duration: Duration::from_secs(1),
+            only: None,
+            out: None,
+            no_progress: true,
+        }
+    }
+
+    #[test]
+    fn cpu_per_unit_is_the_difference_over_the_work() {
+        let before = CpuSnap {
+            gateway: Some(1.0),
+            broker: None,
+            fleet: Some(2.0),
+            driver: Some(0.5),
+        };
+        let after = CpuSnap {
+            gateway: Some(2.0),
+            broker: None,
+            fleet: Some(2.2),
+            driver: None,
+        };
+        let c = before.per(&after, 1000);
+        assert_eq!(c.gateway.map(f64::round), Some(1000.0));
+        assert_eq!(c.fleet.map(f64::round), Some(200.0));
+        assert_eq!(c.broker, None);
+        assert_eq!(c.driver, None);
+        assert_eq!(before.per(&after, 0).gateway, None);
+    }
+
+    #[test]
+    fn the_table_keeps_its_rows_and_adds_cpu_by_process() {
+        let share = CpuShare {
+            gateway: Some(812.4),
+            broker: Some(95.0),
+            fleet: Some(120.0),
+            driver: Some(80.0),
+        };
+        let cols = vec![
+            Column {
+                broker: "embedded".into(),
+                cpu_per_activation: CpuShare {
+                    broker: None,
+                    ..share
+                },
+                ..Column::default()
+            },
+            Column {
+                broker: "mosquitto".into(),
+                cpu_per_activation: share,
+                cpu_per_car_first: share,
+                cpu_per_car_repeat: share,
+                ..Column::default()
+            },
+        ];
+        let t = table(&cols, &args());
+        for row in [
+            "| cars connected |",
+            "| connect rate |",
+            "| sustained activations/s end to end with p99 < 50 ms |",
+            "| p50 / p99 POST→callback at 1000/s |",
+            "| campaign to every car fully acknowledged, first after gateway start |",
+            "| campaign to every car, repeat |",
+            "| gateway memory per connected car |",
+            "| simulator memory per car |",
+            "| callbacks missing or repeated |",
+        ] {
+            assert!(t.contains(row), "{row} missing in\n{t}");
+        }
+        assert!(t.contains("| CPU per activation at 1000/s: gateway | 812 µs | 812 µs |"));
+        assert!(t.contains("| CPU per activation at 1000/s: broker | in the gateway | 95 µs |"));
+        assert!(t.contains("| CPU per activation at 1000/s: fleet | 120 µs | 120 µs |"));
+        assert!(t.contains("| CPU per car, campaign first / repeat: driver | - | 80 µs / 80 µs |"));
+    }
 }

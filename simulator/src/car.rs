@@ -16,9 +16,15 @@
 //! reconnect storm drops the TCP connection without DISCONNECT (so the broker publishes the
 //! last will) and reconnects.
 //!
+//! A command's PUBACK and its report leave in one write: the driver hands them to the event
+//! loop's own MQTT state (which numbers, tracks and resends them exactly as it does for the
+//! client's requests) and flushes once ([`OUT_CAP`] packets at most), where the client's
+//! request channel wrote each on its own turn of the event loop. That channel still carries
+//! everything else, and a report that would pass the in-flight window.
+//!
 //! Per-car memory is the core (~9 KiB), the MQTT client's state and buffers, and a few
 //! hundred bytes here; nothing grows with time (the pending-request queue of the MQTT client
-//! is bounded by [`CLIENT_QUEUE`]).
+//! is bounded by [`CLIENT_QUEUE`], the packets of one drain by [`OUT_CAP`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,8 +36,8 @@ use caas_protocol::{
 };
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, LastWill, MqttOptions, NetworkOptions, Packet, Publish,
-    QoS,
+    AsyncClient, ConnectionError, Event, EventLoop, LastWill, MqttOptions, NetworkOptions, Packet,
+    PubAck, PubRec, Publish, QoS, Request,
 };
 use sha2::{Digest, Sha256};
 use tokio::sync::{watch, Semaphore};
@@ -49,6 +55,11 @@ pub const CAR_INFLIGHT: u16 = 8;
 pub const CAR_MAX_PACKET: usize = 8 * 1024;
 /// Shortest pause before the core's same timer deadline is handled again.
 pub const MIN_TIMER_REPEAT: Duration = Duration::from_millis(100);
+/// Most packets one drain of the core queues for one write (a PUBACK and the core's pending
+/// reports, at most `caas_agent::MAX_PENDING_REPORTS`); more go through the client's queue.
+pub const OUT_CAP: usize = 1 + caas_agent::MAX_PENDING_REPORTS;
+/// Longest a car waits for its socket to take a write.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait between two reconnect attempts.
 pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -247,6 +258,12 @@ struct Driver {
     report_topic: String,
     /// The frame being handled, acknowledged on the core's `Ack`.
     current: Option<Publish>,
+    /// Packets the last drain queued, written together by [`write_out`] (at most [`OUT_CAP`]);
+    /// used only while `direct` holds.
+    out: Vec<Request>,
+    /// The connection is up with nothing left from an earlier one to resend: the drain may
+    /// queue packets in `out` instead of the client's request channel.
+    direct: bool,
     shared: Arc<CarShared>,
     ctx: Arc<FleetContext>,
     lines_changed: bool,
@@ -276,7 +293,12 @@ impl Driver {
                 Action::SetFeature { .. } => self.lines_changed = true,
                 Action::Ack => {
                     if let Some(p) = self.current.take() {
-                        if self.client.try_ack(&p).is_err() {
+                        if self.direct && self.out.len() < OUT_CAP {
+                            if let Some(ack) = ack_request(&p) {
+                                self.out.push(ack);
+                            }
+                            bump(&stats.acks);
+                        } else if self.client.try_ack(&p).is_err() {
                             bump(&stats.client_queue_full);
                         } else {
                             bump(&stats.acks);
@@ -285,6 +307,18 @@ impl Driver {
                 }
                 Action::Publish(frame) => {
                     classify_report(frame, stats);
+                    if self.direct && self.out.len() < OUT_CAP {
+                        let mut p = Publish::new(
+                            self.report_topic.as_str(),
+                            QoS::AtLeastOnce,
+                            frame.to_vec(),
+                        );
+                        p.retain = topics::REPORT_RETAIN;
+                        self.out.push(Request::Publish(p));
+                        bump(&stats.reports);
+                        published = true;
+                        continue;
+                    }
                     match self.client.try_publish(
                         self.report_topic.as_str(),
                         QoS::AtLeastOnce,
@@ -307,6 +341,8 @@ impl Driver {
         // A frame the core did not acknowledge (its store failed) stays unacknowledged: the
         // broker redelivers it after a reconnect.
         self.current = None;
+        // Each drain that may skip the channel is allowed anew, right before it.
+        self.direct = false;
         self.update_snapshot();
         published
     }
@@ -335,6 +371,78 @@ impl Driver {
             s.connected = on;
         }
     }
+}
+
+/// The acknowledgement of a received publish, as `AsyncClient::try_ack` makes it.
+fn ack_request(p: &Publish) -> Option<Request> {
+    match p.qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(Request::PubAck(PubAck::new(p.pkid))),
+        QoS::ExactlyOnce => Some(Request::PubRec(PubRec::new(p.pkid))),
+    }
+}
+
+/// Whether packets may skip the client's request channel: connected, nothing from an earlier
+/// connection waiting to be resent, no packet-id collision held by the event loop.
+fn can_write_direct(ev: &EventLoop) -> bool {
+    ev.network.is_some() && ev.pending.is_empty() && ev.state.collision.is_none()
+}
+
+/// Writes what the drain queued in `d.out` through the event loop's own state and
+/// connection, with one flush: a command's PUBACK and its report leave in one write, where
+/// the client's request channel wrote and flushed each on its own turn of the event loop (two
+/// system calls and two more turns per command). The state records each publish exactly as
+/// the event loop does (packet id, in flight until acknowledged, resent after a reconnect).
+/// A publish that would pass the in-flight window, or collide, goes through the channel
+/// instead, whose flow control then holds it. `false`: the connection failed.
+async fn write_out(d: &mut Driver, ev: &mut EventLoop) -> bool {
+    if d.out.is_empty() {
+        return true;
+    }
+    let Some(network) = ev.network.as_mut() else {
+        // Not reachable (the drain was allowed only while connected), but if it were: the
+        // reports go to the channel, kept for the next connection.
+        for req in d.out.drain(..) {
+            if let Request::Publish(p) = req {
+                let _ = d.client.try_publish(p.topic, p.qos, p.retain, p.payload);
+            }
+        }
+        return false;
+    };
+    let mut wrote = false;
+    let mut failed = false;
+    for req in d.out.drain(..) {
+        if let Request::Publish(p) = &req {
+            if ev.state.inflight() >= CAR_INFLIGHT || ev.state.collision.is_some() {
+                if d.client
+                    .try_publish(p.topic.as_str(), p.qos, p.retain, p.payload.clone())
+                    .is_err()
+                {
+                    bump(&d.ctx.stats.client_queue_full);
+                }
+                continue;
+            }
+        }
+        // After a failed write the rest is still recorded in the state: its publishes are
+        // resent after the reconnect, as the channel's would be.
+        match ev.state.handle_outgoing_packet(req) {
+            Ok(Some(packet)) if !failed => {
+                failed = network.write(packet).await.is_err();
+                wrote = true;
+            }
+            Ok(_) => {}
+            Err(_) => failed = true,
+        }
+    }
+    // The state queued `Outgoing` events for the event loop to hand out: these packets are
+    // ours and already counted (incoming events stay queued).
+    ev.state.events.retain(|e| !matches!(e, Event::Outgoing(_)));
+    !failed
+        && (!wrote
+            || matches!(
+                tokio::time::timeout(WRITE_TIMEOUT, network.flush()).await,
+                Ok(Ok(()))
+            ))
 }
 
 /// Counts a report by its outcome (the car's own frame: no need to verify it).
@@ -366,10 +474,14 @@ fn far_future() -> Instant {
 pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
     let vin = spec.vin;
     let mut shutdown = ctx.shutdown.clone();
+    // The loop's wake-ups live as long as the car, armed once and re-armed only when they
+    // fire or their deadline moves, rather than made anew (timer entries and waiter lists
+    // taken and dropped) on every turn: a car turns its loop several times per command.
+    let mut stop = std::pin::pin!(shutdown.changed());
     if let Some(wait) = spec.faults.offline_for {
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
+            _ = stop.as_mut() => return,
         }
     }
     let command_topic = topics::command_topic(&vin).as_str().to_string();
@@ -412,6 +524,8 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
         client,
         report_topic: topics::report_topic(&vin).as_str().to_string(),
         current: None,
+        out: Vec::with_capacity(OUT_CAP),
+        direct: false,
         shared: spec.shared,
         ctx: ctx.clone(),
         lines_changed: true,
@@ -424,6 +538,13 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
     let mut failures: u32 = 0;
     let mut last_deadline: Option<u64> = None;
     let mut next_storm = spec.faults.storm_every.map(|e| Instant::now() + jitter(e));
+    let mut core_timer = std::pin::pin!(tokio::time::sleep_until(far_future().into()));
+    // What `core_timer` is set for: the core's deadline and whether it is a repeat.
+    let mut core_timer_for: Option<(Option<u64>, bool)> = None;
+    let mut storm_timer = std::pin::pin!(tokio::time::sleep_until(
+        next_storm.unwrap_or_else(far_future).into()
+    ));
+    let mut reconnect = std::pin::pin!(shared.reconnect.notified());
     loop {
         if eventloop.network.is_none() {
             // Connecting: bounded concurrency, paced the first time.
@@ -436,7 +557,7 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
             let t0 = Instant::now();
             let res = tokio::select! {
                 r = eventloop.poll() => r,
-                _ = shutdown.changed() => return,
+                _ = stop.as_mut() => return,
             };
             drop(permit);
             match res {
@@ -457,7 +578,7 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
                     bump(&stats.connect_errors);
                     failures = failures.saturating_add(1);
                     eventloop.network = None;
-                    if !backoff(failures, &mut shutdown, &e).await {
+                    if !backoff(failures, stop.as_mut(), &e).await {
                         return;
                     }
                 }
@@ -468,47 +589,65 @@ pub async fn run_car(spec: CarSpec, ctx: Arc<FleetContext>) {
         // Time is in whole seconds: a deadline that is already due and was just handled
         // waits a little, so a core that asks again within the same second is not spun on.
         let deadline = d.agent.poll_timeout();
-        let mut timeout_at = deadline.map(instant_of_unix).unwrap_or_else(far_future);
-        if deadline.is_some() && deadline == last_deadline {
-            timeout_at = timeout_at.max(Instant::now() + MIN_TIMER_REPEAT);
+        let repeat = deadline.is_some() && deadline == last_deadline;
+        if core_timer_for != Some((deadline, repeat)) {
+            let mut timeout_at = deadline.map(instant_of_unix).unwrap_or_else(far_future);
+            if repeat {
+                timeout_at = timeout_at.max(Instant::now() + MIN_TIMER_REPEAT);
+            }
+            core_timer.as_mut().reset(timeout_at.into());
+            core_timer_for = Some((deadline, repeat));
         }
-        let storm_at = next_storm.unwrap_or_else(far_future);
         tokio::select! {
             ev = eventloop.poll() => match ev {
                 Ok(Event::Incoming(Packet::Publish(p))) => {
-                    on_publish(&mut d, p, &command_topic).await;
+                    if !on_publish(&mut d, &mut eventloop, p, &command_topic).await {
+                        eventloop.clean();
+                        lost(&mut d, &stats);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
                     lost(&mut d, &stats);
                     failures = failures.saturating_add(1);
-                    if !backoff(failures, &mut shutdown, &e).await {
+                    if !backoff(failures, stop.as_mut(), &e).await {
                         return;
                     }
                 }
             },
-            _ = tokio::time::sleep_until(timeout_at.into()) => {
+            _ = core_timer.as_mut() => {
+                // Fired: armed again on the next turn, whatever the core asks then.
+                core_timer_for = None;
                 last_deadline = deadline;
                 d.agent.handle_timeout(crate::unix_now());
+                d.direct = can_write_direct(&eventloop);
                 d.drain(false);
+                if !write_out(&mut d, &mut eventloop).await {
+                    eventloop.clean();
+                    lost(&mut d, &stats);
+                }
             }
-            _ = tokio::time::sleep_until(storm_at.into()) => {
+            _ = storm_timer.as_mut() => {
                 // Drop the TCP connection without DISCONNECT: the broker sends the last will.
                 eventloop.clean();
                 bump(&stats.storm_drops);
                 lost(&mut d, &stats);
                 next_storm = spec.faults.storm_every.map(|e| Instant::now() + jitter(e));
+                storm_timer
+                    .as_mut()
+                    .reset(next_storm.unwrap_or_else(far_future).into());
                 let pause = Duration::from_millis(rand::thread_rng().gen_range(50..500));
                 tokio::select! {
                     _ = tokio::time::sleep(pause) => {}
-                    _ = shutdown.changed() => return,
+                    _ = stop.as_mut() => return,
                 }
             }
-            _ = shared.reconnect.notified() => {
+            _ = reconnect.as_mut() => {
+                reconnect.set(shared.reconnect.notified());
                 eventloop.clean();
                 lost(&mut d, &stats);
             }
-            _ = shutdown.changed() => {
+            _ = stop.as_mut() => {
                 let _ = d.client.try_disconnect();
                 let _ = tokio::time::timeout(Duration::from_millis(200), eventloop.poll()).await;
                 return;
@@ -524,16 +663,16 @@ fn lost(d: &mut Driver, stats: &FleetStats) {
 }
 
 /// Sleeps before the next reconnect; `false` when the fleet is shutting down.
-async fn backoff(
+async fn backoff<F: std::future::Future>(
     failures: u32,
-    shutdown: &mut watch::Receiver<bool>,
+    stop: std::pin::Pin<&mut F>,
     _e: &ConnectionError,
 ) -> bool {
     let base = Duration::from_millis(250u64.saturating_mul(1 << failures.min(5)));
     let wait = jitter(base.min(MAX_RECONNECT_BACKOFF));
     tokio::select! {
         _ = tokio::time::sleep(wait) => true,
-        _ = shutdown.changed() => false,
+        _ = stop => false,
     }
 }
 
@@ -562,12 +701,13 @@ fn on_connected(d: &mut Driver, command_topic: &str, presence_topic: &str) {
     d.drain(false);
 }
 
-async fn on_publish(d: &mut Driver, p: Publish, command_topic: &str) {
+/// Handles a received publish; `false` when writing the answer failed (connection lost).
+async fn on_publish(d: &mut Driver, ev: &mut EventLoop, p: Publish, command_topic: &str) -> bool {
     let stats = d.ctx.stats.clone();
     if p.topic != command_topic {
         // Not ours to handle; acknowledge so the broker does not hold it.
         let _ = d.client.try_ack(&p);
-        return;
+        return true;
     }
     bump(&stats.commands_received);
     if let Ok(mut s) = d.shared.snapshot.lock() {
@@ -579,7 +719,7 @@ async fn on_publish(d: &mut Driver, p: Publish, command_topic: &str) {
         if d.client.try_ack(&p).is_err() {
             bump(&stats.client_queue_full);
         }
-        return;
+        return true;
     }
     if let Some(delay) = d.ctx.net_delay {
         tokio::time::sleep(delay).await;
@@ -597,9 +737,13 @@ async fn on_publish(d: &mut Driver, p: Publish, command_topic: &str) {
     } else {
         d.agent.handle_frame(&payload, crate::unix_now());
     }
-    if d.drain(true) {
+    d.direct = can_write_direct(ev);
+    let published = d.drain(true);
+    let written = write_out(d, ev).await;
+    if published && written {
         stats.record_handle(t0.elapsed());
     }
+    written
 }
 
 #[cfg(test)]

@@ -217,6 +217,9 @@ pub struct FleetArgs {
     platform: Option<PathBuf>,
     #[command(flatten)]
     faults: FaultArgs,
+    /// Runtime threads per process (1: one thread, no cross-thread wake-ups; 0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// (internal) run as a worker: cars from this index, JSON lines on stdout.
     #[arg(long, hide = true)]
     worker_first: Option<u64>,
@@ -230,10 +233,23 @@ pub fn main() -> i32 {
         Cmd::Gateway(g) => return gateway_main(g),
         other => other,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let threads = match &cli {
+        Cmd::Fleet(a) => a.threads,
+        Cmd::Run(a) => a.threads(),
+        // The bench process is the load driver (its fleet and gateway are other processes).
+        Cmd::Bench(_) => 1,
+        _ => 0,
+    };
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("caas-sim: cannot start the runtime: {e}");
@@ -468,6 +484,7 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
             .args(["--mqtt", &a.mqtt, "--cars", &count.to_string()])
             .args(["--seed", &seed.to_string(), "--vin-prefix", prefix])
             .args(["--worker-first", &first.to_string(), "--no-progress"])
+            .args(["--threads", &a.threads.to_string()])
             .args([
                 "--connect-rate",
                 &(a.connect_rate as u64 / workers).max(1).to_string(),

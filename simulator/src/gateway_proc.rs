@@ -299,6 +299,11 @@ impl Mosquitto {
         })
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Resident memory of the broker, bytes.
     pub fn rss(&self) -> u64 {
         crate::rss_of(&self.child.id().to_string())

@@ -98,6 +98,47 @@ pub fn rss_of(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Clock ticks per second of `/proc/PID/stat`'s times: Linux's `USER_HZ`, 100 on every
+/// architecture it runs on (the kernel converts to it for user space).
+const USER_HZ: f64 = 100.0;
+
+/// CPU seconds (user + system) process `pid` (or `self`) has used so far, from
+/// `/proc/PID/stat`; `None` if it cannot be read (not Linux, the process is gone).
+pub fn cpu_secs_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last `)`.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// CPU seconds used so far by process `pid` and every process below it (worker processes).
+pub fn cpu_secs_of_tree(pid: u32) -> Option<f64> {
+    let own = cpu_secs_of(&pid.to_string())?;
+    let children: f64 = child_pids(pid)
+        .into_iter()
+        .filter_map(cpu_secs_of_tree)
+        .sum();
+    Some(own + children)
+}
+
+fn child_pids(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 /// Installs rustls' ring provider once (reqwest and rumqttc need a process-wide provider).
 pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -127,5 +168,18 @@ mod tests {
         assert_eq!(parse_ratio("0.25").unwrap(), 0.25);
         assert!(parse_ratio("1.5").is_err());
         assert!(parse_ratio("x").is_err());
+    }
+
+    #[test]
+    fn cpu_time_is_read_and_only_grows() {
+        let before = cpu_secs_of("self").unwrap();
+        let mut x = 0u64;
+        for i in 0..50_000_000u64 {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+        }
+        std::hint::black_box(x);
+        let after = cpu_secs_of_tree(std::process::id()).unwrap();
+        assert!(after >= before, "{before} then {after}");
+        assert!(cpu_secs_of("0").is_none());
     }
 }

@@ -343,6 +343,11 @@ pub async fn run_scenario(
         return Ok(report);
     }
     let total_weight: u32 = sc.services.iter().map(|s| s.weight.max(1)).sum();
+    // Shared once, indexed per request: a request clones no VIN and no service.
+    let services: Arc<[ServiceMix]> = sc.services.clone().into();
+    let cars: Arc<[String]> = vins.into();
+    // Only a mix with deactivations needs to know what each car was given.
+    let track_active = sc.deactivate_share > 0.0;
     let sem = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     let interval = Duration::from_secs_f64(1.0 / sc.rate);
     let start = Instant::now();
@@ -351,70 +356,68 @@ pub async fn run_scenario(
     let mut skipped = 0u64;
     let mut tasks = tokio::task::JoinSet::new();
     while start.elapsed() < duration {
-        tokio::time::sleep_until(next.into()).await;
+        // Ticks already due go out at once, without a timer each.
+        if next > Instant::now() {
+            tokio::time::sleep_until(next.into()).await;
+        }
         next += interval;
         let Ok(permit) = sem.clone().try_acquire_owned() else {
             skipped += 1;
             continue;
         };
-        let vin = vins[(sent as usize) % vins.len()].clone();
+        let car = (sent as usize) % cars.len();
         let (svc, deactivate) = {
             let mut rng = rand::thread_rng();
             let mut pick = rng.gen_range(0..total_weight.max(1));
-            let mut chosen = &sc.services[0];
-            for s in &sc.services {
+            let mut chosen = 0;
+            for (i, s) in services.iter().enumerate() {
                 let w = s.weight.max(1);
                 if pick < w {
-                    chosen = s;
+                    chosen = i;
                     break;
                 }
                 pick -= w;
             }
-            (chosen.clone(), rng.gen_bool(sc.deactivate_share))
+            (chosen, track_active && rng.gen_bool(sc.deactivate_share))
         };
         // A deactivation takes a service this car was given; with none, it activates.
-        let (svc, deactivate) = if deactivate {
-            let taken = tracked
+        let deactivate = if deactivate {
+            tracked
                 .active
                 .lock()
                 .ok()
-                .and_then(|mut m| m.get_mut(&vin).and_then(|list| list.pop()));
-            match taken {
-                Some(id) => (
-                    ServiceMix {
-                        service_id: id,
-                        ..svc
-                    },
-                    true,
-                ),
-                None => (svc, false),
-            }
+                .and_then(|mut m| m.get_mut(&cars[car]).and_then(|list| list.pop()))
         } else {
-            (svc, false)
+            None
         };
         sent += 1;
         let api = api.clone();
         let receiver = receiver.clone();
         let tracked = tracked.clone();
+        let cars = cars.clone();
+        let services = services.clone();
         tasks.spawn(async move {
+            let vin = &cars[car];
+            let svc = &services[svc];
             let t0 = Instant::now();
-            let res = if deactivate {
-                api.deactivate(&vin, &svc.service_id).await
-            } else {
-                api.activate(
-                    &vin,
-                    &svc.service_id,
-                    &svc.flags,
-                    &serde_json::Map::new(),
-                    &Scenario::lasting_of(&svc),
-                )
-                .await
+            let res = match &deactivate {
+                Some(service_id) => api.deactivate(vin, service_id).await,
+                None => {
+                    api.activate(
+                        vin,
+                        &svc.service_id,
+                        &svc.flags,
+                        &serde_json::Map::new(),
+                        &Scenario::lasting_of(svc),
+                    )
+                    .await
+                }
             };
             drop(permit);
             match res {
                 Ok(id) => {
                     receiver.expect(&id, t0);
-                    if !deactivate {
+                    if track_active && deactivate.is_none() {
                         if let Ok(mut m) = tracked.active.lock() {
                             let list = m.entry(vin.clone()).or_default();
                             if !list.contains(&svc.service_id) {
@@ -509,6 +512,20 @@ pub struct RunArgs {
     /// Write the report as JSON.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Runtime threads (0: one, or one per core with `--cars`, whose fleet runs here too).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+}
+
+impl RunArgs {
+    /// The runtime threads to use (0: one per core). Driving a gateway takes one thread:
+    /// with two, most of the driver's CPU went on waking the other one.
+    pub fn threads(&self) -> usize {
+        match (self.threads, self.cars) {
+            (0, None) => 1,
+            (n, _) => n,
+        }
+    }
 }
 
 /// Runs `caas-sim run`.

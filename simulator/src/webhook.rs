@@ -8,22 +8,37 @@
 //! when the POST went out).
 //!
 //! Bounded: at most [`MAX_TRACKED`] request ids are kept and at most
-//! [`MAX_CALLBACKS_PER_REQUEST`] callbacks per id; bodies over [`MAX_BODY`] bytes are refused.
+//! [`MAX_CALLBACKS_PER_REQUEST`] callbacks per id; bodies over [`MAX_BODY`] bytes are refused
+//! (413), at most [`MAX_CONNECTIONS`] connections are served at once.
+//!
+//! It is HTTP/1.1 straight on hyper (no router: every path is the webhook, anything but
+//! `POST` gets 405), with the HMAC key's pads hashed once: a load run receives a callback for
+//! every activation, so the receiver's CPU per callback counts against the gateway it shares
+//! the machine with.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
 use hdrhistogram::Histogram;
 use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Empty, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::HeaderMap;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde::Deserialize;
 use sha2::Sha256;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::stats::{new_histogram, record, Percentiles};
 
@@ -35,6 +50,9 @@ pub const MAX_CALLBACKS_PER_REQUEST: usize = 8;
 pub const MAX_BODY: usize = 16 * 1024;
 /// How far a callback's timestamp may be from our clock (replay window).
 pub const MAX_SKEW_SECS: u64 = 300;
+/// Most HTTP connections served at once (the gateway keeps a few alive; more wait to be
+/// accepted).
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// One callback as received.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,14 +65,18 @@ pub struct Callback {
     pub error_code: Option<String>,
 }
 
+/// A callback's body, borrowed from the request where no JSON escape forces a copy.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Body {
-    request_id: String,
-    vin: String,
-    status: String,
-    #[serde(default)]
-    error_code: Option<String>,
+struct Body<'a> {
+    #[serde(borrow)]
+    request_id: Cow<'a, str>,
+    #[serde(borrow)]
+    vin: Cow<'a, str>,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(default, borrow)]
+    error_code: Option<Cow<'a, str>>,
 }
 
 #[derive(Default)]
@@ -65,7 +87,8 @@ struct Entry {
 }
 
 struct Inner {
-    secret: String,
+    /// HMAC-SHA256 keyed with the secret, cloned for each callback.
+    key: Hmac<Sha256>,
     entries: Mutex<HashMap<String, Entry>>,
     latency: Mutex<Histogram<u64>>,
     received: AtomicU64,
@@ -109,7 +132,7 @@ pub fn sign(secret: &str, timestamp: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
-fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
+fn verify(key: &Hmac<Sha256>, headers: &HeaderMap, body: &[u8]) -> bool {
     let Some(ts) = headers
         .get("x-caas-timestamp")
         .and_then(|v| v.to_str().ok())
@@ -125,31 +148,32 @@ fn verify(secret: &str, headers: &HeaderMap, body: &[u8]) -> bool {
     let Some(hex_sig) = sig.strip_prefix("sha256=") else {
         return false;
     };
-    let Ok(given) = hex::decode(hex_sig) else {
+    let mut given = [0u8; 32];
+    if hex::decode_to_slice(hex_sig, &mut given).is_err() {
         return false;
-    };
+    }
     let Ok(ts_num) = ts.parse::<u64>() else {
         return false;
     };
     if ts_num.abs_diff(crate::unix_now()) > MAX_SKEW_SECS {
         return false;
     }
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
-        return false;
-    };
+    // A copy of the keyed state: the key's pads are hashed once, when the receiver starts.
+    let mut mac = key.clone();
     mac.update(ts.as_bytes());
     mac.update(b".");
     mac.update(body);
     mac.verify_slice(&given).is_ok()
 }
 
-async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+/// Checks and records one callback; the HTTP status to answer.
+fn handle(inner: &Inner, headers: &HeaderMap, body: &[u8]) -> StatusCode {
     let now = Instant::now();
-    if !verify(&inner.secret, &headers, &body) {
+    if !verify(&inner.key, headers, body) {
         inner.bad_signature.fetch_add(1, Ordering::Relaxed);
         return StatusCode::UNAUTHORIZED;
     }
-    let Ok(b) = serde_json::from_slice::<Body>(&body) else {
+    let Ok(b) = serde_json::from_slice::<Body>(body) else {
         inner.malformed.fetch_add(1, Ordering::Relaxed);
         return StatusCode::BAD_REQUEST;
     };
@@ -157,19 +181,25 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
     let Ok(mut entries) = inner.entries.lock() else {
         return StatusCode::INTERNAL_SERVER_ERROR;
     };
-    if !entries.contains_key(&b.request_id) && entries.len() >= MAX_TRACKED {
-        inner.dropped.fetch_add(1, Ordering::Relaxed);
-        return StatusCode::OK;
+    // Usually the POST's answer came first and the entry exists: no key to allocate.
+    if !entries.contains_key(b.request_id.as_ref()) {
+        if entries.len() >= MAX_TRACKED {
+            inner.dropped.fetch_add(1, Ordering::Relaxed);
+            return StatusCode::OK;
+        }
+        entries.insert(b.request_id.to_string(), Entry::default());
     }
-    let e = entries.entry(b.request_id).or_default();
+    let Some(e) = entries.get_mut(b.request_id.as_ref()) else {
+        return StatusCode::INTERNAL_SERVER_ERROR;
+    };
     if !e.callbacks.is_empty() {
         inner.duplicates.fetch_add(1, Ordering::Relaxed);
     }
     if e.callbacks.len() < MAX_CALLBACKS_PER_REQUEST {
         e.callbacks.push(Callback {
-            vin: b.vin,
-            status: b.status,
-            error_code: b.error_code,
+            vin: b.vin.into_owned(),
+            status: b.status.into_owned(),
+            error_code: b.error_code.map(Cow::into_owned),
         });
     }
     if e.first.is_none() {
@@ -181,6 +211,58 @@ async fn handle(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: Bytes
     StatusCode::OK
 }
 
+fn answer(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    r
+}
+
+/// One HTTP request: a `POST` with a body of at most [`MAX_BODY`] bytes, checked and recorded.
+async fn respond(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Empty<Bytes>> {
+    if req.method() != Method::POST {
+        return answer(StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => return answer(StatusCode::PAYLOAD_TOO_LARGE),
+        Err(_) => return answer(StatusCode::BAD_REQUEST),
+    };
+    answer(handle(&inner, &parts.headers, &body))
+}
+
+/// Accepts connections (at most [`MAX_CONNECTIONS`] open at once) and serves HTTP/1.1 on
+/// each until the listener fails.
+async fn serve(listener: TcpListener, inner: Arc<Inner>) {
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(permit) = open.clone().acquire_owned().await else {
+            return;
+        };
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(_) => {
+                // Out of file descriptors, or a connection reset before it was accepted:
+                // wait a moment rather than spin.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let inner = inner.clone();
+                async move { Ok::<_, Infallible>(respond(inner, req).await) }
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+            drop(permit);
+        });
+    }
+}
+
 impl Receiver {
     /// Starts a receiver on `127.0.0.1:0` checking signatures with `secret`.
     pub async fn start(secret: &str) -> Result<Receiver> {
@@ -189,8 +271,10 @@ impl Receiver {
 
     /// Starts a receiver on `addr`.
     pub async fn start_on(addr: SocketAddr, secret: &str) -> Result<Receiver> {
+        let key = Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+            .map_err(|e| anyhow::anyhow!("webhook secret: {e}"))?;
         let inner = Arc::new(Inner {
-            secret: secret.to_string(),
+            key,
             entries: Mutex::new(HashMap::new()),
             latency: Mutex::new(new_histogram()),
             received: AtomicU64::new(0),
@@ -199,17 +283,11 @@ impl Receiver {
             duplicates: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
-        let app = axum::Router::new()
-            .fallback(axum::routing::post(handle))
-            .layer(DefaultBodyLimit::max(MAX_BODY))
-            .with_state(inner.clone());
-        let listener = tokio::net::TcpListener::bind(addr)
+        let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the webhook receiver on {addr}"))?;
         let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        tokio::spawn(serve(listener, inner.clone()));
         Ok(Receiver { inner, addr })
     }
 
@@ -258,10 +336,15 @@ impl Receiver {
     /// Waits until every one of `ids` has a callback, or `timeout`; returns how many have.
     pub async fn wait_for(&self, ids: &[String], timeout: Duration) -> usize {
         let deadline = Instant::now() + timeout;
+        // Each pass looks only at the ids still unanswered: a run's tail of late callbacks
+        // does not rescan every request a hundred times a second.
+        let mut missing: Vec<&String> = ids.iter().collect();
         loop {
-            let n = self.answered(ids);
-            if n == ids.len() || Instant::now() >= deadline {
-                return n;
+            if let Ok(m) = self.inner.entries.lock() {
+                missing.retain(|id| m.get(*id).is_none_or(|e| e.callbacks.is_empty()));
+            }
+            if missing.is_empty() || Instant::now() >= deadline {
+                return ids.len() - missing.len();
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -341,5 +424,29 @@ mod tests {
         assert_eq!(rx.counts().bad_signature, 2);
         assert_eq!(rx.latency().count, 1);
         assert_eq!(rx.answered(&["r1".into(), "r2".into()]), 1);
+        let get = http.get(rx.url()).send().await.unwrap();
+        assert_eq!(get.status(), 405);
+        let big = "x".repeat(MAX_BODY + 1);
+        let too_big = http
+            .post(rx.url())
+            .header("X-CaaS-Timestamp", &ts)
+            .header("X-CaaS-Signature", sign("s3cret", &ts, big.as_bytes()))
+            .body(big)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(too_big.status(), 413);
+        let garbled = "{not json";
+        let malformed = http
+            .post(rx.url())
+            .header("X-CaaS-Timestamp", &ts)
+            .header("X-CaaS-Signature", sign("s3cret", &ts, garbled.as_bytes()))
+            .body(garbled)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(malformed.status(), 400);
+        assert_eq!(rx.counts().malformed, 1);
+        assert_eq!(rx.callbacks("r1").len(), 1);
     }
 }
