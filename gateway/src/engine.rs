@@ -41,8 +41,13 @@ use crate::webhook::{Due, Handoff};
 
 /// Messages queued per shard before senders wait.
 pub(crate) const SHARD_QUEUE: usize = 65_536;
-/// Messages one shard handles before committing a batch.
-const SHARD_BATCH: usize = 4_096;
+/// Messages one shard handles before committing a batch (a bound on how long a request
+/// waits behind others in a burst).
+const SHARD_BATCH: usize = 1_024;
+/// A campaign's requests a shard takes between two looks at its queue: each chunk is
+/// committed and its commands go out while the shard signs the next, and the cars' reports
+/// are handled in between instead of after the whole campaign.
+const CAMPAIGN_CHUNK: usize = 256;
 /// Service errors remembered per car for `GET /vehicles/{vin}/status`.
 const MAX_ERRORS: usize = 8;
 /// Re-sends of a car's state closer together than this are merged into one.
@@ -302,6 +307,18 @@ struct Shard {
     /// Cars with lazy changes, and when the oldest of them was made.
     lazy_cars: Vec<Vin>,
     lazy_since: Option<Instant>,
+    /// Campaign batches being worked through, [`CAMPAIGN_CHUNK`] requests at a time.
+    jobs: std::collections::VecDeque<CampaignJob>,
+}
+
+/// A shard's part of a campaign, not yet all accepted.
+struct CampaignJob {
+    reqs: std::vec::IntoIter<NewRequest>,
+    ok: usize,
+    refused: Vec<(String, String)>,
+    /// Set by the commit of any chunk that failed to flush.
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    resp: oneshot::Sender<(usize, Vec<(String, String)>)>,
 }
 
 fn rid_text(id: &RequestId) -> String {
@@ -338,6 +355,7 @@ impl Shard {
             buf: Box::new([0u8; MAX_COMMAND_FRAME_SIZE]),
             lazy_cars: Vec::new(),
             lazy_since: None,
+            jobs: std::collections::VecDeque::new(),
         }
     }
 
@@ -350,6 +368,12 @@ impl Shard {
                 (a, b) => a.or(b),
             };
             let msg = match deadline {
+                // Campaign work waiting: only look at the queue, do not wait on it.
+                _ if !self.jobs.is_empty() => match rx.try_recv() {
+                    Ok(m) => Some(m),
+                    Err(flume::TryRecvError::Empty) => None,
+                    Err(flume::TryRecvError::Disconnected) => break,
+                },
                 Some(at) => match rx.recv_deadline(at) {
                     Ok(m) => Some(m),
                     Err(flume::RecvTimeoutError::Timeout) => None,
@@ -367,6 +391,10 @@ impl Shard {
                 let verified = self.verify_reports(&msgs);
                 for (m, pre) in msgs.into_iter().zip(verified) {
                     if let Some(stop) = self.handle(m, pre) {
+                        // Campaigns already begun are finished, so their answers hold.
+                        while !self.jobs.is_empty() {
+                            self.work_campaigns();
+                        }
                         self.write_lazy();
                         self.commit();
                         let _ = stop.send(());
@@ -374,6 +402,7 @@ impl Shard {
                     }
                 }
             }
+            self.work_campaigns();
             self.fire_timers();
             if self
                 .lazy_since
@@ -385,6 +414,38 @@ impl Shard {
         }
         self.write_lazy();
         self.commit();
+    }
+
+    /// Accepts the next [`CAMPAIGN_CHUNK`] requests of the oldest campaign job; once a job is
+    /// through, its answer goes out after the flush of its last chunk.
+    fn work_campaigns(&mut self) {
+        let Some(mut job) = self.jobs.pop_front() else {
+            return;
+        };
+        for r in job.reqs.by_ref().take(CAMPAIGN_CHUNK) {
+            let vin = r.vin.to_string();
+            match self.new_request(r) {
+                Ok(_) => job.ok += 1,
+                Err(e) => job.refused.push((vin, e.reason)),
+            }
+        }
+        let failed = job.failed.clone();
+        if job.reqs.len() > 0 {
+            self.batch.after.push(Box::new(move |f| {
+                if f.is_err() {
+                    failed.store(true, Relaxed);
+                }
+            }));
+            self.jobs.push_front(job);
+            return;
+        }
+        let CampaignJob {
+            ok, refused, resp, ..
+        } = job;
+        self.batch.after.push(Box::new(move |f| {
+            let durable = f.is_ok() && !failed.load(Relaxed);
+            let _ = resp.send(if durable { (ok, refused) } else { (0, refused) });
+        }));
     }
 
     /// Writes every car with lazy changes (in the next commit's flush, or sled's own).
@@ -497,24 +558,13 @@ impl Shard {
                     let _ = resp.send(Err(e));
                 }
             },
-            Msg::Batch { reqs, resp } => {
-                let mut ok = 0;
-                let mut refused = Vec::new();
-                for r in reqs {
-                    let vin = r.vin.to_string();
-                    match self.new_request(r) {
-                        Ok(_) => ok += 1,
-                        Err(e) => refused.push((vin, e.reason)),
-                    }
-                }
-                self.batch.after.push(Box::new(move |f| {
-                    let _ = resp.send(if f.is_ok() {
-                        (ok, refused)
-                    } else {
-                        (0, refused)
-                    });
-                }));
-            }
+            Msg::Batch { reqs, resp } => self.jobs.push_back(CampaignJob {
+                reqs: reqs.into_iter(),
+                ok: 0,
+                refused: Vec::new(),
+                failed: Arc::default(),
+                resp,
+            }),
             Msg::Report { vin, payload } => self.on_report(vin, &payload, pre),
             Msg::Presence { vin, online } => self.on_presence(vin, online),
             Msg::Status { vin, resp } => {

@@ -475,3 +475,35 @@ async fn delivered_callbacks_are_not_repeated_after_a_clean_restart() {
     }
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_larger_than_a_chunk_is_accepted_whole_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    // More cars than one shard accepts per chunk (256), even with every car on one shard.
+    let n = 600u32;
+    for i in 1000..1000 + n {
+        api.register(i).await;
+    }
+    let vins: Vec<String> = (1000..1000 + n).map(|i| vin(i).to_string()).collect();
+    let (s, b) = api
+        .post(
+            "/campaigns",
+            &json!({"vins": vins, "action": "ACTIVATE", "serviceId": "snow",
+                    "configuration": {"featureFlags": ["snow_mode"]}, "duration": {"type": "PERMANENT"}}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(b["accepted"], n);
+    assert_eq!(b["refusedCount"], 0);
+    let cid = b["campaignId"].as_str().unwrap().to_owned();
+    // The cars are offline: every request is in progress, none lost between chunks.
+    let (_, c) = api.get(&format!("/campaigns/{cid}")).await;
+    assert_eq!(c["counts"]["IN_PROGRESS"], n, "{c}");
+    let (_, st) = api
+        .get(&format!("/vehicles/{}/status", vin(1000 + n - 1)))
+        .await;
+    assert_eq!(st["activeServices"][0]["status"], "PENDING");
+    gw.shutdown().await;
+}
