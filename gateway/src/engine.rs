@@ -3,9 +3,11 @@
 //! Cars are split over shards by a hash of the VIN. Each shard is one OS thread that owns
 //! its cars outright (no lock is shared between shards or with the HTTP handlers): it
 //! signs commands, verifies reports, keeps the retry timers and writes to sled. It handles
-//! messages in batches and hands each batch to the group committer, whose continuation
-//! publishes the batch's commands, answers its HTTP callers and wakes the webhook sender
-//! only after the flush. Signing and verifying therefore never run on the async executor.
+//! messages in batches and flushes once per batch; only after that flush does it publish
+//! the batch's commands, answer its HTTP callers and hand callbacks to the webhook sender.
+//! (It flushes itself rather than through a committer thread: on a small machine each
+//! hand-over to another thread costs a context switch, and sled merges concurrent flushes.)
+//! Signing, verifying and flushing therefore never run on the async executor.
 //!
 //! A request's life: accepted (seq N, command signed, flushed, published retained, 2xx) →
 //! settled when a report verified with the car's key shows `applied_seq >= N` (callback
@@ -34,8 +36,8 @@ use crate::campaign::CampaignCounts;
 use crate::config::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::store::{
-    enc, iso_ms, next_id, now_ms, CarRec, Committer, Continuation, GrantRec, HistoryEntry,
-    RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
+    enc, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry, RequestRec, Store,
+    Ticket, VehicleRec, HISTORY_PER_CAR,
 };
 use crate::webhook::{Due, Handoff};
 
@@ -129,7 +131,6 @@ pub(crate) enum Msg {
 /// What every shard shares (read-only or atomics).
 pub(crate) struct Shared {
     pub(crate) store: Store,
-    pub(crate) committer: Committer,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) retry: RetryPolicy,
     pub(crate) command_ttl: Duration,
@@ -468,29 +469,26 @@ impl Shard {
         if batch.publishes.is_empty() && batch.after.is_empty() && batch.callbacks.is_empty() {
             return;
         }
-        let out = self.sh.out.clone();
-        let webhook = self.sh.webhook.clone();
-        let metrics = self.sh.metrics.clone();
-        self.sh.committer.after_flush(Box::new(move |r| {
-            if r.is_ok() {
-                metrics
-                    .commands_published
-                    .fetch_add(batch.publishes.len() as u64, Relaxed);
-                for p in batch.publishes {
-                    if out.send(p).is_err() {
-                        break;
-                    }
-                }
-                if let Some(w) = webhook {
-                    for due in batch.callbacks {
-                        w.send(due);
-                    }
+        let r = self.sh.store.flush(&self.sh.metrics);
+        if r.is_ok() {
+            self.sh
+                .metrics
+                .commands_published
+                .fetch_add(batch.publishes.len() as u64, Relaxed);
+            for p in batch.publishes {
+                if self.sh.out.send(p).is_err() {
+                    break;
                 }
             }
-            for k in batch.after {
-                k(r.clone());
+            if let Some(w) = &self.sh.webhook {
+                for due in batch.callbacks {
+                    w.send(due);
+                }
             }
-        }));
+        }
+        for k in batch.after {
+            k(r.clone());
+        }
     }
 
     fn schedule(&mut self, id: RequestId, after: Duration) {

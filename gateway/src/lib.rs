@@ -44,7 +44,7 @@ use caas_protocol::{files, verifying_key_to_hex, KeyId, RequestId};
 pub use config::{Config, RetryPolicy, TlsFiles, DEV_API_TOKEN};
 
 use engine::{Engine, Msg, Shared};
-use store::{dec, Committer, RequestRec, Store};
+use store::{dec, RequestRec, Store};
 
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`].
 pub struct Gateway {
@@ -58,8 +58,6 @@ pub struct Gateway {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The group committer's thread (it ends once the engine's shards are gone).
-    committer_thread: std::thread::JoinHandle<()>,
     /// The callback sender and what stops it (it tells the engine what it delivered first).
     webhook: Option<(
         tokio::sync::oneshot::Sender<()>,
@@ -109,15 +107,7 @@ impl Gateway {
             stop_within(t, Duration::ZERO).await;
         }
         let engine = self.engine.clone();
-        let committer = self.committer_thread;
-        let _ = tokio::task::spawn_blocking(move || {
-            // The shards held the last handles to the committer: once they are all gone,
-            // it ends too.
-            if engine.stop() {
-                let _ = committer.join();
-            }
-        })
-        .await;
+        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
         let _ = self.store.db.flush_async().await;
         tracing::info!("gateway stopped");
     }
@@ -146,7 +136,6 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let key_id = KeyId::of(&key.verifying_key()).to_string();
     let store = Store::open(&config.data.join("db")).context("opening the database")?;
     let metrics = Arc::new(metrics::Metrics::default());
-    let (committer, committer_thread) = Committer::start(store.db.clone(), metrics.clone())?;
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
     let (handoff, inbox) = match config.webhook_url {
         Some(_) => {
@@ -157,7 +146,6 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     };
     let shared = Arc::new(Shared {
         store: store.clone(),
-        committer,
         metrics: metrics.clone(),
         retry: config.retry.clone(),
         command_ttl: config.command_ttl,
@@ -263,7 +251,6 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         http_task,
         tasks,
         webhook: webhook_task,
-        committer_thread,
     })
 }
 

@@ -108,7 +108,7 @@ impl Metrics {
         );
         counter(
             "caas_store_flushes_total",
-            "sled flushes (group commits).",
+            "sled flushes (one per engine batch that must be durable).",
             &[("", self.flushes.load(Relaxed))],
         );
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));

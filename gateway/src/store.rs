@@ -1,20 +1,16 @@
-//! Durable state in sled, and the group committer that makes it durable.
+//! Durable state in sled.
 //!
 //! sled writes are in memory until `flush`; the gateway answers 2xx only after the flush
-//! that covers its writes. One committer thread flushes for everyone: it takes every
-//! waiting batch, flushes once, then runs each batch's continuation (answer the HTTP
-//! caller, publish the signed commands, queue the callbacks). Under load one fsync covers
-//! hundreds of requests.
+//! that covers its writes. Each engine shard flushes once per batch of messages, then runs
+//! the batch's continuations (answer the HTTP callers, publish the signed commands, hand
+//! over the callbacks), so under load one flush covers hundreds of requests; and a flush
+//! writes everything written so far by every shard, so concurrent shards share flushes.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-/// Most continuations waiting for one flush; shards block (backpressure) beyond it.
-pub(crate) const COMMIT_QUEUE: usize = 65_536;
-/// Most continuations one flush serves.
-const COMMIT_BATCH: usize = 8_192;
 /// History entries kept per car; older ones are pruned.
 pub(crate) const HISTORY_PER_CAR: usize = 256;
 
@@ -57,6 +53,20 @@ impl Store {
             campaign_reqs: db.open_tree("campaign_reqs")?,
             db,
         })
+    }
+}
+
+impl Store {
+    /// Makes every write so far durable (sled's flush); `Err` says why not.
+    pub(crate) fn flush(&self, metrics: &crate::metrics::Metrics) -> Result<(), String> {
+        metrics
+            .flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let r = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "flush failed");
+        }
+        r
     }
 }
 
@@ -241,47 +251,3 @@ pub(crate) fn new_uuid() -> [u8; 16] {
 
 /// What runs after the flush that made a batch durable: `Ok` if it is durable.
 pub(crate) type Continuation = Box<dyn FnOnce(Result<(), String>) + Send>;
-
-/// The handle to the committer thread.
-#[derive(Clone)]
-pub(crate) struct Committer {
-    tx: flume::Sender<Continuation>,
-}
-
-impl Committer {
-    /// Starts the committer thread for `db`. The thread ends once every `Committer` handle
-    /// is dropped; join it to know it has let go of the database.
-    pub(crate) fn start(
-        db: sled::Db,
-        metrics: std::sync::Arc<crate::metrics::Metrics>,
-    ) -> std::io::Result<(Committer, std::thread::JoinHandle<()>)> {
-        let (tx, rx) = flume::bounded::<Continuation>(COMMIT_QUEUE);
-        let thread = std::thread::Builder::new()
-            .name("gw-commit".into())
-            .spawn(move || {
-                let mut batch = Vec::with_capacity(1024);
-                while let Ok(first) = rx.recv() {
-                    batch.push(first);
-                    batch.extend(rx.try_iter().take(COMMIT_BATCH));
-                    metrics
-                        .flushes
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, "flush failed");
-                    }
-                    for k in batch.drain(..) {
-                        k(result.clone());
-                    }
-                }
-            })?;
-        Ok((Committer { tx }, thread))
-    }
-
-    /// Runs `k` after the next flush (blocking when the queue is full: backpressure).
-    pub(crate) fn after_flush(&self, k: Continuation) {
-        if let Err(flume::SendError(k)) = self.tx.send(k) {
-            k(Err("committer stopped".into()));
-        }
-    }
-}
