@@ -1,6 +1,7 @@
 //! Encode, decode, sign and verify rates for a typical command and report: the first lines of
 //! the system's budget (10,000 signed activations a second on two cores).
-//! Run: `cargo bench -p caas-protocol` (criterion prints each rate as elements per second).
+//! Run: `cargo bench -p caas-protocol` (criterion prints each rate as elements per second);
+//! add `--features batch` for the gateway's batched report opening.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "../tests/common/mod.rs"]
@@ -60,6 +61,38 @@ fn rates(c: &mut Criterion) {
     g.bench_function("open (verify+decode)", |b| {
         b.iter(|| open_report(black_box(&report_frame), &car_trusted))
     });
+    g.finish();
+    #[cfg(feature = "batch")]
+    open_report_batches(c);
+}
+
+/// `open_reports` over batches of reports from different cars, per report (the gateway's
+/// path; `cargo bench -p caas-protocol --features batch`).
+#[cfg(feature = "batch")]
+fn open_report_batches(c: &mut Criterion) {
+    let mut g = c.benchmark_group("report batch");
+    for n in [8u64, 64] {
+        let keys: Vec<SigningKey> = (0..n)
+            .map(|i| SigningKey::from_bytes(&[i as u8 + 1; 32]))
+            .collect();
+        let trusted: Vec<TrustedKey> = keys
+            .iter()
+            .map(|k| TrustedKey::new(k.verifying_key()))
+            .collect();
+        let frames: Vec<Vec<u8>> = keys
+            .iter()
+            .map(|k| seal_rpt(&typical_report(), k))
+            .collect();
+        let input: Vec<(&[u8], &TrustedKey)> = frames
+            .iter()
+            .zip(&trusted)
+            .map(|(f, k)| (f.as_slice(), k))
+            .collect();
+        g.throughput(Throughput::Elements(n));
+        g.bench_function(format!("open_reports x{n}"), |b| {
+            b.iter(|| open_reports(black_box(&input)))
+        });
+    }
     g.finish();
 }
 
