@@ -58,6 +58,8 @@ const RESEND_MERGE: Duration = Duration::from_millis(200);
 /// applied seq, a delivered callback): they are written together, at most this late. A
 /// crash loses only what the car's next report or a repeated callback restores.
 const LAZY_WRITE_AFTER: Duration = Duration::from_secs(1);
+/// Most cars' lazy changes written between two batches of messages.
+const LAZY_WRITE_STEP: usize = 64;
 
 /// A message the engine publishes.
 #[derive(Debug, Clone)]
@@ -306,8 +308,8 @@ struct Shard {
     batch: Batch,
     buf: Box<[u8; MAX_COMMAND_FRAME_SIZE]>,
     /// Cars with lazy changes, and when the oldest of them was made.
-    lazy_cars: Vec<Vin>,
-    lazy_since: Option<Instant>,
+    /// Cars with lazy changes, oldest first, with when the first of their changes was made.
+    lazy_cars: std::collections::VecDeque<(Instant, Vin)>,
     /// Campaign batches being worked through, [`CAMPAIGN_CHUNK`] requests at a time.
     jobs: std::collections::VecDeque<CampaignJob>,
 }
@@ -354,8 +356,7 @@ impl Shard {
             gen: 0,
             batch: Batch::default(),
             buf: Box::new([0u8; MAX_COMMAND_FRAME_SIZE]),
-            lazy_cars: Vec::new(),
-            lazy_since: None,
+            lazy_cars: std::collections::VecDeque::new(),
             jobs: std::collections::VecDeque::new(),
         }
     }
@@ -363,7 +364,7 @@ impl Shard {
     fn run(mut self, rx: flume::Receiver<Msg>) {
         loop {
             let timer = self.timers.peek().map(|Reverse((at, _, _))| *at);
-            let lazy = self.lazy_since.map(|t| t + LAZY_WRITE_AFTER);
+            let lazy = self.lazy_cars.front().map(|(t, _)| *t + LAZY_WRITE_AFTER);
             let deadline = match (timer, lazy) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -405,12 +406,7 @@ impl Shard {
             }
             self.work_campaigns();
             self.fire_timers();
-            if self
-                .lazy_since
-                .is_some_and(|t| t.elapsed() >= LAZY_WRITE_AFTER)
-            {
-                self.write_lazy();
-            }
+            self.write_due_lazy();
             self.commit();
         }
         self.write_lazy();
@@ -451,10 +447,26 @@ impl Shard {
 
     /// Writes every car with lazy changes (in the next commit's flush, or sled's own).
     fn write_lazy(&mut self) {
-        self.lazy_since = None;
-        for vin in std::mem::take(&mut self.lazy_cars) {
+        for (_, vin) in std::mem::take(&mut self.lazy_cars) {
             if self.cars.get(&vin).is_some_and(|c| c.lazy) {
                 self.save_car(&vin);
+            }
+        }
+    }
+
+    /// Writes the cars whose lazy changes are [`LAZY_WRITE_AFTER`] old, at most
+    /// [`LAZY_WRITE_STEP`] at a time, so that a burst of them (a campaign's cars a second
+    /// later) is spread over several batches instead of stalling one.
+    fn write_due_lazy(&mut self) {
+        for _ in 0..LAZY_WRITE_STEP {
+            match self.lazy_cars.front() {
+                Some((t, _)) if t.elapsed() >= LAZY_WRITE_AFTER => {}
+                _ => return,
+            }
+            if let Some((_, vin)) = self.lazy_cars.pop_front() {
+                if self.cars.get(&vin).is_some_and(|c| c.lazy) {
+                    self.save_car(&vin);
+                }
             }
         }
     }
@@ -764,8 +776,7 @@ impl Shard {
         if let Some(car) = self.cars.get_mut(vin) {
             if !car.lazy && !car.dirty {
                 car.lazy = true;
-                self.lazy_cars.push(*vin);
-                self.lazy_since.get_or_insert_with(Instant::now);
+                self.lazy_cars.push_back((Instant::now(), *vin));
             }
         }
     }
