@@ -30,26 +30,50 @@ fn router() -> impl Fn(&str) -> (LinkTx, LinkRx) {
     }
 }
 
-/// Every (topic, payload) `rx` receives within `wait`.
-fn drain(rx: &mut LinkRx, wait: Duration) -> Vec<(String, Vec<u8>)> {
-    let end = Instant::now() + wait;
+/// Receives until `rx` has as many messages as `expected` (waiting up to 30 s, as a loaded
+/// machine may be slow), then 200 ms more for any message that should not come, and
+/// compares, in any order.
+fn expect(rx: &mut LinkRx, expected: &[(&str, &str)]) {
+    let mut end = Instant::now() + Duration::from_secs(30);
     let mut got = Vec::new();
-    while let Ok(Some(n)) = rx.recv_deadline(end) {
-        match n {
-            Notification::Forward(f) => got.push((
+    let mut settling = false;
+    loop {
+        if !settling && got.len() >= expected.len() {
+            settling = true;
+            end = Instant::now() + Duration::from_millis(200);
+        }
+        match rx.recv_deadline(end) {
+            Ok(Some(Notification::Forward(f))) => got.push((
                 String::from_utf8(f.publish.topic.to_vec()).unwrap(),
                 f.publish.payload.to_vec(),
             )),
-            Notification::Unschedule => rx.ready().unwrap(),
-            _ => {}
+            Ok(Some(Notification::Unschedule)) => rx.ready().unwrap(),
+            Ok(_) => {}
+            Err(_) => break,
         }
     }
     got.sort();
-    got
+    let mut expected: Vec<(String, Vec<u8>)> = expected
+        .iter()
+        .map(|(t, p)| (t.to_string(), p.as_bytes().to_vec()))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
 }
 
-fn pair(topic: &str, payload: &[u8]) -> (String, Vec<u8>) {
-    (topic.to_string(), payload.to_vec())
+/// Subscribes and waits for the router's SubAck, so a publish sent afterwards is matched
+/// against the new filter whatever the machine's load (a fixed sleep was not enough).
+fn subscribe(tx: &mut LinkTx, rx: &mut LinkRx, filter: &str) {
+    tx.subscribe(filter).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match rx.recv_deadline(end) {
+            Ok(Some(Notification::DeviceAck(_))) => return,
+            Ok(Some(Notification::Unschedule)) => rx.ready().unwrap(),
+            Ok(_) => {}
+            Err(e) => panic!("no SubAck for {filter}: {e:?}"),
+        }
+    }
 }
 
 #[test]
@@ -58,58 +82,46 @@ fn exact_and_wildcard_filters_match_in_any_order() {
     let (mut publisher, _prx) = link("publisher");
     // Subscribed before the topics exist.
     let (mut early_exact, mut early_exact_rx) = link("early-exact");
-    early_exact.subscribe("/tenants/A/cmd").unwrap();
+    subscribe(&mut early_exact, &mut early_exact_rx, "/tenants/A/cmd");
     let (mut early_wild, mut early_wild_rx) = link("early-wild");
-    early_wild.subscribe("/tenants/+/cmd").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    subscribe(&mut early_wild, &mut early_wild_rx, "/tenants/+/cmd");
 
     publisher.publish("/tenants/A/cmd", b"1".to_vec()).unwrap();
     publisher.publish("/tenants/B/cmd", b"2".to_vec()).unwrap();
     publisher
         .publish("/tenants/A/report", b"3".to_vec())
         .unwrap();
-    let wait = Duration::from_millis(500);
-    assert_eq!(
-        drain(&mut early_exact_rx, wait),
-        vec![pair("/tenants/A/cmd", b"1")]
-    );
-    assert_eq!(
-        drain(&mut early_wild_rx, wait),
-        vec![pair("/tenants/A/cmd", b"1"), pair("/tenants/B/cmd", b"2")]
+    expect(&mut early_exact_rx, &[("/tenants/A/cmd", "1")]);
+    expect(
+        &mut early_wild_rx,
+        &[("/tenants/A/cmd", "1"), ("/tenants/B/cmd", "2")],
     );
 
     // Subscribed after the topics were first published (and cached by the router).
     let (mut late_exact, mut late_exact_rx) = link("late-exact");
-    late_exact.subscribe("/tenants/B/cmd").unwrap();
+    subscribe(&mut late_exact, &mut late_exact_rx, "/tenants/B/cmd");
     let (mut late_wild, mut late_wild_rx) = link("late-wild");
-    late_wild.subscribe("/tenants/A/#").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    subscribe(&mut late_wild, &mut late_wild_rx, "/tenants/A/#");
     publisher.publish("/tenants/A/cmd", b"4".to_vec()).unwrap();
     publisher.publish("/tenants/B/cmd", b"5".to_vec()).unwrap();
     publisher
         .publish("/tenants/A/report", b"6".to_vec())
         .unwrap();
-    assert_eq!(
-        drain(&mut late_exact_rx, wait),
-        vec![pair("/tenants/B/cmd", b"5")]
+    expect(&mut late_exact_rx, &[("/tenants/B/cmd", "5")]);
+    expect(
+        &mut late_wild_rx,
+        &[("/tenants/A/cmd", "4"), ("/tenants/A/report", "6")],
     );
-    assert_eq!(
-        drain(&mut late_wild_rx, wait),
-        vec![
-            pair("/tenants/A/cmd", b"4"),
-            pair("/tenants/A/report", b"6")
-        ]
-    );
-    assert_eq!(
-        drain(&mut early_exact_rx, wait),
-        vec![pair("/tenants/A/cmd", b"4")]
-    );
+    expect(&mut early_exact_rx, &[("/tenants/A/cmd", "4")]);
 }
 
 #[tokio::test]
 async fn retained_messages_reach_exact_and_wildcard_subscribers() {
     let link = router();
     let (mut publisher, _prx) = link("publisher");
+    // Sees every publish, so the test knows when the router has stored the retained ones.
+    let (mut probe, mut probe_rx) = link("probe");
+    subscribe(&mut probe, &mut probe_rx, "/tenants/+/cmd");
     publisher
         .publish("/tenants/A/cmd", b"old".to_vec())
         .unwrap();
@@ -121,21 +133,24 @@ async fn retained_messages_reach_exact_and_wildcard_subscribers() {
             .await
             .unwrap();
     }
-    std::thread::sleep(Duration::from_millis(100));
+    expect(
+        &mut probe_rx,
+        &[
+            ("/tenants/A/cmd", "old"),
+            ("/tenants/A/cmd", "a"),
+            ("/tenants/B/cmd", "b"),
+        ],
+    );
     let (mut exact, mut exact_rx) = link("exact");
     exact.subscribe("/tenants/B/cmd").unwrap();
     let (mut wild, mut wild_rx) = link("wild");
     wild.subscribe("/tenants/+/cmd").unwrap();
     let (mut none, mut none_rx) = link("none");
     none.subscribe("/tenants/C/cmd").unwrap();
-    let wait = Duration::from_millis(500);
-    assert_eq!(
-        drain(&mut exact_rx, wait),
-        vec![pair("/tenants/B/cmd", b"b")]
+    expect(&mut exact_rx, &[("/tenants/B/cmd", "b")]);
+    expect(
+        &mut wild_rx,
+        &[("/tenants/A/cmd", "a"), ("/tenants/B/cmd", "b")],
     );
-    assert_eq!(
-        drain(&mut wild_rx, wait),
-        vec![pair("/tenants/A/cmd", b"a"), pair("/tenants/B/cmd", b"b")]
-    );
-    assert_eq!(drain(&mut none_rx, wait), vec![]);
+    expect(&mut none_rx, &[]);
 }
