@@ -128,6 +128,7 @@ async fn stop_within(mut task: tokio::task::JoinHandle<()>, grace: Duration) {
 pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     config.validate()?;
+    raise_open_file_limit();
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating {}", config.data.display()))?;
     let key = files::load_or_generate(&config.signing_key_path())
@@ -260,6 +261,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     shutdown.await;
     gw.shutdown().await;
     Ok(())
+}
+
+/// Each connected car holds one file descriptor, and a Linux
+/// process often starts with a soft limit of 1,024 open files under a much higher hard
+/// limit: the gateway takes the hard limit, and says what it has, since past it new cars and
+/// HTTP clients wait unaccepted in the listen queue.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::info!(open_files = n, "open file limit"),
+        Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
 }
 
 /// Hands every stored car, then each car's unfinished requests, to its shard.

@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most idle keep-alive connections the activation path keeps for reuse (a load run has at
 /// most `scenario::MAX_IN_FLIGHT` requests out, so it never needs more than that many).
-pub const MAX_IDLE_CONNECTIONS: usize = 1024;
+pub const MAX_IDLE_CONNECTIONS: usize = crate::scenario::MAX_IN_FLIGHT;
 /// Largest answer body the activation path reads (an answer is about 100 bytes).
 pub const MAX_ANSWER: usize = 64 * 1024;
 

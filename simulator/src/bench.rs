@@ -106,6 +106,11 @@ pub struct Column {
     pub cpu_per_car_repeat: CpuShare,
     /// Callbacks that were not exactly one per request, over the whole column.
     pub callback_anomalies: u64,
+    /// Requests the gateway refused or that failed in HTTP, over the whole column (load
+    /// beyond what it keeps up with shows here, not as a callback anomaly).
+    pub http_errors: u64,
+    /// The first of those HTTP errors.
+    pub first_http_error: Option<String>,
     /// What went wrong, if something did.
     pub error: Option<String>,
 }
@@ -334,23 +339,28 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
     col.p50_ms = r.callback_latency.p50_ms;
     col.p99_ms = r.callback_latency.p99_ms;
     col.latency_achieved = r.achieved_rate;
-    col.callback_anomalies += r.no_callback + r.several_callbacks + r.http_errors;
+    col.count_anomalies(&r);
     eprintln!(
-        "bench[{broker}]: {:.0}/s → {}",
+        "bench[{broker}]: {:.0}/s → {}{}",
         a.latency_rate,
-        r.callback_latency.line()
+        r.callback_latency.line(),
+        anomalies(&r)
     );
     let mut misses = 0;
     for &rate in &a.rates {
         receiver.reset_latency();
         let r = run_scenario(&api, &receiver, &vins, &scenario(rate, a.step)).await?;
-        col.callback_anomalies += r.no_callback + r.several_callbacks + r.http_errors;
+        col.count_anomalies(&r);
         let p99 = r.callback_latency.p99_ms;
-        let kept_up = r.achieved_rate >= 0.95 * rate && r.skipped == 0 && r.no_callback == 0;
+        let kept_up = r.achieved_rate >= 0.95 * rate
+            && r.skipped == 0
+            && r.no_callback == 0
+            && r.http_errors == 0;
         eprintln!(
-            "bench[{broker}]: {rate:.0}/s (achieved {:.0}/s) → p99 {p99:.1} ms{}",
+            "bench[{broker}]: {rate:.0}/s (achieved {:.0}/s) → p99 {p99:.1} ms{}{}",
             r.achieved_rate,
-            if kept_up { "" } else { " (did not keep up)" }
+            if kept_up { "" } else { " (did not keep up)" },
+            anomalies(&r)
         );
         if p99 < a.p99_ms && kept_up {
             misses = 0;
@@ -375,6 +385,34 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
     drop(gateway);
     drop(mosquitto);
     Ok(col)
+}
+
+impl Column {
+    fn count_anomalies(&mut self, r: &crate::scenario::RunReport) {
+        self.callback_anomalies += r.no_callback + r.several_callbacks;
+        self.http_errors += r.http_errors;
+        if self.first_http_error.is_none() {
+            self.first_http_error.clone_from(&r.first_error);
+        }
+    }
+}
+
+/// What went wrong in one run, for the progress line (empty when nothing did).
+fn anomalies(r: &crate::scenario::RunReport) -> String {
+    if r.no_callback + r.several_callbacks + r.http_errors + r.skipped == 0 {
+        return String::new();
+    }
+    format!(
+        "; {} without callback, {} with several, {} HTTP errors{}, {} ticks skipped",
+        r.no_callback,
+        r.several_callbacks,
+        r.http_errors,
+        r.first_error
+            .as_deref()
+            .map(|e| format!(" (first: {e})"))
+            .unwrap_or_default(),
+        r.skipped
+    )
 }
 
 fn kib(b: u64) -> String {
@@ -454,6 +492,10 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
                 .map(|c| c.callback_anomalies.to_string())
                 .collect(),
         ),
+        (
+            "requests refused or failed in HTTP (all rates)".into(),
+            cols.iter().map(|c| c.http_errors.to_string()).collect(),
+        ),
     ];
     let us = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.0} µs"));
     // The embedded broker has no process of its own: its CPU is the gateway's.
@@ -493,6 +535,14 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
         ));
     }
 
+    if cols.iter().any(|c| c.first_http_error.is_some()) {
+        rows.push((
+            "first HTTP error".into(),
+            cols.iter()
+                .map(|c| c.first_http_error.clone().unwrap_or_else(|| "-".into()))
+                .collect(),
+        ));
+    }
     if cols.iter().any(|c| c.error.is_some()) {
         rows.push((
             "errors".into(),
@@ -677,6 +727,7 @@ mod tests {
             "| gateway memory per connected car |",
             "| simulator memory per car |",
             "| callbacks missing or repeated |",
+            "| requests refused or failed in HTTP (all rates) |",
         ] {
             assert!(t.contains(row), "{row} missing in\n{t}");
         }
