@@ -1,4 +1,5 @@
-//! Prometheus counters, gauges and the activation latency histogram (lock-free atomics).
+//! Prometheus counters, gauges and histograms (activation latency, store flush time), all
+//! lock-free atomics.
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -26,21 +27,54 @@ pub(crate) struct Metrics {
     pub(crate) webhook_deliveries: AtomicU64,
     pub(crate) webhook_failures: AtomicU64,
     pub(crate) flushes: AtomicU64,
-    latency_buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    latency_count: AtomicU64,
-    latency_sum_us: AtomicU64,
+    latency: Histogram,
+    flush_time: Histogram,
+}
+
+/// A Prometheus histogram over [`LATENCY_BUCKETS`].
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, secs: f64) {
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.buckets[i].fetch_add(1, Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_us.fetch_add((secs * 1e6) as u64, Relaxed);
+    }
+
+    fn render(&self, s: &mut String, name: &str, help: &str) {
+        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                s,
+                "{name}_bucket{{le=\"{le}\"}} {}",
+                self.buckets[i].load(Relaxed)
+            );
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(s, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(s, "{name}_sum {}", self.sum_us.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(s, "{name}_count {count}");
+    }
 }
 
 impl Metrics {
     /// Records one request's POST-to-completion latency.
     pub(crate) fn observe_latency(&self, secs: f64) {
-        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            if secs <= *le {
-                self.latency_buckets[i].fetch_add(1, Relaxed);
-            }
-        }
-        self.latency_count.fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add((secs * 1e6) as u64, Relaxed);
+        self.latency.observe(secs);
+    }
+
+    /// Records how long one store flush took (the wait every durable answer includes).
+    pub(crate) fn observe_flush(&self, secs: f64) {
+        self.flush_time.observe(secs);
     }
 
     /// The Prometheus text exposition.
@@ -113,25 +147,16 @@ impl Metrics {
         );
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
-        let _ = writeln!(s, "# HELP caas_activation_latency_seconds Time from the accepted POST to the car's confirming report.\n# TYPE caas_activation_latency_seconds histogram");
-        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                s,
-                "caas_activation_latency_seconds_bucket{{le=\"{le}\"}} {}",
-                self.latency_buckets[i].load(Relaxed)
-            );
-        }
-        let count = self.latency_count.load(Relaxed);
-        let _ = writeln!(
-            s,
-            "caas_activation_latency_seconds_bucket{{le=\"+Inf\"}} {count}"
+        self.latency.render(
+            &mut s,
+            "caas_activation_latency_seconds",
+            "Time from the accepted POST to the car's confirming report.",
         );
-        let _ = writeln!(
-            s,
-            "caas_activation_latency_seconds_sum {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
+        self.flush_time.render(
+            &mut s,
+            "caas_store_flush_seconds",
+            "Time one store flush took (every durable answer waits for one).",
         );
-        let _ = writeln!(s, "caas_activation_latency_seconds_count {count}");
         s
     }
 }

@@ -62,7 +62,9 @@ impl Store {
         metrics
             .flushes
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let r = self.db.flush().map(|_| ()).map_err(|e| e.to_string());
+        metrics.observe_flush(started.elapsed().as_secs_f64());
         if let Err(e) = &r {
             tracing::error!(error = %e, "flush failed");
         }

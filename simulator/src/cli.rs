@@ -323,18 +323,47 @@ fn options(a: &FleetArgs, seed: u64, prefix: String) -> Result<FleetOptions> {
     })
 }
 
-async fn wait_for_end(duration: Option<Duration>) {
-    match duration {
-        Some(d) => {
-            tokio::select! {
-                _ = tokio::time::sleep(d) => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// Ends at the first of: `duration` over, Ctrl-C, SIGTERM, or (with `stdin_eof`, as a
+/// worker) the end of standard input, which is the parent closing it to stop the worker or
+/// the parent gone: a worker must not outlive its fleet.
+async fn wait_for_end(duration: Option<Duration>, stdin_eof: bool) {
+    let timer = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    let parent_gone = async {
+        if !stdin_eof {
+            return std::future::pending().await;
+        }
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = tokio::io::AsyncReadExt::read(&mut stdin, &mut buf).await {
+            if n == 0 {
+                break;
             }
         }
-        None => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+    };
+    tokio::select! {
+        _ = timer => {}
+        _ = stop_signal() => {}
+        _ = parent_gone => {}
     }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 async fn fleet_main(a: FleetArgs) -> Result<i32> {
@@ -403,7 +432,7 @@ async fn fleet_main(a: FleetArgs) -> Result<i32> {
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         });
-        wait_for_end(a.duration).await;
+        wait_for_end(a.duration, false).await;
         ticker.abort();
         fleet.stop().await
     } else {
@@ -452,7 +481,7 @@ async fn worker_main(a: FleetArgs, mut opts: FleetOptions, first: u64) -> Result
         }
     });
     fleet.wait_connected(a.connect_timeout, false).await;
-    wait_for_end(a.duration).await;
+    wait_for_end(a.duration, true).await;
     ticker.abort();
     let (handle_hist, connect_hist) = fleet.stats.histograms();
     let report = fleet.stop().await;
@@ -470,6 +499,7 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
     let connected = Arc::new(Mutex::new(vec![0u64; workers as usize]));
     let done: Arc<Mutex<Vec<WorkerLine>>> = Arc::new(Mutex::new(Vec::new()));
     let mut children = Vec::new();
+    let mut stdins = Vec::new();
     let mut readers = Vec::new();
     let started = Instant::now();
     for w in 0..workers {
@@ -527,9 +557,12 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
                 cmd.args([flag, &format!("{}ms", d.as_millis())]);
             }
         }
-        cmd.stdout(Stdio::piped()).stdin(Stdio::null());
+        // The worker runs until its standard input closes: dropping `stdins` stops them all,
+        // and so does this process's end, however it ends.
+        cmd.stdout(Stdio::piped()).stdin(Stdio::piped());
         let mut child = cmd.spawn().context("starting a worker process")?;
         let stdout = child.stdout.take().context("worker stdout")?;
+        stdins.extend(child.stdin.take());
         let connected = connected.clone();
         let done = done.clone();
         readers.push(std::thread::spawn(move || {
@@ -556,6 +589,9 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
     }
     let pb = crate::fleet::bar(a.cars, "connecting", !a.no_progress);
     let mut connected_at = None;
+    // Ctrl-C or SIGTERM: the workers are told to stop (their stdin closed) and report.
+    let stop = stop_signal();
+    tokio::pin!(stop);
     loop {
         let n: u64 = connected.lock().map(|c| c.iter().sum()).unwrap_or(0);
         pb.set_position(n);
@@ -570,7 +606,10 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
         if all_exited {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = &mut stop, if !stdins.is_empty() => stdins.clear(),
+        }
     }
     pb.finish_and_clear();
     for r in readers {

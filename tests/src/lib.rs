@@ -178,6 +178,34 @@ impl Env {
     }
 }
 
+impl Env {
+    /// Kills the fleet's own process with SIGKILL, as a crash would, giving it no chance to
+    /// stop its worker processes itself.
+    pub fn kill_fleet(&mut self) -> Result<()> {
+        let mut child = self.fleet.take().context("fleet already stopped")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+}
+
+/// Fleet worker processes (`caas-sim fleet --worker-first ...`) running with this VIN prefix.
+pub fn fleet_workers(vin_prefix: &str) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|cmd| {
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.contains(&b"--worker-first".as_slice())
+                && args
+                    .windows(2)
+                    .any(|w| w == [b"--vin-prefix", vin_prefix.as_bytes()])
+        })
+        .count()
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         if let Some(mut c) = self.fleet.take() {

@@ -349,3 +349,51 @@ async fn refusing_cars_fail_with_their_code_and_late_cars_still_activate() {
         }
     }
 }
+
+/// Waits up to 20 s for the fleet workers of `prefix` to be gone; how many are left.
+fn workers_left_after_wait(prefix: &str) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = caas_tests::fleet_workers(prefix);
+        if n == 0 || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_workers_stop_with_their_parent_however_it_ends() {
+    let retry = Retry {
+        attempts: 2,
+        attempt_timeout: "1s",
+        backoff: "500ms",
+    };
+    // Asked to stop: the parent tells its workers, and its report covers all their cars.
+    let mut env = Env::start(
+        sim(),
+        40,
+        retry.clone(),
+        &["--workers", "2", "--vin-prefix", "SMVWKA"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(caas_tests::fleet_workers("SMVWKA"), 2);
+    let report = env.stop_fleet().unwrap();
+    assert_eq!((report.cars, report.workers), (40, 2), "{}", report.text());
+    assert_eq!(report.cars_connected, 40, "{}", report.text());
+    assert_eq!(workers_left_after_wait("SMVWKA"), 0);
+
+    // Killed outright: the workers see their standard input close and end too.
+    let mut env = Env::start(
+        sim(),
+        40,
+        retry,
+        &["--workers", "2", "--vin-prefix", "SMVWKB"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(caas_tests::fleet_workers("SMVWKB"), 2);
+    env.kill_fleet().unwrap();
+    assert_eq!(workers_left_after_wait("SMVWKB"), 0);
+}
