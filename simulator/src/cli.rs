@@ -664,6 +664,8 @@ pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// measured apart from the caller's.
 pub struct FleetChild {
     child: std::process::Child,
+    /// Held open while the fleet runs (see `wait_for_end`).
+    _stdin: Option<std::process::ChildStdin>,
     connected: Arc<std::sync::atomic::AtomicU64>,
     done: Arc<Mutex<Option<FleetReport>>>,
     reader: Option<std::thread::JoinHandle<()>>,
@@ -694,11 +696,13 @@ impl FleetChild {
             ])
             .args(["--duration", "24h"])
             .args(extra)
-            .stdin(Stdio::null())
+            // A worker runs until its stdin closes: this handle's end (or ours) stops it.
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
             .context("starting the fleet process")?;
         let stdout = child.stdout.take().context("fleet stdout")?;
+        let stdin = child.stdin.take();
         let connected = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let done = Arc::new(Mutex::new(None));
         let (c, d) = (connected.clone(), done.clone());
@@ -720,6 +724,7 @@ impl FleetChild {
         });
         Ok(FleetChild {
             child,
+            _stdin: stdin,
             connected,
             done,
             reader: Some(reader),

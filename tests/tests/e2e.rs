@@ -397,3 +397,36 @@ async fn fleet_workers_stop_with_their_parent_however_it_ends() {
     env.kill_fleet().unwrap();
     assert_eq!(workers_left_after_wait("SMVWKB"), 0);
 }
+
+/// The benchmark end to end on a small fleet: its gateway, its fleet process and its
+/// load all work together, and what it measures adds up.
+#[test]
+fn a_small_bench_fills_its_table_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("table.md");
+    let out = std::process::Command::new(sim())
+        .args(["bench", "--cars", "100", "--rates", "200", "--step", "1s"])
+        .args(["--latency-rate", "200", "--latency-duration", "1s"])
+        .args(["--only", "embedded", "--no-progress", "--out"])
+        .arg(&table)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    for campaign in ["campaign 1", "campaign 2"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(campaign) && l.contains("(100 COMPLETED, 0 FAILED")),
+            "{campaign} did not complete every car:\n{log}"
+        );
+    }
+    let table = std::fs::read_to_string(&table).unwrap();
+    for row in [
+        "| cars connected | 100 |",
+        "| callbacks missing or repeated | 0 |",
+        "| requests refused or failed in HTTP (all rates) | 0 |",
+    ] {
+        assert!(table.contains(row), "{row} missing in\n{table}");
+    }
+    assert!(!table.contains("| errors |"), "{table}");
+}
