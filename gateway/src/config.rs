@@ -94,6 +94,9 @@ pub struct Config {
     /// Embedded broker routers (cars are spread over them by VIN), at least 1. rumqttd's
     /// matching cost grows with the square of the cars on one router.
     pub broker_shards: usize,
+    /// Most memory sled keeps as its page cache, in MiB (its own default, 1 GiB): past it
+    /// pages are evicted and read back from disk when needed.
+    pub store_cache_mb: u64,
 }
 
 impl Default for Config {
@@ -113,6 +116,7 @@ impl Default for Config {
             command_ttl: Duration::from_secs(24 * 3600),
             shards: 4,
             broker_shards: 4,
+            store_cache_mb: 1024,
         }
     }
 }
@@ -144,6 +148,9 @@ impl Config {
         }
         if self.broker_shards == 0 {
             bail!("broker shards must be at least 1");
+        }
+        if self.store_cache_mb == 0 {
+            bail!("store cache must be at least 1 MiB");
         }
         if self.shards == 0 {
             bail!("shards must be at least 1");
@@ -252,6 +259,9 @@ pub struct ServeArgs {
     /// Embedded broker routers, cars spread over them by VIN [default: 4]
     #[arg(long, env = "CAAS_GATEWAY_BROKER_SHARDS")]
     pub broker_shards: Option<usize>,
+    /// The store's page cache, MiB [default: 1024]
+    #[arg(long, env = "CAAS_GATEWAY_STORE_CACHE_MB")]
+    pub store_cache_mb: Option<u64>,
     /// TOML file with the same names (kebab-case)
     #[arg(long, env = "CAAS_GATEWAY_CONFIG")]
     #[serde(skip)]
@@ -309,6 +319,7 @@ impl ServeArgs {
             },
             shards: a.shards.unwrap_or(d.shards),
             broker_shards: a.broker_shards.unwrap_or(d.broker_shards),
+            store_cache_mb: a.store_cache_mb.unwrap_or(d.store_cache_mb),
         };
         config.validate()?;
         Ok(config)
@@ -334,6 +345,7 @@ impl ServeArgs {
             command_ttl: self.command_ttl.or(file.command_ttl),
             shards: self.shards.or(file.shards),
             broker_shards: self.broker_shards.or(file.broker_shards),
+            store_cache_mb: self.store_cache_mb.or(file.store_cache_mb),
             config: self.config,
         }
     }
@@ -360,7 +372,7 @@ mod tests {
         let path = dir.path().join("gw.toml");
         std::fs::write(
             &path,
-            "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\n",
+            "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\nstore-cache-mb = 64\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -376,6 +388,13 @@ mod tests {
             vec![Duration::from_secs(1), Duration::from_secs(2)]
         );
         assert_eq!(c.retry.backoff_after(5), Duration::from_secs(2));
+        assert_eq!(c.store_cache_mb, 64);
+        assert!(ServeArgs {
+            store_cache_mb: Some(0),
+            ..Default::default()
+        }
+        .into_config()
+        .is_err());
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "nope = 1\n").unwrap();
         assert!(ServeArgs {

@@ -135,7 +135,8 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         .with_context(|| format!("signing key {}", config.signing_key_path().display()))?;
     let public_key = verifying_key_to_hex(&key.verifying_key()).to_string();
     let key_id = KeyId::of(&key.verifying_key()).to_string();
-    let store = Store::open(&config.data.join("db")).context("opening the database")?;
+    let store = Store::open(&config.data.join("db"), config.store_cache_mb)
+        .context("opening the database")?;
     let metrics = Arc::new(metrics::Metrics::default());
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
     let (handoff, inbox) = match config.webhook_url {

@@ -37,9 +37,11 @@ pub(crate) struct Store {
 }
 
 impl Store {
-    pub(crate) fn open(path: &std::path::Path) -> anyhow::Result<Store> {
+    /// Opens (or creates) the store at `path`, with a page cache of at most `cache_mb` MiB.
+    pub(crate) fn open(path: &std::path::Path, cache_mb: u64) -> anyhow::Result<Store> {
         let db = sled::Config::new()
             .path(path)
+            .cache_capacity(cache_mb.saturating_mul(1024 * 1024))
             .flush_every_ms(Some(200))
             .open()?;
         Ok(Store {
