@@ -23,7 +23,7 @@ use crate::config::{split_broker_url, Config};
 use crate::engine::{Engine, Msg, Outbound};
 use crate::metrics::Metrics;
 
-/// Commands waiting to be published; the committer waits when it is full.
+/// Commands waiting to be published; a shard waits when it is full.
 pub(crate) const OUT_QUEUE: usize = 65_536;
 /// Largest MQTT payload the embedded broker accepts (a report is far smaller).
 const MAX_PAYLOAD: usize = 16 * 1024;
