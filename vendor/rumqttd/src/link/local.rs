@@ -336,7 +336,9 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // CaaS patch: grown on demand (it is swapped with the router's bounded
+            // outgoing buffer); 100 preallocated notifications cost every car ~25 KiB.
+            cache: VecDeque::new(),
         }
     }
 

@@ -120,7 +120,9 @@ impl<P: Protocol> RemoteLink<P> {
             network,
             link_tx,
             link_rx,
-            notifications: VecDeque::with_capacity(100),
+            // CaaS patch: grown on demand (filled from the router's bounded outgoing
+            // buffer); 100 preallocated notifications cost every car ~25 KiB.
+            notifications: VecDeque::new(),
             will_delay_interval,
         })
     }
