@@ -448,9 +448,11 @@ pub struct AckLog {
 impl AckLog {
     /// New log
     pub fn new() -> AckLog {
+        // CaaS patch: grown on demand; 100 preallocated acks and 100 QoS 2 publishes cost
+        // every connection ~45 KiB (the capacities were never bounds: pushes grow them).
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 
