@@ -480,8 +480,26 @@ async fn worker_main(a: FleetArgs, mut opts: FleetOptions, first: u64) -> Result
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    fleet.wait_connected(a.connect_timeout, false).await;
-    wait_for_end(a.duration, true).await;
+    // Told to stop (signal, or the parent's pipe closed) while still connecting: stop now,
+    // not after the connect timeout. Otherwise run for `--duration` after connecting.
+    let stopped = wait_for_end(None, true);
+    tokio::pin!(stopped);
+    let connected = tokio::select! {
+        _ = fleet.wait_connected(a.connect_timeout, false) => true,
+        _ = &mut stopped => false,
+    };
+    if connected {
+        let run = async {
+            match a.duration {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = run => {}
+            _ = &mut stopped => {}
+        }
+    }
     ticker.abort();
     let (handle_hist, connect_hist) = fleet.stats.histograms();
     let report = fleet.stop().await;
