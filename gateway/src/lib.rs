@@ -264,10 +264,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
-/// Each connected car holds one file descriptor, and a Linux
-/// process often starts with a soft limit of 1,024 open files under a much higher hard
-/// limit: the gateway takes the hard limit, and says what it has, since past it new cars and
-/// HTTP clients wait unaccepted in the listen queue.
+/// Each connected car holds one file descriptor, and a Linux process often starts with a
+/// soft limit of 1,024 open files under a much higher hard limit: the gateway takes the hard
+/// limit, and says what it has, since past it new cars and HTTP clients wait unaccepted in
+/// the listen queue.
 fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::info!(open_files = n, "open file limit"),

@@ -327,12 +327,6 @@ fn options(a: &FleetArgs, seed: u64, prefix: String) -> Result<FleetOptions> {
 /// worker) the end of standard input, which is the parent closing it to stop the worker or
 /// the parent gone: a worker must not outlive its fleet.
 async fn wait_for_end(duration: Option<Duration>, stdin_eof: bool) {
-    let timer = async {
-        match duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
     let parent_gone = async {
         if !stdin_eof {
             return std::future::pending().await;
@@ -346,9 +340,17 @@ async fn wait_for_end(duration: Option<Duration>, stdin_eof: bool) {
         }
     };
     tokio::select! {
-        _ = timer => {}
+        _ = sleep_for(duration) => {}
         _ = stop_signal() => {}
         _ = parent_gone => {}
+    }
+}
+
+/// Sleeps `duration`, or for ever without one.
+async fn sleep_for(duration: Option<Duration>) {
+    match duration {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -489,14 +491,8 @@ async fn worker_main(a: FleetArgs, mut opts: FleetOptions, first: u64) -> Result
         _ = &mut stopped => false,
     };
     if connected {
-        let run = async {
-            match a.duration {
-                Some(d) => tokio::time::sleep(d).await,
-                None => std::future::pending().await,
-            }
-        };
         tokio::select! {
-            _ = run => {}
+            _ = sleep_for(a.duration) => {}
             _ = &mut stopped => {}
         }
     }

@@ -176,9 +176,7 @@ impl Env {
             .with_context(|| format!("reading {}", self.report_path.display()))?;
         Ok(serde_json::from_str(&text)?)
     }
-}
 
-impl Env {
     /// Kills the fleet's own process with SIGKILL, as a crash would, giving it no chance to
     /// stop its worker processes itself.
     pub fn kill_fleet(&mut self) -> Result<()> {

@@ -362,38 +362,36 @@ fn workers_left_after_wait(prefix: &str) -> usize {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fleet_workers_stop_with_their_parent_however_it_ends() {
+/// A 40-car fleet in two worker processes, its VINs starting with `prefix`.
+async fn fleet_of_two_workers(prefix: &str) -> Env {
     let retry = Retry {
         attempts: 2,
         attempt_timeout: "1s",
         backoff: "500ms",
     };
-    // Asked to stop: the parent tells its workers, and its report covers all their cars.
-    let mut env = Env::start(
+    let env = Env::start(
         sim(),
         40,
-        retry.clone(),
-        &["--workers", "2", "--vin-prefix", "SMVWKA"],
+        retry,
+        &["--workers", "2", "--vin-prefix", prefix],
     )
     .await
     .unwrap();
-    assert_eq!(caas_tests::fleet_workers("SMVWKA"), 2);
+    assert_eq!(caas_tests::fleet_workers(prefix), 2);
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_workers_stop_with_their_parent_however_it_ends() {
+    // Asked to stop: the parent tells its workers, and its report covers all their cars.
+    let mut env = fleet_of_two_workers("SMVWKA").await;
     let report = env.stop_fleet().unwrap();
     assert_eq!((report.cars, report.workers), (40, 2), "{}", report.text());
     assert_eq!(report.cars_connected, 40, "{}", report.text());
     assert_eq!(workers_left_after_wait("SMVWKA"), 0);
 
     // Killed outright: the workers see their standard input close and end too.
-    let mut env = Env::start(
-        sim(),
-        40,
-        retry,
-        &["--workers", "2", "--vin-prefix", "SMVWKB"],
-    )
-    .await
-    .unwrap();
-    assert_eq!(caas_tests::fleet_workers("SMVWKB"), 2);
+    let mut env = fleet_of_two_workers("SMVWKB").await;
     env.kill_fleet().unwrap();
     assert_eq!(workers_left_after_wait("SMVWKB"), 0);
 }
