@@ -25,8 +25,8 @@ use tokio::sync::oneshot;
 use crate::engine::{Engine, Msg, NewRequest, Op};
 use crate::metrics::Metrics;
 use crate::store::{
-    dec, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec, RequestRec, Store, Ticket,
-    VehicleRec,
+    campaign_request_id, dec, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec,
+    HistoryEntries, RequestRec, Store, Ticket, VehicleRec, CAMPAIGN_PREFIX,
 };
 
 /// Largest request body on every route but `POST /campaigns`.
@@ -608,10 +608,24 @@ async fn history(
     let mut hi = vin.as_bytes().to_vec();
     hi.extend_from_slice(&before.to_be_bytes());
     let mut entries = Vec::new();
-    for item in st.store.history.range(lo..hi).rev().take(limit) {
+    // A value holds one batch's entries, all at or after its key's id: those of a value just
+    // below `before` that are not below it were on an earlier page.
+    let older = |e: &Value| {
+        e["id"]
+            .as_str()
+            .and_then(|id| id.parse::<u64>().ok())
+            .is_some_and(|id| id < before)
+    };
+    'pages: for item in st.store.history.range(lo..hi).rev() {
         let (_, v) = item.map_err(ApiError::storage)?;
-        if let Some(e) = dec::<Value>(&v) {
+        let Some(group) = dec::<HistoryEntries<Value>>(&v) else {
+            continue;
+        };
+        for e in group.into_vec().into_iter().rev().filter(older) {
             entries.push(e);
+            if entries.len() == limit {
+                break 'pages;
+            }
         }
     }
     let next = if entries.len() == limit {
@@ -694,11 +708,11 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
     let counts = st.campaigns.open(&rec.campaign_id);
     let n = st.engine.shard_count();
     let mut per_shard: Vec<Vec<NewRequest>> = (0..n).map(|_| Vec::new()).collect();
-    for vin in parsed {
+    for (index, vin) in (0u64..).zip(parsed) {
         per_shard[st.engine.shard_index(&vin)].push(NewRequest {
             vin,
             op: op.clone(),
-            request_id: RequestId(new_uuid()),
+            request_id: RequestId(campaign_request_id(&cid.0, index)),
             campaign_id: Some(rec.campaign_id.clone()),
             campaign: Some(counts.clone()),
             created_ms: created,
@@ -790,14 +804,26 @@ async fn campaign_counts_from_store(
             .iter()
             .map(|s| (s.to_string(), 0))
             .collect();
+        let mut count = |r: RequestRec| *counts.entry(r.status).or_default() += 1;
+        let mut legacy = false;
         for item in store.campaign_reqs.scan_prefix(cid.0).keys() {
+            legacy = true;
             let Ok(k) = item else { continue };
             if let Some(r) = k
                 .get(16..32)
                 .and_then(|rid| store.requests.get(rid).ok().flatten())
+                .and_then(|v| dec::<RequestRec>(&v))
             {
-                if let Some(r) = dec::<RequestRec>(&r) {
-                    *counts.entry(r.status).or_default() += 1;
+                count(r);
+            }
+        }
+        if !legacy {
+            let campaign_id = cid.to_string();
+            for item in store.requests.scan_prefix(&cid.0[..CAMPAIGN_PREFIX]) {
+                let Ok((_, v)) = item else { continue };
+                match dec::<RequestRec>(&v) {
+                    Some(r) if r.campaign_id.as_deref() == Some(campaign_id.as_str()) => count(r),
+                    _ => {}
                 }
             }
         }

@@ -297,6 +297,9 @@ struct Batch {
     callbacks: Vec<Due>,
     /// Cars whose record changed in this batch, written once at its commit.
     dirty_cars: Vec<Vin>,
+    /// History entries of this batch, written at its commit as one value per car (a
+    /// report and the result it settles cost one store write, not two).
+    history: Vec<(Vin, u64, HistoryEntry)>,
 }
 
 struct Shard {
@@ -473,6 +476,7 @@ impl Shard {
 
     fn commit(&mut self) {
         let mut batch = std::mem::take(&mut self.batch);
+        self.write_history(std::mem::take(&mut batch.history));
         for vin in std::mem::take(&mut batch.dirty_cars) {
             if self.cars.get(&vin).is_some_and(|c| c.dirty) {
                 self.save_car(&vin);
@@ -693,15 +697,30 @@ impl Shard {
             request_id,
             detail,
         };
-        let mut key = Vec::with_capacity(25);
-        key.extend_from_slice(vin.as_bytes());
-        key.extend_from_slice(&id.to_be_bytes());
-        let _ = self.sh.store.history.insert(key, enc(&entry));
-        if let Some(car) = self.cars.get_mut(vin) {
-            car.history_written += 1;
-            if car.history_written >= HISTORY_PER_CAR {
-                car.history_written = 0;
-                prune_history(&self.sh.store.history, vin);
+        self.batch.history.push((*vin, id, entry));
+    }
+
+    /// Writes the batch's history entries, one value per car (keyed by its oldest entry's
+    /// id), and prunes the cars that wrote [`HISTORY_PER_CAR`] values since their last pruning.
+    fn write_history(&mut self, mut entries: Vec<(Vin, u64, HistoryEntry)>) {
+        // Stable: a car's entries stay in the order they happened (their ids grow).
+        entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        for group in entries.chunk_by(|a, b| a.0 == b.0) {
+            let (vin, first, _) = &group[0];
+            let mut key = Vec::with_capacity(25);
+            key.extend_from_slice(vin.as_bytes());
+            key.extend_from_slice(&first.to_be_bytes());
+            let value = match group {
+                [(_, _, one)] => enc(one),
+                many => enc(&many.iter().map(|(_, _, e)| e).collect::<Vec<_>>()),
+            };
+            let _ = self.sh.store.history.insert(key, value);
+            if let Some(car) = self.cars.get_mut(vin) {
+                car.history_written += 1;
+                if car.history_written >= HISTORY_PER_CAR {
+                    car.history_written = 0;
+                    prune_history(&self.sh.store.history, vin);
+                }
             }
         }
     }
@@ -876,17 +895,7 @@ impl Shard {
             grant,
             created_ms: nr.created_ms,
         };
-        let store = &self.sh.store;
         self.save_request(&rec);
-        if let Some(c) = nr
-            .campaign_id
-            .as_ref()
-            .and_then(|c| c.parse::<RequestId>().ok())
-        {
-            let mut k = c.0.to_vec();
-            k.extend_from_slice(&nr.request_id.0);
-            let _ = store.campaign_reqs.insert(k, &[]);
-        }
         self.mark_dirty(&nr.vin);
         if let Some(c) = &nr.campaign {
             c.accepted();
@@ -1390,7 +1399,7 @@ fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car
     }
 }
 
-/// Keeps the newest [`HISTORY_PER_CAR`] entries of `vin`.
+/// Keeps the newest [`HISTORY_PER_CAR`] values of `vin` (at least as many entries).
 fn prune_history(tree: &sled::Tree, vin: &Vin) {
     let keys: Vec<sled::IVec> = tree
         .scan_prefix(vin.as_bytes())

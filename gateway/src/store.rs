@@ -11,7 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-/// History entries kept per car; older ones are pruned.
+/// History values kept per car (each holds the car's entries from one engine batch, so at
+/// least as many entries); older ones are pruned.
 pub(crate) const HISTORY_PER_CAR: usize = 256;
 
 /// The sled trees.
@@ -28,11 +29,13 @@ pub(crate) struct Store {
     pub(crate) tickets: sled::Tree,
     /// due time ms (u64 BE) ++ id (u64 BE) → [`OutboxEntry`].
     pub(crate) outbox: sled::Tree,
-    /// VIN ++ id (u64 BE) → [`HistoryEntry`].
+    /// VIN ++ id (u64 BE) → the [`HistoryEntry`] with that id, or a JSON array of the car's
+    /// entries from one engine batch, oldest (that id) first ([`HistoryEntries`]).
     pub(crate) history: sled::Tree,
     /// campaign id (16 bytes) → [`CampaignRec`].
     pub(crate) campaigns: sled::Tree,
-    /// campaign id ++ request id → ().
+    /// campaign id ++ request id → (): the campaign index of stores written before campaign
+    /// request ids began with their campaign's id ([`campaign_request_id`]); read only.
     pub(crate) campaign_reqs: sled::Tree,
 }
 
@@ -199,6 +202,25 @@ pub(crate) struct HistoryEntry {
     pub(crate) detail: String,
 }
 
+/// One value of the history tree: a single entry (as stores before grouping wrote them) or
+/// the entries one batch wrote for one car, oldest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum HistoryEntries<T> {
+    Many(Vec<T>),
+    One(T),
+}
+
+impl<T> HistoryEntries<T> {
+    /// The entries, oldest first.
+    pub(crate) fn into_vec(self) -> Vec<T> {
+        match self {
+            HistoryEntries::Many(v) => v,
+            HistoryEntries::One(e) => vec![e],
+        }
+    }
+}
+
 /// A fleet campaign.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -253,5 +275,49 @@ pub(crate) fn new_uuid() -> [u8; 16] {
     b
 }
 
+/// How many leading bytes a campaign's request ids share with the campaign id (80 bits: two
+/// campaigns sharing them, or a single request's random id matching them, is negligible).
+pub(crate) const CAMPAIGN_PREFIX: usize = 10;
+
+/// The id of the `index`th request of campaign `campaign`: the campaign id's first
+/// [`CAMPAIGN_PREFIX`] bytes (which keep the UUID's version and variant bits) and the index
+/// (48 bits, big-endian). The requests tree then indexes a campaign by itself (a prefix
+/// scan), with no index entry to write per request.
+pub(crate) fn campaign_request_id(campaign: &[u8; 16], index: u64) -> [u8; 16] {
+    let mut id = *campaign;
+    id[CAMPAIGN_PREFIX..].copy_from_slice(&index.to_be_bytes()[8 - (16 - CAMPAIGN_PREFIX)..]);
+    id
+}
+
 /// What runs after the flush that made a batch durable: `Ok` if it is durable.
 pub(crate) type Continuation = Box<dyn FnOnce(Result<(), String>) + Send>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn campaign_request_ids_share_the_campaign_prefix_and_differ_by_index() {
+        let campaign = new_uuid();
+        let a = campaign_request_id(&campaign, 0);
+        let b = campaign_request_id(&campaign, 99_999);
+        assert_eq!(a[..CAMPAIGN_PREFIX], campaign[..CAMPAIGN_PREFIX]);
+        assert_eq!(b[..CAMPAIGN_PREFIX], campaign[..CAMPAIGN_PREFIX]);
+        assert_ne!(a, b);
+        assert_eq!(b[CAMPAIGN_PREFIX..], [0, 0, 0, 1, 0x86, 0x9f]);
+        // Still a version 4, RFC 4122 UUID: its text parses back to the same bytes.
+        let text = caas_protocol::RequestId(b).to_string();
+        assert_eq!(&text[14..15], "4");
+        assert_eq!(text.parse::<caas_protocol::RequestId>().map(|r| r.0), Ok(b));
+    }
+
+    #[test]
+    fn history_values_read_as_one_entry_or_a_batch() {
+        let one: HistoryEntries<u32> =
+            serde_json::from_str("7").unwrap_or(HistoryEntries::Many(vec![]));
+        assert_eq!(one.into_vec(), vec![7]);
+        let many: HistoryEntries<u32> =
+            serde_json::from_str("[1,2]").unwrap_or(HistoryEntries::Many(vec![]));
+        assert_eq!(many.into_vec(), vec![1, 2]);
+    }
+}

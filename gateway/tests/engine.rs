@@ -101,6 +101,41 @@ async fn activation_and_deactivation_call_back_signed() {
         .iter()
         .any(|e| e["type"] == "REQUEST"));
 
+    // Page by page (one entry each) gives the same entries as one long page: a report and
+    // the result it settles are stored together, and paging must split them.
+    let (_, all) = api
+        .get(&format!("/vehicles/{}/history?limit=500", vin(1)))
+        .await;
+    let all: Vec<String> = all["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| format!("{} {}", e["id"], e["type"]))
+        .collect();
+    assert!(all.iter().any(|e| e.ends_with("\"RESULT\"")), "{all:?}");
+    let mut walked = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let q = match &before {
+            Some(b) => format!("limit=1&before={b}"),
+            None => "limit=1".into(),
+        };
+        let (s, h) = api.get(&format!("/vehicles/{}/history?{q}", vin(1))).await;
+        assert_eq!(s, 200, "{h}");
+        for e in h["entries"].as_array().unwrap() {
+            walked.push(format!("{} {}", e["id"], e["type"]));
+        }
+        match h["nextBefore"].as_str() {
+            Some(n) => before = Some(n.to_owned()),
+            None => break,
+        }
+        assert!(
+            walked.len() <= all.len(),
+            "paging repeats entries: {walked:?}"
+        );
+    }
+    assert_eq!(walked, all);
+
     // One final callback per request, even though the first delivery was refused.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(hook.for_request(&id).len(), 1);
@@ -285,6 +320,22 @@ async fn campaign_reaches_every_car_and_counts_states() {
     for c in &cars {
         assert_eq!(c.seen.lock().unwrap().grants, vec!["autopilot".to_string()]);
     }
+    gw.shutdown().await;
+
+    // After a restart the live counts are gone: the campaign is counted from the store,
+    // where its requests are found by the prefix their ids share with the campaign id.
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let (s, c) = api.get(&format!("/campaigns/{cid}")).await;
+    assert_eq!(s, 200, "{c}");
+    assert_eq!(c["counts"]["COMPLETED"], 10, "{c}");
+    assert_eq!(c["counts"]["IN_PROGRESS"], 0, "{c}");
+    assert_eq!(c["total"], 11);
+    // A request on its own (random id) is not counted in the campaign.
+    let single = api.activate(10, "snow-mode", "snow_mode").await;
+    assert_ne!(single[..23], cid[..23]);
+    let (_, c) = api.get(&format!("/campaigns/{cid}")).await;
+    assert_eq!(c["counts"]["IN_PROGRESS"], 0, "{c}");
+    assert_eq!(c["counts"]["COMPLETED"], 10, "{c}");
     gw.shutdown().await;
 }
 
