@@ -203,7 +203,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let mut webhook_task = None;
     if let (Some(url), Some(inbox)) = (&config.webhook_url, inbox) {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(webhook::run(
+        let task = webhook::spawn(webhook::run(
             store.clone(),
             metrics.clone(),
             engine.clone(),
@@ -211,7 +211,8 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             config.webhook_secret.clone(),
             inbox,
             stop_rx,
-        ));
+        ))
+        .context("starting the webhook sender")?;
         webhook_task = Some((stop_tx, task));
     }
 

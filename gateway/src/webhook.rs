@@ -14,6 +14,11 @@
 //! task scans the outbox for due entries. A crash between a 2xx and the bookkeeping, or a
 //! scan racing a handover, repeats a callback with the same requestId and status, which
 //! the receiver can ignore.
+//!
+//! First tries start before retries, and retries never take the last [`FRESH_RESERVED`]
+//! in-flight slots: when a receiver comes back after an outage, thousands of retries fall
+//! due at once, and fresh callbacks do not wait behind them. The task runs on its own
+//! thread ([`spawn`]), so such a burst does not hold the IoT API's runtime either.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
@@ -32,6 +37,9 @@ use crate::store::{dec, enc, next_id, now_ms, OutboxEntry, Store};
 
 /// Callbacks in flight at once.
 pub(crate) const CONCURRENCY: usize = 64;
+/// In-flight slots that retries may not take: after a receiver outage, thousands of retries
+/// fall due at once, and fresh callbacks must not queue behind them.
+pub(crate) const FRESH_RESERVED: usize = 16;
 /// Callbacks handed over by the engine and not yet taken by the sender.
 pub(crate) const FRESH_QUEUE: usize = 65_536;
 /// Failed callbacks waiting in memory for their next try (the rest wait in the outbox).
@@ -156,14 +164,56 @@ pub fn signature(secret: &str, timestamp: &str, body: &str) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// Callbacks waiting for an in-flight slot: first tries before retries, and retries never in
+/// the last [`FRESH_RESERVED`] slots.
+#[derive(Default)]
+struct Queues {
+    /// First tries from the engine (the run loop takes at most [`CONCURRENCY`] of them).
+    fresh: VecDeque<Due>,
+    /// Retries: due ones from memory, or found by an outbox scan (at most [`RETRY_HELD`]
+    /// plus one scan pass).
+    retrying: VecDeque<Due>,
+    /// Retries started and not yet ended.
+    retries_in_flight: usize,
+}
+
+impl Queues {
+    fn push(&mut self, due: Due) {
+        match due.keeper {
+            Keeper::Car(..) => self.fresh.push_back(due),
+            Keeper::Outbox(_) => self.retrying.push_back(due),
+        }
+    }
+
+    /// The callback to start in a free slot, if any may start.
+    fn next(&mut self) -> Option<Due> {
+        if let Some(due) = self.fresh.pop_front() {
+            return Some(due);
+        }
+        if self.retries_in_flight >= CONCURRENCY - FRESH_RESERVED {
+            return None;
+        }
+        let due = self.retrying.pop_front()?;
+        self.retries_in_flight += 1;
+        Some(due)
+    }
+
+    /// A started callback ended (either way).
+    fn ended(&mut self, keeper: &Keeper) {
+        if matches!(keeper, Keeper::Outbox(_)) {
+            self.retries_in_flight = self.retries_in_flight.saturating_sub(1);
+        }
+    }
+}
+
 struct Sender {
     store: Store,
     metrics: Arc<Metrics>,
     client: reqwest::Client,
     url: Arc<str>,
     secret: Arc<str>,
-    /// Entries taken but not yet started (from a scan, or beyond [`CONCURRENCY`]).
-    queued: VecDeque<Due>,
+    /// Callbacks taken but not yet started.
+    queues: Queues,
     /// Callbacks queued or in flight, so a scan does not take them twice.
     taken: HashSet<Keeper>,
     /// Failed entries by next due time, by outbox key.
@@ -180,7 +230,7 @@ struct Sender {
 impl Sender {
     fn take(&mut self, due: Due) {
         if self.taken.insert(due.keeper.clone()) {
-            self.queued.push_back(due);
+            self.queues.push(due);
         }
     }
 
@@ -231,7 +281,7 @@ impl Sender {
 
     fn start_some(&mut self) {
         while self.in_flight.len() < CONCURRENCY {
-            let Some(due) = self.queued.pop_front() else {
+            let Some(due) = self.queues.next() else {
                 return;
             };
             let client = self.client.clone();
@@ -256,6 +306,7 @@ impl Sender {
 
     fn finished(&mut self, due: Due, ok: bool, missed: &AtomicBool) {
         self.taken.remove(&due.keeper);
+        self.queues.ended(&due.keeper);
         if ok {
             self.metrics.webhook_deliveries.fetch_add(1, Relaxed);
             match &due.keeper {
@@ -361,6 +412,28 @@ impl Sender {
 
 /// Runs the delivery loop until `stop` fires (then tells the engine what it delivered and
 /// returns; what is in flight is sent again after a restart) or the task is aborted.
+/// Runs the sender (`run`) on its own thread with its own single-threaded runtime, so that a
+/// burst of deliveries (thousands of retries when a receiver comes back, a campaign's
+/// callbacks) shares the CPU with the IoT API and the MQTT links through the OS scheduler
+/// instead of holding the API's runtime threads. The handle ends when the sender does.
+pub(crate) fn spawn(
+    run: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("gw-webhook".into())
+        .spawn(move || {
+            runtime.block_on(run);
+            let _ = done_tx.send(());
+        })?;
+    Ok(tokio::spawn(async move {
+        let _ = done_rx.await;
+    }))
+}
+
 pub(crate) async fn run(
     store: Store,
     metrics: Arc<Metrics>,
@@ -388,7 +461,7 @@ pub(crate) async fn run(
         client,
         url: url.into(),
         secret: secret.into(),
-        queued: VecDeque::new(),
+        queues: Queues::default(),
         taken: HashSet::new(),
         retries: BinaryHeap::new(),
         retry_entries: std::collections::HashMap::new(),
@@ -401,7 +474,7 @@ pub(crate) async fn run(
     let mut last_scan = tokio::time::Instant::now();
     loop {
         // Only take from the handoff queue what can start soon: the queue is the bound.
-        while s.queued.len() < CONCURRENCY {
+        while s.queues.fresh.len() < CONCURRENCY {
             match rx.try_recv() {
                 Ok(due) => s.take(due),
                 Err(_) => break,
@@ -409,7 +482,8 @@ pub(crate) async fn run(
         }
         s.take_due_retries();
         s.tell_settled_if_due();
-        if s.queued.is_empty() && (missed.swap(false, Relaxed) || last_scan.elapsed() >= IDLE_SCAN)
+        if s.queues.retrying.is_empty()
+            && (missed.swap(false, Relaxed) || last_scan.elapsed() >= IDLE_SCAN)
         {
             last_scan = tokio::time::Instant::now();
             if s.scan() {
@@ -417,7 +491,7 @@ pub(crate) async fn run(
             }
         }
         s.start_some();
-        let room = s.queued.len() < CONCURRENCY;
+        let room = s.queues.fresh.len() < CONCURRENCY;
         let idle = s.next_retry_in();
         let busy = !s.in_flight.is_empty();
         tokio::select! {
@@ -446,6 +520,48 @@ pub(crate) async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn due(keeper: Keeper) -> Due {
+        Due {
+            keeper,
+            entry: OutboxEntry {
+                id: 1,
+                request_id: String::new(),
+                body: String::new(),
+                tries: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn first_tries_start_before_retries_and_keep_reserved_slots() {
+        let mut q = Queues::default();
+        for i in 0..CONCURRENCY as u64 {
+            q.push(due(Keeper::Outbox(i.to_be_bytes().to_vec())));
+        }
+        let vin: Vin = "WVWZZZ1JZ3W386752"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        q.push(due(Keeper::Car(vin, RequestId([7; 16]))));
+        let first = q.next().map(|d| d.keeper);
+        assert_eq!(first, Some(Keeper::Car(vin, RequestId([7; 16]))));
+        let mut started = Vec::new();
+        while let Some(d) = q.next() {
+            started.push(d.keeper);
+        }
+        // Retries stop short of the reserved slots, oldest first.
+        assert_eq!(started.len(), CONCURRENCY - FRESH_RESERVED);
+        assert_eq!(started[0], Keeper::Outbox(0u64.to_be_bytes().to_vec()));
+        // A retry that ends frees a slot for the next retry; a fresh one needs none.
+        q.ended(&started[0]);
+        assert!(matches!(
+            q.next().map(|d| d.keeper),
+            Some(Keeper::Outbox(_))
+        ));
+        assert!(q.next().is_none());
+        q.push(due(Keeper::Car(vin, RequestId([8; 16]))));
+        assert!(matches!(q.next().map(|d| d.keeper), Some(Keeper::Car(..))));
+    }
 
     #[test]
     fn signature_is_hmac_sha256_over_timestamp_dot_body() {

@@ -31,6 +31,9 @@ use crate::cli::FleetChild;
 use crate::fleet::FleetOptions;
 use crate::gateway_proc::{GatewayProc, GatewaySpawn, Mosquitto};
 use crate::scenario::{run_scenario, Scenario, ServiceMix};
+
+/// Longest the bench waits for the campaigns' callbacks before timing single requests.
+const CALLBACK_DRAIN: Duration = Duration::from_secs(120);
 use crate::webhook::Receiver;
 
 /// `caas-sim bench` flags.
@@ -272,6 +275,7 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         .collect::<Result<_, _>>()
         .map_err(anyhow::Error::msg)?;
 
+    let received_before = receiver.counts().received;
     for (i, (id, flag)) in [
         ("streaming", "streaming"),
         ("premium-audio", "premium_audio"),
@@ -309,7 +313,22 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
             col.error = Some(format!("campaign {}: {counts}", i + 1));
         }
     }
-    // Let the campaigns' callbacks drain before timing single requests.
+    // The campaigns are done when every car has confirmed; their callbacks may still be on
+    // their way. Timing single requests while thousands of callbacks are delivered would
+    // measure that backlog, so wait for it (bounded), then a little for the store writes
+    // that follow deliveries.
+    let callbacks = 2 * vins.len() as u64;
+    let t = Instant::now();
+    while receiver.counts().received.saturating_sub(received_before) < callbacks
+        && t.elapsed() < CALLBACK_DRAIN
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "bench[{broker}]: campaign callbacks {} of {callbacks} in after {:.2} s more",
+        receiver.counts().received.saturating_sub(received_before),
+        t.elapsed().as_secs_f64()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     let mix = vec![
