@@ -155,6 +155,13 @@ impl Config {
         if self.shards == 0 {
             bail!("shards must be at least 1");
         }
+        if let Some(url) = &self.webhook_url {
+            let parsed =
+                reqwest::Url::parse(url).map_err(|e| anyhow!("--webhook-url {url:?}: {e}"))?;
+            if !matches!(parsed.scheme(), "http" | "https") {
+                bail!("--webhook-url {url:?}: the scheme must be http or https");
+            }
+        }
         Ok(())
     }
 }
@@ -395,6 +402,26 @@ mod tests {
         }
         .into_config()
         .is_err());
+        for url in ["not a url", "ftp://example.com/hook", "http://"] {
+            let r = ServeArgs {
+                webhook_url: Some(url.into()),
+                ..Default::default()
+            }
+            .into_config()
+            .and_then(|c| c.validate());
+            assert!(
+                r.as_ref()
+                    .is_err_and(|e| e.to_string().contains("--webhook-url")),
+                "{url}: {r:?}"
+            );
+        }
+        let ok = ServeArgs {
+            webhook_url: Some("https://backend.example/caas/webhooks/ota-status".into()),
+            ..Default::default()
+        }
+        .into_config()
+        .and_then(|c| c.validate());
+        assert!(ok.is_ok(), "{ok:?}");
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "nope = 1\n").unwrap();
         assert!(ServeArgs {
