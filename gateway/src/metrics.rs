@@ -26,6 +26,8 @@ pub(crate) struct Metrics {
     pub(crate) tickets: AtomicU64,
     pub(crate) webhook_deliveries: AtomicU64,
     pub(crate) webhook_failures: AtomicU64,
+    /// 1 while the webhook receiver looks down (the sender only probes it).
+    pub(crate) webhook_receiver_down: AtomicU64,
     pub(crate) flushes: AtomicU64,
     latency: Histogram,
     flush_time: Histogram,
@@ -145,6 +147,7 @@ impl Metrics {
             "sled flushes (one per engine batch that must be durable).",
             &[("", self.flushes.load(Relaxed))],
         );
+        let _ = writeln!(s, "# HELP caas_webhook_receiver_down 1 while the webhook receiver looks down (failures in a row; one callback at a time probes it).\n# TYPE caas_webhook_receiver_down gauge\ncaas_webhook_receiver_down {}", self.webhook_receiver_down.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
         self.latency.render(

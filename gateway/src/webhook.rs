@@ -15,6 +15,10 @@
 //! scan racing a handover, repeats a callback with the same requestId and status, which
 //! the receiver can ignore.
 //!
+//! After [`DOWN_AFTER`] failures in a row the receiver counts as down: one callback at a
+//! time is tried, every [`PROBE_EVERY`], until one is answered (gauge
+//! `caas_webhook_receiver_down`), instead of failing and refiling the whole backlog.
+//!
 //! First tries start before retries, and retries never take the last [`FRESH_RESERVED`]
 //! in-flight slots: when a receiver comes back after an outage, thousands of retries fall
 //! due at once, and fresh callbacks do not wait behind them. The task runs on its own
@@ -24,7 +28,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -37,6 +41,10 @@ use crate::store::{dec, enc, next_id, now_ms, OutboxEntry, Store};
 
 /// Callbacks in flight at once.
 pub(crate) const CONCURRENCY: usize = 64;
+/// Failures in a row (no success between them) that mark the receiver as down.
+pub(crate) const DOWN_AFTER: u32 = 8;
+/// While the receiver is down: one callback at a time, at most one per this interval.
+pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// In-flight slots that retries may not take: after a receiver outage, thousands of retries
 /// fall due at once, and fresh callbacks must not queue behind them.
 pub(crate) const FRESH_RESERVED: usize = 16;
@@ -206,6 +214,65 @@ impl Queues {
     }
 }
 
+/// Whether the receiver looks down, and when to probe it. While it is down, every callback
+/// would fail at once and be filed again: at [`CONCURRENCY`] in flight that spins through
+/// thousands of store writes a second for nothing. So after [`DOWN_AFTER`] failures in a row
+/// one callback at a time is tried, every [`PROBE_EVERY`], until one is answered.
+#[derive(Default)]
+struct Breaker {
+    failures_in_a_row: u32,
+    down_since: Option<Instant>,
+    next_probe: Option<Instant>,
+}
+
+impl Breaker {
+    /// A callback failed; `true` if that marks the receiver down.
+    fn failed(&mut self, now: Instant) -> bool {
+        self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        if self.down_since.is_some() {
+            self.next_probe = Some(now + PROBE_EVERY);
+            return false;
+        }
+        if self.failures_in_a_row < DOWN_AFTER {
+            return false;
+        }
+        self.down_since = Some(now);
+        self.next_probe = Some(now + PROBE_EVERY);
+        true
+    }
+
+    /// A callback was answered; how long the receiver had been down, if it was.
+    fn delivered(&mut self, now: Instant) -> Option<Duration> {
+        self.failures_in_a_row = 0;
+        self.next_probe = None;
+        self.down_since
+            .take()
+            .map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Whether one more callback may start, with `in_flight` started and not ended.
+    fn may_start(&self, in_flight: usize, now: Instant) -> bool {
+        match self.down_since {
+            None => in_flight < CONCURRENCY,
+            Some(_) => in_flight == 0 && self.next_probe.is_none_or(|t| now >= t),
+        }
+    }
+
+    /// A callback started (while down, it is the probe).
+    fn started(&mut self, now: Instant) {
+        if self.down_since.is_some() {
+            self.next_probe = Some(now + PROBE_EVERY);
+        }
+    }
+
+    /// How long until a probe may start (while down).
+    fn probe_in(&self, now: Instant) -> Option<Duration> {
+        self.down_since
+            .and(self.next_probe)
+            .map(|t| t.saturating_duration_since(now))
+    }
+}
+
 struct Sender {
     store: Store,
     metrics: Arc<Metrics>,
@@ -216,6 +283,7 @@ struct Sender {
     secret: Arc<str>,
     /// Callbacks taken but not yet started.
     queues: Queues,
+    breaker: Breaker,
     /// Callbacks queued or in flight, so a scan does not take them twice.
     taken: HashSet<Keeper>,
     /// Failed entries by next due time, by outbox key.
@@ -282,10 +350,11 @@ impl Sender {
     }
 
     fn start_some(&mut self) {
-        while self.in_flight.len() < CONCURRENCY {
+        while self.breaker.may_start(self.in_flight.len(), Instant::now()) {
             let Some(due) = self.queues.next() else {
                 return;
             };
+            self.breaker.started(Instant::now());
             let client = self.client.clone();
             let url = self.url.clone();
             let secret = self.secret.clone();
@@ -311,6 +380,13 @@ impl Sender {
         self.queues.ended(&due.keeper);
         if ok {
             self.metrics.webhook_deliveries.fetch_add(1, Relaxed);
+            if let Some(down) = self.breaker.delivered(Instant::now()) {
+                self.metrics.webhook_receiver_down.store(0, Relaxed);
+                tracing::info!(
+                    down_secs = down.as_secs_f64(),
+                    "webhook receiver answers again"
+                );
+            }
             match &due.keeper {
                 Keeper::Outbox(key) => {
                     let _ = self.store.outbox.remove(key);
@@ -321,6 +397,13 @@ impl Sender {
         }
         tracing::debug!(request = %due.entry.request_id, "callback failed; will retry");
         self.metrics.webhook_failures.fetch_add(1, Relaxed);
+        if self.breaker.failed(Instant::now()) {
+            self.metrics.webhook_receiver_down.store(1, Relaxed);
+            tracing::warn!(
+                failures = DOWN_AFTER,
+                "webhook receiver looks down; trying one callback every {PROBE_EVERY:?}"
+            );
+        }
         let mut entry = due.entry;
         entry.tries += 1;
         let backoff = Duration::from_secs(1u64 << entry.tries.min(6)).min(MAX_BACKOFF);
@@ -405,15 +488,17 @@ impl Sender {
             Some(Reverse((at, _))) => Duration::from_millis(at.saturating_sub(now_ms())),
             None => IDLE_SCAN,
         };
-        match self.settled_since {
+        let wait = match self.settled_since {
             Some(t) => retry.min(SETTLE_EVERY.saturating_sub(t.elapsed())),
             None => retry,
+        };
+        match self.breaker.probe_in(Instant::now()) {
+            Some(probe) => wait.min(probe),
+            None => wait,
         }
     }
 }
 
-/// Runs the delivery loop until `stop` fires (then tells the engine what it delivered and
-/// returns; what is in flight is sent again after a restart) or the task is aborted.
 /// Runs the sender (`run`) on its own thread with its own single-threaded runtime, so that a
 /// burst of deliveries (thousands of retries when a receiver comes back, a campaign's
 /// callbacks) shares the CPU with the IoT API and the MQTT links through the OS scheduler
@@ -436,6 +521,8 @@ pub(crate) fn spawn(
     }))
 }
 
+/// Runs the delivery loop until `stop` fires (then tells the engine what it delivered and
+/// returns; what is in flight is sent again after a restart) or the task is aborted.
 pub(crate) async fn run(
     store: Store,
     metrics: Arc<Metrics>,
@@ -471,6 +558,7 @@ pub(crate) async fn run(
         url,
         secret: secret.into(),
         queues: Queues::default(),
+        breaker: Breaker::default(),
         taken: HashSet::new(),
         retries: BinaryHeap::new(),
         retry_entries: std::collections::HashMap::new(),
@@ -570,6 +658,40 @@ mod tests {
         assert!(q.next().is_none());
         q.push(due(Keeper::Car(vin, RequestId([8; 16]))));
         assert!(matches!(q.next().map(|d| d.keeper), Some(Keeper::Car(..))));
+    }
+
+    #[test]
+    fn a_receiver_failing_in_a_row_is_probed_one_callback_a_second() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        // Scattered failures with successes between them never mark it down.
+        for _ in 0..3 {
+            for _ in 0..DOWN_AFTER - 1 {
+                assert!(!b.failed(t0));
+            }
+            assert_eq!(b.delivered(t0), None);
+        }
+        assert!(b.may_start(CONCURRENCY - 1, t0));
+        assert!(!b.may_start(CONCURRENCY, t0));
+        // DOWN_AFTER in a row do.
+        for _ in 0..DOWN_AFTER - 1 {
+            assert!(!b.failed(t0));
+        }
+        assert!(b.failed(t0));
+        assert!(!b.may_start(0, t0), "no probe before PROBE_EVERY");
+        assert_eq!(b.probe_in(t0), Some(PROBE_EVERY));
+        let t1 = t0 + PROBE_EVERY;
+        assert!(b.may_start(0, t1));
+        b.started(t1);
+        assert!(!b.may_start(0, t1), "one probe at a time");
+        assert!(!b.failed(t1), "already down");
+        let t2 = t1 + PROBE_EVERY;
+        assert!(b.may_start(0, t2));
+        assert!(!b.may_start(1, t2));
+        // The first answer ends it: full concurrency again.
+        assert_eq!(b.delivered(t2), Some(t2 - t0));
+        assert!(b.may_start(CONCURRENCY - 1, t2));
+        assert_eq!(b.probe_in(t2), None);
     }
 
     #[test]
