@@ -350,11 +350,12 @@ impl Sender {
     }
 
     fn start_some(&mut self) {
-        while self.breaker.may_start(self.in_flight.len(), Instant::now()) {
+        let now = Instant::now();
+        while self.breaker.may_start(self.in_flight.len(), now) {
             let Some(due) = self.queues.next() else {
                 return;
             };
-            self.breaker.started(Instant::now());
+            self.breaker.started(now);
             let client = self.client.clone();
             let url = self.url.clone();
             let secret = self.secret.clone();
