@@ -39,7 +39,7 @@ use crate::store::{
     enc, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry, RequestRec, Store,
     Ticket, VehicleRec, HISTORY_PER_CAR,
 };
-use crate::webhook::{Due, Handoff};
+use crate::webhook::{Due, Handoff, Lane};
 
 /// Messages queued per shard before senders wait.
 pub(crate) const SHARD_QUEUE: usize = 65_536;
@@ -1113,8 +1113,12 @@ impl Shard {
         let Some(body) = callback_body(rec) else {
             return;
         };
-        let due = Due::first(vin, id, body);
-        if webhook.crowded(self.batch.callbacks.len() + 1) {
+        let lane = match rec.campaign_id {
+            Some(_) => Lane::Bulk,
+            None => Lane::Interactive,
+        };
+        let due = Due::first(vin, id, body, lane);
+        if webhook.crowded(lane, self.batch.callbacks.len() + 1) {
             webhook.file(&due.entry);
             return;
         }

@@ -58,8 +58,9 @@ pub struct Gateway {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The callback sender and what stops it (it tells the engine what it delivered first).
-    webhook: Option<(
+    /// The callback senders (one per lane) and what stops each (it tells the engine what it
+    /// delivered first).
+    webhook: Vec<(
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     )>,
@@ -99,8 +100,12 @@ impl Gateway {
         }
         let http_task = self.http_task;
         stop_within(http_task, Duration::from_secs(5)).await;
-        if let Some((stop, task)) = self.webhook.take() {
+        let mut senders = Vec::new();
+        for (stop, task) in self.webhook.drain(..) {
             let _ = stop.send(());
+            senders.push(task);
+        }
+        for task in senders {
             stop_within(task, Duration::from_secs(5)).await;
         }
         for t in self.tasks.drain(..) {
@@ -139,7 +144,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         .context("opening the database")?;
     let metrics = Arc::new(metrics::Metrics::default());
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
-    let (handoff, inbox) = match config.webhook_url {
+    let (handoff, inboxes) = match config.webhook_url {
         Some(_) => {
             let (h, i) = webhook::handoff(&store);
             (Some(h), Some(i))
@@ -200,20 +205,26 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         }
         engine.broadcast(|| Msg::RepublishAll);
     }
-    let mut webhook_task = None;
-    if let (Some(url), Some(inbox)) = (&config.webhook_url, inbox) {
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let task = webhook::spawn(webhook::run(
-            store.clone(),
-            metrics.clone(),
-            engine.clone(),
-            url.clone(),
-            config.webhook_secret.clone(),
-            inbox,
-            stop_rx,
-        ))
-        .context("starting the webhook sender")?;
-        webhook_task = Some((stop_tx, task));
+    let mut webhook_tasks = Vec::new();
+    if let (Some(url), Some(inboxes)) = (&config.webhook_url, inboxes) {
+        for inbox in inboxes {
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+            let lane = inbox.lane();
+            let task = webhook::spawn(
+                lane,
+                webhook::run(
+                    store.clone(),
+                    metrics.clone(),
+                    engine.clone(),
+                    url.clone(),
+                    config.webhook_secret.clone(),
+                    inbox,
+                    stop_rx,
+                ),
+            )
+            .context("starting the webhook senders")?;
+            webhook_tasks.push((stop_tx, task));
+        }
     }
 
     let state = Arc::new(api::AppState {
@@ -253,7 +264,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         http_stop: Some(stop_tx),
         http_task,
         tasks,
-        webhook: webhook_task,
+        webhook: webhook_tasks,
     })
 }
 

@@ -23,6 +23,15 @@
 //! in-flight slots: when a receiver comes back after an outage, thousands of retries fall
 //! due at once, and fresh callbacks do not wait behind them. The task runs on its own
 //! thread ([`spawn`]), so such a burst does not hold the IoT API's runtime either.
+//!
+//! Two senders run, one per [`Lane`]: single requests' first tries and every retry on one,
+//! campaign requests' first tries on the other, whose thread runs at the lowest CPU
+//! priority (nice [`BULK_NICE`]). A campaign's tens of thousands of callbacks then use the
+//! CPU the gateway and its cars leave over, instead of taking a share of it while the
+//! campaign's commands and reports are still in flight, and they never delay a single
+//! request's callback. On a busy machine they trickle until the load eases; nothing is
+//! dropped (each is still listed in its car's record until delivered), and a failed one
+//! is filed in the outbox, due at once, for the first lane to retry.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashSet, VecDeque};
@@ -39,8 +48,10 @@ use crate::engine::{Engine, Msg};
 use crate::metrics::Metrics;
 use crate::store::{dec, enc, next_id, now_ms, OutboxEntry, Store};
 
-/// Callbacks in flight at once.
+/// Callbacks in flight at once, per lane.
 pub(crate) const CONCURRENCY: usize = 64;
+/// The nice value of the [`Lane::Bulk`] sender's thread (Linux; 19 is the lowest priority).
+pub(crate) const BULK_NICE: i32 = 19;
 /// Failures in a row (no success between them) that mark the receiver as down.
 pub(crate) const DOWN_AFTER: u32 = 8;
 /// While the receiver is down: one callback at a time, at most one per this interval.
@@ -48,7 +59,7 @@ pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// In-flight slots that retries may not take: after a receiver outage, thousands of retries
 /// fall due at once, and fresh callbacks must not queue behind them.
 pub(crate) const FRESH_RESERVED: usize = 16;
-/// Callbacks handed over by the engine and not yet taken by the sender.
+/// Callbacks handed over by the engine and not yet taken by the sender, per lane.
 pub(crate) const FRESH_QUEUE: usize = 65_536;
 /// Failed callbacks waiting in memory for their next try (the rest wait in the outbox).
 pub(crate) const RETRY_HELD: usize = 65_536;
@@ -74,17 +85,28 @@ pub(crate) enum Keeper {
     Outbox(Vec<u8>),
 }
 
+/// Which sender delivers a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Lane {
+    /// Single requests' first tries, and every retry: the only lane that scans the outbox.
+    Interactive,
+    /// Campaign requests' first tries, at the lowest CPU priority.
+    Bulk,
+}
+
 /// A callback to deliver.
 #[derive(Debug, Clone)]
 pub(crate) struct Due {
     pub(crate) keeper: Keeper,
     pub(crate) entry: OutboxEntry,
+    pub(crate) lane: Lane,
 }
 
 impl Due {
     /// A first try, kept by the car's record.
-    pub(crate) fn first(vin: Vin, request_id: RequestId, body: String) -> Due {
+    pub(crate) fn first(vin: Vin, request_id: RequestId, body: String, lane: Lane) -> Due {
         Due {
+            lane,
             keeper: Keeper::Car(vin, request_id),
             entry: OutboxEntry {
                 id: next_id(),
@@ -104,30 +126,38 @@ pub(crate) fn outbox_key(due_ms: u64, id: u64) -> Vec<u8> {
     key
 }
 
-/// The engine's side: hands flushed entries to the sender.
+/// The engine's side: hands flushed entries to the senders.
 #[derive(Clone)]
 pub(crate) struct Handoff {
-    tx: flume::Sender<Due>,
-    /// Set when an entry went to the outbox instead: the sender scans it.
-    missed: Arc<AtomicBool>,
+    interactive: flume::Sender<Due>,
+    bulk: flume::Sender<Due>,
+    /// Set when an entry went to the outbox instead: the interactive sender scans it.
+    missed: Arc<Missed>,
     outbox: sled::Tree,
 }
 
 impl Handoff {
-    /// Hands `due` to the sender; if its queue is full the entry is filed in the outbox,
-    /// where the sender's next scan finds it.
+    fn queue(&self, lane: Lane) -> &flume::Sender<Due> {
+        match lane {
+            Lane::Interactive => &self.interactive,
+            Lane::Bulk => &self.bulk,
+        }
+    }
+
+    /// Hands `due` to its lane's sender; if that queue is full the entry is filed in the
+    /// outbox, where the interactive sender's next scan finds it.
     pub(crate) fn send(&self, due: Due) {
         if let Err(flume::TrySendError::Full(due) | flume::TrySendError::Disconnected(due)) =
-            self.tx.try_send(due)
+            self.queue(due.lane).try_send(due)
         {
             self.file(&due.entry);
         }
     }
 
-    /// Whether `n` more first tries would crowd the queue (more than half full): the
+    /// Whether `n` more first tries would crowd `lane`'s queue (more than half full): the
     /// engine then files results in the outbox instead of handing them over.
-    pub(crate) fn crowded(&self, n: usize) -> bool {
-        self.tx.len() + n > FRESH_QUEUE / 2
+    pub(crate) fn crowded(&self, lane: Lane, n: usize) -> bool {
+        self.queue(lane).len() + n > FRESH_QUEUE / 2
     }
 
     /// Files `entry` in the outbox, due now, and has the sender scan for it.
@@ -135,27 +165,70 @@ impl Handoff {
         let _ = self
             .outbox
             .insert(outbox_key(now_ms(), entry.id), enc(entry));
-        self.missed.store(true, Relaxed);
+        self.missed.set();
     }
 }
 
-/// The sender's side of a [`Handoff`].
+/// One sender's side of a [`Handoff`].
 pub(crate) struct Inbox {
+    lane: Lane,
     rx: flume::Receiver<Due>,
-    missed: Arc<AtomicBool>,
+    missed: Arc<Missed>,
 }
 
-/// A connected handoff pair over `store`'s outbox.
-pub(crate) fn handoff(store: &Store) -> (Handoff, Inbox) {
-    let (tx, rx) = flume::bounded(FRESH_QUEUE);
-    let missed = Arc::new(AtomicBool::new(true)); // scan once at start
+/// Entries were filed in the outbox, due now, for the interactive sender's next scan to
+/// find: the flag says so, and the wake-up ends its wait at once (instead of at the next
+/// retry or [`IDLE_SCAN`]).
+struct Missed {
+    flag: AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+impl Missed {
+    fn set(&self) {
+        self.flag.store(true, Relaxed);
+        self.wake.notify_one();
+    }
+
+    fn take(&self) -> bool {
+        self.flag.swap(false, Relaxed)
+    }
+}
+
+impl Inbox {
+    /// The lane this inbox receives.
+    pub(crate) fn lane(&self) -> Lane {
+        self.lane
+    }
+}
+
+/// A handoff over `store`'s outbox and its two inboxes, interactive then bulk.
+pub(crate) fn handoff(store: &Store) -> (Handoff, [Inbox; 2]) {
+    let (interactive, interactive_rx) = flume::bounded(FRESH_QUEUE);
+    let (bulk, bulk_rx) = flume::bounded(FRESH_QUEUE);
+    let missed = Arc::new(Missed {
+        flag: AtomicBool::new(true), // scan once at start
+        wake: tokio::sync::Notify::new(),
+    });
     (
         Handoff {
-            tx,
+            interactive,
+            bulk,
             missed: missed.clone(),
             outbox: store.outbox.clone(),
         },
-        Inbox { rx, missed },
+        [
+            Inbox {
+                lane: Lane::Interactive,
+                rx: interactive_rx,
+                missed: missed.clone(),
+            },
+            Inbox {
+                lane: Lane::Bulk,
+                rx: bulk_rx,
+                missed,
+            },
+        ],
     )
 }
 
@@ -274,6 +347,7 @@ impl Breaker {
 }
 
 struct Sender {
+    lane: Lane,
     store: Store,
     metrics: Arc<Metrics>,
     client: reqwest::Client,
@@ -376,7 +450,7 @@ impl Sender {
         }
     }
 
-    fn finished(&mut self, due: Due, ok: bool, missed: &AtomicBool) {
+    fn finished(&mut self, due: Due, ok: bool, missed: &Missed) {
         self.taken.remove(&due.keeper);
         self.queues.ended(&due.keeper);
         if ok {
@@ -407,6 +481,16 @@ impl Sender {
         }
         let mut entry = due.entry;
         entry.tries += 1;
+        if self.lane == Lane::Bulk {
+            // Retries are the interactive lane's: filed due now, its next scan takes it.
+            let _ = self
+                .store
+                .outbox
+                .insert(outbox_key(now_ms(), entry.id), enc(&entry));
+            self.release_car(&due.keeper);
+            missed.set();
+            return;
+        }
         let backoff = Duration::from_secs(1u64 << entry.tries.min(6)).min(MAX_BACKOFF);
         let at = now_ms() + backoff.as_millis() as u64;
         let key = outbox_key(at, entry.id);
@@ -423,7 +507,7 @@ impl Sender {
             self.retries.push(Reverse((at, key.clone())));
             self.retry_entries.insert(key, entry);
         } else {
-            missed.store(true, Relaxed);
+            missed.set();
         }
     }
 
@@ -440,6 +524,7 @@ impl Sender {
                 self.take(Due {
                     keeper: Keeper::Outbox(key),
                     entry,
+                    lane: Lane::Interactive,
                 });
             }
         }
@@ -470,7 +555,11 @@ impl Sender {
             }
             match dec::<OutboxEntry>(&v) {
                 Some(entry) => {
-                    self.take(Due { keeper, entry });
+                    self.take(Due {
+                        keeper,
+                        entry,
+                        lane: Lane::Interactive,
+                    });
                     taken += 1;
                 }
                 None => {
@@ -500,26 +589,46 @@ impl Sender {
     }
 }
 
-/// Runs the sender (`run`) on its own thread with its own single-threaded runtime, so that a
+/// Runs a sender (`run`) on its own thread with its own single-threaded runtime, so that a
 /// burst of deliveries (thousands of retries when a receiver comes back, a campaign's
 /// callbacks) shares the CPU with the IoT API and the MQTT links through the OS scheduler
-/// instead of holding the API's runtime threads. The handle ends when the sender does.
+/// instead of holding the API's runtime threads; the [`Lane::Bulk`] thread at the lowest
+/// priority. The handle ends when the sender does.
 pub(crate) fn spawn(
+    lane: Lane,
     run: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let name = match lane {
+        Lane::Interactive => "gw-webhook",
+        Lane::Bulk => "gw-webhook-bulk",
+    };
     std::thread::Builder::new()
-        .name("gw-webhook".into())
+        .name(name.into())
         .spawn(move || {
+            if lane == Lane::Bulk {
+                lower_this_threads_priority();
+            }
             runtime.block_on(run);
             let _ = done_tx.send(());
         })?;
     Ok(tokio::spawn(async move {
         let _ = done_rx.await;
     }))
+}
+
+/// Sets the calling thread's nice value to [`BULK_NICE`]. On Linux a nice value belongs to a
+/// thread (`setpriority` with a thread id); elsewhere it would lower the whole process, so
+/// it is left alone there.
+fn lower_this_threads_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(Some(rustix::thread::gettid()), BULK_NICE)
+    {
+        tracing::warn!(error = %e, "cannot lower the bulk webhook sender's priority");
+    }
 }
 
 /// Runs the delivery loop until `stop` fires (then tells the engine what it delivered and
@@ -553,6 +662,7 @@ pub(crate) async fn run(
         }
     };
     let mut s = Sender {
+        lane: inbox.lane,
         store,
         metrics,
         client,
@@ -568,7 +678,7 @@ pub(crate) async fn run(
         settled_since: None,
         engine,
     };
-    let Inbox { rx, missed } = inbox;
+    let Inbox { rx, missed, .. } = inbox;
     let mut last_scan = tokio::time::Instant::now();
     loop {
         // Only take from the handoff queue what can start soon: the queue is the bound.
@@ -580,12 +690,13 @@ pub(crate) async fn run(
         }
         s.take_due_retries();
         s.tell_settled_if_due();
-        if s.queues.retrying.is_empty()
-            && (missed.swap(false, Relaxed) || last_scan.elapsed() >= IDLE_SCAN)
+        if s.lane == Lane::Interactive
+            && s.queues.retrying.is_empty()
+            && (missed.take() || last_scan.elapsed() >= IDLE_SCAN)
         {
             last_scan = tokio::time::Instant::now();
             if s.scan() {
-                missed.store(true, Relaxed);
+                missed.flag.store(true, Relaxed);
             }
         }
         s.start_some();
@@ -604,6 +715,7 @@ pub(crate) async fn run(
                     Err(_) => return,
                 }
             }
+            _ = missed.wake.notified(), if s.lane == Lane::Interactive => {}
             _ = tokio::time::sleep(idle) => {}
             _ = &mut stop => {
                 for i in 0..s.settled.len() {
@@ -621,6 +733,7 @@ mod tests {
 
     fn due(keeper: Keeper) -> Due {
         Due {
+            lane: Lane::Interactive,
             keeper,
             entry: OutboxEntry {
                 id: 1,

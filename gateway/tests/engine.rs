@@ -275,6 +275,16 @@ async fn refused_command_fails_with_the_cars_code_and_forged_reports_are_ignored
     gw.shutdown().await;
 }
 
+/// `POST /campaigns` activating the autopilot subscription on `vins`: (status, body).
+async fn autopilot_campaign(api: &Api, vins: &[String]) -> (u16, serde_json::Value) {
+    api.post(
+        "/campaigns",
+        &json!({"vins": vins, "action": "ACTIVATE", "serviceId": "autopilot",
+                "configuration": {"featureFlags": ["highway_autopilot"]}, "duration": {"type": "SUBSCRIPTION", "autoRenewal": true}}),
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn campaign_reaches_every_car_and_counts_states() {
     let dir = tempfile::tempdir().unwrap();
@@ -292,13 +302,7 @@ async fn campaign_reaches_every_car_and_counts_states() {
         .map(|n| vin(n).to_string())
         .chain([vin(99).to_string()])
         .collect();
-    let (s, b) = api
-        .post(
-            "/campaigns",
-            &json!({"vins": vins, "action": "ACTIVATE", "serviceId": "autopilot",
-                    "configuration": {"featureFlags": ["highway_autopilot"]}, "duration": {"type": "SUBSCRIPTION", "autoRenewal": true}}),
-        )
-        .await;
+    let (s, b) = autopilot_campaign(&api, &vins).await;
     assert_eq!(s, 202, "{b}");
     assert_eq!(b["accepted"], 10);
     assert_eq!(b["refusedCount"], 1, "vin 99 is not registered");
@@ -336,6 +340,114 @@ async fn campaign_reaches_every_car_and_counts_states() {
     let (_, c) = api.get(&format!("/campaigns/{cid}")).await;
     assert_eq!(c["counts"]["IN_PROGRESS"], 0, "{c}");
     assert_eq!(c["counts"]["COMPLETED"], 10, "{c}");
+    gw.shutdown().await;
+}
+
+/// The nice values of this process's threads named `name` (Linux), from `/proc/self/task`
+/// (tests running side by side have a gateway each).
+#[cfg(target_os = "linux")]
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    let mut nice = Vec::new();
+    for task in tasks.flatten() {
+        // A thread may end between the listing and the reads: skip it.
+        let dir = task.path();
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        if comm.trim_end() != name {
+            continue;
+        }
+        // Fields after the parenthesised name: state is field 3, nice field 19.
+        if let Some(n) = stat
+            .rsplit_once(')')
+            .and_then(|(_, after)| after.split_whitespace().nth(16))
+            .and_then(|n| n.parse().ok())
+        {
+            nice.push(n);
+        }
+    }
+    nice
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_callbacks_go_out_at_low_priority_and_failed_ones_are_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first three callbacks (all campaign ones, on the bulk lane) are refused.
+    let hook = Webhook::start(3).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    #[cfg(target_os = "linux")]
+    {
+        // The bulk thread lowers its own priority as it starts.
+        let end = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let bulk = nice_of_threads("gw-webhook-bulk");
+            if !bulk.is_empty() && bulk.iter().all(|n| *n == 19) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "bulk senders' nice: {bulk:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let interactive = nice_of_threads("gw-webhook");
+        assert!(
+            !interactive.is_empty() && interactive.iter().all(|n| *n == 0),
+            "{interactive:?}"
+        );
+    }
+    let mut cars = Vec::new();
+    for n in 30..36 {
+        api.register(n).await;
+        cars.push(TestCar::start(n, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await);
+    }
+    for c in &cars {
+        c.wait_connected().await;
+    }
+    let vins: Vec<String> = (30..36).map(|n| vin(n).to_string()).collect();
+    let (s, b) = autopilot_campaign(&api, &vins).await;
+    assert_eq!(s, 202, "{b}");
+    let cid = b["campaignId"].as_str().unwrap().to_owned();
+    let delivered = |hook: &Webhook| -> Vec<Callback> {
+        hook.got
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| {
+                c.body["requestId"]
+                    .as_str()
+                    .is_some_and(|r| r[..23] == cid[..23])
+            })
+            .cloned()
+            .collect()
+    };
+    // Well under the sender's idle scan (30 s): a filed failure wakes the retrying lane.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while delivered(&hook).len() < vins.len() {
+        assert!(
+            std::time::Instant::now() < end,
+            "campaign callbacks: {:?}",
+            delivered(&hook)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing more comes: each request called back once, signed, ACTIVATED.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = delivered(&hook);
+    let mut by_vin: Vec<&str> = got.iter().filter_map(|c| c.body["vin"].as_str()).collect();
+    by_vin.sort_unstable();
+    let mut expected: Vec<&str> = vins.iter().map(String::as_str).collect();
+    expected.sort_unstable();
+    assert_eq!(by_vin, expected);
+    assert!(got
+        .iter()
+        .all(|c| c.signature_ok && c.body["status"] == "ACTIVATED"));
     gw.shutdown().await;
 }
 
