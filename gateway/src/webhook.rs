@@ -3,7 +3,7 @@
 //! A request's final state is flushed before its callback leaves, and until the callback is
 //! delivered the request stays listed in its car's record, so a restart finds it and sends
 //! it again. The engine therefore hands each flushed result to this task through a bounded
-//! queue ([`FRESH_QUEUE`]) without writing anything more: on a healthy receiver a callback
+//! queue ([`FRESH_QUEUE`]; [`BULK_QUEUE`] for campaigns) without writing anything more: on a healthy receiver a callback
 //! costs no store write at all. The task POSTs, [`CONCURRENCY`] at a time, signed with
 //! HMAC-SHA256 over `timestamp + "." + body` (headers `X-CaaS-Timestamp` and
 //! `X-CaaS-Signature: sha256=<hex>`). On a 2xx it tells the car's shard, which drops the
@@ -59,8 +59,13 @@ pub(crate) const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// In-flight slots that retries may not take: after a receiver outage, thousands of retries
 /// fall due at once, and fresh callbacks must not queue behind them.
 pub(crate) const FRESH_RESERVED: usize = 16;
-/// Callbacks handed over by the engine and not yet taken by the sender, per lane.
+/// Single requests' callbacks handed over by the engine and not yet taken by their sender.
 pub(crate) const FRESH_QUEUE: usize = 65_536;
+/// Campaign callbacks handed over and not yet taken by the bulk sender. Its thread yields to
+/// everything else, so a campaign's callbacks pile up here while the campaign runs: half of
+/// this (where the engine starts filing them in the outbox instead, a store write each)
+/// holds a 100,000-car campaign's. At ~300 bytes a callback that is ~80 MB at most.
+pub(crate) const BULK_QUEUE: usize = 262_144;
 /// Failed callbacks waiting in memory for their next try (the rest wait in the outbox).
 pub(crate) const RETRY_HELD: usize = 65_536;
 /// Entries read from the outbox per scan pass.
@@ -137,10 +142,10 @@ pub(crate) struct Handoff {
 }
 
 impl Handoff {
-    fn queue(&self, lane: Lane) -> &flume::Sender<Due> {
+    fn queue(&self, lane: Lane) -> (&flume::Sender<Due>, usize) {
         match lane {
-            Lane::Interactive => &self.interactive,
-            Lane::Bulk => &self.bulk,
+            Lane::Interactive => (&self.interactive, FRESH_QUEUE),
+            Lane::Bulk => (&self.bulk, BULK_QUEUE),
         }
     }
 
@@ -148,7 +153,7 @@ impl Handoff {
     /// outbox, where the interactive sender's next scan finds it.
     pub(crate) fn send(&self, due: Due) {
         if let Err(flume::TrySendError::Full(due) | flume::TrySendError::Disconnected(due)) =
-            self.queue(due.lane).try_send(due)
+            self.queue(due.lane).0.try_send(due)
         {
             self.file(&due.entry);
         }
@@ -157,7 +162,8 @@ impl Handoff {
     /// Whether `n` more first tries would crowd `lane`'s queue (more than half full): the
     /// engine then files results in the outbox instead of handing them over.
     pub(crate) fn crowded(&self, lane: Lane, n: usize) -> bool {
-        self.queue(lane).len() + n > FRESH_QUEUE / 2
+        let (queue, bound) = self.queue(lane);
+        queue.len() + n > bound / 2
     }
 
     /// Files `entry` in the outbox, due now, and has the sender scan for it.
@@ -205,7 +211,7 @@ impl Inbox {
 /// A handoff over `store`'s outbox and its two inboxes, interactive then bulk.
 pub(crate) fn handoff(store: &Store) -> (Handoff, [Inbox; 2]) {
     let (interactive, interactive_rx) = flume::bounded(FRESH_QUEUE);
-    let (bulk, bulk_rx) = flume::bounded(FRESH_QUEUE);
+    let (bulk, bulk_rx) = flume::bounded(BULK_QUEUE);
     let missed = Arc::new(Missed {
         flag: AtomicBool::new(true), // scan once at start
         wake: tokio::sync::Notify::new(),
@@ -806,6 +812,30 @@ mod tests {
         assert_eq!(b.delivered(t2), Some(t2 - t0));
         assert!(b.may_start(CONCURRENCY - 1, t2));
         assert_eq!(b.probe_in(t2), None);
+    }
+
+    #[test]
+    fn the_bulk_lane_holds_a_100000_car_campaign_before_filing_in_the_outbox() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path(), 16).unwrap_or_else(|e| panic!("{e}"));
+        let (handoff, _inboxes) = handoff(&store);
+        let vin: Vin = "WVWZZZ1JZ3W386752"
+            .parse()
+            .unwrap_or_else(|_| unreachable!());
+        let first = |i: u64, lane| {
+            let mut id = [0; 16];
+            id[8..].copy_from_slice(&i.to_be_bytes());
+            Due::first(vin, RequestId(id), String::new(), lane)
+        };
+        for i in 0..100_000 {
+            assert!(!handoff.crowded(Lane::Bulk, 1), "crowded at {i}");
+            handoff.send(first(i, Lane::Bulk));
+        }
+        assert_eq!(store.outbox.len(), 0, "nothing filed");
+        // Single requests' lane is separate, and crowded at half its own bound.
+        assert!(!handoff.crowded(Lane::Interactive, FRESH_QUEUE / 2));
+        assert!(handoff.crowded(Lane::Interactive, FRESH_QUEUE / 2 + 1));
+        assert!(handoff.crowded(Lane::Bulk, BULK_QUEUE / 2 - 100_000 + 1));
     }
 
     #[test]
