@@ -25,7 +25,10 @@ pub(crate) const COUNTER_PID: PageId = 1;
 pub(crate) const BATCH_MANIFEST_PID: PageId = PageId::max_value() - 666;
 
 pub(crate) const PAGE_CONSOLIDATION_THRESHOLD: usize = 10;
-pub(crate) const SEGMENT_CLEANUP_THRESHOLD: usize = 50;
+// CaaS patch (PATCHES.md, 4): 15 instead of 50. Segments are drained only when at most 15%
+// of them is live (fewer pages rewritten), and the file's tail is relocated once 15% of
+// segments are free (a smaller file).
+pub(crate) const SEGMENT_CLEANUP_THRESHOLD: usize = 15;
 
 // Allows for around 1 trillion items to be stored
 // 2^37 * (assuming 50% node fill, 8 items per leaf)
