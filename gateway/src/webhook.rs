@@ -3,8 +3,8 @@
 //! A request's final state is flushed before its callback leaves, and until the callback is
 //! delivered the request stays listed in its car's record, so a restart finds it and sends
 //! it again. The engine therefore hands each flushed result to this task through a bounded
-//! queue ([`FRESH_QUEUE`]; [`BULK_QUEUE`] for campaigns) without writing anything more: on a healthy receiver a callback
-//! costs no store write at all. The task POSTs, [`CONCURRENCY`] at a time, signed with
+//! queue ([`FRESH_QUEUE`]; [`BULK_QUEUE`] for campaigns) without writing anything more:
+//! on a healthy receiver a callback costs no store write at all. The task POSTs, [`CONCURRENCY`] at a time, signed with
 //! HMAC-SHA256 over `timestamp + "." + body` (headers `X-CaaS-Timestamp` and
 //! `X-CaaS-Signature: sha256=<hex>`). On a 2xx it tells the car's shard, which drops the
 //! request from the car's list. On a failure the callback is filed in the sled `outbox`
@@ -166,12 +166,9 @@ impl Handoff {
         queue.len() + n > bound / 2
     }
 
-    /// Files `entry` in the outbox, due now, and has the sender scan for it.
+    /// Files `entry` in the outbox, due now, and has the interactive sender scan for it.
     pub(crate) fn file(&self, entry: &OutboxEntry) {
-        let _ = self
-            .outbox
-            .insert(outbox_key(now_ms(), entry.id), enc(entry));
-        self.missed.set();
+        file_due_now(&self.outbox, &self.missed, entry);
     }
 }
 
@@ -188,6 +185,12 @@ pub(crate) struct Inbox {
 struct Missed {
     flag: AtomicBool,
     wake: tokio::sync::Notify,
+}
+
+/// Files `entry` in `outbox`, due now, and wakes the interactive sender to scan for it.
+fn file_due_now(outbox: &sled::Tree, missed: &Missed, entry: &OutboxEntry) {
+    let _ = outbox.insert(outbox_key(now_ms(), entry.id), enc(entry));
+    missed.set();
 }
 
 impl Missed {
@@ -489,12 +492,8 @@ impl Sender {
         entry.tries += 1;
         if self.lane == Lane::Bulk {
             // Retries are the interactive lane's: filed due now, its next scan takes it.
-            let _ = self
-                .store
-                .outbox
-                .insert(outbox_key(now_ms(), entry.id), enc(&entry));
+            file_due_now(&self.store.outbox, missed, &entry);
             self.release_car(&due.keeper);
-            missed.set();
             return;
         }
         let backoff = Duration::from_secs(1u64 << entry.tries.min(6)).min(MAX_BACKOFF);

@@ -275,6 +275,24 @@ async fn refused_command_fails_with_the_cars_code_and_forged_reports_are_ignored
     gw.shutdown().await;
 }
 
+/// Registers cars `numbers`, starts each obeying its commands, and waits until all are
+/// connected.
+async fn obeying_cars(
+    gw: &caas_gateway::Gateway,
+    api: &Api,
+    numbers: std::ops::Range<u32>,
+) -> Vec<TestCar> {
+    let mut cars = Vec::new();
+    for n in numbers {
+        api.register(n).await;
+        cars.push(TestCar::start(n, gw.public_key_hex(), car_opts(gw, Mode::Obey)).await);
+    }
+    for c in &cars {
+        c.wait_connected().await;
+    }
+    cars
+}
+
 /// `POST /campaigns` activating the autopilot subscription on `vins`: (status, body).
 async fn autopilot_campaign(api: &Api, vins: &[String]) -> (u16, serde_json::Value) {
     api.post(
@@ -290,14 +308,7 @@ async fn campaign_reaches_every_car_and_counts_states() {
     let dir = tempfile::tempdir().unwrap();
     let hook = Webhook::start(0).await;
     let (gw, api) = gateway(dir.path(), &hook).await;
-    let mut cars = Vec::new();
-    for n in 10..20 {
-        api.register(n).await;
-        cars.push(TestCar::start(n, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await);
-    }
-    for c in &cars {
-        c.wait_connected().await;
-    }
+    let cars = obeying_cars(&gw, &api, 10..20).await;
     let vins: Vec<String> = (10..20)
         .map(|n| vin(n).to_string())
         .chain([vin(99).to_string()])
@@ -402,14 +413,8 @@ async fn campaign_callbacks_go_out_at_low_priority_and_failed_ones_are_retried()
             "{interactive:?}"
         );
     }
-    let mut cars = Vec::new();
-    for n in 30..36 {
-        api.register(n).await;
-        cars.push(TestCar::start(n, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await);
-    }
-    for c in &cars {
-        c.wait_connected().await;
-    }
+    // Held to the end: dropping a car disconnects it.
+    let _cars = obeying_cars(&gw, &api, 30..36).await;
     let vins: Vec<String> = (30..36).map(|n| vin(n).to_string()).collect();
     let (s, b) = autopilot_campaign(&api, &vins).await;
     assert_eq!(s, 202, "{b}");
