@@ -4,10 +4,10 @@
 //! delivered the request stays listed in its car's record, so a restart finds it and sends
 //! it again. The engine therefore hands each flushed result to this task through a bounded
 //! queue ([`FRESH_QUEUE`]; [`BULK_QUEUE`] for campaigns) without writing anything more:
-//! on a healthy receiver a callback costs no store write at all. The task POSTs, [`CONCURRENCY`] at a time, signed with
-//! HMAC-SHA256 over `timestamp + "." + body` (headers `X-CaaS-Timestamp` and
-//! `X-CaaS-Signature: sha256=<hex>`). On a 2xx it tells the car's shard, which drops the
-//! request from the car's list. On a failure the callback is filed in the sled `outbox`
+//! on a healthy receiver a callback costs no store write at all. The task POSTs,
+//! [`CONCURRENCY`] at a time, signed with HMAC-SHA256 over `timestamp + "." + body`
+//! (headers `X-CaaS-Timestamp` and `X-CaaS-Signature: sha256=<hex>`). On a 2xx it tells
+//! the car's shard, which drops the request from the car's list. On a failure the callback is filed in the sled `outbox`
 //! tree (keyed by due time) and retried with exponential backoff (1 s doubling, at most
 //! [`MAX_BACKOFF`]), holding up to [`RETRY_HELD`] retries in memory; once filed, the car's
 //! list lets go of it. On start, and whenever an entry could not be held in memory, the
