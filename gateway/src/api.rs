@@ -25,8 +25,8 @@ use tokio::sync::oneshot;
 use crate::engine::{Engine, Msg, NewRequest, Op};
 use crate::metrics::Metrics;
 use crate::store::{
-    campaign_request_id, dec, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec,
-    HistoryEntries, RequestRec, Store, Ticket, VehicleRec, CAMPAIGN_PREFIX,
+    campaign_request_id, dec, dec_history, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec,
+    HistoryEntry, RequestRec, Store, Ticket, VehicleRec, CAMPAIGN_PREFIX,
 };
 
 /// Largest request body on every route but `POST /campaigns`.
@@ -470,6 +470,24 @@ fn request_view(rec: &RequestRec) -> Value {
     })
 }
 
+/// A history entry as `GET /vehicles/{vin}/history` shows it (no `seq` or `requestId` key
+/// on entries that have none).
+fn history_view(e: HistoryEntry) -> Value {
+    let mut v = json!({
+        "id": e.id,
+        "timestamp": e.timestamp,
+        "type": e.kind,
+        "detail": e.detail,
+    });
+    if let Some(seq) = e.seq {
+        v["seq"] = json!(seq);
+    }
+    if let Some(rid) = e.request_id {
+        v["requestId"] = json!(rid);
+    }
+    v
+}
+
 async fn get_request(State(st): St, Path(id): Path<String>) -> ApiResult {
     let rid: RequestId = id.parse().map_err(|e| ApiError::bad("requestId", e))?;
     let v = st.store.requests.get(rid.0).map_err(ApiError::storage)?;
@@ -610,19 +628,14 @@ async fn history(
     let mut entries = Vec::new();
     // A value holds one batch's entries, all at or after its key's id: those of a value just
     // below `before` that are not below it were on an earlier page.
-    let older = |e: &Value| {
-        e["id"]
-            .as_str()
-            .and_then(|id| id.parse::<u64>().ok())
-            .is_some_and(|id| id < before)
-    };
+    let older = |e: &HistoryEntry| e.id.parse::<u64>().is_ok_and(|id| id < before);
     'pages: for item in st.store.history.range(lo..hi).rev() {
         let (_, v) = item.map_err(ApiError::storage)?;
-        let Some(group) = dec::<HistoryEntries<Value>>(&v) else {
+        let Some(group) = dec_history(&v) else {
             continue;
         };
-        for e in group.into_vec().into_iter().rev().filter(older) {
-            entries.push(e);
+        for e in group.into_iter().rev().filter(older) {
+            entries.push(history_view(e));
             if entries.len() == limit {
                 break 'pages;
             }

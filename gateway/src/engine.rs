@@ -36,8 +36,8 @@ use crate::campaign::CampaignCounts;
 use crate::config::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::store::{
-    enc, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry, RequestRec, Store,
-    Ticket, VehicleRec, HISTORY_PER_CAR,
+    enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry,
+    RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
 };
 use crate::webhook::{Due, Handoff, Lane};
 
@@ -710,10 +710,7 @@ impl Shard {
             let mut key = Vec::with_capacity(25);
             key.extend_from_slice(vin.as_bytes());
             key.extend_from_slice(&first.to_be_bytes());
-            let value = match group {
-                [(_, _, one)] => enc(one),
-                many => enc(&many.iter().map(|(_, _, e)| e).collect::<Vec<_>>()),
-            };
+            let value = enc(&group.iter().map(|(_, _, e)| e).collect::<Vec<_>>());
             let _ = self.sh.store.history.insert(key, value);
             if let Some(car) = self.cars.get_mut(vin) {
                 car.history_written += 1;
@@ -1155,7 +1152,11 @@ impl Shard {
                 .as_ref()
                 .map(|r| diagnostics_json(Some(r), &car.vehicle)),
         };
-        let _ = self.sh.store.tickets.insert(id.to_be_bytes(), enc(&ticket));
+        let _ = self
+            .sh
+            .store
+            .tickets
+            .insert(id.to_be_bytes(), enc_json(&ticket));
         self.sh.metrics.tickets.fetch_add(1, Relaxed);
         tracing::warn!(vin = %vin, request = %rec.request_id, "support ticket opened");
     }

@@ -29,8 +29,8 @@ pub(crate) struct Store {
     pub(crate) tickets: sled::Tree,
     /// due time ms (u64 BE) ++ id (u64 BE) → [`OutboxEntry`].
     pub(crate) outbox: sled::Tree,
-    /// VIN ++ id (u64 BE) → the [`HistoryEntry`] with that id, or a JSON array of the car's
-    /// entries from one engine batch, oldest (that id) first ([`HistoryEntries`]).
+    /// VIN ++ id (u64 BE) → the car's [`HistoryEntry`]s from one engine batch, oldest (that
+    /// id) first ([`dec_history`]).
     pub(crate) history: sled::Tree,
     /// campaign id (16 bytes) → [`CampaignRec`].
     pub(crate) campaigns: sled::Tree,
@@ -77,15 +77,40 @@ impl Store {
     }
 }
 
-/// Serialises a record for sled.
+/// The first byte of a record in the compact encoding (a tag, then postcard). Records are
+/// written compactly because a campaign writes each car's request, car and history records
+/// several times, and their size drives the store's copying, page writes and memory.
+/// JSON records (from stores written before, and tickets, whose diagnostics are free-form
+/// JSON that postcard cannot read back) never start with this byte, so [`dec`] reads both.
+const COMPACT: u8 = 0x01;
+
+/// Serialises a record for sled, compactly.
 pub(crate) fn enc<T: Serialize>(v: &T) -> Vec<u8> {
     // Our own records always serialise; an empty value would read back as an error, not a panic.
+    postcard::to_extend(v, vec![COMPACT]).unwrap_or_default()
+}
+
+/// Serialises a record for sled as JSON (for records holding free-form JSON).
+pub(crate) fn enc_json<T: Serialize>(v: &T) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
 }
 
-/// Reads a record from sled.
+/// Reads a record from sled, in either encoding.
 pub(crate) fn dec<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Option<T> {
-    serde_json::from_slice(bytes).ok()
+    match bytes.split_first() {
+        Some((&COMPACT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => serde_json::from_slice(bytes).ok(),
+    }
+}
+
+/// Reads a value of the history tree: the entries, oldest first.
+pub(crate) fn dec_history(bytes: &[u8]) -> Option<Vec<HistoryEntry>> {
+    match bytes.split_first() {
+        Some((&COMPACT, rest)) => postcard::from_bytes(rest).ok(),
+        _ => serde_json::from_slice::<HistoryEntries>(bytes)
+            .ok()
+            .map(HistoryEntries::into_vec),
+    }
 }
 
 /// A provisioned car.
@@ -150,7 +175,7 @@ pub(crate) struct RequestRec {
     pub(crate) completed_at: Option<String>,
     pub(crate) campaign_id: Option<String>,
     /// The grant an activation adds (kept to rebuild the desired state).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     pub(crate) grant: Option<GrantRec>,
     /// Milliseconds since the epoch when the request was accepted.
     pub(crate) created_ms: u64,
@@ -195,25 +220,26 @@ pub(crate) struct HistoryEntry {
     /// `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE`.
     #[serde(rename = "type")]
     pub(crate) kind: String,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     pub(crate) seq: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[serde(default)]
     pub(crate) request_id: Option<String>,
     pub(crate) detail: String,
 }
 
-/// One value of the history tree: a single entry (as stores before grouping wrote them) or
-/// the entries one batch wrote for one car, oldest first.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One JSON value of the history tree (stores before the compact encoding): a single entry
+/// (as stores before grouping wrote them) or the entries one batch wrote for one car, oldest
+/// first. Compact values are always the list.
+#[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub(crate) enum HistoryEntries<T> {
-    Many(Vec<T>),
-    One(T),
+enum HistoryEntries {
+    Many(Vec<HistoryEntry>),
+    One(HistoryEntry),
 }
 
-impl<T> HistoryEntries<T> {
+impl HistoryEntries {
     /// The entries, oldest first.
-    pub(crate) fn into_vec(self) -> Vec<T> {
+    fn into_vec(self) -> Vec<HistoryEntry> {
         match self {
             HistoryEntries::Many(v) => v,
             HistoryEntries::One(e) => vec![e],
@@ -311,13 +337,86 @@ mod tests {
         assert_eq!(text.parse::<caas_protocol::RequestId>().map(|r| r.0), Ok(b));
     }
 
+    fn entry(id: u64, seq: Option<u64>) -> HistoryEntry {
+        HistoryEntry {
+            id: id.to_string(),
+            timestamp: iso_ms(id / 1000),
+            kind: "COMMAND".into(),
+            seq,
+            request_id: None,
+            detail: "d".into(),
+        }
+    }
+
+    fn ids(entries: Option<Vec<HistoryEntry>>) -> Vec<(String, Option<u64>)> {
+        entries
+            .unwrap_or_default()
+            .into_iter()
+            .map(|e| (e.id, e.seq))
+            .collect()
+    }
+
     #[test]
-    fn history_values_read_as_one_entry_or_a_batch() {
-        let one: HistoryEntries<u32> =
-            serde_json::from_str("7").unwrap_or(HistoryEntries::Many(vec![]));
-        assert_eq!(one.into_vec(), vec![7]);
-        let many: HistoryEntries<u32> =
-            serde_json::from_str("[1,2]").unwrap_or(HistoryEntries::Many(vec![]));
-        assert_eq!(many.into_vec(), vec![1, 2]);
+    fn history_values_read_as_a_json_entry_a_json_batch_or_a_compact_batch() {
+        let one = r#"{"id":"7","timestamp":"t","type":"REPORT","detail":"d"}"#;
+        assert_eq!(ids(dec_history(one.as_bytes())), vec![("7".into(), None)]);
+        let many = r#"[{"id":"1","timestamp":"t","type":"COMMAND","seq":3,"detail":"d"},
+                       {"id":"2","timestamp":"t","type":"REPORT","detail":"d"}]"#;
+        assert_eq!(
+            ids(dec_history(many.as_bytes())),
+            vec![("1".into(), Some(3)), ("2".into(), None)]
+        );
+        let compact = enc(&vec![entry(5, Some(9)), entry(6, None)]);
+        assert_eq!(compact[0], COMPACT);
+        assert_eq!(
+            ids(dec_history(&compact)),
+            vec![("5".into(), Some(9)), ("6".into(), None)]
+        );
+        assert!(dec_history(&[COMPACT, 0xff]).is_none());
+    }
+
+    #[test]
+    fn records_round_trip_compactly_and_json_records_of_older_stores_still_read() {
+        let grant = GrantRec {
+            service_id: "s".into(),
+            flags: vec!["power_boost".into()],
+            params: vec![("k".into(), "v".into())],
+            ends_at: Some(10),
+            request_id: "r".into(),
+            seq: 2,
+            activation_date: "a".into(),
+        };
+        let car = CarRec {
+            seq: 2,
+            applied_seq: 1,
+            grants: vec![grant.clone()],
+            settles: vec!["r".into()],
+            pending: vec!["q".into()],
+        };
+        let json = enc_json(&car);
+        let compact = enc(&car);
+        assert!(
+            compact.len() * 2 < json.len(),
+            "{} vs {}",
+            compact.len(),
+            json.len()
+        );
+        for bytes in [json, compact] {
+            let back: Option<CarRec> = dec(&bytes);
+            let back = back.unwrap_or_default();
+            assert_eq!((back.seq, back.applied_seq), (2, 1));
+            assert_eq!(back.grants, vec![grant.clone()]);
+            assert_eq!(
+                (back.settles, back.pending),
+                (vec!["r".into()], vec!["q".into()])
+            );
+        }
+        // A request of an older store: JSON, and no `grant` key for a deactivation.
+        let old = r#"{"requestId":"r","vin":"V","action":"DEACTIVATE","serviceId":"s","seq":3,
+            "status":"COMPLETED","phase":"DONE","attempts":1,"errorCode":null,"createdAt":"c",
+            "updatedAt":"u","completedAt":"u","campaignId":null,"createdMs":5}"#;
+        let rec: Option<RequestRec> = dec(old.as_bytes());
+        let rec = rec.map(|r| (r.action, r.seq, r.grant.is_none(), r.created_ms));
+        assert_eq!(rec, Some(("DEACTIVATE".into(), 3, true, 5)));
     }
 }
