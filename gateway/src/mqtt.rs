@@ -64,14 +64,32 @@ pub(crate) fn route(
 /// One embedded rumqttd router's door: our fronts hand it each accepted connection.
 pub(crate) type Acceptor = rumqttd::ConnectionAcceptor<rumqttd::protocol::v4::V4>;
 
+/// What rumqttd keeps of each car's own filters (its command topic): one segment of at most
+/// [`CAR_FILTER_SEGMENT`] bytes past the newest message. A command carries the car's whole
+/// desired state, so only the newest one matters (a car reconnecting after more than that
+/// resumes at the oldest kept, and the newest is also retained); a bigger log only grew the
+/// process by every command of every car, up to 16 MiB per car, as campaigns went by.
+const CAR_FILTER_SEGMENT: usize = 1024;
+
+/// What rumqttd keeps of each of the gateway's fleet-wide filters (all reports, all
+/// presence), per router: 4 segments of 4 MiB, ~12,000 reports of slack for the gateway's
+/// link to fall behind during a campaign's burst before the oldest would be dropped.
+const FLEET_FILTER_SEGMENT: rumqttd::SegmentConfig = rumqttd::SegmentConfig {
+    max_segment_size: 4 * 1024 * 1024,
+    max_segment_count: 4,
+};
+
 fn router_config() -> rumqttd::RouterConfig {
+    let fleet_filters = [topics::ALL_REPORTS, topics::ALL_PRESENCE]
+        .into_iter()
+        .map(|f| (f.to_owned(), FLEET_FILTER_SEGMENT))
+        .collect();
     rumqttd::RouterConfig {
         max_connections: 1 << 20,
         max_outgoing_packet_count: 1024,
-        // Per subscription filter: at most 4 segments of 4 MiB held in memory.
-        max_segment_size: 4 * 1024 * 1024,
-        max_segment_count: 4,
-        custom_segment: None,
+        max_segment_size: CAR_FILTER_SEGMENT,
+        max_segment_count: 1,
+        custom_segment: Some(fleet_filters),
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
     }
@@ -269,4 +287,38 @@ pub(crate) fn start_external(
             }
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The segment sizes rumqttd gives a filter, found the way it finds them (`Data::new`).
+    fn segment_of(config: &rumqttd::RouterConfig, filter: &str) -> (usize, usize) {
+        config
+            .custom_segment
+            .iter()
+            .flatten()
+            .filter(|(f, _)| rumqttd::protocol::matches(filter, f))
+            .map(|(_, s)| (s.max_segment_size, s.max_segment_count))
+            .last()
+            .unwrap_or((config.max_segment_size, config.max_segment_count))
+    }
+
+    #[test]
+    fn fleet_filters_keep_a_burst_and_a_car_filter_keeps_only_its_newest_commands() {
+        let config = router_config();
+        let fleet = (
+            FLEET_FILTER_SEGMENT.max_segment_size,
+            FLEET_FILTER_SEGMENT.max_segment_count,
+        );
+        assert_eq!(segment_of(&config, topics::ALL_REPORTS), fleet);
+        assert_eq!(segment_of(&config, topics::ALL_PRESENCE), fleet);
+        let vin: Result<caas_protocol::Vin, _> = "WVWZZZ1JZXW000001".parse();
+        let car_filter = vin.map(|v| topics::command_topic(&v).to_string());
+        assert_eq!(
+            car_filter.map(|f| segment_of(&config, &f)),
+            Ok((CAR_FILTER_SEGMENT, 1))
+        );
+    }
 }
