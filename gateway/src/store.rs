@@ -268,10 +268,25 @@ pub(crate) fn now_ms() -> u64 {
 
 /// ISO-8601 UTC text of a Unix time in milliseconds.
 pub(crate) fn iso_ms(ms: u64) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    // The engine stamps each request several times within the same millisecond as the rest
+    // of its batch; formatting was a visible share of its CPU, so each thread keeps its last.
+    thread_local! {
+        static LAST: std::cell::RefCell<(u64, String)> = const {
+            std::cell::RefCell::new((u64::MAX, String::new()))
+        };
+    }
+    LAST.with(|last| {
+        let mut last = last.borrow_mut();
+        if last.0 != ms {
+            let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let text = t
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            *last = (ms, text);
+        }
+        last.1.clone()
+    })
 }
 
 /// ISO-8601 UTC text of now.
@@ -321,6 +336,14 @@ pub(crate) type Continuation = Box<dyn FnOnce(Result<(), String>) + Send>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn iso_text_is_rfc3339_utc_and_the_kept_text_follows_the_time() {
+        assert_eq!(iso_ms(1_764_936_000_123), "2025-12-05T12:00:00.123Z");
+        assert_eq!(iso_ms(1_764_936_000_123), "2025-12-05T12:00:00.123Z");
+        assert_eq!(iso_ms(1_764_936_001_000), "2025-12-05T12:00:01Z");
+        assert_eq!(iso_ms(0), "1970-01-01T00:00:00Z");
+    }
 
     #[test]
     fn campaign_request_ids_share_the_campaign_prefix_and_differ_by_index() {
