@@ -28,6 +28,7 @@ use caas_protocol::{
     ServiceId, SigningKey, TrustedKey, VerifyingKey, Vin, MAX_COMMAND_FRAME_SIZE, MAX_GRANTS,
     MAX_SETTLES,
 };
+use serde::Serialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
@@ -1371,16 +1372,28 @@ fn callback_body(rec: &RequestRec) -> Option<String> {
         ("FAILED", _) => "FAILED",
         _ => return None,
     };
-    let mut body = json!({
-        "requestId": rec.request_id,
-        "vin": rec.vin,
-        "status": status,
-        "timestamp": rec.completed_at.as_deref().unwrap_or(&rec.updated_at),
-    });
-    if let Some(c) = &rec.error_code {
-        body["errorCode"] = json!(c);
-    }
-    Some(body.to_string())
+    serde_json::to_string(&CallbackBody {
+        error_code: rec.error_code.as_deref(),
+        request_id: &rec.request_id,
+        status,
+        timestamp: rec.completed_at.as_deref().unwrap_or(&rec.updated_at),
+        vin: &rec.vin,
+    })
+    .ok()
+}
+
+/// The callback's JSON body (DESIGN.md §4). Serialised straight from borrowed fields, which
+/// costs less than building a `serde_json::Value` per callback; the keys are in the order
+/// that map gave them (sorted), so bodies read the same as before.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CallbackBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error_code: Option<&'a str>,
+    request_id: &'a str,
+    status: &'a str,
+    timestamp: &'a str,
+    vin: &'a str,
 }
 
 fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
@@ -1422,5 +1435,52 @@ impl Car {
     #[allow(dead_code)]
     fn vin(&self) -> &Vin {
         &self.vin
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(status: &str, action: &str, error_code: Option<&str>) -> RequestRec {
+        RequestRec {
+            request_id: "0b7c9a4e-8f1d-4c2a-9e3b-5d6f7a8b9c0d".into(),
+            vin: "WVWZZZ1JZXW000001".into(),
+            action: action.into(),
+            service_id: "power-boost".into(),
+            seq: 3,
+            status: status.into(),
+            phase: "DONE".into(),
+            attempts: 1,
+            error_code: error_code.map(str::to_owned),
+            created_at: "2026-12-05T12:00:00Z".into(),
+            updated_at: "2026-12-05T12:00:01Z".into(),
+            completed_at: Some("2026-12-05T12:00:02Z".into()),
+            campaign_id: None,
+            grant: None,
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn callback_bodies_name_the_final_status_and_read_as_the_seed_shape() {
+        let body = callback_body(&request("COMPLETED", "ACTIVATE", None));
+        assert_eq!(
+            body.as_deref(),
+            Some(
+                r#"{"requestId":"0b7c9a4e-8f1d-4c2a-9e3b-5d6f7a8b9c0d","status":"ACTIVATED","timestamp":"2026-12-05T12:00:02Z","vin":"WVWZZZ1JZXW000001"}"#
+            )
+        );
+        let body = callback_body(&request("FAILED", "ACTIVATE", Some("NO_CONFIRMATION")));
+        let v: Option<serde_json::Value> = body.and_then(|b| serde_json::from_str(&b).ok());
+        let v = v.unwrap_or_default();
+        assert_eq!(v["status"], "FAILED");
+        assert_eq!(v["errorCode"], "NO_CONFIRMATION");
+        let body = callback_body(&request("COMPLETED", "DEACTIVATE", None));
+        assert!(body.is_some_and(|b| b.contains(r#""status":"DEACTIVATED""#)));
+        assert_eq!(
+            callback_body(&request("IN_PROGRESS", "ACTIVATE", None)),
+            None
+        );
     }
 }
