@@ -621,6 +621,9 @@ async fn history(
             "no vehicle with this VIN is registered",
         ));
     }
+    // The car's shard holds its newest entries for up to a second before writing them.
+    let (tx, rx) = oneshot::channel();
+    ask(&st.engine, &vin, Msg::WriteHistory { vin, resp: tx }, rx).await?;
     let mut lo = vin.as_bytes().to_vec();
     lo.extend_from_slice(&0u64.to_be_bytes());
     let mut hi = vin.as_bytes().to_vec();

@@ -56,11 +56,17 @@ const MAX_ERRORS: usize = 8;
 /// Re-sends of a car's state closer together than this are merged into one.
 const RESEND_MERGE: Duration = Duration::from_millis(200);
 /// How long a car's record may wait with changes that need not be durable at once (its
-/// applied seq, a delivered callback): they are written together, at most this late. A
-/// crash loses only what the car's next report or a repeated callback restores.
+/// applied seq, a delivered callback, its history entries): they are written together, at
+/// most this late. A crash loses only what the car's next report or a repeated callback
+/// restores, and at most this much of the car's history (the requests themselves are durable
+/// before they are answered; the history is the technician's log of them).
 const LAZY_WRITE_AFTER: Duration = Duration::from_secs(1);
 /// Most cars' lazy changes written between two batches of messages.
 const LAZY_WRITE_STEP: usize = 64;
+/// History entries a car holds unwritten before they are written with the next commit
+/// instead of waiting up to [`LAZY_WRITE_AFTER`] (a car that floods reports costs one
+/// store write per this many entries, and no more memory).
+const MAX_UNWRITTEN_HISTORY: usize = 32;
 
 /// A message the engine publishes.
 #[derive(Debug, Clone)]
@@ -118,6 +124,12 @@ pub(crate) enum Msg {
     Status {
         vin: Vin,
         resp: oneshot::Sender<Option<serde_json::Value>>,
+    },
+    /// Write the car's history entries made so far (before `GET /vehicles/{vin}/history`
+    /// reads the store).
+    WriteHistory {
+        vin: Vin,
+        resp: oneshot::Sender<()>,
     },
     Load {
         rec: VehicleRec,
@@ -275,6 +287,12 @@ struct Car {
     awaiting: Vec<RequestId>,
     errors: Vec<ServiceError>,
     history_written: usize,
+    /// History entries not yet in the store, oldest first, with their ids: written with
+    /// the car's lazy changes, so that a request, the report that settles it and its
+    /// result cost one store write together (at most [`MAX_UNWRITTEN_HISTORY`]).
+    unwritten_history: Vec<(u64, HistoryEntry)>,
+    /// Queued in the shard's lazy cars for its unwritten history.
+    history_queued: bool,
     probe_answered: bool,
     /// Changed since the last commit: written once in the next one.
     dirty: bool,
@@ -311,8 +329,8 @@ struct Shard {
     gen: u64,
     batch: Batch,
     buf: Box<[u8; MAX_COMMAND_FRAME_SIZE]>,
-    /// Cars with lazy changes, and when the oldest of them was made.
-    /// Cars with lazy changes, oldest first, with when the first of their changes was made.
+    /// Cars with lazy changes or unwritten history, oldest first, with when the first of
+    /// their changes was made.
     lazy_cars: std::collections::VecDeque<(Instant, Vin)>,
     /// Campaign batches being worked through, [`CAMPAIGN_CHUNK`] requests at a time.
     jobs: std::collections::VecDeque<CampaignJob>,
@@ -452,9 +470,7 @@ impl Shard {
     /// Writes every car with lazy changes (in the next commit's flush, or sled's own).
     fn write_lazy(&mut self) {
         for (_, vin) in std::mem::take(&mut self.lazy_cars) {
-            if self.cars.get(&vin).is_some_and(|c| c.lazy) {
-                self.save_car(&vin);
-            }
+            self.write_car_lazily(&vin);
         }
     }
 
@@ -468,9 +484,7 @@ impl Shard {
                 _ => return,
             }
             if let Some((_, vin)) = self.lazy_cars.pop_front() {
-                if self.cars.get(&vin).is_some_and(|c| c.lazy) {
-                    self.save_car(&vin);
-                }
+                self.write_car_lazily(&vin);
             }
         }
     }
@@ -585,6 +599,10 @@ impl Shard {
             Msg::Status { vin, resp } => {
                 let _ = resp.send(self.status(&vin));
             }
+            Msg::WriteHistory { vin, resp } => {
+                self.write_history_now(&vin);
+                let _ = resp.send(());
+            }
             Msg::Load { rec, car } => self.load(rec, car),
             Msg::LoadPending(rec) => self.load_pending(rec),
             Msg::CallbacksSettled(list) => {
@@ -698,7 +716,50 @@ impl Shard {
             request_id,
             detail,
         };
-        self.batch.history.push((*vin, id, entry));
+        let Some(car) = self.cars.get_mut(vin) else {
+            self.batch.history.push((*vin, id, entry));
+            return;
+        };
+        car.unwritten_history.push((id, entry));
+        if car.unwritten_history.len() >= MAX_UNWRITTEN_HISTORY {
+            self.move_history_to_batch(vin);
+        } else if !car.history_queued {
+            car.history_queued = true;
+            self.lazy_cars.push_back((Instant::now(), *vin));
+        }
+    }
+
+    /// Moves `vin`'s unwritten history entries into this batch, to be written at its commit.
+    fn move_history_to_batch(&mut self, vin: &Vin) {
+        if let Some(car) = self.cars.get_mut(vin) {
+            car.history_queued = false;
+            let vin = *vin;
+            self.batch.history.extend(
+                car.unwritten_history
+                    .drain(..)
+                    .map(|(id, entry)| (vin, id, entry)),
+            );
+        }
+    }
+
+    /// Writes what waits to be written of `vin`: its record's lazy changes and its
+    /// unwritten history (the history with this batch's commit).
+    fn write_car_lazily(&mut self, vin: &Vin) {
+        self.move_history_to_batch(vin);
+        if self.cars.get(vin).is_some_and(|c| c.lazy) {
+            self.save_car(vin);
+        }
+    }
+
+    /// Writes `vin`'s history now, the entries waiting in the car and in this batch, so
+    /// that a read of the store sees every entry made so far.
+    fn write_history_now(&mut self, vin: &Vin) {
+        self.move_history_to_batch(vin);
+        let (now, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.batch.history)
+            .into_iter()
+            .partition(|(v, _, _)| v == vin);
+        self.batch.history = later;
+        self.write_history(now);
     }
 
     /// Writes the batch's history entries, one value per car (keyed by its oldest entry's
@@ -1410,6 +1471,8 @@ fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car
         pending: Vec::new(),
         errors: Vec::new(),
         history_written: 0,
+        unwritten_history: Vec::new(),
+        history_queued: false,
         probe_answered: false,
         dirty: false,
         lazy: false,

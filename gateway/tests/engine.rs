@@ -636,10 +636,32 @@ async fn delivered_callbacks_are_not_repeated_after_a_clean_restart() {
     // Straight away: the engine has not yet written that the cars need not keep them.
     gw.shutdown().await;
     drop(cars);
-    let (gw, _api) = gateway(dir.path(), &hook).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     for id in &ids {
         assert_eq!(hook.for_request(id).len(), 1, "{id} called back again");
+    }
+    // The history the engine held unwritten at the stop was written by it: each request,
+    // the report that settled it and its result are there after the restart.
+    for (n, id) in (1..=3).zip(&ids) {
+        let (s, h) = api.get(&format!("/vehicles/{}/history", vin(n))).await;
+        assert_eq!(s, 200, "{h}");
+        let newest: Vec<(&str, &str)> = h["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .take(3)
+            .map(|e| {
+                let request = e["requestId"].as_str().unwrap_or("");
+                (e["type"].as_str().unwrap(), request)
+            })
+            .collect();
+        let id = id.as_str();
+        assert_eq!(
+            newest,
+            [("RESULT", id), ("REPORT", ""), ("REQUEST", id)],
+            "{h}"
+        );
     }
     gw.shutdown().await;
 }
