@@ -71,7 +71,7 @@ fn rates(c: &mut Criterion) {
 #[cfg(feature = "batch")]
 fn open_report_batches(c: &mut Criterion) {
     let mut g = c.benchmark_group("report batch");
-    for n in [8u64, 64] {
+    for n in [8u64, 64, 128, 256, 1024] {
         let keys: Vec<SigningKey> = (0..n)
             .map(|i| SigningKey::from_bytes(&[i as u8 + 1; 32]))
             .collect();
