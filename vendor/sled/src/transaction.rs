@@ -348,8 +348,10 @@ impl TransactionalTree {
         self.tree.context.pagecache.generate_id_inner()
     }
 
+    // CaaS patch: nothing to undo (see PATCHES.md, item 5).
     fn unstage(&self) {
-        unimplemented!()
+        // Staging only takes the global write lock, which the caller's guard releases;
+        // no write reaches the tree before commit, so an abandoned attempt leaves nothing.
     }
 
     const fn validate(&self) -> bool {
