@@ -272,7 +272,6 @@ struct LastReport {
 
 /// One car, as its shard holds it.
 struct Car {
-    vin: Vin,
     key: TrustedKey,
     vehicle: VehicleRec,
     rec: CarRec,
@@ -638,7 +637,7 @@ impl Shard {
             return;
         };
         self.cars
-            .insert(vin, new_car(vin, key, rec, car.unwrap_or_default()));
+            .insert(vin, new_car(key, rec, car.unwrap_or_default()));
     }
 
     fn load_pending(&mut self, rec: RequestRec) {
@@ -694,8 +693,7 @@ impl Shard {
             .vehicles
             .insert(vin.as_bytes(), enc(&rec))
             .map_err(ApiError::storage)?;
-        self.cars
-            .insert(vin, new_car(vin, key, rec, CarRec::default()));
+        self.cars.insert(vin, new_car(key, rec, CarRec::default()));
         Ok(true)
     }
 
@@ -730,9 +728,10 @@ impl Shard {
     }
 
     /// Moves `vin`'s unwritten history entries into this batch, to be written at its commit.
+    /// The car stays queued if it was (only [`Shard::write_car_lazily`] takes it off), so
+    /// its history adds at most one entry to the lazy cars between two of its lazy writes.
     fn move_history_to_batch(&mut self, vin: &Vin) {
         if let Some(car) = self.cars.get_mut(vin) {
-            car.history_queued = false;
             let vin = *vin;
             self.batch.history.extend(
                 car.unwritten_history
@@ -745,6 +744,9 @@ impl Shard {
     /// Writes what waits to be written of `vin`: its record's lazy changes and its
     /// unwritten history (the history with this batch's commit).
     fn write_car_lazily(&mut self, vin: &Vin) {
+        if let Some(car) = self.cars.get_mut(vin) {
+            car.history_queued = false;
+        }
         self.move_history_to_batch(vin);
         if self.cars.get(vin).is_some_and(|c| c.lazy) {
             self.save_car(vin);
@@ -1457,9 +1459,8 @@ struct CallbackBody<'a> {
     vin: &'a str,
 }
 
-fn new_car(vin: Vin, key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
+fn new_car(key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
     Car {
-        vin,
         key: TrustedKey::new(key),
         vehicle,
         rec,
@@ -1491,13 +1492,6 @@ fn prune_history(tree: &sled::Tree, vin: &Vin) {
         for k in &keys[..keys.len() - HISTORY_PER_CAR] {
             let _ = tree.remove(k);
         }
-    }
-}
-
-impl Car {
-    #[allow(dead_code)]
-    fn vin(&self) -> &Vin {
-        &self.vin
     }
 }
 
