@@ -136,9 +136,10 @@ fn run(
 
         // CaaS patch (PATCHES.md, 6): fdatasync, not fsync: every log write is already
         // synced (iobuf.rs), and fsync's forced inode time update would commit the file
-        // system's journal five times a second, stalling the flushes of acknowledged writes.
+        // system's journal at every periodic flush, stalling the flushes of acknowledged
+        // writes.
         if let Err(e) = pagecache.config.file.sync_data() {
-            error!("failed to fsync from periodic flush thread: {}", e);
+            error!("failed to fdatasync from periodic flush thread: {}", e);
         }
 
         let sleep_duration = flush_every
