@@ -109,11 +109,13 @@ pub(crate) struct SegmentAccountant {
 // also commit the filesystem journal (an extra device write and cache flush per flush);
 // into blocks already written and synced it is a plain overwrite. The write-ahead runs on
 // the thread pool, a chunk at a time, started when less than `PREPARE_LOW_WATER_SEGMENTS`
-// are left; the tip only waits for it if the log outruns a whole chunk. A small database
+// are left; the tip only waits for it if the log outruns a whole chunk. Chunks are small
+// because the write-ahead and its sync queue on the disk ahead of the log's own flushes
+// (16 segments at a time raised the gateway's p99 at 3,000 activations/s). A small database
 // (a car's agent keeps a few records on flash) never reaches `PREPARE_FROM_SEGMENTS` and is
 // never written ahead: there it would only add megabytes of filler and flash wear.
 const PREPARE_FROM_SEGMENTS: u64 = 16;
-const PREPARE_CHUNK_SEGMENTS: u64 = 16;
+const PREPARE_CHUNK_SEGMENTS: u64 = 2;
 const PREPARE_LOW_WATER_SEGMENTS: u64 = 8;
 
 #[derive(Debug, Clone, Default)]
