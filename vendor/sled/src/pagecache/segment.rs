@@ -96,27 +96,7 @@ pub(crate) struct SegmentAccountant {
     segment_cleaner: SegmentCleaner,
     ordering: BTreeMap<Lsn, LogOffset>,
     async_truncations: BTreeMap<LogOffset, OneShot<Result<()>>>,
-    // CaaS patch: the log file is written ahead of the tip (see `prepare_ahead`).
-    /// Up to here the file's blocks are allocated, written and synced, so a log write
-    /// below it is an overwrite whose `fdatasync` needs no journal commit.
-    prepared_to: LogOffset,
-    /// The one write-ahead in flight: the range it covers and its completion.
-    preparing: Option<(LogOffset, LogOffset, OneShot<Result<()>>)>,
 }
-
-// CaaS patch: how far ahead of the tip the file is written, in segments. A log write into
-// a fresh part of the file allocates blocks and grows the file, so its `fdatasync` must
-// also commit the filesystem journal (an extra device write and cache flush per flush);
-// into blocks already written and synced it is a plain overwrite. The write-ahead runs on
-// the thread pool, a chunk at a time, started when less than `PREPARE_LOW_WATER_SEGMENTS`
-// are left; the tip only waits for it if the log outruns a whole chunk. Chunks are small
-// because the write-ahead and its sync queue on the disk ahead of the log's own flushes
-// (16 segments at a time raised the gateway's p99 at 3,000 activations/s). A small database
-// (a car's agent keeps a few records on flash) never reaches `PREPARE_FROM_SEGMENTS` and is
-// never written ahead: there it would only add megabytes of filler and flash wear.
-const PREPARE_FROM_SEGMENTS: u64 = 16;
-const PREPARE_CHUNK_SEGMENTS: u64 = 2;
-const PREPARE_LOW_WATER_SEGMENTS: u64 = 8;
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SegmentCleaner {
@@ -505,13 +485,9 @@ impl SegmentAccountant {
             segment_cleaner,
             ordering: BTreeMap::default(),
             async_truncations: BTreeMap::default(),
-            prepared_to: 0,
-            preparing: None,
         };
 
         ret.initialize_from_snapshot(snapshot)?;
-        // Recovery has finished its truncations, so the file's length is what is written.
-        ret.prepared_to = ret.config.file.metadata()?.len();
 
         if let Some(max_free) = ret.free.iter().max() {
             assert!(
@@ -1021,63 +997,7 @@ impl SegmentAccountant {
 
         trace!("advancing file tip from {} to {}", lid, self.tip);
 
-        // CaaS patch: the new segment must not be written while the write-ahead may
-        // still write over it.
-        if matches!(&self.preparing, Some((start, _, _)) if *start < self.tip) {
-            self.wait_for_prepare()?;
-        }
-        self.prepare_ahead()?;
-
         Ok(lid)
-    }
-
-    // CaaS patch: waits for the write-ahead in flight, if any.
-    fn wait_for_prepare(&mut self) -> Result<()> {
-        if let Some((_, end, promise)) = self.preparing.take() {
-            match promise.wait() {
-                Some(Ok(())) => self.prepared_to = self.prepared_to.max(end),
-                Some(Err(e)) => {
-                    // Not fatal: log writes past `prepared_to` grow the file themselves.
-                    warn!("failed to write the log file ahead: {:?}", e);
-                }
-                None => {
-                    return Err(Error::ReportableBug(
-                        "the log write-ahead's IO thread went away".to_string(),
-                    ))
-                }
-            }
-        }
-        Ok(())
-    }
-
-    // CaaS patch: starts writing the next chunk of the file ahead of the tip (with the
-    // bytes recovery writes into free segments) when less than the low water mark is
-    // left. Only ever above the tip, which `bump_tip` keeps from entering it meanwhile.
-    fn prepare_ahead(&mut self) -> Result<()> {
-        let segment_size = self.config.segment_size as LogOffset;
-        if self.preparing.is_some()
-            || self.tip < PREPARE_FROM_SEGMENTS * segment_size
-            || self.prepared_to >= self.tip + PREPARE_LOW_WATER_SEGMENTS * segment_size
-        {
-            return Ok(());
-        }
-        let start = self
-            .tip
-            .max((self.prepared_to + segment_size - 1) / segment_size * segment_size);
-        let end = start + PREPARE_CHUNK_SEGMENTS * segment_size;
-        let config = self.config.clone();
-        let promise = threadpool::spawn(move || -> Result<()> {
-            let chunk = vec![MessageKind::Corrupted.into(); config.segment_size];
-            let mut at = start;
-            while at < end {
-                pwrite_all(&config.file, &chunk, at)?;
-                at += segment_size;
-            }
-            config.file.sync_data()?;
-            Ok(())
-        })?;
-        self.preparing = Some((start, end, promise));
-        Ok(())
     }
 
     /// Returns the next offset to write a new segment in.
@@ -1167,11 +1087,6 @@ impl SegmentAccountant {
         );
 
         self.tip = at;
-
-        // CaaS patch: a write-ahead finishing after this truncation would grow the file
-        // again; let it finish first, and forget what is cut off.
-        self.wait_for_prepare()?;
-        self.prepared_to = self.prepared_to.min(at);
 
         assert!(!self.free.contains(&at), "double-free of a segment occurred");
 
