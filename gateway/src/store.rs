@@ -458,10 +458,14 @@ mod tests {
         }
     }
 
+    /// The 4 KiB value [`fill`] writes under key `k`.
+    fn value_for(k: u32) -> Vec<u8> {
+        vec![(k % 251) as u8; 4096]
+    }
+
     fn fill(store: &Store, keys: std::ops::Range<u32>) {
         for k in keys {
-            let value = vec![(k % 251) as u8; 4096];
-            store.history.insert(k.to_be_bytes(), value).unwrap();
+            store.history.insert(k.to_be_bytes(), value_for(k)).unwrap();
             if k % 256 == 0 {
                 store.db.flush().unwrap();
             }
@@ -473,11 +477,7 @@ mod tests {
         assert_eq!(store.history.len(), keys.len());
         for k in keys {
             let value = store.history.get(k.to_be_bytes()).unwrap();
-            assert_eq!(
-                value.as_deref(),
-                Some(&vec![(k % 251) as u8; 4096][..]),
-                "key {k}"
-            );
+            assert_eq!(value.as_deref(), Some(&value_for(k)[..]), "key {k}");
         }
     }
 
