@@ -636,8 +636,12 @@ impl Shard {
             tracing::warn!(vin = %rec.vin, "stored vehicle is unreadable; skipped");
             return;
         };
-        self.cars
+        let known = self
+            .cars
             .insert(vin, new_car(key, rec, car.unwrap_or_default()));
+        if known.is_none() {
+            self.sh.metrics.cars_registered.fetch_add(1, Relaxed);
+        }
     }
 
     fn load_pending(&mut self, rec: RequestRec) {
@@ -694,6 +698,7 @@ impl Shard {
             .insert(vin.as_bytes(), enc(&rec))
             .map_err(ApiError::storage)?;
         self.cars.insert(vin, new_car(key, rec, CarRec::default()));
+        self.sh.metrics.cars_registered.fetch_add(1, Relaxed);
         Ok(true)
     }
 

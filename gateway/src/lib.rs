@@ -20,12 +20,14 @@
 //! gw.shutdown().await;
 //! # Ok(()) }
 //! ```
-#![forbid(unsafe_code)]
+// One unsafe call, allowed where it is: setting an option of the allocator (heap.rs).
+#![deny(unsafe_code)]
 
 pub mod api;
 mod campaign;
 pub mod config;
 mod engine;
+pub mod heap;
 mod metrics;
 mod mqtt;
 mod openapi;
@@ -58,6 +60,7 @@ pub struct Gateway {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    heap: Option<heap::Warmer>,
     /// The callback senders (one per lane) and what stops each (it tells the engine what it
     /// delivered first).
     webhook: Vec<(
@@ -95,6 +98,7 @@ impl Gateway {
     /// Stops accepting HTTP, lets the engine commit its last batch, flushes sled.
     /// (The embedded broker's threads end with the process.)
     pub async fn shutdown(mut self) {
+        drop(self.heap.take());
         if let Some(tx) = self.http_stop.take() {
             let _ = tx.send(());
         }
@@ -143,6 +147,10 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let store = Store::open(&config.data.join("db"), config.store_cache_mb)
         .context("opening the database")?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let heap = heap::Warmer::start(
+        heap::Reserve::from_setting(config.heap_reserve_mb, config.broker.is_none()),
+        metrics.clone(),
+    );
     let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
     let (handoff, inboxes) = match config.webhook_url {
         Some(_) => {
@@ -264,8 +272,69 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         http_stop: Some(stop_tx),
         http_task,
         tasks,
+        heap,
         webhook: webhook_tasks,
     })
+}
+
+/// `caas-gateway serve` (and `caas-sim gateway serve`, the same program): logging, the
+/// runtime, the gateway until SIGINT or SIGTERM. Returns the process's exit code. Call it
+/// first thing in `main`, while no other thread runs ([`heap::retain_freed_memory`]).
+pub fn serve_main(args: config::ServeArgs) -> i32 {
+    heap::retain_freed_memory();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,rumqttd=warn,sled=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("caas-gateway: {e:#}");
+            return 2;
+        }
+    };
+    if config.api_token == DEV_API_TOKEN {
+        eprintln!(
+            "caas-gateway: using the development API token {DEV_API_TOKEN:?} (set --api-token)"
+        );
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("caas-gateway: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    match rt.block_on(run(config, shutdown_signal())) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("caas-gateway: {e:#}");
+            1
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutdown signal received");
+        return;
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutdown signal received");
 }
 
 /// Starts the gateway, runs until `shutdown` resolves, then stops it cleanly.

@@ -23,12 +23,16 @@ pub(crate) struct Metrics {
     pub(crate) reports_refused: AtomicU64,
     pub(crate) reports_forged: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
+    /// Cars the gateway knows (registered, or loaded from the store at start).
+    pub(crate) cars_registered: AtomicI64,
     pub(crate) tickets: AtomicU64,
     pub(crate) webhook_deliveries: AtomicU64,
     pub(crate) webhook_failures: AtomicU64,
     /// 1 while the webhook receiver looks down (the sender only probes it).
     pub(crate) webhook_receiver_down: AtomicU64,
     pub(crate) flushes: AtomicU64,
+    /// Bytes of heap the warmer faulted in ahead of need (heap.rs).
+    pub(crate) heap_prefaulted_bytes: AtomicU64,
     latency: Histogram,
     flush_time: Histogram,
 }
@@ -147,9 +151,15 @@ impl Metrics {
             "sled flushes (one per engine batch that must be durable).",
             &[("", self.flushes.load(Relaxed))],
         );
+        counter(
+            "caas_heap_prefaulted_bytes_total",
+            "Heap faulted in ahead of need by the warmer (see --heap-reserve-mb).",
+            &[("", self.heap_prefaulted_bytes.load(Relaxed))],
+        );
         let _ = writeln!(s, "# HELP caas_webhook_receiver_down 1 while the webhook receiver looks down (failures in a row; one callback at a time probes it).\n# TYPE caas_webhook_receiver_down gauge\ncaas_webhook_receiver_down {}", self.webhook_receiver_down.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_cars_registered Cars the gateway knows.\n# TYPE caas_cars_registered gauge\ncaas_cars_registered {}", self.cars_registered.load(Relaxed));
         self.latency.render(
             &mut s,
             "caas_activation_latency_seconds",

@@ -47,51 +47,7 @@ enum GatewayCmd {
 
 fn gateway_main(cmd: GatewayCmd) -> i32 {
     let GatewayCmd::Serve(args) = cmd;
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,rumqttd=warn,sled=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let config = match args.into_config() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("caas-gateway: {e:#}");
-            return 2;
-        }
-    };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("caas-gateway: cannot start the runtime: {e}");
-            return 1;
-        }
-    };
-    let stop = async {
-        #[cfg(unix)]
-        if let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    match rt.block_on(caas_gateway::run(config, stop)) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("caas-gateway: {e:#}");
-            1
-        }
-    }
+    caas_gateway::serve_main(args)
 }
 
 /// Where the gateway is.
