@@ -1,6 +1,7 @@
 //! The broker side: a kill -9 of the gateway process, Mosquitto as the external broker
 //! (plain, and mTLS with the shipped configuration), per-car isolation on the embedded
-//! broker's mTLS listener, and an idle TCP socket that must not stall other cars.
+//! broker's mTLS listener, an idle TCP socket that must not stall other cars, and the
+//! process keeping its heap reserve resident.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -23,6 +24,17 @@ impl Drop for Proc {
 }
 
 fn spawn_gateway(data: &Path, http: u16, mqtt: u16, hook: &Webhook) -> Proc {
+    spawn_gateway_with(data, http, mqtt, hook, &[], &[])
+}
+
+fn spawn_gateway_with(
+    data: &Path,
+    http: u16,
+    mqtt: u16,
+    hook: &Webhook,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let child = Command::new(env!("CARGO_BIN_EXE_caas-gateway"))
         .args([
             "serve",
@@ -49,6 +61,8 @@ fn spawn_gateway(data: &Path, http: u16, mqtt: u16, hook: &Webhook) -> Proc {
             "--backoff",
             "1s,1s,1s",
         ])
+        .args(extra)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -107,6 +121,69 @@ async fn request_survives_kill_9_after_its_2xx() {
     assert_eq!(
         car.seen.lock().unwrap().grants,
         vec!["power-boost".to_string()]
+    );
+    drop(gw);
+}
+
+/// The process's resident size, from `/proc`.
+#[cfg(target_os = "linux")]
+fn resident_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line["VmRSS:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    kib / 1024
+}
+
+/// The heap reserve is faulted in and stays resident: the warmer frees what it touched once
+/// the reserve is reached, and the allocator, told to keep freed pages, does not hand them
+/// back to the kernel. The environment asks mimalloc to purge at once, so the pages would go
+/// if the gateway did not override that.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heap_reserve_is_faulted_in_and_stays_resident() {
+    const RESERVE_MIB: u64 = 192;
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (http, mqtt) = (free_port(), free_port());
+    let reserve = RESERVE_MIB.to_string();
+    let gw = spawn_gateway_with(
+        dir.path(),
+        http,
+        mqtt,
+        &hook,
+        &["--heap-reserve-mb", &reserve],
+        &[("MIMALLOC_PURGE_DELAY", "0")],
+    );
+    wait_healthy(http).await;
+    let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
+    let pid = gw.0.id();
+    let end = Instant::now() + Duration::from_secs(60);
+    while resident_mib(pid) < RESERVE_MIB {
+        assert!(
+            Instant::now() < end,
+            "resident {} MiB, reserve {RESERVE_MIB} MiB",
+            resident_mib(pid)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let prefaulted = api.metric("caas_heap_prefaulted_bytes_total").await;
+    assert!(prefaulted > 0.0, "the warmer faulted nothing in");
+    // With the gateway allocating (mimalloc purges from its allocation paths), the pages
+    // are still there.
+    let busy_until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < busy_until {
+        api.get_text("/metrics").await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let resident = resident_mib(pid);
+    assert!(
+        resident >= RESERVE_MIB * 95 / 100,
+        "resident {resident} MiB after the reserve of {RESERVE_MIB} MiB was reached"
     );
     drop(gw);
 }
