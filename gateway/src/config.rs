@@ -285,8 +285,8 @@ pub struct ServeArgs {
     /// The store's page cache, MiB [default: 128]
     #[arg(long, env = "CAAS_GATEWAY_STORE_CACHE_MB")]
     pub store_cache_mb: Option<u64>,
-    /// Heap faulted in ahead of need, MiB; 0 turns it off [default: 64 MiB plus 40 KiB per
-    /// car (12 KiB with an external broker), at most a quarter of RAM]
+    /// Heap faulted in ahead of need, MiB (at most half of RAM); 0 turns it off [default: 64
+    /// MiB plus 40 KiB per car (12 KiB with an external broker), at most a quarter of RAM]
     #[arg(long, env = "CAAS_GATEWAY_HEAP_RESERVE_MB")]
     pub heap_reserve_mb: Option<u64>,
     /// TOML file with the same names (kebab-case)

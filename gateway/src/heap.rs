@@ -33,6 +33,9 @@ pub(crate) const AUTO_PER_CAR_EMBEDDED: u64 = 40 * KIB;
 pub(crate) const AUTO_PER_CAR_EXTERNAL: u64 = 12 * KIB;
 /// The auto reserve never goes past this share of the machine's memory (1/4).
 const AUTO_MAX_SHARE_OF_RAM: u64 = 4;
+/// A fixed reserve never goes past this share of the machine's memory (1/2): a mistyped
+/// size must not have the warmer fault in more than the machine has.
+const FIXED_MAX_SHARE_OF_RAM: u64 = 2;
 /// Most the warmer faults in per turn, so a reserve that jumps (a fleet connecting at once)
 /// is warmed in steps and the thread gives way to the rest between them.
 pub(crate) const STEP_MAX_BYTES: u64 = 64 * MIB;
@@ -49,7 +52,7 @@ const TOUCH_STRIDE: usize = 4096;
 pub enum Reserve {
     /// None: pages are faulted in as they are first used.
     Off,
-    /// A fixed size, in bytes.
+    /// A fixed size, in bytes, at most half of RAM.
     Fixed(u64),
     /// [`AUTO_BASE_BYTES`] plus so many bytes per car, at most a quarter of RAM.
     Auto {
@@ -78,7 +81,7 @@ impl Reserve {
     fn target(self, cars: i64, ram: u64) -> u64 {
         match self {
             Reserve::Off => 0,
-            Reserve::Fixed(bytes) => bytes,
+            Reserve::Fixed(bytes) => bytes.min(ram / FIXED_MAX_SHARE_OF_RAM),
             Reserve::Auto { per_car } => {
                 let cars = u64::try_from(cars).unwrap_or(0);
                 let want = AUTO_BASE_BYTES.saturating_add(cars.saturating_mul(per_car));
@@ -252,6 +255,8 @@ mod tests {
         let fixed = Reserve::from_setting(Some(512), false);
         assert_eq!(fixed.target(0, ram), 512 * MIB);
         assert_eq!(fixed.target(19_000, ram), 512 * MIB);
+        let too_much = Reserve::from_setting(Some(1 << 40), false);
+        assert_eq!(too_much.target(0, ram), ram / 2);
     }
 
     #[test]
