@@ -167,6 +167,11 @@ impl Warmer {
                         Turn::Release => {
                             held = Vec::new();
                             reached = target;
+                            tracing::debug!(
+                                reserve_mib = target / MIB,
+                                resident_mib = resident / MIB,
+                                "heap reserve faulted in"
+                            );
                         }
                     }
                 }
