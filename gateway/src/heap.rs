@@ -155,6 +155,10 @@ impl Warmer {
                         .load(Relaxed)
                         .max(metrics.cars_registered.load(Relaxed));
                     let target = reserve.target(cars, ram);
+                    // Nothing to do (turn() would say Idle): spare the read of /proc.
+                    if target <= reached {
+                        continue;
+                    }
                     let Some(resident) = resident_bytes() else {
                         return;
                     };
