@@ -481,6 +481,42 @@ mod tests {
         }
     }
 
+    /// The log file is written out (allocated, and inside the file's size) at least 4
+    /// segments of 512 KiB beyond the log's end (vendor/sled/PATCHES.md item 7), so that a
+    /// flush's `fdatasync` writes only the data, not the inode and allocation metadata too.
+    #[test]
+    fn the_log_file_is_written_out_ahead_of_the_log() {
+        use std::io::Read;
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        // 1,000 values of 4 KiB: several segments of log.
+        fill(&store, 0..1_000);
+        // The last fill runs on sled's thread pool; one more flush waits for nothing of it,
+        // so wait until its sync has given the file its blocks.
+        let file = dir.path().join("db");
+        let ahead = 4 * 512 * 1024;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let tail_is_filler = || {
+            let meta = std::fs::metadata(&file).unwrap();
+            let mut f = std::fs::File::open(&file).unwrap();
+            let mut all = Vec::new();
+            f.read_to_end(&mut all).unwrap();
+            let len = all.len();
+            len >= ahead
+                && all[len - ahead..].iter().all(|b| *b == 0)
+                && meta.blocks() * 512 >= meta.len()
+        };
+        while !tail_is_filler() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the log file's last 2 MiB are not written out ahead"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_holds(&store, 0..1_000);
+    }
+
     /// A store of many segments recovers every flushed write, from a crash copy and after
     /// reopening, and keeps working after a reopen.
     #[test]

@@ -96,7 +96,18 @@ pub(crate) struct SegmentAccountant {
     segment_cleaner: SegmentCleaner,
     ordering: BTreeMap<Lsn, LogOffset>,
     async_truncations: BTreeMap<LogOffset, OneShot<Result<()>>>,
+    // CaaS patch (PATCHES.md, 7): the file is written out ahead of the tip, so that a log
+    // write lands in blocks that are already allocated and inside the file's size, and its
+    // `fdatasync` need not also write the inode and the allocation metadata.
+    /// The end of the part of the file known written, at or beyond `tip`.
+    prepared_to: LogOffset,
+    /// The fill in flight, if any: the end of its range, and its completion.
+    fill: Option<(LogOffset, OneShot<()>)>,
 }
+
+/// CaaS patch (PATCHES.md, 7): segments written out ahead of the tip (4 MiB at the default
+/// 512 KiB segment), refilled once fewer than half remain.
+const PREPARED_SEGMENTS: LogOffset = 8;
 
 #[derive(Debug, Clone, Default)]
 pub(crate) struct SegmentCleaner {
@@ -485,6 +496,8 @@ impl SegmentAccountant {
             segment_cleaner,
             ordering: BTreeMap::default(),
             async_truncations: BTreeMap::default(),
+            prepared_to: 0,
+            fill: None,
         };
 
         ret.initialize_from_snapshot(snapshot)?;
@@ -993,11 +1006,69 @@ impl SegmentAccountant {
             }
         }
 
+        // CaaS patch (PATCHES.md, 7): a fill still writing this segment's range must end
+        // before the segment is written, or its filler could land over log data.
+        if matches!(&self.fill, Some((end, _)) if lid < *end) {
+            self.wait_for_fill();
+        }
+
         self.tip += self.config.segment_size as LogOffset;
 
         trace!("advancing file tip from {} to {}", lid, self.tip);
 
+        self.prepare_ahead();
+
         Ok(lid)
+    }
+
+    /// CaaS patch (PATCHES.md, 7): waits for the fill in flight, if any.
+    fn wait_for_fill(&mut self) {
+        if let Some((_, done)) = self.fill.take() {
+            let _ = done.wait();
+        }
+    }
+
+    /// CaaS patch (PATCHES.md, 7): once fewer than half of [`PREPARED_SEGMENTS`] segments
+    /// beyond the tip are written out, writes the next ones out on a thread of its own (filled
+    /// as sled fills a free segment at recovery, with bytes no header or message reads as
+    /// valid) and syncs them. Recovery treats segments beyond the last one in use as free
+    /// and truncates them, as it does after a crash between a tip bump and its first write.
+    /// A fill that fails costs only speed: log writes beyond it extend the file as before.
+    fn prepare_ahead(&mut self) {
+        let segment_size = self.config.segment_size as LogOffset;
+        let wanted = self.tip + PREPARED_SEGMENTS * segment_size;
+        if self.prepared_to >= self.tip + PREPARED_SEGMENTS / 2 * segment_size {
+            return;
+        }
+        // The previous fill began half a fill's worth of log ago; it has long ended.
+        self.wait_for_fill();
+        let start = self.prepared_to.max(self.tip);
+        let config = self.config.clone();
+        // Its own thread, not sled's IO pool: this accountant's lock is held while a fill is
+        // waited for, and the pool's threads can all be waiting for that lock.
+        let (filled, done) = OneShot::pair();
+        let spawned = std::thread::Builder::new().name("sled-prefill".into()).spawn(move || {
+            let filler = vec![MessageKind::Corrupted.into(); config.segment_size];
+            let mut at = start;
+            while at < wanted {
+                if let Err(e) = pwrite_all(&config.file, &filler, at) {
+                    warn!("failed to write the file out ahead of the log: {:?}", e);
+                    break;
+                }
+                at += filler.len() as LogOffset;
+            }
+            if let Err(e) = config.file.sync_data() {
+                warn!("failed to sync the file written out ahead: {:?}", e);
+            }
+            filled.fill(());
+        });
+        match spawned {
+            Ok(_) => {
+                self.prepared_to = wanted;
+                self.fill = Some((wanted, done));
+            }
+            Err(e) => warn!("failed to start writing the file out ahead: {:?}", e),
+        }
     }
 
     /// Returns the next offset to write a new segment in.
@@ -1087,6 +1158,11 @@ impl SegmentAccountant {
         );
 
         self.tip = at;
+
+        // CaaS patch (PATCHES.md, 7): a fill still in flight must not write past the new
+        // end after the truncation.
+        self.wait_for_fill();
+        self.prepared_to = self.prepared_to.min(at);
 
         assert!(!self.free.contains(&at), "double-free of a segment occurred");
 
