@@ -46,7 +46,7 @@ pub struct BenchArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "250,500,1000,1500,2000,2500,3000,4000"
+        default_value = "250,500,1000,1500,2000,2500,3000,4000,5000,6000,8000,10000"
     )]
     pub rates: Vec<f64>,
     /// How long each rate of the search runs.
