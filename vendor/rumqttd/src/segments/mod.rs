@@ -185,10 +185,14 @@ where
 
         if cursor.0 < self.head {
             let head_absolute_offset = self.segments.front().unwrap().absolute_offset;
-            warn!(
-                "given index {} less than head {}, jumping to head",
-                cursor.0, head_absolute_offset
-            );
+            // CaaS patch (PATCHES.md, 7): a reader that had read all of the dropped segments
+            // (its offset is the head's first) loses nothing; only a skip is worth a warning.
+            if cursor.1 < head_absolute_offset {
+                warn!(
+                    "given index {} less than head {}, jumping to head",
+                    cursor.0, head_absolute_offset
+                );
+            }
             cursor = (self.head, head_absolute_offset);
             start = cursor;
         }
