@@ -97,6 +97,14 @@ pub struct Config {
     /// router's matching no longer grows with the square of its cars; more routers only
     /// spread the routing over threads.
     pub broker_shards: usize,
+    /// Worker threads of the binary's async runtime (the IoT API, the embedded broker's car
+    /// connections, the MQTT client), at least 1; by default one per core ([`cores`]). Only
+    /// `caas-gateway serve` reads it: a program embedding the gateway with [`crate::start`]
+    /// runs it on its own runtime. On 2 cores one worker against two gave the same
+    /// 19,000-car campaigns (1.69-1.90 s against 1.64-1.76 s, gateway CPU per car 88-106 µs
+    /// against 87-95 µs; 3 rounds of `caas-sim bench`, alternating), though a scratch rig
+    /// without callbacks had shown 8% less gateway CPU per car with one.
+    pub runtime_threads: usize,
     /// Most memory sled keeps as its page cache, in MiB: past it pages are evicted and read
     /// back from disk when needed. 128 MiB holds a 19,000-car campaign's working set; a
     /// bigger cache only kept growing the process (each new MiB zeroed by the kernel), and
@@ -113,7 +121,7 @@ pub fn cores() -> usize {
 }
 
 /// The default number of engine shards and of broker routers: half the cores, at least 1.
-/// The gateway's other threads (the HTTP runtime's workers, one per core; the callback
+/// The gateway's other threads (the async runtime's workers, one per core; the callback
 /// senders; sled's IO threads) need cores too, and more busy threads than cores only add
 /// context switches and cut the batches a shard commits and verifies at once into smaller
 /// ones. On 2 cores, 2 + 2 against 4 + 4 took 19,000-car campaigns 2.13 s against 2.19 s
@@ -143,6 +151,7 @@ impl Default for Config {
             command_ttl: Duration::from_secs(24 * 3600),
             shards: default_threads(),
             broker_shards: default_threads(),
+            runtime_threads: cores(),
             store_cache_mb: 128,
             heap_reserve_mb: None,
         }
@@ -176,6 +185,9 @@ impl Config {
         }
         if self.broker_shards == 0 {
             bail!("broker shards must be at least 1");
+        }
+        if self.runtime_threads == 0 {
+            bail!("runtime threads must be at least 1");
         }
         if self.store_cache_mb == 0 {
             bail!("store cache must be at least 1 MiB");
@@ -294,6 +306,9 @@ pub struct ServeArgs {
     /// Embedded broker routers, cars spread over them by VIN [default: half the cores, at least 1]
     #[arg(long, env = "CAAS_GATEWAY_BROKER_SHARDS")]
     pub broker_shards: Option<usize>,
+    /// Async runtime worker threads (IoT API, car connections) [default: one per core]
+    #[arg(long, env = "CAAS_GATEWAY_RUNTIME_THREADS")]
+    pub runtime_threads: Option<usize>,
     /// The store's page cache, MiB [default: 128]
     #[arg(long, env = "CAAS_GATEWAY_STORE_CACHE_MB")]
     pub store_cache_mb: Option<u64>,
@@ -358,6 +373,7 @@ impl ServeArgs {
             },
             shards: a.shards.unwrap_or(d.shards),
             broker_shards: a.broker_shards.unwrap_or(d.broker_shards),
+            runtime_threads: a.runtime_threads.unwrap_or(d.runtime_threads),
             store_cache_mb: a.store_cache_mb.unwrap_or(d.store_cache_mb),
             heap_reserve_mb: a.heap_reserve_mb,
         };
@@ -385,6 +401,7 @@ impl ServeArgs {
             command_ttl: self.command_ttl.or(file.command_ttl),
             shards: self.shards.or(file.shards),
             broker_shards: self.broker_shards.or(file.broker_shards),
+            runtime_threads: self.runtime_threads.or(file.runtime_threads),
             store_cache_mb: self.store_cache_mb.or(file.store_cache_mb),
             heap_reserve_mb: self.heap_reserve_mb.or(file.heap_reserve_mb),
             config: self.config,
@@ -413,7 +430,7 @@ mod tests {
         let path = dir.path().join("gw.toml");
         std::fs::write(
             &path,
-            "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\nstore-cache-mb = 64\nheap-reserve-mb = 0\n",
+            "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\nstore-cache-mb = 64\nheap-reserve-mb = 0\nruntime-threads = 3\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -431,6 +448,11 @@ mod tests {
         assert_eq!(c.retry.backoff_after(5), Duration::from_secs(2));
         assert_eq!(c.store_cache_mb, 64);
         assert_eq!(c.heap_reserve_mb, Some(0));
+        assert_eq!(c.runtime_threads, 3);
+        assert_eq!(
+            ServeArgs::default().into_config().unwrap().runtime_threads,
+            cores()
+        );
         assert_eq!(
             ServeArgs::default().into_config().unwrap().heap_reserve_mb,
             None
@@ -441,6 +463,12 @@ mod tests {
         }
         .into_config()
         .is_err());
+        assert!(ServeArgs {
+            runtime_threads: Some(0),
+            ..Default::default()
+        }
+        .into_config()
+        .is_err_and(|e| e.to_string().contains("runtime threads")));
         for url in ["not a url", "ftp://example.com/hook", "http://"] {
             let r = ServeArgs {
                 webhook_url: Some(url.into()),

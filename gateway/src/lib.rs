@@ -303,6 +303,7 @@ pub fn serve_main(args: config::ServeArgs) -> i32 {
         );
     }
     let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime_threads)
         .enable_all()
         .build()
     {
