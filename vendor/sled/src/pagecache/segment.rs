@@ -144,6 +144,10 @@ impl SegmentCleaner {
 
 impl Drop for SegmentAccountant {
     fn drop(&mut self) {
+        // CaaS patch (PATCHES.md, 7): a fill still running holds the file, and with it the
+        // file's lock, so the database could not be opened again until it ended; and it must
+        // not write after the file is someone else's.
+        self.wait_for_fill();
         for segment in &self.segments {
             let segment_utilization = match segment {
                 Segment::Free(_) | Segment::Draining(_) => 0,
