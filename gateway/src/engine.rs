@@ -67,6 +67,27 @@ const LAZY_WRITE_STEP: usize = 64;
 /// instead of waiting up to [`LAZY_WRITE_AFTER`] (a car that floods reports costs one
 /// store write per this many entries, and no more memory).
 const MAX_UNWRITTEN_HISTORY: usize = 32;
+/// A shard's retry timers stay in its heap after their request settles or is rescheduled,
+/// until they fall due (up to an attempt timeout later: at 5,000 activations/s and the
+/// default 60 s, 300,000 stale timers). Past twice the shard's pending requests plus this
+/// many, the stale ones are swept out, which bounds the heap at that (amortized O(1) a
+/// timer: a sweep leaves at most the pending requests' timers).
+const TIMER_SLACK: usize = 4_096;
+
+/// A shard's retry timers: when, the generation of the request's timer, the request.
+type Timers = BinaryHeap<Reverse<(Instant, u64, RequestId)>>;
+
+/// Sweeps the timers that `is_live` (request, generation) rejects out of `timers` once it
+/// holds more than twice `pending` plus [`TIMER_SLACK`].
+fn sweep_stale_timers(
+    timers: &mut Timers,
+    pending: usize,
+    is_live: impl Fn(&RequestId, u64) -> bool,
+) {
+    if timers.len() > 2 * pending + TIMER_SLACK {
+        timers.retain(|Reverse((_, gen, id))| is_live(id, *gen));
+    }
+}
 
 /// A message the engine publishes.
 #[derive(Debug, Clone)]
@@ -324,7 +345,8 @@ struct Shard {
     sh: Arc<Shared>,
     cars: HashMap<Vin, Car>,
     pending: HashMap<RequestId, Pending>,
-    timers: BinaryHeap<Reverse<(Instant, u64, RequestId)>>,
+    /// At most twice the pending requests plus [`TIMER_SLACK`] (+1 while one is pushed).
+    timers: Timers,
     gen: u64,
     batch: Batch,
     buf: Box<[u8; MAX_COMMAND_FRAME_SIZE]>,
@@ -528,6 +550,10 @@ impl Shard {
         }
         self.timers
             .push(Reverse((Instant::now() + after, self.gen, id)));
+        let pending = &self.pending;
+        sweep_stale_timers(&mut self.timers, pending.len(), |id, gen| {
+            pending.get(id).is_some_and(|p| p.gen == gen)
+        });
     }
 
     /// Opens the reports among `msgs` whose car is known in one batch verification (about
@@ -1503,6 +1529,45 @@ fn prune_history(tree: &sled::Tree, vin: &Vin) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stale_timers_are_swept_once_they_outgrow_the_pending_requests() {
+        let now = Instant::now();
+        let id = |n: u64| {
+            let mut b = [0u8; 16];
+            b[..8].copy_from_slice(&n.to_be_bytes());
+            RequestId(b)
+        };
+        // 10 pending requests (ids 0-9, generation 1 live); every other timer is stale.
+        let is_live = |r: &RequestId, gen: u64| {
+            u64::from_be_bytes(r.0[..8].try_into().unwrap()) < 10 && gen == 1
+        };
+        let mut timers = Timers::new();
+        for n in 0..10 {
+            timers.push(Reverse((now, 1, id(n))));
+            timers.push(Reverse((now, 0, id(n)))); // rescheduled since
+        }
+        // Up to the bound nothing is swept.
+        let mut settled = 1_000;
+        let mut push_settled = |timers: &mut Timers| {
+            timers.push(Reverse((now, 1, id(settled))));
+            settled += 1;
+        };
+        while timers.len() < 2 * 10 + TIMER_SLACK {
+            push_settled(&mut timers);
+            sweep_stale_timers(&mut timers, 10, is_live);
+        }
+        assert_eq!(timers.len(), 2 * 10 + TIMER_SLACK);
+        // One past it, and only the pending requests' live timers are left.
+        push_settled(&mut timers);
+        sweep_stale_timers(&mut timers, 10, is_live);
+        let mut left: Vec<(u64, RequestId)> = timers
+            .into_iter()
+            .map(|Reverse((_, g, r))| (g, r))
+            .collect();
+        left.sort();
+        assert_eq!(left, (0..10).map(|n| (1, id(n))).collect::<Vec<_>>());
+    }
 
     fn request(status: &str, action: &str, error_code: Option<&str>) -> RequestRec {
         RequestRec {
