@@ -492,8 +492,8 @@ mod tests {
         let store = Store::open(dir.path(), 8).unwrap();
         // 1,000 values of 4 KiB: several segments of log.
         fill(&store, 0..1_000);
-        // The last fill runs on sled's thread pool; one more flush waits for nothing of it,
-        // so wait until its sync has given the file its blocks.
+        // The last fill runs on a thread of its own, which no flush waits for, so wait until
+        // its sync has given the file its blocks.
         let file = dir.path().join("db");
         let ahead = 4 * 512 * 1024;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
