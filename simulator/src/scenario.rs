@@ -519,6 +519,11 @@ pub struct RunArgs {
     /// Runtime threads (0: one, or one per core with `--cars`, whose fleet runs here too).
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// Write every request's timing as CSV (`posted_ms,callback_ms,request_id`: when it was
+    /// POSTed, from the first POST, and how long its first callback took; empty when none
+    /// came), oldest first: shows whether slow callbacks come alone or in bursts.
+    #[arg(long)]
+    samples: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -613,15 +618,48 @@ pub async fn run_main(a: RunArgs) -> Result<i32> {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    if let Some(p) = &a.samples {
+        std::fs::write(p, samples_csv(&receiver.samples()))
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     if let Some(f) = _fleet {
         println!("{}", f.stop().await.text());
     }
     Ok(0)
 }
 
+/// `posted_ms,callback_ms,request_id` lines (header first) for `--samples`, times in
+/// milliseconds with microsecond precision, `posted_ms` counted from the first sample.
+fn samples_csv(samples: &[(String, Instant, Option<Duration>)]) -> String {
+    let mut csv = String::from("posted_ms,callback_ms,request_id\n");
+    let Some((_, start, _)) = samples.first() else {
+        return csv;
+    };
+    for (id, posted, latency) in samples {
+        let at = posted.saturating_duration_since(*start).as_secs_f64() * 1e3;
+        let took = latency.map_or(String::new(), |d| format!("{:.3}", d.as_secs_f64() * 1e3));
+        csv.push_str(&format!("{at:.3},{took},{id}\n"));
+    }
+    csv
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn samples_are_csv_from_the_first_post_with_an_empty_field_for_no_callback() {
+        let t0 = Instant::now();
+        let samples = vec![
+            ("a".to_string(), t0, Some(Duration::from_micros(1_250))),
+            ("b".to_string(), t0 + Duration::from_micros(2_500), None),
+        ];
+        assert_eq!(
+            samples_csv(&samples),
+            "posted_ms,callback_ms,request_id\n0.000,1.250,a\n2.500,,b\n"
+        );
+        assert_eq!(samples_csv(&[]), "posted_ms,callback_ms,request_id\n");
+    }
 
     #[test]
     fn scenarios_parse_validate_and_refuse_nonsense() {

@@ -350,6 +350,24 @@ impl Receiver {
         }
     }
 
+    /// Every tracked request that was POSTed, oldest first: (request id, when it was
+    /// POSTed, how long until its first callback if one came).
+    pub fn samples(&self) -> Vec<(String, Instant, Option<Duration>)> {
+        let Ok(m) = self.inner.entries.lock() else {
+            return Vec::new();
+        };
+        let mut all: Vec<_> = m
+            .iter()
+            .filter_map(|(id, e)| {
+                let posted = e.posted?;
+                let latency = e.first.map(|f| f.saturating_duration_since(posted));
+                Some((id.clone(), posted, latency))
+            })
+            .collect();
+        all.sort_by_key(|(_, posted, _)| *posted);
+        all
+    }
+
     /// POST-to-first-callback latency percentiles.
     pub fn latency(&self) -> Percentiles {
         self.inner
