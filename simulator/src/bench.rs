@@ -30,7 +30,7 @@ use clap::Args;
 use crate::cli::FleetChild;
 use crate::fleet::FleetOptions;
 use crate::gateway_proc::{GatewayProc, GatewaySpawn, Mosquitto};
-use crate::scenario::{run_scenario, Scenario, ServiceMix};
+use crate::scenario::{run_scenario, samples_csv, Scenario, ServiceMix};
 
 /// Longest the bench waits for the campaigns' callbacks before timing single requests.
 const CALLBACK_DRAIN: Duration = Duration::from_secs(120);
@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// Also write the table here.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
+    /// Write the latency row's requests as CSV, one file per broker (`DIR/latency-BROKER.csv`,
+    /// the columns of `run --samples`).
+    #[arg(long)]
+    pub samples: Option<std::path::PathBuf>,
     /// No progress bars.
     #[arg(long)]
     pub no_progress: bool,
@@ -357,6 +361,12 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
     )
     .await?;
     col.cpu_per_activation = cpu0.per(&procs.snap(), r.accepted);
+    if let Some(dir) = &a.samples {
+        let path = dir.join(format!("latency-{broker}.csv"));
+        std::fs::create_dir_all(dir)
+            .and_then(|()| std::fs::write(&path, samples_csv(&receiver.samples())))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     col.p50_ms = r.callback_latency.p50_ms;
     col.p99_ms = r.callback_latency.p99_ms;
     col.latency_achieved = r.achieved_rate;
@@ -693,6 +703,7 @@ mod tests {
             latency_duration: Duration::from_secs(1),
             only: None,
             out: None,
+            samples: None,
             no_progress: true,
         }
     }

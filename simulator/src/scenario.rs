@@ -630,7 +630,7 @@ pub async fn run_main(a: RunArgs) -> Result<i32> {
 
 /// `posted_ms,callback_ms,request_id` lines (header first) for `--samples`, times in
 /// milliseconds with microsecond precision, `posted_ms` counted from the first sample.
-fn samples_csv(samples: &[(String, Instant, Option<Duration>)]) -> String {
+pub(crate) fn samples_csv(samples: &[(String, Instant, Option<Duration>)]) -> String {
     let mut csv = String::from("posted_ms,callback_ms,request_id\n");
     let Some((_, start, _)) = samples.first() else {
         return csv;

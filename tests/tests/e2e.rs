@@ -407,6 +407,8 @@ fn a_small_bench_fills_its_table_without_errors() {
         .args(["--latency-rate", "200", "--latency-duration", "1s"])
         .args(["--only", "embedded", "--no-progress", "--out"])
         .arg(&table)
+        .arg("--samples")
+        .arg(dir.path())
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
@@ -427,4 +429,18 @@ fn a_small_bench_fills_its_table_without_errors() {
         assert!(table.contains(row), "{row} missing in\n{table}");
     }
     assert!(!table.contains("| errors |"), "{table}");
+    // The latency row's requests, one line each, every one with its callback's latency.
+    let samples = std::fs::read_to_string(dir.path().join("latency-embedded.csv")).unwrap();
+    let mut lines = samples.lines();
+    assert_eq!(lines.next(), Some("posted_ms,callback_ms,request_id"));
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert!(
+        rows.len() >= 150,
+        "{} latency-row requests:\n{samples}",
+        rows.len()
+    );
+    for row in &rows {
+        assert_eq!(row.len(), 3, "{row:?}");
+        assert!(row[1].parse::<f64>().is_ok_and(|ms| ms > 0.0), "{row:?}");
+    }
 }
