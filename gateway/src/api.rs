@@ -6,6 +6,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -421,7 +422,9 @@ fn request_answer(rec: &RequestRec) -> Response {
         .into_response()
 }
 
-async fn submit(st: &AppState, vin: Vin, op: Op) -> ApiResult {
+/// Hands a single request (received at `received`) to its car's shard and answers once it
+/// is durable.
+async fn submit(st: &AppState, vin: Vin, op: Op, received: Instant) -> ApiResult {
     let req = NewRequest {
         vin,
         op,
@@ -429,27 +432,31 @@ async fn submit(st: &AppState, vin: Vin, op: Op) -> ApiResult {
         campaign_id: None,
         campaign: None,
         created_ms: now_ms(),
+        received,
     };
     let (tx, rx) = oneshot::channel();
     let rec = ask(&st.engine, &vin, Msg::Request { req, resp: tx }, rx).await??;
+    st.metrics.observe_accept(received.elapsed().as_secs_f64());
     Ok(request_answer(&rec))
 }
 
 async fn activate(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let received = Instant::now();
     let m = parse_body(body, MAX_BODY_BYTES)?;
     no_unknown(&m, &["vin", "serviceId", "configuration", "duration"], "")?;
     let vin = parse_vin(req_str(&m, "vin", "")?, "vin")?;
     let service = parse_service(&m)?;
     let grant = parse_grant(&m, &service)?;
-    submit(&st, vin, Op::Activate(grant)).await
+    submit(&st, vin, Op::Activate(grant), received).await
 }
 
 async fn deactivate(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let received = Instant::now();
     let m = parse_body(body, MAX_BODY_BYTES)?;
     no_unknown(&m, &["vin", "serviceId"], "")?;
     let vin = parse_vin(req_str(&m, "vin", "")?, "vin")?;
     let service = parse_service(&m)?;
-    submit(&st, vin, Op::Deactivate(service)).await
+    submit(&st, vin, Op::Deactivate(service), received).await
 }
 
 fn request_view(rec: &RequestRec) -> Value {
@@ -658,6 +665,7 @@ async fn history(
 }
 
 async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+    let received = Instant::now();
     let m = parse_body(body, MAX_CAMPAIGN_BODY_BYTES)?;
     no_unknown(
         &m,
@@ -732,6 +740,7 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
             campaign_id: Some(rec.campaign_id.clone()),
             campaign: Some(counts.clone()),
             created_ms: created,
+            received,
         });
     }
     let mut waits = Vec::new();

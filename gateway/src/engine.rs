@@ -116,6 +116,8 @@ pub(crate) struct NewRequest {
     /// The campaign's live counts, moved as this request is accepted and ends.
     pub(crate) campaign: Option<Arc<CampaignCounts>>,
     pub(crate) created_ms: u64,
+    /// When the HTTP side received it: the latency histograms count from here.
+    pub(crate) received: Instant,
 }
 
 /// What the HTTP side asks a shard.
@@ -325,6 +327,9 @@ struct Pending {
     rec: RequestRec,
     gen: u64,
     campaign: Option<Arc<CampaignCounts>>,
+    /// When the HTTP side received it (`None`: loaded from the store at start, where only
+    /// its creation time in milliseconds is known).
+    received: Option<Instant>,
 }
 
 /// The effects of one batch, run after its flush.
@@ -701,6 +706,7 @@ impl Shard {
                 rec,
                 gen: 0,
                 campaign: None,
+                received: None,
             },
         );
         self.schedule(id, wait);
@@ -1010,6 +1016,7 @@ impl Shard {
                 rec: rec.clone(),
                 gen: 0,
                 campaign: nr.campaign,
+                received: Some(nr.received),
             },
         );
         self.schedule(nr.request_id, self.sh.retry.attempt_timeout);
@@ -1132,7 +1139,10 @@ impl Shard {
                     "DEACTIVATED"
                 };
                 m.requests_completed.fetch_add(1, Relaxed);
-                m.observe_latency(now.saturating_sub(rec.created_ms) as f64 / 1000.0);
+                m.observe_latency(match p.received {
+                    Some(received) => received.elapsed().as_secs_f64(),
+                    None => now.saturating_sub(rec.created_ms) as f64 / 1000.0,
+                });
             }
             Err((code, ticket)) => {
                 rec.status = "FAILED".into();

@@ -34,6 +34,8 @@ pub(crate) struct Metrics {
     /// Bytes of heap the warmer faulted in ahead of need (heap.rs).
     pub(crate) heap_prefaulted_bytes: AtomicU64,
     latency: Histogram,
+    accept_time: Histogram,
+    callback_time: Histogram,
     flush_time: Histogram,
 }
 
@@ -76,6 +78,16 @@ impl Metrics {
     /// Records one request's POST-to-completion latency.
     pub(crate) fn observe_latency(&self, secs: f64) {
         self.latency.observe(secs);
+    }
+
+    /// Records how long one single request took from its arrival to its durable answer.
+    pub(crate) fn observe_accept(&self, secs: f64) {
+        self.accept_time.observe(secs);
+    }
+
+    /// Records how long one callback took from its request's final state to its 2xx.
+    pub(crate) fn observe_callback(&self, secs: f64) {
+        self.callback_time.observe(secs);
     }
 
     /// Records how long one store flush took (the wait every durable answer includes).
@@ -163,7 +175,17 @@ impl Metrics {
         self.latency.render(
             &mut s,
             "caas_activation_latency_seconds",
-            "Time from the accepted POST to the car's confirming report.",
+            "Time from the POST's arrival to the car's confirming report.",
+        );
+        self.accept_time.render(
+            &mut s,
+            "caas_accept_seconds",
+            "Time from a single activation's or deactivation's arrival to its durable 2xx answer.",
+        );
+        self.callback_time.render(
+            &mut s,
+            "caas_callback_delivery_seconds",
+            "Time from a request's final state to its callback's 2xx (campaigns' and retries included).",
         );
         self.flush_time.render(
             &mut s,

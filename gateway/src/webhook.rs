@@ -105,6 +105,9 @@ pub(crate) struct Due {
     pub(crate) keeper: Keeper,
     pub(crate) entry: OutboxEntry,
     pub(crate) lane: Lane,
+    /// When its request became final, if this process saw it (not for one read back from
+    /// the outbox): `caas_callback_delivery_seconds` counts from here.
+    pub(crate) final_at: Option<Instant>,
 }
 
 impl Due {
@@ -119,6 +122,7 @@ impl Due {
                 body,
                 tries: 0,
             },
+            final_at: Some(Instant::now()),
         }
     }
 }
@@ -371,7 +375,7 @@ struct Sender {
     taken: HashSet<Keeper>,
     /// Failed entries by next due time, by outbox key.
     retries: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
-    retry_entries: std::collections::HashMap<Vec<u8>, OutboxEntry>,
+    retry_entries: std::collections::HashMap<Vec<u8>, (OutboxEntry, Option<Instant>)>,
     in_flight: tokio::task::JoinSet<(Due, bool)>,
     /// Tells a car's shard that its record need not keep a callback any more.
     engine: Engine,
@@ -464,6 +468,10 @@ impl Sender {
         self.queues.ended(&due.keeper);
         if ok {
             self.metrics.webhook_deliveries.fetch_add(1, Relaxed);
+            if let Some(final_at) = due.final_at {
+                self.metrics
+                    .observe_callback(final_at.elapsed().as_secs_f64());
+            }
             if let Some(down) = self.breaker.delivered(Instant::now()) {
                 self.metrics.webhook_receiver_down.store(0, Relaxed);
                 tracing::info!(
@@ -510,7 +518,7 @@ impl Sender {
         }
         if self.retries.len() < RETRY_HELD {
             self.retries.push(Reverse((at, key.clone())));
-            self.retry_entries.insert(key, entry);
+            self.retry_entries.insert(key, (entry, due.final_at));
         } else {
             missed.set();
         }
@@ -525,11 +533,12 @@ impl Sender {
             let Some(Reverse((_, key))) = self.retries.pop() else {
                 break;
             };
-            if let Some(entry) = self.retry_entries.remove(&key) {
+            if let Some((entry, final_at)) = self.retry_entries.remove(&key) {
                 self.take(Due {
                     keeper: Keeper::Outbox(key),
                     entry,
                     lane: Lane::Interactive,
+                    final_at,
                 });
             }
         }
@@ -564,6 +573,7 @@ impl Sender {
                         keeper,
                         entry,
                         lane: Lane::Interactive,
+                        final_at: None,
                     });
                     taken += 1;
                 }
@@ -746,6 +756,7 @@ mod tests {
                 body: String::new(),
                 tries: 0,
             },
+            final_at: None,
         }
     }
 

@@ -310,6 +310,8 @@ async fn openapi_lists_every_route_and_metrics_are_prometheus_text() {
         "caas_requests_total",
         "caas_attempts_total",
         "caas_activation_latency_seconds_bucket",
+        "caas_accept_seconds_bucket",
+        "caas_callback_delivery_seconds_bucket",
         "caas_store_flush_seconds_bucket",
         "caas_connected_cars",
         "caas_reports_refused_total",

@@ -73,6 +73,30 @@ async fn activation_and_deactivation_call_back_signed() {
     let (_, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
     assert_eq!(st["activeServices"].as_array().unwrap().len(), 0);
 
+    // Where the time went, by stage: both answers, both confirmations, both callbacks
+    // (counted once the gateway has read the receiver's 2xx, just after the receiver saw
+    // the callback). The first callback failed and was retried a backoff (1 s) later, and
+    // its time counts from its request's final state, not from the retry.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while api.metric("caas_callback_delivery_seconds_count").await < 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "callback times not recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(api.metric("caas_accept_seconds_count").await, 2.0);
+    assert!(api.metric("caas_accept_seconds_sum").await > 0.0);
+    assert_eq!(
+        api.metric("caas_activation_latency_seconds_count").await,
+        2.0
+    );
+    assert_eq!(
+        api.metric("caas_callback_delivery_seconds_count").await,
+        2.0
+    );
+    assert!(api.metric("caas_callback_delivery_seconds_sum").await >= 0.9);
+
     let (s, h) = api
         .get(&format!("/vehicles/{}/history?limit=3", vin(1)))
         .await;
