@@ -95,6 +95,8 @@ pub struct Column {
     pub p99_ms: f64,
     /// Achieved rate of the latency row.
     pub latency_achieved: f64,
+    /// The latency row's mean time per stage, from the gateway's histograms, ms.
+    pub stages: Option<StageMeans>,
     /// Campaign to every car, first after start, seconds.
     pub campaign_first_secs: f64,
     /// Campaign repeat, seconds.
@@ -120,6 +122,43 @@ pub struct Column {
     pub first_http_error: Option<String>,
     /// What went wrong, if something did.
     pub error: Option<String>,
+}
+
+/// Mean time per stage of a run, from the gateway's `/metrics` histograms (their sums and
+/// counts before and after it), in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StageMeans {
+    /// `caas_accept_seconds`: arrival to the durable 2xx.
+    pub accept_ms: f64,
+    /// `caas_activation_latency_seconds`: arrival to the car's confirming report.
+    pub report_ms: f64,
+    /// `caas_callback_delivery_seconds`: final state to the callback's 2xx.
+    pub callback_ms: f64,
+}
+
+impl StageMeans {
+    /// The means over what happened between two `/metrics` texts (`None` if a histogram is
+    /// missing or saw nothing new).
+    pub fn between(before: &str, after: &str) -> Option<StageMeans> {
+        let mean = |name: &str| {
+            let sum =
+                metric(after, &format!("{name}_sum"))? - metric(before, &format!("{name}_sum"))?;
+            let count = metric(after, &format!("{name}_count"))?
+                - metric(before, &format!("{name}_count"))?;
+            (count > 0.0).then(|| sum / count * 1e3)
+        };
+        Some(StageMeans {
+            accept_ms: mean("caas_accept_seconds")?,
+            report_ms: mean("caas_activation_latency_seconds")?,
+            callback_ms: mean("caas_callback_delivery_seconds")?,
+        })
+    }
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// CPU time of one phase by process, in µs per unit of work (activation or car); `None`
@@ -353,6 +392,7 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
     };
     receiver.reset_latency();
     let cpu0 = procs.snap();
+    let metrics_before = api.metrics().await.ok();
     let r = run_scenario(
         &api,
         &receiver,
@@ -361,6 +401,10 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
     )
     .await?;
     col.cpu_per_activation = cpu0.per(&procs.snap(), r.accepted);
+    col.stages = match (metrics_before, api.metrics().await.ok()) {
+        (Some(before), Some(after)) => StageMeans::between(&before, &after),
+        _ => None,
+    };
     if let Some(dir) = &a.samples {
         let path = dir.join(format!("latency-{broker}.csv"));
         std::fs::create_dir_all(dir)
@@ -489,6 +533,21 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
                         "{:.1} / {:.1} ms (achieved {:.0}/s)",
                         c.p50_ms, c.p99_ms, c.latency_achieved
                     )
+                })
+                .collect(),
+        ),
+        (
+            format!(
+                "mean per stage at {:.0}/s: answered / car's report / callback",
+                a.latency_rate
+            ),
+            cols.iter()
+                .map(|c| match c.stages {
+                    Some(s) => format!(
+                        "{:.2} / {:.2} / {:.2} ms",
+                        s.accept_ms, s.report_ms, s.callback_ms
+                    ),
+                    None => "-".into(),
                 })
                 .collect(),
         ),
@@ -706,6 +765,28 @@ mod tests {
             samples: None,
             no_progress: true,
         }
+    }
+
+    #[test]
+    fn stage_means_are_the_histograms_sums_over_their_counts_between_two_texts() {
+        let text = |accept: (f64, u64), report: (f64, u64), callback: (f64, u64)| {
+            format!(
+                "# TYPE caas_accept_seconds histogram\ncaas_accept_seconds_bucket{{le=\"0.001\"}} 1\n\
+                 caas_accept_seconds_sum {}\ncaas_accept_seconds_count {}\n\
+                 caas_activation_latency_seconds_sum {}\ncaas_activation_latency_seconds_count {}\n\
+                 caas_callback_delivery_seconds_sum {}\ncaas_callback_delivery_seconds_count {}\n",
+                accept.0, accept.1, report.0, report.1, callback.0, callback.1
+            )
+        };
+        let before = text((1.0, 1000), (2.0, 1000), (0.5, 1000));
+        let after = text((1.6, 2000), (3.1, 2000), (1.0, 2000));
+        let m = StageMeans::between(&before, &after).unwrap();
+        assert!((m.accept_ms - 0.6).abs() < 1e-9, "{m:?}");
+        assert!((m.report_ms - 1.1).abs() < 1e-9, "{m:?}");
+        assert!((m.callback_ms - 0.5).abs() < 1e-9, "{m:?}");
+        // Nothing new, or a gateway without the histograms: no means.
+        assert_eq!(StageMeans::between(&after, &after), None);
+        assert_eq!(StageMeans::between("", &after), None);
     }
 
     #[test]

@@ -429,6 +429,11 @@ fn a_small_bench_fills_its_table_without_errors() {
         assert!(table.contains(row), "{row} missing in\n{table}");
     }
     assert!(!table.contains("| errors |"), "{table}");
+    let stages = table
+        .lines()
+        .find(|l| l.starts_with("| mean per stage at 200/s"))
+        .unwrap_or_else(|| panic!("no stage row in\n{table}"));
+    assert!(stages.ends_with(" ms |"), "{stages}");
     // The latency row's requests, one line each, every one with its callback's latency.
     let samples = std::fs::read_to_string(dir.path().join("latency-embedded.csv")).unwrap();
     let mut lines = samples.lines();
