@@ -17,6 +17,7 @@ use crate::http::Client;
 use crate::keys::{self, KeyFileKind};
 use crate::local;
 use crate::pki;
+use crate::stats;
 use crate::vehicle::{self, Gateway};
 
 /// caasctl: the CaaS operator and technician CLI.
@@ -46,6 +47,25 @@ pub enum Command {
     /// A car's state and history from the gateway's IoT API.
     #[command(subcommand)]
     Vehicle(VehicleCommand),
+    /// The gateway itself.
+    #[command(subcommand)]
+    Gateway(GatewayCommand),
+}
+
+/// `caasctl gateway ...`
+#[derive(Debug, Subcommand)]
+pub enum GatewayCommand {
+    /// Request counts, cars, reports, callbacks, and where a request's time goes (the stage
+    /// histograms: count, mean, and the bucket bounds under which half and 99% fell), from
+    /// GET /metrics.
+    Stats {
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `caasctl keys ...`
@@ -249,6 +269,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Frame(cmd) => run_frame(cmd),
         Command::Local(cmd) => run_local(cmd),
         Command::Vehicle(cmd) => run_vehicle(cmd),
+        Command::Gateway(cmd) => run_gateway(cmd),
     }
 }
 
@@ -433,6 +454,17 @@ fn gateway_of(args: GatewayArgs) -> Result<Gateway> {
             args.gateway,
             vehicle::DEFAULT_GATEWAY_URL
         ),
+    }
+}
+
+fn run_gateway(cmd: GatewayCommand) -> Result<()> {
+    let GatewayCommand::Stats { gateway, json } = cmd;
+    let gw = gateway_of(gateway)?;
+    let text = gw.metrics(&Client::new()?)?;
+    if json {
+        print_json(&stats::stats_json(&text))
+    } else {
+        print(&stats::stats_text(&text))
     }
 }
 

@@ -113,8 +113,27 @@ impl Client {
 
     /// `GET url` with an optional bearer token; the JSON body of a 2xx answer.
     pub fn get_json(&self, url: &str, token: Option<&str>) -> Result<Value, HttpError> {
+        let body = self.get(url, token, "application/json")?;
+        serde_json::from_slice(&body).map_err(|e| HttpError::Body {
+            url: url.to_owned(),
+            reason: format!("not JSON ({e})"),
+        })
+    }
+
+    /// `GET url` with an optional bearer token; the UTF-8 text body of a 2xx answer.
+    pub fn get_text(&self, url: &str, token: Option<&str>) -> Result<String, HttpError> {
+        let body = self.get(url, token, "text/plain")?;
+        String::from_utf8(body).map_err(|e| HttpError::Body {
+            url: url.to_owned(),
+            reason: format!("not UTF-8 text ({e})"),
+        })
+    }
+
+    /// `GET url` asking for `accept`; the body of a 2xx answer (at most [`MAX_BODY_SIZE`]),
+    /// or the error, with the server's JSON error body when it sent one.
+    fn get(&self, url: &str, token: Option<&str>, accept: &str) -> Result<Vec<u8>, HttpError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| HttpError::Url(format!("{url}: {e}")))?;
-        let mut req = self.inner.get(parsed).header("accept", "application/json");
+        let mut req = self.inner.get(parsed).header("accept", accept);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -136,9 +155,8 @@ impl Client {
                 reason: format!("the body is larger than {MAX_BODY_SIZE} bytes"),
             });
         }
-        let json: Result<Value, _> = serde_json::from_slice(&body);
         if !status.is_success() {
-            let (text, json) = match json {
+            let (text, json) = match serde_json::from_slice::<Value>(&body) {
                 Ok(v) => (v.to_string(), Some(v)),
                 Err(_) => (one_line(&String::from_utf8_lossy(&body)), None),
             };
@@ -149,10 +167,7 @@ impl Client {
                 json,
             });
         }
-        json.map_err(|e| HttpError::Body {
-            url: url.to_owned(),
-            reason: format!("not JSON ({e})"),
-        })
+        Ok(body)
     }
 }
 

@@ -9,7 +9,9 @@
 //! - [`frame`]: decoding and verifying a signed command or report frame;
 //! - [`local`]: a technician with physical access reading the car agent's loopback
 //!   diagnostic endpoint;
-//! - [`vehicle`]: an operator reading a car's state and history from the gateway's IoT API.
+//! - [`vehicle`]: an operator reading a car's state and history from the gateway's IoT API;
+//! - [`stats`]: an operator reading the gateway's health and where its requests' time goes,
+//!   from its `/metrics`.
 //!
 //! The binary (`src/main.rs`) only parses arguments ([`cli`]) and prints; everything it does
 //! lives in this library so that tests and other crates (the gateway's and simulator's
@@ -23,5 +25,6 @@ pub mod http;
 pub mod keys;
 pub mod local;
 pub mod pki;
+pub mod stats;
 pub mod table;
 pub mod vehicle;

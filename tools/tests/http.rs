@@ -404,6 +404,7 @@ fn every_command_has_help() {
         vec!["local", "status", "--help"],
         vec!["vehicle", "status", "--help"],
         vec!["vehicle", "history", "--help"],
+        vec!["gateway", "stats", "--help"],
     ] {
         let out = caasctl(&args);
         assert!(

@@ -1,0 +1,119 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+//! `caasctl gateway stats` against a real gateway (embedded broker, a store in a temporary
+//! directory) started in this process: one car registered and one activation accepted, which
+//! stays in flight (no car is connected).
+
+mod common;
+
+use std::net::SocketAddr;
+
+use caas_protocol::{verifying_key_to_hex, SigningKey};
+use common::caasctl;
+use serde_json::{json, Value};
+
+const VIN: &str = "WVWZZZ1JZXW000001";
+const TOKEN: &str = "stats-token";
+
+/// Starts a gateway on a free loopback port from a thread of its own; it lives as long as
+/// the test process (its store in `data`).
+fn gateway(data: std::path::PathBuf) -> SocketAddr {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let gw = caas_gateway::start(caas_gateway::Config {
+                http: "127.0.0.1:0".parse().unwrap(),
+                mqtt: None,
+                data,
+                api_token: TOKEN.into(),
+                heap_reserve_mb: Some(0),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            tx.send(gw.http_addr()).unwrap();
+            std::future::pending::<()>().await;
+        });
+    });
+    rx.recv().unwrap()
+}
+
+fn post(base: &str, path: &str, body: &Value) -> u16 {
+    reqwest::blocking::Client::new()
+        .post(format!("{base}{path}"))
+        .bearer_auth(TOKEN)
+        .json(body)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[test]
+fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = format!("http://{}", gateway(dir.path().join("gw")));
+    let key = SigningKey::from_bytes(&[7; 32]).verifying_key();
+    let car = json!({"vin": VIN, "publicKey": verifying_key_to_hex(&key).as_str(), "platform": "mqb-evo"});
+    assert_eq!(post(&base, "/vehicles", &car), 201);
+    let activation = json!({
+        "vin": VIN,
+        "serviceId": "power-boost",
+        "configuration": {"featureFlags": ["power_boost"]},
+        "duration": {"type": "PERMANENT"},
+    });
+    assert_eq!(post(&base, "/ota/activate", &activation), 202);
+
+    let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", TOKEN]);
+    let text = run.ok();
+    let line = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .unwrap_or_else(|| panic!("no {start:?} line in\n{text}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(line("requests created").last(), Some(&"1"), "{text}");
+    assert_eq!(line("requests in flight").last(), Some(&"1"), "{text}");
+    assert_eq!(line("cars registered").last(), Some(&"1"), "{text}");
+    assert_eq!(line("webhook receiver").last(), Some(&"up"), "{text}");
+    // Answered once, with a mean and bucket bounds; no report yet: a count of 0, no times.
+    let answered = line("answered");
+    assert!(
+        answered.contains(&"1") && answered.contains(&"ms"),
+        "{text}"
+    );
+    assert!(answered.contains(&"≤"), "{text}");
+    let report = line("car's report");
+    assert!(report.ends_with(&["0", "-", "-", "-"]), "{text}");
+
+    let run = caasctl(&[
+        "gateway",
+        "stats",
+        "--gateway",
+        &base,
+        "--token",
+        TOKEN,
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(v["counts"]["caas_requests_total{state=\"created\"}"], 1.0);
+    assert_eq!(v["stages"]["caas_accept_seconds"]["count"], 1.0);
+    assert!(
+        v["stages"]["caas_accept_seconds"]["meanSeconds"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    assert_eq!(v["stages"]["caas_activation_latency_seconds"]["count"], 0.0);
+    assert_eq!(v["webhookReceiverDown"], false);
+
+    // A wrong token: one clear line naming the refusal, and a non-zero exit.
+    let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", "wrong"]);
+    let err = run.err();
+    assert!(err.contains("401"), "{err}");
+}
