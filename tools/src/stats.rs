@@ -72,14 +72,25 @@ fn sample(all: &[(&str, f64)], name: &str) -> Option<f64> {
     all.iter().find(|(n, _)| *n == name).map(|(_, v)| *v)
 }
 
-/// One histogram: its count, mean (seconds) and the upper bounds (seconds, `None`: above the
-/// largest finite bucket) under which 50% and 99% of the observations fell.
+/// The bucket bound under which a share of a histogram's observations fell.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Bound {
+    /// Nothing observed yet.
+    NoData,
+    /// At most this many seconds.
+    AtMost(f64),
+    /// Above the largest finite bucket.
+    AboveBuckets,
+}
+
+/// One histogram: its count, mean (seconds) and the bounds under which 50% and 99% of the
+/// observations fell.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Histogram {
     count: f64,
     mean: Option<f64>,
-    p50: Option<Option<f64>>,
-    p99: Option<Option<f64>>,
+    p50: Bound,
+    p99: Bound,
 }
 
 fn histogram(all: &[(&str, f64)], name: &str) -> Option<Histogram> {
@@ -99,12 +110,16 @@ fn histogram(all: &[(&str, f64)], name: &str) -> Option<Histogram> {
         })
         .collect();
     let under = |q: f64| {
-        (count > 0.0).then(|| {
-            buckets
-                .iter()
-                .find(|(_, cumulative)| *cumulative >= q * count)
-                .and_then(|(bound, _)| *bound)
-        })
+        if count <= 0.0 {
+            return Bound::NoData;
+        }
+        match buckets
+            .iter()
+            .find(|(_, cumulative)| *cumulative >= q * count)
+        {
+            Some((Some(secs), _)) => Bound::AtMost(*secs),
+            _ => Bound::AboveBuckets,
+        }
     };
     Some(Histogram {
         count,
@@ -124,11 +139,11 @@ fn ms(secs: f64) -> String {
     }
 }
 
-fn bound_text(b: Option<Option<f64>>) -> String {
+fn bound_text(b: Bound) -> String {
     match b {
-        None => "-".into(),
-        Some(Some(secs)) => format!("≤ {}", ms(secs)),
-        Some(None) => "above the buckets".into(),
+        Bound::NoData => "-".into(),
+        Bound::AtMost(secs) => format!("≤ {}", ms(secs)),
+        Bound::AboveBuckets => "above the buckets".into(),
     }
 }
 
@@ -186,10 +201,10 @@ pub fn stats_json(text: &str) -> Value {
         .iter()
         .map(|(_, name)| (name.to_string(), json!(sample(&all, name))))
         .collect();
-    let bound = |b: Option<Option<f64>>| match b {
-        None => Value::Null,
-        Some(Some(secs)) => json!(secs),
-        Some(None) => json!("+Inf"),
+    let bound = |b: Bound| match b {
+        Bound::NoData => Value::Null,
+        Bound::AtMost(secs) => json!(secs),
+        Bound::AboveBuckets => json!("+Inf"),
     };
     let stages: Map<String, Value> = STAGES
         .iter()
@@ -231,8 +246,8 @@ mod tests {
         let h = histogram(&all, "caas_accept_seconds").unwrap();
         assert_eq!(h.count, 100.0);
         assert!((h.mean.unwrap() - 0.0006).abs() < 1e-12);
-        assert_eq!(h.p50, Some(Some(0.0005)));
-        assert_eq!(h.p99, Some(Some(0.002)));
+        assert_eq!(h.p50, Bound::AtMost(0.0005));
+        assert_eq!(h.p99, Bound::AtMost(0.002));
         assert_eq!(histogram(&all, "caas_store_flush_seconds"), None);
     }
 
