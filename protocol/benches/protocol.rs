@@ -44,6 +44,20 @@ fn rates(c: &mut Criterion) {
     g.bench_function("open (verify+decode)", |b| {
         b.iter(|| open_command(black_box(&cmd_frame), &trusted))
     });
+    // A car's gateway key with verification tables (TrustedKey::with_tables), as the Linux
+    // agent and the fleet simulator hold it.
+    let tabled = [TrustedKey::with_tables(gateway.verifying_key())];
+    assert!(tabled[0].has_tables());
+    g.bench_function("open (verify with key tables+decode)", |b| {
+        b.iter(|| open_command(black_box(&cmd_frame), &tabled))
+    });
+    // ed25519-dalek's own verify_strict, which the two above replace with the same answers.
+    let raw = parse_frame(&cmd_frame, FrameKind::Command).unwrap();
+    let signature = ed25519_dalek::Signature::from_bytes(&raw.signature);
+    let gateway_public = gateway.verifying_key();
+    g.bench_function("ed25519-dalek verify_strict", |b| {
+        b.iter(|| gateway_public.verify_strict(black_box(raw.signed), &signature))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("report");

@@ -97,13 +97,15 @@ impl fmt::Debug for KeyId {
     }
 }
 
-/// A public key a verifier trusts, with its precomputed id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A public key a verifier trusts, with its precomputed id (and, on hosts, optionally
+/// tables that make verifying its signatures faster: [`TrustedKey::with_tables`]).
+#[derive(Clone, Copy)]
 pub struct TrustedKey {
     /// The key's id as frames carry it.
     pub id: KeyId,
     /// The key.
     pub key: VerifyingKey,
+    tables: Tables,
 }
 
 impl TrustedKey {
@@ -112,7 +114,79 @@ impl TrustedKey {
         TrustedKey {
             id: KeyId::of(&key),
             key,
+            tables: Tables::default(),
         }
+    }
+
+    /// Trusts `key` and verifies its signatures with tables made for it, in about a quarter
+    /// less time, with the same answers: for a key that signs many frames in this process (a
+    /// car's gateway key). Each key's tables are made once per process (about 30 KiB, kept
+    /// until it exits), for at most [`crate::MAX_KEYS_WITH_TABLES`] keys; beyond that this
+    /// is [`TrustedKey::new`].
+    #[cfg(feature = "std")]
+    pub fn with_tables(key: VerifyingKey) -> Self {
+        TrustedKey {
+            tables: crate::hostverify::tables_for(&key),
+            ..TrustedKey::new(key)
+        }
+    }
+
+    /// Whether this key was given verification tables.
+    #[cfg(feature = "std")]
+    pub fn has_tables(&self) -> bool {
+        self.tables.is_some()
+    }
+
+    /// Verifies `signature` over `signed` strictly (as [`RawFrame::verify`]).
+    fn verify(&self, signed: &[u8], signature: &[u8; SIGNATURE_SIZE]) -> Result<(), RejectCode> {
+        verify_signature(self.tables, &self.key, signed, signature)
+    }
+}
+
+/// A trusted key's verification tables: made on hosts only ([`crate::hostverify`]).
+#[cfg(feature = "std")]
+type Tables = Option<&'static crate::hostverify::KeyTables>;
+#[cfg(not(feature = "std"))]
+type Tables = ();
+
+/// Ed25519 `verify_strict`: on hosts [`crate::hostverify`]'s (the same answers for less work,
+/// less still with `tables`), on microcontrollers ed25519-dalek's.
+fn verify_signature(
+    tables: Tables,
+    key: &VerifyingKey,
+    signed: &[u8],
+    signature: &[u8; SIGNATURE_SIZE],
+) -> Result<(), RejectCode> {
+    #[cfg(feature = "std")]
+    let valid = crate::hostverify::verify(tables, key, signed, signature);
+    #[cfg(not(feature = "std"))]
+    let valid = {
+        let () = tables;
+        key.verify_strict(signed, &Signature::from_bytes(signature))
+            .is_ok()
+    };
+    if valid {
+        Ok(())
+    } else {
+        Err(RejectCode::BadSignature)
+    }
+}
+
+/// Two trusted keys are equal when their keys are (tables or not).
+impl PartialEq for TrustedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for TrustedKey {}
+
+impl fmt::Debug for TrustedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustedKey")
+            .field("id", &self.id)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -136,8 +210,7 @@ pub struct RawFrame<'a> {
 impl RawFrame<'_> {
     /// Verifies the signature (strictly: no malleable or small-order signatures or keys).
     pub fn verify(&self, key: &VerifyingKey) -> Result<(), RejectCode> {
-        key.verify_strict(self.signed, &Signature::from_bytes(&self.signature))
-            .map_err(|_| RejectCode::BadSignature)
+        verify_signature(Tables::default(), key, self.signed, &self.signature)
     }
 }
 
@@ -326,7 +399,7 @@ pub fn verify_command<'a>(frame: &'a [u8], trusted: &[TrustedKey]) -> Result<&'a
         .iter()
         .find(|k| k.id == raw.key_id)
         .ok_or(RejectCode::UnknownKey)?;
-    raw.verify(&key.key)?;
+    key.verify(raw.signed, &raw.signature)?;
     Ok(raw.payload)
 }
 
@@ -337,7 +410,7 @@ pub fn open_report(frame: &[u8], car_key: &TrustedKey) -> Result<Report, RejectC
     if raw.key_id != car_key.id {
         return Err(RejectCode::UnknownKey);
     }
-    raw.verify(&car_key.key)?;
+    car_key.verify(raw.signed, &raw.signature)?;
     let report: Report = decode(raw.payload)?;
     report.check_structure()?;
     Ok(report)
@@ -378,8 +451,8 @@ pub fn open_reports(frames: &[(&[u8], &TrustedKey)]) -> std::vec::Vec<Result<Rep
         if batchable(&raw.signature, &key.key) {
             batch.push((i, raw, key));
         } else {
-            results[i] = raw
-                .verify(&key.key)
+            results[i] = key
+                .verify(raw.signed, &raw.signature)
                 .and_then(|()| decode_report(raw.payload));
         }
     }
@@ -396,7 +469,7 @@ pub fn open_reports(frames: &[(&[u8], &TrustedKey)]) -> std::vec::Vec<Result<Rep
         results[i] = if verified {
             decode_report(raw.payload)
         } else {
-            raw.verify(&key.key)
+            key.verify(raw.signed, &raw.signature)
                 .and_then(|()| decode_report(raw.payload))
         };
     }
@@ -421,8 +494,8 @@ fn batchable(signature: &[u8; SIGNATURE_SIZE], key: &VerifyingKey) -> bool {
 }
 
 /// Whether the y coordinate of an encoded point (sign bit aside) is below p = 2^255 - 19.
-#[cfg(feature = "batch")]
-fn canonical_y(point: &[u8; 32]) -> bool {
+#[cfg(feature = "std")]
+pub(crate) fn canonical_y(point: &[u8; 32]) -> bool {
     let top = point[31] & 0x7f;
     !(top == 0x7f && point[1..31].iter().all(|b| *b == 0xff) && point[0] >= 0xed)
 }

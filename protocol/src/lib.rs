@@ -40,6 +40,8 @@
 pub mod catalog;
 mod check;
 mod envelope;
+#[cfg(feature = "std")]
+mod hostverify;
 mod keys;
 mod messages;
 mod names;
@@ -60,6 +62,8 @@ pub use envelope::{
 };
 #[cfg(feature = "batch")]
 pub use envelope::{open_reports, MIN_BATCH};
+#[cfg(feature = "std")]
+pub use hostverify::MAX_KEYS_WITH_TABLES;
 pub use keys::{
     signing_key_from_hex, signing_key_to_hex, verifying_key_from_hex, verifying_key_to_hex,
     KeyError, SigningKey, VerifyingKey,
