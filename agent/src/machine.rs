@@ -412,34 +412,23 @@ impl<P: FeatureCatalog> Agent<P> {
         self.state.grants.clear();
         self.boot = match stored {
             None => BootStatus::Fresh,
-            Some(len) => {
-                let loaded = match self.buf.get(..len) {
-                    Some(bytes) => load_record(
-                        bytes,
-                        &self.config.vin,
-                        &self.config.platform,
-                        &mut self.state,
-                    ),
-                    None => Err(RecordError::Corrupt),
-                };
-                match loaded {
-                    Ok(Loaded::Restored { dropped: d }) => {
-                        dropped = d;
-                        BootStatus::Restored
-                    }
-                    Ok(Loaded::WrongVin) => {
-                        error = Some(ERR_STATE_WRONG_VIN);
-                        BootStatus::SafeState
-                    }
-                    Err(e) => {
-                        error = Some(match e {
-                            RecordError::UnknownVersion(_) => ERR_STATE_VERSION,
-                            _ => ERR_STATE_CORRUPT,
-                        });
-                        BootStatus::SafeState
-                    }
+            Some(len) => match self.load_buffered(len) {
+                Ok(Loaded::Restored { dropped: d }) => {
+                    dropped = d;
+                    BootStatus::Restored
                 }
-            }
+                Ok(Loaded::WrongVin) => {
+                    error = Some(ERR_STATE_WRONG_VIN);
+                    BootStatus::SafeState
+                }
+                Err(e) => {
+                    error = Some(match e {
+                        RecordError::UnknownVersion(_) => ERR_STATE_VERSION,
+                        _ => ERR_STATE_CORRUPT,
+                    });
+                    BootStatus::SafeState
+                }
+            },
         };
         self.clock = TrustedClock {
             trusted: self.state.trusted_time.max(now),
@@ -817,6 +806,19 @@ impl<P: FeatureCatalog> Agent<P> {
     /// Resolves a staged record before anything else happens: a `Persist` the driver was
     /// given counts as done (that is the contract), one it was never given is dropped with
     /// everything that depended on it (its frame stays unacknowledged and comes again).
+    /// Loads the record in `buf[..len]` into the state (at boot, and to check a write).
+    fn load_buffered(&mut self, len: usize) -> Result<Loaded, RecordError> {
+        match self.buf.get(..len) {
+            Some(bytes) => load_record(
+                bytes,
+                &self.config.vin,
+                &self.config.platform,
+                &mut self.state,
+            ),
+            None => Err(RecordError::Corrupt),
+        }
+    }
+
     fn settle_stage(&mut self) {
         if let Stage::Staged { .. } = self.stage {
             self.stage = Stage::Idle;
@@ -829,16 +831,7 @@ impl<P: FeatureCatalog> Agent<P> {
             Stage::Idle | Stage::Staged { .. } => {}
             Stage::Written { len, follow } => {
                 self.stage = Stage::Idle;
-                let loaded = match self.buf.get(..len) {
-                    Some(bytes) => load_record(
-                        bytes,
-                        &self.config.vin,
-                        &self.config.platform,
-                        &mut self.state,
-                    ),
-                    None => Err(RecordError::Corrupt),
-                };
-                match loaded {
+                match self.load_buffered(len) {
                     Ok(Loaded::Restored { .. }) => {
                         self.persisted_time = self.state.trusted_time;
                         self.start_sync(follow.refresh);

@@ -15,7 +15,7 @@
 //! are decoded only after the signature verifies.
 
 use core::fmt;
-use ed25519_dalek::{Signature, Signer};
+use ed25519_dalek::Signer;
 use sha2::{Digest, Sha512};
 
 use crate::keys::{SigningKey, VerifyingKey};
@@ -147,7 +147,12 @@ impl TrustedKey {
 #[cfg(feature = "std")]
 type Tables = Option<&'static crate::hostverify::KeyTables>;
 #[cfg(not(feature = "std"))]
-type Tables = ();
+type Tables = NoTables;
+
+/// Microcontrollers verify without tables.
+#[cfg(not(feature = "std"))]
+#[derive(Clone, Copy, Default)]
+struct NoTables;
 
 /// Ed25519 `verify_strict`: on hosts [`crate::hostverify`]'s (the same answers for less work,
 /// less still with `tables`), on microcontrollers ed25519-dalek's.
@@ -161,8 +166,8 @@ fn verify_signature(
     let valid = crate::hostverify::verify(tables, key, signed, signature);
     #[cfg(not(feature = "std"))]
     let valid = {
-        let () = tables;
-        key.verify_strict(signed, &Signature::from_bytes(signature))
+        let NoTables = tables;
+        key.verify_strict(signed, &ed25519_dalek::Signature::from_bytes(signature))
             .is_ok()
     };
     if valid {
@@ -458,9 +463,9 @@ pub fn open_reports(frames: &[(&[u8], &TrustedKey)]) -> std::vec::Vec<Result<Rep
     }
     let verified = batch.len() >= MIN_BATCH && {
         let messages: std::vec::Vec<&[u8]> = batch.iter().map(|(_, raw, _)| raw.signed).collect();
-        let signatures: std::vec::Vec<Signature> = batch
+        let signatures: std::vec::Vec<ed25519_dalek::Signature> = batch
             .iter()
-            .map(|(_, raw, _)| Signature::from_bytes(&raw.signature))
+            .map(|(_, raw, _)| ed25519_dalek::Signature::from_bytes(&raw.signature))
             .collect();
         let keys: std::vec::Vec<VerifyingKey> = batch.iter().map(|(_, _, k)| k.key).collect();
         ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
