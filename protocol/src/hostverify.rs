@@ -21,7 +21,9 @@
 //! to R with R's bytes canonical. The tests hold the two to each other on valid, corrupted
 //! and crafted signatures.
 //!
-//! A table is about 30 KiB and lives as long as the process: at most [`MAX_KEYS_WITH_TABLES`]
+//! Tables are only used with the key they were made for (a [`crate::TrustedKey`]'s fields are
+//! public, so its key could be replaced under them). A table is about 30 KiB and lives as long
+//! as the process: at most [`MAX_KEYS_WITH_TABLES`]
 //! keys get one (their tables are made once and shared); any further key verifies without,
 //! correctly, only slower. Microcontrollers keep ed25519-dalek's `verify_strict` (this
 //! module's tables would not fit their RAM).
@@ -42,12 +44,16 @@ pub const MAX_KEYS_WITH_TABLES: usize = 16;
 
 /// Multiples of one key's negated point, for verifying its signatures.
 pub(crate) struct KeyTables {
+    /// The key they were made for: they are used for no other (`TrustedKey::key` is a public
+    /// field, so a key and its tables could be parted).
+    key: [u8; 32],
     minus_a: EdwardsBasepointTable,
 }
 
 impl KeyTables {
     fn new(key: &VerifyingKey) -> KeyTables {
         KeyTables {
+            key: key.to_bytes(),
             minus_a: EdwardsBasepointTable::create(&-key.to_edwards()),
         }
     }
@@ -60,7 +66,7 @@ impl core::fmt::Debug for KeyTables {
 }
 
 /// The keys given tables so far, in the order they were first asked for.
-static MADE: Mutex<Vec<([u8; 32], &'static KeyTables)>> = Mutex::new(Vec::new());
+static MADE: Mutex<Vec<&'static KeyTables>> = Mutex::new(Vec::new());
 
 /// The tables of `key`, made on first use; `None` for a weak key (which `verify_strict`
 /// refuses whatever the signature) and once [`MAX_KEYS_WITH_TABLES`] other keys have them.
@@ -71,14 +77,14 @@ pub(crate) fn tables_for(key: &VerifyingKey) -> Option<&'static KeyTables> {
     // A panic elsewhere while holding the lock leaves the list whole (a push is the only
     // change), so a poisoned lock is still good to read.
     let mut made = MADE.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some((_, tables)) = made.iter().find(|(k, _)| k == key.as_bytes()) {
+    if let Some(tables) = made.iter().find(|t| t.key == *key.as_bytes()) {
         return Some(tables);
     }
     if made.len() >= MAX_KEYS_WITH_TABLES {
         return None;
     }
     let tables: &'static KeyTables = Box::leak(Box::new(KeyTables::new(key)));
-    made.push((key.to_bytes(), tables));
+    made.push(tables);
     Some(tables)
 }
 
@@ -110,8 +116,10 @@ pub(crate) fn verify(
             .chain_update(message),
     );
     let expected = match tables {
-        Some(tables) => ED25519_BASEPOINT_TABLE * &s + &tables.minus_a * &k,
-        None => EdwardsPoint::vartime_double_scalar_mul_basepoint(&k, &-key.to_edwards(), &s),
+        Some(tables) if tables.key == *key.as_bytes() => {
+            ED25519_BASEPOINT_TABLE * &s + &tables.minus_a * &k
+        }
+        _ => EdwardsPoint::vartime_double_scalar_mul_basepoint(&k, &-key.to_edwards(), &s),
     };
     // `verify_strict` compares the computed point's encoding with R's bytes: the same as R
     // being encoded canonically and equal to it as a point (a point with x = 0, whose sign
@@ -179,6 +187,38 @@ mod tests {
         assert!(!answer(&key, b"caas-cmd framf", &sig));
         let other = SigningKey::from_bytes(&[8; 32]).verifying_key();
         assert!(!answer(&other, b"caas-cmd frame", &sig));
+    }
+
+    #[test]
+    fn tables_made_for_another_key_are_not_used() {
+        // Key A's tables given with key B. A's holder can sign "as B" for those tables: with
+        // k hashed over B's bytes, s = r + k·a satisfies [s]B - [k]A = R. It must not pass;
+        // B's own signatures still do (the plain way).
+        let a = SigningKey::from_bytes(&[15; 32]);
+        let b = SigningKey::from_bytes(&[16; 32]);
+        let a_tables = KeyTables::new(&a.verifying_key());
+        let r = Scalar::from_bytes_mod_order([17; 32]);
+        let r_bytes = (ED25519_BASEPOINT_TABLE * &r).compress().to_bytes();
+        let k = Scalar::from_hash(
+            Sha512::new()
+                .chain_update(r_bytes)
+                .chain_update(b.verifying_key().as_bytes())
+                .chain_update(b"m"),
+        );
+        let mut as_b = [0u8; 64];
+        as_b[..32].copy_from_slice(&r_bytes);
+        as_b[32..].copy_from_slice((r + k * a.to_scalar()).as_bytes());
+        let expected = ED25519_BASEPOINT_TABLE * &(r + k * a.to_scalar()) + &a_tables.minus_a * &k;
+        assert_eq!(
+            expected.compress().to_bytes(),
+            r_bytes,
+            "the equation holds with A's tables"
+        );
+        assert!(!verify(Some(&a_tables), &b.verifying_key(), b"m", &as_b));
+        let by_b = b.sign(b"m").to_bytes();
+        assert!(verify(Some(&a_tables), &b.verifying_key(), b"m", &by_b));
+        let by_a = a.sign(b"m").to_bytes();
+        assert!(verify(Some(&a_tables), &a.verifying_key(), b"m", &by_a));
     }
 
     #[test]
