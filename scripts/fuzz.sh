@@ -7,4 +7,8 @@ cd "$(dirname "$0")/../protocol"
 secs="${1:-60}"
 rustup toolchain list | grep -q '^nightly' || rustup toolchain install nightly --profile minimal
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-cargo +nightly fuzz run decode_verify -- -max_total_time="$secs" -max_len=4096
+# fuzz/seeds holds a valid command and report (signed with the target's keys): mutations of
+# them reach the signature checks, which random bytes almost never do.
+mkdir -p fuzz/corpus/decode_verify
+cargo +nightly fuzz run decode_verify fuzz/corpus/decode_verify fuzz/seeds/decode_verify -- \
+  -max_total_time="$secs" -max_len=4096
