@@ -17,6 +17,10 @@
 //!    CPU per car over each campaign of 2, from the `/proc/PID/stat` user + system times
 //!    before and after each phase.
 //!
+//! With `--baseline BIN`, each broker's column is run again right after with that gateway
+//! binary (a previous build), and rows of this build's figures over the baseline's close the
+//! table: one run, one hour of the machine, for both.
+//!
 //! These are measurements, printed as a markdown table; nothing is asserted. Both sides
 //! share the same machine, so the simulator's own CPU use is part of every number; CPU per
 //! activation is the figure that holds on a busy machine, where latencies and rates move
@@ -67,13 +71,19 @@ pub struct BenchArgs {
     /// Also write the table here.
     #[arg(long)]
     pub out: Option<std::path::PathBuf>,
-    /// Write the latency row's requests as CSV, one file per broker (`DIR/latency-BROKER.csv`,
-    /// the columns of `run --samples`).
+    /// Write the latency row's requests as CSV, one file per column (`DIR/latency-BROKER.csv`,
+    /// `latency-BROKER-baseline.csv` for a `--baseline` column; the columns of `run --samples`).
     #[arg(long)]
     pub samples: Option<std::path::PathBuf>,
     /// No progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    /// A second `caas-gateway` binary (say, built from the previous commit): each broker's
+    /// column is run again with it right after, so that the two share the hour of this
+    /// shared machine, and rows of ratios (this build ÷ baseline) close the table. The
+    /// cars, the driver and the webhook receiver are this build's in both.
+    #[arg(long)]
+    pub baseline: Option<std::path::PathBuf>,
 }
 
 /// One column of the table.
@@ -81,6 +91,8 @@ pub struct BenchArgs {
 pub struct Column {
     /// Broker name.
     pub broker: String,
+    /// Run with the `--baseline` gateway.
+    pub baseline: bool,
     /// Cars connected.
     pub connected: u64,
     /// Cars per second while connecting.
@@ -231,12 +243,15 @@ fn svc(id: &str, flag: &str) -> ServiceMix {
     }
 }
 
-async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
+async fn column(a: &BenchArgs, broker: &str, baseline: Option<&std::path::Path>) -> Result<Column> {
     let mut col = Column {
         broker: broker.to_string(),
+        baseline: baseline.is_some(),
         ..Column::default()
     };
-    let mosquitto = if broker == "mosquitto" {
+    let tag = col.tag();
+    let broker = tag.as_str();
+    let mosquitto = if col.broker == "mosquitto" {
         Some(Mosquitto::start().await?)
     } else {
         None
@@ -250,6 +265,7 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
         attempts: 3,
         attempt_timeout: "30s".to_string(),
         backoff: "1s".to_string(),
+        binary: baseline.map(std::path::Path::to_path_buf),
         ..GatewaySpawn::default()
     };
     let gateway = GatewayProc::start(&spawn)
@@ -463,6 +479,16 @@ async fn column(a: &BenchArgs, broker: &str) -> Result<Column> {
 }
 
 impl Column {
+    /// The column's name in progress lines and sample files: the broker, and `-baseline`
+    /// for the `--baseline` gateway's run.
+    fn tag(&self) -> String {
+        if self.baseline {
+            format!("{}-baseline", self.broker)
+        } else {
+            self.broker.clone()
+        }
+    }
+
     fn count_anomalies(&mut self, r: &crate::scenario::RunReport) {
         self.callback_anomalies += r.no_callback + r.several_callbacks;
         self.http_errors += r.http_errors;
@@ -640,6 +666,7 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
                 .collect(),
         ));
     }
+    rows.extend(ratio_rows(cols, a));
     if cols.iter().any(|c| c.error.is_some()) {
         rows.push((
             "errors".into(),
@@ -653,9 +680,16 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
     out.push_str(
         &cols
             .iter()
-            .map(|c| match c.broker.as_str() {
-                "embedded" => "embedded rumqttd".to_string(),
-                _ => format!("Mosquitto {}", mosquitto_version()),
+            .map(|c| {
+                let broker = match c.broker.as_str() {
+                    "embedded" => "embedded rumqttd".to_string(),
+                    _ => format!("Mosquitto {}", mosquitto_version()),
+                };
+                if c.baseline {
+                    format!("{broker}, baseline gateway")
+                } else {
+                    broker
+                }
             })
             .collect::<Vec<_>>()
             .join(" | "),
@@ -667,6 +701,73 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
         out.push_str(&format!("| {name} | {} |\n", vals.join(" | ")));
     }
     out
+}
+
+/// With `--baseline`: rows of this build's figures over the baseline gateway's, in each
+/// of this build's columns (its broker's baseline column is the one after it); `-` in the
+/// baseline columns and where a figure is missing.
+fn ratio_rows(cols: &[Column], a: &BenchArgs) -> Vec<(String, Vec<String>)> {
+    if !cols.iter().any(|c| c.baseline) {
+        return Vec::new();
+    }
+    type Figure = fn(&Column) -> Option<f64>;
+    let figures: [(String, Figure, Figure); 5] = [
+        (
+            "campaign first / repeat".into(),
+            |c| Some(c.campaign_first_secs),
+            |c| Some(c.campaign_repeat_secs),
+        ),
+        (
+            "gateway CPU per car, campaign first / repeat".into(),
+            |c| c.cpu_per_car_first.gateway,
+            |c| c.cpu_per_car_repeat.gateway,
+        ),
+        (
+            format!("p50 / p99 POST→callback at {:.0}/s", a.latency_rate),
+            |c| Some(c.p50_ms),
+            |c| Some(c.p99_ms),
+        ),
+        (
+            format!(
+                "gateway / broker CPU per activation at {:.0}/s",
+                a.latency_rate
+            ),
+            |c| c.cpu_per_activation.gateway,
+            |c| c.cpu_per_activation.broker,
+        ),
+        (
+            "sustained activations/s (the rate, not its p99)".into(),
+            |c| Some(c.sustained_rate),
+            |_| None,
+        ),
+    ];
+    figures
+        .into_iter()
+        .map(|(name, first, second)| {
+            let cells = cols
+                .iter()
+                .map(|c| {
+                    let base = cols
+                        .iter()
+                        .find(|b| b.baseline && b.broker == c.broker && !c.baseline);
+                    let Some(base) = base else {
+                        return "-".to_string();
+                    };
+                    let ratio = |f: Figure| match (f(c), f(base)) {
+                        (Some(x), Some(y)) if x > 0.0 && y > 0.0 => Some(format!("{:.2}×", x / y)),
+                        _ => None,
+                    };
+                    match (ratio(first), ratio(second)) {
+                        (Some(x), Some(y)) => format!("{x} / {y}"),
+                        (Some(x), None) => x,
+                        (None, Some(y)) => format!("- / {y}"),
+                        (None, None) => "-".to_string(),
+                    }
+                })
+                .collect();
+            (format!("this build ÷ baseline: {name}"), cells)
+        })
+        .collect()
 }
 
 fn mosquitto_version() -> String {
@@ -722,15 +823,20 @@ pub async fn bench_main(a: BenchArgs) -> Result<i32> {
     };
     let mut cols = Vec::new();
     for b in brokers {
-        match column(&a, b).await {
-            Ok(c) => cols.push(c),
-            Err(e) => {
-                eprintln!("bench[{b}]: {e:#}");
-                cols.push(Column {
-                    broker: b.to_string(),
-                    error: Some(format!("{e:#}")),
-                    ..Column::default()
-                });
+        let runs = std::iter::once(None).chain(a.baseline.as_deref().map(Some));
+        for baseline in runs {
+            match column(&a, b, baseline).await {
+                Ok(c) => cols.push(c),
+                Err(e) => {
+                    let failed = Column {
+                        broker: b.to_string(),
+                        baseline: baseline.is_some(),
+                        error: Some(format!("{e:#}")),
+                        ..Column::default()
+                    };
+                    eprintln!("bench[{}]: {e:#}", failed.tag());
+                    cols.push(failed);
+                }
             }
         }
     }
@@ -764,6 +870,7 @@ mod tests {
             out: None,
             samples: None,
             no_progress: true,
+            baseline: None,
         }
     }
 
@@ -855,5 +962,47 @@ mod tests {
         assert!(t.contains("| CPU per activation at 1000/s: broker | in the gateway | 95 µs |"));
         assert!(t.contains("| CPU per activation at 1000/s: fleet | 120 µs | 120 µs |"));
         assert!(t.contains("| CPU per car, campaign first / repeat: driver | - | 80 µs / 80 µs |"));
+    }
+
+    #[test]
+    fn a_baseline_column_follows_its_broker_and_ratios_close_the_table() {
+        let run = |baseline: bool, first: f64, gateway_per_car: f64, p99: f64| Column {
+            broker: "embedded".into(),
+            baseline,
+            campaign_first_secs: first,
+            campaign_repeat_secs: 2.0,
+            cpu_per_car_first: CpuShare {
+                gateway: Some(gateway_per_car),
+                ..CpuShare::default()
+            },
+            p50_ms: 1.0,
+            p99_ms: p99,
+            ..Column::default()
+        };
+        let cols = vec![run(false, 1.5, 90.0, 6.0), run(true, 2.0, 120.0, 0.0)];
+        assert_eq!(cols[1].tag(), "embedded-baseline");
+        let t = table(&cols, &args());
+        assert!(
+            t.contains("| | embedded rumqttd | embedded rumqttd, baseline gateway |"),
+            "{t}"
+        );
+        // 1.5 / 2.0 and 2.0 / 2.0; the baseline column has no ratios of its own.
+        assert!(
+            t.contains("| this build ÷ baseline: campaign first / repeat | 0.75× / 1.00× | - |"),
+            "{t}"
+        );
+        // The repeat's gateway CPU was not read: only the first's ratio.
+        assert!(t.contains(
+            "| this build ÷ baseline: gateway CPU per car, campaign first / repeat | 0.75× | - |"
+        ));
+        // A p99 of 0 (the baseline's row failed) gives no ratio, not a division by zero.
+        assert!(
+            t.contains("| this build ÷ baseline: p50 / p99 POST→callback at 1000/s | 1.00× | - |")
+        );
+        assert!(t.contains(
+            "| this build ÷ baseline: sustained activations/s (the rate, not its p99) | - | - |"
+        ));
+        let without = table(&cols[..1], &args());
+        assert!(!without.contains("this build ÷ baseline"), "{without}");
     }
 }

@@ -397,11 +397,25 @@ async fn fleet_workers_stop_with_their_parent_however_it_ends() {
 }
 
 /// The benchmark end to end on a small fleet: its gateway, its fleet process and its
-/// load all work together, and what it measures adds up.
+/// load all work together, and what it measures adds up; with `--baseline`, a second
+/// gateway binary gets its own column right after, and the ratios close the table.
 #[test]
 fn a_small_bench_fills_its_table_without_errors() {
     let dir = tempfile::tempdir().unwrap();
     let table = dir.path().join("table.md");
+    // The baseline gateway: this same build, started as a `caas-gateway` binary would be
+    // (`BIN serve ...`).
+    let baseline = dir.path().join("baseline-gateway");
+    std::fs::write(
+        &baseline,
+        format!("#!/bin/sh\nexec '{}' gateway \"$@\"\n", sim().display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &baseline,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let out = std::process::Command::new(sim())
         .args(["bench", "--cars", "100", "--rates", "200", "--step", "1s"])
         .args(["--latency-rate", "200", "--latency-duration", "1s"])
@@ -409,22 +423,28 @@ fn a_small_bench_fills_its_table_without_errors() {
         .arg(&table)
         .arg("--samples")
         .arg(dir.path())
+        .arg("--baseline")
+        .arg(&baseline)
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{log}");
-    for campaign in ["campaign 1", "campaign 2"] {
-        assert!(
-            log.lines()
-                .any(|l| l.contains(campaign) && l.contains("(100 COMPLETED, 0 FAILED")),
-            "{campaign} did not complete every car:\n{log}"
-        );
+    for tag in ["embedded", "embedded-baseline"] {
+        for campaign in ["campaign 1", "campaign 2"] {
+            assert!(
+                log.lines()
+                    .any(|l| l.starts_with(&format!("bench[{tag}]: {campaign} "))
+                        && l.contains("(100 COMPLETED, 0 FAILED")),
+                "{tag}: {campaign} did not complete every car:\n{log}"
+            );
+        }
     }
     let table = std::fs::read_to_string(&table).unwrap();
     for row in [
-        "| cars connected | 100 |",
-        "| callbacks missing or repeated | 0 |",
-        "| requests refused or failed in HTTP (all rates) | 0 |",
+        "| | embedded rumqttd | embedded rumqttd, baseline gateway |",
+        "| cars connected | 100 | 100 |",
+        "| callbacks missing or repeated | 0 | 0 |",
+        "| requests refused or failed in HTTP (all rates) | 0 | 0 |",
     ] {
         assert!(table.contains(row), "{row} missing in\n{table}");
     }
@@ -434,18 +454,25 @@ fn a_small_bench_fills_its_table_without_errors() {
         .find(|l| l.starts_with("| mean per stage at 200/s"))
         .unwrap_or_else(|| panic!("no stage row in\n{table}"));
     assert!(stages.ends_with(" ms |"), "{stages}");
-    // The latency row's requests, one line each, every one with its callback's latency.
-    let samples = std::fs::read_to_string(dir.path().join("latency-embedded.csv")).unwrap();
-    let mut lines = samples.lines();
-    assert_eq!(lines.next(), Some("posted_ms,callback_ms,request_id"));
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-    assert!(
-        rows.len() >= 150,
-        "{} latency-row requests:\n{samples}",
-        rows.len()
-    );
-    for row in &rows {
-        assert_eq!(row.len(), 3, "{row:?}");
-        assert!(row[1].parse::<f64>().is_ok_and(|ms| ms > 0.0), "{row:?}");
+    let campaigns = table
+        .lines()
+        .find(|l| l.starts_with("| this build ÷ baseline: campaign first / repeat |"))
+        .unwrap_or_else(|| panic!("no ratio row in\n{table}"));
+    assert!(campaigns.ends_with("× | - |"), "{campaigns}");
+    // The latency rows' requests, one line each, every one with its callback's latency.
+    for file in ["latency-embedded.csv", "latency-embedded-baseline.csv"] {
+        let samples = std::fs::read_to_string(dir.path().join(file)).unwrap();
+        let mut lines = samples.lines();
+        assert_eq!(lines.next(), Some("posted_ms,callback_ms,request_id"));
+        let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+        assert!(
+            rows.len() >= 150,
+            "{file}: {} latency-row requests:\n{samples}",
+            rows.len()
+        );
+        for row in &rows {
+            assert_eq!(row.len(), 3, "{row:?}");
+            assert!(row[1].parse::<f64>().is_ok_and(|ms| ms > 0.0), "{row:?}");
+        }
     }
 }
