@@ -71,6 +71,14 @@ pub(crate) type Acceptor = rumqttd::ConnectionAcceptor<rumqttd::protocol::v4::V4
 /// process by every command of every car, up to 16 MiB per car, as campaigns went by.
 const CAR_FILTER_SEGMENT: usize = 1024;
 
+/// What rumqttd keeps of each filter under [`topics::BENCH_TOPIC_ROOT`] (the bench's bare
+/// round trips, `caas-sim bench`): one segment of 1 MiB, ~5,000 of its 208-byte messages,
+/// so a subscriber that falls behind in a stall gets them late rather than not at all.
+const BENCH_FILTER_SEGMENT: rumqttd::SegmentConfig = rumqttd::SegmentConfig {
+    max_segment_size: 1024 * 1024,
+    max_segment_count: 1,
+};
+
 /// What rumqttd keeps of each of the gateway's fleet-wide filters (all reports, all
 /// presence), per router: 4 segments of 4 MiB, ~12,000 reports of slack for the gateway's
 /// link to fall behind during a campaign's burst before the oldest would be dropped.
@@ -83,6 +91,10 @@ fn router_config() -> rumqttd::RouterConfig {
     let fleet_filters = [topics::ALL_REPORTS, topics::ALL_PRESENCE]
         .into_iter()
         .map(|f| (f.to_owned(), FLEET_FILTER_SEGMENT))
+        .chain([(
+            format!("{}/#", topics::BENCH_TOPIC_ROOT),
+            BENCH_FILTER_SEGMENT,
+        )])
         .collect();
     rumqttd::RouterConfig {
         max_connections: 1 << 20,
@@ -319,6 +331,10 @@ mod tests {
         assert_eq!(
             car_filter.map(|f| segment_of(&config, &f)),
             Ok((CAR_FILTER_SEGMENT, 1))
+        );
+        assert_eq!(
+            segment_of(&config, "caas-bench/0a1b2c3d/ping"),
+            (BENCH_FILTER_SEGMENT.max_segment_size, 1)
         );
     }
 }

@@ -6,7 +6,9 @@
 //! 1. cars connected and the connect rate;
 //! 2. a campaign to every car, the first after the gateway started, until every request is
 //!    final (`GET /campaigns/{id}`), then a repeat with another service;
-//! 3. p50/p99 POST→callback latency at a fixed rate (default 1,000/s);
+//! 3. p50/p99 POST→callback latency at a fixed rate (default 1,000/s), and the floor under
+//!    it at the same rate: bare MQTT round trips through the same broker and bare HTTP
+//!    round trips to the gateway ([`crate::floor`]);
 //! 4. the highest rate, of a rising list (stopping after two misses in a row), whose p99
 //!    POST→callback stays under 50 ms and that the run actually achieves (end to end: POST → signed command → car verifies,
 //!    persists, applies → signed report → callback);
@@ -33,6 +35,7 @@ use clap::Args;
 
 use crate::cli::FleetChild;
 use crate::fleet::FleetOptions;
+use crate::floor::{http_round_trips, mqtt_round_trips, Floor};
 use crate::gateway_proc::{GatewayProc, GatewaySpawn, Mosquitto};
 use crate::scenario::{run_scenario, samples_csv, Scenario, ServiceMix};
 
@@ -109,6 +112,10 @@ pub struct Column {
     pub latency_achieved: f64,
     /// The latency row's mean time per stage, from the gateway's histograms, ms.
     pub stages: Option<StageMeans>,
+    /// The machine's floor at the latency rate: bare MQTT round trips (two broker hops).
+    pub floor_mqtt: Option<Floor>,
+    /// The machine's floor at the latency rate: bare HTTP round trips (`GET /healthz`).
+    pub floor_http: Option<Floor>,
     /// Campaign to every car, first after start, seconds.
     pub campaign_first_secs: f64,
     /// Campaign repeat, seconds.
@@ -437,6 +444,18 @@ async fn column(a: &BenchArgs, broker: &str, baseline: Option<&std::path::Path>)
         r.callback_latency.line(),
         anomalies(&r)
     );
+    // The floor under that row: the same rate over the bare transports, fleet connected.
+    let (rate, d) = (a.latency_rate, a.latency_duration);
+    col.floor_mqtt = noted(
+        broker,
+        "MQTT",
+        mqtt_round_trips(&gateway.mqtt, rate, d).await,
+    );
+    col.floor_http = noted(
+        broker,
+        "HTTP",
+        http_round_trips(&gateway.http, rate, d).await,
+    );
     let mut misses = 0;
     for &rate in &a.rates {
         receiver.reset_latency();
@@ -578,6 +597,15 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
                 .collect(),
         ),
         (
+            format!(
+                "floor at {:.0}/s, p50 / p99: bare MQTT round trip (2 broker hops) · bare HTTP round trip",
+                a.latency_rate
+            ),
+            cols.iter()
+                .map(|c| format!("{} · {}", floor_cell(&c.floor_mqtt), floor_cell(&c.floor_http)))
+                .collect(),
+        ),
+        (
             "campaign to every car fully acknowledged, first after gateway start".into(),
             cols.iter()
                 .map(|c| format!("{:.2} s", c.campaign_first_secs))
@@ -701,6 +729,42 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
         out.push_str(&format!("| {name} | {} |\n", vals.join(" | ")));
     }
     out
+}
+
+/// A floor run's result, its line printed; `None` (and the error printed) if it failed.
+fn noted(tag: &str, transport: &str, run: Result<Floor>) -> Option<Floor> {
+    match run {
+        Ok(f) => {
+            eprintln!(
+                "bench[{tag}]: floor, {transport} round trips → {}",
+                f.latency.line()
+            );
+            Some(f)
+        }
+        Err(e) => {
+            eprintln!("bench[{tag}]: floor, {transport} round trips: {e:#}");
+            None
+        }
+    }
+}
+
+/// `p50 / p99 ms` of a floor run, with the sends it skipped if any.
+fn floor_cell(f: &Option<Floor>) -> String {
+    match f {
+        Some(f) if f.latency.count > 0 => {
+            let missing = match (f.skipped, f.lost) {
+                (0, 0) => String::new(),
+                (s, 0) => format!(" ({s} skipped)"),
+                (0, l) => format!(" ({l} lost)"),
+                (s, l) => format!(" ({s} skipped, {l} lost)"),
+            };
+            format!(
+                "{:.2} / {:.2} ms{missing}",
+                f.latency.p50_ms, f.latency.p99_ms
+            )
+        }
+        _ => "-".into(),
+    }
 }
 
 /// With `--baseline`: rows of this build's figures over the baseline gateway's, in each
@@ -857,6 +921,7 @@ pub async fn bench_main(a: BenchArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stats::Percentiles;
 
     fn args() -> BenchArgs {
         BenchArgs {
@@ -943,7 +1008,32 @@ mod tests {
                 ..Column::default()
             },
         ];
+        let mut cols = cols;
+        cols[0].floor_mqtt = Some(Floor {
+            latency: Percentiles {
+                count: 10,
+                p50_ms: 0.21,
+                p99_ms: 0.93,
+                ..Percentiles::default()
+            },
+            skipped: 0,
+            lost: 0,
+        });
+        cols[0].floor_http = Some(Floor {
+            latency: Percentiles {
+                count: 10,
+                p50_ms: 0.15,
+                p99_ms: 0.7,
+                ..Percentiles::default()
+            },
+            skipped: 3,
+            lost: 0,
+        });
         let t = table(&cols, &args());
+        assert!(
+            t.contains("| floor at 1000/s, p50 / p99: bare MQTT round trip (2 broker hops) · bare HTTP round trip | 0.21 / 0.93 ms · 0.15 / 0.70 ms (3 skipped) | - · - |"),
+            "{t}"
+        );
         for row in [
             "| cars connected |",
             "| connect rate |",

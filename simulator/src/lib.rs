@@ -29,6 +29,7 @@ pub mod cli;
 pub mod demo;
 pub mod faults;
 pub mod fleet;
+pub mod floor;
 pub mod gateway_proc;
 pub mod scenario;
 pub mod stats;

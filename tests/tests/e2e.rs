@@ -454,6 +454,20 @@ fn a_small_bench_fills_its_table_without_errors() {
         .find(|l| l.starts_with("| mean per stage at 200/s"))
         .unwrap_or_else(|| panic!("no stage row in\n{table}"));
     assert!(stages.ends_with(" ms |"), "{stages}");
+    // The floor: bare MQTT and HTTP round trips timed, none lost or skipped.
+    let floor = table
+        .lines()
+        .find(|l| l.starts_with("| floor at 200/s, p50 / p99:"))
+        .unwrap_or_else(|| panic!("no floor row in\n{table}"));
+    let cells: Vec<&str> = floor.split(" | ").skip(1).collect();
+    assert_eq!(cells.len(), 2, "{floor}");
+    for cell in cells {
+        let cell = cell.trim_end_matches(" |");
+        assert!(
+            cell.matches(" ms").count() == 2 && !cell.contains('(') && !cell.contains('-'),
+            "{floor}"
+        );
+    }
     let campaigns = table
         .lines()
         .find(|l| l.starts_with("| this build ÷ baseline: campaign first / repeat |"))
