@@ -35,7 +35,7 @@ use clap::Args;
 
 use crate::cli::FleetChild;
 use crate::fleet::FleetOptions;
-use crate::floor::{http_round_trips, mqtt_round_trips, Floor};
+use crate::floor::{disk_flushes, http_round_trips, mqtt_round_trips, Floor};
 use crate::gateway_proc::{GatewayProc, GatewaySpawn, Mosquitto};
 use crate::scenario::{run_scenario, samples_csv, Scenario, ServiceMix};
 
@@ -116,6 +116,8 @@ pub struct Column {
     pub floor_mqtt: Option<Floor>,
     /// The machine's floor at the latency rate: bare HTTP round trips (`GET /healthz`).
     pub floor_http: Option<Floor>,
+    /// The machine's floor at the latency rate: bare disk flushes (4 KiB + `fdatasync`).
+    pub floor_disk: Option<Floor>,
     /// Campaign to every car, first after start, seconds.
     pub campaign_first_secs: f64,
     /// Campaign repeat, seconds.
@@ -448,13 +450,18 @@ async fn column(a: &BenchArgs, broker: &str, baseline: Option<&std::path::Path>)
     let (rate, d) = (a.latency_rate, a.latency_duration);
     col.floor_mqtt = noted(
         broker,
-        "MQTT",
+        "MQTT round trips",
         mqtt_round_trips(&gateway.mqtt, rate, d).await,
     );
     col.floor_http = noted(
         broker,
-        "HTTP",
+        "HTTP round trips",
         http_round_trips(&gateway.http, rate, d).await,
+    );
+    col.floor_disk = noted(
+        broker,
+        "disk flush",
+        disk_flushes(&gateway.data, rate, d).await,
     );
     let mut misses = 0;
     for &rate in &a.rates {
@@ -598,11 +605,18 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
         ),
         (
             format!(
-                "floor at {:.0}/s, p50 / p99: bare MQTT round trip (2 broker hops) · bare HTTP round trip",
+                "floor at {:.0}/s, p50 / p99: bare MQTT round trip (2 broker hops) · bare HTTP round trip · bare disk flush (4 KiB + fdatasync)",
                 a.latency_rate
             ),
             cols.iter()
-                .map(|c| format!("{} · {}", floor_cell(&c.floor_mqtt), floor_cell(&c.floor_http)))
+                .map(|c| {
+                    format!(
+                        "{} · {} · {}",
+                        floor_cell(&c.floor_mqtt),
+                        floor_cell(&c.floor_http),
+                        floor_cell(&c.floor_disk)
+                    )
+                })
                 .collect(),
         ),
         (
@@ -732,17 +746,14 @@ pub fn table(cols: &[Column], a: &BenchArgs) -> String {
 }
 
 /// A floor run's result, its line printed; `None` (and the error printed) if it failed.
-fn noted(tag: &str, transport: &str, run: Result<Floor>) -> Option<Floor> {
+fn noted(tag: &str, what: &str, run: Result<Floor>) -> Option<Floor> {
     match run {
         Ok(f) => {
-            eprintln!(
-                "bench[{tag}]: floor, {transport} round trips → {}",
-                f.latency.line()
-            );
+            eprintln!("bench[{tag}]: floor, {what} → {}", f.latency.line());
             Some(f)
         }
         Err(e) => {
-            eprintln!("bench[{tag}]: floor, {transport} round trips: {e:#}");
+            eprintln!("bench[{tag}]: floor, {what}: {e:#}");
             None
         }
     }
@@ -1031,7 +1042,7 @@ mod tests {
         });
         let t = table(&cols, &args());
         assert!(
-            t.contains("| floor at 1000/s, p50 / p99: bare MQTT round trip (2 broker hops) · bare HTTP round trip | 0.21 / 0.93 ms · 0.15 / 0.70 ms (3 skipped) | - · - |"),
+            t.contains("| floor at 1000/s, p50 / p99: bare MQTT round trip (2 broker hops) · bare HTTP round trip · bare disk flush (4 KiB + fdatasync) | 0.21 / 0.93 ms · 0.15 / 0.70 ms (3 skipped) · - | - · - · - |"),
             "{t}"
         );
         for row in [

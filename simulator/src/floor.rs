@@ -4,12 +4,14 @@
 //!
 //! An activation crosses the broker twice (the signed command to the car, its report back)
 //! and HTTP twice (the POST, the callback), with two store flushes and four Ed25519
-//! operations on the way. These measure the two transports alone:
+//! operations on the way. These measure the transports and the disk alone:
 //!
 //! - [`mqtt_round_trips`]: one client publishes a command-sized message (QoS 1), a second
 //!   client subscribed to it publishes it back on another topic (QoS 1), the first times its
 //!   return: two broker hops, no signing, no store;
-//! - [`http_round_trips`]: `GET /healthz` of the gateway on a keep-alive connection.
+//! - [`http_round_trips`]: `GET /healthz` of the gateway on a keep-alive connection;
+//! - [`disk_flushes`]: a 4 KiB write and `fdatasync` in a file written out ahead, in the
+//!   gateway's data directory: what a store flush costs the disk, without the store.
 //!
 //! If the floor's own p99 is over the latency target, no work on the system's path can meet
 //! the target on this machine.
@@ -235,6 +237,58 @@ impl Pacer {
     }
 }
 
+/// Bytes of the file [`disk_flushes`] writes into: written and synced first, so that each
+/// timed flush is data only, as the store's log written out ahead makes its flushes.
+const FLUSH_FILE: usize = 1 << 20;
+/// Bytes per timed write.
+const FLUSH_WRITE: usize = 4096;
+
+/// Times a 4 KiB write and `fdatasync` in a scratch file in `dir` at `rate` a second for
+/// `duration`, one at a time (as a store flushes); a flush that runs late delays the next,
+/// as in the store. The file is removed afterwards.
+pub async fn disk_flushes(dir: &std::path::Path, rate: f64, duration: Duration) -> Result<Floor> {
+    let path = dir.join(format!("floor-flush-{:08x}.tmp", rand::random::<u32>()));
+    let run = tokio::task::spawn_blocking(move || {
+        let timed = time_flushes(&path, rate, duration);
+        let _ = std::fs::remove_file(&path);
+        timed
+    });
+    run.await.context("the flush timer")?
+}
+
+fn time_flushes(path: &std::path::Path, rate: f64, duration: Duration) -> Result<Floor> {
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    let mut file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    file.write_all(&vec![0u8; FLUSH_FILE])
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    let block = vec![0x5au8; FLUSH_WRITE];
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1.0));
+    let start = Instant::now();
+    let mut h = new_histogram();
+    let mut n: u32 = 0;
+    while start.elapsed() < duration {
+        let due = start + interval * n;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        let offset = (n as usize * FLUSH_WRITE) % FLUSH_FILE;
+        let t0 = Instant::now();
+        file.write_all_at(&block, offset as u64)
+            .and_then(|()| file.sync_data())
+            .with_context(|| format!("flushing {}", path.display()))?;
+        record(&mut h, t0.elapsed());
+        n = n.saturating_add(1);
+    }
+    Ok(Floor {
+        latency: Percentiles::of(&h),
+        skipped: 0,
+        lost: 0,
+    })
+}
+
 fn client(id: &str, host: &str, port: u16) -> (AsyncClient, EventLoop) {
     let mut opts = MqttOptions::new(id, host, port);
     opts.set_keep_alive(Duration::from_secs(30));
@@ -280,6 +334,24 @@ fn sent_at(payload: &[u8]) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn disk_flushes_are_timed_and_leave_no_file() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("temp dir: {e}"));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| panic!("runtime: {e}"));
+        let floor = rt
+            .block_on(disk_flushes(dir.path(), 200.0, Duration::from_millis(100)))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert!(floor.latency.count >= 5, "{floor:?}");
+        assert!(floor.latency.p50_ms > 0.0, "{floor:?}");
+        let left = std::fs::read_dir(dir.path())
+            .map(|d| d.count())
+            .unwrap_or(1);
+        assert_eq!(left, 0, "the scratch file is removed");
+    }
 
     #[test]
     fn a_payload_carries_its_send_time() {
