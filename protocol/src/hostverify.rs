@@ -23,10 +23,9 @@
 //!
 //! Tables are only used with the key they were made for (a [`crate::TrustedKey`]'s fields are
 //! public, so its key could be replaced under them). A table is about 30 KiB and lives as long
-//! as the process: at most [`MAX_KEYS_WITH_TABLES`]
-//! keys get one (their tables are made once and shared); any further key verifies without,
-//! correctly, only slower. Microcontrollers keep ed25519-dalek's `verify_strict` (this
-//! module's tables would not fit their RAM).
+//! as the process: at most [`MAX_KEYS_WITH_TABLES`] keys get one (made once and shared); any
+//! further key verifies without, correctly, only slower. Microcontrollers keep ed25519-dalek's
+//! `verify_strict` (this module's tables would not fit their RAM).
 
 use std::sync::{Mutex, PoisonError};
 
