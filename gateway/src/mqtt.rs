@@ -71,9 +71,9 @@ pub(crate) type Acceptor = rumqttd::ConnectionAcceptor<rumqttd::protocol::v4::V4
 /// process by every command of every car, up to 16 MiB per car, as campaigns went by.
 const CAR_FILTER_SEGMENT: usize = 1024;
 
-/// What rumqttd keeps of each filter under [`topics::BENCH_TOPIC_ROOT`] (the bench's bare
-/// round trips, `caas-sim bench`): one segment of 1 MiB, ~5,000 of its 208-byte messages,
-/// so a subscriber that falls behind in a stall gets them late rather than not at all.
+/// What rumqttd keeps of each of the [`topics::BENCH_TOPICS`] (the bench's bare round trips,
+/// `caas-sim bench`), per router: one segment of 1 MiB, ~5,000 of its 208-byte messages, so
+/// a subscriber that falls behind in a stall gets them late rather than not at all.
 const BENCH_FILTER_SEGMENT: rumqttd::SegmentConfig = rumqttd::SegmentConfig {
     max_segment_size: 1024 * 1024,
     max_segment_count: 1,
@@ -91,10 +91,11 @@ fn router_config() -> rumqttd::RouterConfig {
     let fleet_filters = [topics::ALL_REPORTS, topics::ALL_PRESENCE]
         .into_iter()
         .map(|f| (f.to_owned(), FLEET_FILTER_SEGMENT))
-        .chain([(
-            format!("{}/#", topics::BENCH_TOPIC_ROOT),
-            BENCH_FILTER_SEGMENT,
-        )])
+        .chain(
+            topics::BENCH_TOPICS
+                .into_iter()
+                .map(|f| (f.to_owned(), BENCH_FILTER_SEGMENT)),
+        )
         .collect();
     rumqttd::RouterConfig {
         max_connections: 1 << 20,
@@ -332,9 +333,16 @@ mod tests {
             car_filter.map(|f| segment_of(&config, &f)),
             Ok((CAR_FILTER_SEGMENT, 1))
         );
+        for bench in topics::BENCH_TOPICS {
+            assert_eq!(
+                segment_of(&config, bench),
+                (BENCH_FILTER_SEGMENT.max_segment_size, 1)
+            );
+        }
+        // Only those two: other topics beside them keep a car filter's log.
         assert_eq!(
-            segment_of(&config, "caas-bench/0a1b2c3d/ping"),
-            (BENCH_FILTER_SEGMENT.max_segment_size, 1)
+            segment_of(&config, "caas-bench/other"),
+            (CAR_FILTER_SEGMENT, 1)
         );
     }
 }

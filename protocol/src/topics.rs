@@ -35,11 +35,12 @@ pub const REPORT_RETAIN: bool = false;
 /// Presence is retained so the gateway learns connectivity after its own restart.
 pub const PRESENCE_RETAIN: bool = true;
 
-/// The root of the bench's bare MQTT round trips (`caas-sim bench`, its floor row:
-/// `caas-bench/{run}/ping` and `/pong`), outside every car's subtree. The embedded broker
-/// keeps a burst of them, as it does for the fleet-wide filters, instead of only the newest
-/// message as on a car's own topics; a bare round trip must not be lost to that.
-pub const BENCH_TOPIC_ROOT: &str = "caas-bench";
+/// The two topics of the bench's bare MQTT round trips (`caas-sim bench`, its floor row: one
+/// client publishes on the first, another echoes on the second), outside every car's
+/// subtree. The embedded broker keeps a burst on these two, as it does for the fleet-wide
+/// filters, instead of only the newest message as on a car's own topics: a bare round trip
+/// must not be lost to that. Fixed names, so that the larger log is for two filters only.
+pub const BENCH_TOPICS: [&str; 2] = ["caas-bench/ping", "caas-bench/pong"];
 
 /// Longest topic name this module produces.
 pub const MAX_TOPIC_LEN: usize = 64;

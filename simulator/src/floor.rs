@@ -55,17 +55,16 @@ pub struct Floor {
 pub async fn mqtt_round_trips(addr: &str, rate: f64, duration: Duration) -> Result<Floor> {
     let (host, port) = crate::fleet::split_host_port(addr)?;
     let run = format!("{:08x}", rand::random::<u32>());
-    // Under the root the embedded broker keeps a burst of (gateway/src/mqtt.rs).
-    let root = caas_protocol::topics::BENCH_TOPIC_ROOT;
-    let ping_topic = format!("{root}/{run}/ping");
-    let pong_topic = format!("{root}/{run}/pong");
+    // The two topics the embedded broker keeps a burst of (gateway/src/mqtt.rs): one floor
+    // run at a time per broker (the bench starts a broker per column).
+    let [ping_topic, pong_topic] = caas_protocol::topics::BENCH_TOPICS;
     let (pinger, mut ping_loop) = client(&format!("caas-bench-ping-{run}"), &host, port);
     let (echo, mut echo_loop) = client(&format!("caas-bench-echo-{run}"), &host, port);
     pinger
-        .subscribe(pong_topic.as_str(), QoS::AtLeastOnce)
+        .subscribe(pong_topic, QoS::AtLeastOnce)
         .await
         .context("subscribing the pinger")?;
-    echo.subscribe(ping_topic.as_str(), QoS::AtLeastOnce)
+    echo.subscribe(ping_topic, QoS::AtLeastOnce)
         .await
         .context("subscribing the echo")?;
     until_subscribed(&mut ping_loop).await?;
@@ -75,7 +74,7 @@ pub async fn mqtt_round_trips(addr: &str, rate: f64, duration: Duration) -> Resu
         while let Ok(event) = echo_loop.poll().await {
             if let Event::Incoming(Packet::Publish(p)) = event {
                 // Full queue: this round trip is lost, and shows as a missing sample.
-                let _ = echo.try_publish(pong_topic.as_str(), QoS::AtLeastOnce, false, p.payload);
+                let _ = echo.try_publish(pong_topic, QoS::AtLeastOnce, false, p.payload);
             }
         }
     });
@@ -114,9 +113,11 @@ pub async fn mqtt_round_trips(addr: &str, rate: f64, duration: Duration) -> Resu
     let warm_end = Instant::now() + WARM_UP;
     while warm.load(Ordering::Relaxed) == 0 {
         if Instant::now() > warm_end {
+            ping_task.abort();
+            echo_task.abort();
             bail!("no round trip came back in {WARM_UP:?}");
         }
-        let _ = pinger.try_publish(ping_topic.as_str(), QoS::AtLeastOnce, false, ping(epoch));
+        let _ = pinger.try_publish(ping_topic, QoS::AtLeastOnce, false, ping(epoch));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let start = u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -125,11 +126,12 @@ pub async fn mqtt_round_trips(addr: &str, rate: f64, duration: Duration) -> Resu
     let mut sent = 0u64;
     let mut pace = Pacer::new(rate, duration);
     while pace.next().await {
-        if sent - returned.load(Ordering::Relaxed) >= MAX_IN_FLIGHT {
+        // Saturating: a QoS 1 redelivery can bring one back twice.
+        if sent.saturating_sub(returned.load(Ordering::Relaxed)) >= MAX_IN_FLIGHT {
             skipped += 1;
             continue;
         }
-        match pinger.try_publish(ping_topic.as_str(), QoS::AtLeastOnce, false, ping(epoch)) {
+        match pinger.try_publish(ping_topic, QoS::AtLeastOnce, false, ping(epoch)) {
             Ok(()) => sent += 1,
             Err(_) => skipped += 1,
         }
