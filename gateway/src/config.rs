@@ -32,7 +32,10 @@ pub struct RetryPolicy {
     pub attempts: u32,
     /// How long each attempt (and the final status probe) waits for the car's report.
     pub attempt_timeout: Duration,
-    /// Pause after failed attempt `k` (1-based) is `backoff[min(k, len) - 1]`.
+    /// Pause after failed attempt `k` (1-based) is `backoff[min(k, len) - 1]`. There is no
+    /// pause after the last attempt (the status probe follows its timeout), so with the
+    /// defaults (4 attempts; 1, 5, 15, 30 min, the seed's intervals) the pauses are 1, 5 and
+    /// 15 min, and 30 min serves every pause past the third when `attempts` is raised.
     pub backoff: Vec<Duration>,
 }
 
@@ -200,6 +203,11 @@ impl Config {
                 reqwest::Url::parse(url).map_err(|e| anyhow!("--webhook-url {url:?}: {e}"))?;
             if !matches!(parsed.scheme(), "http" | "https") {
                 bail!("--webhook-url {url:?}: the scheme must be http or https");
+            }
+            // With an empty key anyone could sign a callback the backend would accept as
+            // ours (and charge on).
+            if self.webhook_secret.is_empty() {
+                bail!("--webhook-url needs --webhook-secret (the callbacks' HMAC key)");
             }
         }
         Ok(())
@@ -472,6 +480,7 @@ mod tests {
         for url in ["not a url", "ftp://example.com/hook", "http://"] {
             let r = ServeArgs {
                 webhook_url: Some(url.into()),
+                webhook_secret: Some("s3cret".into()),
                 ..Default::default()
             }
             .into_config()
@@ -482,9 +491,20 @@ mod tests {
                 "{url}: {r:?}"
             );
         }
-        let ok = ServeArgs {
+        let hook = || ServeArgs {
             webhook_url: Some("https://backend.example/caas/webhooks/ota-status".into()),
             ..Default::default()
+        };
+        let unsigned = hook().into_config();
+        assert!(
+            unsigned
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("--webhook-secret")),
+            "{unsigned:?}"
+        );
+        let ok = ServeArgs {
+            webhook_secret: Some("s3cret".into()),
+            ..hook()
         }
         .into_config()
         .and_then(|c| c.validate());

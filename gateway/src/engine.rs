@@ -51,6 +51,12 @@ const SHARD_BATCH: usize = 1_024;
 /// committed and its commands go out while the shard signs the next, and the cars' reports
 /// are handled in between instead of after the whole campaign.
 const CAMPAIGN_CHUNK: usize = 256;
+/// Requests one car may have in flight (not yet final). Each is a retry timer, a line in the
+/// car's stored record and a scan when its report comes, so a caller that keeps asking for an
+/// offline car gets 429 past this instead of growing them until the retry budget runs out.
+/// A car holds at most [`MAX_GRANTS`] services, so legitimate changes in flight stay far
+/// below it.
+pub const MAX_IN_FLIGHT_PER_CAR: usize = 32;
 /// Service errors remembered per car for `GET /vehicles/{vin}/status`.
 const MAX_ERRORS: usize = 8;
 /// Re-sends of a car's state closer together than this are merged into one.
@@ -242,6 +248,17 @@ impl Engine {
         for s in self.shards.iter() {
             let _ = s.send(f());
         }
+    }
+
+    /// Sends `msg` to every shard built by `f`, waiting without blocking the thread; `false`
+    /// once a shard is gone.
+    pub(crate) async fn broadcast_async(&self, f: impl Fn() -> Msg) -> bool {
+        for s in self.shards.iter() {
+            if s.send_async(f()).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Stops every shard after its last batch is committed (blocking).
@@ -831,12 +848,14 @@ impl Shard {
                 let _ = desired.settles.push(id);
             }
         }
-        for g in &car.rec.grants {
+        let now = now_ms() / 1000;
+        // An expired grant would only be dropped by the car; leaving it out keeps the
+        // command small and the car's view the same as the status answer's.
+        for g in car.rec.grants.iter().filter(|g| unexpired(g, now)) {
             if let Some(grant) = to_grant(g) {
                 let _ = desired.grants.push(grant);
             }
         }
-        let now = now_ms() / 1000;
         let cmd = Command {
             vin: *vin,
             seq: car.rec.seq,
@@ -930,13 +949,23 @@ impl Shard {
                 "no vehicle with this VIN is registered (POST /vehicles)",
             )
         })?;
+        if car.pending.len() >= MAX_IN_FLIGHT_PER_CAR {
+            return Err(ApiError::new(
+                429,
+                "too many requests in flight",
+                "vin",
+                &format!(
+                    "this car has {MAX_IN_FLIGHT_PER_CAR} requests not yet final; retry after some complete"
+                ),
+            ));
+        }
         let seq = car.rec.seq + 1;
         let (action, service_id, grant) = match nr.op {
             Op::Activate(mut g) => {
                 let now_s = now / 1000;
-                car.rec.grants.retain(|x| {
-                    x.service_id != g.service_id && x.ends_at.is_none_or(|e| e > now_s)
-                });
+                car.rec
+                    .grants
+                    .retain(|x| x.service_id != g.service_id && unexpired(x, now_s));
                 if car.rec.grants.len() >= MAX_GRANTS {
                     return Err(ApiError::new(
                         409,
@@ -1411,7 +1440,9 @@ impl Shard {
     fn status(&self, vin: &Vin) -> Option<serde_json::Value> {
         let car = self.cars.get(vin)?;
         let mut services = Vec::new();
-        for g in &car.rec.grants {
+        let now_s = now_ms() / 1000;
+        // A temporary grant past its end is over on the car too (it enforces the end itself).
+        for g in car.rec.grants.iter().filter(|g| unexpired(g, now_s)) {
             let active = car.rec.applied_seq >= g.seq;
             services.push(json!({
                 "serviceId": g.service_id,
@@ -1451,6 +1482,11 @@ impl Shard {
             "diagnostics": diagnostics_json(car.last_report.as_ref(), &car.vehicle),
         }))
     }
+}
+
+/// `false` once a temporary grant's end (seconds since the epoch) has passed.
+fn unexpired(g: &GrantRec, now_s: u64) -> bool {
+    g.ends_at.is_none_or(|end| end > now_s)
 }
 
 fn diagnostics_json(r: Option<&LastReport>, v: &VehicleRec) -> serde_json::Value {

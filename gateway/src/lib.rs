@@ -28,6 +28,7 @@ mod campaign;
 pub mod config;
 mod engine;
 pub mod heap;
+mod listener;
 mod metrics;
 mod mqtt;
 mod openapi;
@@ -44,6 +45,7 @@ use anyhow::Context;
 use caas_protocol::{files, verifying_key_to_hex, KeyId, RequestId};
 
 pub use config::{Config, RetryPolicy, TlsFiles, DEV_API_TOKEN};
+pub use engine::MAX_IN_FLIGHT_PER_CAR;
 
 use engine::{Engine, Msg, Shared};
 use store::{dec, RequestRec, Store};
@@ -248,6 +250,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         .await
         .with_context(|| format!("HTTP listener {}", config.http))?;
     let http_addr = listener.local_addr()?;
+    let listener = listener::BoundedListener::new(listener, listener::MAX_HTTP_CONNECTIONS);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(state);
     let http_task = tokio::spawn(async move {

@@ -22,6 +22,8 @@ pub(crate) struct Metrics {
     pub(crate) reports_verified: AtomicU64,
     pub(crate) reports_refused: AtomicU64,
     pub(crate) reports_forged: AtomicU64,
+    /// Messages from an external broker shed because the engine was behind (mqtt.rs).
+    pub(crate) inbound_shed: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
     /// Cars the gateway knows (registered, or loaded from the store at start).
     pub(crate) cars_registered: AtomicI64,
@@ -143,6 +145,11 @@ impl Metrics {
             &[("", self.reports_refused.load(Relaxed))],
         );
         counter("caas_reports_forged_total", "Reports that failed verification (bad signature, wrong VIN, unknown car) and were ignored.", &[("", self.reports_forged.load(Relaxed))]);
+        counter(
+            "caas_inbound_shed_total",
+            "Reports and presence messages from an external broker shed because the engine was behind (the request retries).",
+            &[("", self.inbound_shed.load(Relaxed))],
+        );
         counter(
             "caas_support_tickets_total",
             "Support tickets opened.",

@@ -25,6 +25,13 @@ use crate::metrics::Metrics;
 
 /// Commands waiting to be published; a shard waits when it is full.
 pub(crate) const OUT_QUEUE: usize = 65_536;
+/// Reports and presence from an external broker waiting for their shard. rumqttc's one event
+/// loop both receives them and writes our commands, so it must never wait for a shard: a
+/// shard waits for [`OUT_QUEUE`], which only the event loop drains (a cycle). When this queue
+/// is full the newest message is shed and counted (`caas_inbound_shed_total`): a shed report
+/// costs its request one attempt timeout (the car reports again on the resend), a shed
+/// presence message only stale connectivity until the car's next one.
+pub(crate) const INBOUND_QUEUE: usize = 65_536;
 /// Largest MQTT payload the embedded broker accepts (a report is far smaller).
 const MAX_PAYLOAD: usize = 16 * 1024;
 /// How long a connection may take to send CONNECT.
@@ -266,6 +273,19 @@ pub(crate) fn start_external(
     net.set_tcp_nodelay(true);
     el.set_network_options(net);
     let publisher = client.clone();
+    let (inbound, inbound_rx) = flume::bounded::<Inbound>(INBOUND_QUEUE);
+    let dispatcher = engine.clone();
+    tokio::spawn(async move {
+        while let Ok(next) = inbound_rx.recv_async().await {
+            let delivered = match next {
+                Inbound::Car(vin, msg) => dispatcher.shard(&vin).send_async(msg).await.is_ok(),
+                Inbound::RepublishAll => dispatcher.broadcast_async(|| Msg::RepublishAll).await,
+            };
+            if !delivered {
+                return;
+            }
+        }
+    });
     tokio::spawn(async move {
         while let Ok(o) = out.recv_async().await {
             if publisher
@@ -285,11 +305,11 @@ pub(crate) fn start_external(
                     let _ = client.try_subscribe(topics::ALL_REPORTS, CQoS::AtLeastOnce);
                     let _ = client.try_subscribe(topics::ALL_PRESENCE, CQoS::AtLeastOnce);
                     // The broker may have lost retained commands (restart without persistence).
-                    engine.broadcast(|| Msg::RepublishAll);
+                    hand_on(&inbound, &metrics, Inbound::RepublishAll);
                 }
                 Ok(Event::Incoming(CPacket::Publish(p))) => {
                     if let Some((vin, msg)) = route(&metrics, &p.topic, &p.payload) {
-                        let _ = engine.shard(&vin).send_async(msg).await;
+                        hand_on(&inbound, &metrics, Inbound::Car(vin, msg));
                     }
                 }
                 Ok(_) => {}
@@ -300,6 +320,29 @@ pub(crate) fn start_external(
             }
         }
     }))
+}
+
+/// What the external broker's event loop hands to the engine, through [`INBOUND_QUEUE`].
+// Boxing the message would cost every report an allocation to save size on a rare variant.
+#[allow(clippy::large_enum_variant)]
+enum Inbound {
+    Car(caas_protocol::Vin, Msg),
+    RepublishAll,
+}
+
+/// Queues `next` for the engine without waiting (see [`INBOUND_QUEUE`]).
+fn hand_on(queue: &flume::Sender<Inbound>, metrics: &Metrics, next: Inbound) {
+    if let Err(flume::TrySendError::Full(_)) = queue.try_send(next) {
+        let shed = metrics
+            .inbound_shed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if shed.is_power_of_two() {
+            tracing::warn!(
+                shed = shed + 1,
+                "the engine is behind the external broker; shedding its messages"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -316,6 +359,25 @@ mod tests {
             .map(|(_, s)| (s.max_segment_size, s.max_segment_count))
             .last()
             .unwrap_or((config.max_segment_size, config.max_segment_count))
+    }
+
+    #[test]
+    fn a_full_inbound_queue_sheds_and_counts_instead_of_waiting() {
+        let metrics = Metrics::default();
+        let (queue, rx) = flume::bounded(1);
+        // On this thread a wait for room would never end: only the receiver could make it.
+        hand_on(&queue, &metrics, Inbound::RepublishAll);
+        hand_on(&queue, &metrics, Inbound::RepublishAll);
+        hand_on(&queue, &metrics, Inbound::RepublishAll);
+        assert_eq!(
+            metrics
+                .inbound_shed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert!(matches!(rx.try_recv(), Ok(Inbound::RepublishAll)));
+        assert!(rx.try_recv().is_err(), "the shed ones are not queued");
+        assert!(metrics.render().contains("caas_inbound_shed_total 2"));
     }
 
     #[test]

@@ -721,3 +721,118 @@ async fn a_campaign_larger_than_a_chunk_is_accepted_whole_and_counted() {
     assert_eq!(st["activeServices"][0]["status"], "PENDING");
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_car_with_too_many_requests_in_flight_is_refused_and_nothing_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (_gw, api) = gateway(dir.path(), &hook).await;
+    // Registered but never connected: every request stays in flight.
+    api.register(1).await;
+    let cap = caas_gateway::MAX_IN_FLIGHT_PER_CAR;
+    for _ in 0..cap {
+        api.activate(1, "power-boost", "power_boost").await;
+    }
+    let history = |api: &Api| {
+        let path = format!("/vehicles/{}/history?limit=100", vin(1));
+        let api = api.clone();
+        async move { api.get(&path).await.1 }
+    };
+    let history_before = history(&api).await;
+    let in_flight = api.metric("caas_requests_in_flight").await;
+    assert_eq!(in_flight, cap as f64);
+
+    let (s, b) = api
+        .post(
+            "/ota/activate",
+            &activation(1, "power-boost", "power_boost"),
+        )
+        .await;
+    assert_eq!(s, 429, "{b}");
+    assert_eq!(b["field"], "vin");
+    let (s, b) = api
+        .post(
+            "/ota/deactivate",
+            &json!({"vin": vin(1).to_string(), "serviceId": "power-boost"}),
+        )
+        .await;
+    assert_eq!(s, 429, "{b}");
+    // A campaign refuses that car and still serves the others.
+    api.register(2).await;
+    let (s, b) = autopilot_campaign(&api, &[vin(1).to_string(), vin(2).to_string()]).await;
+    assert_eq!(s, 202, "{b}");
+    assert_eq!(b["accepted"], 1);
+    assert_eq!(b["refusedCount"], 1);
+    assert_eq!(b["refused"][0]["vin"], vin(1).to_string());
+
+    assert_eq!(
+        api.metric("caas_requests_in_flight").await,
+        cap as f64 + 1.0
+    );
+    assert_eq!(
+        history(&api).await,
+        history_before,
+        "refusals write no history"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_grant_leaves_the_status_at_its_expiry() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let car = obeying_cars(&gw, &api, 1..2).await;
+    // Whole seconds: grants end on a second (the commands carry seconds).
+    let end = time::OffsetDateTime::now_utc()
+        .replace_nanosecond(0)
+        .unwrap()
+        + time::Duration::seconds(4);
+    let mut body = activation(1, "power-boost", "power_boost");
+    body["duration"] = json!({
+        "type": "TEMPORARY",
+        "expiryDate": end.format(&time::format_description::well_known::Rfc3339).unwrap(),
+    });
+    let (s, b) = api.post("/ota/activate", &body).await;
+    assert_eq!(s, 202, "{b}");
+    let id = b["requestId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        hook.wait(&id, Duration::from_secs(15)).await.body["status"],
+        "ACTIVATED"
+    );
+    let services = |api: &Api| {
+        let api = api.clone();
+        async move {
+            let (_, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
+            st["activeServices"].clone()
+        }
+    };
+    assert_eq!(services(&api).await[0]["status"], "ACTIVE");
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while services(&api)
+        .await
+        .as_array()
+        .is_some_and(|s| !s.is_empty())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an expired grant is still listed: {}",
+            services(&api).await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        time::OffsetDateTime::now_utc() >= end,
+        "left before its end"
+    );
+    // The next command carries only the live grant.
+    let id = api.activate(1, "autopilot", "highway_autopilot").await;
+    assert_eq!(
+        hook.wait(&id, Duration::from_secs(15)).await.body["status"],
+        "ACTIVATED"
+    );
+    assert_eq!(
+        car[0].seen.lock().unwrap().grants,
+        vec!["autopilot".to_string()]
+    );
+}

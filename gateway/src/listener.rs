@@ -1,0 +1,160 @@
+//! The IoT API's TCP listener for axum: TCP_NODELAY on every connection (an answer written
+//! in two pieces must not wait for the client's delayed ACK) and at most
+//! [`MAX_HTTP_CONNECTIONS`] connections at once, past which new ones are closed on accept,
+//! as the MQTT fronts do ([`crate::tlsfront::MAX_CONNECTIONS`]).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Most HTTP connections open at once. Callers are the CaaS core, operators and
+/// technicians' tools (a few pooled connections each), so this only bounds what a
+/// misbehaving client can hold: each connection is a task and its buffers.
+pub(crate) const MAX_HTTP_CONNECTIONS: usize = 4_096;
+
+/// A [`TcpListener`] that sets TCP_NODELAY and bounds the connections it hands out.
+pub(crate) struct BoundedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+    limit: usize,
+    refused: u64,
+}
+
+impl BoundedListener {
+    pub(crate) fn new(inner: TcpListener, limit: usize) -> BoundedListener {
+        BoundedListener {
+            inner,
+            slots: Arc::new(Semaphore::new(limit)),
+            limit,
+            refused: 0,
+        }
+    }
+}
+
+impl axum::serve::Listener for BoundedListener {
+    type Io = Counted;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Counted, SocketAddr) {
+        loop {
+            let (stream, peer) = match self.inner.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Out of descriptors or memory: wait instead of spinning.
+                    tracing::warn!(error = %e, "HTTP accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+                self.refused += 1;
+                if self.refused.is_power_of_two() {
+                    tracing::warn!(%peer, limit = self.limit, refused = self.refused,
+                        "HTTP connection limit reached; new connections closed");
+                }
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            return (
+                Counted {
+                    stream,
+                    _slot: slot,
+                },
+                peer,
+            );
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
+/// A connection holding its slot until it is dropped.
+pub(crate) struct Counted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn connections_past_the_limit_are_closed_and_a_freed_slot_is_reused() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let mut listener = BoundedListener::new(tcp, 1);
+        let first = TcpStream::connect(addr).await.unwrap();
+        let (held, _) = listener.accept().await;
+        assert!(held.stream.nodelay().unwrap(), "TCP_NODELAY set");
+
+        // The second connection is accepted by the kernel, then closed by the listener
+        // while it waits for a third, which it keeps once the first slot is free.
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        let accepting = tokio::spawn(async move {
+            let (io, _) = listener.accept().await;
+            io
+        });
+        let mut byte = [0u8; 1];
+        let closed = tokio::time::timeout(Duration::from_secs(10), second.read(&mut byte)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "over the limit: closed, got {closed:?}"
+        );
+        drop(held);
+        drop(first);
+        let _third = TcpStream::connect(addr).await.unwrap();
+        let kept = tokio::time::timeout(Duration::from_secs(10), accepting).await;
+        assert!(matches!(kept, Ok(Ok(_))), "a freed slot is used again");
+    }
+}
