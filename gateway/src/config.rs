@@ -266,6 +266,12 @@ pub struct ServeArgs {
     /// Embedded broker's plain MQTT listener [default: 127.0.0.1:1883]
     #[arg(long, env = "CAAS_GATEWAY_MQTT")]
     pub mqtt: Option<SocketAddr>,
+    /// No plain MQTT listener: with --mqtts, cars connect only with their certificates
+    /// (the plain listener has no client authentication, so any local process could read
+    /// commands or claim cars' presence on it)
+    #[arg(long, env = "CAAS_GATEWAY_NO_MQTT", conflicts_with = "mqtt")]
+    #[serde(default)]
+    pub no_mqtt: bool,
     /// Embedded broker's TLS listener with client certificates (cert O = VIN)
     #[arg(long, env = "CAAS_GATEWAY_MQTTS")]
     pub mqtts: Option<SocketAddr>,
@@ -348,6 +354,9 @@ impl ServeArgs {
             (None, None, None) => None,
             _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
         };
+        if a.no_mqtt && a.mqtt.is_some() {
+            bail!("--no-mqtt and --mqtt contradict each other");
+        }
         let mut retry = RetryPolicy::default();
         if let Some(n) = a.attempts {
             retry.attempts = n;
@@ -361,7 +370,7 @@ impl ServeArgs {
         let config = Config {
             http: a.http.unwrap_or(d.http),
             // An external broker replaces the embedded one, listeners included.
-            mqtt: if a.broker.is_some() {
+            mqtt: if a.broker.is_some() || a.no_mqtt {
                 a.mqtt
             } else {
                 a.mqtt.or(d.mqtt)
@@ -393,6 +402,7 @@ impl ServeArgs {
         ServeArgs {
             http: self.http.or(file.http),
             mqtt: self.mqtt.or(file.mqtt),
+            no_mqtt: self.no_mqtt || file.no_mqtt,
             mqtts: self.mqtts.or(file.mqtts),
             broker: self.broker.or(file.broker),
             tls_ca: self.tls_ca.or(file.tls_ca),
@@ -509,6 +519,25 @@ mod tests {
         .into_config()
         .and_then(|c| c.validate());
         assert!(ok.is_ok(), "{ok:?}");
+        let closed = ServeArgs {
+            no_mqtt: true,
+            ..Default::default()
+        }
+        .into_config()
+        .unwrap();
+        assert_eq!(closed.mqtt, None, "--no-mqtt: no plain listener");
+        assert_eq!(
+            ServeArgs::default().into_config().unwrap().mqtt,
+            Some("127.0.0.1:1883".parse().unwrap())
+        );
+        let both = dir.path().join("both.toml");
+        std::fs::write(&both, "no-mqtt = true\nmqtt = \"127.0.0.1:1999\"\n").unwrap();
+        assert!(ServeArgs {
+            config: Some(both),
+            ..Default::default()
+        }
+        .into_config()
+        .is_err_and(|e| e.to_string().contains("--no-mqtt")));
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "nope = 1\n").unwrap();
         assert!(ServeArgs {

@@ -196,6 +196,10 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
                 .await
                 .with_context(|| format!("MQTT listener {listen}"))?;
             mqtt_addr = Some(listener.local_addr()?);
+            if config.mqtts.is_some() {
+                tracing::warn!(%listen, "the plain MQTT listener has no client authentication \
+                    beside the certificate-checked one; --no-mqtt closes it");
+            }
             tasks.push(tokio::spawn(tlsfront::serve_plain(
                 listener,
                 acceptors.clone(),
