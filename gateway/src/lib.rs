@@ -254,7 +254,11 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         .await
         .with_context(|| format!("HTTP listener {}", config.http))?;
     let http_addr = listener.local_addr()?;
-    let listener = listener::BoundedListener::new(listener, listener::MAX_HTTP_CONNECTIONS);
+    let listener = listener::BoundedListener::new(
+        listener,
+        listener::MAX_HTTP_CONNECTIONS,
+        listener::HTTP_IDLE_TIMEOUT,
+    );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(state);
     let http_task = tokio::spawn(async move {

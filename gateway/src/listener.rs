@@ -1,8 +1,11 @@
 //! The IoT API's TCP listener for axum: TCP_NODELAY on every connection (an answer written
-//! in two pieces must not wait for the client's delayed ACK) and at most
+//! in two pieces must not wait for the client's delayed ACK), at most
 //! [`MAX_HTTP_CONNECTIONS`] connections at once, past which new ones are closed on accept,
-//! as the MQTT fronts do ([`crate::tlsfront::MAX_CONNECTIONS`]).
+//! as the MQTT fronts do ([`crate::tlsfront::MAX_CONNECTIONS`]), and a connection that sends
+//! nothing for [`HTTP_IDLE_TIMEOUT`] is closed (axum's server has no timer of its own, so
+//! idle or trickling sockets could otherwise hold every slot for ever).
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -18,21 +21,27 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 /// technicians' tools (a few pooled connections each), so this only bounds what a
 /// misbehaving client can hold: each connection is a task and its buffers.
 pub(crate) const MAX_HTTP_CONNECTIONS: usize = 4_096;
+/// How long a connection may send nothing while the server waits to read from it. Longer
+/// than common clients keep an idle pooled connection (reqwest: 90 s), so that they close
+/// first and never reuse one we are closing.
+pub(crate) const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A [`TcpListener`] that sets TCP_NODELAY and bounds the connections it hands out.
 pub(crate) struct BoundedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
     limit: usize,
+    idle_timeout: Duration,
     refused: u64,
 }
 
 impl BoundedListener {
-    pub(crate) fn new(inner: TcpListener, limit: usize) -> BoundedListener {
+    pub(crate) fn new(inner: TcpListener, limit: usize, idle_timeout: Duration) -> BoundedListener {
         BoundedListener {
             inner,
             slots: Arc::new(Semaphore::new(limit)),
             limit,
+            idle_timeout,
             refused: 0,
         }
     }
@@ -66,6 +75,8 @@ impl axum::serve::Listener for BoundedListener {
                 Counted {
                     stream,
                     _slot: slot,
+                    idle_timeout: self.idle_timeout,
+                    idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
                 },
                 peer,
             );
@@ -81,6 +92,9 @@ impl axum::serve::Listener for BoundedListener {
 pub(crate) struct Counted {
     stream: TcpStream,
     _slot: OwnedSemaphorePermit,
+    idle_timeout: Duration,
+    /// Fires [`Self::idle_timeout`] after the last bytes read.
+    idle: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl AsyncRead for Counted {
@@ -89,7 +103,22 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        match Pin::new(&mut self.stream).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                let next = tokio::time::Instant::now() + self.idle_timeout;
+                self.idle.as_mut().reset(next);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => match self.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "HTTP connection idle too long",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+            other => other,
+        }
     }
 }
 
@@ -127,13 +156,13 @@ impl AsyncWrite for Counted {
 mod tests {
     use super::*;
     use axum::serve::Listener;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_and_a_freed_slot_is_reused() {
         let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = tcp.local_addr().unwrap();
-        let mut listener = BoundedListener::new(tcp, 1);
+        let mut listener = BoundedListener::new(tcp, 1, HTTP_IDLE_TIMEOUT);
         let first = TcpStream::connect(addr).await.unwrap();
         let (held, _) = listener.accept().await;
         assert!(held.stream.nodelay().unwrap(), "TCP_NODELAY set");
@@ -156,5 +185,28 @@ mod tests {
         let _third = TcpStream::connect(addr).await.unwrap();
         let kept = tokio::time::timeout(Duration::from_secs(10), accepting).await;
         assert!(matches!(kept, Ok(Ok(_))), "a freed slot is used again");
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_sends_nothing_is_closed_and_one_that_talks_is_kept() {
+        let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let idle = Duration::from_millis(300);
+        let mut listener = BoundedListener::new(tcp, 2, idle);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let (mut served, _) = listener.accept().await;
+        // Bytes every 100 ms keep it open well past the idle time.
+        for _ in 0..6 {
+            client.write_all(b"x").await.unwrap();
+            let mut byte = [0u8; 1];
+            assert_eq!(served.read(&mut byte).await.unwrap(), 1);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut byte = [0u8; 1];
+        let silent = tokio::time::timeout(Duration::from_secs(10), served.read(&mut byte)).await;
+        assert!(
+            matches!(&silent, Ok(Err(e)) if e.kind() == io::ErrorKind::TimedOut),
+            "{silent:?}"
+        );
     }
 }
