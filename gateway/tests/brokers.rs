@@ -628,6 +628,25 @@ async fn car_1_reaches_only_its_own_topics(
     drop(car2);
 }
 
+/// Car 1, with its own certificate, connects under car 2's client id (its VIN, as the agent
+/// uses): a broker that let it take the id over would hang up on car 2, knocking it offline
+/// at will.
+async fn car_1_cannot_take_over_car_2s_client_id(port: u16, pki: &Pki) {
+    let vin2 = vin(2).to_string();
+    let cmd2 = caas_protocol::topics::command_topic(&vin(2)).to_string();
+    let mut car2 = Probe::connect(&vin2, port, pki.car(2))
+        .await
+        .expect("car 2 connects");
+    assert_eq!(car2.subscribe(&cmd2).await, Answer::Granted);
+    // Whether car 1 gets a session of its own under that id is the broker's choice.
+    let _car1 = Probe::connect(&vin2, port, pki.car(1)).await;
+    assert_eq!(
+        car2.subscribe(&cmd2).await,
+        Answer::Granted,
+        "car 1 took car 2's client id over and car 2's connection was closed"
+    );
+}
+
 const FORGED: &str = "caas_reports_forged_total";
 
 async fn wait_metric(api: &Api, name: &str, value: f64) {
@@ -669,6 +688,7 @@ async fn embedded_mtls_confines_each_car_to_its_own_topics() {
         Refusal::Closes,
     )
     .await;
+    car_1_cannot_take_over_car_2s_client_id(port, &pki).await;
 
     // A certificate from the same CA whose Organization is not a VIN gets no session (car 1's,
     // from the same CA, did).
@@ -771,5 +791,6 @@ async fn mosquitto_with_the_shipped_mtls_config_confines_each_car_to_its_own_top
         Refusal::Filters,
     )
     .await;
+    car_1_cannot_take_over_car_2s_client_id(port, &pki).await;
     gw.shutdown().await;
 }
