@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::extract::path::ErrorKind;
+use axum::extract::rejection::{BytesRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -122,7 +124,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     let authed = Router::new()
         .route("/ota/activate", post(activate))
         .route("/ota/deactivate", post(deactivate))
-        .route("/ota/requests/{request_id}", get(get_request))
+        .route("/ota/requests/{requestId}", get(get_request))
         .route("/vehicles", post(register))
         .route("/vehicles/{vin}/status", get(status))
         .route("/vehicles/{vin}/history", get(history))
@@ -130,7 +132,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             "/campaigns",
             post(campaign).layer(DefaultBodyLimit::max(MAX_CAMPAIGN_BODY_BYTES)),
         )
-        .route("/campaigns/{campaign_id}", get(get_campaign))
+        .route("/campaigns/{campaignId}", get(get_campaign))
         .route("/support/tickets", get(tickets))
         .route("/keys", get(keys))
         .route("/metrics", get(metrics))
@@ -140,8 +142,86 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .merge(authed)
-        .fallback(|| async { ApiError::new(404, "no such route", "path", "see GET /openapi.json") })
+        .fallback(no_route)
+        // After every route is in: it only reaches the routes already added.
+        .method_not_allowed_fallback(wrong_method)
         .with_state(state)
+}
+
+async fn no_route(uri: Uri) -> ApiError {
+    ApiError::new(
+        404,
+        "no such route",
+        "path",
+        &format!("nothing is served at {}; see GET /openapi.json", uri.path()),
+    )
+}
+
+/// axum adds the route's `Allow` header to this answer.
+async fn wrong_method(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        405,
+        "method not allowed",
+        "method",
+        &format!(
+            "{} does not answer {method}; see the Allow header",
+            uri.path()
+        ),
+    )
+}
+
+/// A route's one path parameter, as text: the handler validates it, naming it, and a value
+/// axum cannot even decode (not UTF-8 once percent-decoded) is refused in the same JSON shape.
+struct PathText(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathText {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(s)) => Ok(PathText(s)),
+            Err(e) => Err(path_refusal(e)),
+        }
+    }
+}
+
+fn path_refusal(e: PathRejection) -> ApiError {
+    let reason = e.body_text();
+    let field = match &e {
+        // Route captures carry the names the OpenAPI document gives the parameters.
+        PathRejection::FailedToDeserializePathParams(f) => match f.kind() {
+            ErrorKind::ParseErrorAtKey { key, .. }
+            | ErrorKind::InvalidUtf8InPathParam { key }
+            | ErrorKind::DeserializeError { key, .. } => key.clone(),
+            _ => "path".to_owned(),
+        },
+        _ => "path".to_owned(),
+    };
+    ApiError {
+        status: e.status().as_u16(),
+        error: "invalid path parameter".into(),
+        field: Some(field),
+        reason,
+    }
+}
+
+/// The query string's parameters; one axum cannot parse is refused naming the query.
+struct QueryMap(HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Query::<HashMap<String, String>>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(QueryMap(q)),
+            Err(e) => Err(ApiError {
+                status: e.status().as_u16(),
+                error: "invalid query".into(),
+                field: Some("query".into()),
+                reason: e.body_text(),
+            }),
+        }
+    }
 }
 
 async fn auth(State(st): St, req: Request, next: Next) -> Response {
@@ -495,7 +575,7 @@ fn history_view(e: HistoryEntry) -> Value {
     v
 }
 
-async fn get_request(State(st): St, Path(id): Path<String>) -> ApiResult {
+async fn get_request(State(st): St, PathText(id): PathText) -> ApiResult {
     let rid: RequestId = id.parse().map_err(|e| ApiError::bad("requestId", e))?;
     let v = st.store.requests.get(rid.0).map_err(ApiError::storage)?;
     let rec: RequestRec = v.and_then(|v| dec(&v)).ok_or_else(|| {
@@ -567,7 +647,7 @@ async fn register(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
     Ok((code, Json(stored)).into_response())
 }
 
-async fn status(State(st): St, Path(vin): Path<String>) -> ApiResult {
+async fn status(State(st): St, PathText(vin): PathText) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let (tx, rx) = oneshot::channel();
     let v = ask(&st.engine, &vin, Msg::Status { vin, resp: tx }, rx).await?;
@@ -594,11 +674,7 @@ fn page_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiE
     }
 }
 
-async fn history(
-    State(st): St,
-    Path(vin): Path<String>,
-    Query(q): Query<HashMap<String, String>>,
-) -> ApiResult {
+async fn history(State(st): St, PathText(vin): PathText, QueryMap(q): QueryMap) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let limit = page_limit(&q, 50)?;
     let before = match q.get("before") {
@@ -783,7 +859,7 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         .into_response())
 }
 
-async fn get_campaign(State(st): St, Path(id): Path<String>) -> ApiResult {
+async fn get_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
     let cid: RequestId = id.parse().map_err(|e| ApiError::bad("campaignId", e))?;
     let rec: CampaignRec = st
         .store
@@ -858,7 +934,7 @@ async fn campaign_counts_from_store(
     .map_err(ApiError::storage)
 }
 
-async fn tickets(State(st): St, Query(q): Query<HashMap<String, String>>) -> ApiResult {
+async fn tickets(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
     let limit = page_limit(&q, 100)?;
     let mut out = Vec::new();
     for item in st.store.tickets.iter().rev().take(limit) {

@@ -1,7 +1,15 @@
 //! The OpenAPI 3 document served at `GET /openapi.json`. A test checks that every route the
-//! router serves is in it and that the documented answers are the ones the server gives.
+//! router serves is in it, that the answers the server gives validate against the documented
+//! schemas, and that each route lists exactly the statuses it can answer.
 
+use caas_protocol::{MAX_FLAGS_PER_GRANT, MAX_PARAMS_PER_GRANT};
 use serde_json::{json, Value};
+
+use crate::api::{MAX_BODY_BYTES, MAX_CAMPAIGN_BODY_BYTES, MAX_CAMPAIGN_VINS, MAX_PAGE};
+
+/// ISO 3779: 17 of 0-9 and A-Z except I, O and Q.
+const VIN_PATTERN: &str = "^[A-HJ-NPR-Z0-9]{17}$";
+const SERVICE_PATTERN: &str = "^[A-Za-z0-9_.:-]{1,32}$";
 
 fn ok(status: &str, desc: &str, schema: Value) -> Value {
     json!({ status: { "description": desc, "content": { "application/json": { "schema": schema } } } })
@@ -14,12 +22,28 @@ fn merge(mut a: Value, b: Value) -> Value {
     a
 }
 
+/// What each refusal means; the same for every route that can give it, so that a client
+/// can handle a status once.
+fn error_description(code: &str) -> &'static str {
+    match code {
+        "400" => "bad input: `field` names the field or parameter, `reason` says why; nothing changed",
+        "401" => "no or wrong `Authorization: Bearer` token; nothing changed",
+        "404" => "no such car, request or campaign (`field` says which); nothing changed",
+        "409" => "conflicts with the car's state (`field` says which): another key for a known VIN, a service that is not active, or a car already holding its most services; nothing changed",
+        "413" => "body over this route's size limit; nothing changed",
+        "429" => "too many of this car's requests in flight (`field` is vin); nothing changed, retry later",
+        "500" => "storage failure (`field` is null); the request may not be durable: poll or retry",
+        "503" => "the gateway is shutting down (`field` is null); retry against a running gateway",
+        _ => "refused",
+    }
+}
+
 fn errors(codes: &[&str]) -> Value {
     let mut m = serde_json::Map::new();
     for c in codes {
         m.insert(
             (*c).to_owned(),
-            json!({ "description": "refused; nothing changed", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }),
+            json!({ "description": error_description(c), "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Error" } } } }),
         );
     }
     Value::Object(m)
@@ -33,98 +57,124 @@ fn body(schema: Value) -> Value {
     json!({ "required": true, "content": { "application/json": { "schema": schema } } })
 }
 
-fn path_param(name: &str, desc: &str) -> Value {
-    json!({ "name": name, "in": "path", "required": true, "schema": { "type": "string" }, "description": desc })
+fn path_param(name: &str, desc: &str, schema: Value) -> Value {
+    json!({ "name": name, "in": "path", "required": true, "schema": schema, "description": desc })
 }
 
-fn query(name: &str, desc: &str) -> Value {
-    json!({ "name": name, "in": "query", "required": false, "schema": { "type": "string" }, "description": desc })
+fn query(name: &str, desc: &str, schema: Value) -> Value {
+    json!({ "name": name, "in": "query", "required": false, "schema": schema, "description": desc })
+}
+
+fn limit(default: usize) -> Value {
+    query(
+        "limit",
+        &format!("entries per page, 1-{MAX_PAGE}, default {default}"),
+        json!({ "type": "integer", "minimum": 1, "maximum": MAX_PAGE }),
+    )
 }
 
 /// The document.
 pub(crate) fn document() -> Value {
-    let e = errors(&["400", "401", "404", "409", "413"]);
+    let vin = json!({ "type": "string", "pattern": VIN_PATTERN });
+    let service = json!({ "type": "string", "pattern": SERVICE_PATTERN });
+    let vin_param = path_param("vin", "VIN", vin.clone());
+    let body_kib = MAX_BODY_BYTES / 1024;
+    let campaign_mib = MAX_CAMPAIGN_BODY_BYTES / (1024 * 1024);
     json!({
         "openapi": "3.0.3",
         "info": {
             "title": "CaaS IoT API (caas-gateway)",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": "Activation and deactivation of car features over the air. Every route but /healthz needs `Authorization: Bearer <token>`. Bodies over 64 KiB (8 MiB for /campaigns) are refused with 413. Every 4xx body names the field. Results arrive as callbacks: POST <webhook-url> with body CallbackBody and headers X-CaaS-Timestamp (Unix seconds) and X-CaaS-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + \".\" + body)>, retried until 2xx."
+            "description": format!("Activation and deactivation of car features over the air. Every route but /healthz needs `Authorization: Bearer <token>`. Bodies over {body_kib} KiB ({campaign_mib} MiB for /campaigns) are refused with 413. Every 4xx and 5xx body is an Error naming the field: also 404 for a path that is not listed here, and 405 (with an Allow header) for a method a listed path does not answer. Results arrive as callbacks: POST <webhook-url> with body CallbackBody and headers X-CaaS-Timestamp (Unix seconds) and X-CaaS-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + \".\" + body)>, retried until 2xx.")
         },
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
             "schemas": {
-                "Error": { "type": "object", "required": ["error", "reason"], "properties": {
-                    "error": { "type": "string" }, "field": { "type": "string", "nullable": true }, "reason": { "type": "string" } } },
+                "Error": { "type": "object", "required": ["error", "field", "reason"], "properties": {
+                    "error": { "type": "string" },
+                    "field": { "type": "string", "nullable": true, "description": "the offending field (dotted path, e.g. configuration.featureFlags[0]), path or query parameter, or header; null for a failure of the gateway's own" },
+                    "reason": { "type": "string" } } },
                 "Configuration": { "type": "object", "additionalProperties": false, "required": ["featureFlags"], "properties": {
-                    "featureFlags": { "type": "array", "minItems": 1, "maxItems": 4, "items": { "type": "string", "pattern": "^[a-z0-9_]{1,32}$" } },
-                    "parameters": { "type": "object", "maxProperties": 4, "additionalProperties": { "type": "string", "maxLength": 24 } } } },
+                    "featureFlags": { "type": "array", "minItems": 1, "maxItems": MAX_FLAGS_PER_GRANT, "uniqueItems": true, "items": { "type": "string", "pattern": "^[a-z0-9_]{1,32}$" } },
+                    "parameters": { "type": "object", "nullable": true, "maxProperties": MAX_PARAMS_PER_GRANT,
+                        "description": "names are 1-24 of A-Z a-z 0-9 _; a number or boolean value is sent to the car as its JSON text, and every value's text is 0-24 printable ASCII characters",
+                        "additionalProperties": { "oneOf": [
+                            { "type": "string", "maxLength": 24 },
+                            { "type": "number" },
+                            { "type": "boolean" } ] } } } },
                 "Duration": { "type": "object", "additionalProperties": false, "required": ["type"], "properties": {
                     "type": { "type": "string", "enum": ["TEMPORARY", "PERMANENT", "SUBSCRIPTION"] },
-                    "expiryDate": { "type": "string", "format": "date-time", "description": "required for TEMPORARY, in the future; not allowed for PERMANENT" },
-                    "autoRenewal": { "type": "boolean" } } },
+                    "expiryDate": { "type": "string", "format": "date-time", "nullable": true, "description": "required for TEMPORARY, in the future; not allowed for PERMANENT" },
+                    "autoRenewal": { "type": "boolean", "nullable": true } } },
                 "ActivateRequest": { "type": "object", "additionalProperties": false, "required": ["vin", "serviceId", "configuration", "duration"], "properties": {
-                    "vin": { "type": "string", "pattern": "^[A-HJ-NPR-Z0-9]{17}$" },
-                    "serviceId": { "type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,32}$" },
+                    "vin": vin.clone(), "serviceId": service.clone(),
                     "configuration": r("Configuration"), "duration": r("Duration") } },
                 "DeactivateRequest": { "type": "object", "additionalProperties": false, "required": ["vin", "serviceId"], "properties": {
-                    "vin": { "type": "string" }, "serviceId": { "type": "string" } } },
+                    "vin": vin.clone(), "serviceId": service.clone() } },
                 "RequestAccepted": { "type": "object", "required": ["requestId", "status", "timestamp"], "properties": {
                     "requestId": { "type": "string", "format": "uuid" },
                     "status": { "type": "string", "enum": ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"] },
                     "timestamp": { "type": "string", "format": "date-time" } } },
-                "RequestState": { "type": "object", "properties": {
-                    "requestId": { "type": "string" }, "vin": { "type": "string" },
+                "RequestState": { "type": "object",
+                    "required": ["requestId", "vin", "action", "serviceId", "status", "phase", "attempts", "seq", "errorCode", "createdAt", "updatedAt", "completedAt", "campaignId"],
+                    "properties": {
+                    "requestId": { "type": "string", "format": "uuid" }, "vin": { "type": "string" },
                     "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] }, "serviceId": { "type": "string" },
                     "status": { "type": "string", "enum": ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"] },
                     "phase": { "type": "string", "enum": ["SENDING", "BACKOFF", "PROBING", "DONE"] },
                     "attempts": { "type": "integer" }, "seq": { "type": "integer" },
                     "errorCode": { "type": "string", "nullable": true },
-                    "createdAt": { "type": "string" }, "updatedAt": { "type": "string" },
-                    "completedAt": { "type": "string", "nullable": true }, "campaignId": { "type": "string", "nullable": true } } },
+                    "createdAt": { "type": "string", "format": "date-time" }, "updatedAt": { "type": "string", "format": "date-time" },
+                    "completedAt": { "type": "string", "format": "date-time", "nullable": true },
+                    "campaignId": { "type": "string", "format": "uuid", "nullable": true } } },
                 "CallbackBody": { "type": "object", "required": ["requestId", "vin", "status", "timestamp"], "properties": {
                     "requestId": { "type": "string" }, "vin": { "type": "string" },
                     "status": { "type": "string", "enum": ["ACTIVATED", "DEACTIVATED", "FAILED"] },
                     "errorCode": { "type": "string", "description": "a car's refusal code (e.g. UNKNOWN_FEATURE) or NO_CONFIRMATION after the retries" },
                     "timestamp": { "type": "string", "format": "date-time" } } },
                 "Vehicle": { "type": "object", "additionalProperties": false, "required": ["vin", "publicKey", "platform"], "properties": {
-                    "vin": { "type": "string" }, "publicKey": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "Ed25519 public key of the car, hex" },
-                    "platform": { "type": "string" }, "firmwareVersion": { "type": "string" }, "registeredAt": { "type": "string", "readOnly": true } } },
-                "VehicleStatus": { "type": "object", "properties": {
+                    "vin": vin.clone(),
+                    "publicKey": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "Ed25519 public key of the car, hex" },
+                    "platform": { "type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$" },
+                    "firmwareVersion": { "type": "string", "maxLength": 24, "nullable": true, "description": "null in answers when provisioning gave none" },
+                    "registeredAt": { "type": "string", "format": "date-time", "readOnly": true } } },
+                "VehicleStatus": { "type": "object", "required": ["vin", "connectivity", "lastSeen", "activeServices", "diagnostics"], "properties": {
                     "vin": { "type": "string" },
                     "connectivity": { "type": "string", "enum": ["ONLINE", "OFFLINE", "LIMITED"] },
                     "lastSeen": { "type": "string", "format": "date-time", "nullable": true },
-                    "activeServices": { "type": "array", "items": { "type": "object", "properties": {
-                        "serviceId": { "type": "string" }, "activationDate": { "type": "string" },
+                    "activeServices": { "type": "array", "items": { "type": "object", "required": ["serviceId", "activationDate", "status"], "properties": {
+                        "serviceId": { "type": "string" }, "activationDate": { "type": "string", "format": "date-time" },
                         "status": { "type": "string", "enum": ["ACTIVE", "PENDING", "ERROR"] } } } },
-                    "diagnostics": { "type": "object", "properties": {
+                    "diagnostics": { "type": "object", "required": ["errorCodes", "firmwareVersion", "networkSignalStrength"], "properties": {
                         "errorCodes": { "type": "array", "items": { "type": "string" } },
                         "firmwareVersion": { "type": "string", "nullable": true },
                         "networkSignalStrength": { "type": "integer", "minimum": 0, "maximum": 100, "nullable": true } } } } },
-                "History": { "type": "object", "properties": {
+                "History": { "type": "object", "required": ["vin", "entries", "nextBefore"], "properties": {
                     "vin": { "type": "string" },
-                    "entries": { "type": "array", "items": { "type": "object", "properties": {
-                        "id": { "type": "string" }, "timestamp": { "type": "string" },
+                    "entries": { "type": "array", "items": { "type": "object", "required": ["id", "timestamp", "type", "detail"], "properties": {
+                        "id": { "type": "string" }, "timestamp": { "type": "string", "format": "date-time" },
                         "type": { "type": "string", "enum": ["REQUEST", "COMMAND", "REPORT", "RESULT", "PRESENCE"] },
                         "seq": { "type": "integer" }, "requestId": { "type": "string" }, "detail": { "type": "string" } } } },
                     "nextBefore": { "type": "string", "nullable": true } } },
-                "CampaignRequest": { "type": "object", "additionalProperties": false, "required": ["vins", "action", "serviceId"], "properties": {
-                    "vins": { "type": "array", "minItems": 1, "maxItems": 200000, "items": { "type": "string" } },
+                "CampaignRequest": { "type": "object", "description": "configuration and duration are required for ACTIVATE and not allowed for DEACTIVATE", "additionalProperties": false, "required": ["vins", "action", "serviceId"], "properties": {
+                    "vins": { "type": "array", "minItems": 1, "maxItems": MAX_CAMPAIGN_VINS, "uniqueItems": true, "items": vin.clone() },
                     "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] },
-                    "serviceId": { "type": "string" },
+                    "serviceId": service.clone(),
                     "configuration": r("Configuration"), "duration": r("Duration") } },
-                "CampaignAccepted": { "type": "object", "properties": {
-                    "campaignId": { "type": "string" }, "total": { "type": "integer" }, "accepted": { "type": "integer" },
-                    "refusedCount": { "type": "integer" },
-                    "refused": { "type": "array", "maxItems": 100, "items": { "type": "object", "properties": { "vin": { "type": "string" }, "reason": { "type": "string" } } } },
-                    "timestamp": { "type": "string" } } },
-                "Campaign": { "type": "object", "properties": {
-                    "campaignId": { "type": "string" }, "action": { "type": "string" }, "serviceId": { "type": "string" },
-                    "total": { "type": "integer" }, "createdAt": { "type": "string" },
-                    "counts": { "type": "object", "properties": {
+                "CampaignAccepted": { "type": "object", "required": ["campaignId", "total", "accepted", "refusedCount", "refused", "timestamp"], "properties": {
+                    "campaignId": { "type": "string", "format": "uuid" }, "total": { "type": "integer" }, "accepted": { "type": "integer" },
+                    "refusedCount": { "type": "integer", "description": "cars that cannot take it: unknown, a service not active, too many services or too many requests in flight" },
+                    "refused": { "type": "array", "maxItems": 100, "description": "the first of the refused cars", "items": { "type": "object", "required": ["vin", "reason"], "properties": { "vin": { "type": "string" }, "reason": { "type": "string" } } } },
+                    "timestamp": { "type": "string", "format": "date-time" } } },
+                "Campaign": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "counts"], "properties": {
+                    "campaignId": { "type": "string", "format": "uuid" }, "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] }, "serviceId": { "type": "string" },
+                    "total": { "type": "integer" }, "createdAt": { "type": "string", "format": "date-time" },
+                    "counts": { "type": "object", "required": ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"], "properties": {
                         "QUEUED": { "type": "integer" }, "IN_PROGRESS": { "type": "integer" },
                         "COMPLETED": { "type": "integer" }, "FAILED": { "type": "integer" } } } } },
-                "Ticket": { "type": "object", "properties": {
+                "Ticket": { "type": "object",
+                    "required": ["ticketId", "requestId", "vin", "serviceId", "action", "createdAt", "reason", "attempts", "connectivity", "lastSeen", "probeAnswered", "expectedSeq", "appliedSeq", "diagnostics"],
+                    "properties": {
                     "ticketId": { "type": "string" }, "requestId": { "type": "string" }, "vin": { "type": "string" },
                     "serviceId": { "type": "string" }, "action": { "type": "string" }, "createdAt": { "type": "string" },
                     "reason": { "type": "string" }, "attempts": { "type": "integer" }, "connectivity": { "type": "string" },
@@ -135,31 +185,41 @@ pub(crate) fn document() -> Value {
         },
         "security": [{ "bearer": [] }],
         "paths": {
-            "/healthz": { "get": { "security": [], "summary": "Liveness", "responses": ok("200", "alive", json!({ "type": "object" })) } },
+            "/healthz": { "get": { "security": [], "summary": "Liveness", "responses": ok("200", "alive", json!({ "type": "object", "required": ["status"], "properties": { "status": { "type": "string" } } })) } },
             "/ota/activate": { "post": { "summary": "Activate a service on a car", "requestBody": body(r("ActivateRequest")),
-                "responses": merge(ok("202", "accepted and durable; the result comes as a callback", r("RequestAccepted")), e.clone()) } },
+                "responses": merge(ok("202", "accepted and durable; the result comes as a callback", r("RequestAccepted")),
+                    errors(&["400", "401", "404", "409", "413", "429", "500", "503"])) } },
             "/ota/deactivate": { "post": { "summary": "Deactivate a service on a car", "requestBody": body(r("DeactivateRequest")),
-                "responses": merge(ok("202", "accepted and durable; callback status DEACTIVATED or FAILED", r("RequestAccepted")), e.clone()) } },
-            "/ota/requests/{requestId}": { "get": { "summary": "A request's state and attempts", "parameters": [path_param("requestId", "UUID")],
-                "responses": merge(ok("200", "the request", r("RequestState")), e.clone()) } },
+                "responses": merge(ok("202", "accepted and durable; callback status DEACTIVATED or FAILED", r("RequestAccepted")),
+                    errors(&["400", "401", "404", "409", "413", "429", "500", "503"])) } },
+            "/ota/requests/{requestId}": { "get": { "summary": "A request's state and attempts",
+                "parameters": [path_param("requestId", "UUID", json!({ "type": "string", "format": "uuid" }))],
+                "responses": merge(ok("200", "the request", r("RequestState")), errors(&["400", "401", "404", "500"])) } },
             "/vehicles": { "post": { "summary": "Provision a car (idempotent for the same key; 409 for another key)", "requestBody": body(r("Vehicle")),
-                "responses": merge(merge(ok("201", "registered", r("Vehicle")), ok("200", "already registered with this key", r("Vehicle"))), e.clone()) } },
-            "/vehicles/{vin}/status": { "get": { "summary": "Connectivity, services and diagnostics", "parameters": [path_param("vin", "VIN")],
-                "responses": merge(ok("200", "the car's state", r("VehicleStatus")), e.clone()) } },
+                "responses": merge(merge(ok("201", "registered", r("Vehicle")), ok("200", "already registered with this key", r("Vehicle"))),
+                    errors(&["400", "401", "409", "413", "500", "503"])) } },
+            "/vehicles/{vin}/status": { "get": { "summary": "Connectivity, services and diagnostics", "parameters": [vin_param.clone()],
+                "responses": merge(ok("200", "the car's state", r("VehicleStatus")), errors(&["400", "401", "404", "503"])) } },
             "/vehicles/{vin}/history": { "get": { "summary": "Requests, commands, reports and results, newest first",
-                "parameters": [path_param("vin", "VIN"), query("limit", "1-500, default 50"), query("before", "nextBefore of the previous page")],
-                "responses": merge(ok("200", "one page", r("History")), e.clone()) } },
-            "/campaigns": { "post": { "summary": "One activation or deactivation for many cars (up to 200,000 VINs)", "requestBody": body(r("CampaignRequest")),
-                "responses": merge(ok("202", "accepted and durable; cars that cannot take it are listed as refused", r("CampaignAccepted")), e.clone()) } },
-            "/campaigns/{campaignId}": { "get": { "summary": "A campaign's requests counted by state", "parameters": [path_param("campaignId", "UUID")],
-                "responses": merge(ok("200", "counts", r("Campaign")), e.clone()) } },
-            "/support/tickets": { "get": { "summary": "Support tickets, newest first", "parameters": [query("limit", "1-500, default 100")],
-                "responses": merge(ok("200", "tickets", json!({ "type": "object", "properties": { "tickets": { "type": "array", "items": r("Ticket") } } })), e.clone()) } },
+                "parameters": [vin_param, limit(50), query("before", "nextBefore of the previous page", json!({ "type": "string", "pattern": "^[0-9]+$" }))],
+                "responses": merge(ok("200", "one page", r("History")), errors(&["400", "401", "404", "500", "503"])) } },
+            "/campaigns": { "post": { "summary": format!("One activation or deactivation for many cars (up to {MAX_CAMPAIGN_VINS} VINs)"), "requestBody": body(r("CampaignRequest")),
+                "responses": merge(ok("202", "accepted and durable; cars that cannot take it are counted and listed as refused", r("CampaignAccepted")),
+                    errors(&["400", "401", "413", "500", "503"])) } },
+            "/campaigns/{campaignId}": { "get": { "summary": "A campaign's requests counted by state",
+                "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" }))],
+                "responses": merge(ok("200", "counts", r("Campaign")), errors(&["400", "401", "404", "500"])) } },
+            "/support/tickets": { "get": { "summary": "Support tickets, newest first", "parameters": [limit(100)],
+                "responses": merge(ok("200", "tickets", json!({ "type": "object", "required": ["tickets"], "properties": { "tickets": { "type": "array", "items": r("Ticket") } } })),
+                    errors(&["400", "401", "500"])) } },
             "/keys": { "get": { "summary": "The gateway's command-signing public keys",
-                "responses": merge(ok("200", "keys", json!({ "type": "object", "properties": { "keys": { "type": "array", "items": { "type": "object", "properties": {
-                    "keyId": { "type": "string" }, "publicKey": { "type": "string" }, "algorithm": { "type": "string" } } } } } })), e.clone()) } },
-            "/metrics": { "get": { "summary": "Prometheus metrics", "responses": { "200": { "description": "text exposition", "content": { "text/plain": { "schema": { "type": "string" } } } } } } },
-            "/openapi.json": { "get": { "summary": "This document", "responses": ok("200", "OpenAPI 3", json!({ "type": "object" })) } }
+                "responses": merge(ok("200", "keys", json!({ "type": "object", "required": ["keys"], "properties": { "keys": { "type": "array", "items": { "type": "object", "required": ["keyId", "publicKey", "algorithm"], "properties": {
+                    "keyId": { "type": "string" }, "publicKey": { "type": "string" }, "algorithm": { "type": "string", "enum": ["Ed25519"] } } } } } })),
+                    errors(&["401"])) } },
+            "/metrics": { "get": { "summary": "Prometheus metrics",
+                "responses": merge(json!({ "200": { "description": "text exposition", "content": { "text/plain": { "schema": { "type": "string" } } } } }), errors(&["401"])) } },
+            "/openapi.json": { "get": { "summary": "This document",
+                "responses": merge(ok("200", "OpenAPI 3", json!({ "type": "object", "required": ["openapi", "info", "paths"] })), errors(&["401"])) } }
         }
     })
 }
