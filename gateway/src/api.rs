@@ -187,6 +187,16 @@ impl<S: Send + Sync> FromRequestParts<S> for PathText {
 
 fn path_refusal(e: PathRejection) -> ApiError {
     let reason = e.body_text();
+    // A route and its handler disagreeing on parameters is the gateway's fault, not the
+    // caller's: no field to name.
+    if e.status().is_server_error() {
+        return ApiError {
+            status: 500,
+            error: "internal error".into(),
+            field: None,
+            reason,
+        };
+    }
     let field = match &e {
         // Route captures carry the names the OpenAPI document gives the parameters.
         PathRejection::FailedToDeserializePathParams(f) => match f.kind() {
