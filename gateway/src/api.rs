@@ -56,6 +56,10 @@ pub struct ApiError {
     pub field: Option<String>,
     /// Why.
     pub reason: String,
+    /// On a 500 from an activation or deactivation, the request's id: it may have been taken
+    /// (its flush failed, but the engine may still carry it out), and
+    /// `GET /ota/requests/{requestId}` tells.
+    pub request_id: Option<String>,
 }
 
 impl ApiError {
@@ -66,6 +70,7 @@ impl ApiError {
             error: error.into(),
             field: Some(field.into()),
             reason: reason.into(),
+            request_id: None,
         }
     }
 
@@ -80,6 +85,7 @@ impl ApiError {
             error: "storage failure".into(),
             field: None,
             reason: e.to_string(),
+            request_id: None,
         }
     }
 
@@ -89,6 +95,7 @@ impl ApiError {
             error: "shutting down".into(),
             field: None,
             reason: "the engine is stopping".into(),
+            request_id: None,
         }
     }
 }
@@ -98,7 +105,13 @@ impl IntoResponse for ApiError {
         let status = StatusCode::from_u16(self.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         (
             status,
-            Json(json!({ "error": self.error, "field": self.field, "reason": self.reason })),
+            Json(match self.request_id {
+                None => json!({ "error": self.error, "field": self.field, "reason": self.reason }),
+                Some(id) => {
+                    json!({ "error": self.error, "field": self.field, "reason": self.reason,
+                    "requestId": id })
+                }
+            }),
         )
             .into_response()
     }
@@ -195,6 +208,7 @@ fn path_refusal(e: PathRejection) -> ApiError {
             error: "internal error".into(),
             field: None,
             reason,
+            request_id: None,
         };
     }
     let field = match &e {
@@ -212,6 +226,7 @@ fn path_refusal(e: PathRejection) -> ApiError {
         error: "invalid path parameter".into(),
         field: Some(field),
         reason,
+        request_id: None,
     }
 }
 
@@ -229,6 +244,7 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
                 error: "invalid query".into(),
                 field: Some("query".into()),
                 reason: e.body_text(),
+                request_id: None,
             }),
         }
     }
@@ -524,8 +540,17 @@ async fn submit(st: &AppState, vin: Vin, op: Op, received: Instant) -> ApiResult
         created_ms: now_ms(),
         received,
     };
+    let request_id = req.request_id;
     let (tx, rx) = oneshot::channel();
-    let rec = ask(&st.engine, &vin, Msg::Request { req, resp: tx }, rx).await??;
+    let rec = ask(&st.engine, &vin, Msg::Request { req, resp: tx }, rx)
+        .await?
+        .map_err(|e| match e.status {
+            500 => ApiError {
+                request_id: Some(request_id.to_string()),
+                ..e
+            },
+            _ => e,
+        })?;
     st.metrics.observe_accept(received.elapsed().as_secs_f64());
     Ok(request_answer(&rec))
 }
@@ -971,4 +996,33 @@ async fn metrics(State(st): St) -> ApiResult {
 
 async fn openapi() -> ApiResult {
     Ok(Json(crate::openapi::document()).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn body_of(e: ApiError) -> (u16, Value) {
+        let r = e.into_response();
+        let status = r.status().as_u16();
+        let bytes = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_storage_failure_of_a_request_names_the_request_and_a_refusal_does_not() {
+        let id = RequestId(new_uuid());
+        let failed = ApiError {
+            request_id: Some(id.to_string()),
+            ..ApiError::storage("disk full")
+        };
+        let (status, body) = body_of(failed).await;
+        assert_eq!(status, 500);
+        assert_eq!(body["requestId"], id.to_string());
+        assert_eq!(body["field"], Value::Null);
+        let (status, body) = body_of(ApiError::bad("vin", "17 characters")).await;
+        assert_eq!(status, 400);
+        assert_eq!(body["field"], "vin");
+        assert!(body.get("requestId").is_none(), "{body}");
+    }
 }

@@ -93,7 +93,8 @@ pub(crate) fn document() -> Value {
                 "Error": { "type": "object", "required": ["error", "field", "reason"], "properties": {
                     "error": { "type": "string" },
                     "field": { "type": "string", "nullable": true, "description": "the offending field (dotted path, e.g. configuration.featureFlags[0]), path or query parameter, or header; null for a failure of the gateway's own" },
-                    "reason": { "type": "string" } } },
+                    "reason": { "type": "string" },
+                    "requestId": { "type": "string", "format": "uuid", "description": "only on a 500 from an activation or deactivation: the request may have been taken (its flush failed, but the gateway may still carry it out); GET /ota/requests/{requestId} tells, and a later callback may carry this id" } } },
                 "Configuration": { "type": "object", "additionalProperties": false, "required": ["featureFlags"], "properties": {
                     "featureFlags": { "type": "array", "minItems": 1, "maxItems": MAX_FLAGS_PER_GRANT, "uniqueItems": true, "items": { "type": "string", "pattern": "^[a-z0-9_]{1,32}$" } },
                     "parameters": { "type": "object", "nullable": true, "maxProperties": MAX_PARAMS_PER_GRANT,
