@@ -220,8 +220,8 @@ pub enum VehicleCommand {
         #[arg(long)]
         json: bool,
     },
-    /// The commands sent to a car and the reports it sent, newest first
-    /// (GET /vehicles/{vin}/history).
+    /// A car's requests, the commands sent to it, its reports, the results and its
+    /// connections, newest first (GET /vehicles/{vin}/history).
     History {
         /// The car's VIN.
         vin: String,
@@ -259,6 +259,33 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 
 fn show(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// The whole `caasctl` program: parses the process's command line, runs it, and turns an
+/// error into one `error: ...` line on stderr and exit status 1. The binary is only this; the
+/// end-to-end tests build it under another name too (`caas-e2e-ctl`), since a package's tests
+/// can only run binaries of their own package.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever the cause chain holds; causes a message already quotes are
+            // not repeated.
+            let mut msg = String::new();
+            for cause in e.chain() {
+                let text = cause.to_string();
+                if !msg.contains(&text) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&text);
+                }
+            }
+            eprintln!("error: {}", msg.replace(['\n', '\r'], " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs a parsed command line.

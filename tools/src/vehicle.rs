@@ -4,7 +4,9 @@
 //!   `{vin, connectivity, lastSeen, activeServices:[{serviceId, activationDate, status}],
 //!   diagnostics:{errorCodes, firmwareVersion, networkSignalStrength}}`.
 //! - `GET /vehicles/{vin}/history?limit=N[&before=CURSOR]` answers, newest first,
-//!   `{vin, items:[{kind: "command"|"report", seq, timestamp, ...}], nextBefore}`.
+//!   `{vin, entries:[{id, timestamp, type, seq?, requestId?, detail}], nextBefore}`, where
+//!   `type` is `REQUEST`, `COMMAND`, `REPORT`, `RESULT` or `PRESENCE` and `nextBefore` is the
+//!   `before` cursor of the next (older) page, `null` on the last one.
 //!
 //! Both are rendered from the JSON generically around the fields named here, so a field the
 //! gateway adds (or a small difference in shape) is shown rather than breaking the tool.
@@ -121,14 +123,12 @@ pub fn status_text(v: &Value) -> String {
     out
 }
 
-/// The entries of a history answer: its `items` (or `entries`), or the first list in it, or
-/// itself.
+/// The entries of a history answer: its `entries`, or the first list in it, or itself.
 fn history_items(v: &Value) -> &[Value] {
     match v {
         Value::Array(a) => a,
         Value::Object(o) => o
-            .get("items")
-            .or_else(|| o.get("entries"))
+            .get("entries")
             .and_then(Value::as_array)
             .or_else(|| o.values().find_map(Value::as_array))
             .map_or(&[], |a| a),
@@ -145,11 +145,11 @@ pub fn history_text(v: &Value, vin: &Vin, limit: u32) -> String {
             items,
             &[
                 ("timestamp", "TIME"),
-                ("kind", "KIND"),
                 ("type", "TYPE"),
                 ("seq", "SEQ"),
                 ("requestId", "REQUEST"),
                 ("detail", "DETAIL"),
+                ("id", "ID"),
             ],
         ));
     }
@@ -196,37 +196,43 @@ mod tests {
     }
 
     #[test]
-    fn history_finds_items_and_the_next_page() {
+    fn history_renders_the_gateway_entries_and_the_next_page() {
         let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
-        let v = json!({"vin": vin.as_str(), "items": [
-            {"kind": "report", "seq": 2, "timestamp": "t2", "outcome": "APPLIED"},
-            {"kind": "command", "seq": 2, "timestamp": "t1"}], "nextBefore": "abc"});
-        let t = history_text(&v, &vin, 2);
-        assert!(t.contains("2 entries"), "{t}");
-        assert!(t.contains("t2    report   2    APPLIED"), "{t}");
-        assert!(t.contains("--before abc"), "{t}");
-        // The gateway's own shape (entries with a type, an id and a detail).
         let gw = json!({"vin": vin.as_str(), "entries": [
-            {"id": "9", "timestamp": "t9", "type": "REPORT", "seq": 3, "detail": "applied"},
+            {"id": "9", "timestamp": "t9", "type": "REPORT", "seq": 3, "detail": "applied seq 3"},
             {"id": "8", "timestamp": "t8", "type": "PRESENCE", "detail": "online"},
-            {"id": "7", "timestamp": "t7", "type": "COMMAND", "seq": 3, "requestId": "r1", "detail": "attempt 1"}],
+            {"id": "7", "timestamp": "t7", "type": "COMMAND", "seq": 3, "requestId": "r1", "detail": "attempt 2 (re-sent)"}],
             "nextBefore": "7"});
         let t = history_text(&gw, &vin, 3);
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(
-            lines[1], "TIME  TYPE      SEQ  REQUEST  DETAIL     id",
+            lines[0],
+            format!("History of {vin}: 3 entries, newest first")
+        );
+        assert_eq!(
+            lines[1], "TIME  TYPE      SEQ  REQUEST  DETAIL               ID",
             "{t}"
         );
         assert_eq!(
-            lines[3], "t8    PRESENCE  -    -        online     8",
+            lines[2], "t9    REPORT    3    -        applied seq 3        9",
             "{t}"
         );
         assert_eq!(
-            lines[4], "t7    COMMAND   3    r1       attempt 1  7",
+            lines[3], "t8    PRESENCE  -    -        online               8",
+            "{t}"
+        );
+        assert_eq!(
+            lines[4], "t7    COMMAND   3    r1       attempt 2 (re-sent)  7",
             "{t}"
         );
         assert!(t.contains("--limit 3 --before 7"), "{t}");
-        let bare = json!([{"kind": "command", "seq": 1, "timestamp": "t0"}]);
+        let last = json!({"vin": vin.as_str(), "entries": [], "nextBefore": null});
+        let t = history_text(&last, &vin, 3);
+        assert!(t.contains("0 entries") && !t.contains("--before"), "{t}");
+        // A list under another name, or a bare list, is still shown, with its own fields.
+        let other = json!({"vin": vin.as_str(), "log": [{"seq": 1, "what": "x"}]});
+        assert!(history_text(&other, &vin, 5).contains("SEQ  what"));
+        let bare = json!([{"type": "COMMAND", "seq": 1, "timestamp": "t0"}]);
         assert!(history_text(&bare, &vin, 5).contains("1 entries"));
     }
 }

@@ -180,13 +180,18 @@ fn vehicle_status() -> Value {
     })
 }
 
-fn history_items() -> Vec<Value> {
+/// A car's history in the gateway's shape, newest first: for seq 5 down to 1, the car's
+/// report and the request that asked for it, with ids that only grow.
+fn history_entries() -> Vec<Value> {
     (1..=5u64)
         .rev()
         .flat_map(|seq| {
             [
-                json!({"kind": "report", "seq": seq, "timestamp": format!("2026-11-22T12:0{seq}:01Z"), "outcome": "APPLIED"}),
-                json!({"kind": "command", "seq": seq, "timestamp": format!("2026-11-22T12:0{seq}:00Z"), "requestIds": ["r-1"]}),
+                json!({"id": (seq * 2).to_string(), "timestamp": format!("2026-11-22T12:0{seq}:01Z"),
+                       "type": "REPORT", "seq": seq, "detail": format!("applied seq {seq}")}),
+                json!({"id": (seq * 2 - 1).to_string(), "timestamp": format!("2026-11-22T12:0{seq}:00Z"),
+                       "type": "REQUEST", "seq": seq, "requestId": format!("r-{seq}"),
+                       "detail": "ACTIVATE power-boost"}),
             ]
         })
         .collect()
@@ -216,11 +221,17 @@ fn gateway() -> (SocketAddr, Shared) {
                     seen.lock().unwrap().requests.push(format!("history {vin} {}", keys.join("&")));
                     authorized(&headers)?;
                     known(&vin)?;
-                    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(10);
-                    let all = history_items();
-                    let page: Vec<Value> = all.iter().take(limit).cloned().collect();
-                    let next = if limit < all.len() { json!("cursor-2") } else { Value::Null };
-                    Ok::<_, (StatusCode, Json<Value>)>(Json(json!({"vin": vin, "items": page, "nextBefore": next})))
+                    // As the gateway pages: entries below the `before` id, the next cursor the
+                    // last entry's id while a full page came back.
+                    let limit: usize = q.get("limit").and_then(|l| l.parse().ok()).unwrap_or(50);
+                    let before: u64 = q.get("before").and_then(|b| b.parse().ok()).unwrap_or(u64::MAX);
+                    let page: Vec<Value> = history_entries()
+                        .into_iter()
+                        .filter(|e| e["id"].as_str().and_then(|id| id.parse::<u64>().ok()).is_some_and(|id| id < before))
+                        .take(limit)
+                        .collect();
+                    let next = if page.len() == limit { page[limit - 1]["id"].clone() } else { Value::Null };
+                    Ok::<_, (StatusCode, Json<Value>)>(Json(json!({"vin": vin, "entries": page, "nextBefore": next})))
                 },
             ),
         )
@@ -346,20 +357,30 @@ fn vehicle_history_pages_newest_first() {
     );
     assert_eq!(
         lines[1],
-        "TIME                  KIND     SEQ  outcome  requestIds"
+        "TIME                  TYPE     SEQ  REQUEST  DETAIL                ID"
     );
-    assert_eq!(lines[2], "2026-11-22T12:05:01Z  report   5    APPLIED  -");
-    assert_eq!(lines[3], "2026-11-22T12:05:00Z  command  5    -        r-1");
-    assert_eq!(lines[4], "2026-11-22T12:04:01Z  report   4    APPLIED  -");
+    assert_eq!(
+        lines[2],
+        "2026-11-22T12:05:01Z  REPORT   5    -        applied seq 5         10"
+    );
+    assert_eq!(
+        lines[3],
+        "2026-11-22T12:05:00Z  REQUEST  5    r-5      ACTIVATE power-boost  9"
+    );
+    assert_eq!(
+        lines[4],
+        "2026-11-22T12:04:01Z  REPORT   4    -        applied seq 4         8"
+    );
     assert_eq!(
         lines[5],
-        format!("Older entries: caasctl vehicle history {VIN} --limit 3 --before cursor-2")
+        format!("Older entries: caasctl vehicle history {VIN} --limit 3 --before 8")
     );
     assert_eq!(
         seen.lock().unwrap().requests.last().unwrap(),
         &format!("history {VIN} limit=3")
     );
 
+    // The hint's cursor gives the next page; --json passes the answer through.
     let out = caasctl(&[
         "vehicle",
         "history",
@@ -367,7 +388,7 @@ fn vehicle_history_pages_newest_first() {
         "--limit",
         "50",
         "--before",
-        "cursor 2",
+        "8",
         "--gateway",
         &url,
         "--token",
@@ -375,11 +396,17 @@ fn vehicle_history_pages_newest_first() {
         "--json",
     ]);
     let v: Value = serde_json::from_str(out.ok()).unwrap();
-    assert_eq!(v["items"].as_array().unwrap().len(), 10);
+    let ids: Vec<&str> = v["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["7", "6", "5", "4", "3", "2", "1"]);
     assert_eq!(v["nextBefore"], Value::Null);
     assert_eq!(
         seen.lock().unwrap().requests.last().unwrap(),
-        &format!("history {VIN} before=cursor 2&limit=50")
+        &format!("history {VIN} before=8&limit=50")
     );
 
     // Out-of-range limits are usage errors (clap, exit 2) and send nothing.
