@@ -2,24 +2,30 @@
 //!
 //! The tests in `tests/` start the real programs as processes, each on free loopback ports
 //! with its own temporary directory: a gateway (`caas-e2e-sim gateway serve`, which is the
-//! `caas-gateway serve` code: embedded broker, sled, signed commands, retries, webhooks) and
-//! a fleet of 200 virtual cars (`caas-e2e-sim fleet`, the real agent core over real MQTT
-//! connections, with fault injection). The test process itself plays the CaaS core: it
-//! calls the IoT API and receives the HMAC-signed callbacks ([`caas_sim::webhook`]).
+//! `caas-gateway serve` code: embedded broker, or Mosquitto as the external one; sled,
+//! signed commands, retries, webhooks) and a fleet of virtual cars (`caas-e2e-sim fleet`, the
+//! real agent core over real MQTT connections, with fault injection). The test process
+//! itself plays the CaaS core: it calls the IoT API and receives the HMAC-signed callbacks
+//! ([`caas_sim::webhook`]); the technician's `caasctl` runs as `caas-e2e-ctl`.
 //!
-//! This library is the harness ([`Env`]); the short retry policies keep the whole run to a
-//! couple of minutes on two cores.
+//! This library is the harness: [`Env`] (a gateway, a fleet and a receiver), [`Gateway`]
+//! (the gateway process, which a test can kill, signal and start again on its data),
+//! [`CommandWatch`] (what the broker delivers on some cars' command topics) and
+//! [`listening_addrs`]. The short retry policies keep the whole run to a couple of minutes
+//! on two cores.
 
 use std::collections::HashMap;
 use std::io::BufRead;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use caas_sim::api::Api;
-use caas_sim::gateway_proc::{GatewayProc, GatewaySpawn};
+use caas_sim::gateway_proc::{free_port, tail, START_TIMEOUT};
 use caas_sim::stats::FleetReport;
 use caas_sim::webhook::Receiver;
 
@@ -37,10 +43,228 @@ pub struct Retry {
     pub backoff: &'static str,
 }
 
+/// How a test's gateway runs.
+#[derive(Debug, Clone)]
+pub struct GatewayOpts {
+    /// Its retry policy.
+    pub retry: Retry,
+    /// An external broker (`mqtt://HOST:PORT`) instead of the embedded one.
+    pub broker: Option<String>,
+    /// Where its callbacks go.
+    pub webhook_url: String,
+    /// The callbacks' HMAC secret.
+    pub webhook_secret: String,
+    /// The API token.
+    pub token: String,
+}
+
+/// A gateway process (`caas-e2e-sim gateway serve`, the `caas-gateway serve` code) on free
+/// loopback ports with its own data directory. Unlike `caas_sim::gateway_proc::GatewayProc`
+/// it can be stopped by a signal with its exit status seen, and started again on the same
+/// data and ports after either kind of stop. Killed when dropped.
+pub struct Gateway {
+    child: Option<Child>,
+    sim: PathBuf,
+    args: Vec<String>,
+    /// The IoT API base URL.
+    pub http: String,
+    /// The broker the cars connect to, `HOST:PORT`.
+    pub mqtt: String,
+    /// The API token.
+    pub token: String,
+    /// The output of every start, one after the other.
+    pub log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Gateway {
+    /// Starts a gateway and waits until `/healthz` answers.
+    pub async fn start(sim: &Path, opts: &GatewayOpts) -> Result<Gateway> {
+        let dir = tempfile::Builder::new()
+            .prefix("caas-e2e-gateway-")
+            .tempdir()?;
+        let http_port = free_port()?;
+        let data = dir.path().join("gw");
+        let mut args: Vec<String> = vec![
+            "gateway".into(),
+            "serve".into(),
+            "--http".into(),
+            format!("127.0.0.1:{http_port}"),
+            "--data".into(),
+            data.to_string_lossy().into_owned(),
+            "--api-token".into(),
+            opts.token.clone(),
+            "--attempts".into(),
+            opts.retry.attempts.to_string(),
+            "--attempt-timeout".into(),
+            opts.retry.attempt_timeout.into(),
+            "--backoff".into(),
+            opts.retry.backoff.into(),
+            "--webhook-url".into(),
+            opts.webhook_url.clone(),
+            "--webhook-secret".into(),
+            opts.webhook_secret.clone(),
+        ];
+        let mqtt = match &opts.broker {
+            Some(url) => {
+                args.extend(["--broker".into(), url.clone()]);
+                url.split_once("://")
+                    .map_or(url.as_str(), |(_, rest)| rest)
+                    .to_string()
+            }
+            None => {
+                let addr = format!("127.0.0.1:{}", free_port()?);
+                args.extend(["--mqtt".into(), addr.clone()]);
+                addr
+            }
+        };
+        let mut gw = Gateway {
+            child: None,
+            sim: sim.to_path_buf(),
+            args,
+            http: format!("http://127.0.0.1:{http_port}"),
+            mqtt,
+            token: opts.token.clone(),
+            log: dir.path().join("gateway.log"),
+            dir,
+        };
+        gw.start_again().await?;
+        Ok(gw)
+    }
+
+    /// Starts the stopped gateway again with the same flags, data directory and ports, and
+    /// waits until `/healthz` answers.
+    pub async fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("the gateway is still running");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .with_context(|| format!("opening {}", self.log.display()))?;
+        let child = Command::new(&self.sim)
+            .args(&self.args)
+            .env("RUST_LOG", "warn,caas_gateway=info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .context("starting the gateway")?;
+        let child = self.child.insert(child);
+        let api = Api::new(&self.http, &self.token)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if api.healthy().await {
+                return Ok(());
+            }
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                bail!(
+                    "the gateway exited ({status}); its log {}:\n{}",
+                    self.log.display(),
+                    tail(&self.log)
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the gateway did not answer /healthz within {START_TIMEOUT:?}; log {}",
+                    self.log.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// An API client for it (a new one after a restart: the old one's pooled connections
+    /// went with the old process).
+    pub fn api(&self) -> Result<Api> {
+        Api::new(&self.http, &self.token)
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Its data directory.
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("gw")
+    }
+
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash or a power cut would end it: only what it flushed survives.
+    pub fn kill_9(&mut self) -> Result<()> {
+        let mut child = self.child.take().context("the gateway is not running")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and waits up to `within` for the process to end; its
+    /// exit status. Past `within` it is killed and this fails.
+    pub fn signal(&mut self, signal: &str, within: Duration) -> Result<ExitStatus> {
+        let mut child = self.child.take().context("the gateway is not running")?;
+        let sent = Command::new("kill")
+            .args([format!("-{signal}"), child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        if !sent.success() {
+            bail!("kill -{signal} failed: {sent}");
+        }
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!(
+                    "the gateway did not end within {within:?} of SIG{signal}; log {}:\n{}",
+                    self.log.display(),
+                    tail(&self.log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET path` with the token, as JSON (for what `Api` has no call for).
+    pub async fn get(&self, path: &str) -> Result<serde_json::Value> {
+        let resp = reqwest::Client::new()
+            .get(format!("{}{path}", self.http))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("GET {path}: HTTP {status}: {text}");
+        }
+        serde_json::from_str(&text).with_context(|| format!("GET {path}: {text}"))
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// A gateway, a fleet and a webhook receiver, all running.
 pub struct Env {
     /// The gateway process.
-    pub gateway: GatewayProc,
+    pub gateway: Gateway,
     /// The test's webhook receiver.
     pub receiver: Receiver,
     /// An IoT API client.
@@ -58,20 +282,31 @@ impl Env {
     /// Starts a gateway with `retry`, then `cars` cars with the extra `fleet_args` (fault
     /// flags), and waits until every car is connected.
     pub async fn start(sim: &Path, cars: u64, retry: Retry, fleet_args: &[&str]) -> Result<Env> {
+        Env::start_on(sim, None, cars, retry, fleet_args).await
+    }
+
+    /// [`Env::start`] with the gateway and the cars on the external `broker`
+    /// (`mqtt://HOST:PORT`), or on the gateway's embedded one for `None`.
+    pub async fn start_on(
+        sim: &Path,
+        broker: Option<&str>,
+        cars: u64,
+        retry: Retry,
+        fleet_args: &[&str],
+    ) -> Result<Env> {
         caas_sim::init_crypto();
         let dir = tempfile::Builder::new().prefix("caas-e2e-").tempdir()?;
         let secret = format!("e2e-{:016x}", std::process::id());
         let receiver = Receiver::start(&secret).await?;
-        let spawn = GatewaySpawn {
-            sim_binary: Some(sim.to_path_buf()),
-            webhook_url: Some(receiver.url()),
+        let opts = GatewayOpts {
+            retry,
+            broker: broker.map(str::to_string),
+            webhook_url: receiver.url(),
             webhook_secret: secret,
-            attempts: retry.attempts,
-            attempt_timeout: retry.attempt_timeout.to_string(),
-            backoff: retry.backoff.to_string(),
-            ..GatewaySpawn::default()
+            // Not the development default, so a client that ignores its token fails.
+            token: format!("e2e-token-{:08x}", std::process::id()),
         };
-        let gateway = GatewayProc::start(&spawn).await?;
+        let gateway = Gateway::start(sim, &opts).await?;
         let api = gateway.api()?;
         let vins_path = dir.path().join("vins.txt");
         let faults_path = dir.path().join("faults.txt");
@@ -79,6 +314,7 @@ impl Env {
         let mut child = Command::new(sim)
             .arg("fleet")
             .args(["--gateway", &gateway.http, "--mqtt", &gateway.mqtt])
+            .args(["--api-token", &gateway.token])
             .args(["--cars", &cars.to_string(), "--no-progress"])
             .arg("--vins-out")
             .arg(&vins_path)
@@ -158,6 +394,13 @@ impl Env {
             .collect()
     }
 
+    /// Starts the stopped gateway again on its data and ports, with a fresh API client.
+    pub async fn restart_gateway(&mut self) -> Result<()> {
+        self.gateway.start_again().await?;
+        self.api = self.gateway.api()?;
+        Ok(())
+    }
+
     /// Stops the fleet (SIGINT, as Ctrl-C) and reads its final report.
     pub fn stop_fleet(&mut self) -> Result<FleetReport> {
         let mut child = self.fleet.take().context("fleet already stopped")?;
@@ -210,5 +453,193 @@ impl Drop for Env {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// Every command frame the broker delivers on some cars' command topics, opened with the
+/// gateway's key: what those cars were sent, seen from the car's side of the broker.
+pub struct CommandWatch {
+    seen: Arc<Mutex<HashMap<String, Vec<caas_protocol::Command>>>>,
+    unreadable: Arc<AtomicU64>,
+    connects: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl CommandWatch {
+    /// Subscribes to the command topic of each of `vins` on `broker` (`HOST:PORT`) and
+    /// returns once every subscription is acknowledged, so nothing published after that is
+    /// missed.
+    pub async fn start(
+        broker: &str,
+        gateway_key: caas_protocol::VerifyingKey,
+        vins: &[String],
+    ) -> Result<CommandWatch> {
+        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+        let (host, port) = broker
+            .rsplit_once(':')
+            .with_context(|| format!("broker {broker:?} is not HOST:PORT"))?;
+        let port: u16 = port.parse()?;
+        let trusted = Arc::new([caas_protocol::TrustedKey::new(gateway_key)]);
+        let seen: Arc<Mutex<HashMap<String, Vec<caas_protocol::Command>>>> = Arc::default();
+        let unreadable = Arc::new(AtomicU64::new(0));
+        let connects = Arc::new(AtomicU64::new(0));
+        let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut tasks = Vec::new();
+        for vin in vins {
+            let parsed: caas_protocol::Vin = vin.parse().map_err(|e| anyhow!("{vin}: {e:?}"))?;
+            let topic = caas_protocol::topics::command_topic(&parsed).to_string();
+            // The embedded broker hands a connection to the router of the VIN its client id
+            // starts with: the car's own, where its commands are routed.
+            let mut opts = MqttOptions::new(format!("{vin}-watch"), host, port);
+            opts.set_keep_alive(Duration::from_secs(30));
+            let (client, mut events) = AsyncClient::new(opts, 64);
+            let (vin, seen, unreadable, connects, trusted, ready) = (
+                vin.clone(),
+                seen.clone(),
+                unreadable.clone(),
+                connects.clone(),
+                trusted.clone(),
+                ready_tx.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    match events.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            connects.fetch_add(1, Ordering::Relaxed);
+                            let _ = client.try_subscribe(topic.clone(), QoS::AtLeastOnce);
+                        }
+                        Ok(Event::Incoming(Packet::SubAck(_))) => {
+                            let _ = ready.send(());
+                        }
+                        Ok(Event::Incoming(Packet::Publish(p))) => {
+                            match caas_protocol::open_command(&p.payload, &trusted[..]) {
+                                Ok(cmd) => {
+                                    if let Ok(mut m) = seen.lock() {
+                                        m.entry(vin.clone()).or_default().push(cmd);
+                                    }
+                                }
+                                Err(_) => {
+                                    unreadable.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            }));
+        }
+        drop(ready_tx);
+        let watch = CommandWatch {
+            seen,
+            unreadable,
+            connects,
+            tasks,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for n in 0..vins.len() {
+            match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
+                Ok(Some(())) => {}
+                _ => bail!("{n} of {} command topics subscribed in time", vins.len()),
+            }
+        }
+        Ok(watch)
+    }
+
+    /// The commands delivered on `vin`'s topic so far, in order.
+    pub fn commands(&self, vin: &str) -> Vec<caas_protocol::Command> {
+        self.seen
+            .lock()
+            .map(|m| m.get(vin).cloned().unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Frames that did not open with the gateway's key.
+    pub fn unreadable(&self) -> u64 {
+        self.unreadable.load(Ordering::Relaxed)
+    }
+
+    /// Connections made (one per car unless one dropped, when a retained command may be
+    /// delivered twice).
+    pub fn connects(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for CommandWatch {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The TCP addresses process `pid` listens on, IPv4 and IPv6 (Linux: its socket inodes in
+/// `/proc/PID/fd` looked up in `/proc/net/tcp` and `tcp6`).
+pub fn listening_addrs(pid: u32) -> Vec<SocketAddr> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(Result::ok)
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|l| {
+                    l.to_str()?
+                        .strip_prefix("socket:[")?
+                        .strip_suffix(']')
+                        .map(str::to_string)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // cols: sl, local, remote, state (0A = LISTEN), tx:rx, tr:when, retrnsmt, uid,
+            // timeout, inode.
+            if cols.len() < 10 || cols[3] != "0A" || !inodes.iter().any(|i| i == cols[9]) {
+                continue;
+            }
+            if let Some(addr) = proc_net_addr(cols[1]) {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}
+
+/// `0100007F:1F90` → `127.0.0.1:8080`: the kernel prints the address's bytes as 32-bit
+/// words in the machine's own byte order (IPv4 one word, IPv6 four), the port as a number.
+fn proc_net_addr(text: &str) -> Option<SocketAddr> {
+    let (ip, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let words: Vec<u32> = (0..ip.len() / 8)
+        .map(|i| u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let ip = match bytes.len() {
+        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        16 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).ok()?)),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_net_addresses_read_as_the_kernel_writes_them() {
+        assert_eq!(
+            proc_net_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
+        assert_eq!(
+            proc_net_addr("00000000000000000000000001000000:075B"),
+            Some("[::1]:1883".parse().unwrap())
+        );
+        assert_eq!(proc_net_addr("nonsense"), None);
     }
 }
