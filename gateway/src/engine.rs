@@ -1281,10 +1281,8 @@ impl Shard {
             probe_answered: car.probe_answered,
             expected_seq: rec.seq,
             applied_seq: car.rec.applied_seq,
-            diagnostics: car
-                .last_report
-                .as_ref()
-                .map(|r| diagnostics_json(Some(r), &car.vehicle)),
+            // A car that never reported still has what it was registered with.
+            diagnostics: Some(diagnostics_json(car.last_report.as_ref(), &car.vehicle)),
         };
         let _ = self
             .sh

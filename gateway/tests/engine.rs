@@ -215,6 +215,8 @@ async fn ignoring_car_gets_attempts_probe_ticket_failed_and_withdrawal() {
     assert_eq!(tickets[0]["requestId"], id.as_str());
     assert_eq!(tickets[0]["attempts"], 2);
     assert_eq!(tickets[0]["probeAnswered"], false);
+    // This car never reported: the diagnostics are what it was registered with.
+    assert_eq!(tickets[0]["diagnostics"]["firmwareVersion"], "1.0.0");
     let (_, st) = api.get(&format!("/vehicles/{}/status", vin(2))).await;
     assert_eq!(st["activeServices"][0]["status"], "ERROR");
 
