@@ -75,6 +75,31 @@ impl Default for GatewaySpawn {
     }
 }
 
+/// Waits until the gateway `child` answers `/healthz` through `api`, at most
+/// [`START_TIMEOUT`]; an error with the tail of its `log` if it exits first.
+pub async fn wait_until_healthy(api: &Api, child: &mut Child, log: &Path) -> Result<()> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if api.healthy().await {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!(
+                "the gateway exited ({status}); its log {}:\n{}",
+                log.display(),
+                tail(log)
+            );
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the gateway did not answer /healthz within {START_TIMEOUT:?}; log {}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A running gateway process.
 pub struct GatewayProc {
     child: Child,
@@ -169,26 +194,7 @@ impl GatewayProc {
 
     async fn wait_healthy(&mut self) -> Result<()> {
         let api = self.api()?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if api.healthy().await {
-                return Ok(());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!(
-                    "the gateway exited ({status}); its log {}:\n{}",
-                    self.log.display(),
-                    tail(&self.log)
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the gateway did not answer /healthz within {START_TIMEOUT:?}; log {}",
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_until_healthy(&api, &mut self.child, &self.log).await
     }
 
     /// An API client for it.

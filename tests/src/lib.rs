@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use caas_sim::api::Api;
-use caas_sim::gateway_proc::{free_port, tail, START_TIMEOUT};
+use caas_sim::gateway_proc::{free_port, tail, wait_until_healthy};
 use caas_sim::stats::FleetReport;
 use caas_sim::webhook::Receiver;
 
@@ -153,27 +153,11 @@ impl Gateway {
             .context("starting the gateway")?;
         let child = self.child.insert(child);
         let api = Api::new(&self.http, &self.token)?;
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if api.healthy().await {
-                return Ok(());
-            }
-            if let Some(status) = child.try_wait()? {
-                self.child = None;
-                bail!(
-                    "the gateway exited ({status}); its log {}:\n{}",
-                    self.log.display(),
-                    tail(&self.log)
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the gateway did not answer /healthz within {START_TIMEOUT:?}; log {}",
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = wait_until_healthy(&api, child, &self.log).await;
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            self.child = None;
         }
+        started
     }
 
     /// An API client for it (a new one after a restart: the old one's pooled connections
