@@ -92,6 +92,11 @@ pub struct Config {
     pub retry: RetryPolicy,
     /// How long a signed command stays valid (its `not_after - issued_at`).
     pub command_ttl: Duration,
+    /// How long final requests, campaigns and support tickets are kept after they were made;
+    /// older ones are removed from the store in the background, so that it does not grow
+    /// for ever (at 1,000 requests a second, tens of GB a day). A request in flight, or
+    /// final with its callback not yet delivered, is kept whatever its age.
+    pub retention: Duration,
     /// Engine shards (threads owning disjoint sets of cars), at least 1; by default half the
     /// cores ([`default_threads`]).
     pub shards: usize,
@@ -152,6 +157,7 @@ impl Default for Config {
             api_token: DEV_API_TOKEN.to_owned(),
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(24 * 3600),
+            retention: Duration::from_secs(30 * 24 * 3600),
             shards: default_threads(),
             broker_shards: default_threads(),
             runtime_threads: cores(),
@@ -197,6 +203,9 @@ impl Config {
         }
         if self.shards == 0 {
             bail!("shards must be at least 1");
+        }
+        if self.retention.is_zero() {
+            bail!("--retention must be above zero");
         }
         if let Some(url) = &self.webhook_url {
             let parsed =
@@ -244,7 +253,8 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
         "s" => Duration::from_secs(n),
         "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        _ => bail!("{text:?}: unit must be ms, s, m or h"),
+        "d" => Duration::from_secs(n.saturating_mul(24 * 3600)),
+        _ => bail!("{text:?}: unit must be ms, s, m, h or d"),
     })
 }
 
@@ -314,6 +324,9 @@ pub struct ServeArgs {
     /// Validity of a signed command [default: 24h]
     #[arg(long, env = "CAAS_GATEWAY_COMMAND_TTL")]
     pub command_ttl: Option<String>,
+    /// How long final requests, campaigns and support tickets are kept [default: 30d]
+    #[arg(long, env = "CAAS_GATEWAY_RETENTION")]
+    pub retention: Option<String>,
     /// Engine shards [default: half the cores, at least 1]
     #[arg(long, env = "CAAS_GATEWAY_SHARDS")]
     pub shards: Option<usize>,
@@ -388,6 +401,10 @@ impl ServeArgs {
                 Some(t) => parse_duration(t).context("--command-ttl")?,
                 None => d.command_ttl,
             },
+            retention: match &a.retention {
+                Some(t) => parse_duration(t).context("--retention")?,
+                None => d.retention,
+            },
             shards: a.shards.unwrap_or(d.shards),
             broker_shards: a.broker_shards.unwrap_or(d.broker_shards),
             runtime_threads: a.runtime_threads.unwrap_or(d.runtime_threads),
@@ -417,6 +434,7 @@ impl ServeArgs {
             attempt_timeout: self.attempt_timeout.or(file.attempt_timeout),
             backoff: self.backoff.or(file.backoff),
             command_ttl: self.command_ttl.or(file.command_ttl),
+            retention: self.retention.or(file.retention),
             shards: self.shards.or(file.shards),
             broker_shards: self.broker_shards.or(file.broker_shards),
             runtime_threads: self.runtime_threads.or(file.runtime_threads),
@@ -436,8 +454,12 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
         assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(
+            parse_duration("30d").unwrap(),
+            Duration::from_secs(30 * 86_400)
+        );
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
-        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("5w").is_err());
         assert!(parse_duration("m").is_err());
         assert_eq!(parse_duration_list("1m,5m").unwrap().len(), 2);
     }

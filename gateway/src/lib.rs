@@ -38,6 +38,7 @@ pub mod webhook;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +63,11 @@ pub struct Gateway {
     http_stop: Option<tokio::sync::oneshot::Sender<()>>,
     http_task: tokio::task::JoinHandle<()>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The store's pruner and what stops it between two of its steps.
+    pruner: (
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ),
     heap: Option<heap::Warmer>,
     /// The callback senders (one per lane) and what stops each (it tells the engine what it
     /// delivered first).
@@ -117,10 +123,67 @@ impl Gateway {
         for t in self.tasks.drain(..) {
             stop_within(t, Duration::ZERO).await;
         }
+        // Stopped between steps, so that no step on a blocking thread keeps the store open.
+        let (stop, pruner) = self.pruner;
+        let _ = stop.send(());
+        stop_within(pruner, Duration::from_secs(5)).await;
         let engine = self.engine.clone();
         let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
         let _ = self.store.db.flush_async().await;
         tracing::info!("gateway stopped");
+    }
+}
+
+/// Records looked at per pruning step (one blocking task of a few milliseconds).
+const PRUNE_STEP: usize = 1_024;
+
+/// Removes what is older than `retention` from the store ([`store::prune`]): a pass at start
+/// and then every quarter of the retention (at least every 10 minutes), in steps of
+/// [`PRUNE_STEP`] records, each on a blocking thread, until `stop` fires.
+async fn prune_forever(
+    store: Store,
+    metrics: Arc<metrics::Metrics>,
+    retention: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let every = (retention / 4).clamp(Duration::from_millis(100), Duration::from_secs(600));
+    loop {
+        let cutoff_ms = store::now_ms().saturating_sub(retention.as_millis() as u64);
+        for kind in store::Prunable::ALL {
+            let mut from = Vec::new();
+            loop {
+                let (s, f) = (store.clone(), from);
+                let step = tokio::task::spawn_blocking(move || {
+                    store::prune(&s, kind, cutoff_ms, &f, PRUNE_STEP)
+                })
+                .await;
+                let next = match step {
+                    Ok(Ok((removed, next))) => {
+                        metrics.pruned.fetch_add(removed as u64, Relaxed);
+                        next
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, ?kind, "pruning the store");
+                        None
+                    }
+                    Err(_) => None,
+                };
+                if !matches!(
+                    stop.try_recv(),
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+                ) {
+                    return;
+                }
+                match next {
+                    Some(key) => from = key,
+                    None => break,
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = &mut stop => return,
+        }
     }
 }
 
@@ -149,6 +212,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let store = Store::open(&config.data.join("db"), config.store_cache_mb)
         .context("opening the database")?;
     let metrics = Arc::new(metrics::Metrics::default());
+    let metrics_for_pruner = metrics.clone();
     let heap = heap::Warmer::start(
         heap::Reserve::from_setting(config.heap_reserve_mb, config.broker.is_none()),
         metrics.clone(),
@@ -271,6 +335,13 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             tracing::error!(error = %e, "HTTP server");
         }
     });
+    let (pruner_stop, pruner_stopped) = tokio::sync::oneshot::channel();
+    let pruner = tokio::spawn(prune_forever(
+        store.clone(),
+        metrics_for_pruner,
+        config.retention,
+        pruner_stopped,
+    ));
     tracing::info!(%http_addr, ?mqtt_addr, ?mqtts_addr, broker = ?config.broker, key_id = %key_id, "gateway started");
     Ok(Gateway {
         http_addr,
@@ -283,6 +354,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         http_stop: Some(stop_tx),
         http_task,
         tasks,
+        pruner: (pruner_stop, pruner),
         heap,
         webhook: webhook_tasks,
     })

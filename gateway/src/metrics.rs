@@ -24,6 +24,8 @@ pub(crate) struct Metrics {
     pub(crate) reports_forged: AtomicU64,
     /// Messages from an external broker shed because the engine was behind (mqtt.rs).
     pub(crate) inbound_shed: AtomicU64,
+    /// Records removed from the store past the retention (lib.rs `prune_forever`).
+    pub(crate) pruned: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
     /// Cars the gateway knows (registered, or loaded from the store at start).
     pub(crate) cars_registered: AtomicI64,
@@ -149,6 +151,11 @@ impl Metrics {
             "caas_inbound_shed_total",
             "Reports and presence messages from an external broker shed because the engine was behind (the request retries).",
             &[("", self.inbound_shed.load(Relaxed))],
+        );
+        counter(
+            "caas_store_pruned_total",
+            "Final requests, campaigns and support tickets removed from the store past the retention (--retention).",
+            &[("", self.pruned.load(Relaxed))],
         );
         counter(
             "caas_support_tickets_total",

@@ -28,7 +28,7 @@ fn error_description(code: &str) -> &'static str {
     match code {
         "400" => "bad input: `field` names the field or parameter, `reason` says why; nothing changed",
         "401" => "no or wrong `Authorization: Bearer` token; nothing changed",
-        "404" => "no such car, request or campaign (`field` says which); nothing changed",
+        "404" => "no such car, request or campaign (`field` says which; final requests and campaigns are removed once older than the gateway's retention, 30 days by default); nothing changed",
         "409" => "conflicts with the car's state (`field` says which): another key for a known VIN, a service that is not active, or a car already holding its most services; nothing changed",
         "413" => "body over this route's size limit; nothing changed",
         "429" => "too many of this car's requests in flight (`field` is vin); nothing changed, retry later",

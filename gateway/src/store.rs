@@ -308,12 +308,109 @@ pub(crate) fn next_id() -> u64 {
     }
 }
 
-/// A fresh random UUID (v4) as 16 bytes.
+/// A fresh UUID (version 7, RFC 9562) as 16 bytes: 48 bits of Unix milliseconds, a 12-bit
+/// counter within the millisecond, 62 random bits. Ids sort by creation time, so the stored
+/// requests and campaigns are pruned by one range scan from the oldest ([`prune`]), and two
+/// ids made in one millisecond by this process still differ in their first 10 bytes (the
+/// campaign prefix, [`CAMPAIGN_PREFIX`]). Past 4,096 ids in a millisecond the counter carries
+/// into the time, which runs ahead by as much.
 pub(crate) fn new_uuid() -> [u8; 16] {
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ms() << 12;
+    let mut prev = LAST.load(Ordering::Relaxed);
+    let stamp = loop {
+        let next = now.max(prev + 1);
+        match LAST.compare_exchange_weak(prev, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => break next,
+            Err(p) => prev = p,
+        }
+    };
+    let (ms, counter) = (stamp >> 12, stamp & 0xfff);
     let mut b: [u8; 16] = rand::random();
-    b[6] = (b[6] & 0x0f) | 0x40;
+    b[..6].copy_from_slice(&uuid_time_prefix(ms));
+    b[6] = 0x70 | (counter >> 8) as u8;
+    b[7] = counter as u8;
     b[8] = (b[8] & 0x3f) | 0x80;
     b
+}
+
+/// The first 6 bytes of a [`new_uuid`] made at `ms`: every id made before `ms` sorts below.
+pub(crate) fn uuid_time_prefix(ms: u64) -> [u8; 6] {
+    let be = ms.to_be_bytes();
+    [be[2], be[3], be[4], be[5], be[6], be[7]]
+}
+
+/// The kinds of records [`prune`] removes once they are older than the retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Prunable {
+    /// Final requests (COMPLETED or FAILED) no longer listed in their car's record (where a
+    /// request waits until its callback is delivered); requests in flight stay whatever
+    /// their age.
+    Requests,
+    Campaigns,
+    SupportTickets,
+}
+
+impl Prunable {
+    pub(crate) const ALL: [Prunable; 3] = [
+        Prunable::Requests,
+        Prunable::Campaigns,
+        Prunable::SupportTickets,
+    ];
+}
+
+/// One step of pruning `kind`: looks at up to `budget` records made before `cutoff_ms`,
+/// from key `from` on, and removes those that may go. Returns how many it removed and the
+/// key to go on from, `None` once it reached the cutoff. Ids of stores from before version
+/// 7 ids are random: those that sort below the cutoff go by their creation time, the
+/// others are kept.
+pub(crate) fn prune(
+    store: &Store,
+    kind: Prunable,
+    cutoff_ms: u64,
+    from: &[u8],
+    budget: usize,
+) -> sled::Result<(usize, Option<Vec<u8>>)> {
+    let requests_bound = uuid_time_prefix(cutoff_ms);
+    let tickets_bound = cutoff_ms.saturating_mul(1000).to_be_bytes();
+    let (tree, bound): (&sled::Tree, &[u8]) = match kind {
+        Prunable::Requests => (&store.requests, &requests_bound),
+        Prunable::Campaigns => (&store.campaigns, &requests_bound),
+        Prunable::SupportTickets => (&store.tickets, &tickets_bound),
+    };
+    let mut removed = 0;
+    for (seen, item) in tree.range(from..bound).enumerate() {
+        let (key, value) = item?;
+        if seen == budget {
+            return Ok((removed, Some(key.to_vec())));
+        }
+        let goes = match kind {
+            Prunable::Requests => match dec::<RequestRec>(&value) {
+                Some(rec) => {
+                    matches!(rec.status.as_str(), "COMPLETED" | "FAILED")
+                        && rec.created_ms < cutoff_ms
+                        && !listed_in_its_car(store, &rec)?
+                }
+                None => false,
+            },
+            // Only a version 7 id tells when the campaign was made.
+            Prunable::Campaigns => key.len() == 16 && key[6] >> 4 == 7,
+            Prunable::SupportTickets => true,
+        };
+        if goes {
+            tree.remove(&key)?;
+            removed += 1;
+        }
+    }
+    Ok((removed, None))
+}
+
+fn listed_in_its_car(store: &Store, rec: &RequestRec) -> sled::Result<bool> {
+    Ok(store
+        .cars
+        .get(rec.vin.as_bytes())?
+        .and_then(|v| dec::<CarRec>(&v))
+        .is_some_and(|car| car.pending.contains(&rec.request_id)))
 }
 
 /// How many leading bytes a campaign's request ids share with the campaign id (80 bits: two
@@ -354,10 +451,111 @@ mod tests {
         assert_eq!(b[..CAMPAIGN_PREFIX], campaign[..CAMPAIGN_PREFIX]);
         assert_ne!(a, b);
         assert_eq!(b[CAMPAIGN_PREFIX..], [0, 0, 0, 1, 0x86, 0x9f]);
-        // Still a version 4, RFC 4122 UUID: its text parses back to the same bytes.
+        // Still a version 7 UUID: its text parses back to the same bytes.
         let text = caas_protocol::RequestId(b).to_string();
-        assert_eq!(&text[14..15], "4");
+        assert_eq!(&text[14..15], "7");
         assert_eq!(text.parse::<caas_protocol::RequestId>().map(|r| r.0), Ok(b));
+    }
+
+    #[test]
+    fn ids_are_version_7_and_sort_by_the_time_they_were_made() {
+        let before = uuid_time_prefix(now_ms());
+        let ids: Vec<[u8; 16]> = (0..10_000).map(|_| new_uuid()).collect();
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "made in order, sorted in order"
+        );
+        for id in &ids {
+            assert_eq!(id[6] >> 4, 7, "version");
+            assert_eq!(id[8] >> 6, 0b10, "variant");
+            assert!(id[..6] >= before[..]);
+        }
+        // Within a millisecond the counter keeps the campaign prefix apart.
+        assert!(ids
+            .windows(2)
+            .all(|w| w[0][..CAMPAIGN_PREFIX] != w[1][..CAMPAIGN_PREFIX]));
+    }
+
+    fn request_rec(id: &[u8; 16], vin: &str, status: &str, created_ms: u64) -> RequestRec {
+        RequestRec {
+            request_id: caas_protocol::RequestId(*id).to_string(),
+            vin: vin.into(),
+            action: "ACTIVATE".into(),
+            service_id: "s".into(),
+            seq: 1,
+            status: status.into(),
+            phase: "DONE".into(),
+            attempts: 1,
+            error_code: None,
+            created_at: iso_ms(created_ms),
+            updated_at: iso_ms(created_ms),
+            completed_at: None,
+            campaign_id: None,
+            grant: None,
+            created_ms,
+        }
+    }
+
+    #[test]
+    fn pruning_goes_in_steps_and_keeps_what_is_in_flight_or_awaits_its_callback() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        let cutoff = now_ms();
+        let old = cutoff - 60_000;
+        // Ids made a minute ago: the same layout as new_uuid's, at that time.
+        let id = |n: u8| {
+            let mut b = [n; 16];
+            b[..6].copy_from_slice(&uuid_time_prefix(old));
+            b[6] = 0x70;
+            b
+        };
+        let mut gone = Vec::new();
+        for n in 0..5 {
+            let rec = request_rec(&id(n), "CAR", "COMPLETED", old);
+            store.requests.insert(id(n), enc(&rec)).unwrap();
+            gone.push(id(n));
+        }
+        let in_flight = request_rec(&id(10), "CAR", "IN_PROGRESS", old);
+        store.requests.insert(id(10), enc(&in_flight)).unwrap();
+        let awaiting = request_rec(&id(11), "CAR", "FAILED", old);
+        store.requests.insert(id(11), enc(&awaiting)).unwrap();
+        let car = CarRec {
+            pending: vec![awaiting.request_id.clone()],
+            ..CarRec::default()
+        };
+        store.cars.insert("CAR", enc(&car)).unwrap();
+        let recent = new_uuid();
+        let rec = request_rec(&recent, "CAR", "COMPLETED", cutoff + 1);
+        store.requests.insert(recent, enc(&rec)).unwrap();
+
+        let mut from = Vec::new();
+        let mut steps = 0;
+        let mut removed = 0;
+        loop {
+            let (n, next) = prune(&store, Prunable::Requests, cutoff, &from, 2).unwrap();
+            removed += n;
+            steps += 1;
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
+        }
+        assert_eq!(removed, 5);
+        assert_eq!(steps, 4, "7 records past the cutoff, 2 a step");
+        for k in gone {
+            assert!(store.requests.get(k).unwrap().is_none());
+        }
+        for kept in [id(10), id(11), recent] {
+            assert!(store.requests.get(kept).unwrap().is_some());
+        }
+
+        let old_ticket = (old * 1000).to_be_bytes();
+        let new_ticket = ((cutoff + 1) * 1000).to_be_bytes();
+        store.tickets.insert(old_ticket, b"t".to_vec()).unwrap();
+        store.tickets.insert(new_ticket, b"t".to_vec()).unwrap();
+        let (n, next) = prune(&store, Prunable::SupportTickets, cutoff, &[], 100).unwrap();
+        assert_eq!((n, next), (1, None));
+        assert!(store.tickets.get(new_ticket).unwrap().is_some());
     }
 
     fn entry(id: u64, seq: Option<u64>) -> HistoryEntry {

@@ -838,3 +838,88 @@ async fn a_temporary_grant_leaves_the_status_at_its_expiry() {
         vec!["autopilot".to_string()]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn final_records_past_the_retention_are_pruned_and_requests_in_flight_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let retention = Duration::from_secs(2);
+    let mut c = config(dir.path(), Some(&hook));
+    c.retention = retention;
+    // Car 2 never answers: its request stays in flight for ~5.5 s, past the retention.
+    c.retry.attempts = 3;
+    let gw = caas_gateway::start(c).await.unwrap();
+    let api = Api::new(gw.http_addr());
+    let _car = obeying_cars(&gw, &api, 1..2).await;
+    api.register(2).await;
+
+    let started = std::time::Instant::now();
+    let single = api.activate(1, "power-boost", "power_boost").await;
+    assert_eq!(
+        hook.wait(&single, Duration::from_secs(15)).await.body["status"],
+        "ACTIVATED"
+    );
+    let (s, b) = autopilot_campaign(&api, &[vin(1).to_string()]).await;
+    assert_eq!(s, 202, "{b}");
+    let campaign = b["campaignId"].as_str().unwrap().to_owned();
+    let silent = api.activate(2, "power-boost", "power_boost").await;
+
+    // In flight past the retention, and still there.
+    let mut seen_old_in_flight = false;
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (s, r) = api.get(&format!("/ota/requests/{silent}")).await;
+        assert_eq!(s, 200, "a request in flight was pruned: {r}");
+        if r["status"] == "FAILED" {
+            break;
+        }
+        if started.elapsed() > retention * 2 {
+            seen_old_in_flight = true;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "car 2's request never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        seen_old_in_flight,
+        "the silent request ended before it outlived the retention"
+    );
+    hook.wait(&silent, Duration::from_secs(15)).await;
+
+    // Once final and their callbacks delivered, they go, with the campaign and the ticket.
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let gone = [
+            format!("/ota/requests/{single}"),
+            format!("/ota/requests/{silent}"),
+            format!("/campaigns/{campaign}"),
+        ];
+        let mut left = Vec::new();
+        for path in &gone {
+            if api.get(path).await.0 != 404 {
+                left.push(path.clone());
+            }
+        }
+        let (_, t) = api.get("/support/tickets").await;
+        if !t["tickets"].as_array().unwrap().is_empty() {
+            left.push("a support ticket".into());
+        }
+        if left.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < end, "not pruned: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The campaign's one request, the two single ones, the campaign and the ticket.
+    assert!(api.metric("caas_store_pruned_total").await >= 5.0);
+    // The cars themselves and their history stay.
+    let (s, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
+    assert_eq!(s, 200);
+    assert_eq!(st["activeServices"].as_array().unwrap().len(), 2, "{st}");
+    let (s, h) = api.get(&format!("/vehicles/{}/history", vin(2))).await;
+    assert_eq!(s, 200);
+    assert!(!h["entries"].as_array().unwrap().is_empty());
+    gw.shutdown().await;
+}
