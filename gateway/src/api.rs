@@ -5,6 +5,7 @@
 //! `{"error": "...", "field": "...", "reason": "..."}` and changes nothing.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -153,12 +154,38 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .route_layer(axum::middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/healthz", get(healthz))
         .merge(authed)
         .fallback(no_route)
         // After every route is in: it only reaches the routes already added.
         .method_not_allowed_fallback(wrong_method)
         .with_state(state)
+}
+
+/// Liveness and readiness: 503 while the gateway cannot do its work (its store does not
+/// flush, or its external broker is not connected); a webhook receiver that is down is the
+/// receiver's trouble (callbacks wait in the outbox), so it is only reported.
+async fn healthz(State(st): St) -> Response {
+    let m = &st.metrics;
+    let store_ok = m.store_failing.load(Relaxed) == 0;
+    let broker_ok = m.broker_disconnected.load(Relaxed) == 0;
+    let receiver_ok = m.webhook_receiver_down.load(Relaxed) == 0;
+    let status = if store_ok && broker_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let word = |ok: bool, bad: &'static str| if ok { "ok" } else { bad };
+    (
+        status,
+        Json(json!({
+            "status": word(status == StatusCode::OK, "unavailable"),
+            "store": word(store_ok, "failing"),
+            "broker": word(broker_ok, "disconnected"),
+            "webhookReceiver": word(receiver_ok, "down"),
+        })),
+    )
+        .into_response()
 }
 
 async fn no_route(uri: Uri) -> ApiError {

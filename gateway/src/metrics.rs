@@ -34,6 +34,10 @@ pub(crate) struct Metrics {
     pub(crate) webhook_failures: AtomicU64,
     /// 1 while the webhook receiver looks down (the sender only probes it).
     pub(crate) webhook_receiver_down: AtomicU64,
+    /// 1 while the newest store flush failed (requests are then answered 500).
+    pub(crate) store_failing: AtomicU64,
+    /// 1 while the gateway has no connection to its external broker (always 0 embedded).
+    pub(crate) broker_disconnected: AtomicU64,
     pub(crate) flushes: AtomicU64,
     /// Bytes of heap the warmer faulted in ahead of need (heap.rs).
     pub(crate) heap_prefaulted_bytes: AtomicU64,
@@ -183,6 +187,8 @@ impl Metrics {
             &[("", self.heap_prefaulted_bytes.load(Relaxed))],
         );
         let _ = writeln!(s, "# HELP caas_webhook_receiver_down 1 while the webhook receiver looks down (failures in a row; one callback at a time probes it).\n# TYPE caas_webhook_receiver_down gauge\ncaas_webhook_receiver_down {}", self.webhook_receiver_down.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_store_failing 1 while the newest store flush failed.\n# TYPE caas_store_failing gauge\ncaas_store_failing {}", self.store_failing.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_broker_disconnected 1 while the external broker is not connected.\n# TYPE caas_broker_disconnected gauge\ncaas_broker_disconnected {}", self.broker_disconnected.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_cars_registered Cars the gateway knows.\n# TYPE caas_cars_registered gauge\ncaas_cars_registered {}", self.cars_registered.load(Relaxed));

@@ -11,6 +11,7 @@
 //! own TLS listener runs every handshake inline in its accept loop, so one idle socket would
 //! stall every other car.)
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -297,10 +298,12 @@ pub(crate) fn start_external(
             }
         }
     });
+    metrics.broker_disconnected.store(1, Relaxed);
     Ok(tokio::spawn(async move {
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(CPacket::ConnAck(_))) => {
+                    metrics.broker_disconnected.store(0, Relaxed);
                     tracing::info!("connected to the external broker");
                     let _ = client.try_subscribe(topics::ALL_REPORTS, CQoS::AtLeastOnce);
                     let _ = client.try_subscribe(topics::ALL_PRESENCE, CQoS::AtLeastOnce);
@@ -314,6 +317,7 @@ pub(crate) fn start_external(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    metrics.broker_disconnected.store(1, Relaxed);
                     tracing::warn!(error = %e, "external broker connection; retrying in 1 s");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }

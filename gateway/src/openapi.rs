@@ -90,6 +90,11 @@ pub(crate) fn document() -> Value {
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
             "schemas": {
+                "Health": { "type": "object", "required": ["status", "store", "broker", "webhookReceiver"], "properties": {
+                    "status": { "type": "string", "enum": ["ok", "unavailable"] },
+                    "store": { "type": "string", "enum": ["ok", "failing"] },
+                    "broker": { "type": "string", "enum": ["ok", "disconnected"] },
+                    "webhookReceiver": { "type": "string", "enum": ["ok", "down"] } } },
                 "Error": { "type": "object", "required": ["error", "field", "reason"], "properties": {
                     "error": { "type": "string" },
                     "field": { "type": "string", "nullable": true, "description": "the offending field (dotted path, e.g. configuration.featureFlags[0]), path or query parameter, or header; null for a failure of the gateway's own" },
@@ -186,7 +191,8 @@ pub(crate) fn document() -> Value {
         },
         "security": [{ "bearer": [] }],
         "paths": {
-            "/healthz": { "get": { "security": [], "summary": "Liveness", "responses": ok("200", "alive", json!({ "type": "object", "required": ["status"], "properties": { "status": { "type": "string" } } })) } },
+            "/healthz": { "get": { "security": [], "summary": "Liveness and readiness: 503 while the store does not flush or the external broker is not connected; a webhook receiver that is down is only reported (callbacks wait in the outbox)",
+                "responses": merge(ok("200", "ready", r("Health")), json!({ "503": { "description": "not ready", "content": { "application/json": { "schema": r("Health") } } } })) } },
             "/ota/activate": { "post": { "summary": "Activate a service on a car", "requestBody": body(r("ActivateRequest")),
                 "responses": merge(ok("202", "accepted and durable; the result comes as a callback", r("RequestAccepted")),
                     errors(&["400", "401", "404", "409", "413", "429", "500", "503"])) } },

@@ -73,6 +73,9 @@ impl Store {
         if let Err(e) = &r {
             tracing::error!(error = %e, "flush failed");
         }
+        metrics
+            .store_failing
+            .store(u64::from(r.is_err()), std::sync::atomic::Ordering::Relaxed);
         r
     }
 }

@@ -266,13 +266,22 @@ async fn activation_through_mosquitto() {
         format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
     )
     .unwrap();
-    let _m = start_mosquitto(&conf, port).await;
     let hook = Webhook::start(0).await;
     let mut c = config(&dir.path().join("gw"), Some(&hook));
     c.mqtt = None;
     c.broker = Some(format!("mqtt://127.0.0.1:{port}"));
+    // Started before its broker: up, but not ready until the broker is there.
     let gw = caas_gateway::start(c).await.unwrap();
     let api = Api::new(gw.http_addr());
+    let (s, h) = api.get("/healthz").await;
+    assert_eq!(
+        (s, &h["broker"]),
+        (503, &serde_json::json!("disconnected")),
+        "{h}"
+    );
+    assert_eq!(h["store"], "ok");
+    let mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
     api.register(1).await;
     let car = TestCar::start(
         1,
@@ -301,7 +310,23 @@ async fn activation_through_mosquitto() {
         .wait(b["requestId"].as_str().unwrap(), Duration::from_secs(15))
         .await;
     assert_eq!(cb.body["status"], "DEACTIVATED");
+    // The broker gone: not ready again.
+    drop(mosquitto);
+    wait_healthz(&api, 503).await;
     gw.shutdown().await;
+}
+
+/// Waits until `GET /healthz` answers `status`.
+async fn wait_healthz(api: &Api, status: u16) {
+    let end = Instant::now() + SETTLED_WITHIN;
+    loop {
+        let (s, h) = api.get("/healthz").await;
+        if s == status {
+            return;
+        }
+        assert!(Instant::now() < end, "/healthz stays {s}: {h}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// What a [`Probe`]'s connection heard from the broker.
