@@ -37,7 +37,7 @@ use crate::campaign::CampaignCounts;
 use crate::config::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::store::{
-    enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry,
+    dec, enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry,
     RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
 };
 use crate::webhook::{Due, Handoff, Lane};
@@ -347,6 +347,9 @@ struct Pending {
     /// When the HTTP side received it (`None`: loaded from the store at start, where only
     /// its creation time in milliseconds is known).
     received: Option<Instant>,
+    /// The grant of the same service this request replaced or removed (the `replaced` tree):
+    /// put back if the request fails.
+    replaced: Option<GrantRec>,
 }
 
 /// The effects of one batch, run after its flush.
@@ -720,6 +723,14 @@ impl Shard {
         self.pending.insert(
             id,
             Pending {
+                replaced: self
+                    .sh
+                    .store
+                    .replaced
+                    .get(id.0)
+                    .ok()
+                    .flatten()
+                    .and_then(|v| dec(&v)),
                 rec,
                 gen: 0,
                 campaign: None,
@@ -960,9 +971,16 @@ impl Shard {
             ));
         }
         let seq = car.rec.seq + 1;
+        let replaced;
         let (action, service_id, grant) = match nr.op {
             Op::Activate(mut g) => {
                 let now_s = now / 1000;
+                replaced = car
+                    .rec
+                    .grants
+                    .iter()
+                    .find(|x| x.service_id == g.service_id && unexpired(x, now_s))
+                    .cloned();
                 car.rec
                     .grants
                     .retain(|x| x.service_id != g.service_id && unexpired(x, now_s));
@@ -981,6 +999,12 @@ impl Shard {
                 ("ACTIVATE", g.service_id.clone(), Some(g))
             }
             Op::Deactivate(service) => {
+                replaced = car
+                    .rec
+                    .grants
+                    .iter()
+                    .find(|x| x.service_id == service)
+                    .cloned();
                 let before = car.rec.grants.len();
                 car.rec.grants.retain(|x| x.service_id != service);
                 if car.rec.grants.len() == before {
@@ -1023,6 +1047,9 @@ impl Shard {
             created_ms: nr.created_ms,
         };
         self.save_request(&rec);
+        if let Some(g) = &replaced {
+            let _ = self.sh.store.replaced.insert(nr.request_id.0, enc(g));
+        }
         self.mark_dirty(&nr.vin);
         if let Some(c) = &nr.campaign {
             c.accepted();
@@ -1042,6 +1069,7 @@ impl Shard {
         self.pending.insert(
             nr.request_id,
             Pending {
+                replaced,
                 rec: rec.clone(),
                 gen: 0,
                 campaign: nr.campaign,
@@ -1186,6 +1214,40 @@ impl Shard {
         // The request moves from the car's pending list to its awaiting list (or leaves
         // it when no callback is due): the same set on disk, so the write may wait.
         self.mark_lazy(&vin);
+        if p.replaced.is_some() {
+            let _ = self.sh.store.replaced.remove(id.0);
+        }
+        // A failed change changes nothing: the grant it replaced or removed comes back, or,
+        // when a later request on the same service is still in flight, becomes what that
+        // one puts back if it fails too.
+        let mut put_back = None;
+        if result.is_err() {
+            let successor = self.cars.get(&vin).and_then(|car| {
+                car.pending
+                    .iter()
+                    .filter(|x| **x != id)
+                    .filter_map(|x| {
+                        self.pending
+                            .get(x)
+                            .map(|q| (*x, q.rec.seq, &q.rec.service_id))
+                    })
+                    .filter(|(_, seq, service)| *seq > rec.seq && **service == rec.service_id)
+                    .min_by_key(|(_, seq, _)| *seq)
+                    .map(|(x, _, _)| x)
+            });
+            match successor {
+                Some(next) => {
+                    if let Some(q) = self.pending.get_mut(&next) {
+                        q.replaced = p.replaced.clone();
+                        let _ = match &q.replaced {
+                            Some(g) => self.sh.store.replaced.insert(next.0, enc(g)).map(|_| ()),
+                            None => self.sh.store.replaced.remove(next.0).map(|_| ()),
+                        };
+                    }
+                }
+                None => put_back = p.replaced.clone(),
+            }
+        }
         if let Some(car) = self.cars.get_mut(&vin) {
             car.pending.retain(|x| *x != id);
             if result.is_err() {
@@ -1198,23 +1260,38 @@ impl Shard {
                     at: rec.created_at.clone(),
                 });
                 // Withdraw what this request granted, so a car that comes back later does
-                // not keep a feature nobody paid for.
+                // not keep a feature nobody paid for, and put back what it replaced.
                 let before = car.rec.grants.len();
                 car.rec.grants.retain(|g| {
                     !(g.service_id == rec.service_id && g.request_id == rec.request_id)
                 });
-                if car.rec.grants.len() != before {
+                let withdrawn = car.rec.grants.len() != before;
+                let restored = match put_back {
+                    Some(mut g) if !car.rec.grants.iter().any(|x| x.service_id == g.service_id) => {
+                        // Pending (not ACTIVE) until the car confirms the command carrying it.
+                        g.seq = car.rec.seq + 1;
+                        car.rec.grants.push(g);
+                        true
+                    }
+                    _ => false,
+                };
+                if withdrawn || restored {
                     car.rec.seq += 1;
                     car.rec.settles = car.pending.iter().map(rid_text).collect();
                     let seq = car.rec.seq;
                     // A new seq and grant set: durable before the command goes out.
                     self.mark_dirty(&vin);
+                    let what = match (withdrawn, restored) {
+                        (true, true) => "withdraw {s}, restore the grant it replaced",
+                        (false, true) => "restore {s} as it was before",
+                        _ => "withdraw {s}",
+                    };
                     self.history(
                         &vin,
                         "COMMAND",
                         Some(seq),
                         Some(rec.request_id.clone()),
-                        format!("withdraw {}", rec.service_id),
+                        what.replace("{s}", &rec.service_id),
                     );
                     self.send_state(&vin, false);
                 }
@@ -1365,22 +1442,56 @@ impl Shard {
         if let Outcome::Rejected { seq, code } = report.outcome {
             m.reports_refused.fetch_add(1, Relaxed);
             if seq > applied {
-                let refused: Vec<RequestId> = self
-                    .cars
-                    .get(&vin)
-                    .map(|c| c.pending.clone())
-                    .unwrap_or_default()
-                    .into_iter()
-                    .filter(|id| self.pending.get(id).is_some_and(|p| p.rec.seq <= seq))
-                    .collect();
+                let refused = self.refused_by(&vin, seq, code);
+                let resend = refused.is_empty();
                 for id in refused {
                     self.finish(id, Err((code.as_str().to_owned(), false)));
+                }
+                // What the refusal did not fail waits for a newer command (a failure above
+                // sent one if it changed the grants).
+                if resend && self.cars.get(&vin).is_some_and(|c| !c.pending.is_empty()) {
+                    self.send_state(&vin, true);
                 }
             }
         } else if latest > applied && last_sent.is_none_or(|t| now.saturating_sub(t) > 5_000) {
             // The car is behind and nothing went out recently (e.g. the gateway restarted):
             // send it its state again, freshly signed.
             self.send_state(&vin, true);
+        }
+    }
+
+    /// The requests the car's refusal of command `seq` fails. A command carries the car's
+    /// whole grant set, so one bad grant gets every later command refused too:
+    /// - a refusal for what a grant holds (an unknown or base-platform feature) fails only
+    ///   the activations whose grants the car has not yet taken (carried since its last
+    ///   applied command, in flight at `seq` or before); deactivations and requests
+    ///   whose grants it took before wait for the next command, which no longer carries the
+    ///   failed grants;
+    /// - any other refusal of the newest command fails every request it carries; a refusal
+    ///   of a command already superseded fails nothing (the newest one decides).
+    fn refused_by(&self, vin: &Vin, seq: u64, code: RejectCode) -> Vec<RequestId> {
+        let Some(car) = self.cars.get(vin) else {
+            return Vec::new();
+        };
+        let in_flight_at_seq = car
+            .pending
+            .iter()
+            .filter_map(|id| self.pending.get(id).map(|p| (*id, &p.rec)))
+            .filter(|(_, rec)| rec.seq <= seq);
+        match code {
+            RejectCode::UnknownFeature | RejectCode::BasePlatformFeature => {
+                in_flight_at_seq
+                    .filter(|(_, rec)| {
+                        rec.action == "ACTIVATE"
+                            && car.rec.grants.iter().any(|g| {
+                                g.request_id == rec.request_id && g.seq > car.rec.applied_seq
+                            })
+                    })
+                    .map(|(id, _)| id)
+                    .collect()
+            }
+            _ if seq < car.rec.seq => Vec::new(),
+            _ => in_flight_at_seq.map(|(id, _)| id).collect(),
         }
     }
 

@@ -34,6 +34,10 @@ pub(crate) struct Store {
     pub(crate) history: sled::Tree,
     /// campaign id (16 bytes) → [`CampaignRec`].
     pub(crate) campaigns: sled::Tree,
+    /// request id (16 bytes) → the [`GrantRec`] of the same service that the request, still
+    /// in flight, replaced (a renewal) or removed (a deactivation): put back if it fails, so a
+    /// failed change changes nothing. Removed once the request is final.
+    pub(crate) replaced: sled::Tree,
     /// campaign id ++ request id → (): the campaign index of stores written before campaign
     /// request ids began with their campaign's id ([`campaign_request_id`]); read only.
     pub(crate) campaign_reqs: sled::Tree,
@@ -56,6 +60,7 @@ impl Store {
             history: db.open_tree("history")?,
             campaigns: db.open_tree("campaigns")?,
             campaign_reqs: db.open_tree("campaign_reqs")?,
+            replaced: db.open_tree("replaced")?,
             db,
         })
     }
@@ -402,6 +407,10 @@ pub(crate) fn prune(
         };
         if goes {
             tree.remove(&key)?;
+            if kind == Prunable::Requests {
+                // Normally gone when the request became final; a crash could leave it.
+                store.replaced.remove(&key)?;
+            }
             removed += 1;
         }
     }

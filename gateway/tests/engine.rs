@@ -923,3 +923,151 @@ async fn final_records_past_the_retention_are_pruned_and_requests_in_flight_are_
     assert!(!h["entries"].as_array().unwrap().is_empty());
     gw.shutdown().await;
 }
+
+/// The car's current services in `GET /vehicles/{vin}/status`, sorted: (serviceId, status).
+async fn services_of(api: &Api, n: u32) -> Vec<(String, String)> {
+    let (_, st) = api.get(&format!("/vehicles/{}/status", vin(n))).await;
+    let mut v: Vec<(String, String)> = st["activeServices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["serviceId"].as_str().unwrap().to_owned(),
+                s["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn deactivate(api: &Api, n: u32, service: &str) -> String {
+    let (s, b) = api
+        .post(
+            "/ota/deactivate",
+            &json!({"vin": vin(n).to_string(), "serviceId": service}),
+        )
+        .await;
+    assert_eq!(s, 202, "{b}");
+    b["requestId"].as_str().unwrap().to_owned()
+}
+
+fn pair(service: &str, status: &str) -> (String, String) {
+    (service.to_owned(), status.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_or_deactivation_leaves_the_service_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let car = obeying_cars(&gw, &api, 1..2).await.remove(0);
+    for (service, flag) in [
+        ("autopilot", "highway_autopilot"),
+        ("heated-seats", "heated_seats"),
+    ] {
+        let id = api.activate(1, service, flag).await;
+        assert_eq!(
+            hook.wait(&id, Duration::from_secs(15)).await.body["status"],
+            "ACTIVATED"
+        );
+    }
+
+    // The car stops answering: a renewal and a deactivation run out of attempts.
+    car.ignore.store(true, std::sync::atomic::Ordering::SeqCst);
+    let renewal = api.activate(1, "autopilot", "highway_autopilot").await;
+    let removal = deactivate(&api, 1, "heated-seats").await;
+    for id in [&renewal, &removal] {
+        let cb = hook.wait(id, Duration::from_secs(30)).await;
+        assert_eq!(cb.body["status"], "FAILED");
+        assert_eq!(cb.body["errorCode"], "NO_CONFIRMATION");
+    }
+    // Both services as they were (pending until the car takes the command that says so).
+    let names: Vec<String> = services_of(&api, 1)
+        .await
+        .into_iter()
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(names, ["autopilot", "heated-seats"]);
+
+    // Back, the car takes the newest state: it still has what was paid for.
+    car.ignore.store(false, std::sync::atomic::Ordering::SeqCst);
+    car.announce_online().await;
+    wait_until("the car has caught up", Duration::from_secs(15), || {
+        let seen = car.seen.lock().unwrap();
+        seen.applied_seq > 4
+    })
+    .await;
+    let mut grants = car.seen.lock().unwrap().grants.clone();
+    grants.sort();
+    assert_eq!(grants, ["autopilot", "heated-seats"]);
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while services_of(&api, 1).await
+        != [pair("autopilot", "ACTIVE"), pair("heated-seats", "ACTIVE")]
+    {
+        assert!(
+            std::time::Instant::now() < end,
+            "{:?}",
+            services_of(&api, 1).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let car = obeying_cars(&gw, &api, 1..2).await.remove(0);
+    for (service, flag) in [
+        ("autopilot", "highway_autopilot"),
+        ("heated-seats", "heated_seats"),
+    ] {
+        let id = api.activate(1, service, flag).await;
+        assert_eq!(
+            hook.wait(&id, Duration::from_secs(15)).await.body["status"],
+            "ACTIVATED"
+        );
+    }
+    let ignore = |on: bool| car.ignore.store(on, std::sync::atomic::Ordering::SeqCst);
+
+    // An activation naming a feature the car does not have, then a deactivation: the car
+    // sees them together in one command and refuses it for the unknown feature.
+    ignore(true);
+    let bad = api.activate(1, "warp", "warp_drive").await;
+    let removal = deactivate(&api, 1, "heated-seats").await;
+    ignore(false);
+    car.announce_online().await;
+    let cb = hook.wait(&bad, Duration::from_secs(15)).await;
+    assert_eq!(
+        (&cb.body["status"], &cb.body["errorCode"]),
+        (&json!("FAILED"), &json!("UNKNOWN_FEATURE"))
+    );
+    let cb = hook.wait(&removal, Duration::from_secs(15)).await;
+    assert_eq!(cb.body["status"], "DEACTIVATED", "{}", cb.body);
+    assert_eq!(car.seen.lock().unwrap().grants, ["autopilot"]);
+
+    // The same with a renewal of a paid service beside the bad grant: the car cannot say
+    // which grant it refused, so both fail, and the paid grant stays.
+    ignore(true);
+    let bad = api.activate(1, "warp", "warp_drive").await;
+    let renewal = api.activate(1, "autopilot", "highway_autopilot").await;
+    ignore(false);
+    car.announce_online().await;
+    for id in [&bad, &renewal] {
+        let cb = hook.wait(id, Duration::from_secs(15)).await;
+        assert_eq!(cb.body["status"], "FAILED");
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(15);
+    while services_of(&api, 1).await.first() != Some(&pair("autopilot", "ACTIVE")) {
+        assert!(
+            std::time::Instant::now() < end,
+            "{:?}",
+            services_of(&api, 1).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(car.seen.lock().unwrap().grants, ["autopilot"]);
+}
