@@ -1327,7 +1327,7 @@ impl Shard {
         };
         let due = Due::first(vin, id, body, lane);
         if webhook.crowded(lane, self.batch.callbacks.len() + 1) {
-            webhook.file(&due.entry);
+            webhook.file_held(&due.entry);
             return;
         }
         if let Some(car) = self.cars.get_mut(&vin) {

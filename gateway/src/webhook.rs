@@ -174,7 +174,20 @@ impl Handoff {
     pub(crate) fn file(&self, entry: &OutboxEntry) {
         file_due_now(&self.outbox, &self.missed, entry);
     }
+
+    /// Files `entry` in the outbox from inside an engine batch, before the flush that makes
+    /// its request's final state durable: due [`FILED_HOLD`] from now, so that no scan sends
+    /// it before that flush (a callback sent before its final state is durable could be
+    /// contradicted by another after a crash). A flush slower than that hold still opens the
+    /// window; flushes take well under a millisecond, and seldom over 100 ms.
+    pub(crate) fn file_held(&self, entry: &OutboxEntry) {
+        let due = now_ms() + FILED_HOLD.as_millis() as u64;
+        let _ = self.outbox.insert(outbox_key(due, entry.id), enc(entry));
+    }
 }
+
+/// How long an entry filed from inside an engine batch waits before a scan may send it.
+pub(crate) const FILED_HOLD: Duration = Duration::from_secs(1);
 
 /// One sender's side of a [`Handoff`].
 pub(crate) struct Inbox {
@@ -376,6 +389,9 @@ struct Sender {
     /// Failed entries by next due time, by outbox key.
     retries: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
     retry_entries: std::collections::HashMap<Vec<u8>, (OutboxEntry, Option<Instant>)>,
+    /// The due time of the first outbox entry the last scan found not yet due (one filed
+    /// with [`Handoff::file_held`]): the sender scans again then.
+    outbox_next: Option<u64>,
     in_flight: tokio::task::JoinSet<(Due, bool)>,
     /// Tells a car's shard that its record need not keep a callback any more.
     engine: Engine,
@@ -548,6 +564,7 @@ impl Sender {
     /// pass stopped at [`PASS`] entries (more may be due).
     fn scan(&mut self) -> bool {
         let now = now_ms();
+        self.outbox_next = None;
         let mut taken = 0;
         for item in self.store.outbox.iter() {
             let Ok((k, v)) = item else { break };
@@ -557,7 +574,8 @@ impl Sender {
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
             if at > now {
-                break;
+                self.outbox_next = Some(at);
+                return false;
             }
             let key = k.to_vec();
             if self.retry_entries.contains_key(&key) {
@@ -596,6 +614,10 @@ impl Sender {
         let wait = match self.settled_since {
             Some(t) => retry.min(SETTLE_EVERY.saturating_sub(t.elapsed())),
             None => retry,
+        };
+        let wait = match self.outbox_next {
+            Some(at) => wait.min(Duration::from_millis(at.saturating_sub(now_ms()))),
+            None => wait,
         };
         match self.breaker.probe_in(Instant::now()) {
             Some(probe) => wait.min(probe),
@@ -688,6 +710,7 @@ pub(crate) async fn run(
         taken: HashSet::new(),
         retries: BinaryHeap::new(),
         retry_entries: std::collections::HashMap::new(),
+        outbox_next: None,
         in_flight: tokio::task::JoinSet::new(),
         settled: vec![Vec::new(); engine.shard_count()],
         settled_since: None,
@@ -705,6 +728,9 @@ pub(crate) async fn run(
         }
         s.take_due_retries();
         s.tell_settled_if_due();
+        if s.outbox_next.is_some_and(|at| at <= now_ms()) {
+            missed.flag.store(true, Relaxed);
+        }
         if s.lane == Lane::Interactive
             && s.queues.retrying.is_empty()
             && (missed.take() || last_scan.elapsed() >= IDLE_SCAN)
@@ -856,6 +882,24 @@ mod tests {
         assert_eq!(s.len(), 7 + 64);
         assert_ne!(s, signature("key", "2", "{}"));
         assert_ne!(s, signature("other", "1", "{}"));
+    }
+
+    #[test]
+    fn an_entry_filed_from_inside_a_batch_is_not_due_before_its_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        let (handoff, _inboxes) = handoff(&store);
+        // A fresh handoff asks for a first scan (entries left from before a restart).
+        handoff.missed.take();
+        let before = now_ms();
+        handoff.file_held(&due(Keeper::Outbox(Vec::new())).entry);
+        let (key, _) = store.outbox.first().unwrap().unwrap();
+        let at = u64::from_be_bytes(key[..8].try_into().unwrap());
+        assert!(
+            at >= before + FILED_HOLD.as_millis() as u64,
+            "due at {at}, filed at {before}"
+        );
+        assert!(!handoff.missed.take(), "no scan is woken for it");
     }
 
     #[test]
