@@ -615,9 +615,12 @@ impl Sender {
             Some(t) => retry.min(SETTLE_EVERY.saturating_sub(t.elapsed())),
             None => retry,
         };
+        // Only a time ahead: one already past is scanned as soon as the lane may scan (no
+        // retry in progress), and waking for it before then would spin.
+        let now = now_ms();
         let wait = match self.outbox_next {
-            Some(at) => wait.min(Duration::from_millis(at.saturating_sub(now_ms()))),
-            None => wait,
+            Some(at) if at > now => wait.min(Duration::from_millis(at - now)),
+            _ => wait,
         };
         match self.breaker.probe_in(Instant::now()) {
             Some(probe) => wait.min(probe),
