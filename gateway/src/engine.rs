@@ -324,6 +324,11 @@ struct Car {
     /// Final requests whose callback is in its first try (the record keeps them listed, so
     /// a restart sends them again).
     awaiting: Vec<RequestId>,
+    /// Activations whose grants are left out of the car's commands for now: the car refused
+    /// a command for a grant and could not say which, so the unconfirmed ones go to it one
+    /// at a time ([`Shard::refused_by`]). In memory only: after a restart every grant is
+    /// sent again and a new refusal starts over. At most [`MAX_IN_FLIGHT_PER_CAR`].
+    held: Vec<RequestId>,
     errors: Vec<ServiceError>,
     history_written: usize,
     /// History entries not yet in the store, oldest first, with their ids: written with
@@ -862,7 +867,13 @@ impl Shard {
         let now = now_ms() / 1000;
         // An expired grant would only be dropped by the car; leaving it out keeps the
         // command small and the car's view the same as the status answer's.
-        for g in car.rec.grants.iter().filter(|g| unexpired(g, now)) {
+        let held = |g: &GrantRec| car.held.iter().any(|id| rid_text(id) == g.request_id);
+        for g in car
+            .rec
+            .grants
+            .iter()
+            .filter(|g| unexpired(g, now) && !held(g))
+        {
             if let Some(grant) = to_grant(g) {
                 let _ = desired.grants.push(grant);
             }
@@ -1250,6 +1261,7 @@ impl Shard {
         }
         if let Some(car) = self.cars.get_mut(&vin) {
             car.pending.retain(|x| *x != id);
+            car.held.retain(|x| *x != id);
             if result.is_err() {
                 if car.errors.len() >= MAX_ERRORS {
                     car.errors.remove(0);
@@ -1432,6 +1444,7 @@ impl Shard {
         let settled: Vec<RequestId> = car
             .pending
             .iter()
+            .filter(|id| !car.held.contains(id))
             .filter(|id| self.pending.get(id).is_some_and(|p| p.rec.seq <= applied))
             .copied()
             .collect();
@@ -1442,57 +1455,138 @@ impl Shard {
         if let Outcome::Rejected { seq, code } = report.outcome {
             m.reports_refused.fetch_add(1, Relaxed);
             if seq > applied {
-                let refused = self.refused_by(&vin, seq, code);
-                let resend = refused.is_empty();
-                for id in refused {
-                    self.finish(id, Err((code.as_str().to_owned(), false)));
-                }
-                // What the refusal did not fail waits for a newer command (a failure above
-                // sent one if it changed the grants).
-                if resend && self.cars.get(&vin).is_some_and(|c| !c.pending.is_empty()) {
-                    self.send_state(&vin, true);
+                match self.refused_by(&vin, seq, code) {
+                    // The suspects went out one at a time: wait for that command's answer.
+                    None => {}
+                    Some(refused) => {
+                        let failed = !refused.is_empty();
+                        for id in refused {
+                            self.finish(id, Err((code.as_str().to_owned(), false)));
+                        }
+                        // What the refusal did not fail waits for a newer command (a failure
+                        // above sent one if it changed the grants), with the next held grant.
+                        let released = failed && self.release_held(&vin);
+                        if !failed
+                            && !released
+                            && self.cars.get(&vin).is_some_and(|c| !c.pending.is_empty())
+                        {
+                            self.send_state(&vin, true);
+                        }
+                    }
                 }
             }
-        } else if latest > applied && last_sent.is_none_or(|t| now.saturating_sub(t) > 5_000) {
+        } else if latest <= applied {
+            // Caught up: the next held grant, if any, goes out.
+            self.release_held(&vin);
+        } else if last_sent.is_none_or(|t| now.saturating_sub(t) > 5_000) {
             // The car is behind and nothing went out recently (e.g. the gateway restarted):
             // send it its state again, freshly signed.
             self.send_state(&vin, true);
         }
     }
 
-    /// The requests the car's refusal of command `seq` fails. A command carries the car's
-    /// whole grant set, so one bad grant gets every later command refused too:
-    /// - a refusal for what a grant holds (an unknown or base-platform feature) fails only
+    /// The requests the car's refusal of command `seq` fails (`None`: none yet, the grants
+    /// in question go to the car one at a time). A command carries the car's whole grant
+    /// set, so one bad grant gets every later command refused too:
+    /// - a refusal of a command already superseded fails nothing (the newest one decides);
+    /// - a refusal for what a grant holds (an unknown or base-platform feature) blames only
     ///   the activations whose grants the car has not yet taken (carried since its last
-    ///   applied command, in flight at `seq` or before); deactivations and requests
-    ///   whose grants it took before wait for the next command, which no longer carries the
-    ///   failed grants;
-    /// - any other refusal of the newest command fails every request it carries; a refusal
-    ///   of a command already superseded fails nothing (the newest one decides).
-    fn refused_by(&self, vin: &Vin, seq: u64, code: RejectCode) -> Vec<RequestId> {
+    ///   applied command); deactivations and requests whose grants it took before wait for
+    ///   the next command. One such activation fails; of several, the oldest goes alone in a
+    ///   newer command and the others are held ([`Car::held`]) and follow one at a time, so
+    ///   each refusal then names its own request;
+    /// - any other refusal fails every request the command carries.
+    fn refused_by(&mut self, vin: &Vin, seq: u64, code: RejectCode) -> Option<Vec<RequestId>> {
         let Some(car) = self.cars.get(vin) else {
-            return Vec::new();
+            return Some(Vec::new());
         };
+        // Only the newest command's refusal speaks of the grants the car would have now.
+        if seq < car.rec.seq {
+            return Some(Vec::new());
+        }
         let in_flight_at_seq = car
             .pending
             .iter()
+            .filter(|id| !car.held.contains(id))
             .filter_map(|id| self.pending.get(id).map(|p| (*id, &p.rec)))
             .filter(|(_, rec)| rec.seq <= seq);
-        match code {
-            RejectCode::UnknownFeature | RejectCode::BasePlatformFeature => {
-                in_flight_at_seq
-                    .filter(|(_, rec)| {
-                        rec.action == "ACTIVATE"
-                            && car.rec.grants.iter().any(|g| {
-                                g.request_id == rec.request_id && g.seq > car.rec.applied_seq
-                            })
-                    })
-                    .map(|(id, _)| id)
-                    .collect()
-            }
-            _ if seq < car.rec.seq => Vec::new(),
-            _ => in_flight_at_seq.map(|(id, _)| id).collect(),
+        if !matches!(
+            code,
+            RejectCode::UnknownFeature | RejectCode::BasePlatformFeature
+        ) {
+            return Some(in_flight_at_seq.map(|(id, _)| id).collect());
         }
+        let mut suspects: Vec<(RequestId, u64)> = in_flight_at_seq
+            .filter(|(_, rec)| {
+                rec.action == "ACTIVATE"
+                    && car
+                        .rec
+                        .grants
+                        .iter()
+                        .any(|g| g.request_id == rec.request_id && g.seq > car.rec.applied_seq)
+            })
+            .map(|(id, rec)| (id, rec.seq))
+            .collect();
+        suspects.sort_by_key(|(_, seq)| *seq);
+        if suspects.len() <= 1 {
+            return Some(suspects.into_iter().map(|(id, _)| id).collect());
+        }
+        // Several new grants, and the car cannot say which it refused: the oldest goes
+        // alone in the next command, the others wait (held) and follow one at a time.
+        let Some(car) = self.cars.get_mut(vin) else {
+            return Some(Vec::new());
+        };
+        car.held.extend(suspects.iter().skip(1).map(|(id, _)| *id));
+        car.rec.seq += 1;
+        let next = car.rec.seq;
+        self.history(
+            vin,
+            "COMMAND",
+            Some(next),
+            None,
+            format!(
+                "refused for a grant: {} new grants go to the car one at a time",
+                suspects.len()
+            ),
+        );
+        self.mark_dirty(vin);
+        self.send_state(vin, false);
+        None
+    }
+
+    /// Puts the oldest held grant back into the car's commands, as part of a newer one (its
+    /// request then settles only when the car takes that command); `true` if one was.
+    fn release_held(&mut self, vin: &Vin) -> bool {
+        let Some(car) = self.cars.get_mut(vin) else {
+            return false;
+        };
+        let live = |id: &RequestId| self.pending.contains_key(id);
+        car.held.retain(live);
+        if car.held.is_empty() {
+            return false;
+        }
+        let id = car.held.remove(0);
+        car.rec.seq += 1;
+        let next = car.rec.seq;
+        let rid = rid_text(&id);
+        for g in car.rec.grants.iter_mut().filter(|g| g.request_id == rid) {
+            g.seq = next;
+        }
+        if let Some(p) = self.pending.get_mut(&id) {
+            p.rec.seq = next;
+            let rec = p.rec.clone();
+            self.save_request(&rec);
+        }
+        self.mark_dirty(vin);
+        self.history(
+            vin,
+            "COMMAND",
+            Some(next),
+            Some(rid),
+            "held grant sent".into(),
+        );
+        self.send_state(vin, false);
+        true
     }
 
     fn on_presence(&mut self, vin: Vin, online: bool) {
@@ -1664,6 +1758,7 @@ fn new_car(key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
         dirty: false,
         lazy: false,
         awaiting: Vec::new(),
+        held: Vec::new(),
     }
 }
 
