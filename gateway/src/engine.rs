@@ -1504,19 +1504,22 @@ impl Shard {
         if seq < car.rec.seq {
             return Some(Vec::new());
         }
-        let in_flight_at_seq = car
+        let in_flight_at_seq: Vec<(RequestId, &RequestRec)> = car
             .pending
             .iter()
             .filter(|id| !car.held.contains(id))
             .filter_map(|id| self.pending.get(id).map(|p| (*id, &p.rec)))
-            .filter(|(_, rec)| rec.seq <= seq);
+            .filter(|(_, rec)| rec.seq <= seq)
+            .collect();
+        let every = || Some(in_flight_at_seq.iter().map(|(id, _)| *id).collect());
         if !matches!(
             code,
             RejectCode::UnknownFeature | RejectCode::BasePlatformFeature
         ) {
-            return Some(in_flight_at_seq.map(|(id, _)| id).collect());
+            return every();
         }
         let mut suspects: Vec<(RequestId, u64)> = in_flight_at_seq
+            .iter()
             .filter(|(_, rec)| {
                 rec.action == "ACTIVATE"
                     && car
@@ -1525,10 +1528,15 @@ impl Shard {
                         .iter()
                         .any(|g| g.request_id == rec.request_id && g.seq > car.rec.applied_seq)
             })
-            .map(|(id, rec)| (id, rec.seq))
+            .map(|(id, rec)| (*id, rec.seq))
             .collect();
         suspects.sort_by_key(|(_, seq)| *seq);
-        if suspects.len() <= 1 {
+        if suspects.is_empty() {
+            // A grant the car took before is refused now (its platform changed?): no new
+            // grant to blame, and sending the same set again would only be refused again.
+            return every();
+        }
+        if suspects.len() == 1 {
             return Some(suspects.into_iter().map(|(id, _)| id).collect());
         }
         // Several new grants, and the car cannot say which it refused: the oldest goes
