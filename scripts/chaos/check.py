@@ -1,0 +1,501 @@
+#!/usr/bin/env python3
+"""Invariants over a soak run, read from the driver's and the receiver's records and the
+gateway's API. The gateway must still be up and settled (rig.py runs this at the end).
+
+usage: check.py RUNDIR [BASE_URL]
+Writes RUNDIR/check.json (every violation in full) and prints the report, the violations
+(up to 8 of each) and a verdict line. Exit status 0: every invariant holds; 1: a violation.
+Keys starting with a digit are invariants (see README.md); 'note_' keys are only reported.
+"""
+import bisect, collections, glob, json, os, re, sys, time, urllib.request, datetime
+from concurrent.futures import ThreadPoolExecutor
+
+run = sys.argv[1]
+cfg = json.load(open(os.path.join(run, "config.json")))
+BASE, TOKEN = cfg["base"], cfg["token"]
+if len(sys.argv) > 2:
+    BASE = sys.argv[2]
+
+
+def get(path):
+    req = urllib.request.Request(BASE + path, headers={"Authorization": f"Bearer {TOKEN}"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            raw = r.read()
+            try:
+                return r.status, json.loads(raw)
+            except Exception:
+                return r.status, raw.decode()
+    except urllib.error.HTTPError as e:
+        raw = e.read()
+        try:
+            return e.code, json.loads(raw)
+        except Exception:
+            return e.code, raw.decode("utf-8", "replace")
+
+
+def metrics():
+    st, txt = get("/metrics")
+    out = {}
+    for line in txt.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        k, _, v = line.rpartition(" ")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            pass
+    return out
+
+
+def load_jsonl(p):
+    out = []
+    if not os.path.exists(p):
+        return out
+    for line in open(p):
+        line = line.strip()
+        if line:
+            try:
+                out.append(json.loads(line))
+            except Exception:
+                pass
+    return out
+
+
+driver = load_jsonl(os.path.join(run, "driver.jsonl"))
+cbs = load_jsonl(os.path.join(run, "callbacks.jsonl"))
+events = load_jsonl(os.path.join(run, "events.jsonl"))
+report = {}
+violations = collections.defaultdict(list)
+
+# ---------- driver answers ----------
+answered = {}          # requestId -> driver record (2xx)
+err500_ids = {}        # requestId -> record (500 carrying a requestId)
+unknown = []           # connection errors on POST /ota/*
+by_status = collections.Counter()
+camps = []
+for r in driver:
+    if r.get("type") == "request":
+        st = r["status"]
+        by_status[st if st is not None else "conn-error"] += 1
+        if st is not None and 200 <= st < 300:
+            answered[r["resp"]["requestId"]] = r
+        elif st is not None and st >= 500:
+            rid = r["resp"].get("requestId") if isinstance(r["resp"], dict) else None
+            if rid:
+                err500_ids[rid] = r
+            else:
+                unknown.append(r)  # a 5xx without an id: outcome unknown too
+        elif st is None:
+            unknown.append(r)
+    elif r.get("type") == "campaign":
+        camps.append(r)
+report["driver"] = {"requests": sum(by_status.values()), "by_status": {str(k): v for k, v in by_status.items()},
+                    "accepted": len(answered), "err500_with_id": len(err500_ids), "unknown_outcome": len(unknown),
+                    "campaigns": len(camps),
+                    "campaigns_2xx": sum(1 for c in camps if c["status"] and 200 <= c["status"] < 300)}
+
+
+# ---------- campaign request ids ----------
+def campaign_request_id(cid, index):
+    b = bytes.fromhex(cid.replace("-", ""))
+    b = b[:10] + index.to_bytes(6, "big")
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+camp_req = {}  # requestId -> (campaignId, vin, action, service)
+for c in camps:
+    if c["status"] and 200 <= c["status"] < 300:
+        cid = c["resp"]["campaignId"]
+        for i, vin in enumerate(c["body"]["vins"]):
+            camp_req[campaign_request_id(cid, i)] = (cid, vin, c["body"]["action"], c["body"]["serviceId"])
+
+# ---------- callbacks ----------
+by_rid = collections.defaultdict(list)
+bad_sig = []
+for c in cbs:
+    if not c.get("sigOk") or not c.get("tsOk"):
+        bad_sig.append(c)
+    js = c.get("json")
+    if not isinstance(js, dict) or "requestId" not in js:
+        violations["1_callback_malformed"].append(c)
+        continue
+    by_rid[js["requestId"]].append(c)
+report["callbacks"] = {"total": len(cbs), "distinct_requests": len(by_rid),
+                       "answered_500": sum(1 for c in cbs if c["answer"] == 500),
+                       "hung": sum(1 for c in cbs if c["action"] == "hang"),
+                       "repeats": sum(len(v) - 1 for v in by_rid.values())}
+for c in bad_sig:
+    violations["1_bad_signature"].append({"n": c["n"], "body": c["body"], "sig": c["sig"], "ts": c["ts"]})
+
+FINAL = {"ACTIVATED", "DEACTIVATED", "FAILED"}
+for rid, lst in by_rid.items():
+    sts = {(c["json"].get("status"), c["json"].get("errorCode")) for c in lst}
+    bodies_status = {c["json"].get("status") for c in lst}
+    if len(bodies_status) > 1:
+        violations["1_conflicting_callbacks"].append(
+            {"requestId": rid, "callbacks": [(c["n"], c["t"], c["body"]) for c in lst]})
+    elif len(sts) > 1:
+        violations["1_conflicting_errorCode"].append(
+            {"requestId": rid, "callbacks": [(c["n"], c["t"], c["body"]) for c in lst]})
+    for c in lst:
+        if c["json"].get("status") not in FINAL:
+            violations["1_non_final_callback_status"].append(c["body"])
+
+# 1: every 2xx requestId has a final callback
+for rid, r in answered.items():
+    if rid not in by_rid:
+        violations["1_accepted_without_callback"].append({"requestId": rid, "vin": r["vin"], "kind": r["kind"],
+                                                          "serviceId": r["serviceId"], "t1": r["t1"]})
+# campaign requests that were accepted: checked below with their GET
+# 2: callbacks for ids never answered
+never = []
+for rid in by_rid:
+    if rid in answered or rid in camp_req:
+        continue
+    never.append(rid)
+
+# ---------- request records ----------
+all_ids = set(answered) | set(err500_ids) | set(by_rid) | set(camp_req)
+
+
+def fetch_req(rid):
+    return rid, get(f"/ota/requests/{rid}")
+
+
+reqs = {}
+with ThreadPoolExecutor(6) as ex:
+    for rid, (st, js) in ex.map(fetch_req, sorted(all_ids)):
+        reqs[rid] = (st, js)
+
+explained_unknown, explained_500, unexplained = [], [], []
+unk_index = collections.defaultdict(list)
+for r in unknown:
+    unk_index[(r["vin"], r["kind"].upper(), r["serviceId"])].append(r)
+for rid in never:
+    st, js = reqs.get(rid, (None, None))
+    if rid in err500_ids:
+        explained_500.append(rid)
+        continue
+    if st == 200:
+        key = (js["vin"], js["action"], js["serviceId"])
+        if unk_index.get(key):
+            explained_unknown.append(rid)
+            continue
+        if js.get("campaignId") and any(c["status"] is None or c["status"] >= 500 for c in camps):
+            explained_unknown.append(rid)
+            continue
+    unexplained.append({"requestId": rid, "get": js, "callbacks": [c["body"] for c in by_rid[rid]]})
+report["callbacks_for_unanswered"] = {"for_unknown_outcome_posts": len(explained_unknown),
+                                      "for_500_with_id": len(explained_500),
+                                      "unexplained": len(unexplained)}
+for u in unexplained:
+    violations["2_callback_for_unseen_request"].append(u)
+
+# 500s with id: the request may or may not have been taken
+e500 = {"taken": 0, "not_found": 0}
+for rid in err500_ids:
+    st, js = reqs[rid]
+    if st == 200:
+        e500["taken"] += 1
+        if rid not in by_rid:
+            violations["1_500_taken_but_no_callback"].append({"requestId": rid, "get": js})
+    else:
+        e500["not_found"] += 1
+report["err500_with_id"] = e500
+
+# 3: GET agrees with the callbacks
+status_of = {"ACTIVATED": "COMPLETED", "DEACTIVATED": "COMPLETED", "FAILED": "FAILED"}
+for rid, lst in by_rid.items():
+    st, js = reqs.get(rid, (None, None))
+    if st != 200:
+        violations["3_callback_but_request_unknown"].append({"requestId": rid, "get": [st, js]})
+        continue
+    cb = lst[-1]["json"]
+    want = status_of.get(cb.get("status"))
+    if js["status"] != want or js["phase"] != "DONE":
+        violations["3_get_disagrees_with_callback"].append({"requestId": rid, "get": js, "callback": cb})
+        continue
+    if cb["status"] != "FAILED":
+        exp = "ACTIVATED" if js["action"] == "ACTIVATE" else "DEACTIVATED"
+        if cb["status"] != exp:
+            violations["3_callback_status_wrong_for_action"].append({"requestId": rid, "get": js, "callback": cb})
+    if (cb.get("errorCode") or None) != (js.get("errorCode") or None):
+        violations["3_errorCode_differs"].append({"requestId": rid, "get": js, "callback": cb})
+    if cb.get("vin") != js["vin"]:
+        violations["3_vin_differs"].append({"requestId": rid, "get": js, "callback": cb})
+# every known request is final
+nonfinal = []
+for rid, (st, js) in reqs.items():
+    if st == 200 and js["phase"] != "DONE":
+        nonfinal.append(js)
+for js in nonfinal:
+    violations["6_request_not_final_after_settle"].append(js)
+# accepted campaign requests: each has a callback
+camp_missing = []
+for rid, (cid, vin, action, svc) in camp_req.items():
+    st, js = reqs[rid]
+    if st != 200:
+        continue  # refused by the campaign (409/429) or never accepted
+    if rid not in by_rid:
+        violations["1_campaign_request_without_callback"].append({"requestId": rid, "get": js})
+
+# ---------- 5: campaigns ----------
+camp_results = []
+for c in camps:
+    if not (c["status"] and 200 <= c["status"] < 300):
+        continue
+    cid = c["resp"]["campaignId"]
+    st, js = get(f"/campaigns/{cid}")
+    mine = {"COMPLETED": 0, "FAILED": 0, "IN_PROGRESS": 0, "QUEUED": 0}
+    nreq = 0
+    for i, vin in enumerate(c["body"]["vins"]):
+        rid = campaign_request_id(cid, i)
+        rst, rjs = reqs[rid]
+        if rst != 200:
+            continue
+        nreq += 1
+        lst = by_rid.get(rid)
+        if lst:
+            mine["FAILED" if lst[-1]["json"]["status"] == "FAILED" else "COMPLETED"] += 1
+        else:
+            mine["IN_PROGRESS"] += 1
+    counts = js.get("counts") if isinstance(js, dict) else None
+    ok = counts is not None and all(int(counts.get(k, 0)) == v for k, v in mine.items())
+    accepted = c["resp"]["accepted"]
+    camp_results.append({"campaignId": cid, "counts": counts, "fromCallbacks": mine, "accepted": accepted,
+                         "requestsFound": nreq})
+    if not ok:
+        violations["5_campaign_counts_disagree"].append(camp_results[-1])
+    if accepted != nreq:
+        violations["5_campaign_accepted_vs_requests"].append(camp_results[-1])
+report["campaigns_checked"] = len(camp_results)
+
+# ---------- 4: vehicle status vs outcomes ----------
+vins = []
+for f in sorted(glob.glob(os.path.join(run, "vins-*.txt"))):
+    vins += [l.strip() for l in open(f) if l.strip()]
+faults = {}
+for f in sorted(glob.glob(os.path.join(run, "faults-*.txt"))):
+    for l in open(f):
+        p = l.split()
+        if len(p) >= 2:
+            faults[p[0]] = p[1]
+
+# every request the gateway knows per car, from our ids and the car's history
+per_car = collections.defaultdict(dict)
+for rid, (st, js) in reqs.items():
+    if st == 200:
+        per_car[js["vin"]][rid] = js
+
+
+def fetch_car(vin):
+    st, status = get(f"/vehicles/{vin}/status")
+    hist, before = [], None
+    for _ in range(20):
+        q = f"/vehicles/{vin}/history?limit=500" + (f"&before={before}" if before else "")
+        hs, h = get(q)
+        if hs != 200:
+            break
+        hist += h["entries"]
+        before = h.get("nextBefore")
+        if not before:
+            break
+    return vin, st, status, hist
+
+
+cars = {}
+with ThreadPoolExecutor(6) as ex:
+    for vin, st, status, hist in ex.map(fetch_car, vins):
+        cars[vin] = (st, status, hist)
+
+# requests seen only in history (accepted, never answered, never called back)
+extra = []
+for vin, (st, status, hist) in cars.items():
+    for e in hist:
+        rid = e.get("requestId")
+        if e["type"] == "REQUEST" and rid and rid not in per_car[vin]:
+            gs, gj = get(f"/ota/requests/{rid}")
+            if gs == 200:
+                per_car[vin][rid] = gj
+                reqs[rid] = (gs, gj)
+                extra.append(gj)
+                if gj["phase"] == "DONE" and rid not in by_rid:
+                    violations["1_history_request_without_callback"].append(gj)
+report["requests_only_in_history"] = len(extra)
+
+
+def parse_iso(s):
+    return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+# the grant end of each activation (from the driver's bodies / campaigns)
+ends = {}
+for rid, r in answered.items():
+    if r["kind"] == "activate":
+        d = r["body"]["duration"]
+        ends[rid] = parse_iso(d["expiryDate"]) if d.get("expiryDate") else None
+now = time.time()
+mism, pending_left, status_err = [], [], []
+decided = undecided = 0
+for vin in vins:
+    st, status, hist = cars[vin]
+    if st != 200:
+        status_err.append((vin, st, status))
+        continue
+    shown = {s["serviceId"]: s["status"] for s in status["activeServices"]}
+    for s, v in shown.items():
+        if v == "PENDING":
+            pending_left.append({"vin": vin, "service": s, "faults": faults.get(vin)})
+    rs = sorted(per_car[vin].values(), key=lambda j: j["seq"])
+    services = {j["serviceId"] for j in rs} | set(shown)
+    for svc in services:
+        seqd = [j for j in rs if j["serviceId"] == svc]
+        # A FAILED change leaves the service as it was before it (its own grant withdrawn, the
+        # one it replaced or removed put back), so the last COMPLETED change decides.
+        expected = False
+        for j in seqd:
+            if j["status"] != "COMPLETED":
+                continue
+            if j["action"] == "DEACTIVATE":
+                expected = False
+                continue
+            rid = j["requestId"]
+            if rid in ends:
+                end = ends[rid]
+            elif rid in camp_req:
+                end = None  # campaigns here are PERMANENT
+            else:
+                end = "unknown"  # its POST's answer was lost: its duration is unknown here
+            if end == "unknown":
+                expected = None
+            elif end is None or end > now + 5:
+                expected = True
+            elif end < now - 5:
+                expected = False
+            else:
+                expected = None  # expiring right now: either answer is right
+        if expected is None:
+            undecided += 1
+            continue
+        decided += 1
+        got = shown.get(svc) == "ACTIVE"
+        if got != expected:
+            mism.append({"vin": vin, "service": svc, "shown": shown.get(svc), "expected":
+                         "ACTIVE" if expected else None, "faults": faults.get(vin),
+                         "requests": [(j["seq"], j["action"], j["status"], j.get("errorCode"),
+                                       j["requestId"]) for j in seqd]})
+report["services_checked"] = {"cars": len(vins) - len(status_err), "services": decided,
+                              "undecided": undecided}
+conn = collections.Counter()
+for vin in vins:
+    st, status, hist = cars[vin]
+    if st == 200:
+        conn[status["connectivity"]] += 1
+        if status["connectivity"] != "ONLINE":
+            # A car with faults may rightly be LIMITED ('silent': drops every command) or
+            # OFFLINE (in a reconnect storm) at the end; a car without faults may not.
+            key = "7_fault_free_car_not_online" if faults.get(vin, "-") == "-" else \
+                "note_faulty_car_not_online"
+            violations[key].append(
+                {"vin": vin, "connectivity": status["connectivity"], "lastSeen": status["lastSeen"],
+                 "faults": faults.get(vin)})
+report["connectivity_end"] = dict(conn)
+for m in mism:
+    violations["4_status_vs_outcomes"].append(m)
+for p in pending_left:
+    violations["4_pending_left_after_settle"].append(p)
+for s in status_err:
+    violations["4_status_error"].append(s)
+
+# ---------- 6: restarts, in flight, quiet ----------
+starts = [e for e in events if e["ev"] == "gateway-up"]
+fails = [e for e in events if e["ev"] in ("gateway-start-failed", "gateway-start-timeout",
+                                           "gateway-term-timeout", "gateway-restart-failed")]
+terms = [e for e in events if e["ev"] == "gateway-terminated"]
+kills = [e for e in events if e["ev"] == "gateway-killed"]
+for e in fails:
+    violations["6_restart_failed"].append(e)
+for e in terms:
+    if e["rc"] != 0:
+        violations["6_sigterm_nonzero_exit"].append(e)
+m1 = metrics()
+n_cb1 = sum(1 for _ in open(os.path.join(run, "callbacks.jsonl")))
+time.sleep(20)
+m2 = metrics()
+n_cb2 = sum(1 for _ in open(os.path.join(run, "callbacks.jsonl")))
+keys = ["caas_requests_in_flight", "caas_attempts_total", "caas_webhook_deliveries_total",
+        "caas_webhook_failures_total", "caas_status_probes_total", "caas_commands_published_total",
+        "caas_support_tickets_total", "caas_connected_cars", "caas_cars_registered",
+        "caas_reports_forged_total", "caas_reports_refused_total", "caas_webhook_receiver_down"]
+report["metrics_end"] = {k: m2.get(k) for k in keys}
+if m2.get("caas_requests_in_flight", 0) != 0:
+    violations["6_in_flight_not_zero"].append(m2.get("caas_requests_in_flight"))
+for k in ["caas_attempts_total", "caas_webhook_deliveries_total", "caas_webhook_failures_total",
+          "caas_status_probes_total"]:
+    if m2.get(k) != m1.get(k):
+        violations["6_still_active"].append({k: [m1.get(k), m2.get(k)]})
+if n_cb2 != n_cb1:
+    violations["6_callbacks_still_arriving"].append([n_cb1, n_cb2])
+report["restarts"] = {"starts": len(starts), "kills": len(kills), "terms": len(terms),
+                      "start_secs_max": max((e["secs"] for e in starts), default=None),
+                      "term_secs_max": max((e["secs"] for e in terms), default=None)}
+
+# ---------- logs ----------
+pat = re.compile(r"panick|panic|ERROR|WARN", re.I)
+logsum = collections.Counter()
+samples = {}
+for f in sorted(glob.glob(os.path.join(run, "gw-*.log"))):
+    for line in open(f, errors="replace"):
+        if pat.search(line):
+            key = re.sub(r"\x1b\[[0-9;]*m", "", line)
+            key = re.sub(r"^\S+\s+", "", key).strip()
+            key = re.sub(r"[0-9a-f]{8}-[0-9a-f-]{27}", "<id>", key)
+            key = re.sub(r"\b[A-HJ-NPR-Z0-9]{17}\b", "<vin>", key)
+            key = re.sub(r"\d+(\.\d+)?", "N", key)[:200]
+            logsum[key] += 1
+            samples.setdefault(key, f"{os.path.basename(f)}: {line.strip()[:300]}")
+        if "panic" in line.lower():
+            violations["6_log_panic"].append(f"{os.path.basename(f)}: {line.strip()[:300]}")
+report["log_lines"] = [{"count": n, "sample": samples[k]} for k, n in logsum.most_common(40)]
+
+# Repeated callbacks are allowed (delivery is at least once), but after a 2xx answer a repeat
+# should only follow a gateway stop that lost the record of that answer.
+stops = sorted(e["t"] for e in events if e["ev"] in ("gateway-killed", "gateway-terminated"))
+after_ok = with_stop = 0
+for rid, lst in by_rid.items():
+    lst = sorted(lst, key=lambda c: c["t"])
+    ok = [c for c in lst if c["answer"] == 200]
+    if not ok:
+        continue
+    for c in lst:
+        if c["t"] <= ok[0]["t"]:
+            continue
+        after_ok += 1
+        i = bisect.bisect_right(stops, ok[0]["t"] - 0.5)
+        if i < len(stops) and stops[i] <= c["t"]:
+            with_stop += 1
+report["callbacks"]["repeats_after_a_2xx"] = {"total": after_ok, "gateway_stop_between": with_stop}
+if after_ok - with_stop:
+    violations["note_repeat_after_2xx_without_stop"].append(after_ok - with_stop)
+
+report["violations"] = {k: len(v) for k, v in violations.items()}
+json.dump({"report": report, "violations": violations}, open(os.path.join(run, "check.json"), "w"), indent=1,
+          default=str)
+print(json.dumps(report, indent=1, default=str))
+for k, v in violations.items():
+    print(f"\n== {k}: {len(v)}")
+    for x in v[:8]:
+        print("  ", json.dumps(x, default=str)[:1500])
+
+failed = sorted(k for k in violations if not k.startswith("note_"))
+d = report["driver"]
+summary = (f"{d['requests']} requests ({d['accepted']} accepted, {d['unknown_outcome']} unknown outcome), "
+           f"{d['campaigns_2xx']} campaigns, {report['callbacks']['total']} callbacks for "
+           f"{report['callbacks']['distinct_requests']} requests, "
+           f"{report['restarts']['kills']} kills + {report['restarts']['terms']} SIGTERMs")
+if failed:
+    print("\nVERDICT: FAIL: " + ", ".join(f"{k}={len(violations[k])}" for k in failed) + "; " + summary)
+    sys.exit(1)
+print("\nVERDICT: PASS: every invariant holds; " + summary)
