@@ -447,6 +447,16 @@ async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let mut cars = 0usize;
         let mut pending = 0usize;
+        // A final request whose callback already waits in the outbox (a try failed) is sent
+        // from there; its car's record may still list it if the crash came before that
+        // record was written again, and sending it from both would deliver it twice.
+        let mut in_outbox = std::collections::HashSet::new();
+        for item in store.outbox.iter() {
+            let (_, v) = item?;
+            if let Some(entry) = dec::<store::OutboxEntry>(&v) {
+                in_outbox.insert(entry.request_id);
+            }
+        }
         for item in store.vehicles.iter() {
             let (k, v) = item?;
             let Some(rec) = dec(&v) else { continue };
@@ -468,6 +478,9 @@ async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
                 let Some(req) = store.requests.get(rid)?.and_then(|v| dec::<RequestRec>(&v)) else {
                     continue;
                 };
+                if req.phase == "DONE" && in_outbox.contains(&req.request_id) {
+                    continue;
+                }
                 let _ = shard.send(Msg::LoadPending(req));
                 pending += 1;
             }

@@ -819,3 +819,58 @@ async fn mosquitto_with_the_shipped_mtls_config_confines_each_car_to_its_own_top
     car_1_cannot_take_over_car_2s_client_id(port, &pki).await;
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_filed_after_a_failed_try_is_sent_once_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    // The first try is answered 500: the callback is filed in the outbox for a retry, while
+    // the car's record, written again only up to a second later, still lists the request.
+    let hook = Webhook::start(1).await;
+    let (http, mqtt) = (free_port(), free_port());
+    let mut gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
+    api.register(1).await;
+    let (_, keys) = api.get("/keys").await;
+    let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
+    let car = TestCar::start(
+        1,
+        &key,
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port: mqtt,
+            tls: None,
+            mode: Mode::Obey,
+        },
+    )
+    .await;
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    wait_metric(&api, "caas_webhook_failures_total", 1.0).await;
+    // Past the store's own periodic flush (the outbox entry is on disk), within the car
+    // record's lazy write (it still lists the request).
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    drop(car);
+    assert!(
+        hook.for_request(&id).is_empty(),
+        "delivered before the kill"
+    );
+
+    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let end = Instant::now() + SETTLED_WITHIN;
+    while hook.for_request(&id).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "the callback was not sent after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Longer than the outbox retry's backoff: a second copy would be in by now.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let cbs = hook.for_request(&id);
+    assert_eq!(cbs.len(), 1, "delivered more than once: {cbs:?}");
+    assert_eq!(cbs[0].body["status"], "ACTIVATED");
+    drop(gw);
+}
