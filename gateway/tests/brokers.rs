@@ -86,27 +86,22 @@ async fn wait_healthy(http: u16) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn request_survives_kill_9_after_its_2xx() {
-    let dir = tempfile::tempdir().unwrap();
-    let hook = Webhook::start(0).await;
+/// A gateway process over `data` on fresh ports, healthy, with car 1 registered:
+/// (process, API client, HTTP port, MQTT port).
+async fn spawned_with_car_1(data: &Path, hook: &Webhook) -> (Proc, Api, u16, u16) {
     let (http, mqtt) = (free_port(), free_port());
-    let mut gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    let gw = spawn_gateway(data, http, mqtt, hook);
     wait_healthy(http).await;
     let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
     api.register(1).await;
-    let id = api.activate(1, "power-boost", "power_boost").await;
-    // SIGKILL right after the 2xx: nothing but the flushed database survives.
-    gw.0.kill().unwrap();
-    gw.0.wait().unwrap();
-    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
-    wait_healthy(http).await;
-    let (s, r) = api.get(&format!("/ota/requests/{id}")).await;
-    assert_eq!(s, 200);
-    assert_eq!(r["status"], "IN_PROGRESS");
+    (gw, api, http, mqtt)
+}
+
+/// Car 1, obeying, on a gateway process's plain MQTT port, trusting the key it serves.
+async fn obeying_car_1(api: &Api, mqtt: u16) -> TestCar {
     let (_, keys) = api.get("/keys").await;
     let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
-    let car = TestCar::start(
+    TestCar::start(
         1,
         &key,
         CarOpts {
@@ -116,7 +111,24 @@ async fn request_survives_kill_9_after_its_2xx() {
             mode: Mode::Obey,
         },
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_survives_kill_9_after_its_2xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (mut gw, api, http, mqtt) = spawned_with_car_1(dir.path(), &hook).await;
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    // SIGKILL right after the 2xx: nothing but the flushed database survives.
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let (s, r) = api.get(&format!("/ota/requests/{id}")).await;
+    assert_eq!(s, 200);
+    assert_eq!(r["status"], "IN_PROGRESS");
+    let car = obeying_car_1(&api, mqtt).await;
     let cb = hook.wait(&id, Duration::from_secs(20)).await;
     assert_eq!(cb.body["status"], "ACTIVATED");
     assert_eq!(
@@ -194,20 +206,8 @@ async fn callback_in_flight_at_kill_9_is_sent_after_restart() {
     let dir = tempfile::tempdir().unwrap();
     let hook = Webhook::start(0).await;
     hook.hold.store(true, Ordering::SeqCst);
-    let (http, mqtt) = (free_port(), free_port());
-    let mut gw = spawn_gateway(dir.path(), http, mqtt, &hook);
-    wait_healthy(http).await;
-    let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
-    api.register(1).await;
-    let (_, keys) = api.get("/keys").await;
-    let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
-    let opts = |port| CarOpts {
-        host: "127.0.0.1".into(),
-        port,
-        tls: None,
-        mode: Mode::Obey,
-    };
-    let car = TestCar::start(1, &key, opts(mqtt)).await;
+    let (mut gw, api, http, mqtt) = spawned_with_car_1(dir.path(), &hook).await;
+    let car = obeying_car_1(&api, mqtt).await;
     let id = api.activate(1, "power-boost", "power_boost").await;
     // The request completes; its callback's first try hangs at the receiver.
     let end = Instant::now() + Duration::from_secs(20);
@@ -826,24 +826,8 @@ async fn a_callback_filed_after_a_failed_try_is_sent_once_after_kill_9() {
     // The first try is answered 500: the callback is filed in the outbox for a retry, while
     // the car's record, written again only up to a second later, still lists the request.
     let hook = Webhook::start(1).await;
-    let (http, mqtt) = (free_port(), free_port());
-    let mut gw = spawn_gateway(dir.path(), http, mqtt, &hook);
-    wait_healthy(http).await;
-    let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
-    api.register(1).await;
-    let (_, keys) = api.get("/keys").await;
-    let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
-    let car = TestCar::start(
-        1,
-        &key,
-        CarOpts {
-            host: "127.0.0.1".into(),
-            port: mqtt,
-            tls: None,
-            mode: Mode::Obey,
-        },
-    )
-    .await;
+    let (mut gw, api, http, mqtt) = spawned_with_car_1(dir.path(), &hook).await;
+    let car = obeying_car_1(&api, mqtt).await;
     let id = api.activate(1, "power-boost", "power_boost").await;
     wait_metric(&api, "caas_webhook_failures_total", 1.0).await;
     // Past the store's own periodic flush (the outbox entry is on disk), within the car

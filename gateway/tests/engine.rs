@@ -953,16 +953,13 @@ async fn deactivate(api: &Api, n: u32, service: &str) -> String {
     b["requestId"].as_str().unwrap().to_owned()
 }
 
-fn pair(service: &str, status: &str) -> (String, String) {
-    (service.to_owned(), status.to_owned())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_renewal_or_deactivation_leaves_the_service_as_it_was() {
-    let dir = tempfile::tempdir().unwrap();
-    let hook = Webhook::start(0).await;
-    let (gw, api) = gateway(dir.path(), &hook).await;
-    let car = obeying_cars(&gw, &api, 1..2).await.remove(0);
+/// Car 1, obeying, with two services activated and confirmed.
+async fn car_1_with_autopilot_and_heated_seats(
+    gw: &caas_gateway::Gateway,
+    api: &Api,
+    hook: &Webhook,
+) -> TestCar {
+    let car = obeying_cars(gw, api, 1..2).await.remove(0);
     for (service, flag) in [
         ("autopilot", "highway_autopilot"),
         ("heated-seats", "heated_seats"),
@@ -973,6 +970,19 @@ async fn a_failed_renewal_or_deactivation_leaves_the_service_as_it_was() {
             "ACTIVATED"
         );
     }
+    car
+}
+
+fn pair(service: &str, status: &str) -> (String, String) {
+    (service.to_owned(), status.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_or_deactivation_leaves_the_service_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let car = car_1_with_autopilot_and_heated_seats(&gw, &api, &hook).await;
 
     // The car stops answering: a renewal and a deactivation run out of attempts.
     car.ignore.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1020,17 +1030,7 @@ async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() 
     let dir = tempfile::tempdir().unwrap();
     let hook = Webhook::start(0).await;
     let (gw, api) = gateway(dir.path(), &hook).await;
-    let car = obeying_cars(&gw, &api, 1..2).await.remove(0);
-    for (service, flag) in [
-        ("autopilot", "highway_autopilot"),
-        ("heated-seats", "heated_seats"),
-    ] {
-        let id = api.activate(1, service, flag).await;
-        assert_eq!(
-            hook.wait(&id, Duration::from_secs(15)).await.body["status"],
-            "ACTIVATED"
-        );
-    }
+    let car = car_1_with_autopilot_and_heated_seats(&gw, &api, &hook).await;
     let ignore = |on: bool| car.ignore.store(on, std::sync::atomic::Ordering::SeqCst);
 
     // An activation naming a feature the car does not have, then a deactivation: the car

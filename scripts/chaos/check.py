@@ -10,6 +10,8 @@ Keys starting with a digit are invariants (see README.md); 'note_' keys are only
 import bisect, collections, glob, json, os, re, sys, time, urllib.request, datetime
 from concurrent.futures import ThreadPoolExecutor
 
+from promtext import parse_metrics
+
 run = sys.argv[1]
 cfg = json.load(open(os.path.join(run, "config.json")))
 BASE, TOKEN = cfg["base"], cfg["token"]
@@ -36,16 +38,7 @@ def get(path):
 
 def metrics():
     st, txt = get("/metrics")
-    out = {}
-    for line in txt.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        k, _, v = line.rpartition(" ")
-        try:
-            out[k] = float(v)
-        except ValueError:
-            pass
-    return out
+    return parse_metrics(txt)
 
 
 def load_jsonl(p):

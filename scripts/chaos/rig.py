@@ -10,6 +10,8 @@ Every process it starts is listed in RUNDIR/pids and stopped by pid at the end.
 """
 import argparse, json, os, random, signal, subprocess, sys, time, urllib.request
 
+from promtext import parse_metrics
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -86,16 +88,7 @@ def healthz(timeout=1.0):
 def metrics():
     req = urllib.request.Request(BASE + "/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(req, timeout=5) as r:
-        out = {}
-        for line in r.read().decode().splitlines():
-            if line.startswith("#") or not line.strip():
-                continue
-            k, _, v = line.rpartition(" ")
-            try:
-                out[k] = float(v)
-            except ValueError:
-                pass
-        return out
+        return parse_metrics(r.read().decode())
 
 
 gw_n = [0]
