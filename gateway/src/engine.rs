@@ -38,7 +38,7 @@ use crate::config::RetryPolicy;
 use crate::metrics::Metrics;
 use crate::store::{
     dec, enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry,
-    RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
+    OutboxEntry, RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
 };
 use crate::webhook::{Due, Handoff, Lane};
 
@@ -364,6 +364,9 @@ struct Batch {
     after: Vec<Continuation>,
     /// Outbox entries to hand to the webhook sender once flushed.
     callbacks: Vec<Due>,
+    /// Callbacks parked in the outbox in this batch (its lane was crowded), released once
+    /// flushed.
+    parked: Vec<OutboxEntry>,
     /// Cars whose record changed in this batch, written once at its commit.
     dirty_cars: Vec<Vin>,
     /// History entries of this batch, written at its commit as one value per car (a
@@ -548,7 +551,11 @@ impl Shard {
                 self.save_car(&vin);
             }
         }
-        if batch.publishes.is_empty() && batch.after.is_empty() && batch.callbacks.is_empty() {
+        if batch.publishes.is_empty()
+            && batch.after.is_empty()
+            && batch.callbacks.is_empty()
+            && batch.parked.is_empty()
+        {
             return;
         }
         let r = self.sh.store.flush(&self.sh.metrics);
@@ -566,7 +573,12 @@ impl Shard {
                 for due in batch.callbacks {
                     w.send(due);
                 }
+                w.release(&batch.parked);
             }
+        } else {
+            // Still parked: released after the next flush that completes (or at the next
+            // start), never before the final states they report are durable.
+            self.batch.parked.extend(batch.parked);
         }
         for k in batch.after {
             k(r.clone());
@@ -1339,7 +1351,8 @@ impl Shard {
         };
         let due = Due::first(vin, id, body, lane);
         if webhook.crowded(lane, self.batch.callbacks.len() + 1) {
-            webhook.file_held(&due.entry);
+            webhook.park(&due.entry);
+            self.batch.parked.push(due.entry);
             return;
         }
         if let Some(car) = self.cars.get_mut(&vin) {

@@ -135,6 +135,14 @@ pub(crate) fn outbox_key(due_ms: u64, id: u64) -> Vec<u8> {
     key
 }
 
+/// The due time of outbox key `key` (0 for a key too short to hold one).
+fn key_due(key: &[u8]) -> u64 {
+    key.get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(0)
+}
+
 /// The engine's side: hands flushed entries to the senders.
 #[derive(Clone)]
 pub(crate) struct Handoff {
@@ -175,19 +183,58 @@ impl Handoff {
         file_due_now(&self.outbox, &self.missed, entry);
     }
 
-    /// Files `entry` in the outbox from inside an engine batch, before the flush that makes
-    /// its request's final state durable: due [`FILED_HOLD`] from now, so that no scan sends
-    /// it before that flush (a callback sent before its final state is durable could be
-    /// contradicted by another after a crash). A flush slower than that hold still opens the
-    /// window; flushes take well under a millisecond, and seldom over 100 ms.
-    pub(crate) fn file_held(&self, entry: &OutboxEntry) {
-        let due = now_ms() + FILED_HOLD.as_millis() as u64;
-        let _ = self.outbox.insert(outbox_key(due, entry.id), enc(entry));
+    /// Parks `entry` in the outbox from inside an engine batch, before the flush that makes
+    /// its request's final state durable: under a key no scan takes ([`PARKED_DUE`]), so it
+    /// cannot leave before that flush (a callback sent before its final state is durable
+    /// could be contradicted by another after a crash), yet it is written in that same
+    /// flush, after the request's record in the store's log, so whatever survives a crash
+    /// with it also holds that final state. Once the flush is done, [`Handoff::release`]
+    /// makes it due; one a crash left parked is released at the next start ([`handoff`]).
+    pub(crate) fn park(&self, entry: &OutboxEntry) {
+        let _ = self
+            .outbox
+            .insert(outbox_key(PARKED_DUE, entry.id), enc(entry));
+    }
+
+    /// Makes entries parked before a flush that has now completed due at once, and has the
+    /// interactive sender scan for them.
+    pub(crate) fn release(&self, parked: &[OutboxEntry]) {
+        if parked.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let mut moves = sled::Batch::default();
+        for entry in parked {
+            moves.remove(outbox_key(PARKED_DUE, entry.id));
+            moves.insert(outbox_key(now, entry.id), enc(entry));
+        }
+        // One batch: a crash leaves each entry either parked or due, never both.
+        let _ = self.outbox.apply_batch(moves);
+        self.missed.set();
     }
 }
 
-/// How long an entry filed from inside an engine batch waits before a scan may send it.
-pub(crate) const FILED_HOLD: Duration = Duration::from_secs(1);
+/// The due time of a parked outbox entry (see [`Handoff::park`]): later than any real one,
+/// so scans, which stop at the first entry not yet due, never reach it.
+pub(crate) const PARKED_DUE: u64 = u64::MAX;
+
+/// Makes every entry parked in `outbox` due now: run at start, when no batch of this
+/// process can have parked one, so each was parked before a flush of an earlier run that
+/// either completed (it is durable, and so is its final state) or did not (and it is gone).
+fn release_parked(outbox: &sled::Tree) {
+    let now = now_ms();
+    let mut moves = sled::Batch::default();
+    for item in outbox.range(outbox_key(PARKED_DUE, 0)..) {
+        let Ok((key, value)) = item else { break };
+        let Some(entry) = dec::<OutboxEntry>(&value) else {
+            moves.remove(key);
+            continue;
+        };
+        moves.remove(key);
+        moves.insert(outbox_key(now, entry.id), value);
+    }
+    let _ = outbox.apply_batch(moves);
+}
 
 /// One sender's side of a [`Handoff`].
 pub(crate) struct Inbox {
@@ -228,8 +275,10 @@ impl Inbox {
     }
 }
 
-/// A handoff over `store`'s outbox and its two inboxes, interactive then bulk.
+/// A handoff over `store`'s outbox and its two inboxes, interactive then bulk. Entries a
+/// crash left parked are released first (made due now).
 pub(crate) fn handoff(store: &Store) -> (Handoff, [Inbox; 2]) {
+    release_parked(&store.outbox);
     let (interactive, interactive_rx) = flume::bounded(FRESH_QUEUE);
     let (bulk, bulk_rx) = flume::bounded(BULK_QUEUE);
     let missed = Arc::new(Missed {
@@ -389,8 +438,8 @@ struct Sender {
     /// Failed entries by next due time, by outbox key.
     retries: BinaryHeap<Reverse<(u64, Vec<u8>)>>,
     retry_entries: std::collections::HashMap<Vec<u8>, (OutboxEntry, Option<Instant>)>,
-    /// The due time of the first outbox entry the last scan found not yet due (one filed
-    /// with [`Handoff::file_held`]): the sender scans again then.
+    /// The due time of the first outbox entry the last scan found not yet due (a retry
+    /// filed for later): the sender scans again then.
     outbox_next: Option<u64>,
     in_flight: tokio::task::JoinSet<(Due, bool)>,
     /// Tells a car's shard that its record need not keep a callback any more.
@@ -568,13 +617,10 @@ impl Sender {
         let mut taken = 0;
         for item in self.store.outbox.iter() {
             let Ok((k, v)) = item else { break };
-            let at = k
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let at = key_due(&k);
             if at > now {
-                self.outbox_next = Some(at);
+                // A parked entry is released by a wake-up, not by time.
+                self.outbox_next = (at != PARKED_DUE).then_some(at);
                 return false;
             }
             let key = k.to_vec();
@@ -888,21 +934,66 @@ mod tests {
     }
 
     #[test]
-    fn an_entry_filed_from_inside_a_batch_is_not_due_before_its_hold() {
+    fn a_parked_entry_is_due_only_once_released_after_its_flush_or_at_the_next_start() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), 8).unwrap();
         let (handoff, _inboxes) = handoff(&store);
         // A fresh handoff asks for a first scan (entries left from before a restart).
         handoff.missed.take();
+        let entry = |id| OutboxEntry {
+            id,
+            ..due(Keeper::Outbox(Vec::new())).entry
+        };
+        let (a, b) = (entry(1), entry(2));
+        handoff.park(&a);
+        handoff.park(&b);
+        handoff.file(&entry(3));
+        handoff.missed.take();
+        // A scan stops at the first entry not yet due: the parked ones sort after any
+        // real due time, behind the one filed due now.
+        let dues: Vec<u64> = store
+            .outbox
+            .iter()
+            .map(|kv| key_due(&kv.unwrap().0))
+            .collect();
+        assert!(dues[0] <= now_ms());
+        assert_eq!(&dues[1..], &[PARKED_DUE, PARKED_DUE]);
+
         let before = now_ms();
-        handoff.file_held(&due(Keeper::Outbox(Vec::new())).entry);
-        let (key, _) = store.outbox.first().unwrap().unwrap();
-        let at = u64::from_be_bytes(key[..8].try_into().unwrap());
+        handoff.release(std::slice::from_ref(&a));
+        assert!(handoff.missed.take(), "the release wakes a scan");
+        let due_ids = |store: &Store| -> Vec<(bool, u64)> {
+            store
+                .outbox
+                .iter()
+                .map(|kv| {
+                    let (k, v) = kv.unwrap();
+                    let id = dec::<OutboxEntry>(&v).unwrap().id;
+                    (key_due(&k) == PARKED_DUE, id)
+                })
+                .collect()
+        };
+        let now = due_ids(&store);
         assert!(
-            at >= before + FILED_HOLD.as_millis() as u64,
-            "due at {at}, filed at {before}"
+            now.contains(&(false, 1)) && !now.contains(&(true, 1)),
+            "{now:?}"
         );
-        assert!(!handoff.missed.take(), "no scan is woken for it");
+        assert!(now.contains(&(true, 2)), "b is still parked: {now:?}");
+        let released_at = store
+            .outbox
+            .iter()
+            .map(|kv| kv.unwrap())
+            .find(|(_, v)| dec::<OutboxEntry>(v).unwrap().id == 1)
+            .map(|(k, _)| key_due(&k))
+            .unwrap();
+        assert!(released_at >= before && released_at <= now_ms());
+
+        // A crash before b's release: the next start makes it due.
+        drop(handoff);
+        let (_again, _inboxes) = super::handoff(&store);
+        let after = due_ids(&store);
+        assert_eq!(after.len(), 3, "{after:?}");
+        assert!(after.iter().all(|(parked, _)| !parked), "{after:?}");
     }
 
     #[test]
