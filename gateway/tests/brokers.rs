@@ -1,7 +1,7 @@
 //! The broker side: a kill -9 of the gateway process, Mosquitto as the external broker
 //! (plain, and mTLS with the shipped configuration), per-car isolation on the embedded
-//! broker's mTLS listener, an idle TCP socket that must not stall other cars, and the
-//! process keeping its heap reserve resident.
+//! broker's mTLS listener, an idle TCP socket that must not stall other cars, a car's late
+//! acknowledgement on a new connection, and the process keeping its heap reserve resident.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -857,4 +857,56 @@ async fn a_callback_filed_after_a_failed_try_is_sent_once_after_kill_9() {
     assert_eq!(cbs.len(), 1, "delivered more than once: {cbs:?}");
     assert_eq!(cbs[0].body["status"], "ACTIVATED");
     drop(gw);
+}
+
+/// The raw MQTT 3.1.1 packets a car's client sends, so the test controls packet ids.
+mod raw {
+    pub(super) fn connect(client_id: &str) -> Vec<u8> {
+        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut packet = vec![0x10, body.len() as u8];
+        packet.extend(body);
+        packet
+    }
+    pub(super) fn puback(pkid: u16) -> Vec<u8> {
+        let [hi, lo] = pkid.to_be_bytes();
+        vec![0x40, 2, hi, lo]
+    }
+    pub(super) const PINGREQ: [u8; 2] = [0xC0, 0];
+    pub(super) const PINGRESP: [u8; 2] = [0xD0, 0];
+}
+
+/// A car that acknowledges, on a new connection, a command it received on the one before
+/// (its acknowledgement waits until the command is stored, and the link dropped meanwhile,
+/// as after every gateway restart) keeps its connection: the broker ignores an ack for no
+/// publish in flight, as Mosquitto does, where rumqttd dropped the car.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_for_no_publish_in_flight_leaves_the_car_connected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let gw = caas_gateway::start(config(dir.path(), None)).await.unwrap();
+    let mut car = tokio::net::TcpStream::connect(gw.mqtt_addr().unwrap())
+        .await
+        .unwrap();
+    car.write_all(&raw::connect(&vin(1).to_string()))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), car.read_exact(&mut connack))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "connection accepted");
+
+    car.write_all(&raw::puback(7)).await.unwrap();
+    car.write_all(&raw::PINGREQ).await.unwrap();
+    let mut answer = [0u8; 2];
+    let read = tokio::time::timeout(Duration::from_secs(10), car.read_exact(&mut answer)).await;
+    assert!(
+        matches!(read, Ok(Ok(_))),
+        "the broker closed the connection: {read:?}"
+    );
+    assert_eq!(answer, raw::PINGRESP);
+    gw.shutdown().await;
 }

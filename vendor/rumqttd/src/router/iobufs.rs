@@ -52,6 +52,18 @@ impl Incoming {
     }
 }
 
+/// What [`Outgoing::register_ack`] made of an acknowledgement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// It acknowledged the oldest publish in flight, now done.
+    Acked,
+    /// It names a publish in flight behind an older one: out of order, not supported.
+    OutOfOrder,
+    /// It names no publish in flight (a client acking, on a new connection, a publish it
+    /// received on one before): nothing to do.
+    Unsolicited,
+}
+
 #[derive(Debug)]
 pub struct Outgoing {
     /// Identifier associated with connected client
@@ -162,18 +174,22 @@ impl Outgoing {
         (buffer_count, inflight_count)
     }
 
-    // Returns (unsolicited, outoforder) flags
-    // Return: Out of order or unsolicited acks
-    pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
-        let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
-
-        // We don't support out of order acks
-        if pkid != head {
-            error!(pkid, head, "out of order ack.");
-            return None;
+    /// Registers an acknowledgement of the publish with `pkid` sent to this connection.
+    /// CaaS patch (PATCHES.md item 8): an ack for no publish in flight here is `Unsolicited`
+    /// and changes nothing; upstream popped whatever was in flight and disconnected.
+    pub fn register_ack(&mut self, pkid: u16) -> AckOutcome {
+        match self.inflight_buffer.front() {
+            Some((head, _, _)) if *head == pkid => {
+                self.inflight_buffer.pop_front();
+                AckOutcome::Acked
+            }
+            Some(_) if self.inflight_buffer.iter().any(|(p, _, _)| *p == pkid) => {
+                // We don't support out of order acks
+                error!(pkid, "out of order ack.");
+                AckOutcome::OutOfOrder
+            }
+            _ => AckOutcome::Unsolicited,
         }
-
-        Some(())
     }
 
     pub fn register_pubrec(&mut self, pkid: u16) {

@@ -20,7 +20,7 @@ use tracing::{debug, error, info, trace, warn};
 
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
-use super::iobufs::{Incoming, Outgoing};
+use super::iobufs::{AckOutcome, Incoming, Outgoing};
 use super::logs::{AckLog, DataLog};
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
@@ -766,10 +766,18 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = puback.pkid;
-                    if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
-                        disconnect = true;
-                        break;
+                    // CaaS patch (PATCHES.md item 8): an unsolicited ack is ignored.
+                    match outgoing.register_ack(pkid) {
+                        AckOutcome::Acked => {}
+                        AckOutcome::Unsolicited => {
+                            debug!(pkid, "ack for no publish in flight, ignored");
+                            continue;
+                        }
+                        AckOutcome::OutOfOrder => {
+                            error!(pkid, "Out of order ack received for pkid {}", pkid);
+                            disconnect = true;
+                            break;
+                        }
                     }
 
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
@@ -780,10 +788,18 @@ impl Router {
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
                     let pkid = pubrec.pkid;
-                    if outgoing.register_ack(pkid).is_none() {
-                        error!(pkid, "Unsolicited/ooo ack received for pkid {}", pkid);
-                        disconnect = true;
-                        break;
+                    // CaaS patch (PATCHES.md item 8): an unsolicited ack is ignored.
+                    match outgoing.register_ack(pkid) {
+                        AckOutcome::Acked => {}
+                        AckOutcome::Unsolicited => {
+                            debug!(pkid, "ack for no publish in flight, ignored");
+                            continue;
+                        }
+                        AckOutcome::OutOfOrder => {
+                            error!(pkid, "Out of order ack received for pkid {}", pkid);
+                            disconnect = true;
+                            break;
+                        }
                     }
 
                     let ackslog = self.ackslog.get_mut(id).unwrap();
