@@ -203,6 +203,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     config.validate()?;
     raise_open_file_limit();
+    survive_file_size_limit();
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating {}", config.data.display()))?;
     let key = files::load_or_generate(&config.signing_key_path())
@@ -437,6 +438,20 @@ fn raise_open_file_limit() {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(n) => tracing::info!(open_files = n, "open file limit"),
         Err(e) => tracing::warn!("cannot raise the open file limit: {e}"),
+    }
+}
+
+/// A file-size limit (`ulimit -f`, a quota) reached by the store's log would otherwise kill
+/// the process with SIGXFSZ (and a core dump) in the middle of a write, with nothing logged.
+/// With the signal caught, that write fails with EFBIG like any other storage error: the
+/// request in hand is answered 500 with its requestId, `/healthz` turns 503 ("store":
+/// "failing"), the log says why, and everything answered 2xx before is on disk.
+fn survive_file_size_limit() {
+    use tokio::signal::unix::{signal, SignalKind};
+    // The handler stays installed after the stream is dropped; the signal is then ignored.
+    let xfsz = SignalKind::from_raw(rustix::process::Signal::XFSZ.as_raw());
+    if let Err(e) = signal(xfsz) {
+        tracing::warn!("cannot catch SIGXFSZ: {e}");
     }
 }
 

@@ -660,8 +660,9 @@ const ROUTES: [(&str, &str); 13] = [
     ("/openapi.json", "get"),
 ];
 
-/// Documented statuses no test here can bring about: a storage failure (500) or an engine
-/// stopping under a request (503) needs a fault injected inside the gateway.
+/// Documented statuses this in-process test does not bring about: a storage failure (500;
+/// `tests/brokers.rs` drives one in a gateway process under a file-size limit) or an engine
+/// stopping under a request (503).
 fn not_driven(_route: &str, status: &str) -> bool {
     matches!(status, "500" | "503")
 }

@@ -1,7 +1,8 @@
 //! The broker side: a kill -9 of the gateway process, Mosquitto as the external broker
 //! (plain, and mTLS with the shipped configuration), per-car isolation on the embedded
 //! broker's mTLS listener, an idle TCP socket that must not stall other cars, a car's late
-//! acknowledgement on a new connection, and the process keeping its heap reserve resident.
+//! acknowledgement on a new connection, the process keeping its heap reserve resident, and
+//! its store running out of room (a file-size limit).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -36,7 +37,23 @@ fn spawn_gateway_with(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> Proc {
-    let child = Command::new(env!("CARGO_BIN_EXE_caas-gateway"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_caas-gateway"));
+    gateway_args(&mut command, data, http, mqtt, hook);
+    let child = command
+        .args(extra)
+        .envs(env.iter().copied())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Proc(child)
+}
+
+/// The arguments every spawned gateway gets: `serve` on these ports and data, the test token
+/// and webhook, 4 attempts of 2 s with 1 s backoffs.
+fn gateway_args(command: &mut Command, data: &Path, http: u16, mqtt: u16, hook: &Webhook) {
+    command
         .args([
             "serve",
             "--http",
@@ -61,15 +78,7 @@ fn spawn_gateway_with(
             "2s",
             "--backoff",
             "1s,1s,1s",
-        ])
-        .args(extra)
-        .envs(env.iter().copied())
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    Proc(child)
+        ]);
 }
 
 async fn wait_healthy(http: u16) {
@@ -909,4 +918,86 @@ async fn an_ack_for_no_publish_in_flight_leaves_the_car_connected() {
     );
     assert_eq!(answer, raw::PINGRESP);
     gw.shutdown().await;
+}
+
+/// The store runs out of room (a file-size limit, as a full disk or a quota would): the
+/// request that meets it is answered 500 with its requestId, `/healthz` says the store is
+/// failing, and after a kill -9 and a restart without the limit every request answered 2xx
+/// before is there (it was flushed before its answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_out_of_room_answers_500_and_loses_nothing_it_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (http, mqtt) = (free_port(), free_port());
+    // `ulimit -f` is in KiB: the store's log file may not grow past ~1 MB, which ~500
+    // requests fill; the process must survive the signal that comes with it.
+    let mut command = Command::new("sh");
+    command.args([
+        "-c",
+        "ulimit -f 977 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_caas-gateway"),
+    ]);
+    gateway_args(&mut command, dir.path(), http, mqtt, &hook);
+    let limited = Proc(
+        command
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(http).await;
+    let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
+    const CARS: u32 = 100;
+    for n in 0..CARS {
+        api.register(n).await;
+    }
+    let services = [
+        ("power-boost", "power_boost"),
+        ("snow-mode", "snow_mode"),
+        ("heated-seats", "heated_seats"),
+        ("highway-autopilot", "highway_autopilot"),
+    ];
+    let mut acknowledged = Vec::new();
+    let mut refused = None;
+    // No car is online, so requests stay in flight: 100 cars × 4 services × (activation,
+    // deactivation) = 800 before the per-car bound, more than the limit lets through.
+    'fill: for round in 0..2 {
+        for (service, flag) in services {
+            for n in 0..CARS {
+                let (status, body) = if round == 0 {
+                    api.post("/ota/activate", &activation(n, service, flag))
+                        .await
+                } else {
+                    let body = serde_json::json!({"vin": vin(n).to_string(), "serviceId": service});
+                    api.post("/ota/deactivate", &body).await
+                };
+                match status {
+                    202 => acknowledged.push(body["requestId"].as_str().unwrap().to_owned()),
+                    500 => {
+                        refused = Some(body);
+                        break 'fill;
+                    }
+                    other => panic!("{other} {body}"),
+                }
+            }
+        }
+    }
+    let refused = refused.expect("the store never ran out of room");
+    assert_eq!(refused["error"], "storage failure", "{refused}");
+    assert!(refused["requestId"].is_string(), "{refused}");
+    assert!(!acknowledged.is_empty());
+    let (status, health) = api.get("/healthz").await;
+    assert_eq!(status, 503, "{health}");
+    assert_eq!(health["store"], "failing", "{health}");
+    assert_eq!(api.metric("caas_store_failing").await, 1.0);
+
+    drop(limited); // kill -9
+    let _gateway = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    for id in &acknowledged {
+        let (status, body) = api.get(&format!("/ota/requests/{id}")).await;
+        assert_eq!(status, 200, "{id} answered 202 before, now: {body}");
+        assert_eq!(body["phase"], "SENDING", "{body}");
+    }
 }
