@@ -7,7 +7,9 @@
 #               with `cargo build --release -p caas-gateway -p caas-sim` when missing)
 #   --repro     run the two reproductions (repro_*.py) instead of the soak; of the flags
 #               below they take only --http, --mqtt and --hook
-#   rig flags   passed to scripts/chaos/rig.py, e.g. --chaos 300 --seed 7 (rig.py --help)
+#   rig flags   passed to scripts/chaos/rig.py, e.g. --chaos 300 --seed 7 (rig.py --help);
+#               --broker mosquitto [--broker-port N] [--broker-kill-share X] runs the gateway
+#               and the cars on a Mosquitto 2 the rig starts (and kills), not the embedded one
 # The run directory is target/chaos/<timestamp> unless --rundir is given. The last line is
 # the verdict; the exit status is 0 only when every invariant held.
 set -euo pipefail
@@ -21,7 +23,7 @@ while [ $# -gt 0 ]; do
     --repro) repro=1; shift ;;
     --rundir) rundir="$2"; shift 2 ;;
     --rundir=*) rundir="${1#--rundir=}"; shift ;;
-    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exec python3 "$here/rig.py" --help ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exec python3 "$here/rig.py" --help ;;
     *) rest+=("$1"); shift ;;
   esac
 done

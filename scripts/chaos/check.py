@@ -434,6 +434,15 @@ if n_cb2 != n_cb1:
 report["restarts"] = {"starts": len(starts), "kills": len(kills), "terms": len(terms),
                       "start_secs_max": max((e["secs"] for e in starts), default=None),
                       "term_secs_max": max((e["secs"] for e in terms), default=None)}
+# --broker mosquitto: the broker's kills (-9) and starts, and its failed starts
+broker_kills = [e for e in events if e["ev"] == "broker-killed"]
+broker_starts = [e for e in events if e["ev"] == "broker-up"]
+if broker_starts:
+    report["restarts"]["broker_kills"] = len(broker_kills)
+    report["restarts"]["broker_starts"] = len(broker_starts)
+for e in events:
+    if e["ev"] in ("broker-start-failed", "broker-start-timeout", "broker-restart-failed"):
+        violations["6_broker_restart_failed"].append(e)
 
 # ---------- logs ----------
 pat = re.compile(r"panick|panic|ERROR|WARN", re.I)
@@ -487,7 +496,8 @@ d = report["driver"]
 summary = (f"{d['requests']} requests ({d['accepted']} accepted, {d['unknown_outcome']} unknown outcome), "
            f"{d['campaigns_2xx']} campaigns, {report['callbacks']['total']} callbacks for "
            f"{report['callbacks']['distinct_requests']} requests, "
-           f"{report['restarts']['kills']} kills + {report['restarts']['terms']} SIGTERMs")
+           f"{report['restarts']['kills']} kills + {report['restarts']['terms']} SIGTERMs"
+           + (f", {len(broker_kills)} broker kills" if broker_starts else ""))
 if failed:
     print("\nVERDICT: FAIL: " + ", ".join(f"{k}={len(violations[k])}" for k in failed) + "; " + summary)
     sys.exit(1)

@@ -5,10 +5,13 @@ moments and restarted on the same store. After the chaos phase the driver stops,
 the gateway settles, and check.py verifies the invariants (see README.md).
 
 usage: rig.py --bin DIR --rundir DIR [--chaos 600] [--settle 150] [--seed N] ...
+With --broker mosquitto the gateway and the cars use a Mosquitto 2 the rig starts (and, with
+--broker-kill-share, kills -9 and restarts on its persistence) instead of the embedded broker.
 Exit status: 0 when every invariant holds, 1 on a violation, 2 when the rig itself failed.
 Every process it starts is listed in RUNDIR/pids and stopped by pid at the end.
 """
-import argparse, json, os, random, signal, subprocess, sys, time, urllib.request
+import argparse, json, os, random, shutil, signal, socket, subprocess, sys, threading, time
+import urllib.request
 
 from promtext import parse_metrics
 
@@ -38,7 +41,35 @@ ap.add_argument("--campaign-max", type=int, default=40, help="most cars in one c
 ap.add_argument("--campaign-every", type=float, default=30, help="mean seconds between campaigns")
 ap.add_argument("--receiver-down-share", type=float, default=0.15,
                 help="chance, per stop, that the webhook receiver also goes down for 10-25 s")
+ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded",
+                help="the gateway's embedded broker (--mqtt port), or a Mosquitto 2 the rig starts "
+                     "on --broker-port with persistence in the run directory (default embedded)")
+ap.add_argument("--broker-port", type=int, default=18831, help="Mosquitto's port (mosquitto mode)")
+ap.add_argument("--mosquitto", default=None,
+                help="the mosquitto binary (default: from PATH, else /usr/sbin/mosquitto)")
+ap.add_argument("--broker-max-inflight", type=int, default=1000,
+                help="Mosquitto's max_inflight_messages, for every client, the gateway too (default 1000, as the bench's "
+                     "broker; gateway/mosquitto/mosquitto.conf ships 100)")
+ap.add_argument("--broker-max-queued", type=int, default=100000,
+                help="Mosquitto's max_queued_messages per client, beyond those in flight; more are "
+                     "dropped (default 100000, as the bench's broker; the shipped config has 1000)")
+ap.add_argument("--broker-log-all", action="store_true",
+                help="Mosquitto logs every packet (log_type all: each PUBLISH, PUBACK, SUBSCRIBE "
+                     "with its client, topic and flags), to trace a lost command; some MB a run")
+ap.add_argument("--broker-kill-share", type=float, default=0.0,
+                help="share of the gateway stops at which Mosquitto is also killed (-9) and restarted "
+                     "on its persistence after 0-3 s: half with the gateway's stop, half 0.3-2 s after "
+                     "its restart, so the running gateway reconnects (mosquitto mode only; default 0)")
 args = ap.parse_args()
+MOSQ = args.broker == "mosquitto"
+if args.broker_kill_share and not MOSQ:
+    sys.exit("rig: --broker-kill-share needs --broker mosquitto")
+MOSQ_BIN = None
+if MOSQ:
+    MOSQ_BIN = args.mosquitto or shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.access(p, os.X_OK)), None)
+    if not MOSQ_BIN or not os.access(MOSQ_BIN, os.X_OK):
+        sys.exit("rig: mosquitto not found (scripts/install-deps.sh installs it; or --mosquitto PATH)")
 BIN = os.path.abspath(args.bin)
 for exe in ("caas-gateway", "caas-sim"):
     if not os.access(os.path.join(BIN, exe), os.X_OK):
@@ -55,13 +86,15 @@ BASE = f"http://127.0.0.1:{args.http}"
 DATA = os.path.join(run, "gwdata")
 
 events = open(os.path.join(run, "events.jsonl"), "a", buffering=1)
+ev_lock = threading.Lock()  # the broker's restarts report from their own thread
 
 
 def ev(kind, **kw):
     kw.update({"ev": kind, "t": time.time()})
-    events.write(json.dumps(kw) + "\n")
-    print(time.strftime("%H:%M:%S"), kind, {k: v for k, v in kw.items() if k not in ("ev", "t")},
-          flush=True)
+    with ev_lock:
+        events.write(json.dumps(kw) + "\n")
+        print(time.strftime("%H:%M:%S"), kind, {k: v for k, v in kw.items() if k not in ("ev", "t")},
+              flush=True)
 
 
 with open(os.path.join(run, "config.json"), "w") as f:
@@ -72,9 +105,10 @@ procs = {}
 
 
 def note_pid(name, p):
-    procs[name] = p
-    with open(os.path.join(run, "pids"), "a") as f:
-        f.write(f"{name} {p.pid}\n")
+    with ev_lock:
+        procs[name] = p
+        with open(os.path.join(run, "pids"), "a") as f:
+            f.write(f"{name} {p.pid}\n")
 
 
 def healthz(timeout=1.0):
@@ -99,8 +133,10 @@ def start_gateway():
     gw_n[0] += 1
     n = gw_n[0]
     log = open(os.path.join(run, f"gw-{n:03d}.log"), "w")
-    cmd = [f"{BIN}/caas-gateway", "serve", "--http", f"127.0.0.1:{args.http}",
-           "--mqtt", f"127.0.0.1:{args.mqtt}", "--data", DATA,
+    broker = (["--broker", f"mqtt://127.0.0.1:{args.broker_port}", "--no-mqtt"] if MOSQ else
+              ["--mqtt", f"127.0.0.1:{args.mqtt}"])
+    cmd = [f"{BIN}/caas-gateway", "serve", "--http", f"127.0.0.1:{args.http}"] + broker + [
+           "--data", DATA,
            "--webhook-url", f"http://127.0.0.1:{args.hook}/hook", "--webhook-secret", SECRET,
            "--api-token", TOKEN, "--attempts", "3", "--attempt-timeout", "3s",
            "--backoff", "1s,2s", "--heap-reserve-mb", "0", "--store-cache-mb", "64"]
@@ -181,6 +217,115 @@ class RigError(Exception):
     pass
 
 
+# ---------- Mosquitto (--broker mosquitto) ----------
+MOSQ_DIR = os.path.join(run, "mosquitto")
+MOSQ_CONF = os.path.join(run, "mosquitto.conf")
+mq_n = [0]
+mq_proc = [None]
+mq_restart = [None]  # the thread that restarts a killed broker, while one is pending
+
+
+def write_mosquitto_conf():
+    os.makedirs(MOSQ_DIR, exist_ok=True)
+    lines = [
+        f"listener {args.broker_port} 127.0.0.1",
+        "allow_anonymous true",
+        # Retained commands, retained presence and the cars' persistent sessions (they connect
+        # with clean_session = false) survive a restart. Mosquitto writes its database only
+        # every autosave_interval seconds and at a clean exit, so after a kill -9 it comes back
+        # with the state of at most 1 s before.
+        "persistence true",
+        f"persistence_location {MOSQ_DIR}/",
+        "autosave_interval 1",
+        # Run as root (in a container), it would switch to the user 'mosquitto', who may not
+        # write the run directory.
+        *(["user root"] if os.geteuid() == 0 else []),
+        # By default as the bench's broker (simulator/src/gateway_proc.rs): no cap a soak hits.
+        # Every start of the gateway and every reconnect to its broker republish each car's
+        # command (QoS 1, retained), and Mosquitto queues every copy in each session it holds
+        # (the embedded broker keeps only a car's newest): a car that is slow or away comes
+        # back to a backlog of up to inflight + queued commands (see README.md).
+        f"max_inflight_messages {args.broker_max_inflight}",
+        f"max_queued_messages {args.broker_max_queued}",
+        "max_connections -1",
+        "set_tcp_nodelay true",
+        f"log_dest file {os.path.join(run, 'mosquitto.log')}",
+        *(["log_type all"] if args.broker_log_all else
+          ["log_type error", "log_type warning", "log_type notice", "log_type information"]),
+        "connection_messages true",
+        "log_timestamp true",
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+    ]
+    with open(MOSQ_CONF, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def start_mosquitto():
+    mq_n[0] += 1
+    n = mq_n[0]
+    # Its own log is mosquitto.log (log_dest file); this catches what it says before reading it.
+    out = open(os.path.join(run, "mosquitto.out"), "a")
+    t0 = time.time()
+    p = subprocess.Popen([MOSQ_BIN, "-c", MOSQ_CONF], stdin=subprocess.DEVNULL, stdout=out,
+                         stderr=subprocess.STDOUT)
+    note_pid(f"mosquitto-{n}", p)
+    mq_proc[0] = p
+    deadline = time.time() + 15
+    while time.time() < deadline:
+        if p.poll() is not None:
+            ev("broker-start-failed", n=n, rc=p.returncode)
+            return False
+        if port_open(args.broker_port):
+            ev("broker-up", n=n, pid=p.pid, secs=round(time.time() - t0, 2))
+            return True
+        time.sleep(0.05)
+    ev("broker-start-timeout", n=n)
+    return False
+
+
+def kill_broker_and_restart(gap):
+    """Kills Mosquitto (-9) and restarts it on the same persistence after `gap` s, in a thread."""
+    wait_broker_restart()
+    p = mq_proc[0]
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    ev("broker-killed", n=mq_n[0], restart_in=round(gap, 2))
+
+    def later():
+        time.sleep(gap)
+        if not start_mosquitto():
+            # Once more: a port the killed one held may linger for a moment.
+            if mq_proc[0].poll() is None:
+                mq_proc[0].send_signal(signal.SIGKILL)
+                mq_proc[0].wait()
+            time.sleep(1)
+            if not start_mosquitto():
+                ev("broker-restart-failed", n=mq_n[0])
+
+    t = threading.Thread(target=later, daemon=True)
+    t.start()
+    mq_restart[0] = t
+
+
+def wait_broker_restart():
+    t = mq_restart[0]
+    if t is not None:
+        t.join()
+        mq_restart[0] = None
+
+
+def broker_ok():
+    return not MOSQ or (mq_proc[0] is not None and mq_proc[0].poll() is None)
+
+
 rc = 2
 try:
     receiver_mode("chaos")
@@ -191,6 +336,16 @@ try:
     time.sleep(0.5)
     if procs["receiver"].poll() is not None:
         raise RigError(f"the webhook receiver did not start (port {args.hook} in use?)")
+    # A gateway already on the HTTP port would answer /healthz for ours.
+    for port, flag in [(args.http, "--http")] + ([] if MOSQ else [(args.mqtt, "--mqtt")]):
+        if port_open(port):
+            raise RigError(f"port {port} is in use ({flag})")
+    if MOSQ:
+        if port_open(args.broker_port):
+            raise RigError(f"port {args.broker_port} is in use (--broker-port)")
+        write_mosquitto_conf()
+        if not start_mosquitto():
+            raise RigError("mosquitto did not start (see mosquitto.log and mosquitto.out)")
     if not start_gateway():
         raise RigError("the gateway did not start (see gw-001.log)")
 
@@ -210,7 +365,7 @@ try:
     for name, extra in fleets.items():
         flog = open(os.path.join(run, f"fleet-{name}.log"), "w")
         cmd = [f"{BIN}/caas-sim", "fleet", "--gateway", BASE, "--api-token", TOKEN,
-               "--mqtt", f"127.0.0.1:{args.mqtt}", "--vins-out", os.path.join(run, f"vins-{name}.txt"),
+               "--mqtt", f"127.0.0.1:{args.broker_port if MOSQ else args.mqtt}", "--vins-out", os.path.join(run, f"vins-{name}.txt"),
                "--faults-out", os.path.join(run, f"faults-{name}.txt"),
                "--report", os.path.join(run, f"fleet-{name}.json"), "--no-progress",
                "--threads", "1", "--connect-rate", "200"] + extra
@@ -244,7 +399,7 @@ try:
         stdout=dlog, stderr=subprocess.STDOUT))
 
     t_end = time.time() + args.chaos
-    kills = terms = 0
+    kills = terms = broker_kills = 0
     receiver_down_until = 0
     while time.time() < t_end:
         wait = rnd.uniform(args.kill_min, args.kill_max)
@@ -268,15 +423,33 @@ try:
             terms += 1
         else:
             kills += 1
+        # Drawn only when asked for, so the embedded mode's schedule for a seed is unchanged.
+        broker_kill = None
+        if args.broker_kill_share and rnd.random() < args.broker_kill_share:
+            broker_kill = (rnd.choice(["with-stop", "after-start"]), rnd.uniform(0, 3),
+                           rnd.uniform(0.3, 2.0))
+            broker_kills += 1
+        if broker_kill and broker_kill[0] == "with-stop":
+            # The broker first: the gateway may see it go before it is stopped itself.
+            kill_broker_and_restart(broker_kill[1])
         stop_gateway(how)
         # Sometimes at once (cars reconnect into a fresh broker), sometimes after a gap.
         time.sleep(rnd.choice([0, 0, 0.2, 1, 3]))
         if not restart_gateway():
             ev("gateway-restart-failed", n=gw_n[0])
             break
-    ev("chaos-done", kills=kills, terms=terms, starts=gw_n[0])
+        if broker_kill and broker_kill[0] == "after-start":
+            # While the gateway recovers (republishes, resends): it must reconnect by itself.
+            time.sleep(broker_kill[2])
+            kill_broker_and_restart(broker_kill[1])
+    if MOSQ:
+        wait_broker_restart()
+    ev("chaos-done", kills=kills, terms=terms, starts=gw_n[0],
+       **({"broker_kills": broker_kills, "broker_starts": mq_n[0]} if MOSQ else {}))
     if gw_proc[0].poll() is not None:
         raise RigError("the gateway is down after the chaos phase; the check needs it")
+    if not broker_ok():
+        raise RigError("mosquitto is down after the chaos phase; the check needs it")
     # The driver drains while the receiver still fails now and then; faults end only after.
     receiver_mode("chaos")
     stop_proc("driver", signal.SIGTERM, timeout=60)
@@ -298,6 +471,15 @@ finally:
         stop_proc(name, signal.SIGTERM, timeout=30)
     if gw_proc[0] is not None and gw_proc[0].poll() is None:
         stop_gateway("term")
+    if MOSQ:
+        wait_broker_restart()
+        if mq_proc[0] is not None and mq_proc[0].poll() is None:
+            mq_proc[0].send_signal(signal.SIGTERM)
+            try:
+                mq_proc[0].wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                mq_proc[0].send_signal(signal.SIGKILL)
+                mq_proc[0].wait()
     stop_proc("receiver", signal.SIGTERM, timeout=5)
     ev("rig-done", run=run, rc=rc)
 sys.exit(rc)
