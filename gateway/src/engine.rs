@@ -1121,6 +1121,11 @@ impl Shard {
                 Err(_) => continue,
             };
             let retry = self.sh.retry.clone();
+            if let Some(wait) = broker_grace(&self.sh.metrics, &p.rec.phase, retry.attempt_timeout)
+            {
+                self.schedule(id, wait);
+                continue;
+            }
             match p.rec.phase.as_str() {
                 "SENDING" if p.rec.attempts < retry.attempts => {
                     p.rec.phase = "BACKOFF".into();
@@ -1706,6 +1711,27 @@ impl Shard {
             "diagnostics": diagnostics_json(car.last_report.as_ref(), &car.vehicle),
         }))
     }
+}
+
+/// How much longer a request's timer in `phase` must wait because no command could
+/// reach a car: while the external broker is disconnected nothing the gateway publishes
+/// leaves (re-sending would only spend the attempt), and after it reconnects every car's
+/// state is re-sent at once ([`Msg::RepublishAll`]), so an attempt or a status query
+/// counts as unanswered only once the broker has been up for a whole attempt timeout.
+/// Without this a broker outage longer than the retry budget failed (and withdrew) every
+/// request in flight, though none of its commands had left. `None`: carry on.
+fn broker_grace(m: &Metrics, phase: &str, attempt_timeout: Duration) -> Option<Duration> {
+    if m.broker_disconnected.load(Relaxed) != 0 {
+        return Some(attempt_timeout);
+    }
+    let up_at = m.broker_connected_at_ms.load(Relaxed);
+    if up_at == 0 || phase == "BACKOFF" {
+        return None;
+    }
+    let up_for = Duration::from_millis(now_ms().saturating_sub(up_at));
+    attempt_timeout
+        .checked_sub(up_for)
+        .filter(|left| !left.is_zero())
 }
 
 /// `false` once a temporary grant's end (seconds since the epoch) has passed.

@@ -38,6 +38,9 @@ pub(crate) struct Metrics {
     pub(crate) store_failing: AtomicU64,
     /// 1 while the gateway has no connection to its external broker (always 0 embedded).
     pub(crate) broker_disconnected: AtomicU64,
+    /// When the gateway last connected to its external broker (Unix ms; 0 embedded): until
+    /// an attempt timeout after that, timed-out attempts do not count (engine.rs).
+    pub(crate) broker_connected_at_ms: AtomicU64,
     pub(crate) flushes: AtomicU64,
     /// Bytes of heap the warmer faulted in ahead of need (heap.rs).
     pub(crate) heap_prefaulted_bytes: AtomicU64,

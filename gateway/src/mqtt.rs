@@ -275,12 +275,21 @@ pub(crate) fn start_external(
     el.set_network_options(net);
     let publisher = client.clone();
     let (inbound, inbound_rx) = flume::bounded::<Inbound>(INBOUND_QUEUE);
+    // A connection asks for every car's state again on a channel of its own, never shed as
+    // reports are: one waiting request stands for any number (the newest state is re-sent).
+    let (republish, republish_rx) = flume::bounded::<()>(1);
     let dispatcher = engine.clone();
     tokio::spawn(async move {
-        while let Ok(next) = inbound_rx.recv_async().await {
-            let delivered = match next {
-                Inbound::Car(vin, msg) => dispatcher.shard(&vin).send_async(msg).await.is_ok(),
-                Inbound::RepublishAll => dispatcher.broadcast_async(|| Msg::RepublishAll).await,
+        loop {
+            let delivered = tokio::select! {
+                biased;
+                Ok(()) = republish_rx.recv_async() => {
+                    dispatcher.broadcast_async(|| Msg::RepublishAll).await
+                }
+                next = inbound_rx.recv_async() => match next {
+                    Ok((vin, msg)) => dispatcher.shard(&vin).send_async(msg).await.is_ok(),
+                    Err(_) => return,
+                },
             };
             if !delivered {
                 return;
@@ -303,16 +312,19 @@ pub(crate) fn start_external(
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(CPacket::ConnAck(_))) => {
+                    metrics
+                        .broker_connected_at_ms
+                        .store(crate::store::now_ms(), Relaxed);
                     metrics.broker_disconnected.store(0, Relaxed);
                     tracing::info!("connected to the external broker");
                     let _ = client.try_subscribe(topics::ALL_REPORTS, CQoS::AtLeastOnce);
                     let _ = client.try_subscribe(topics::ALL_PRESENCE, CQoS::AtLeastOnce);
                     // The broker may have lost retained commands (restart without persistence).
-                    hand_on(&inbound, &metrics, Inbound::RepublishAll);
+                    let _ = republish.try_send(());
                 }
                 Ok(Event::Incoming(CPacket::Publish(p))) => {
                     if let Some((vin, msg)) = route(&metrics, &p.topic, &p.payload) {
-                        hand_on(&inbound, &metrics, Inbound::Car(vin, msg));
+                        hand_on(&inbound, &metrics, (vin, msg));
                     }
                 }
                 Ok(_) => {}
@@ -326,13 +338,9 @@ pub(crate) fn start_external(
     }))
 }
 
-/// What the external broker's event loop hands to the engine, through [`INBOUND_QUEUE`].
-// Boxing the message would cost every report an allocation to save size on a rare variant.
-#[allow(clippy::large_enum_variant)]
-enum Inbound {
-    Car(caas_protocol::Vin, Msg),
-    RepublishAll,
-}
+/// A report or presence message the external broker's event loop hands to the engine
+/// through [`INBOUND_QUEUE`], with the car it is for.
+type Inbound = (caas_protocol::Vin, Msg);
 
 /// Queues `next` for the engine without waiting (see [`INBOUND_QUEUE`]).
 fn hand_on(queue: &flume::Sender<Inbound>, metrics: &Metrics, next: Inbound) {
@@ -370,16 +378,18 @@ mod tests {
         let metrics = Metrics::default();
         let (queue, rx) = flume::bounded(1);
         // On this thread a wait for room would never end: only the receiver could make it.
-        hand_on(&queue, &metrics, Inbound::RepublishAll);
-        hand_on(&queue, &metrics, Inbound::RepublishAll);
-        hand_on(&queue, &metrics, Inbound::RepublishAll);
+        let vin: caas_protocol::Vin = "WVWZZZ1JZXW000001".parse().unwrap();
+        let presence = || (vin, Msg::Presence { vin, online: true });
+        hand_on(&queue, &metrics, presence());
+        hand_on(&queue, &metrics, presence());
+        hand_on(&queue, &metrics, presence());
         assert_eq!(
             metrics
                 .inbound_shed
                 .load(std::sync::atomic::Ordering::Relaxed),
             2
         );
-        assert!(matches!(rx.try_recv(), Ok(Inbound::RepublishAll)));
+        assert!(matches!(rx.try_recv(), Ok((_, Msg::Presence { .. }))));
         assert!(rx.try_recv().is_err(), "the shed ones are not queued");
         assert!(metrics.render().contains("caas_inbound_shed_total 2"));
     }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -262,10 +262,20 @@ fn mosquitto_or_skip() -> bool {
     true
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn activation_through_mosquitto() {
+/// A gateway (in this process, with a webhook receiver) whose external broker is a plain
+/// Mosquitto on a free port, not started: (data directory, receiver, gateway, API client,
+/// the broker's configuration file, its port). `None` (the test is skipped) when Mosquitto
+/// is not installed.
+async fn gateway_on_plain_mosquitto() -> Option<(
+    tempfile::TempDir,
+    Webhook,
+    caas_gateway::Gateway,
+    Api,
+    PathBuf,
+    u16,
+)> {
     if !mosquitto_or_skip() {
-        return;
+        return None;
     }
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -279,9 +289,17 @@ async fn activation_through_mosquitto() {
     let mut c = config(&dir.path().join("gw"), Some(&hook));
     c.mqtt = None;
     c.broker = Some(format!("mqtt://127.0.0.1:{port}"));
-    // Started before its broker: up, but not ready until the broker is there.
     let gw = caas_gateway::start(c).await.unwrap();
     let api = Api::new(gw.http_addr());
+    Some((dir, hook, gw, api, conf, port))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activation_through_mosquitto() {
+    // Started before its broker: up, but not ready until the broker is there.
+    let Some((_dir, hook, gw, api, conf, port)) = gateway_on_plain_mosquitto().await else {
+        return;
+    };
     let (s, h) = api.get("/healthz").await;
     assert_eq!(
         (s, &h["broker"]),
@@ -292,17 +310,7 @@ async fn activation_through_mosquitto() {
     let mosquitto = start_mosquitto(&conf, port).await;
     wait_healthz(&api, 200).await;
     api.register(1).await;
-    let car = TestCar::start(
-        1,
-        gw.public_key_hex(),
-        CarOpts {
-            host: "127.0.0.1".into(),
-            port,
-            tls: None,
-            mode: Mode::Obey,
-        },
-    )
-    .await;
+    let car = obeying_car_1(&api, port).await;
     car.wait_connected().await;
     let id = api.activate(1, "power-boost", "power_boost").await;
     let cb = hook.wait(&id, Duration::from_secs(15)).await;
@@ -322,6 +330,37 @@ async fn activation_through_mosquitto() {
     // The broker gone: not ready again.
     drop(mosquitto);
     wait_healthz(&api, 503).await;
+    gw.shutdown().await;
+}
+
+/// An outage of the external broker spends no attempt: a request accepted while it is down
+/// outlives its whole retry budget (here ~4 s: 2 attempts of 1 s, 0.5 s backoff, a 1 s status
+/// query) without failing, and completes once the broker is back and the car with it. Before,
+/// it failed with NO_CONFIRMATION (and its grant was withdrawn) though no command had left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_spends_no_attempt() {
+    let Some((_dir, hook, gw, api, conf, port)) = gateway_on_plain_mosquitto().await else {
+        return;
+    };
+    api.register(1).await;
+    let mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
+    drop(mosquitto);
+    wait_healthz(&api, 503).await;
+
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (_, rec) = api.get(&format!("/ota/requests/{id}")).await;
+    assert_eq!(rec["status"], "IN_PROGRESS", "{rec}");
+    assert_eq!(rec["attempts"], 1, "{rec}");
+    assert!(hook.for_request(&id).is_empty(), "no callback yet");
+
+    let _mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
+    let car = obeying_car_1(&api, port).await;
+    car.wait_connected().await;
+    let cb = hook.wait(&id, SETTLED_WITHIN).await;
+    assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
     gw.shutdown().await;
 }
 
