@@ -168,7 +168,16 @@ pub(crate) enum Msg {
     /// These callbacks were delivered, or filed in the outbox: their cars' records need
     /// not keep them any more.
     CallbacksSettled(Vec<(Vin, RequestId)>),
-    RepublishAll,
+    /// Re-send cars' newest commands: every car's (`only_behind: false`) to an embedded broker
+    /// just started, which holds no retained message; to an external broker that (re)connected,
+    /// only those of cars that have not confirmed theirs. A car that confirmed its newest
+    /// command holds that state already, and a broker with persistent sessions would queue
+    /// each copy for every offline car, to be handed over, stale, when it comes back (one per
+    /// gateway start or broker reconnect); a car that lost its state says so in its next
+    /// report, which then gets it re-sent ([`Shard::on_report`]).
+    RepublishAll {
+        only_behind: bool,
+    },
     Stop(std::sync::mpsc::Sender<()>),
 }
 
@@ -680,11 +689,12 @@ impl Shard {
                     self.mark_lazy(&vin);
                 }
             }
-            Msg::RepublishAll => {
+            Msg::RepublishAll { only_behind } => {
                 let vins: Vec<Vin> = self
                     .cars
                     .iter()
                     .filter(|(_, c)| c.rec.seq > 0)
+                    .filter(|(_, c)| !only_behind || c.rec.seq > c.rec.applied_seq)
                     .map(|(v, _)| *v)
                     .collect();
                 for vin in vins {
@@ -1493,12 +1503,13 @@ impl Shard {
                     }
                 }
             }
-        } else if latest <= applied {
+        } else if latest <= applied && report.applied_seq >= latest {
             // Caught up: the next held grant, if any, goes out.
             self.release_held(&vin);
         } else if last_sent.is_none_or(|t| now.saturating_sub(t) > 5_000) {
-            // The car is behind and nothing went out recently (e.g. the gateway restarted):
-            // send it its state again, freshly signed.
+            // The car is behind and nothing went out recently (e.g. the gateway restarted),
+            // or it went back to an older state than it confirmed (its store was wiped, or
+            // it was replaced): send it its state again, freshly signed.
             self.send_state(&vin, true);
         }
     }
@@ -1716,7 +1727,7 @@ impl Shard {
 /// How much longer a request's timer in `phase` must wait because no command could
 /// reach a car: while the external broker is disconnected nothing the gateway publishes
 /// leaves (re-sending would only spend the attempt), and after it reconnects every car's
-/// state is re-sent at once ([`Msg::RepublishAll`]), so an attempt or a status query
+/// state not yet confirmed is re-sent at once ([`Msg::RepublishAll`]), so an attempt or a status query
 /// counts as unanswered only once the broker has been up for a whole attempt timeout.
 /// Without this a broker outage longer than the retry budget failed (and withdrew) every
 /// request in flight, though none of its commands had left. `None`: carry on.

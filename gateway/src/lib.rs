@@ -282,7 +282,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
                 acceptors.clone(),
             )));
         }
-        engine.broadcast(|| Msg::RepublishAll);
+        engine.broadcast(|| Msg::RepublishAll { only_behind: false });
     }
     let mut webhook_tasks = Vec::new();
     if let (Some(url), Some(inboxes)) = (&config.webhook_url, inboxes) {

@@ -284,7 +284,9 @@ pub(crate) fn start_external(
             let delivered = tokio::select! {
                 biased;
                 Ok(()) = republish_rx.recv_async() => {
-                    dispatcher.broadcast_async(|| Msg::RepublishAll).await
+                    dispatcher
+                        .broadcast_async(|| Msg::RepublishAll { only_behind: true })
+                        .await
                 }
                 next = inbound_rx.recv_async() => match next {
                     Ok((vin, msg)) => dispatcher.shard(&vin).send_async(msg).await.is_ok(),
@@ -319,7 +321,8 @@ pub(crate) fn start_external(
                     tracing::info!("connected to the external broker");
                     let _ = client.try_subscribe(topics::ALL_REPORTS, CQoS::AtLeastOnce);
                     let _ = client.try_subscribe(topics::ALL_PRESENCE, CQoS::AtLeastOnce);
-                    // The broker may have lost retained commands (restart without persistence).
+                    // The broker may have lost retained commands (restart without persistence):
+                    // the cars that have not confirmed their newest get it again.
                     let _ = republish.try_send(());
                 }
                 Ok(Event::Incoming(CPacket::Publish(p))) => {

@@ -364,6 +364,61 @@ async fn a_broker_outage_spends_no_attempt() {
     gw.shutdown().await;
 }
 
+/// When the external broker comes back (here without its retained messages, as the shipped
+/// configuration runs it), only the car that has not confirmed its newest command gets it
+/// again: a broker with persistent sessions would queue every copy for every offline car.
+/// A car that confirmed its state and then lost it (its store wiped, or the unit replaced)
+/// says so in the report it sends on connecting, and gets its state again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_re_sends_only_unconfirmed_states_and_a_wiped_car_gets_its_own() {
+    let Some((_dir, hook, gw, api, conf, port)) = gateway_on_plain_mosquitto().await else {
+        return;
+    };
+    let mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
+    api.register(1).await;
+    api.register(2).await;
+    let car = obeying_car_1(&api, port).await;
+    car.wait_connected().await;
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    assert_eq!(
+        hook.wait(&id, SETTLED_WITHIN).await.body["status"],
+        "ACTIVATED"
+    );
+    let confirmed_at = Instant::now();
+    drop(car);
+    // Car 2 is offline: its activation waits unconfirmed (well within its attempt).
+    api.activate(2, "power-boost", "power_boost").await;
+
+    let published = "caas_commands_published_total";
+    let before = api.metric(published).await;
+    drop(mosquitto);
+    wait_healthz(&api, 503).await;
+    let _mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
+    let end = Instant::now() + SETTLED_WITHIN;
+    while api.metric(published).await <= before {
+        assert!(Instant::now() < end, "nothing re-sent after the reconnect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        api.metric(published).await,
+        before + 1.0,
+        "only car 2's state"
+    );
+
+    // Past the 5 s in which a car's state is not re-sent twice.
+    tokio::time::sleep(Duration::from_secs(6).saturating_sub(confirmed_at.elapsed())).await;
+    let wiped = obeying_car_1(&api, port).await;
+    wiped.wait_connected().await;
+    wait_until("the wiped car has its grant back", SETTLED_WITHIN, || {
+        wiped.seen.lock().unwrap().grants == vec!["power-boost".to_string()]
+    })
+    .await;
+    gw.shutdown().await;
+}
+
 /// Waits until `GET /healthz` answers `status`.
 async fn wait_healthz(api: &Api, status: u16) {
     let end = Instant::now() + SETTLED_WITHIN;
