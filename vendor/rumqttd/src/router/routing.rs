@@ -411,7 +411,8 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // CaaS patch (PATCHES.md item 9): an expected race, not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -431,7 +432,8 @@ impl Router {
             let outgoing = match self.obufs.get_mut(id) {
                 Some(v) => v,
                 None => {
-                    error!("no-connection id {} is already gone", id);
+                    // CaaS patch (PATCHES.md item 9): an expected race, not an error.
+                    debug!("no-connection id {} is already gone", id);
                     return;
                 }
             };
@@ -534,7 +536,8 @@ impl Router {
         let incoming = match self.ibufs.get_mut(id) {
             Some(v) => v,
             None => {
-                error!("no-connection id {} is already gone", id);
+                // CaaS patch (PATCHES.md item 9): an expected race, not an error.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
