@@ -22,6 +22,21 @@
 //! request channel wrote each on its own turn of the event loop. That channel still carries
 //! everything else, and a report that would pass the in-flight window.
 //!
+//! **Every PUBACK goes straight to the socket**, on the connection its publish came in on,
+//! right when the core (or a fault) acknowledges it: never through the request channel. The
+//! channel is bounded, and the event loop turns to it only after it has handed out every
+//! incoming packet it read and resent what an earlier connection left (while the network
+//! delay sleeps in this task, it turns to nothing). After a broker restart the car has its
+//! own publishes to resend and the broker a backlog of commands to redeliver: the channel
+//! filled with the backlog's PUBACKs and reports, the rest were dropped, the broker kept
+//! those commands and sent them all again at the next reconnect, and again (a car of a soak
+//! on Mosquitto acknowledged nothing for the rest of the run). Writing PUBACKs directly keeps
+//! them all, in the order the publishes came, and needs no other queue: a PUBACK changes none
+//! of the client's outgoing state (packet ids, in-flight window, resends), so it may pass
+//! whatever waits in the channel or in the resends. A report the channel has no room for is
+//! still dropped (counted in `client_queue_full`): the gateway's retry of the command is
+//! answered again, as the core answers a redelivered command with the same report.
+//!
 //! Per-car memory is the core (~9 KiB), the MQTT client's state and buffers, and a few
 //! hundred bytes here; nothing grows with time (the pending-request queue of the MQTT client
 //! is bounded by [`CLIENT_QUEUE`], the packets of one drain by [`OUT_CAP`]).
@@ -45,9 +60,11 @@ use tokio::sync::{watch, Semaphore};
 use crate::faults::CarFaults;
 use crate::stats::{bump, FleetStats};
 
-/// Capacity of each car's MQTT request channel. A handled frame queues at most one PUBACK
-/// and a few reports (the core holds at most `MAX_PENDING_REPORTS`), and the event loop
-/// drains the channel on every poll.
+/// Capacity of each car's MQTT request channel: the subscription, the `online` presence and
+/// the reports that cannot be written directly (a handled frame queues at most the core's
+/// `MAX_PENDING_REPORTS`). PUBACKs never go through it (see the module docs). The event loop
+/// drains it only when no incoming packet is buffered, so a backlog of commands can fill it:
+/// a report that finds it full is dropped and counted.
 pub const CLIENT_QUEUE: usize = 16;
 /// Most unacknowledged QoS 1 publishes a car keeps in flight.
 pub const CAR_INFLIGHT: u16 = 8;
@@ -258,8 +275,8 @@ struct Driver {
     report_topic: String,
     /// The frame being handled, acknowledged on the core's `Ack`.
     current: Option<Publish>,
-    /// Packets the last drain queued, written together by [`write_out`] (at most [`OUT_CAP`]);
-    /// used only while `direct` holds.
+    /// Packets the last drain queued, written together by [`write_out`] (at most [`OUT_CAP`]):
+    /// the frame's PUBACK always, reports only while `direct` holds.
     out: Vec<Request>,
     /// The connection is up with nothing left from an earlier one to resend: the drain may
     /// queue packets in `out` instead of the client's request channel.
@@ -292,17 +309,11 @@ impl Driver {
                 }
                 Action::SetFeature { .. } => self.lines_changed = true,
                 Action::Ack => {
+                    // Owed on this connection whatever the channel holds: written by
+                    // `write_out` (one frame, one PUBACK, and it comes before the frame's
+                    // reports, so `out` stays within `OUT_CAP`).
                     if let Some(p) = self.current.take() {
-                        if self.direct && self.out.len() < OUT_CAP {
-                            if let Some(ack) = ack_request(&p) {
-                                self.out.push(ack);
-                            }
-                            bump(&stats.acks);
-                        } else if self.client.try_ack(&p).is_err() {
-                            bump(&stats.client_queue_full);
-                        } else {
-                            bump(&stats.acks);
-                        }
+                        owe_ack(&mut self.out, stats, &p);
                     }
                 }
                 Action::Publish(frame) => {
@@ -373,6 +384,15 @@ impl Driver {
     }
 }
 
+/// Queues the acknowledgement of `p` in `out` for [`write_out`], which writes it on the
+/// connection `p` came in on.
+fn owe_ack(out: &mut Vec<Request>, stats: &FleetStats, p: &Publish) {
+    if let Some(ack) = ack_request(p) {
+        out.push(ack);
+    }
+    bump(&stats.acks);
+}
+
 /// The acknowledgement of a received publish, as `AsyncClient::try_ack` makes it.
 fn ack_request(p: &Publish) -> Option<Request> {
     match p.qos {
@@ -394,14 +414,17 @@ fn can_write_direct(ev: &EventLoop) -> bool {
 /// system calls and two more turns per command). The state records each publish exactly as
 /// the event loop does (packet id, in flight until acknowledged, resent after a reconnect).
 /// A publish that would pass the in-flight window, or collide, goes through the channel
-/// instead, whose flow control then holds it. `false`: the connection failed.
+/// instead, whose flow control then holds it. A PUBACK is always written here, resends
+/// pending or not (see the module docs). `false`: the connection failed.
 async fn write_out(d: &mut Driver, ev: &mut EventLoop) -> bool {
     if d.out.is_empty() {
         return true;
     }
     let Some(network) = ev.network.as_mut() else {
-        // Not reachable (the drain was allowed only while connected), but if it were: the
-        // reports go to the channel, kept for the next connection.
+        // Not reachable (a publish is acknowledged before the event loop is polled again,
+        // and the drain was allowed only while connected), but if it were: a PUBACK goes
+        // with its connection (the broker resends the publish on the next one), the reports
+        // go to the channel, kept for the next connection.
         for req in d.out.drain(..) {
             if let Request::Publish(p) = req {
                 let _ = d.client.try_publish(p.topic, p.qos, p.retain, p.payload);
@@ -706,8 +729,8 @@ async fn on_publish(d: &mut Driver, ev: &mut EventLoop, p: Publish, command_topi
     let stats = d.ctx.stats.clone();
     if p.topic != command_topic {
         // Not ours to handle; acknowledge so the broker does not hold it.
-        let _ = d.client.try_ack(&p);
-        return true;
+        owe_ack(&mut d.out, &stats, &p);
+        return write_out(d, ev).await;
     }
     bump(&stats.commands_received);
     if let Ok(mut s) = d.shared.snapshot.lock() {
@@ -716,10 +739,8 @@ async fn on_publish(d: &mut Driver, ev: &mut EventLoop, p: Publish, command_topi
     let elapsed_ms = u64::try_from(d.ctx.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
     if elapsed_ms < d.shared.drop_until_ms.load(Ordering::Relaxed) {
         bump(&stats.commands_dropped);
-        if d.client.try_ack(&p).is_err() {
-            bump(&stats.client_queue_full);
-        }
-        return true;
+        owe_ack(&mut d.out, &stats, &p);
+        return write_out(d, ev).await;
     }
     if let Some(delay) = d.ctx.net_delay {
         tokio::time::sleep(delay).await;
