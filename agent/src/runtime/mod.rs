@@ -11,6 +11,16 @@
 //!   `--hook`, `Ack` as the MQTT PUBACK (manual acks: only after persist and apply), and
 //!   `Publish` on the car's report topic.
 //!
+//! Acknowledgements are never dropped for want of room: rumqttc hands out every incoming
+//! packet it has read (and resends its own pending publishes) before it takes requests
+//! from its channel, so a redelivered backlog after a broker restart fills that channel
+//! with acks and reports while the agent is still handling the backlog. An ack that finds
+//! the channel full is owed ([`OWED_ACKS`]) and queued again, in order, before the next
+//! event and every [`ACK_RETRY`] until it goes; the agent task never waits on the channel
+//! (the connection task, blocked handing it the next frame, would never drain it). Had the
+//! ack been dropped, the broker would keep the command and redeliver the whole backlog at
+//! every reconnect, for ever.
+//!
 //! MQTT: client id = VIN, persistent session (`clean_session = false`) so the broker
 //! redelivers whatever was not acknowledged, retained last will `offline` and a retained
 //! `online` on every connect at the presence topic, the command topic subscribed with QoS 1
@@ -20,7 +30,7 @@ pub mod diag;
 pub mod settings;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,8 +49,16 @@ pub use settings::Settings;
 use store::Store;
 
 /// Requests (publishes, acks, subscribes) rumqttc may hold for the connection; when full,
-/// a report is dropped (the next one carries the same state) rather than block the agent.
+/// a report is dropped (the next one carries the same state) rather than block the agent,
+/// and an ack is owed (see [`OWED_ACKS`]).
 pub const REQUEST_QUEUE: usize = 64;
+/// Acknowledgements owed on the current connection because [`REQUEST_QUEUE`] was full, as
+/// packet ids (2 bytes each). A broker cannot have more unacknowledged publishes to one
+/// client than there are packet ids, so a well-behaved one never fills it; past it an ack
+/// is dropped and the broker redelivers.
+pub const OWED_ACKS: usize = u16::MAX as usize;
+/// How often owed acknowledgements are queued again while no event arrives.
+pub const ACK_RETRY: Duration = Duration::from_millis(10);
 /// Events waiting between the connection task and the agent task.
 pub const EVENT_QUEUE: usize = 16;
 /// Largest incoming MQTT packet accepted. Above the protocol's frame maximum on purpose:
@@ -322,6 +340,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> anyh
         status,
         online: false,
         pending_ack: None,
+        owed_acks: VecDeque::new(),
     };
     runner.drain().await;
     tokio::select! {
@@ -352,6 +371,10 @@ struct Runner {
     online: bool,
     /// The command frame being handled, until the agent says to acknowledge it.
     pending_ack: Option<Publish>,
+    /// Acks for this connection that found the request channel full, oldest first, as
+    /// (QoS, packet id); at most [`OWED_ACKS`]. Emptied on a disconnect: the broker
+    /// redelivers those publishes on the next connection, where the ids may be reused.
+    owed_acks: VecDeque<(QoS, u16)>,
 }
 
 impl Runner {
@@ -359,7 +382,9 @@ impl Runner {
         let vin: Vin = self.settings.vin;
         let command_topic = topics::command_topic(&vin);
         loop {
+            self.flush_owed_acks();
             let sleep = self.timer_sleep();
+            let owing = !self.owed_acks.is_empty();
             tokio::select! {
                 ev = rx.recv() => match ev {
                     None => return,
@@ -381,12 +406,16 @@ impl Runner {
                         if self.online {
                             warn!(%reason, "disconnected");
                         }
+                        if !self.owed_acks.is_empty() {
+                            warn!(owed = self.owed_acks.len(), "disconnected with acks owed; the broker will redeliver");
+                            self.owed_acks.clear();
+                        }
                         self.online = false;
                     }
                     Some(NetEvent::Frame(publish)) => {
                         if publish.topic != command_topic.as_str() {
                             debug!(topic = %publish.topic, "ignoring a message on another topic");
-                            let _ = self.client.try_ack(&publish);
+                            self.ack(&publish);
                             continue;
                         }
                         if self.settings.crash_before_persist {
@@ -399,8 +428,44 @@ impl Runner {
                     }
                 },
                 () = tokio::time::sleep(sleep) => self.agent.handle_timeout(unix_now()),
+                // Only to queue owed acks again, at the top of the loop.
+                () = tokio::time::sleep(ACK_RETRY), if owing => continue,
             }
             self.drain().await;
+        }
+    }
+
+    /// Queues the ack for `publish` behind any owed ones; owes it if the channel is full.
+    fn ack(&mut self, publish: &Publish) {
+        if publish.qos == QoS::AtMostOnce {
+            return;
+        }
+        self.flush_owed_acks();
+        if self.owed_acks.is_empty() && self.client.try_ack(publish).is_ok() {
+            return;
+        }
+        if self.owed_acks.len() >= OWED_ACKS {
+            warn!(
+                pkid = publish.pkid,
+                "could not queue the ack (too many owed); the broker will redeliver"
+            );
+            return;
+        }
+        if self.owed_acks.is_empty() {
+            debug!(pkid = publish.pkid, "request queue full: the ack is owed");
+        }
+        self.owed_acks.push_back((publish.qos, publish.pkid));
+    }
+
+    /// Queues owed acks, oldest first, until the request channel is full again.
+    fn flush_owed_acks(&mut self) {
+        while let Some(&(qos, pkid)) = self.owed_acks.front() {
+            let mut ack = Publish::new("", qos, Vec::new());
+            ack.pkid = pkid;
+            if self.client.try_ack(&ack).is_err() {
+                return;
+            }
+            self.owed_acks.pop_front();
         }
     }
 
@@ -434,11 +499,7 @@ impl Runner {
                     self.switch(&flag, on, &params).await;
                 }
                 Action::Ack => match self.pending_ack.take() {
-                    Some(publish) if self.online => {
-                        if let Err(e) = self.client.try_ack(&publish) {
-                            warn!(error = %e, "could not queue the ack; the broker will redeliver");
-                        }
-                    }
+                    Some(publish) if self.online => self.ack(&publish),
                     _ => debug!("nothing to acknowledge on this connection"),
                 },
                 Action::Publish(frame) => {
