@@ -1726,9 +1726,9 @@ impl Shard {
 
 /// How much longer a request's timer in `phase` must wait because no command could
 /// reach a car: while the external broker is disconnected nothing the gateway publishes
-/// leaves (re-sending would only spend the attempt), and after it reconnects every car's
-/// state not yet confirmed is re-sent at once ([`Msg::RepublishAll`]), so an attempt or a status query
-/// counts as unanswered only once the broker has been up for a whole attempt timeout.
+/// leaves (re-sending would only spend the attempt), and after it reconnects every state
+/// not yet confirmed is re-sent at once ([`Msg::RepublishAll`]), so an attempt or a status
+/// query counts as unanswered only once the broker has been up for a whole attempt timeout.
 /// Without this a broker outage longer than the retry budget failed (and withdrew) every
 /// request in flight, though none of its commands had left. `None`: carry on.
 fn broker_grace(m: &Metrics, phase: &str, attempt_timeout: Duration) -> Option<Duration> {
