@@ -953,13 +953,19 @@ async fn deactivate(api: &Api, n: u32, service: &str) -> String {
     b["requestId"].as_str().unwrap().to_owned()
 }
 
-/// Car 1, obeying, with two services activated and confirmed.
-async fn car_1_with_autopilot_and_heated_seats(
-    gw: &caas_gateway::Gateway,
-    api: &Api,
-    hook: &Webhook,
-) -> TestCar {
-    let car = obeying_cars(gw, api, 1..2).await.remove(0);
+/// A gateway over a fresh data directory with a webhook receiver, and car 1 on it, obeying,
+/// with two services activated and confirmed: (data directory, receiver, gateway, API, car).
+async fn car_1_with_autopilot_and_heated_seats() -> (
+    tempfile::TempDir,
+    Webhook,
+    caas_gateway::Gateway,
+    Api,
+    TestCar,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let car = obeying_cars(&gw, &api, 1..2).await.remove(0);
     for (service, flag) in [
         ("autopilot", "highway_autopilot"),
         ("heated-seats", "heated_seats"),
@@ -970,7 +976,7 @@ async fn car_1_with_autopilot_and_heated_seats(
             "ACTIVATED"
         );
     }
-    car
+    (dir, hook, gw, api, car)
 }
 
 fn pair(service: &str, status: &str) -> (String, String) {
@@ -979,10 +985,7 @@ fn pair(service: &str, status: &str) -> (String, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_renewal_or_deactivation_leaves_the_service_as_it_was() {
-    let dir = tempfile::tempdir().unwrap();
-    let hook = Webhook::start(0).await;
-    let (gw, api) = gateway(dir.path(), &hook).await;
-    let car = car_1_with_autopilot_and_heated_seats(&gw, &api, &hook).await;
+    let (_dir, hook, _gw, api, car) = car_1_with_autopilot_and_heated_seats().await;
 
     // The car stops answering: a renewal and a deactivation run out of attempts.
     car.ignore.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -1027,10 +1030,7 @@ async fn a_failed_renewal_or_deactivation_leaves_the_service_as_it_was() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() {
-    let dir = tempfile::tempdir().unwrap();
-    let hook = Webhook::start(0).await;
-    let (gw, api) = gateway(dir.path(), &hook).await;
-    let car = car_1_with_autopilot_and_heated_seats(&gw, &api, &hook).await;
+    let (_dir, hook, _gw, api, car) = car_1_with_autopilot_and_heated_seats().await;
     let ignore = |on: bool| car.ignore.store(on, std::sync::atomic::Ordering::SeqCst);
 
     // An activation naming a feature the car does not have, then a deactivation: the car

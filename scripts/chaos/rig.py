@@ -147,16 +147,22 @@ def start_gateway():
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     note_pid(f"gateway-{n}", p)
     gw_proc[0] = p
-    deadline = time.time() + 60
+    return wait_up("gateway", p, n, t0, 60, lambda: healthz(0.5), 0.1)
+
+
+def wait_up(what, p, n, t0, timeout, ready, every):
+    """Waits until `ready()` (True) or process `p` exits or `timeout` s pass (False),
+    logging `<what>-up`, `<what>-start-failed` or `<what>-start-timeout`."""
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if p.poll() is not None:
-            ev("gateway-start-failed", n=n, rc=p.returncode)
+            ev(f"{what}-start-failed", n=n, rc=p.returncode)
             return False
-        if healthz(0.5):
-            ev("gateway-up", n=n, pid=p.pid, secs=round(time.time() - t0, 2))
+        if ready():
+            ev(f"{what}-up", n=n, pid=p.pid, secs=round(time.time() - t0, 2))
             return True
-        time.sleep(0.1)
-    ev("gateway-start-timeout", n=n)
+        time.sleep(every)
+    ev(f"{what}-start-timeout", n=n)
     return False
 
 
@@ -278,17 +284,7 @@ def start_mosquitto():
                          stderr=subprocess.STDOUT)
     note_pid(f"mosquitto-{n}", p)
     mq_proc[0] = p
-    deadline = time.time() + 15
-    while time.time() < deadline:
-        if p.poll() is not None:
-            ev("broker-start-failed", n=n, rc=p.returncode)
-            return False
-        if port_open(args.broker_port):
-            ev("broker-up", n=n, pid=p.pid, secs=round(time.time() - t0, 2))
-            return True
-        time.sleep(0.05)
-    ev("broker-start-timeout", n=n)
-    return False
+    return wait_up("broker", p, n, t0, 15, lambda: port_open(args.broker_port), 0.05)
 
 
 def kill_broker_and_restart(gap):
