@@ -14,7 +14,7 @@ use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,7 +26,8 @@ use caas_protocol::{
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use crate::engine::{Engine, Msg, NewRequest, Op};
+use crate::engine::{Accepted, Engine, Msg, NewRequest, Op};
+use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
 use crate::store::{
     campaign_request_id, dec, dec_history, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec,
@@ -550,14 +551,35 @@ async fn ask<T>(
     rx.await.map_err(|_| ApiError::unavailable())
 }
 
-fn request_answer(rec: &RequestRec) -> Response {
-    (StatusCode::ACCEPTED, Json(json!({ "requestId": rec.request_id, "status": rec.status, "timestamp": rec.created_at })))
-        .into_response()
+fn request_answer(rec: &RequestRec, replayed: bool) -> Response {
+    let answer = Json(
+        json!({ "requestId": rec.request_id, "status": rec.status, "timestamp": rec.created_at }),
+    );
+    replay_marked(StatusCode::ACCEPTED, answer, replayed)
+}
+
+/// An answer, with `Idempotent-Replayed: true` if it is a repeat's.
+fn replay_marked(status: StatusCode, answer: Json<Value>, replayed: bool) -> Response {
+    if replayed {
+        let mark = [(
+            idempotency::REPLAYED_HEADER,
+            HeaderValue::from_static("true"),
+        )];
+        (status, mark, answer).into_response()
+    } else {
+        (status, answer).into_response()
+    }
 }
 
 /// Hands a single request (received at `received`) to its car's shard and answers once it
 /// is durable.
-async fn submit(st: &AppState, vin: Vin, op: Op, received: Instant) -> ApiResult {
+async fn submit(
+    st: &AppState,
+    vin: Vin,
+    op: Op,
+    idempotency: Option<IdemKey>,
+    received: Instant,
+) -> ApiResult {
     let req = NewRequest {
         vin,
         op,
@@ -566,10 +588,11 @@ async fn submit(st: &AppState, vin: Vin, op: Op, received: Instant) -> ApiResult
         campaign: None,
         created_ms: now_ms(),
         received,
+        idempotency: idempotency.map(Box::new),
     };
     let request_id = req.request_id;
     let (tx, rx) = oneshot::channel();
-    let rec = ask(&st.engine, &vin, Msg::Request { req, resp: tx }, rx)
+    let Accepted { rec, replayed } = ask(&st.engine, &vin, Msg::Request { req, resp: tx }, rx)
         .await?
         .map_err(|e| match e.status {
             500 => ApiError {
@@ -579,26 +602,36 @@ async fn submit(st: &AppState, vin: Vin, op: Op, received: Instant) -> ApiResult
             _ => e,
         })?;
     st.metrics.observe_accept(received.elapsed().as_secs_f64());
-    Ok(request_answer(&rec))
+    Ok(request_answer(&rec, replayed))
 }
 
-async fn activate(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn activate(
+    State(st): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let received = Instant::now();
     let m = parse_body(body, MAX_BODY_BYTES)?;
     no_unknown(&m, &["vin", "serviceId", "configuration", "duration"], "")?;
     let vin = parse_vin(req_str(&m, "vin", "")?, "vin")?;
     let service = parse_service(&m)?;
     let grant = parse_grant(&m, &service)?;
-    submit(&st, vin, Op::Activate(grant), received).await
+    let key = idempotency::from_headers(&headers, "activate", &m)?;
+    submit(&st, vin, Op::Activate(grant), key, received).await
 }
 
-async fn deactivate(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn deactivate(
+    State(st): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let received = Instant::now();
     let m = parse_body(body, MAX_BODY_BYTES)?;
     no_unknown(&m, &["vin", "serviceId"], "")?;
     let vin = parse_vin(req_str(&m, "vin", "")?, "vin")?;
     let service = parse_service(&m)?;
-    submit(&st, vin, Op::Deactivate(service), received).await
+    let key = idempotency::from_headers(&headers, "deactivate", &m)?;
+    submit(&st, vin, Op::Deactivate(service), key, received).await
 }
 
 fn request_view(rec: &RequestRec) -> Value {
@@ -802,7 +835,11 @@ async fn history(State(st): St, PathText(vin): PathText, QueryMap(q): QueryMap) 
     )
 }
 
-async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
+async fn campaign(
+    State(st): St,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
     let received = Instant::now();
     let m = parse_body(body, MAX_CAMPAIGN_BODY_BYTES)?;
     no_unknown(
@@ -854,9 +891,10 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         }
         _ => return Err(ApiError::bad("action", "must be ACTIVATE or DEACTIVATE")),
     };
-    let cid = RequestId(new_uuid());
+    let key = idempotency::from_headers(&headers, "campaign", &m)?;
+    let mut cid = RequestId(new_uuid());
     let created = now_ms();
-    let rec = CampaignRec {
+    let mut rec = CampaignRec {
         campaign_id: cid.to_string(),
         action: action.to_owned(),
         service_id: service,
@@ -867,7 +905,29 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         .campaigns
         .insert(cid.0, enc(&rec))
         .map_err(ApiError::storage)?;
-    let counts = st.campaigns.open(&rec.campaign_id);
+    let replayed = match &key {
+        Some(key) => match campaign_of_key(&st.store, key, cid, created) {
+            Ok(None) => false,
+            Ok(Some(earlier)) => {
+                let _ = st.store.campaigns.remove(cid.0);
+                cid = earlier.0;
+                rec = earlier.1;
+                st.metrics.idempotent_replays.fetch_add(1, Relaxed);
+                true
+            }
+            Err(e) => {
+                let _ = st.store.campaigns.remove(cid.0);
+                return Err(e);
+            }
+        },
+        None => false,
+    };
+    // A repeat's requests count where its first's do, if the book still keeps them (else
+    // GET counts them from the store).
+    let counts = match replayed {
+        false => Some(st.campaigns.open(&rec.campaign_id)),
+        true => st.campaigns.get(&rec.campaign_id),
+    };
     let n = st.engine.shard_count();
     let mut per_shard: Vec<Vec<NewRequest>> = (0..n).map(|_| Vec::new()).collect();
     for (index, vin) in (0u64..).zip(parsed) {
@@ -876,9 +936,10 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
             op: op.clone(),
             request_id: RequestId(campaign_request_id(&cid.0, index)),
             campaign_id: Some(rec.campaign_id.clone()),
-            campaign: Some(counts.clone()),
+            campaign: counts.clone(),
             created_ms: created,
             received,
+            idempotency: None,
         });
     }
     let mut waits = Vec::new();
@@ -889,7 +950,13 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
         let (tx, rx) = oneshot::channel();
         st.engine
             .shard_at(i)
-            .send_async(Msg::Batch { reqs, resp: tx })
+            .send_async(Msg::Batch {
+                reqs,
+                // With a key, a copy of this campaign may be on its way too (or have been
+                // cut short by a crash): its requests are made once, by whichever comes first.
+                fill_in: key.is_some(),
+                resp: tx,
+            })
             .await
             .map_err(|_| ApiError::unavailable())?;
         waits.push(rx);
@@ -907,18 +974,43 @@ async fn campaign(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
             }
         }
     }
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({
-            "campaignId": rec.campaign_id,
-            "total": rec.total,
-            "accepted": accepted,
-            "refusedCount": refused_count,
-            "refused": refused,
-            "timestamp": rec.created_at,
-        })),
-    )
-        .into_response())
+    let answer = Json(json!({
+        "campaignId": rec.campaign_id,
+        "total": rec.total,
+        "accepted": accepted,
+        "refusedCount": refused_count,
+        "refused": refused,
+        "timestamp": rec.created_at,
+    }));
+    Ok(replay_marked(StatusCode::ACCEPTED, answer, replayed))
+}
+
+/// Claims `key` for the new campaign `cid` (its record already stored, so that a copy
+/// racing with this one finds it); `Some`: the key names an earlier campaign, this one.
+fn campaign_of_key(
+    store: &Store,
+    key: &IdemKey,
+    cid: RequestId,
+    created_ms: u64,
+) -> Result<Option<(RequestId, CampaignRec)>, ApiError> {
+    match idempotency::claim(&store.idempotency, key, cid.0, created_ms)? {
+        Claim::New { .. } => Ok(None),
+        Claim::Mismatch => Err(idempotency::mismatch()),
+        Claim::Repeat { target, current } => {
+            let earlier = store
+                .campaigns
+                .get(target)
+                .map_err(ApiError::storage)?
+                .and_then(|v| dec::<CampaignRec>(&v));
+            match earlier {
+                Some(rec) => Ok(Some((RequestId(target), rec))),
+                None => {
+                    idempotency::take_over(&store.idempotency, key, &current, cid.0, created_ms)?;
+                    Ok(None)
+                }
+            }
+        }
+    }
 }
 
 async fn get_campaign(State(st): St, PathText(id): PathText) -> ApiResult {

@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 use crate::api::ApiError;
 use crate::campaign::CampaignCounts;
 use crate::config::RetryPolicy;
+use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
 use crate::store::{
     dec, enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry,
@@ -124,6 +125,16 @@ pub(crate) struct NewRequest {
     pub(crate) created_ms: u64,
     /// When the HTTP side received it: the latency histograms count from here.
     pub(crate) received: Instant,
+    /// Its `Idempotency-Key`, if it came with one (a campaign's requests never: the key is
+    /// the campaign's). Boxed: a campaign carries thousands of requests, none with a key.
+    pub(crate) idempotency: Option<Box<IdemKey>>,
+}
+
+/// A single request as its shard took it.
+pub(crate) struct Accepted {
+    pub(crate) rec: RequestRec,
+    /// An earlier request with the same idempotency key, not a new one.
+    pub(crate) replayed: bool,
 }
 
 /// What the HTTP side asks a shard.
@@ -136,10 +147,14 @@ pub(crate) enum Msg {
     },
     Request {
         req: NewRequest,
-        resp: oneshot::Sender<Result<RequestRec, ApiError>>,
+        resp: oneshot::Sender<Result<Accepted, ApiError>>,
     },
     Batch {
         reqs: Vec<NewRequest>,
+        /// The campaign was made before (a repeat with its idempotency key): requests of it
+        /// that exist already count as accepted and are not made again, so a repeat after a
+        /// crash mid-campaign makes the rest.
+        fill_in: bool,
         resp: oneshot::Sender<(usize, Vec<(String, String)>)>,
     },
     Report {
@@ -402,6 +417,7 @@ struct Shard {
 /// A shard's part of a campaign, not yet all accepted.
 struct CampaignJob {
     reqs: std::vec::IntoIter<NewRequest>,
+    fill_in: bool,
     ok: usize,
     refused: Vec<(String, String)>,
     /// Set by the commit of any chunk that failed to flush.
@@ -505,6 +521,10 @@ impl Shard {
             return;
         };
         for r in job.reqs.by_ref().take(CAMPAIGN_CHUNK) {
+            if job.fill_in && self.find_request(&r.request_id).is_some() {
+                job.ok += 1;
+                continue;
+            }
             let vin = r.vin.to_string();
             match self.new_request(r) {
                 Ok(_) => job.ok += 1,
@@ -655,16 +675,23 @@ impl Shard {
                     }
                 }
             }
-            Msg::Request { req, resp } => match self.new_request(req) {
-                Ok(rec) => self.batch.after.push(Box::new(move |f| {
-                    let _ = resp.send(f.map(|_| rec).map_err(ApiError::storage));
+            Msg::Request { req, resp } => match self.accept(req) {
+                // A repeat too is answered once this batch is durable: the request it names
+                // may have been taken in this very batch.
+                Ok(a) => self.batch.after.push(Box::new(move |f| {
+                    let _ = resp.send(f.map(|_| a).map_err(ApiError::storage));
                 })),
                 Err(e) => {
                     let _ = resp.send(Err(e));
                 }
             },
-            Msg::Batch { reqs, resp } => self.jobs.push_back(CampaignJob {
+            Msg::Batch {
+                reqs,
+                fill_in,
+                resp,
+            } => self.jobs.push_back(CampaignJob {
                 reqs: reqs.into_iter(),
+                fill_in,
                 ok: 0,
                 refused: Vec::new(),
                 failed: Arc::default(),
@@ -979,6 +1006,52 @@ impl Shard {
         if let Ok(id) = rec.request_id.parse::<RequestId>() {
             let _ = self.sh.store.requests.insert(id.0, enc(rec));
         }
+    }
+
+    /// A request in flight or in the store.
+    fn find_request(&self, id: &RequestId) -> Option<RequestRec> {
+        if let Some(p) = self.pending.get(id) {
+            return Some(p.rec.clone());
+        }
+        self.sh
+            .store
+            .requests
+            .get(id.0)
+            .ok()
+            .flatten()
+            .and_then(|v| dec(&v))
+    }
+
+    /// Takes a single request: a new one, or, for an idempotency key already used, the
+    /// request that key names ([`crate::idempotency`]).
+    fn accept(&mut self, nr: NewRequest) -> Result<Accepted, ApiError> {
+        let Some(key) = nr.idempotency.as_deref().copied() else {
+            return self.new_request(nr).map(|rec| Accepted {
+                rec,
+                replayed: false,
+            });
+        };
+        let tree = self.sh.store.idempotency.clone();
+        let written = match idempotency::claim(&tree, &key, nr.request_id.0, nr.created_ms)? {
+            Claim::New { written } => written,
+            Claim::Mismatch => return Err(idempotency::mismatch()),
+            Claim::Repeat { target, current } => {
+                if let Some(rec) = self.find_request(&RequestId(target)) {
+                    self.sh.metrics.idempotent_replays.fetch_add(1, Relaxed);
+                    return Ok(Accepted {
+                        rec,
+                        replayed: true,
+                    });
+                }
+                idempotency::take_over(&tree, &key, &current, nr.request_id.0, nr.created_ms)?
+            }
+        };
+        self.new_request(nr)
+            .map(|rec| Accepted {
+                rec,
+                replayed: false,
+            })
+            .inspect_err(|_| idempotency::release(&tree, &key, &written))
     }
 
     fn new_request(&mut self, nr: NewRequest) -> Result<RequestRec, ApiError> {

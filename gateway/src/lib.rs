@@ -28,6 +28,7 @@ mod campaign;
 pub mod config;
 mod engine;
 pub mod heap;
+mod idempotency;
 mod listener;
 mod metrics;
 mod mqtt;

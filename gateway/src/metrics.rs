@@ -26,6 +26,8 @@ pub(crate) struct Metrics {
     pub(crate) inbound_shed: AtomicU64,
     /// Records removed from the store past the retention (lib.rs `prune_forever`).
     pub(crate) pruned: AtomicU64,
+    /// Requests and campaigns answered from an earlier one with the same idempotency key.
+    pub(crate) idempotent_replays: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
     /// Cars the gateway knows (registered, or loaded from the store at start).
     pub(crate) cars_registered: AtomicI64,
@@ -161,8 +163,13 @@ impl Metrics {
         );
         counter(
             "caas_store_pruned_total",
-            "Final requests, campaigns and support tickets removed from the store past the retention (--retention).",
+            "Final requests, campaigns, support tickets and idempotency keys removed from the store past the retention (--retention).",
             &[("", self.pruned.load(Relaxed))],
+        );
+        counter(
+            "caas_idempotent_replays_total",
+            "POSTs answered with the request or campaign an earlier one with the same Idempotency-Key made (nothing new created).",
+            &[("", self.idempotent_replays.load(Relaxed))],
         );
         counter(
             "caas_support_tickets_total",

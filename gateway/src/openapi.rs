@@ -29,8 +29,9 @@ fn error_description(code: &str) -> &'static str {
         "400" => "bad input: `field` names the field or parameter, `reason` says why; nothing changed",
         "401" => "no or wrong `Authorization: Bearer` token; nothing changed",
         "404" => "no such car, request or campaign (`field` says which; final requests and campaigns are removed once older than the gateway's retention, 30 days by default); nothing changed",
-        "409" => "conflicts with the car's state (`field` says which): another key for a known VIN, a service that is not active, or a car already holding its most services; nothing changed",
+        "409" => "conflicts with the car's state (`field` says which): another key for a known VIN, a service that is not active, or a car already holding its most services; or (`field` Idempotency-Key) another request with the same idempotency key being handled at this moment; nothing changed",
         "413" => "body over this route's size limit; nothing changed",
+        "422" => "the Idempotency-Key was used for a different request (another route, car or body; `field` is Idempotency-Key); nothing changed",
         "429" => "too many of this car's requests in flight (`field` is vin); nothing changed, retry later",
         "500" => "storage failure (`field` is null); the request may not be durable: poll or retry",
         "503" => "the gateway is shutting down (`field` is null); retry against a running gateway",
@@ -63,6 +64,19 @@ fn path_param(name: &str, desc: &str, schema: Value) -> Value {
 
 fn query(name: &str, desc: &str, schema: Value) -> Value {
     json!({ "name": name, "in": "query", "required": false, "schema": schema, "description": desc })
+}
+
+/// The `Idempotency-Key` header of the POSTs that start work.
+fn idempotency_key() -> Value {
+    json!({ "name": "Idempotency-Key", "in": "header", "required": false,
+        "schema": { "type": "string", "minLength": 1, "maxLength": crate::idempotency::MAX_KEY_LEN },
+        "description": "Makes a repeat safe: a POST with a key already used for the same route and body answers with the first one's request (or campaign), its current status and header `Idempotent-Replayed: true`, and creates nothing; on anything else, 422. A bare token or a quoted string, printable ASCII; kept as long as requests (the retention, 30 days by default)." })
+}
+
+/// A 202 that a repeat with an idempotency key gives too.
+fn accepted(desc: &str, schema: Value) -> Value {
+    json!({ "202": { "description": desc, "content": { "application/json": { "schema": schema } },
+        "headers": { "Idempotent-Replayed": { "description": "`true` when this answers a repeat of an earlier POST with the same Idempotency-Key (nothing new was created)", "schema": { "type": "string", "enum": ["true"] } } } } })
 }
 
 fn limit(default: usize) -> Value {
@@ -194,11 +208,13 @@ pub(crate) fn document() -> Value {
             "/healthz": { "get": { "security": [], "summary": "Liveness and readiness: 503 while the store does not flush or the external broker is not connected; a webhook receiver that is down is only reported (callbacks wait in the outbox)",
                 "responses": merge(ok("200", "ready", r("Health")), json!({ "503": { "description": "not ready", "content": { "application/json": { "schema": r("Health") } } } })) } },
             "/ota/activate": { "post": { "summary": "Activate a service on a car", "requestBody": body(r("ActivateRequest")),
-                "responses": merge(ok("202", "accepted and durable; the result comes as a callback", r("RequestAccepted")),
-                    errors(&["400", "401", "404", "409", "413", "429", "500", "503"])) } },
+                "parameters": [idempotency_key()],
+                "responses": merge(accepted("accepted and durable; the result comes as a callback", r("RequestAccepted")),
+                    errors(&["400", "401", "404", "409", "413", "422", "429", "500", "503"])) } },
             "/ota/deactivate": { "post": { "summary": "Deactivate a service on a car", "requestBody": body(r("DeactivateRequest")),
-                "responses": merge(ok("202", "accepted and durable; callback status DEACTIVATED or FAILED", r("RequestAccepted")),
-                    errors(&["400", "401", "404", "409", "413", "429", "500", "503"])) } },
+                "parameters": [idempotency_key()],
+                "responses": merge(accepted("accepted and durable; callback status DEACTIVATED or FAILED", r("RequestAccepted")),
+                    errors(&["400", "401", "404", "409", "413", "422", "429", "500", "503"])) } },
             "/ota/requests/{requestId}": { "get": { "summary": "A request's state and attempts",
                 "parameters": [path_param("requestId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "the request", r("RequestState")), errors(&["400", "401", "404", "500"])) } },
@@ -211,8 +227,9 @@ pub(crate) fn document() -> Value {
                 "parameters": [vin_param, limit(50), query("before", "nextBefore of the previous page", json!({ "type": "string", "pattern": "^[0-9]+$" }))],
                 "responses": merge(ok("200", "one page", r("History")), errors(&["400", "401", "404", "500", "503"])) } },
             "/campaigns": { "post": { "summary": format!("One activation or deactivation for many cars (up to {MAX_CAMPAIGN_VINS} VINs)"), "requestBody": body(r("CampaignRequest")),
-                "responses": merge(ok("202", "accepted and durable; cars that cannot take it are counted and listed as refused", r("CampaignAccepted")),
-                    errors(&["400", "401", "413", "500", "503"])) } },
+                "parameters": [idempotency_key()],
+                "responses": merge(accepted("accepted and durable; cars that cannot take it are counted and listed as refused", r("CampaignAccepted")),
+                    errors(&["400", "401", "409", "413", "422", "500", "503"])) } },
             "/campaigns/{campaignId}": { "get": { "summary": "A campaign's requests counted by state",
                 "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "counts", r("Campaign")), errors(&["400", "401", "404", "500"])) } },

@@ -41,6 +41,9 @@ pub(crate) struct Store {
     /// campaign id ++ request id → (): the campaign index of stores written before campaign
     /// request ids began with their campaign's id ([`campaign_request_id`]); read only.
     pub(crate) campaign_reqs: sled::Tree,
+    /// hash of an `Idempotency-Key` (32 bytes) → the request or campaign it names
+    /// ([`crate::idempotency`]); pruned past the retention.
+    pub(crate) idempotency: sled::Tree,
 }
 
 impl Store {
@@ -61,6 +64,7 @@ impl Store {
             campaigns: db.open_tree("campaigns")?,
             campaign_reqs: db.open_tree("campaign_reqs")?,
             replaced: db.open_tree("replaced")?,
+            idempotency: db.open_tree("idempotency")?,
             db,
         })
     }
@@ -357,13 +361,16 @@ pub(crate) enum Prunable {
     Requests,
     Campaigns,
     SupportTickets,
+    /// Idempotency keys (first used before the cutoff): hashed, so a pass reads them all.
+    IdempotencyKeys,
 }
 
 impl Prunable {
-    pub(crate) const ALL: [Prunable; 3] = [
+    pub(crate) const ALL: [Prunable; 4] = [
         Prunable::Requests,
         Prunable::Campaigns,
         Prunable::SupportTickets,
+        Prunable::IdempotencyKeys,
     ];
 }
 
@@ -381,10 +388,13 @@ pub(crate) fn prune(
 ) -> sled::Result<(usize, Option<Vec<u8>>)> {
     let requests_bound = uuid_time_prefix(cutoff_ms);
     let tickets_bound = cutoff_ms.saturating_mul(1000).to_be_bytes();
+    // Above every 32-byte key hash.
+    let every_key = [0xff; 33];
     let (tree, bound): (&sled::Tree, &[u8]) = match kind {
         Prunable::Requests => (&store.requests, &requests_bound),
         Prunable::Campaigns => (&store.campaigns, &requests_bound),
         Prunable::SupportTickets => (&store.tickets, &tickets_bound),
+        Prunable::IdempotencyKeys => (&store.idempotency, &every_key),
     };
     let mut removed = 0;
     for (seen, item) in tree.range(from..bound).enumerate() {
@@ -404,6 +414,7 @@ pub(crate) fn prune(
             // Only a version 7 id tells when the campaign was made.
             Prunable::Campaigns => key.len() == 16 && key[6] >> 4 == 7,
             Prunable::SupportTickets => true,
+            Prunable::IdempotencyKeys => crate::idempotency::expired(&value, cutoff_ms),
         };
         if goes {
             tree.remove(&key)?;

@@ -19,12 +19,7 @@ async fn gateway(dir: &std::path::Path, hook: &Webhook) -> (caas_gateway::Gatewa
 }
 
 fn car_opts(gw: &caas_gateway::Gateway, mode: Mode) -> CarOpts {
-    CarOpts {
-        host: "127.0.0.1".into(),
-        port: gw.mqtt_addr().unwrap().port(),
-        tls: None,
-        mode,
-    }
+    CarOpts::plain(gw, mode)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

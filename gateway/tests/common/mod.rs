@@ -307,6 +307,18 @@ pub struct CarOpts {
     pub mode: Mode,
 }
 
+impl CarOpts {
+    /// A car on the gateway's plain embedded listener.
+    pub fn plain(gw: &caas_gateway::Gateway, mode: Mode) -> CarOpts {
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port: gw.mqtt_addr().expect("embedded broker").port(),
+            tls: None,
+            mode,
+        }
+    }
+}
+
 impl TestCar {
     pub async fn start(n: u32, gateway_key: &str, o: CarOpts) -> TestCar {
         let vin = vin(n);
