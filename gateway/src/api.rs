@@ -125,6 +125,8 @@ pub(crate) struct AppState {
     pub(crate) store: Store,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) api_token: String,
+    /// The old token, also taken during a rotation.
+    pub(crate) api_token_previous: Option<String>,
     pub(crate) key_id: String,
     pub(crate) public_key: String,
     /// Live counts of recent campaigns.
@@ -279,13 +281,20 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
 }
 
 async fn auth(State(st): St, req: Request, next: Next) -> Response {
-    let ok = req
+    let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.trim().as_bytes(), st.api_token.as_bytes()));
-    if !ok {
+        .map(|t| t.trim().as_bytes());
+    let is = |token: &str| given.is_some_and(|t| constant_time_eq(t, token.as_bytes()));
+    let current = is(&st.api_token);
+    // Both compared whatever the first gave, so the time taken does not tell which matched.
+    let previous = st.api_token_previous.as_deref().is_some_and(is);
+    if previous && !current {
+        st.metrics.previous_token_uses.fetch_add(1, Relaxed);
+    }
+    if !current && !previous {
         return ApiError::new(
             401,
             "unauthorized",

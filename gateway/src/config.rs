@@ -88,6 +88,10 @@ pub struct Config {
     pub webhook_secret: String,
     /// Bearer token every route but `/healthz` requires.
     pub api_token: String,
+    /// A second token taken as well, while clients move to a new one: give the new token as
+    /// `api_token` and the old one here, switch the clients, and drop this once
+    /// `caas_api_previous_token_uses_total` stops growing.
+    pub api_token_previous: Option<String>,
     /// Retry policy of activations and deactivations.
     pub retry: RetryPolicy,
     /// How long a signed command stays valid (its `not_after - issued_at`).
@@ -155,6 +159,7 @@ impl Default for Config {
             webhook_url: None,
             webhook_secret: String::new(),
             api_token: DEV_API_TOKEN.to_owned(),
+            api_token_previous: None,
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(24 * 3600),
             retention: Duration::from_secs(30 * 24 * 3600),
@@ -206,6 +211,14 @@ impl Config {
         }
         if self.retention.is_zero() {
             bail!("--retention must be above zero");
+        }
+        if self.api_token.trim().is_empty() {
+            bail!("--api-token must not be empty");
+        }
+        if let Some(previous) = &self.api_token_previous {
+            if previous.trim().is_empty() || *previous == self.api_token {
+                bail!("--api-token-previous must be the old token: not empty, not --api-token");
+            }
         }
         if let Some(url) = &self.webhook_url {
             let parsed =
@@ -312,6 +325,10 @@ pub struct ServeArgs {
     /// API bearer token [default: dev-token]
     #[arg(long, env = "CAAS_GATEWAY_API_TOKEN")]
     pub api_token: Option<String>,
+    /// The old API token, still taken during a rotation (drop it once
+    /// caas_api_previous_token_uses_total stops growing)
+    #[arg(long, env = "CAAS_GATEWAY_API_TOKEN_PREVIOUS")]
+    pub api_token_previous: Option<String>,
     /// Attempts per request [default: 4]
     #[arg(long, env = "CAAS_GATEWAY_ATTEMPTS")]
     pub attempts: Option<u32>,
@@ -396,6 +413,7 @@ impl ServeArgs {
             webhook_url: a.webhook_url,
             webhook_secret: a.webhook_secret.unwrap_or_default(),
             api_token: a.api_token.unwrap_or(d.api_token),
+            api_token_previous: a.api_token_previous,
             retry,
             command_ttl: match &a.command_ttl {
                 Some(t) => parse_duration(t).context("--command-ttl")?,
@@ -430,6 +448,7 @@ impl ServeArgs {
             webhook_url: self.webhook_url.or(file.webhook_url),
             webhook_secret: self.webhook_secret.or(file.webhook_secret),
             api_token: self.api_token.or(file.api_token),
+            api_token_previous: self.api_token_previous.or(file.api_token_previous),
             attempts: self.attempts.or(file.attempts),
             attempt_timeout: self.attempt_timeout.or(file.attempt_timeout),
             backoff: self.backoff.or(file.backoff),
@@ -560,6 +579,34 @@ mod tests {
         }
         .into_config()
         .is_err_and(|e| e.to_string().contains("--no-mqtt")));
+        let rotating = dir.path().join("rotating.toml");
+        std::fs::write(
+            &rotating,
+            "api-token = \"new\"\napi-token-previous = \"old\"\n",
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(rotating),
+            ..Default::default()
+        }
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            (c.api_token.as_str(), c.api_token_previous.as_deref()),
+            ("new", Some("old"))
+        );
+        for (token, previous) in [("same", "same"), ("new", " "), ("", "old")] {
+            let r = ServeArgs {
+                api_token: Some(token.into()),
+                api_token_previous: Some(previous.into()),
+                ..Default::default()
+            }
+            .into_config();
+            assert!(
+                r.is_err_and(|e| e.to_string().contains("--api-token")),
+                "{token:?} {previous:?}"
+            );
+        }
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "nope = 1\n").unwrap();
         assert!(ServeArgs {

@@ -312,6 +312,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         store: store.clone(),
         metrics,
         api_token: config.api_token.clone(),
+        api_token_previous: config.api_token_previous.clone(),
         key_id: key_id.clone(),
         public_key: public_key.clone(),
         campaigns: Arc::new(campaign::CampaignBook::default()),

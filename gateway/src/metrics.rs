@@ -28,6 +28,8 @@ pub(crate) struct Metrics {
     pub(crate) pruned: AtomicU64,
     /// Requests and campaigns answered from an earlier one with the same idempotency key.
     pub(crate) idempotent_replays: AtomicU64,
+    /// Requests authorised by the old API token (`--api-token-previous`).
+    pub(crate) previous_token_uses: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
     /// Cars the gateway knows (registered, or loaded from the store at start).
     pub(crate) cars_registered: AtomicI64,
@@ -170,6 +172,11 @@ impl Metrics {
             "caas_idempotent_replays_total",
             "POSTs answered with the request or campaign an earlier one with the same Idempotency-Key made (nothing new created).",
             &[("", self.idempotent_replays.load(Relaxed))],
+        );
+        counter(
+            "caas_api_previous_token_uses_total",
+            "Requests authorised by the old API token (--api-token-previous): a rotation is done once it stops growing.",
+            &[("", self.previous_token_uses.load(Relaxed))],
         );
         counter(
             "caas_support_tickets_total",

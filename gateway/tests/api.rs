@@ -262,6 +262,48 @@ async fn bad_input_is_refused_naming_the_field() {
     gw.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_token_rotation_both_tokens_work_and_the_old_ones_uses_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = config(dir.path(), None);
+    c.api_token = "new-token".into();
+    c.api_token_previous = Some(TOKEN.into());
+    let gw = caas_gateway::start(c).await.unwrap();
+    let old = Api::new(gw.http_addr());
+    let get = |token: &'static str, path: &'static str| {
+        let (http, base) = (old.http.clone(), old.base.clone());
+        async move {
+            let r = http
+                .get(format!("{base}{path}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let uses = || async {
+        let (s, text) = get("new-token", "/metrics").await;
+        assert_eq!(s, 200);
+        text.lines()
+            .find_map(|l| l.strip_prefix("caas_api_previous_token_uses_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    assert_eq!(uses().await, 0);
+    old.register(1).await;
+    assert_eq!(old.get("/keys").await.0, 200);
+    assert_eq!(get("new-token", "/keys").await.0, 200);
+    let (s, b) = get("neither-token", "/keys").await;
+    assert_eq!(s, 401, "{b}");
+    assert_eq!(
+        uses().await,
+        2,
+        "the old token's two uses, not the new one's"
+    );
+    gw.shutdown().await;
+}
+
 /// A body of `n` bytes: `json` padded with spaces, still valid JSON.
 fn padded(json: &Value, n: usize) -> Vec<u8> {
     let mut b = serde_json::to_vec(json).unwrap();
