@@ -180,6 +180,12 @@ pub(crate) enum Msg {
         car: Option<CarRec>,
     },
     LoadPending(RequestRec),
+    /// The car's held grants as the store has them (request ids, oldest first): sent after
+    /// every car and pending request is loaded, since only requests still in flight stay held.
+    LoadHeld {
+        vin: Vin,
+        held: Vec<String>,
+    },
     /// These callbacks were delivered, or filed in the outbox: their cars' records need
     /// not keep them any more.
     CallbacksSettled(Vec<(Vin, RequestId)>),
@@ -350,9 +356,15 @@ struct Car {
     awaiting: Vec<RequestId>,
     /// Activations whose grants are left out of the car's commands for now: the car refused
     /// a command for a grant and could not say which, so the unconfirmed ones go to it one
-    /// at a time ([`Shard::refused_by`]). In memory only: after a restart every grant is
-    /// sent again and a new refusal starts over. At most [`MAX_IN_FLIGHT_PER_CAR`].
+    /// at a time ([`Shard::refused_by`]). Oldest first; a subset of `pending`, so at most
+    /// [`MAX_IN_FLIGHT_PER_CAR`]. Stored (the `held` tree) with the car's record, so that
+    /// after a restart the grants still held stay out of its commands and the isolation
+    /// goes on where it was; every change marks the car dirty (a grant held or released:
+    /// written with the command that follows) or lazy (a held request ended).
     held: Vec<RequestId>,
+    /// What the `held` tree holds for this car: written again only when `held` differs, so a
+    /// car that never had a refusal costs no store write for it.
+    held_written: Vec<RequestId>,
     errors: Vec<ServiceError>,
     history_written: usize,
     /// History entries not yet in the store, oldest first, with their ids: written with
@@ -708,6 +720,7 @@ impl Shard {
             }
             Msg::Load { rec, car } => self.load(rec, car),
             Msg::LoadPending(rec) => self.load_pending(rec),
+            Msg::LoadHeld { vin, held } => self.load_held(vin, &held),
             Msg::CallbacksSettled(list) => {
                 for (vin, request_id) in list {
                     if let Some(car) = self.cars.get_mut(&vin) {
@@ -792,6 +805,27 @@ impl Shard {
             },
         );
         self.schedule(id, wait);
+    }
+
+    /// Restores `vin`'s held grants from the store: those of `stored` (request ids, oldest
+    /// first) still in flight, in order. One that ended after the list was last written is
+    /// dropped, and the stored list is written again with the car's next write.
+    fn load_held(&mut self, vin: Vin, stored: &[String]) {
+        let Some(car) = self.cars.get_mut(&vin) else {
+            return;
+        };
+        let stored: Vec<RequestId> = stored.iter().filter_map(|s| s.parse().ok()).collect();
+        let mut held: Vec<RequestId> = Vec::new();
+        for id in &stored {
+            if car.pending.contains(id) && self.pending.contains_key(id) && !held.contains(id) {
+                held.push(*id);
+            }
+        }
+        car.held = held;
+        car.held_written = stored;
+        if car.held != car.held_written {
+            self.mark_lazy(&vin);
+        }
     }
 
     fn register(&mut self, rec: VehicleRec, vin: Vin, key: VerifyingKey) -> Result<bool, ApiError> {
@@ -999,6 +1033,19 @@ impl Shard {
                 .map(rid_text)
                 .collect();
             let _ = self.sh.store.cars.insert(vin.as_bytes(), enc(&car.rec));
+            if car.held != car.held_written {
+                let held = &self.sh.store.held;
+                let written = if car.held.is_empty() {
+                    held.remove(vin.as_bytes()).map(|_| ())
+                } else {
+                    let ids: Vec<String> = car.held.iter().map(rid_text).collect();
+                    held.insert(vin.as_bytes(), enc(&ids)).map(|_| ())
+                };
+                // On an error the next write of the car tries again.
+                if written.is_ok() {
+                    car.held_written.clone_from(&car.held);
+                }
+            }
         }
     }
 
@@ -1671,8 +1718,12 @@ impl Shard {
             return false;
         };
         let live = |id: &RequestId| self.pending.contains_key(id);
+        let before = car.held.len();
         car.held.retain(live);
         if car.held.is_empty() {
+            if car.held.len() != before {
+                self.mark_lazy(vin);
+            }
             return false;
         }
         let id = car.held.remove(0);
@@ -1890,6 +1941,7 @@ fn new_car(key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
         lazy: false,
         awaiting: Vec::new(),
         held: Vec::new(),
+        held_written: Vec::new(),
     }
 }
 

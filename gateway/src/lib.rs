@@ -457,7 +457,8 @@ fn survive_file_size_limit() {
     }
 }
 
-/// Hands every stored car, then each car's unfinished requests, to its shard.
+/// Hands every stored car, then each car's unfinished requests, then the cars' held grants
+/// (kept by a shard only while their requests are in flight), to their shards.
 async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
     let store = store.clone();
     let engine = engine.clone();
@@ -501,6 +502,21 @@ async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
                 let _ = shard.send(Msg::LoadPending(req));
                 pending += 1;
             }
+        }
+        // One scan: the tree holds only cars whose refusal is still being sorted out.
+        for item in store.held.iter() {
+            let (k, v) = item?;
+            let Ok(vin) = std::str::from_utf8(&k)
+                .unwrap_or("")
+                .parse::<caas_protocol::Vin>()
+            else {
+                continue;
+            };
+            let Some(held) = dec::<Vec<String>>(&v) else {
+                tracing::warn!(%vin, "stored held grants are unreadable; skipped");
+                continue;
+            };
+            let _ = engine.shard(&vin).send(Msg::LoadHeld { vin, held });
         }
         tracing::info!(cars, pending, "state loaded");
         Ok(())

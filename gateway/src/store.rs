@@ -38,6 +38,14 @@ pub(crate) struct Store {
     /// in flight, replaced (a renewal) or removed (a deactivation): put back if it fails, so a
     /// failed change changes nothing. Removed once the request is final.
     pub(crate) replaced: sled::Tree,
+    /// VIN → the request ids (text, oldest first) of the car's held grants, as [`enc`] of a
+    /// `Vec<String>`: activations left out of its commands until their turn after a refusal
+    /// (the engine's `Car::held`); no key while none is held. Kept apart from [`CarRec`] so
+    /// that records written before it still read. An entry may name requests that have
+    /// since ended (the car's write after a request ends may wait): start-up keeps only the
+    /// ids still in flight, so such an entry, or one whose requests were pruned, holds
+    /// nothing back.
+    pub(crate) held: sled::Tree,
     /// campaign id ++ request id → (): the campaign index of stores written before campaign
     /// request ids began with their campaign's id ([`campaign_request_id`]); read only.
     pub(crate) campaign_reqs: sled::Tree,
@@ -65,6 +73,7 @@ impl Store {
             campaign_reqs: db.open_tree("campaign_reqs")?,
             replaced: db.open_tree("replaced")?,
             idempotency: db.open_tree("idempotency")?,
+            held: db.open_tree("held")?,
             db,
         })
     }
@@ -357,7 +366,8 @@ pub(crate) fn uuid_time_prefix(ms: u64) -> [u8; 6] {
 pub(crate) enum Prunable {
     /// Final requests (COMPLETED or FAILED) no longer listed in their car's record (where a
     /// request waits until its callback is delivered); requests in flight stay whatever
-    /// their age.
+    /// their age. The `held` tree is not looked at: a held grant's request is in flight,
+    /// and an entry naming one pruned since is dropped at start.
     Requests,
     Campaigns,
     SupportTickets,

@@ -1,8 +1,9 @@
 //! The broker side: a kill -9 of the gateway process, Mosquitto as the external broker
 //! (plain, and mTLS with the shipped configuration), per-car isolation on the embedded
 //! broker's mTLS listener, an idle TCP socket that must not stall other cars, a car's late
-//! acknowledgement on a new connection, the process keeping its heap reserve resident, and
-//! its store running out of room (a file-size limit).
+//! acknowledgement on a new connection, grants held after a refusal staying held across a
+//! kill -9, the process keeping its heap reserve resident, and its store running out of
+//! room (a file-size limit).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -249,6 +250,76 @@ async fn callback_in_flight_at_kill_9_is_sent_after_restart() {
     assert!(cbs
         .iter()
         .all(|c| c.body["status"] == "ACTIVATED" && c.signature_ok));
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_held_after_a_refusal_are_still_held_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (mut gw, api, http, mqtt) = spawned_with_car_1(dir.path(), &hook).await;
+    let car = obeying_car_1(&api, mqtt).await;
+    car.wait_connected().await;
+    // Three new grants in one command, the oldest one bad; the car, deaf until the restart,
+    // refuses that command without saying for which grant.
+    car.ignore.store(true, Ordering::SeqCst);
+    let bad = api.activate(1, "warp", "warp_drive").await;
+    let boost = api.activate(1, "power-boost", "power_boost").await;
+    let snow = api.activate(1, "snow-mode", "snow_mode").await;
+    let (_, r) = api.get(&format!("/ota/requests/{snow}")).await;
+    let refused = r["seq"].as_u64().unwrap();
+    let code = caas_protocol::RejectCode::UnknownFeature;
+    send_report(
+        &car,
+        1,
+        0,
+        caas_protocol::Outcome::Rejected { seq: refused, code },
+    )
+    .await;
+    // SIGKILL once the oldest went out alone: only what was flushed before that command
+    // left survives, and the other two must still be held.
+    let alone = refused + 1;
+    wait_until(
+        "the oldest grant sent alone",
+        Duration::from_secs(10),
+        || states_seen(&car, 0).iter().any(|(seq, _)| *seq == alone),
+    )
+    .await;
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    let before = car.seen.lock().unwrap().set_states.len();
+    // The same car (its state kept) reconnects to the new process on the same port.
+    car.ignore.store(false, Ordering::SeqCst);
+    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let cb = hook.wait(&bad, Duration::from_secs(20)).await;
+    assert_eq!(
+        (&cb.body["status"], &cb.body["errorCode"]),
+        (
+            &serde_json::json!("FAILED"),
+            &serde_json::json!("UNKNOWN_FEATURE")
+        )
+    );
+    for id in [&boost, &snow] {
+        let cb = hook.wait(id, Duration::from_secs(20)).await;
+        assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
+    }
+    let mut grants = car.seen.lock().unwrap().grants.clone();
+    grants.sort();
+    assert_eq!(grants, ["power-boost", "snow-mode"]);
+    // The first command after the restart is the bad grant alone, as before the kill.
+    let after = states_seen(&car, before);
+    assert_eq!(
+        after.first(),
+        Some(&(alone, vec!["warp".to_owned()])),
+        "{after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .all(|(_, g)| !g.iter().any(|s| s == "warp") || g.len() == 1),
+        "{after:?}"
+    );
     drop(gw);
 }
 

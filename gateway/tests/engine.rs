@@ -1074,3 +1074,89 @@ async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() 
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_held_after_a_refusal_are_still_held_after_a_restart() {
+    let (dir, hook, gw, api, car) = car_1_with_autopilot_and_heated_seats().await;
+
+    // Three new grants in one command, the oldest one bad; the car, deaf from here on,
+    // refuses that command without saying for which grant.
+    car.ignore.store(true, std::sync::atomic::Ordering::SeqCst);
+    let bad = api.activate(1, "warp", "warp_drive").await;
+    let renewal = api.activate(1, "autopilot", "highway_autopilot").await;
+    let seats = api.activate(1, "heated-seats", "heated_seats").await;
+    let (_, r) = api.get(&format!("/ota/requests/{seats}")).await;
+    let refused = r["seq"].as_u64().unwrap();
+    let applied = car.seen.lock().unwrap().applied_seq;
+    let code = caas_protocol::RejectCode::UnknownFeature;
+    send_report(
+        &car,
+        1,
+        applied,
+        caas_protocol::Outcome::Rejected { seq: refused, code },
+    )
+    .await;
+    // The oldest goes alone in a newer command and the other two are held; the gateway
+    // stops there, before the car answers it.
+    let alone = refused + 1;
+    wait_until(
+        "the oldest grant sent alone",
+        Duration::from_secs(10),
+        || states_seen(&car, 0).iter().any(|(seq, _)| *seq == alone),
+    )
+    .await;
+    let sent = states_seen(&car, 0);
+    assert!(
+        sent.iter().all(|(seq, g)| *seq != alone || g == &["warp"]),
+        "{sent:?}"
+    );
+    gw.shutdown().await;
+    drop(car);
+
+    // Started again on the same data (with attempts long enough that none runs out while
+    // the car comes back), the car comes back and answers.
+    let mut c = config(dir.path(), Some(&hook));
+    c.retry.attempt_timeout = Duration::from_secs(10);
+    let gw = match caas_gateway::start(c).await {
+        Ok(gw) => gw,
+        Err(e) => panic!("gateway restart: {e:#}"),
+    };
+    let api = Api::new(gw.http_addr());
+    let car = TestCar::start(1, gw.public_key_hex(), car_opts(&gw, Mode::Obey)).await;
+    let cb = hook.wait(&bad, Duration::from_secs(15)).await;
+    assert_eq!(
+        (&cb.body["status"], &cb.body["errorCode"]),
+        (&json!("FAILED"), &json!("UNKNOWN_FEATURE"))
+    );
+    for id in [&renewal, &seats] {
+        let cb = hook.wait(id, Duration::from_secs(15)).await;
+        assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
+    }
+    let mut grants = car.seen.lock().unwrap().grants.clone();
+    grants.sort();
+    assert_eq!(grants, ["autopilot", "heated-seats"]);
+    // The isolation went on where it was: the car's first command is the one it missed,
+    // the bad grant alone (not all three again), and no command carried the bad grant
+    // with another.
+    let after = states_seen(&car, 0);
+    assert_eq!(
+        after.first(),
+        Some(&(alone, vec!["warp".to_owned()])),
+        "{after:?}"
+    );
+    assert!(
+        after
+            .iter()
+            .all(|(_, g)| !g.iter().any(|s| s == "warp") || g.len() == 1),
+        "{after:?}"
+    );
+    assert_eq!(
+        services_of(&api, 1).await,
+        [
+            pair("autopilot", "ACTIVE"),
+            pair("heated-seats", "ACTIVE"),
+            pair("warp", "ERROR")
+        ]
+    );
+    gw.shutdown().await;
+}

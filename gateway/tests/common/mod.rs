@@ -519,6 +519,36 @@ pub fn report(vin: &Vin, key: &SigningKey, applied: u64, outcome: Outcome) -> Ve
     seal_report(&r, key, &mut buf).unwrap().to_vec()
 }
 
+/// Publishes a report of car `n`, signed with its key, on its report topic over `car`'s
+/// connection: what the car would say, whatever its agent does.
+pub async fn send_report(car: &TestCar, n: u32, applied: u64, outcome: Outcome) {
+    car.client
+        .publish(
+            topics::report_topic(&vin(n)).as_str(),
+            QoS::AtLeastOnce,
+            false,
+            report(&vin(n), &car_key(n), applied, outcome),
+        )
+        .await
+        .unwrap();
+}
+
+/// The services a command grants, in its order (none for a status query).
+pub fn granted(cmd: &Command) -> Vec<String> {
+    match &cmd.body {
+        CommandBody::SetState(d) => d.grants.iter().map(|g| g.service_id.to_string()).collect(),
+        CommandBody::QueryStatus { .. } => Vec::new(),
+    }
+}
+
+/// The commands setting a state that `car` saw, from the `from`th on: (seq, services granted).
+pub fn states_seen(car: &TestCar, from: usize) -> Vec<(u64, Vec<String>)> {
+    car.seen.lock().unwrap().set_states[from..]
+        .iter()
+        .map(|c| (c.seq, granted(c)))
+        .collect()
+}
+
 pub async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) {
     let end = Instant::now() + within;
     while !f() {
