@@ -360,7 +360,10 @@ struct Car {
     /// [`MAX_IN_FLIGHT_PER_CAR`]. Stored (the `held` tree) with the car's record, so that
     /// after a restart the grants still held stay out of its commands and the isolation
     /// goes on where it was; every change marks the car dirty (a grant held or released:
-    /// written with the command that follows) or lazy (a held request ended).
+    /// written with the command that follows) or lazy (a held request ended). While held, a
+    /// request spends no attempt (its attempts start at its release), and a held renewal's
+    /// car keeps the grant it renews. If a request of the car runs out of attempts, all go
+    /// out together: a car that answers nothing cannot tell one grant from another.
     held: Vec<RequestId>,
     /// What the `held` tree holds for this car: written again only when `held` differs, so a
     /// car that never had a refusal costs no store write for it.
@@ -951,11 +954,19 @@ impl Shard {
         // An expired grant would only be dropped by the car; leaving it out keeps the
         // command small and the car's view the same as the status answer's.
         let held = |g: &GrantRec| car.held.iter().any(|id| rid_text(id) == g.request_id);
+        // A held renewal's car keeps the grant it renews meanwhile (it took that one before,
+        // so it is no suspect): holding it back must not switch off a paid service.
+        let renewed = car
+            .held
+            .iter()
+            .filter_map(|id| self.pending.get(id)?.replaced.as_ref());
         for g in car
             .rec
             .grants
             .iter()
-            .filter(|g| unexpired(g, now) && !held(g))
+            .filter(|g| !held(g))
+            .chain(renewed)
+            .filter(|g| unexpired(g, now))
         {
             if let Some(grant) = to_grant(g) {
                 let _ = desired.grants.push(grant);
@@ -1240,7 +1251,7 @@ impl Shard {
                 break;
             }
             self.timers.pop();
-            let Some(p) = self.pending.get_mut(&id) else {
+            let Some(p) = self.pending.get(&id) else {
                 continue;
             };
             if p.gen != gen {
@@ -1256,6 +1267,15 @@ impl Shard {
                 self.schedule(id, wait);
                 continue;
             }
+            // A held grant is in no command yet: its attempts start when its turn comes
+            // (`release_held`), not while it waits.
+            if self.cars.get(&vin).is_some_and(|c| c.held.contains(&id)) {
+                self.schedule(id, retry.attempt_timeout);
+                continue;
+            }
+            let Some(p) = self.pending.get_mut(&id) else {
+                continue;
+            };
             match p.rec.phase.as_str() {
                 "SENDING" if p.rec.attempts < retry.attempts => {
                     p.rec.phase = "BACKOFF".into();
@@ -1290,7 +1310,13 @@ impl Shard {
                     self.send_state(&vin, true);
                     self.schedule(id, retry.attempt_timeout);
                 }
-                _ => self.finish(id, Err(("NO_CONFIRMATION".into(), true))),
+                _ => {
+                    self.finish(id, Err(("NO_CONFIRMATION".into(), true)));
+                    // The car answers nothing, so holding grants back to tell which one it
+                    // refuses learns nothing: they go out together and each runs its own
+                    // attempts (a new refusal, once it answers, isolates them again).
+                    self.release_held(&vin, usize::MAX);
+                }
             }
         }
     }
@@ -1613,7 +1639,7 @@ impl Shard {
                         }
                         // What the refusal did not fail waits for a newer command (a failure
                         // above sent one if it changed the grants), with the next held grant.
-                        let released = failed && self.release_held(&vin);
+                        let released = failed && self.release_held(&vin, 1);
                         if !failed
                             && !released
                             && self.cars.get(&vin).is_some_and(|c| !c.pending.is_empty())
@@ -1625,7 +1651,7 @@ impl Shard {
             }
         } else if latest <= applied && report.applied_seq >= latest {
             // Caught up: the next held grant, if any, goes out.
-            self.release_held(&vin);
+            self.release_held(&vin, 1);
         } else if last_sent.is_none_or(|t| now.saturating_sub(t) > 5_000) {
             // The car is behind and nothing went out recently (e.g. the gateway restarted),
             // or it went back to an older state than it confirmed (its store was wiped, or
@@ -1711,9 +1737,10 @@ impl Shard {
         None
     }
 
-    /// Puts the oldest held grant back into the car's commands, as part of a newer one (its
-    /// request then settles only when the car takes that command); `true` if one was.
-    fn release_held(&mut self, vin: &Vin) -> bool {
+    /// Puts the oldest `count` held grants back into the car's commands, in one newer
+    /// command (their requests then settle only when the car takes it, and their attempts
+    /// start now); `true` if any was.
+    fn release_held(&mut self, vin: &Vin, count: usize) -> bool {
         let Some(car) = self.cars.get_mut(vin) else {
             return false;
         };
@@ -1726,26 +1753,32 @@ impl Shard {
             }
             return false;
         }
-        let id = car.held.remove(0);
+        let released: Vec<RequestId> = car.held.drain(..count.min(car.held.len())).collect();
         car.rec.seq += 1;
         let next = car.rec.seq;
-        let rid = rid_text(&id);
-        for g in car.rec.grants.iter_mut().filter(|g| g.request_id == rid) {
-            g.seq = next;
+        let now_iso = iso_ms(now_ms());
+        for id in &released {
+            let rid = rid_text(id);
+            for g in car.rec.grants.iter_mut().filter(|g| g.request_id == rid) {
+                g.seq = next;
+            }
         }
-        if let Some(p) = self.pending.get_mut(&id) {
-            p.rec.seq = next;
-            let rec = p.rec.clone();
-            self.save_request(&rec);
+        for id in &released {
+            if let Some(p) = self.pending.get_mut(id) {
+                p.rec.seq = next;
+                p.rec.phase = "SENDING".into();
+                p.rec.updated_at.clone_from(&now_iso);
+                let rec = p.rec.clone();
+                self.save_request(&rec);
+                self.schedule(*id, self.sh.retry.attempt_timeout);
+            }
         }
         self.mark_dirty(vin);
-        self.history(
-            vin,
-            "COMMAND",
-            Some(next),
-            Some(rid),
-            "held grant sent".into(),
-        );
+        let (rid, detail) = match released.as_slice() {
+            [one] => (Some(rid_text(one)), "held grant sent".to_owned()),
+            many => (None, format!("{} held grants sent", many.len())),
+        };
+        self.history(vin, "COMMAND", Some(next), rid, detail);
         self.send_state(vin, false);
         true
     }

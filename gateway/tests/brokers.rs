@@ -262,20 +262,7 @@ async fn grants_held_after_a_refusal_are_still_held_after_kill_9() {
     car.wait_connected().await;
     // Three new grants in one command, the oldest one bad; the car, deaf until the restart,
     // refuses that command without saying for which grant.
-    car.ignore.store(true, Ordering::SeqCst);
-    let bad = api.activate(1, "warp", "warp_drive").await;
-    let boost = api.activate(1, "power-boost", "power_boost").await;
-    let snow = api.activate(1, "snow-mode", "snow_mode").await;
-    let (_, r) = api.get(&format!("/ota/requests/{snow}")).await;
-    let refused = r["seq"].as_u64().unwrap();
-    let code = caas_protocol::RejectCode::UnknownFeature;
-    send_report(
-        &car,
-        1,
-        0,
-        caas_protocol::Outcome::Rejected { seq: refused, code },
-    )
-    .await;
+    let ([bad, boost, snow], refused) = three_grants_refused_together(&api, &car).await;
     // SIGKILL once the oldest went out alone: only what was flushed before that command
     // left survives, and the other two must still be held.
     let alone = refused + 1;
@@ -300,13 +287,8 @@ async fn grants_held_after_a_refusal_are_still_held_after_kill_9() {
             &serde_json::json!("UNKNOWN_FEATURE")
         )
     );
-    for id in [&boost, &snow] {
-        let cb = hook.wait(id, Duration::from_secs(20)).await;
-        assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
-    }
-    let mut grants = car.seen.lock().unwrap().grants.clone();
-    grants.sort();
-    assert_eq!(grants, ["power-boost", "snow-mode"]);
+    wait_activated(&hook, &[&boost, &snow], Duration::from_secs(20)).await;
+    assert_eq!(car_services(&car), ["power-boost", "snow-mode"]);
     // The first command after the restart is the bad grant alone, as before the kill.
     let after = states_seen(&car, before);
     assert_eq!(

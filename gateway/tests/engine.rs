@@ -1007,9 +1007,7 @@ async fn a_failed_renewal_or_deactivation_leaves_the_service_as_it_was() {
         seen.applied_seq > 4
     })
     .await;
-    let mut grants = car.seen.lock().unwrap().grants.clone();
-    grants.sort();
-    assert_eq!(grants, ["autopilot", "heated-seats"]);
+    assert_eq!(car_services(&car), ["autopilot", "heated-seats"]);
     let end = std::time::Instant::now() + Duration::from_secs(15);
     while services_of(&api, 1).await
         != [pair("autopilot", "ACTIVE"), pair("heated-seats", "ACTIVE")]
@@ -1057,13 +1055,8 @@ async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() 
         (&cb.body["status"], &cb.body["errorCode"]),
         (&json!("FAILED"), &json!("UNKNOWN_FEATURE"))
     );
-    for id in [&renewal, &seats] {
-        let cb = hook.wait(id, Duration::from_secs(15)).await;
-        assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
-    }
-    let mut grants = car.seen.lock().unwrap().grants.clone();
-    grants.sort();
-    assert_eq!(grants, ["autopilot", "heated-seats"]);
+    wait_activated(&hook, &[&renewal, &seats], Duration::from_secs(15)).await;
+    assert_eq!(car_services(&car), ["autopilot", "heated-seats"]);
     // The refused service shows as ERROR (status after a refusal), the others as ACTIVE.
     assert_eq!(
         services_of(&api, 1).await,
@@ -1079,12 +1072,13 @@ async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() 
 async fn grants_held_after_a_refusal_are_still_held_after_a_restart() {
     let (dir, hook, gw, api, car) = car_1_with_autopilot_and_heated_seats().await;
 
-    // Three new grants in one command, the oldest one bad; the car, deaf from here on,
-    // refuses that command without saying for which grant.
+    // Three new grants in one command, the oldest one bad, the other two renewals (told
+    // from the grants they renew by their expiry); the car, deaf from here on, refuses that
+    // command without saying for which grant.
     car.ignore.store(true, std::sync::atomic::Ordering::SeqCst);
-    let bad = api.activate(1, "warp", "warp_drive").await;
-    let renewal = api.activate(1, "autopilot", "highway_autopilot").await;
-    let seats = api.activate(1, "heated-seats", "heated_seats").await;
+    let bad = subscribe(&api, "warp", "warp_drive").await;
+    let renewal = subscribe(&api, "autopilot", "highway_autopilot").await;
+    let seats = subscribe(&api, "heated-seats", "heated_seats").await;
     let (_, r) = api.get(&format!("/ota/requests/{seats}")).await;
     let refused = r["seq"].as_u64().unwrap();
     let applied = car.seen.lock().unwrap().applied_seq;
@@ -1105,9 +1099,12 @@ async fn grants_held_after_a_refusal_are_still_held_after_a_restart() {
         || states_seen(&car, 0).iter().any(|(seq, _)| *seq == alone),
     )
     .await;
-    let sent = states_seen(&car, 0);
+    // Alone among the new grants: the renewals wait, and meanwhile the car keeps the
+    // grants they renew (holding a renewal back does not switch a paid service off).
+    let sent = new_and_all_grants(&car, 0);
     assert!(
-        sent.iter().all(|(seq, g)| *seq != alone || g == &["warp"]),
+        sent.iter()
+            .all(|(seq, new, all)| *seq != alone || (new == &["warp"] && all.len() == 3)),
         "{sent:?}"
     );
     gw.shutdown().await;
@@ -1128,26 +1125,27 @@ async fn grants_held_after_a_refusal_are_still_held_after_a_restart() {
         (&cb.body["status"], &cb.body["errorCode"]),
         (&json!("FAILED"), &json!("UNKNOWN_FEATURE"))
     );
-    for id in [&renewal, &seats] {
-        let cb = hook.wait(id, Duration::from_secs(15)).await;
-        assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
-    }
-    let mut grants = car.seen.lock().unwrap().grants.clone();
-    grants.sort();
-    assert_eq!(grants, ["autopilot", "heated-seats"]);
+    wait_activated(&hook, &[&renewal, &seats], Duration::from_secs(15)).await;
+    assert_eq!(car_services(&car), ["autopilot", "heated-seats"]);
     // The isolation went on where it was: the car's first command is the one it missed,
-    // the bad grant alone (not all three again), and no command carried the bad grant
-    // with another.
-    let after = states_seen(&car, 0);
+    // the bad grant alone among the new ones (not all three again); no command carried it
+    // with another new grant, and none took autopilot or heated seats away.
+    let after = new_and_all_grants(&car, 0);
     assert_eq!(
-        after.first(),
-        Some(&(alone, vec!["warp".to_owned()])),
+        after.first().map(|(seq, new, _)| (*seq, new.clone())),
+        Some((alone, vec!["warp".to_owned()])),
         "{after:?}"
     );
     assert!(
         after
             .iter()
-            .all(|(_, g)| !g.iter().any(|s| s == "warp") || g.len() == 1),
+            .all(|(_, new, _)| !new.iter().any(|s| s == "warp") || new.len() == 1),
+        "{after:?}"
+    );
+    assert!(
+        after.iter().all(|(_, _, all)| ["autopilot", "heated-seats"]
+            .iter()
+            .all(|s| all.iter().any(|g| g == s))),
         "{after:?}"
     );
     assert_eq!(
@@ -1159,4 +1157,92 @@ async fn grants_held_after_a_refusal_are_still_held_after_a_restart() {
         ]
     );
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_grants_spend_no_attempt_while_they_wait_and_go_out_when_the_car_goes_quiet() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let car = obeying_cars(&gw, &api, 1..2).await.remove(0);
+    // Three new grants refused together, the oldest bad; the car stays quiet, so the bad
+    // one, sent alone, runs out of attempts (~3.5 s with the test's retry policy).
+    let ([bad, boost, snow], refused) = three_grants_refused_together(&api, &car).await;
+    // While the bad one, alone, goes through its attempts to its status query, the two
+    // held are where they were: first attempt, no backoff, no query.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while api.get(&format!("/ota/requests/{bad}")).await.1["phase"] != "PROBING" {
+        assert!(
+            std::time::Instant::now() < end,
+            "the bad grant never reached its query"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in [&boost, &snow] {
+        let (_, r) = api.get(&format!("/ota/requests/{id}")).await;
+        assert_eq!(
+            (&r["phase"], &r["attempts"]),
+            (&json!("SENDING"), &json!(1)),
+            "{r}"
+        );
+    }
+    let cb = hook.wait(&bad, Duration::from_secs(20)).await;
+    assert_eq!(
+        (&cb.body["status"], &cb.body["errorCode"]),
+        (&json!("FAILED"), &json!("NO_CONFIRMATION"))
+    );
+    // The two held meanwhile spent none of their attempts waiting (they were created with
+    // the bad one, so they would have run out with it): with the bad one gone and the car
+    // still quiet they go out together, and the car, back now, takes them.
+    for id in [&boost, &snow] {
+        let (_, r) = api.get(&format!("/ota/requests/{id}")).await;
+        assert_eq!(r["status"], "IN_PROGRESS", "{r}");
+    }
+    wait_until(
+        "the held grants sent together",
+        Duration::from_secs(10),
+        || {
+            states_seen(&car, 0).iter().any(|(seq, g)| {
+                *seq > refused
+                    && g.iter().any(|s| s == "power-boost")
+                    && g.iter().any(|s| s == "snow-mode")
+            })
+        },
+    )
+    .await;
+    car.ignore.store(false, std::sync::atomic::Ordering::SeqCst);
+    car.announce_online().await;
+    wait_activated(&hook, &[&boost, &snow], Duration::from_secs(15)).await;
+    assert_eq!(car_services(&car), ["power-boost", "snow-mode"]);
+    gw.shutdown().await;
+}
+
+/// An activation for car 1 until 2099 (its grant carries an expiry, unlike the permanent
+/// ones `Api::activate` makes); its request id.
+async fn subscribe(api: &Api, service: &str, flag: &str) -> String {
+    let mut body = activation(1, service, flag);
+    body["duration"] = json!({"type": "SUBSCRIPTION", "expiryDate": "2099-01-01T00:00:00Z"});
+    let (s, b) = api.post("/ota/activate", &body).await;
+    assert_eq!(s, 202, "{b}");
+    b["requestId"].as_str().unwrap().to_owned()
+}
+
+/// The state commands `car` saw from the `from`th on: (seq, services of the grants with an
+/// expiry, all services).
+fn new_and_all_grants(car: &TestCar, from: usize) -> Vec<(u64, Vec<String>, Vec<String>)> {
+    car.seen.lock().unwrap().set_states[from..]
+        .iter()
+        .map(|c| {
+            let new = match &c.body {
+                caas_protocol::CommandBody::SetState(d) => d
+                    .grants
+                    .iter()
+                    .filter(|g| g.ends_at.is_some())
+                    .map(|g| g.service_id.to_string())
+                    .collect(),
+                caas_protocol::CommandBody::QueryStatus { .. } => Vec::new(),
+            };
+            (c.seq, new, granted(c))
+        })
+        .collect()
 }

@@ -533,6 +533,39 @@ pub async fn send_report(car: &TestCar, n: u32, applied: u64, outcome: Outcome) 
         .unwrap();
 }
 
+/// Car 1, made deaf, gets three new grants in one command, the oldest (warp) unknown to
+/// it, and refuses that command without saying for which grant: (warp's, power boost's and
+/// snow mode's request ids, the refused seq).
+pub async fn three_grants_refused_together(api: &Api, car: &TestCar) -> ([String; 3], u64) {
+    car.ignore.store(true, Ordering::SeqCst);
+    let ids = [
+        api.activate(1, "warp", "warp_drive").await,
+        api.activate(1, "power-boost", "power_boost").await,
+        api.activate(1, "snow-mode", "snow_mode").await,
+    ];
+    let (_, r) = api.get(&format!("/ota/requests/{}", ids[2])).await;
+    let refused = r["seq"].as_u64().unwrap();
+    let applied = car.seen.lock().unwrap().applied_seq;
+    let code = RejectCode::UnknownFeature;
+    send_report(car, 1, applied, Outcome::Rejected { seq: refused, code }).await;
+    (ids, refused)
+}
+
+/// Waits for each request's callback, which must say ACTIVATED.
+pub async fn wait_activated(hook: &Webhook, ids: &[&String], within: Duration) {
+    for id in ids {
+        let cb = hook.wait(id, within).await;
+        assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
+    }
+}
+
+/// The services the car holds now, sorted.
+pub fn car_services(car: &TestCar) -> Vec<String> {
+    let mut grants = car.seen.lock().unwrap().grants.clone();
+    grants.sort();
+    grants
+}
+
 /// The services a command grants, in its order (none for a status query).
 pub fn granted(cmd: &Command) -> Vec<String> {
     match &cmd.body {
