@@ -812,7 +812,14 @@ async fn car_1_reaches_only_its_own_topics(
 /// Car 1, with its own certificate, connects under car 2's client id (its VIN, as the agent
 /// uses): a broker that let it take the id over would hang up on car 2, knocking it offline
 /// at will.
-async fn car_1_cannot_take_over_car_2s_client_id(port: u16, pki: &Pki) {
+async fn car_1_cannot_take_over_car_2s_client_id(api: &Api, port: u16, pki: &Pki) {
+    // Car 2's last connection, just dropped, is gone for the broker too (its will said so)
+    // before its client id is used again: a connection that arrives while the broker still
+    // tears down the old one can be closed with it.
+    wait_status(api, 2, "car 2 offline", SETTLED_WITHIN, |st| {
+        st["connectivity"] == "OFFLINE"
+    })
+    .await;
     let vin2 = vin(2).to_string();
     let cmd2 = caas_protocol::topics::command_topic(&vin(2)).to_string();
     let mut car2 = Probe::connect(&vin2, port, pki.car(2))
@@ -869,7 +876,7 @@ async fn embedded_mtls_confines_each_car_to_its_own_topics() {
         Refusal::Closes,
     )
     .await;
-    car_1_cannot_take_over_car_2s_client_id(port, &pki).await;
+    car_1_cannot_take_over_car_2s_client_id(&api, port, &pki).await;
 
     // A certificate from the same CA whose Organization is not a VIN gets no session (car 1's,
     // from the same CA, did).
@@ -972,7 +979,7 @@ async fn mosquitto_with_the_shipped_mtls_config_confines_each_car_to_its_own_top
         Refusal::Filters,
     )
     .await;
-    car_1_cannot_take_over_car_2s_client_id(port, &pki).await;
+    car_1_cannot_take_over_car_2s_client_id(&api, port, &pki).await;
     gw.shutdown().await;
 }
 

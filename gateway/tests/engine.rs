@@ -477,29 +477,6 @@ async fn campaign_callbacks_go_out_at_low_priority_and_failed_ones_are_retried()
     gw.shutdown().await;
 }
 
-/// Polls `GET /vehicles/{vin}/status` (bounded) until `pred` holds; returns that status.
-async fn wait_status(
-    api: &Api,
-    n: u32,
-    what: &str,
-    within: Duration,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let end = std::time::Instant::now() + within;
-    loop {
-        let (s, st) = api.get(&format!("/vehicles/{}/status", vin(n))).await;
-        assert_eq!(s, 200, "{st}");
-        if pred(&st) {
-            return st;
-        }
-        assert!(
-            std::time::Instant::now() < end,
-            "timed out waiting for {what}; last status {st}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connected_car_whose_reports_lag_is_limited_then_online_once_caught_up() {
     let dir = tempfile::tempdir().unwrap();

@@ -551,6 +551,29 @@ pub async fn three_grants_refused_together(api: &Api, car: &TestCar) -> ([String
     (ids, refused)
 }
 
+/// Polls `GET /vehicles/{vin}/status` (bounded) until `pred` holds; returns that status.
+pub async fn wait_status(
+    api: &Api,
+    n: u32,
+    what: &str,
+    within: Duration,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let end = std::time::Instant::now() + within;
+    loop {
+        let (s, st) = api.get(&format!("/vehicles/{}/status", vin(n))).await;
+        assert_eq!(s, 200, "{st}");
+        if pred(&st) {
+            return st;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "timed out waiting for {what}; last status {st}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for each request's callback, which must say ACTIVATED.
 pub async fn wait_activated(hook: &Webhook, ids: &[&String], within: Duration) {
     for id in ids {
