@@ -955,11 +955,16 @@ impl Shard {
         // command small and the car's view the same as the status answer's.
         let held = |g: &GrantRec| car.held.iter().any(|id| rid_text(id) == g.request_id);
         // A held renewal's car keeps the grant it renews meanwhile (it took that one before,
-        // so it is no suspect): holding it back must not switch off a paid service.
+        // so it is no suspect): holding it back must not switch off a paid service. Only
+        // while the renewal is still the service's grant: a later deactivation or
+        // activation of the service decides what the car has instead.
         let renewed = car
-            .held
+            .rec
+            .grants
             .iter()
-            .filter_map(|id| self.pending.get(id)?.replaced.as_ref());
+            .filter(|g| held(g))
+            .filter_map(|g| g.request_id.parse::<RequestId>().ok())
+            .filter_map(|id| self.pending.get(&id)?.replaced.as_ref());
         for g in car
             .rec
             .grants

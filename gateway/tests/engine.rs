@@ -1056,17 +1056,7 @@ async fn grants_held_after_a_refusal_are_still_held_after_a_restart() {
     let bad = subscribe(&api, "warp", "warp_drive").await;
     let renewal = subscribe(&api, "autopilot", "highway_autopilot").await;
     let seats = subscribe(&api, "heated-seats", "heated_seats").await;
-    let (_, r) = api.get(&format!("/ota/requests/{seats}")).await;
-    let refused = r["seq"].as_u64().unwrap();
-    let applied = car.seen.lock().unwrap().applied_seq;
-    let code = caas_protocol::RejectCode::UnknownFeature;
-    send_report(
-        &car,
-        1,
-        applied,
-        caas_protocol::Outcome::Rejected { seq: refused, code },
-    )
-    .await;
+    let refused = refuse_command_of(&api, &car, &seats).await;
     // The oldest goes alone in a newer command and the other two are held; the gateway
     // stops there, before the car answers it.
     let alone = refused + 1;
@@ -1192,6 +1182,45 @@ async fn held_grants_spend_no_attempt_while_they_wait_and_go_out_when_the_car_go
     wait_activated(&hook, &[&boost, &snow], Duration::from_secs(15)).await;
     assert_eq!(car_services(&car), ["power-boost", "snow-mode"]);
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_deactivated_while_its_renewal_is_held_leaves_the_car() {
+    let (_dir, hook, _gw, api, car) = car_1_with_autopilot_and_heated_seats().await;
+    // A bad grant and a renewal of autopilot refused together: the renewal is held, and the
+    // car keeps the autopilot grant it renews meanwhile.
+    car.ignore.store(true, std::sync::atomic::Ordering::SeqCst);
+    let bad = subscribe(&api, "warp", "warp_drive").await;
+    let renewal = subscribe(&api, "autopilot", "highway_autopilot").await;
+    let refused = refuse_command_of(&api, &car, &renewal).await;
+    wait_until("the bad grant sent alone", Duration::from_secs(10), || {
+        states_seen(&car, 0).iter().any(|(seq, _)| *seq > refused)
+    })
+    .await;
+    // Autopilot deactivated while its renewal waits: the car loses it (the grant the
+    // renewal renews is not kept for it any more).
+    let removal = deactivate(&api, 1, "autopilot").await;
+    let (_, r) = api.get(&format!("/ota/requests/{removal}")).await;
+    let seq = r["seq"].as_u64().unwrap();
+    wait_until(
+        "the deactivation's command",
+        Duration::from_secs(10),
+        || states_seen(&car, 0).iter().any(|(s, _)| *s == seq),
+    )
+    .await;
+    let sent = states_seen(&car, 0);
+    assert!(
+        sent.iter()
+            .all(|(s, g)| *s < seq || !g.iter().any(|x| x == "autopilot")),
+        "{sent:?}"
+    );
+    car.ignore.store(false, std::sync::atomic::Ordering::SeqCst);
+    car.announce_online().await;
+    let cb = hook.wait(&bad, Duration::from_secs(15)).await;
+    assert_eq!(cb.body["status"], "FAILED", "{}", cb.body);
+    let cb = hook.wait(&removal, Duration::from_secs(15)).await;
+    assert_eq!(cb.body["status"], "DEACTIVATED", "{}", cb.body);
+    assert_eq!(car_services(&car), ["heated-seats"]);
 }
 
 /// An activation for car 1 until 2099 (its grant carries an expiry, unlike the permanent

@@ -543,12 +543,19 @@ pub async fn three_grants_refused_together(api: &Api, car: &TestCar) -> ([String
         api.activate(1, "power-boost", "power_boost").await,
         api.activate(1, "snow-mode", "snow_mode").await,
     ];
-    let (_, r) = api.get(&format!("/ota/requests/{}", ids[2])).await;
+    let refused = refuse_command_of(api, car, &ids[2]).await;
+    (ids, refused)
+}
+
+/// Car 1 refuses, for an unknown feature, the command that carried request `id` (without
+/// saying for which grant); that command's seq.
+pub async fn refuse_command_of(api: &Api, car: &TestCar, id: &str) -> u64 {
+    let (_, r) = api.get(&format!("/ota/requests/{id}")).await;
     let refused = r["seq"].as_u64().unwrap();
     let applied = car.seen.lock().unwrap().applied_seq;
     let code = RejectCode::UnknownFeature;
     send_report(car, 1, applied, Outcome::Rejected { seq: refused, code }).await;
-    (ids, refused)
+    refused
 }
 
 /// Polls `GET /vehicles/{vin}/status` (bounded) until `pred` holds; returns that status.
