@@ -1002,7 +1002,7 @@ fn campaign_of_key(
     cid: RequestId,
     created_ms: u64,
 ) -> Result<Option<(RequestId, CampaignRec)>, ApiError> {
-    match idempotency::claim(&store.idempotency, key, cid.0, created_ms)? {
+    match idempotency::claim(store, key, cid.0, created_ms)? {
         Claim::New { .. } => Ok(None),
         Claim::Mismatch => Err(idempotency::mismatch()),
         Claim::Repeat { target, current } => {
@@ -1014,7 +1014,7 @@ fn campaign_of_key(
             match earlier {
                 Some(rec) => Ok(Some((RequestId(target), rec))),
                 None => {
-                    idempotency::take_over(&store.idempotency, key, &current, cid.0, created_ms)?;
+                    idempotency::take_over(store, key, &current, cid.0, created_ms)?;
                     Ok(None)
                 }
             }

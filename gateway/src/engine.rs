@@ -1167,8 +1167,9 @@ impl Shard {
                 replayed: false,
             });
         };
-        let tree = self.sh.store.idempotency.clone();
-        let written = match idempotency::claim(&tree, &key, nr.request_id.0, nr.created_ms)? {
+        let sh = self.sh.clone();
+        let store = &sh.store;
+        let written = match idempotency::claim(store, &key, nr.request_id.0, nr.created_ms)? {
             Claim::New { written } => written,
             Claim::Mismatch => return Err(idempotency::mismatch()),
             Claim::Repeat { target, current } => {
@@ -1179,7 +1180,7 @@ impl Shard {
                         replayed: true,
                     });
                 }
-                idempotency::take_over(&tree, &key, &current, nr.request_id.0, nr.created_ms)?
+                idempotency::take_over(store, &key, &current, nr.request_id.0, nr.created_ms)?
             }
         };
         self.new_request(nr)
@@ -1187,7 +1188,7 @@ impl Shard {
                 rec,
                 replayed: false,
             })
-            .inspect_err(|_| idempotency::release(&tree, &key, &written))
+            .inspect_err(|_| idempotency::release(store, &key, &written))
     }
 
     fn new_request(&mut self, nr: NewRequest) -> Result<RequestRec, ApiError> {

@@ -10,14 +10,15 @@
 //! compare-and-swap, so two copies racing through different shards cannot both create, and
 //! it is made durable in the same flush as the request it names (a 2xx answer, first or
 //! repeated, is only given once both are on disk). Keys are kept as long as requests, the
-//! retention (`--retention`), and then pruned with them.
+//! retention (`--retention`), and then pruned: an index by time (the store's
+//! `idempotency_times`) lets the pruner read only the keys past it, not every key.
 
 use axum::http::HeaderMap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::api::ApiError;
-use crate::store::{dec, enc};
+use crate::store::{dec, enc, Store};
 
 /// The request header carrying the key.
 pub(crate) const HEADER: &str = "idempotency-key";
@@ -110,10 +111,19 @@ pub(crate) fn mismatch() -> ApiError {
     )
 }
 
+/// The key of `slot`'s entry in the time index: when it was claimed, then the slot, so that
+/// the keys claimed before a time sort below that time's 8 bytes.
+fn time_key(created_ms: u64, slot: &[u8; 32]) -> [u8; 40] {
+    let mut k = [0u8; 40];
+    k[..8].copy_from_slice(&created_ms.to_be_bytes());
+    k[8..].copy_from_slice(slot);
+    k
+}
+
 /// Claims `key` for `target`, atomically: of two requests racing with one key, one gets
 /// [`Claim::New`] and the other sees it.
 pub(crate) fn claim(
-    tree: &sled::Tree,
+    store: &Store,
     key: &IdemKey,
     target: [u8; 16],
     now_ms: u64,
@@ -124,11 +134,15 @@ pub(crate) fn claim(
         created_ms: now_ms,
     };
     let written = enc(&rec);
-    match tree
+    match store
+        .idempotency
         .compare_and_swap(key.slot, None as Option<&[u8]>, Some(written.as_slice()))
         .map_err(ApiError::storage)?
     {
-        Ok(()) => Ok(Claim::New { written }),
+        Ok(()) => {
+            index(store, now_ms, key)?;
+            Ok(Claim::New { written })
+        }
         Err(found) => {
             let current = found.current.map(|v| v.to_vec()).unwrap_or_default();
             match dec::<IdemRec>(&current) {
@@ -151,7 +165,7 @@ pub(crate) fn claim(
 /// request did not, or the request was pruned first) at `target` instead. Fails with 409 if
 /// another request took it over meanwhile.
 pub(crate) fn take_over(
-    tree: &sled::Tree,
+    store: &Store,
     key: &IdemKey,
     current: &[u8],
     target: [u8; 16],
@@ -162,11 +176,17 @@ pub(crate) fn take_over(
         fingerprint: key.fingerprint,
         created_ms: now_ms,
     });
-    match tree
+    match store
+        .idempotency
         .compare_and_swap(key.slot, Some(current), Some(written.as_slice()))
         .map_err(ApiError::storage)?
     {
-        Ok(()) => Ok(written),
+        // The old time's index entry stays: pruning it finds the key claimed later and
+        // leaves it to this one.
+        Ok(()) => {
+            index(store, now_ms, key)?;
+            Ok(written)
+        }
         Err(_) => Err(ApiError::new(
             409,
             "request in progress",
@@ -178,13 +198,62 @@ pub(crate) fn take_over(
 
 /// Frees a key claimed for a request that was then refused (a 4xx changes nothing), unless
 /// it was claimed again since.
-pub(crate) fn release(tree: &sled::Tree, key: &IdemKey, written: &[u8]) {
-    let _ = tree.compare_and_swap(key.slot, Some(written), None as Option<&[u8]>);
+pub(crate) fn release(store: &Store, key: &IdemKey, written: &[u8]) {
+    let freed = store
+        .idempotency
+        .compare_and_swap(key.slot, Some(written), None as Option<&[u8]>);
+    if let (Ok(Ok(())), Some(rec)) = (freed, dec::<IdemRec>(written)) {
+        let _ = store
+            .idempotency_times
+            .remove(time_key(rec.created_ms, &key.slot));
+    }
+}
+
+fn index(store: &Store, created_ms: u64, key: &IdemKey) -> Result<(), ApiError> {
+    store
+        .idempotency_times
+        .insert(time_key(created_ms, &key.slot), &[])
+        .map(|_| ())
+        .map_err(ApiError::storage)
 }
 
 /// Whether a stored key entry is past `cutoff_ms` (an unreadable one always is).
-pub(crate) fn expired(value: &[u8], cutoff_ms: u64) -> bool {
+fn expired(value: &[u8], cutoff_ms: u64) -> bool {
     dec::<IdemRec>(value).is_none_or(|r| r.created_ms < cutoff_ms)
+}
+
+/// One step of pruning keys claimed before `cutoff_ms` ([`crate::store::prune`]'s
+/// contract): reads up to `budget` entries of the time index from `from` on, drops each, and
+/// with it the key it names unless that key was claimed again since. Returns the keys
+/// removed and where to go on (`None`: the cutoff is reached).
+pub(crate) fn prune(
+    store: &Store,
+    cutoff_ms: u64,
+    from: &[u8],
+    budget: usize,
+) -> sled::Result<(usize, Option<Vec<u8>>)> {
+    let bound = cutoff_ms.to_be_bytes();
+    let mut removed = 0;
+    for (seen, item) in store.idempotency_times.range(from..&bound[..]).enumerate() {
+        let (k, _) = item?;
+        if seen == budget {
+            return Ok((removed, Some(k.to_vec())));
+        }
+        if let Some(slot) = k.get(8..) {
+            if let Some(v) = store.idempotency.get(slot)? {
+                if expired(&v, cutoff_ms)
+                    && store
+                        .idempotency
+                        .compare_and_swap(slot, Some(v), None as Option<&[u8]>)?
+                        .is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        store.idempotency_times.remove(&k)?;
+    }
+    Ok((removed, None))
 }
 
 #[cfg(test)]
@@ -221,29 +290,52 @@ mod tests {
         }
 
         let dir = tempfile::tempdir().expect("temp dir");
-        let db = sled::open(dir.path()).expect("sled");
-        let tree = db.open_tree("idempotency").expect("tree");
-        let Ok(Claim::New { written }) = claim(&tree, &a, [1; 16], 10) else {
+        let store = Store::open(dir.path(), 16).expect("store");
+        let Ok(Claim::New { written }) = claim(&store, &a, [1; 16], 10) else {
             panic!("a new key is claimed")
         };
-        match claim(&tree, &a, [2; 16], 20) {
+        match claim(&store, &a, [2; 16], 20) {
             Ok(Claim::Repeat { target, .. }) => assert_eq!(target, [1; 16]),
             other => panic!("a repeat names the first request: {other:?}"),
         }
         let v2 = key("k-1", "activate", json!({"vin": "V2", "serviceId": "s"}));
         assert!(matches!(
-            claim(&tree, &v2.expect("valid"), [3; 16], 30),
+            claim(&store, &v2.expect("valid"), [3; 16], 30),
             Ok(Claim::Mismatch)
         ));
-        // A refused request frees its key; a repeat then starts afresh.
-        release(&tree, &a, &written);
+        // A refused request frees its key (and its place in the time index); a repeat then
+        // starts afresh.
+        release(&store, &a, &written);
+        assert_eq!(store.idempotency_times.len(), 0);
         assert!(matches!(
-            claim(&tree, &a, [4; 16], 40),
+            claim(&store, &a, [4; 16], 40),
             Ok(Claim::New { .. })
         ));
-        let stored = tree.get(a.slot).expect("read").expect("claimed");
+        let stored = store
+            .idempotency
+            .get(a.slot)
+            .expect("read")
+            .expect("claimed");
         assert!(!expired(&stored, 40));
         assert!(expired(&stored, 41));
+
+        // Pruning reads the time index only up to the cutoff: a key claimed at 40 stays at
+        // cutoff 40 and goes at 41, in steps of the budget.
+        let b = key("k-2", "activate", json!({})).expect("valid");
+        assert!(matches!(
+            claim(&store, &b, [5; 16], 45),
+            Ok(Claim::New { .. })
+        ));
+        assert_eq!(prune(&store, 40, &[], 10).expect("prune"), (0, None));
+        assert_eq!(store.idempotency.len(), 2);
+        let (removed, next) = prune(&store, 50, &[], 1).expect("prune");
+        assert_eq!(removed, 1);
+        let next = next.expect("one step of one entry left the second");
+        assert_eq!(prune(&store, 50, &next, 10).expect("prune"), (1, None));
+        assert_eq!(
+            (store.idempotency.len(), store.idempotency_times.len()),
+            (0, 0)
+        );
     }
 
     #[test]

@@ -52,6 +52,9 @@ pub(crate) struct Store {
     /// hash of an `Idempotency-Key` (32 bytes) → the request or campaign it names
     /// ([`crate::idempotency`]); pruned past the retention.
     pub(crate) idempotency: sled::Tree,
+    /// when a key was claimed (ms, u64 BE) ++ its hash → (): the order in which
+    /// [`crate::idempotency::prune`] reaches keys past the retention.
+    pub(crate) idempotency_times: sled::Tree,
 }
 
 impl Store {
@@ -73,6 +76,7 @@ impl Store {
             campaign_reqs: db.open_tree("campaign_reqs")?,
             replaced: db.open_tree("replaced")?,
             idempotency: db.open_tree("idempotency")?,
+            idempotency_times: db.open_tree("idempotency_times")?,
             held: db.open_tree("held")?,
             db,
         })
@@ -371,7 +375,7 @@ pub(crate) enum Prunable {
     Requests,
     Campaigns,
     SupportTickets,
-    /// Idempotency keys (first used before the cutoff): hashed, so a pass reads them all.
+    /// Idempotency keys claimed before the cutoff (through their time index).
     IdempotencyKeys,
 }
 
@@ -398,13 +402,13 @@ pub(crate) fn prune(
 ) -> sled::Result<(usize, Option<Vec<u8>>)> {
     let requests_bound = uuid_time_prefix(cutoff_ms);
     let tickets_bound = cutoff_ms.saturating_mul(1000).to_be_bytes();
-    // Above every 32-byte key hash.
-    let every_key = [0xff; 33];
     let (tree, bound): (&sled::Tree, &[u8]) = match kind {
         Prunable::Requests => (&store.requests, &requests_bound),
         Prunable::Campaigns => (&store.campaigns, &requests_bound),
         Prunable::SupportTickets => (&store.tickets, &tickets_bound),
-        Prunable::IdempotencyKeys => (&store.idempotency, &every_key),
+        Prunable::IdempotencyKeys => {
+            return crate::idempotency::prune(store, cutoff_ms, from, budget)
+        }
     };
     let mut removed = 0;
     for (seen, item) in tree.range(from..bound).enumerate() {
@@ -424,7 +428,8 @@ pub(crate) fn prune(
             // Only a version 7 id tells when the campaign was made.
             Prunable::Campaigns => key.len() == 16 && key[6] >> 4 == 7,
             Prunable::SupportTickets => true,
-            Prunable::IdempotencyKeys => crate::idempotency::expired(&value, cutoff_ms),
+            // Pruned through its time index above.
+            Prunable::IdempotencyKeys => false,
         };
         if goes {
             tree.remove(&key)?;
