@@ -16,7 +16,7 @@ use crate::vehicle::Gateway;
 pub const MAX_METRIC_LINES: usize = 10_000;
 
 /// The counters and gauges shown, as (label, sample name).
-const COUNTS: [(&str, &str); 12] = [
+const COUNTS: [(&str, &str); 14] = [
     ("requests created", "caas_requests_total{state=\"created\"}"),
     (
         "requests completed",
@@ -32,6 +32,14 @@ const COUNTS: [(&str, &str); 12] = [
     ("callbacks delivered", "caas_webhook_deliveries_total"),
     ("callback attempts failed", "caas_webhook_failures_total"),
     ("support tickets", "caas_support_tickets_total"),
+    (
+        "repeats answered (idempotency key)",
+        "caas_idempotent_replays_total",
+    ),
+    (
+        "uses of the previous API token",
+        "caas_api_previous_token_uses_total",
+    ),
 ];
 
 /// The stage histograms shown, as (label, histogram name).

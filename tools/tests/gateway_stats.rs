@@ -43,14 +43,18 @@ fn gateway(data: std::path::PathBuf) -> SocketAddr {
 }
 
 fn post(base: &str, path: &str, body: &Value) -> u16 {
-    reqwest::blocking::Client::new()
+    post_keyed(base, path, body, None)
+}
+
+fn post_keyed(base: &str, path: &str, body: &Value, key: Option<&str>) -> u16 {
+    let mut req = reqwest::blocking::Client::new()
         .post(format!("{base}{path}"))
         .bearer_auth(TOKEN)
-        .json(body)
-        .send()
-        .unwrap()
-        .status()
-        .as_u16()
+        .json(body);
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    req.send().unwrap().status().as_u16()
 }
 
 #[test]
@@ -66,7 +70,13 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
         "configuration": {"featureFlags": ["power_boost"]},
         "duration": {"type": "PERMANENT"},
     });
-    assert_eq!(post(&base, "/ota/activate", &activation), 202);
+    // Sent twice with one idempotency key: one request, one repeat.
+    for _ in 0..2 {
+        assert_eq!(
+            post_keyed(&base, "/ota/activate", &activation, Some("order-1")),
+            202
+        );
+    }
 
     let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", TOKEN]);
     let text = run.ok();
@@ -80,11 +90,14 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     assert_eq!(line("requests created").last(), Some(&"1"), "{text}");
     assert_eq!(line("requests in flight").last(), Some(&"1"), "{text}");
     assert_eq!(line("cars registered").last(), Some(&"1"), "{text}");
+    assert_eq!(line("repeats answered").last(), Some(&"1"), "{text}");
+    assert_eq!(line("uses of the previous").last(), Some(&"0"), "{text}");
     assert_eq!(line("webhook receiver").last(), Some(&"up"), "{text}");
-    // Answered once, with a mean and bucket bounds; no report yet: a count of 0, no times.
+    // Answered twice (the repeat too), with a mean and bucket bounds; no report yet: a
+    // count of 0, no times.
     let answered = line("answered");
     assert!(
-        answered.contains(&"1") && answered.contains(&"ms"),
+        answered.contains(&"2") && answered.contains(&"ms"),
         "{text}"
     );
     assert!(answered.contains(&"≤"), "{text}");
@@ -102,7 +115,8 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     ]);
     let v: Value = serde_json::from_str(run.ok()).unwrap();
     assert_eq!(v["counts"]["caas_requests_total{state=\"created\"}"], 1.0);
-    assert_eq!(v["stages"]["caas_accept_seconds"]["count"], 1.0);
+    assert_eq!(v["stages"]["caas_accept_seconds"]["count"], 2.0);
+    assert_eq!(v["counts"]["caas_idempotent_replays_total"], 1.0);
     assert!(
         v["stages"]["caas_accept_seconds"]["meanSeconds"]
             .as_f64()
