@@ -609,6 +609,14 @@ pub async fn run_main(a: RunArgs) -> Result<i32> {
         receiver = Receiver::start_on(a.webhook_listen, &a.webhook_secret).await?;
         eprintln!("caas-sim run: webhook receiver on {}", receiver.url());
         api = Api::new(&a.gw.gateway, &a.gw.api_token)?;
+        if let Some(warning) = api
+            .metrics()
+            .await
+            .ok()
+            .and_then(|m| cars_not_yet_connected(&m, vins.len()))
+        {
+            eprintln!("caas-sim run: {warning}");
+        }
         _gateway = None;
         _fleet = None;
     }
@@ -626,6 +634,25 @@ pub async fn run_main(a: RunArgs) -> Result<i32> {
         println!("{}", f.stop().await.text());
     }
     Ok(0)
+}
+
+/// A warning when the gateway's `/metrics` text counts fewer cars connected than the `vins`
+/// a run addresses: a fleet writes its VIN file before its cars register and connect, so a
+/// run started on the file alone times cars still connecting.
+fn cars_not_yet_connected(metrics: &str, vins: usize) -> Option<String> {
+    let connected: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("caas_connected_cars "))?
+        .trim()
+        .parse()
+        .ok()?;
+    (connected < vins as f64).then(|| {
+        format!(
+            "the gateway has {connected} cars connected, fewer than the {vins} VINs addressed: \
+             requests to cars still connecting wait for them (start once the fleet has printed \
+             \"cars connected\")"
+        )
+    })
 }
 
 /// `posted_ms,callback_ms,request_id` lines (header first) for `--samples`, times in
@@ -646,6 +673,21 @@ pub(crate) fn samples_csv(samples: &[(String, Instant, Option<Duration>)]) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_warns_when_fewer_cars_are_connected_than_it_addresses() {
+        let metrics = "# TYPE caas_connected_cars gauge\ncaas_connected_cars 1200\n";
+        let warning = cars_not_yet_connected(metrics, 1500).expect("a shortfall");
+        assert!(
+            warning.contains("1200") && warning.contains("1500"),
+            "{warning}"
+        );
+        assert_eq!(cars_not_yet_connected(metrics, 1200), None);
+        assert_eq!(
+            cars_not_yet_connected("caas_requests_in_flight 3\n", 10),
+            None
+        );
+    }
 
     #[test]
     fn samples_are_csv_from_the_first_post_with_an_empty_field_for_no_callback() {
