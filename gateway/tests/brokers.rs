@@ -125,6 +125,85 @@ async fn obeying_car_1(api: &Api, mqtt: u16) -> TestCar {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_campaign_cut_short_by_kill_9_is_completed_by_its_repeat() {
+    const CARS: u32 = 6_000;
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (mut gw, api, http, mqtt) = spawned_with_car_1(dir.path(), &hook).await;
+    let registering: Vec<_> = (0..4)
+        .map(|k| {
+            let api = api.clone();
+            tokio::spawn(async move {
+                for n in (2..=CARS).filter(|n| n % 4 == k) {
+                    api.register(n).await;
+                }
+            })
+        })
+        .collect();
+    for r in registering {
+        r.await.unwrap();
+    }
+    let vins: Vec<String> = (1..=CARS).map(|n| vin(n).to_string()).collect();
+    let campaign = serde_json::json!({
+        "vins": vins, "action": "ACTIVATE", "serviceId": "power-boost",
+        "configuration": {"featureFlags": ["power_boost"]}, "duration": {"type": "PERMANENT"}
+    });
+    let send = |api: Api| {
+        let body = campaign.clone();
+        async move {
+            let r = api
+                .http
+                .post(format!("{}/campaigns", api.base))
+                .bearer_auth(TOKEN)
+                .header("Idempotency-Key", "campaign-cut-short")
+                .json(&body)
+                .send()
+                .await
+                .ok()?;
+            let status = r.status().as_u16();
+            Some((status, r.json::<serde_json::Value>().await.ok()?))
+        }
+    };
+    // Half the campaign's requests made (some of them flushed): kill -9 then, its answer
+    // not yet given.
+    let first = tokio::spawn(send(api.clone()));
+    let created = "caas_requests_total{state=\"created\"}";
+    let end = Instant::now() + Duration::from_secs(20);
+    while api.metric(created).await < f64::from(CARS / 2) {
+        assert!(Instant::now() < end, "the campaign never began");
+    }
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    let answered = first.await.unwrap();
+    eprintln!("the first POST's answer before the kill: {answered:?}");
+
+    // The same POST again: every car's request is there once, those the kill cut short made
+    // now, the others counted as they were.
+    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let (status, b) = send(api.clone()).await.expect("the repeat is answered");
+    assert_eq!(status, 202, "{b}");
+    assert_eq!(
+        (b["total"].as_u64(), b["accepted"].as_u64()),
+        (Some(u64::from(CARS)), Some(u64::from(CARS))),
+        "{b}"
+    );
+    let (s, c) = api
+        .get(&format!("/campaigns/{}", b["campaignId"].as_str().unwrap()))
+        .await;
+    assert_eq!(s, 200, "{c}");
+    let counted: u64 = ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"]
+        .iter()
+        .map(|k| c["counts"][k].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, u64::from(CARS), "{c}");
+    let made_now = api.metric(created).await;
+    eprintln!("requests made by the repeat: {made_now} of {CARS}");
+    assert!(made_now <= f64::from(CARS));
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_survives_kill_9_after_its_2xx() {
     let dir = tempfile::tempdir().unwrap();
     let hook = Webhook::start(0).await;
