@@ -345,12 +345,7 @@ async fn grants_held_after_a_refusal_are_still_held_after_kill_9() {
     // SIGKILL once the oldest went out alone: only what was flushed before that command
     // left survives, and the other two must still be held.
     let alone = refused + 1;
-    wait_until(
-        "the oldest grant sent alone",
-        Duration::from_secs(10),
-        || states_seen(&car, 0).iter().any(|(seq, _)| *seq == alone),
-    )
-    .await;
+    wait_command(&car, "the oldest grant sent alone", |s| s == alone).await;
     gw.0.kill().unwrap();
     gw.0.wait().unwrap();
     let before = car.seen.lock().unwrap().set_states.len();

@@ -1060,12 +1060,7 @@ async fn grants_held_after_a_refusal_are_still_held_after_a_restart() {
     // The oldest goes alone in a newer command and the other two are held; the gateway
     // stops there, before the car answers it.
     let alone = refused + 1;
-    wait_until(
-        "the oldest grant sent alone",
-        Duration::from_secs(10),
-        || states_seen(&car, 0).iter().any(|(seq, _)| *seq == alone),
-    )
-    .await;
+    wait_command(&car, "the oldest grant sent alone", |s| s == alone).await;
     // Alone among the new grants: the renewals wait, and meanwhile the car keeps the
     // grants they renew (holding a renewal back does not switch a paid service off).
     let sent = new_and_all_grants(&car, 0);
@@ -1193,21 +1188,13 @@ async fn a_service_deactivated_while_its_renewal_is_held_leaves_the_car() {
     let bad = subscribe(&api, "warp", "warp_drive").await;
     let renewal = subscribe(&api, "autopilot", "highway_autopilot").await;
     let refused = refuse_command_of(&api, &car, &renewal).await;
-    wait_until("the bad grant sent alone", Duration::from_secs(10), || {
-        states_seen(&car, 0).iter().any(|(seq, _)| *seq > refused)
-    })
-    .await;
+    wait_command(&car, "the bad grant sent alone", |s| s > refused).await;
     // Autopilot deactivated while its renewal waits: the car loses it (the grant the
     // renewal renews is not kept for it any more).
     let removal = deactivate(&api, 1, "autopilot").await;
     let (_, r) = api.get(&format!("/ota/requests/{removal}")).await;
     let seq = r["seq"].as_u64().unwrap();
-    wait_until(
-        "the deactivation's command",
-        Duration::from_secs(10),
-        || states_seen(&car, 0).iter().any(|(s, _)| *s == seq),
-    )
-    .await;
+    wait_command(&car, "the deactivation's command", |s| s == seq).await;
     let sent = states_seen(&car, 0);
     assert!(
         sent.iter()

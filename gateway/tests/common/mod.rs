@@ -612,6 +612,14 @@ pub fn states_seen(car: &TestCar, from: usize) -> Vec<(u64, Vec<String>)> {
         .collect()
 }
 
+/// Waits (bounded) until `car` has seen a state command whose seq `seq_ok` takes.
+pub async fn wait_command(car: &TestCar, what: &str, seq_ok: impl Fn(u64) -> bool) {
+    wait_until(what, Duration::from_secs(10), || {
+        states_seen(car, 0).iter().any(|(seq, _)| seq_ok(*seq))
+    })
+    .await;
+}
+
 pub async fn wait_until<F: FnMut() -> bool>(what: &str, within: Duration, mut f: F) {
     let end = Instant::now() + within;
     while !f() {
