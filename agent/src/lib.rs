@@ -69,7 +69,10 @@
 //! last applied seq is acknowledged and answered with the same `Applied` report, without
 //! applying anything again. A `QueryStatus` is answered with `Outcome::Status { nonce }`.
 //! Every refusal is acknowledged, reported as `Outcome::Rejected { seq, code }` (seq 0 if
-//! the frame could not be read) and changes nothing else.
+//! the frame could not be read) and changes nothing else; a refusal for what some grants
+//! switch (an unknown or base-platform feature) names them instead, as
+//! `Outcome::GrantsRefused { seq, code, grants }` (bit `i` for the command's `i`-th grant),
+//! so the gateway can fail just those.
 //!
 //! **Boot.** [`Agent::new`] takes the stored record (`None` if there is none). A record
 //! that is corrupt, of another version or for another VIN is not used: the car boots in

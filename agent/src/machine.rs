@@ -1,11 +1,11 @@
 //! The agent state machine: frames and time in, actions out.
 
 use caas_protocol::{
-    check_command_view, encode_report_payload, open_command_view, sign_report_in_place,
-    ActiveService, BodyView, CheckContext, CommandView, Diagnostics, ErrorCode, FeatureClass,
-    FeatureFlag, FirmwareVersion, Grant, Outcome, Param, PlatformFeatures, RejectCode, Report,
-    SigningKey, TrustedKey, Vin, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE, MAX_ERROR_CODES,
-    MAX_FLAGS_PER_GRANT, MAX_GRANTS, MAX_REPORT_FRAME_SIZE, MAX_SIGNAL_STRENGTH,
+    check_command_view, encode_report_payload, open_command_view, refused_grants,
+    sign_report_in_place, ActiveService, BodyView, CheckContext, CommandView, Diagnostics,
+    ErrorCode, FeatureClass, FeatureFlag, FirmwareVersion, Grant, Outcome, Param, PlatformFeatures,
+    RejectCode, Report, SigningKey, TrustedKey, Vin, FRAME_HEADER_SIZE, MAX_COMMAND_FRAME_SIZE,
+    MAX_ERROR_CODES, MAX_FLAGS_PER_GRANT, MAX_GRANTS, MAX_REPORT_FRAME_SIZE, MAX_SIGNAL_STRENGTH,
 };
 use heapless::{Deque, Vec};
 
@@ -305,6 +305,8 @@ enum Opened {
         seq: u64,
         issued_at: u64,
         verdict: Result<(), RejectCode>,
+        /// The grants a feature refusal is for ([`caas_protocol::refused_grants`]).
+        refused_grants: u8,
         body: OpenedBody,
     },
 }
@@ -497,7 +499,7 @@ impl<P: FeatureCatalog> Agent<P> {
     }
 
     fn handle_buffered(&mut self, len: usize) {
-        let (seq, issued_at, verdict, body) = match self.open(len) {
+        let (seq, issued_at, verdict, refused_grants, body) = match self.open(len) {
             Err(code) => return self.refuse(0, code),
             // A re-delivery of the command in force (the broker's redelivery, or its
             // retained copy after a reconnect): acknowledge it and say again that it is
@@ -510,8 +512,9 @@ impl<P: FeatureCatalog> Agent<P> {
                 seq,
                 issued_at,
                 verdict,
+                refused_grants,
                 body,
-            }) => (seq, issued_at, verdict, body),
+            }) => (seq, issued_at, verdict, refused_grants, body),
         };
         // A verified command for this car issued within the allowed skew proves the time
         // is at least its issue time.
@@ -522,7 +525,7 @@ impl<P: FeatureCatalog> Agent<P> {
             self.clock.trusted = self.clock.trusted.max(issued_at);
         }
         if let Err(code) = verdict {
-            return self.refuse(seq, code);
+            return self.refuse_grants(seq, code, refused_grants);
         }
         match body {
             OpenedBody::Query { nonce } => {
@@ -576,12 +579,33 @@ impl<P: FeatureCatalog> Agent<P> {
                 }
             }
         };
+        let verdict = self.check(&view);
+        let refused_grants = match verdict {
+            Err(RejectCode::UnknownFeature | RejectCode::BasePlatformFeature) => {
+                self.refused_grants(&view)
+            }
+            _ => 0,
+        };
         Ok(Opened::Checked {
             seq: view.seq,
             issued_at: view.issued_at,
-            verdict: self.check(&view),
+            verdict,
+            refused_grants,
             body,
         })
+    }
+
+    /// Which grants of a command refused for a feature are to blame, so the report can
+    /// name them. Not inlined, like [`Agent::check`]: it decodes the grants again, one at a
+    /// time, only on such a refusal.
+    #[inline(never)]
+    fn refused_grants(&self, view: &CommandView<'_>) -> u8 {
+        match &view.body {
+            BodyView::SetState(desired) => {
+                refused_grants(desired.grants().iter(), &self.config.platform)
+            }
+            BodyView::QueryStatus { .. } => 0,
+        }
     }
 
     /// The car-side rules. Not inlined: the grants it decodes one at a time are temporaries
@@ -867,9 +891,17 @@ impl<P: FeatureCatalog> Agent<P> {
     }
 
     fn refuse(&mut self, seq: u64, code: RejectCode) {
+        self.refuse_grants(seq, code, 0);
+    }
+
+    /// A refusal, naming the refused grants when it is for some (`grants` not 0).
+    fn refuse_grants(&mut self, seq: u64, code: RejectCode, grants: u8) {
         self.last_rejection = Some((seq, code));
         self.acks = self.acks.saturating_add(1);
-        self.push_report(Outcome::Rejected { seq, code });
+        self.push_report(match grants {
+            0 => Outcome::Rejected { seq, code },
+            grants => Outcome::GrantsRefused { seq, code, grants },
+        });
     }
 
     fn push_report(&mut self, outcome: Outcome) {

@@ -8,8 +8,17 @@ use caas_protocol::*;
 use common::*;
 
 fn rejected(car: &Car) -> (u64, RejectCode) {
+    let outcome = car.last_report().outcome;
+    outcome
+        .refusal()
+        .unwrap_or_else(|| panic!("expected a rejection, got {outcome:?}"))
+}
+
+/// The grants the last report names as refused (0 for a refusal that names none).
+fn refused_grants(car: &Car) -> u8 {
     match car.last_report().outcome {
-        Outcome::Rejected { seq, code } => (seq, code),
+        Outcome::GrantsRefused { grants, .. } => grants,
+        Outcome::Rejected { .. } => 0,
         other => panic!("expected a rejection, got {other:?}"),
     }
 }
@@ -248,6 +257,8 @@ fn base_platform_and_unknown_features_are_refused_all_or_nothing() {
         2,
         RejectCode::BasePlatformFeature,
     );
+    // The report names the second grant, the one that touches the base platform.
+    assert_eq!(refused_grants(&car), 0b10);
     let unknown = set_state(
         2,
         T0,
@@ -263,7 +274,17 @@ fn base_platform_and_unknown_features_are_refused_all_or_nothing() {
         2,
         RejectCode::UnknownFeature,
     );
+    assert_eq!(refused_grants(&car), 0b10);
     assert_eq!(car.lines_on(), vec!["power_boost"]);
+    // A refusal for the seq names no grant: the command is not to blame for what it holds.
+    assert_refused(
+        &mut car,
+        &seal(&set_state(0, T0, vec![]), &gateway_key()),
+        T0,
+        0,
+        RejectCode::Replay,
+    );
+    assert_eq!(refused_grants(&car), 0);
     // The refused seq stays usable: the gateway's corrected command goes through.
     car.command(
         &set_state(2, T0, vec![grant("seats", &["heated_seats"], None)]),

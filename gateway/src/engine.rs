@@ -26,10 +26,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caas_protocol::{
-    open_report, open_reports, seal_command, topics, Command, CommandBody, DesiredState,
-    FeatureFlag, Grant, Outcome, Param, ParamKey, ParamValue, RejectCode, Report, RequestId,
-    ServiceId, SigningKey, TrustedKey, VerifyingKey, Vin, MAX_COMMAND_FRAME_SIZE, MAX_GRANTS,
-    MAX_SETTLES,
+    open_report, open_reports, refused_places, seal_command, topics, Command, CommandBody,
+    DesiredState, FeatureFlag, Grant, Outcome, Param, ParamKey, ParamValue, RejectCode, Report,
+    RequestId, ServiceId, SigningKey, TrustedKey, VerifyingKey, Vin, MAX_COMMAND_FRAME_SIZE,
+    MAX_GRANTS, MAX_SETTLES,
 };
 use serde::Serialize;
 use serde_json::json;
@@ -333,6 +333,31 @@ impl Engine {
     }
 }
 
+/// Where each request's grant stood in a car's newest command, so that a refusal naming
+/// grants by place ([`Outcome::GrantsRefused`]) names requests.
+#[derive(Debug, Clone)]
+struct GrantPlaces {
+    /// The car's seq when this process loaded or registered it: commands up to it were
+    /// signed before, in an order not known here.
+    loaded_seq: u64,
+    /// The newest command this process signed.
+    signed: Option<SignedGrants>,
+}
+
+/// The requests of the grants of one command, in the order the command lists them (at
+/// most [`MAX_GRANTS`]).
+#[derive(Debug, Clone)]
+struct SignedGrants {
+    seq: u64,
+    /// `None` for a grant whose request id does not parse (never for the gateway's own).
+    requests: Vec<Option<RequestId>>,
+    /// `false` when the places are not known for sure: the seq was first signed by an
+    /// earlier process (whose order is not known here), or two signings of it listed
+    /// different grants (one ran out between them). A refusal of it is then taken as one
+    /// that names no grant.
+    certain: bool,
+}
+
 /// A service whose last request failed, shown as `ERROR` in the car's status.
 #[derive(Debug, Clone)]
 struct ServiceError {
@@ -376,6 +401,8 @@ struct Car {
     /// What the `held` tree holds for this car: written again only when `held` differs, so a
     /// car that never had a refusal costs no store write for it.
     held_written: Vec<RequestId>,
+    /// The requests of the grants of its newest command, by place.
+    places: GrantPlaces,
     errors: Vec<ServiceError>,
     history_written: usize,
     /// History entries not yet in the store, oldest first, with their ids: written with
@@ -389,6 +416,37 @@ struct Car {
     dirty: bool,
     /// Changed in ways that may wait up to [`LAZY_WRITE_AFTER`].
     lazy: bool,
+}
+
+impl GrantPlaces {
+    /// Keeps the places of a command's grants as signed (`requests`, in its order).
+    fn note_signed(&mut self, seq: u64, requests: Vec<Option<RequestId>>) {
+        match &mut self.signed {
+            Some(signed) if signed.seq == seq => {
+                if signed.requests != requests {
+                    signed.certain = false;
+                }
+            }
+            slot => {
+                *slot = Some(SignedGrants {
+                    seq,
+                    requests,
+                    certain: seq > self.loaded_seq,
+                })
+            }
+        }
+    }
+
+    /// The requests whose grants a refusal of command `seq` names by place (`grants`), or
+    /// `None` when the places are not known for sure.
+    fn named_by(&self, seq: u64, grants: u8) -> Option<Vec<RequestId>> {
+        let signed = self.signed.as_ref().filter(|s| s.seq == seq && s.certain)?;
+        Some(
+            refused_places(grants)
+                .filter_map(|i| signed.requests.get(i).copied().flatten())
+                .collect(),
+        )
+    }
 }
 
 /// A request not yet final.
@@ -1038,6 +1096,7 @@ impl Shard {
             .filter(|g| held(g))
             .filter_map(|g| g.request_id.parse::<RequestId>().ok())
             .filter_map(|id| self.pending.get(&id)?.replaced.as_ref());
+        let mut requests = Vec::new();
         for g in car
             .rec
             .grants
@@ -1047,12 +1106,18 @@ impl Shard {
             .filter(|g| unexpired(g, now))
         {
             if let Some(grant) = to_grant(g) {
-                let _ = desired.grants.push(grant);
+                if desired.grants.push(grant).is_ok() {
+                    requests.push(g.request_id.parse::<RequestId>().ok());
+                }
             }
+        }
+        let seq = car.rec.seq;
+        if let Some(car) = self.cars.get_mut(vin) {
+            car.places.note_signed(seq, requests);
         }
         let cmd = Command {
             vin: *vin,
-            seq: car.rec.seq,
+            seq,
             issued_at: now,
             not_after: now + self.sh.command_ttl.as_secs(),
             body: CommandBody::SetState(desired),
@@ -1679,6 +1744,11 @@ impl Shard {
         let detail = match report.outcome {
             Outcome::Applied { seq } => format!("applied seq {seq}"),
             Outcome::Rejected { seq, code } => format!("rejected seq {seq}: {}", code.as_str()),
+            Outcome::GrantsRefused { seq, code, grants } => format!(
+                "rejected seq {seq}: {} for grants {:?} (from 0)",
+                code.as_str(),
+                refused_places(grants).collect::<Vec<_>>()
+            ),
             Outcome::Status { .. } => {
                 car.probe_answered = true;
                 format!("status (applied seq {})", report.applied_seq)
@@ -1705,10 +1775,17 @@ impl Shard {
         for id in settled {
             self.finish(id, Ok(()));
         }
-        if let Outcome::Rejected { seq, code } = report.outcome {
+        if let Some((seq, code)) = report.outcome.refusal() {
             m.reports_refused.fetch_add(1, Relaxed);
             if seq > applied {
-                match self.refused_by(&vin, seq, code) {
+                let named = match report.outcome {
+                    Outcome::GrantsRefused { grants, .. } => self
+                        .cars
+                        .get(&vin)
+                        .and_then(|car| car.places.named_by(seq, grants)),
+                    _ => None,
+                };
+                match self.refused_by(&vin, seq, code, named.as_deref()) {
                     // The suspects went out one at a time: wait for that command's answer.
                     None => {}
                     Some(refused) => {
@@ -1748,9 +1825,18 @@ impl Shard {
     ///   applied command); deactivations and requests whose grants it took before wait for
     ///   the next command. One such activation fails; of several, the oldest goes alone in a
     ///   newer command and the others are held ([`Car::held`]) and follow one at a time, so
-    ///   each refusal then names its own request;
+    ///   each refusal then names its own request. A car that names the refused grants
+    ///   (`named`: their requests, from [`Outcome::GrantsRefused`]) fails just those of the
+    ///   activations, and the others go again at once; if it names none of them, the
+    ///   refusal is taken as one that names no grant;
     /// - any other refusal fails every request the command carries.
-    fn refused_by(&mut self, vin: &Vin, seq: u64, code: RejectCode) -> Option<Vec<RequestId>> {
+    fn refused_by(
+        &mut self,
+        vin: &Vin,
+        seq: u64,
+        code: RejectCode,
+        named: Option<&[RequestId]>,
+    ) -> Option<Vec<RequestId>> {
         let Some(car) = self.cars.get(vin) else {
             return Some(Vec::new());
         };
@@ -1785,6 +1871,14 @@ impl Shard {
             .map(|(id, rec)| (*id, rec.seq))
             .collect();
         suspects.sort_by_key(|(_, seq)| *seq);
+        let blamed: Vec<RequestId> = suspects
+            .iter()
+            .map(|(id, _)| *id)
+            .filter(|id| named.is_some_and(|named| named.contains(id)))
+            .collect();
+        if !blamed.is_empty() {
+            return Some(blamed);
+        }
         if suspects.is_empty() {
             // A grant the car took before is refused now (its platform changed?): no new
             // grant to blame, and sending the same set again would only be refused again.
@@ -2035,6 +2129,10 @@ struct CallbackBody<'a> {
 
 fn new_car(key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
     Car {
+        places: GrantPlaces {
+            loaded_seq: rec.seq,
+            signed: None,
+        },
         key: TrustedKey::new(key),
         vehicle,
         rec,
@@ -2074,6 +2172,35 @@ fn prune_history(tree: &sled::Tree, vin: &Vin) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_names_requests_only_for_commands_whose_places_are_known_for_sure() {
+        let id = |n: u8| RequestId([n; 16]);
+        let mut places = GrantPlaces {
+            loaded_seq: 4,
+            signed: None,
+        };
+        // Seq 4 was signed by an earlier process: its order is not known here.
+        places.note_signed(4, vec![Some(id(1)), Some(id(2))]);
+        assert_eq!(places.named_by(4, 0b01), None);
+        // Seq 5 is this process's own: places map to requests, signed again the same way.
+        places.note_signed(5, vec![Some(id(1)), None, Some(id(3))]);
+        places.note_signed(5, vec![Some(id(1)), None, Some(id(3))]);
+        assert_eq!(places.named_by(5, 0b101), Some(vec![id(1), id(3)]));
+        assert_eq!(places.named_by(5, 0b010), Some(vec![]));
+        // Places past the command, or a refusal of another seq, name nothing.
+        assert_eq!(places.named_by(5, 0b1000_0000), Some(vec![]));
+        assert_eq!(places.named_by(6, 0b001), None);
+        // Signed again with other grants (one ran out): which signing was refused is not
+        // known, so neither are the places, even if it is signed a third time.
+        places.note_signed(5, vec![Some(id(1)), Some(id(3))]);
+        assert_eq!(places.named_by(5, 0b001), None);
+        places.note_signed(5, vec![Some(id(1)), Some(id(3))]);
+        assert_eq!(places.named_by(5, 0b001), None);
+        // A newer seq starts afresh.
+        places.note_signed(6, vec![Some(id(3))]);
+        assert_eq!(places.named_by(6, 0b001), Some(vec![id(3)]));
+    }
 
     #[test]
     fn stale_timers_are_swept_once_they_outgrow_the_pending_requests() {

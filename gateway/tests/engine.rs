@@ -1019,12 +1019,15 @@ async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() 
     assert_eq!(cb.body["status"], "DEACTIVATED", "{}", cb.body);
     assert_eq!(car.seen.lock().unwrap().grants, ["autopilot"]);
 
-    // Three new grants in one refused command, the car unable to say which it refused:
-    // they go to it one at a time, so the bad one fails and the others do not.
+    // Three new grants in one refused command. The car names the grant it refuses
+    // (GrantsRefused), so the bad one fails and the other two go to it again at once,
+    // together: no command carries the bad grant without the others (as when the grants
+    // go one at a time, for a car that cannot say which it refused).
     ignore(true);
     let bad = api.activate(1, "warp", "warp_drive").await;
     let renewal = api.activate(1, "autopilot", "highway_autopilot").await;
     let seats = api.activate(1, "heated-seats", "heated_seats").await;
+    let from = car.seen.lock().unwrap().set_states.len();
     ignore(false);
     car.announce_online().await;
     let cb = hook.wait(&bad, Duration::from_secs(15)).await;
@@ -1034,6 +1037,24 @@ async fn a_refused_grant_fails_its_own_request_and_not_the_cars_other_changes() 
     );
     wait_activated(&hook, &[&renewal, &seats], Duration::from_secs(15)).await;
     assert_eq!(car_services(&car), ["autopilot", "heated-seats"]);
+    let seen = states_seen(&car, from);
+    assert!(
+        seen.iter()
+            .all(|(_, services)| !services.contains(&"warp".to_owned())
+                || services.contains(&"heated-seats".to_owned())),
+        "a command carried warp without the others: {seen:?}"
+    );
+    assert_eq!(
+        seen.last().map(|(_, services)| services.clone()),
+        Some(vec!["autopilot".to_owned(), "heated-seats".to_owned()])
+    );
+    let (_, history) = api
+        .get(&format!("/vehicles/{}/history?limit=50", vin(1)))
+        .await;
+    assert!(
+        history.to_string().contains("UNKNOWN_FEATURE for grants ["),
+        "the refusal names its grant: {history}"
+    );
     // The refused service shows as ERROR (status after a refusal), the others as ACTIVE.
     assert_eq!(
         services_of(&api, 1).await,

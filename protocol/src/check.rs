@@ -3,7 +3,7 @@
 //! They live here, beside the format, so that the agent core, the firmware and the
 //! simulator cannot disagree on them, and so that every rejection code is tested once.
 
-use crate::messages::{Command, CommandBody};
+use crate::messages::{Command, CommandBody, Grant, MAX_GRANTS};
 use crate::names::FeatureFlag;
 use crate::reject::RejectCode;
 use crate::view::{BodyView, CommandView};
@@ -79,6 +79,38 @@ pub fn check_command_view(
         }
     }
 }
+
+/// Which grants name a feature no command may switch on this car (a flag of its base
+/// platform, or one it does not have): bit `i` stands for the `i`-th grant. A car refusing
+/// a command for such a grant names them all in its report
+/// ([`crate::Outcome::GrantsRefused`]), so the gateway fails only those requests and sends
+/// the others again at once instead of guessing which grant it was. 0 when none does.
+pub fn refused_grants(
+    grants: impl IntoIterator<Item = impl core::borrow::Borrow<Grant>>,
+    platform: &dyn PlatformFeatures,
+) -> u8 {
+    let mut refused = 0u8;
+    for (i, grant) in grants.into_iter().take(MAX_GRANTS).enumerate() {
+        let bad = grant
+            .borrow()
+            .flags
+            .iter()
+            .any(|f| platform.classify(f) != FeatureClass::Optional);
+        if bad {
+            refused |= 1 << i;
+        }
+    }
+    refused
+}
+
+/// The places (0-based, in the command's order) of the grants a [`refused_grants`] set
+/// names.
+pub fn refused_places(grants: u8) -> impl Iterator<Item = usize> {
+    (0..MAX_GRANTS).filter(move |i| grants & (1 << i) != 0)
+}
+
+// One bit a grant.
+const _: () = assert!(MAX_GRANTS <= u8::BITS as usize);
 
 fn check_header(
     vin: &Vin,

@@ -51,8 +51,8 @@ mod view;
 mod vin;
 
 pub use check::{
-    check_command, check_command_view, CheckContext, FeatureClass, PlatformFeatures,
-    MAX_FUTURE_SKEW_SECS,
+    check_command, check_command_view, refused_grants, refused_places, CheckContext, FeatureClass,
+    PlatformFeatures, MAX_FUTURE_SKEW_SECS,
 };
 pub use envelope::{
     encode_report_payload, open_command, open_report, parse_frame, seal_command, seal_report,

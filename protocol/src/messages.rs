@@ -49,8 +49,9 @@ const DIAGNOSTICS_MAX: usize = str_max(FirmwareVersion::MAX_LEN)
     + LEN_PREFIX
     + MAX_ERROR_CODES * str_max(ErrorCode::MAX_LEN)
     + 1;
-/// Largest encoded [`Outcome`]: a tag and a `u64`, plus a code byte when rejected.
-const OUTCOME_MAX: usize = 1 + VARINT_U64_MAX + 1;
+/// Largest encoded [`Outcome`]: a tag and a `u64`, plus a code byte and a grant bit set
+/// when grants are refused.
+const OUTCOME_MAX: usize = 1 + VARINT_U64_MAX + 1 + 1;
 /// Largest encoded [`Report`] payload.
 pub const MAX_REPORT_SIZE: usize = VIN_MAX
     + 2 * VARINT_U64_MAX
@@ -267,6 +268,32 @@ pub enum Outcome {
         /// How many reports this car has sent since boot, so the gateway can see gaps.
         counter: u64,
     },
+    /// A command was refused for what some of its grants switch (an unknown or
+    /// base-platform feature), and these are the grants; nothing changed (tag 4). Cars name
+    /// them so that the gateway fails only their requests and sends the rest again at once;
+    /// a gateway must speak tag 4 before its cars send it.
+    GrantsRefused {
+        /// The refused command's seq.
+        seq: u64,
+        /// Why: [`RejectCode::UnknownFeature`] or [`RejectCode::BasePlatformFeature`] (the
+        /// first grant's reason when they differ).
+        code: RejectCode,
+        /// The refused grants, by their place in the command: bit `i` is its `i`-th grant
+        /// ([`crate::refused_grants`]).
+        grants: u8,
+    },
+}
+
+impl Outcome {
+    /// The seq and code of a refusal (either form), `None` for any other outcome.
+    pub fn refusal(&self) -> Option<(u64, RejectCode)> {
+        match *self {
+            Outcome::Rejected { seq, code } | Outcome::GrantsRefused { seq, code, .. } => {
+                Some((seq, code))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One service the car is running.

@@ -225,6 +225,37 @@ fn base_platform_feature() {
 }
 
 #[test]
+fn refused_grants_names_each_grant_that_switches_a_forbidden_feature() {
+    let grants = |cmd: &Command| match &cmd.body {
+        CommandBody::SetState(d) => d.grants.clone(),
+        CommandBody::QueryStatus { .. } => panic!("a SetState"),
+    };
+    assert_eq!(refused_grants(grants(&typical_command()), &Catalog), 0);
+    // The second grant (bit 1) is the bad one, whichever way it is bad.
+    assert_eq!(
+        refused_grants(grants(&with_flag("warp_drive")), &Catalog),
+        0b10
+    );
+    assert_eq!(refused_grants(grants(&with_flag("abs")), &Catalog), 0b10);
+    let mut both = with_flag("abs");
+    if let CommandBody::SetState(d) = &mut both.body {
+        d.grants[0]
+            .flags
+            .push("warp_drive".parse().unwrap())
+            .unwrap();
+    }
+    assert_eq!(refused_grants(grants(&both), &Catalog), 0b11);
+    assert_eq!(refused_places(0b1000_0101).collect::<Vec<_>>(), [0, 2, 7]);
+    // The same answer from the grants read in place, as a car reads them.
+    let frame = seal_cmd(&both, &gateway_key());
+    let view = open_command_view(&frame, &trusted_gateway()).unwrap();
+    let BodyView::SetState(desired) = view.body else {
+        panic!("a SetState")
+    };
+    assert_eq!(refused_grants(desired.grants().iter(), &Catalog), 0b11);
+}
+
+#[test]
 fn queries_are_not_replays_but_are_still_checked() {
     let query = |vin: &str, not_after| Command {
         vin: vin.parse().unwrap(),
@@ -360,9 +391,10 @@ fn maximal_messages_fill_exactly_the_stated_bounds() {
     let mut report = typical_report();
     report.applied_seq = max_u64;
     report.car_time = max_u64;
-    report.outcome = Outcome::Rejected {
+    report.outcome = Outcome::GrantsRefused {
         seq: max_u64,
-        code: RejectCode::Replay,
+        code: RejectCode::BasePlatformFeature,
+        grants: u8::MAX,
     };
     report.active.clear();
     for g in 0..MAX_GRANTS {

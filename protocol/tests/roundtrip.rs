@@ -94,6 +94,16 @@ fn report_strategy() -> impl Strategy<Value = Report> {
             any::<u64>().prop_map(|seq| Outcome::Applied { seq }),
             (any::<u64>(), prop::sample::select(RejectCode::ALL.to_vec()))
                 .prop_map(|(seq, code)| Outcome::Rejected { seq, code }),
+            (
+                any::<u64>(),
+                prop::sample::select(RejectCode::ALL.to_vec()),
+                any::<u8>()
+            )
+                .prop_map(|(seq, code, grants)| Outcome::GrantsRefused {
+                    seq,
+                    code,
+                    grants
+                }),
             any::<u64>().prop_map(|nonce| Outcome::Status { nonce }),
             any::<u64>().prop_map(|counter| Outcome::Periodic { counter }),
         ],

@@ -65,7 +65,7 @@ fn stated_bounds_match_spec() {
     assert_eq!(MAX_GRANT_SIZE, 378);
     assert_eq!(MAX_COMMAND_SIZE, 3203);
     assert_eq!(MAX_COMMAND_FRAME_SIZE, 3286);
-    assert_eq!(MAX_REPORT_SIZE, 498);
-    assert_eq!(MAX_REPORT_FRAME_SIZE, 581);
+    assert_eq!(MAX_REPORT_SIZE, 499);
+    assert_eq!(MAX_REPORT_FRAME_SIZE, 582);
     assert_eq!(MAX_FRAME_SIZE, 3286);
 }

@@ -4,8 +4,8 @@
 A car sees an activation naming a feature it does not have together with another change of
 its services in flight. The refusal must fail only the unknown feature's activation: a
 deactivation beside it still completes, and a renewal of a paid service beside it completes
-too (the car names no grant in its refusal, so the gateway sends new grants refused together
-one at a time). Gateways before 4aa1aed failed the deactivation with UNKNOWN_FEATURE and
+too (the car names the refused grant, and the gateway fails only that one; a car that names
+none gets new grants refused together one at a time). Gateways before 4aa1aed failed the deactivation with UNKNOWN_FEATURE and
 withdrew the renewed service; before 1f5c8f9 the renewal failed with UNKNOWN_FEATURE.
 
 usage: repro_refused_grant.py --bin DIR [--dir DIR] [--http P --mqtt P --hook P]

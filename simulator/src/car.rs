@@ -480,7 +480,9 @@ fn classify_report(frame: &[u8], stats: &FleetStats) {
         Outcome::Applied { .. } => bump(&stats.applied),
         Outcome::Status { .. } => bump(&stats.status),
         Outcome::Periodic { .. } => bump(&stats.periodic),
-        Outcome::Rejected { code, .. } => stats.rejected(code.as_str()),
+        Outcome::Rejected { code, .. } | Outcome::GrantsRefused { code, .. } => {
+            stats.rejected(code.as_str())
+        }
     }
 }
 

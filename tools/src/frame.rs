@@ -9,8 +9,8 @@
 use std::io::Read;
 
 use caas_protocol::{
-    parse_frame, Command, CommandBody, FrameKind, KeyId, Outcome, RejectCode, Report, VerifyingKey,
-    MAX_COMMAND_FRAME_SIZE, MAX_FRAME_SIZE, MAX_REPORT_FRAME_SIZE,
+    parse_frame, refused_places, Command, CommandBody, FrameKind, KeyId, Outcome, RejectCode,
+    Report, VerifyingKey, MAX_COMMAND_FRAME_SIZE, MAX_FRAME_SIZE, MAX_REPORT_FRAME_SIZE,
 };
 use serde_json::{json, Value};
 
@@ -368,6 +368,10 @@ impl Inspection {
                     match r.outcome {
                         Outcome::Applied { seq } => format!("Applied (seq {seq})"),
                         Outcome::Rejected { seq, code } => format!("Rejected (seq {seq}, {code})"),
+                        Outcome::GrantsRefused { seq, code, grants } => {
+                            let places: Vec<usize> = refused_places(grants).collect();
+                            format!("Rejected (seq {seq}, {code}) for grants {places:?} (from 0)")
+                        }
                         Outcome::Status { nonce } => format!("Status (nonce {nonce})"),
                         Outcome::Periodic { counter } => format!("Periodic (report #{counter})"),
                     },
@@ -458,6 +462,10 @@ impl Inspection {
                     Outcome::Rejected { seq, code } => {
                         json!({"type": "Rejected", "seq": seq, "code": code.as_str()})
                     }
+                    Outcome::GrantsRefused { seq, code, grants } => json!({
+                        "type": "GrantsRefused", "seq": seq, "code": code.as_str(),
+                        "grants": refused_places(grants).collect::<Vec<_>>(),
+                    }),
                     Outcome::Status { nonce } => json!({"type": "Status", "nonce": nonce}),
                     Outcome::Periodic { counter } => {
                         json!({"type": "Periodic", "counter": counter})

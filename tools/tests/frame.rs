@@ -283,3 +283,39 @@ fn a_report_in_hex_on_stdin_is_decoded_and_checked_with_the_car_key() {
     );
     assert!(t.contains("signal           77%"), "{t}");
 }
+
+#[test]
+fn a_report_naming_refused_grants_shows_their_places() {
+    let dir = tempfile::tempdir().unwrap();
+    let car = keypair(dir.path(), "car");
+    let mut r = report();
+    r.outcome = Outcome::GrantsRefused {
+        seq: 43,
+        code: RejectCode::UnknownFeature,
+        grants: 0b101,
+    };
+    let mut buf = [0u8; MAX_REPORT_FRAME_SIZE];
+    let frame = seal_report(&r, &car, &mut buf).unwrap().to_vec();
+    let file = dir.path().join("report.bin");
+    std::fs::write(&file, &frame).unwrap();
+    let car_pub = dir.path().join("car.pub");
+    let out = caasctl(&[
+        "frame",
+        "inspect",
+        s(&file),
+        "--car-key",
+        s(&car_pub),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.ok()).unwrap();
+    assert_eq!(
+        v["decoded"]["outcome"],
+        serde_json::json!({"type": "GrantsRefused", "seq": 43, "code": "UNKNOWN_FEATURE", "grants": [0, 2]})
+    );
+    let out = caasctl(&["frame", "inspect", s(&file), "--car-key", s(&car_pub)]);
+    let t = out.ok();
+    assert!(
+        t.contains("Rejected (seq 43, UNKNOWN_FEATURE) for grants [0, 2] (from 0)"),
+        "{t}"
+    );
+}

@@ -181,6 +181,10 @@ fn applied(seq: u64, active: Vec<&'static str>) -> Expect {
 fn rejected(seq: u64, code: RejectCode) -> Expect {
     Expect::Outcome(Outcome::Rejected { seq, code }, None)
 }
+/// A refusal for what some grants switch, naming them (bit `i` for the `i`-th grant).
+fn grants_refused(seq: u64, code: RejectCode, grants: u8) -> Expect {
+    Expect::Outcome(Outcome::GrantsRefused { seq, code, grants }, None)
+}
 
 /// The first power-on: commands good and bad, a grant ending, a warm reboot.
 fn first_run(k: &Keys) -> Vec<Step> {
@@ -228,7 +232,10 @@ fn first_run(k: &Keys) -> Vec<Step> {
             3,
             T0 + 120,
             T0 + 3600,
-            vec![grant("x", &["abs"], None)],
+            vec![
+                grant("perf", &["power_boost"], None),
+                grant("x", &["abs"], None),
+            ],
         ),
         &k.gateway,
     );
@@ -315,7 +322,8 @@ fn first_run(k: &Keys) -> Vec<Step> {
             "base-platform feature",
             T0 + 120,
             base,
-            vec![rejected(3, RejectCode::BasePlatformFeature)],
+            // The second grant is the one refused.
+            vec![grants_refused(3, RejectCode::BasePlatformFeature, 0b10)],
             three,
         ),
         Step::frame(

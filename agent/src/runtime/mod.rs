@@ -577,6 +577,9 @@ fn log_report(frame: &[u8]) {
         caas_protocol::Outcome::Rejected { seq, code } => {
             warn!(seq, %code, "command refused; reporting")
         }
+        caas_protocol::Outcome::GrantsRefused { seq, code, grants } => {
+            warn!(seq, %code, grants = format_args!("{grants:#010b}"), "command refused for some of its grants; reporting")
+        }
         caas_protocol::Outcome::Status { nonce } => info!(nonce, active, "status query answered"),
         caas_protocol::Outcome::Periodic { counter } => debug!(counter, active, "status report"),
     }
