@@ -8,17 +8,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use caas_protocol::Vin;
+use caas_protocol::{RequestId, Vin};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::frame;
+use crate::gateway::{self, Gateway};
 use crate::http::Client;
 use crate::keys::{self, KeyFileKind};
 use crate::local;
 use crate::pki;
+use crate::requests;
 use crate::stats;
-use crate::vehicle::{self, Gateway};
+use crate::vehicle;
 
 /// caasctl: the CaaS operator and technician CLI.
 #[derive(Debug, Parser)]
@@ -47,6 +49,12 @@ pub enum Command {
     /// A car's state and history from the gateway's IoT API.
     #[command(subcommand)]
     Vehicle(VehicleCommand),
+    /// An activation's or deactivation's state from the gateway's IoT API.
+    #[command(subcommand)]
+    Request(RequestCommand),
+    /// A campaign's progress from the gateway's IoT API.
+    #[command(subcommand)]
+    Campaign(CampaignCommand),
     /// The gateway itself.
     #[command(subcommand)]
     Gateway(GatewayCommand),
@@ -63,6 +71,53 @@ pub enum GatewayCommand {
         #[command(flatten)]
         gateway: GatewayArgs,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The support tickets opened for requests that ended FAILED unconfirmed after their
+    /// retries, newest first, with the car's diagnostics (GET /support/tickets).
+    Tickets {
+        /// Most tickets to show (the newest ones; the gateway has no older-page cursor).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway::MAX_PAGE_LIMIT)))]
+        limit: u32,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `caasctl request ...`
+#[derive(Debug, Subcommand)]
+pub enum RequestCommand {
+    /// A request's status, phase, attempts, seq, error code and times
+    /// (GET /ota/requests/{requestId}).
+    Show {
+        /// The request id the gateway answered (a UUID).
+        request_id: String,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `caasctl campaign ...`
+#[derive(Debug, Subcommand)]
+pub enum CampaignCommand {
+    /// A campaign's action, service, size and its requests counted by state
+    /// (GET /campaigns/{campaignId}).
+    Show {
+        /// The campaign id the gateway answered (a UUID).
+        campaign_id: String,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
@@ -198,10 +253,10 @@ pub enum LocalCommand {
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
     /// The gateway's base URL.
-    #[arg(long, value_name = "URL", env = "CAAS_GATEWAY_URL", default_value = vehicle::DEFAULT_GATEWAY_URL)]
+    #[arg(long, value_name = "URL", env = "CAAS_GATEWAY_URL", default_value = gateway::DEFAULT_GATEWAY_URL)]
     pub gateway: String,
     /// The IoT API bearer token.
-    #[arg(long, value_name = "T", env = "CAAS_API_TOKEN", default_value = vehicle::DEFAULT_API_TOKEN, hide_env_values = true)]
+    #[arg(long, value_name = "T", env = "CAAS_API_TOKEN", default_value = gateway::DEFAULT_API_TOKEN, hide_env_values = true)]
     pub token: String,
 }
 
@@ -226,7 +281,7 @@ pub enum VehicleCommand {
         /// The car's VIN.
         vin: String,
         /// Most entries to show.
-        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(vehicle::MAX_HISTORY_LIMIT)))]
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway::MAX_PAGE_LIMIT)))]
         limit: u32,
         /// Show entries older than this cursor (the previous page's nextBefore).
         #[arg(long, value_name = "CURSOR")]
@@ -245,6 +300,13 @@ fn parse_vin(s: &str) -> Result<Vin> {
         .map_err(|e| anyhow!("invalid VIN {s:?}: {e}"))
 }
 
+/// A request or campaign id (`what` says which, for the message). Checked before anything is
+/// sent, so that a mistyped id is named as such rather than reported as the gateway's 400.
+fn parse_id(s: &str, what: &str) -> Result<RequestId> {
+    s.parse::<RequestId>()
+        .map_err(|_| anyhow!("invalid {what} {s:?}: a UUID (32 hex digits, dashes optional)"))
+}
+
 fn print(text: &str) -> Result<()> {
     let mut out = std::io::stdout().lock();
     out.write_all(text.as_bytes())
@@ -255,6 +317,19 @@ fn print(text: &str) -> Result<()> {
 fn print_json(v: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(v).context("cannot format JSON")?;
     print(&format!("{text}\n"))
+}
+
+/// A gateway answer: its JSON as it came with `--json`, else its readable form.
+fn print_answer(
+    v: &serde_json::Value,
+    json: bool,
+    text: impl FnOnce(&serde_json::Value) -> String,
+) -> Result<()> {
+    if json {
+        print_json(v)
+    } else {
+        print(&text(v))
+    }
 }
 
 fn show(path: &Path) -> String {
@@ -296,6 +371,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Frame(cmd) => run_frame(cmd),
         Command::Local(cmd) => run_local(cmd),
         Command::Vehicle(cmd) => run_vehicle(cmd),
+        Command::Request(cmd) => run_request(cmd),
+        Command::Campaign(cmd) => run_campaign(cmd),
         Command::Gateway(cmd) => run_gateway(cmd),
     }
 }
@@ -479,20 +556,56 @@ fn gateway_of(args: GatewayArgs) -> Result<Gateway> {
         Err(e) => bail!(
             "invalid gateway URL {:?}: {e} (e.g. {})",
             args.gateway,
-            vehicle::DEFAULT_GATEWAY_URL
+            gateway::DEFAULT_GATEWAY_URL
         ),
     }
 }
 
 fn run_gateway(cmd: GatewayCommand) -> Result<()> {
-    let GatewayCommand::Stats { gateway, json } = cmd;
-    let gw = gateway_of(gateway)?;
-    let text = gw.metrics(&Client::new()?)?;
-    if json {
-        print_json(&stats::stats_json(&text))
-    } else {
-        print(&stats::stats_text(&text))
+    match cmd {
+        GatewayCommand::Stats { gateway, json } => {
+            let gw = gateway_of(gateway)?;
+            let text = gw.metrics(&Client::new()?)?;
+            if json {
+                print_json(&stats::stats_json(&text))
+            } else {
+                print(&stats::stats_text(&text))
+            }
+        }
+        GatewayCommand::Tickets {
+            limit,
+            gateway,
+            json,
+        } => {
+            let gw = gateway_of(gateway)?;
+            let v = gw.tickets(&Client::new()?, limit)?;
+            print_answer(&v, json, |v| requests::tickets_text(v, limit))
+        }
     }
+}
+
+fn run_request(cmd: RequestCommand) -> Result<()> {
+    let RequestCommand::Show {
+        request_id,
+        gateway,
+        json,
+    } = cmd;
+    let id = parse_id(&request_id, "request id")?;
+    let gw = gateway_of(gateway)?;
+    let v = gw.request(&Client::new()?, &id)?;
+    print_answer(&v, json, requests::request_text)
+}
+
+fn run_campaign(cmd: CampaignCommand) -> Result<()> {
+    let CampaignCommand::Show {
+        campaign_id,
+        gateway,
+        json,
+    } = cmd;
+    let id = parse_id(&campaign_id, "campaign id")?;
+    let gw = gateway_of(gateway)?;
+    let v = gw.campaign(&Client::new()?, &id)?;
+    print_answer(&v, json, requests::campaign_text)
 }
 
 fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
@@ -502,11 +615,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
             let vin = parse_vin(&vin)?;
             let gw = gateway_of(gateway)?;
             let v = gw.status(&client, &vin)?;
-            if json {
-                print_json(&v)
-            } else {
-                print(&vehicle::status_text(&v))
-            }
+            print_answer(&v, json, vehicle::status_text)
         }
         VehicleCommand::History {
             vin,
@@ -518,11 +627,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
             let vin = parse_vin(&vin)?;
             let gw = gateway_of(gateway)?;
             let v = gw.history(&client, &vin, limit, before.as_deref())?;
-            if json {
-                print_json(&v)
-            } else {
-                print(&vehicle::history_text(&v, &vin, limit))
-            }
+            print_answer(&v, json, |v| vehicle::history_text(v, &vin, limit))
         }
     }
 }

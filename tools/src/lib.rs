@@ -9,7 +9,10 @@
 //! - [`frame`]: decoding and verifying a signed command or report frame;
 //! - [`local`]: a technician with physical access reading the car agent's loopback
 //!   diagnostic endpoint;
+//! - [`gateway`]: where the gateway is and its API token, shared by the operator commands;
 //! - [`vehicle`]: an operator reading a car's state and history from the gateway's IoT API;
+//! - [`requests`]: an operator following an activation, a campaign, and the support tickets
+//!   of requests that failed after their retries, from the same API;
 //! - [`stats`]: an operator reading the gateway's health and where its requests' time goes,
 //!   from its `/metrics`.
 //!
@@ -21,10 +24,12 @@
 
 pub mod cli;
 pub mod frame;
+pub mod gateway;
 pub mod http;
 pub mod keys;
 pub mod local;
 pub mod pki;
+pub mod requests;
 pub mod stats;
 pub mod table;
 pub mod vehicle;

@@ -7,9 +7,9 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::http::{trim_base, Client, HttpError};
+use crate::gateway::Gateway;
+use crate::http::{Client, HttpError};
 use crate::table::{key_values, render};
-use crate::vehicle::Gateway;
 
 /// Most lines of a `/metrics` text read (the gateway exports ~100; the bound keeps a
 /// misbehaving server from making the tool hold a huge map).
@@ -59,8 +59,7 @@ const STAGES: [(&str, &str); 4] = [
 impl Gateway {
     /// `GET /metrics` (Prometheus text).
     pub fn metrics(&self, client: &Client) -> Result<String, HttpError> {
-        let url = format!("{}/metrics", trim_base(&self.url));
-        client.get_text(&url, Some(&self.token))
+        self.get_text(client, "/metrics")
     }
 }
 

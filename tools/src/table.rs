@@ -1,6 +1,9 @@
-//! Plain-text output: aligned tables, key/value blocks, and times.
+//! Plain-text output: aligned tables, key/value blocks, times, and the JSON-to-text helpers
+//! the readable forms of the gateway's answers share.
 
 use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
 
 /// Most rows one table prints; the rest are summarised in one line. The inputs are already
 /// bounded (a command has at most 8 grants, a history page at most its limit), so this only
@@ -151,6 +154,46 @@ pub fn objects_table(items: &[serde_json::Value], preferred: &[(&str, &str)]) ->
     render(&header, &rows)
 }
 
+/// One field of a JSON object as a cell (`-` when the object does not have it).
+pub fn field(obj: &Map<String, Value>, key: &str) -> String {
+    obj.get(key).map_or_else(|| "-".to_owned(), json_cell)
+}
+
+/// The `known` fields of `obj` as (label, cell) lines for [`key_values`], in that order, each
+/// one shown (as `-`) even when missing so that its absence is visible.
+pub fn labelled_fields<'a>(
+    obj: &Map<String, Value>,
+    known: &[(&str, &'a str)],
+) -> Vec<(&'a str, String)> {
+    known
+        .iter()
+        .map(|(key, label)| (*label, field(obj, key)))
+        .collect()
+}
+
+/// The fields of `obj` not named in `exclude`, under their own names, in the object's order:
+/// what a server added after this tool was written is shown rather than dropped.
+pub fn other_fields<'a>(obj: &'a Map<String, Value>, exclude: &[&str]) -> Vec<(&'a str, String)> {
+    obj.iter()
+        .filter(|(k, _)| !exclude.contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), json_cell(v)))
+        .collect()
+}
+
+/// The items of a list answer: its `key` list, or else the first list in it (a renamed
+/// field), or the answer itself when it is a bare list.
+pub fn list_items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
+    match v {
+        Value::Array(a) => a,
+        Value::Object(o) => o
+            .get(key)
+            .and_then(Value::as_array)
+            .or_else(|| o.values().find_map(Value::as_array))
+            .map_or(&[], |a| a),
+        _ => &[],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +231,32 @@ mod tests {
             t,
             "KIND     SEQ  outcome  extra\nreport   2    APPLIED  -\ncommand  1    -        a=1\n"
         );
+    }
+
+    #[test]
+    fn known_fields_come_first_and_the_others_keep_their_names() {
+        let v = serde_json::json!({"a": 1, "b": null, "z": "new"});
+        let obj = v.as_object().unwrap();
+        let mut pairs = labelled_fields(obj, &[("a", "A"), ("missing", "M"), ("b", "B")]);
+        pairs.extend(other_fields(obj, &["a", "b"]));
+        assert_eq!(
+            pairs,
+            [
+                ("A", "1".to_owned()),
+                ("M", "-".to_owned()),
+                ("B", "-".to_owned()),
+                ("z", "new".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn list_items_finds_the_list_under_its_name_another_name_or_bare() {
+        let named = serde_json::json!({"other": [1], "tickets": [1, 2]});
+        assert_eq!(list_items(&named, "tickets").len(), 2);
+        let renamed = serde_json::json!({"n": 3, "items": [1, 2, 3]});
+        assert_eq!(list_items(&renamed, "tickets").len(), 3);
+        assert_eq!(list_items(&serde_json::json!([1]), "tickets").len(), 1);
+        assert!(list_items(&serde_json::json!({"n": 1}), "tickets").is_empty());
     }
 }

@@ -12,32 +12,16 @@
 //! gateway adds (or a small difference in shape) is shown rather than breaking the tool.
 
 use caas_protocol::Vin;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::http::{encode_component, trim_base, Client, HttpError};
-use crate::table::{json_cell, key_values, objects_table};
-
-/// The gateway the tool talks to when neither `--gateway` nor `CAAS_GATEWAY_URL` says.
-pub const DEFAULT_GATEWAY_URL: &str = "http://127.0.0.1:8080";
-/// The API token used when neither `--token` nor `CAAS_API_TOKEN` says (the development one).
-pub const DEFAULT_API_TOKEN: &str = "dev-token";
-/// Largest `--limit` for a history page (the gateway's own page maximum).
-pub const MAX_HISTORY_LIMIT: u32 = 500;
-
-/// A gateway and the token to use with it.
-#[derive(Debug, Clone)]
-pub struct Gateway {
-    /// Base URL, e.g. `http://127.0.0.1:8080`.
-    pub url: String,
-    /// Bearer token.
-    pub token: String,
-}
+use crate::gateway::Gateway;
+use crate::http::{encode_component, Client, HttpError};
+use crate::table::{field, json_cell, key_values, list_items, objects_table, other_fields};
 
 impl Gateway {
     /// `GET /vehicles/{vin}/status`.
     pub fn status(&self, client: &Client, vin: &Vin) -> Result<Value, HttpError> {
-        let url = format!("{}/vehicles/{}/status", trim_base(&self.url), vin);
-        client.get_json(&url, Some(&self.token))
+        self.get_json(client, &format!("/vehicles/{vin}/status"))
     }
 
     /// `GET /vehicles/{vin}/history?limit=N[&before=CURSOR]`.
@@ -48,21 +32,13 @@ impl Gateway {
         limit: u32,
         before: Option<&str>,
     ) -> Result<Value, HttpError> {
-        let mut url = format!(
-            "{}/vehicles/{}/history?limit={limit}",
-            trim_base(&self.url),
-            vin
-        );
+        let mut path = format!("/vehicles/{vin}/history?limit={limit}");
         if let Some(b) = before {
-            url.push_str("&before=");
-            url.push_str(&encode_component(b));
+            path.push_str("&before=");
+            path.push_str(&encode_component(b));
         }
-        client.get_json(&url, Some(&self.token))
+        self.get_json(client, &path)
     }
-}
-
-fn field(obj: &Map<String, Value>, key: &str) -> String {
-    obj.get(key).map_or_else(|| "-".to_owned(), json_cell)
 }
 
 /// The readable form of a status answer.
@@ -92,17 +68,10 @@ pub fn status_text(v: &Value) -> String {
         "diagnostics",
         "activeServices",
     ];
-    for (k, val) in obj.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())) {
-        pairs.push((k.as_str(), json_cell(val)));
-    }
+    pairs.extend(other_fields(obj, &KNOWN));
     if let Some(diag) = diag {
         const KNOWN_DIAG: [&str; 3] = ["errorCodes", "firmwareVersion", "networkSignalStrength"];
-        for (k, val) in diag
-            .iter()
-            .filter(|(k, _)| !KNOWN_DIAG.contains(&k.as_str()))
-        {
-            pairs.push((k.as_str(), json_cell(val)));
-        }
+        pairs.extend(other_fields(diag, &KNOWN_DIAG));
     }
     let mut out = key_values(&pairs);
     let services: &[Value] = obj
@@ -123,22 +92,9 @@ pub fn status_text(v: &Value) -> String {
     out
 }
 
-/// The entries of a history answer: its `entries`, or the first list in it, or itself.
-fn history_items(v: &Value) -> &[Value] {
-    match v {
-        Value::Array(a) => a,
-        Value::Object(o) => o
-            .get("entries")
-            .and_then(Value::as_array)
-            .or_else(|| o.values().find_map(Value::as_array))
-            .map_or(&[], |a| a),
-        _ => &[],
-    }
-}
-
 /// The readable form of a history page; `vin` is used in the hint for the next page.
 pub fn history_text(v: &Value, vin: &Vin, limit: u32) -> String {
-    let items = history_items(v);
+    let items = list_items(v, "entries");
     let mut out = format!("History of {vin}: {} entries, newest first\n", items.len());
     if !items.is_empty() {
         out.push_str(&objects_table(

@@ -5,65 +5,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
-use caas_protocol::{verifying_key_to_hex, SigningKey};
-use common::caasctl;
+use common::{caasctl, gateway_config, post, register_car, start_gateway};
 use serde_json::{json, Value};
 
 const VIN: &str = "WVWZZZ1JZXW000001";
 const TOKEN: &str = "stats-token";
 
-/// Starts a gateway on a free loopback port from a thread of its own; it lives as long as
-/// the test process (its store in `data`).
-fn gateway(data: std::path::PathBuf) -> SocketAddr {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let gw = caas_gateway::start(caas_gateway::Config {
-                http: "127.0.0.1:0".parse().unwrap(),
-                mqtt: None,
-                data,
-                api_token: TOKEN.into(),
-                heap_reserve_mb: Some(0),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-            tx.send(gw.http_addr()).unwrap();
-            std::future::pending::<()>().await;
-        });
-    });
-    rx.recv().unwrap()
-}
-
-fn post(base: &str, path: &str, body: &Value) -> u16 {
-    post_keyed(base, path, body, None)
-}
-
-fn post_keyed(base: &str, path: &str, body: &Value, key: Option<&str>) -> u16 {
-    let mut req = reqwest::blocking::Client::new()
-        .post(format!("{base}{path}"))
-        .bearer_auth(TOKEN)
-        .json(body);
-    if let Some(k) = key {
-        req = req.header("Idempotency-Key", k);
-    }
-    req.send().unwrap().status().as_u16()
-}
-
 #[test]
 fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     let dir = tempfile::tempdir().unwrap();
-    let base = format!("http://{}", gateway(dir.path().join("gw")));
-    let key = SigningKey::from_bytes(&[7; 32]).verifying_key();
-    let car = json!({"vin": VIN, "publicKey": verifying_key_to_hex(&key).as_str(), "platform": "mqb-evo"});
-    assert_eq!(post(&base, "/vehicles", &car), 201);
+    let base = start_gateway(gateway_config(dir.path().join("gw"), TOKEN));
+    register_car(&base, TOKEN, VIN, 7);
     let activation = json!({
         "vin": VIN,
         "serviceId": "power-boost",
@@ -72,10 +24,8 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     });
     // Sent twice with one idempotency key: one request, one repeat.
     for _ in 0..2 {
-        assert_eq!(
-            post_keyed(&base, "/ota/activate", &activation, Some("order-1")),
-            202
-        );
+        let (status, answer) = post(&base, TOKEN, "/ota/activate", &activation, Some("order-1"));
+        assert_eq!(status, 202, "{answer}");
     }
 
     let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", TOKEN]);

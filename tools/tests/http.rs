@@ -432,6 +432,9 @@ fn every_command_has_help() {
         vec!["vehicle", "status", "--help"],
         vec!["vehicle", "history", "--help"],
         vec!["gateway", "stats", "--help"],
+        vec!["gateway", "tickets", "--help"],
+        vec!["request", "show", "--help"],
+        vec!["campaign", "show", "--help"],
     ] {
         let out = caasctl(&args);
         assert!(
@@ -440,6 +443,17 @@ fn every_command_has_help() {
             out.stdout
         );
     }
-    let help = caasctl(&["vehicle", "status", "--help"]);
-    assert!(help.stdout.contains("CAAS_GATEWAY_URL") && help.stdout.contains("CAAS_API_TOKEN"));
+    for cmd in [
+        ["vehicle", "status"],
+        ["request", "show"],
+        ["campaign", "show"],
+        ["gateway", "tickets"],
+    ] {
+        let help = caasctl(&[cmd[0], cmd[1], "--help"]);
+        assert!(
+            help.stdout.contains("CAAS_GATEWAY_URL") && help.stdout.contains("CAAS_API_TOKEN"),
+            "{cmd:?}: {}",
+            help.stdout
+        );
+    }
 }

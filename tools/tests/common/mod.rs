@@ -95,3 +95,94 @@ pub fn caasctl_stdin(args: &[&str], input: &[u8]) -> Run {
 pub fn s(p: &std::path::Path) -> &str {
     p.to_str().expect("utf-8 temp path")
 }
+
+/// A gateway's settings for a test: HTTP on a free loopback port, the embedded broker with no
+/// listener (so no car ever connects: every command goes unanswered), its store in `data`.
+pub fn gateway_config(data: std::path::PathBuf, token: &str) -> caas_gateway::Config {
+    caas_gateway::Config {
+        http: "127.0.0.1:0".parse().expect("address"),
+        mqtt: None,
+        data,
+        api_token: token.into(),
+        heap_reserve_mb: Some(0),
+        ..Default::default()
+    }
+}
+
+/// Starts a gateway from a thread of its own and returns its base URL; it lives as long as
+/// the test process.
+pub fn start_gateway(config: caas_gateway::Config) -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let gw = caas_gateway::start(config).await.expect("gateway starts");
+            tx.send(gw.http_addr()).expect("send address");
+            std::future::pending::<()>().await;
+        });
+    });
+    format!("http://{}", rx.recv().expect("gateway address"))
+}
+
+/// `POST base+path` with the token (and an idempotency key): the status and the JSON answer
+/// (`null` when the body is not JSON).
+pub fn post(
+    base: &str,
+    token: &str,
+    path: &str,
+    body: &serde_json::Value,
+    key: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut req = reqwest::blocking::Client::new()
+        .post(format!("{base}{path}"))
+        .bearer_auth(token)
+        .json(body);
+    if let Some(k) = key {
+        req = req.header("Idempotency-Key", k);
+    }
+    let resp = req.send().expect("POST");
+    let status = resp.status().as_u16();
+    (status, resp.json().unwrap_or(serde_json::Value::Null))
+}
+
+/// `GET base+path` with the token: the JSON of a 200 answer.
+pub fn get(base: &str, token: &str, path: &str) -> serde_json::Value {
+    let resp = reqwest::blocking::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .expect("GET");
+    assert_eq!(resp.status().as_u16(), 200, "GET {path}");
+    resp.json().expect("JSON answer")
+}
+
+/// Registers car `vin` (platform mqb-evo, firmware 1.0.0) with a device key made from `seed`.
+pub fn register_car(base: &str, token: &str, vin: &str, seed: u8) {
+    let key = caas_protocol::SigningKey::from_bytes(&[seed; 32]).verifying_key();
+    let car = serde_json::json!({
+        "vin": vin,
+        "publicKey": caas_protocol::verifying_key_to_hex(&key).as_str(),
+        "platform": "mqb-evo",
+        "firmwareVersion": "1.0.0",
+    });
+    let (status, answer) = post(base, token, "/vehicles", &car, None);
+    assert_eq!(status, 201, "register {vin}: {answer}");
+}
+
+/// Polls `done` until it holds; panics naming `what` if it has not after a minute (far more
+/// than the tiny retry settings the tests use need, so only a stuck gateway reaches it).
+#[track_caller]
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

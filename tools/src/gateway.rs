@@ -1,0 +1,41 @@
+//! The gateway that the operator commands (`vehicle`, `request`, `campaign`, `gateway`) read
+//! from: where it is, the token it wants, and the one way they ask it for something, so that
+//! every command builds its URL and sends its token alike.
+
+use serde_json::Value;
+
+use crate::http::{trim_base, Client, HttpError};
+
+/// The gateway the tool talks to when neither `--gateway` nor `CAAS_GATEWAY_URL` says.
+pub const DEFAULT_GATEWAY_URL: &str = "http://127.0.0.1:8080";
+/// The API token used when neither `--token` nor `CAAS_API_TOKEN` says (the development one).
+pub const DEFAULT_API_TOKEN: &str = "dev-token";
+/// Largest `--limit` of a page (history entries, support tickets): the gateway refuses a
+/// larger one, so the tool says so before asking.
+pub const MAX_PAGE_LIMIT: u32 = 500;
+
+/// A gateway and the token to use with it.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    /// Base URL, e.g. `http://127.0.0.1:8080`.
+    pub url: String,
+    /// Bearer token.
+    pub token: String,
+}
+
+impl Gateway {
+    /// `GET` of `path` (from `/`, with its query; values already percent-encoded) with the
+    /// token; the JSON of a 2xx answer.
+    pub fn get_json(&self, client: &Client, path: &str) -> Result<Value, HttpError> {
+        client.get_json(&self.url_of(path), Some(&self.token))
+    }
+
+    /// `GET` of `path` with the token; the text of a 2xx answer.
+    pub fn get_text(&self, client: &Client, path: &str) -> Result<String, HttpError> {
+        client.get_text(&self.url_of(path), Some(&self.token))
+    }
+
+    fn url_of(&self, path: &str) -> String {
+        format!("{}{path}", trim_base(&self.url))
+    }
+}

@@ -1,0 +1,406 @@
+//! `caasctl request show`, `caasctl campaign show` and `caasctl gateway tickets`: what became
+//! of the activations and deactivations the gateway took, from its IoT API.
+//!
+//! - `GET /ota/requests/{requestId}` answers `{requestId, vin, action, serviceId, status,
+//!   phase, attempts, seq, errorCode, createdAt, updatedAt, completedAt, campaignId}`, where
+//!   `status` is `QUEUED`, `IN_PROGRESS`, `COMPLETED` or `FAILED` and `phase` is `SENDING`,
+//!   `BACKOFF`, `PROBING` or `DONE`.
+//! - `GET /campaigns/{campaignId}` answers `{campaignId, action, serviceId, total, createdAt,
+//!   counts:{QUEUED, IN_PROGRESS, COMPLETED, FAILED}}`, where `total` is the VINs the
+//!   campaign listed and the counts are its requests: a car refused when the campaign was
+//!   posted (unknown, too busy...) has none, hence the label "Total VINs".
+//! - `GET /support/tickets?limit=N` answers, newest first, `{tickets:[{ticketId, requestId,
+//!   vin, serviceId, action, createdAt, reason, attempts, connectivity, lastSeen,
+//!   probeAnswered, expectedSeq, appliedSeq, diagnostics}]}`: one ticket per request that
+//!   ended `FAILED` unconfirmed after its retries. The route has no cursor: a page is the
+//!   newest `limit` tickets.
+//!
+//! As in [`crate::vehicle`], the readable forms are built around the fields named here and
+//! show any other field too, so that a newer gateway's additions are seen, not lost.
+
+use caas_protocol::RequestId;
+use serde_json::{Map, Value};
+
+use crate::gateway::{Gateway, MAX_PAGE_LIMIT};
+use crate::http::{Client, HttpError};
+use crate::table::{
+    field, json_cell, key_values, labelled_fields, list_items, objects_table, other_fields, render,
+};
+
+/// The lines of a request, as (field, label).
+const REQUEST_FIELDS: [(&str, &str); 13] = [
+    ("requestId", "Request"),
+    ("vin", "VIN"),
+    ("action", "Action"),
+    ("serviceId", "Service"),
+    ("status", "Status"),
+    ("phase", "Phase"),
+    ("attempts", "Attempts"),
+    ("seq", "Seq"),
+    ("errorCode", "Error code"),
+    ("createdAt", "Created"),
+    ("updatedAt", "Updated"),
+    ("completedAt", "Completed"),
+    ("campaignId", "Campaign"),
+];
+
+/// The lines of a campaign above its counts, as (field, label).
+const CAMPAIGN_FIELDS: [(&str, &str); 5] = [
+    ("campaignId", "Campaign"),
+    ("action", "Action"),
+    ("serviceId", "Service"),
+    ("total", "Total VINs"),
+    ("createdAt", "Created"),
+];
+
+/// A campaign's request states in the order a request goes through them.
+const STATES: [&str; 4] = ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"];
+
+/// The columns of the tickets table, as (field, header); the diagnostics are spread into
+/// `diagnostics.*` columns so that a cell holds one value, not a JSON object.
+const TICKET_COLUMNS: [(&str, &str); 16] = [
+    ("ticketId", "TICKET"),
+    ("createdAt", "CREATED"),
+    ("vin", "VIN"),
+    ("serviceId", "SERVICE"),
+    ("action", "ACTION"),
+    ("requestId", "REQUEST"),
+    ("attempts", "ATTEMPTS"),
+    ("expectedSeq", "SEQ"),
+    ("appliedSeq", "APPLIED SEQ"),
+    ("connectivity", "CONNECTIVITY"),
+    ("lastSeen", "LAST SEEN"),
+    ("probeAnswered", "PROBE ANSWERED"),
+    ("diagnostics.firmwareVersion", "FIRMWARE"),
+    ("diagnostics.networkSignalStrength", "SIGNAL"),
+    ("diagnostics.errorCodes", "ERROR CODES"),
+    ("reason", "REASON"),
+];
+
+impl Gateway {
+    /// `GET /ota/requests/{requestId}`.
+    pub fn request(&self, client: &Client, id: &RequestId) -> Result<Value, HttpError> {
+        self.get_json(client, &format!("/ota/requests/{id}"))
+    }
+
+    /// `GET /campaigns/{campaignId}`.
+    pub fn campaign(&self, client: &Client, id: &RequestId) -> Result<Value, HttpError> {
+        self.get_json(client, &format!("/campaigns/{id}"))
+    }
+
+    /// `GET /support/tickets?limit=N`.
+    pub fn tickets(&self, client: &Client, limit: u32) -> Result<Value, HttpError> {
+        self.get_json(client, &format!("/support/tickets?limit={limit}"))
+    }
+}
+
+fn keys_of(fields: &[(&'static str, &str)]) -> Vec<&'static str> {
+    fields.iter().map(|(k, _)| *k).collect()
+}
+
+/// The readable form of a request answer.
+pub fn request_text(v: &Value) -> String {
+    let Some(obj) = v.as_object() else {
+        return format!("{v}\n");
+    };
+    let mut pairs = labelled_fields(obj, &REQUEST_FIELDS);
+    pairs.extend(other_fields(obj, &keys_of(&REQUEST_FIELDS)));
+    let mut out = key_values(&pairs);
+    // A campaign's request is one car of many: the operator's next question is the rest.
+    if let Some(Value::String(cid)) = obj.get("campaignId") {
+        out.push_str(&format!("Its campaign: caasctl campaign show {cid}\n"));
+    }
+    out
+}
+
+/// The readable form of a campaign answer: its fields, then its requests counted by state.
+pub fn campaign_text(v: &Value) -> String {
+    let Some(obj) = v.as_object() else {
+        return format!("{v}\n");
+    };
+    let counts = obj.get("counts").and_then(Value::as_object);
+    let mut shown = keys_of(&CAMPAIGN_FIELDS);
+    if counts.is_some() {
+        shown.push("counts");
+    }
+    let mut pairs = labelled_fields(obj, &CAMPAIGN_FIELDS);
+    pairs.extend(other_fields(obj, &shown));
+    let mut out = key_values(&pairs);
+    if let Some(counts) = counts {
+        let mut rows: Vec<Vec<String>> = STATES
+            .iter()
+            .map(|s| vec![(*s).to_owned(), field(counts, s)])
+            .collect();
+        rows.extend(
+            other_fields(counts, &STATES)
+                .into_iter()
+                .map(|(k, v)| vec![k.to_owned(), v]),
+        );
+        out.push_str("\nRequests by state:\n");
+        out.push_str(&render(&["STATE", "COUNT"], &rows));
+    }
+    out
+}
+
+/// `item` with its `key` object spread into `key.field` fields (other items unchanged).
+fn spread(item: &Value, key: &str) -> Value {
+    let Some(obj) = item.as_object() else {
+        return item.clone();
+    };
+    let mut out = Map::new();
+    for (k, v) in obj {
+        match v.as_object() {
+            Some(inner) if k == key => {
+                for (ik, iv) in inner {
+                    out.insert(format!("{k}.{ik}"), iv.clone());
+                }
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// The readable form of a tickets answer; `limit` is the page size asked for, used in the
+/// hint when the page may not hold every ticket.
+pub fn tickets_text(v: &Value, limit: u32) -> String {
+    let items: Vec<Value> = list_items(v, "tickets")
+        .iter()
+        .map(|t| spread(t, "diagnostics"))
+        .collect();
+    let mut out = format!("Support tickets: {}, newest first\n", items.len());
+    if !items.is_empty() {
+        out.push_str(&objects_table(&items, &TICKET_COLUMNS));
+    }
+    if let Some(obj) = v.as_object() {
+        for (k, val) in obj.iter().filter(|(_, val)| !val.is_array()) {
+            out.push_str(&format!("{k}: {}\n", json_cell(val)));
+        }
+    }
+    // The route pages by size only: a full page may hide older tickets.
+    if u32::try_from(items.len()).is_ok_and(|n| n >= limit) {
+        if limit < MAX_PAGE_LIMIT {
+            out.push_str(&format!(
+                "Older tickets may exist: caasctl gateway tickets --limit {MAX_PAGE_LIMIT}\n"
+            ));
+        } else {
+            out.push_str(&format!(
+                "Older tickets may exist; the gateway lists at most its newest {MAX_PAGE_LIMIT}\n"
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn lines(t: &str) -> Vec<&str> {
+        t.lines().collect()
+    }
+
+    #[test]
+    fn a_request_shows_every_field_in_order_and_what_the_gateway_added() {
+        let v = json!({
+            "requestId": "0b6f3a52-9c1e-4d2a-8f00-1234567890ab", "vin": "WVWZZZ1JZXW000001",
+            "action": "ACTIVATE", "serviceId": "power-boost", "status": "FAILED",
+            "phase": "DONE", "attempts": 4, "seq": 7, "errorCode": "NO_CONFIRMATION",
+            "createdAt": "2026-11-22T13:00:00Z", "updatedAt": "2026-11-22T13:52:00Z",
+            "completedAt": "2026-11-22T13:52:00Z", "campaignId": null, "shard": 1
+        });
+        let t = request_text(&v);
+        assert_eq!(
+            lines(&t),
+            [
+                "Request     0b6f3a52-9c1e-4d2a-8f00-1234567890ab",
+                "VIN         WVWZZZ1JZXW000001",
+                "Action      ACTIVATE",
+                "Service     power-boost",
+                "Status      FAILED",
+                "Phase       DONE",
+                "Attempts    4",
+                "Seq         7",
+                "Error code  NO_CONFIRMATION",
+                "Created     2026-11-22T13:00:00Z",
+                "Updated     2026-11-22T13:52:00Z",
+                "Completed   2026-11-22T13:52:00Z",
+                "Campaign    -",
+                "shard       1",
+            ],
+            "{t}"
+        );
+        // In flight, in a campaign: the missing end is a dash, and the campaign is one
+        // command away.
+        let v = json!({"requestId": "r", "status": "IN_PROGRESS", "phase": "BACKOFF",
+                       "completedAt": null, "campaignId": "c-1"});
+        let t = request_text(&v);
+        assert!(t.contains("Completed   -\n"), "{t}");
+        assert!(t.contains("Error code  -\n"), "{t}");
+        assert!(
+            t.ends_with("Its campaign: caasctl campaign show c-1\n"),
+            "{t}"
+        );
+        assert_eq!(request_text(&json!("odd")), "\"odd\"\n");
+    }
+
+    #[test]
+    fn a_campaign_shows_its_fields_and_a_count_per_state() {
+        let v = json!({
+            "campaignId": "c-1", "action": "ACTIVATE", "serviceId": "snow-mode", "total": 3,
+            "createdAt": "2026-11-22T13:00:00Z",
+            "counts": {"FAILED": 1, "COMPLETED": 2, "IN_PROGRESS": 0, "QUEUED": 0, "HELD": 5}
+        });
+        let t = campaign_text(&v);
+        assert_eq!(
+            lines(&t),
+            [
+                "Campaign    c-1",
+                "Action      ACTIVATE",
+                "Service     snow-mode",
+                "Total VINs  3",
+                "Created     2026-11-22T13:00:00Z",
+                "",
+                "Requests by state:",
+                "STATE        COUNT",
+                "QUEUED       0",
+                "IN_PROGRESS  0",
+                "COMPLETED    2",
+                "FAILED       1",
+                "HELD         5",
+            ],
+            "{t}"
+        );
+        // Counts in another shape are shown as a field rather than dropped.
+        let t = campaign_text(&json!({"campaignId": "c-2", "counts": [1, 2]}));
+        assert!(t.contains("counts      [1,2]"), "{t}");
+        assert!(!t.contains("Requests by state"), "{t}");
+    }
+
+    #[test]
+    fn tickets_are_a_table_with_the_diagnostics_spread_into_columns() {
+        let v = json!({"tickets": [
+            {"ticketId": "T-2", "requestId": "r-2", "vin": "WVWZZZ1JZXW000002",
+             "serviceId": "snow-mode", "action": "ACTIVATE", "createdAt": "t2",
+             "reason": "NO_CONFIRMATION: no confirmation after 2 attempts and a status query",
+             "attempts": 2, "connectivity": "OFFLINE", "lastSeen": null, "probeAnswered": false,
+             "expectedSeq": 1, "appliedSeq": 0,
+             "diagnostics": {"errorCodes": [], "firmwareVersion": "1.0.0", "networkSignalStrength": null}},
+            {"ticketId": "T-1", "requestId": "r-1", "vin": "WVWZZZ1JZXW000001",
+             "serviceId": "power-boost", "action": "DEACTIVATE", "createdAt": "t1",
+             "reason": "NO_CONFIRMATION", "attempts": 4, "connectivity": "ONLINE",
+             "lastSeen": "t0", "probeAnswered": true, "expectedSeq": 9, "appliedSeq": 8,
+             "diagnostics": {"errorCodes": ["E_BATT_LOW", "E_TPMS"], "firmwareVersion": "2.4.1",
+                             "networkSignalStrength": 63, "modem": "lte"},
+             "region": "eu"}
+        ]});
+        let t = tickets_text(&v, 20);
+        let l = lines(&t);
+        assert_eq!(l[0], "Support tickets: 2, newest first");
+        let cells = |line: &str| -> Vec<String> {
+            line.split("  ")
+                .map(str::trim)
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let header = cells(l[1]);
+        assert_eq!(
+            header,
+            [
+                "TICKET",
+                "CREATED",
+                "VIN",
+                "SERVICE",
+                "ACTION",
+                "REQUEST",
+                "ATTEMPTS",
+                "SEQ",
+                "APPLIED SEQ",
+                "CONNECTIVITY",
+                "LAST SEEN",
+                "PROBE ANSWERED",
+                "FIRMWARE",
+                "SIGNAL",
+                "ERROR CODES",
+                "REASON",
+                "diagnostics.modem",
+                "region"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            cells(l[2]),
+            [
+                "T-2",
+                "t2",
+                "WVWZZZ1JZXW000002",
+                "snow-mode",
+                "ACTIVATE",
+                "r-2",
+                "2",
+                "1",
+                "0",
+                "OFFLINE",
+                "-",
+                "false",
+                "1.0.0",
+                "-",
+                "-",
+                "NO_CONFIRMATION: no confirmation after 2 attempts and a status query",
+                "-",
+                "-"
+            ],
+            "{t}"
+        );
+        assert_eq!(
+            cells(l[3]),
+            [
+                "T-1",
+                "t1",
+                "WVWZZZ1JZXW000001",
+                "power-boost",
+                "DEACTIVATE",
+                "r-1",
+                "4",
+                "9",
+                "8",
+                "ONLINE",
+                "t0",
+                "true",
+                "2.4.1",
+                "63",
+                "E_BATT_LOW, E_TPMS",
+                "NO_CONFIRMATION",
+                "lte",
+                "eu"
+            ],
+            "{t}"
+        );
+        assert_eq!(l.len(), 4, "no hint under a page that is not full:\n{t}");
+    }
+
+    #[test]
+    fn a_full_page_of_tickets_says_older_ones_may_exist() {
+        let one = json!({"tickets": [{"ticketId": "T-1", "reason": "x"}]});
+        assert!(tickets_text(&one, 1).ends_with("--limit 500\n"));
+        let full = json!({"tickets": vec![json!({"ticketId": "T"}); 500]});
+        let t = tickets_text(&full, MAX_PAGE_LIMIT);
+        assert!(t.starts_with("Support tickets: 500, newest first\n"), "{t}");
+        assert!(
+            t.ends_with("Older tickets may exist; the gateway lists at most its newest 500\n"),
+            "{t}"
+        );
+        let none = json!({"tickets": []});
+        assert_eq!(
+            tickets_text(&none, 20),
+            "Support tickets: 0, newest first\n"
+        );
+        // A ticket without diagnostics has no diagnostics columns.
+        let t = tickets_text(&one, 20);
+        assert_eq!(lines(&t)[1], "TICKET  REASON", "{t}");
+    }
+}

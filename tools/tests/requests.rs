@@ -1,0 +1,275 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+//! `caasctl request show`, `caasctl campaign show` and `caasctl gateway tickets` against a
+//! real gateway started in this process, whose retry policy is tiny (2 attempts of 300 ms,
+//! 100 ms apart) and to which no car can connect: an activation and a campaign's requests go
+//! unanswered, end FAILED within about a second, and each opens a support ticket, so the
+//! commands are seen on requests in flight, on final ones, and on real tickets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{caasctl, caasctl_env, gateway_config, get, post, register_car, start_gateway};
+use serde_json::{json, Value};
+
+const TOKEN: &str = "ops-token";
+const VIN1: &str = "WVWZZZ1JZXW000001";
+const VIN2: &str = "WVWZZZ1JZXW000002";
+const VIN3: &str = "WVWZZZ1JZXW000003";
+/// Never registered: the campaign refuses it.
+const UNKNOWN_VIN: &str = "WVWZZZ1JZXW000009";
+
+fn gateway(dir: &std::path::Path) -> String {
+    let mut config = gateway_config(dir.join("gw"), TOKEN);
+    config.retry = caas_gateway::RetryPolicy {
+        attempts: 2,
+        attempt_timeout: Duration::from_millis(300),
+        backoff: vec![Duration::from_millis(100)],
+    };
+    start_gateway(config)
+}
+
+/// `caasctl ARGS --gateway BASE --token TOKEN`.
+fn ctl(base: &str, args: &[&str]) -> common::Run {
+    let mut all = args.to_vec();
+    all.extend(["--gateway", base, "--token", TOKEN]);
+    caasctl(&all)
+}
+
+/// The value after `label` on its key/value line (labels and values are two or more spaces
+/// apart).
+fn value_of<'t>(text: &'t str, label: &str) -> &'t str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(label).filter(|rest| rest.starts_with("  ")))
+        .unwrap_or_else(|| panic!("no {label:?} line in\n{text}"))
+        .trim()
+}
+
+/// A table row's cells (cells are two or more spaces apart; a cell holds at most one).
+fn cells(line: &str) -> Vec<&str> {
+    line.split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+fn activate(base: &str, vin: &str) -> String {
+    let body = json!({
+        "vin": vin,
+        "serviceId": "power-boost",
+        "configuration": {"featureFlags": ["power_boost"]},
+        "duration": {"type": "PERMANENT"},
+    });
+    let (status, answer) = post(base, TOKEN, "/ota/activate", &body, None);
+    assert_eq!(status, 202, "{answer}");
+    answer["requestId"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn request_campaign_and_tickets_show_what_the_gateway_did_with_unanswered_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = gateway(dir.path());
+    for (i, vin) in [VIN1, VIN2, VIN3].into_iter().enumerate() {
+        register_car(&base, TOKEN, vin, 10 + u8::try_from(i).unwrap());
+    }
+
+    // An activation for a car that never answers, seen while the gateway may still be on it.
+    let id = activate(&base, VIN1);
+    let t = ctl(&base, &["request", "show", &id]).ok().to_owned();
+    assert_eq!(value_of(&t, "Request"), id, "{t}");
+    assert_eq!(value_of(&t, "VIN"), VIN1, "{t}");
+    assert_eq!(value_of(&t, "Action"), "ACTIVATE", "{t}");
+    assert_eq!(value_of(&t, "Service"), "power-boost", "{t}");
+    assert_eq!(value_of(&t, "Campaign"), "-", "{t}");
+    assert!(
+        ["QUEUED", "IN_PROGRESS", "FAILED"].contains(&value_of(&t, "Status")),
+        "{t}"
+    );
+
+    // Once its retries are spent it is FAILED, with the attempts and the code that say why.
+    let path = format!("/ota/requests/{id}");
+    common::wait_for("the activation to fail", || {
+        get(&base, TOKEN, &path)["status"] == "FAILED"
+    });
+    let t = ctl(&base, &["request", "show", &id]).ok().to_owned();
+    assert_eq!(value_of(&t, "Status"), "FAILED", "{t}");
+    assert_eq!(value_of(&t, "Phase"), "DONE", "{t}");
+    assert_eq!(value_of(&t, "Attempts"), "2", "{t}");
+    assert_eq!(value_of(&t, "Error code"), "NO_CONFIRMATION", "{t}");
+    assert_ne!(value_of(&t, "Completed"), "-", "{t}");
+    let gw: Value = get(&base, TOKEN, &path);
+    assert_eq!(value_of(&t, "Seq"), gw["seq"].to_string(), "{t}");
+    assert_eq!(value_of(&t, "Created"), gw["createdAt"].as_str().unwrap());
+    // --json is the gateway's own answer; the environment gives the gateway and the token.
+    let run = caasctl_env(
+        &["request", "show", &id, "--json"],
+        &[("CAAS_GATEWAY_URL", &base), ("CAAS_API_TOKEN", TOKEN)],
+    );
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(v["requestId"], id.as_str());
+    assert_eq!(v["status"], "FAILED");
+    assert_eq!(v["attempts"], 2);
+    assert_eq!(v["errorCode"], "NO_CONFIRMATION");
+
+    // A campaign of two cars and one the gateway does not know.
+    let body = json!({
+        "vins": [VIN2, VIN3, UNKNOWN_VIN],
+        "action": "ACTIVATE",
+        "serviceId": "snow-mode",
+        "configuration": {"featureFlags": ["snow_mode"]},
+        "duration": {"type": "PERMANENT"},
+    });
+    let (status, answer) = post(&base, TOKEN, "/campaigns", &body, None);
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["accepted"], 2, "{answer}");
+    let cid = answer["campaignId"].as_str().unwrap().to_owned();
+    let cpath = format!("/campaigns/{cid}");
+    common::wait_for("the campaign's two requests to fail", || {
+        get(&base, TOKEN, &cpath)["counts"]["FAILED"] == 2
+    });
+    let t = ctl(&base, &["campaign", "show", &cid]).ok().to_owned();
+    assert_eq!(value_of(&t, "Campaign"), cid, "{t}");
+    assert_eq!(value_of(&t, "Action"), "ACTIVATE", "{t}");
+    assert_eq!(value_of(&t, "Service"), "snow-mode", "{t}");
+    assert_eq!(
+        value_of(&t, "Total VINs"),
+        answer["total"].to_string(),
+        "{t}"
+    );
+    let counts: Vec<Vec<&str>> = t
+        .lines()
+        .skip_while(|l| *l != "Requests by state:")
+        .skip(1)
+        .map(cells)
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            vec!["STATE", "COUNT"],
+            vec!["QUEUED", "0"],
+            vec!["IN_PROGRESS", "0"],
+            vec!["COMPLETED", "0"],
+            vec!["FAILED", "2"],
+        ],
+        "{t}"
+    );
+    let run = ctl(&base, &["campaign", "show", &cid, "--json"]);
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(v["campaignId"], cid.as_str());
+    assert_eq!(v["counts"]["FAILED"], 2);
+
+    // Three requests failed unanswered: three tickets, the activation's among them, with the
+    // car's diagnostics (what it was registered with, as it never reported).
+    common::wait_for("three tickets", || {
+        get(&base, TOKEN, "/support/tickets")["tickets"]
+            .as_array()
+            .is_some_and(|t| t.len() == 3)
+    });
+    let t = ctl(&base, &["gateway", "tickets"]).ok().to_owned();
+    let lines: Vec<&str> = t.lines().collect();
+    assert_eq!(lines[0], "Support tickets: 3, newest first", "{t}");
+    let header = cells(lines[1]);
+    let column = |name: &str| {
+        header
+            .iter()
+            .position(|h| *h == name)
+            .unwrap_or_else(|| panic!("no {name} column in\n{t}"))
+    };
+    let row = cells(
+        lines
+            .iter()
+            .find(|l| l.contains(&id))
+            .unwrap_or_else(|| panic!("no ticket of {id} in\n{t}")),
+    );
+    assert_eq!(row.len(), header.len(), "{t}");
+    assert_eq!(row[column("VIN")], VIN1, "{t}");
+    assert_eq!(row[column("SERVICE")], "power-boost", "{t}");
+    assert_eq!(row[column("ACTION")], "ACTIVATE", "{t}");
+    assert_eq!(row[column("ATTEMPTS")], "2", "{t}");
+    assert_eq!(row[column("PROBE ANSWERED")], "false", "{t}");
+    assert_eq!(row[column("FIRMWARE")], "1.0.0", "{t}");
+    assert!(row[column("REASON")].starts_with("NO_CONFIRMATION"), "{t}");
+    let campaign_rows = lines[2..]
+        .iter()
+        .filter(|l| (l.contains(VIN2) || l.contains(VIN3)) && l.contains("snow-mode"))
+        .count();
+    assert_eq!(campaign_rows, 2, "{t}");
+    assert_eq!(lines.len(), 5, "a page that is not full has no hint:\n{t}");
+
+    // A smaller page: the newest ticket only, and a hint that older ones exist.
+    let t = ctl(&base, &["gateway", "tickets", "--limit", "1"])
+        .ok()
+        .to_owned();
+    assert!(t.starts_with("Support tickets: 1, newest first\n"), "{t}");
+    assert!(
+        t.ends_with("Older tickets may exist: caasctl gateway tickets --limit 500\n"),
+        "{t}"
+    );
+    let run = ctl(&base, &["gateway", "tickets", "--limit", "2", "--json"]);
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(v["tickets"].as_array().unwrap().len(), 2, "{v}");
+    let all = get(&base, TOKEN, "/support/tickets");
+    assert_eq!(v["tickets"][0], all["tickets"][0]);
+}
+
+#[test]
+fn unknown_and_malformed_ids_a_wrong_token_and_no_gateway_are_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = gateway(dir.path());
+    let unknown = "0b6f3a52-9c1e-4d2a-8f00-1234567890ab";
+
+    let line = ctl(&base, &["request", "show", unknown]).err().to_owned();
+    assert!(line.contains("HTTP 404"), "{line}");
+    assert!(
+        line.contains(r#""error":"unknown request""#) && line.contains(unknown),
+        "{line}"
+    );
+    let line = ctl(&base, &["campaign", "show", unknown]).err().to_owned();
+    assert!(
+        line.contains("HTTP 404") && line.contains(r#""error":"unknown campaign""#),
+        "{line}"
+    );
+
+    let line = ctl(&base, &["request", "show", "not-a-uuid"])
+        .err()
+        .to_owned();
+    assert!(
+        line.contains(r#"invalid request id "not-a-uuid""#),
+        "{line}"
+    );
+    let line = ctl(&base, &["campaign", "show", "1234"]).err().to_owned();
+    assert!(line.contains(r#"invalid campaign id "1234""#), "{line}");
+
+    let run = caasctl(&["gateway", "tickets", "--gateway", &base, "--token", "wrong"]);
+    assert!(run.err().contains("HTTP 401"), "{}", run.stderr);
+    // No tickets yet: an empty list, not an error.
+    assert_eq!(
+        ctl(&base, &["gateway", "tickets"]).ok(),
+        "Support tickets: 0, newest first\n"
+    );
+
+    // Nobody listening: take a free port and let it go.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let nobody = format!("http://{free}");
+    for args in [
+        vec!["request", "show", unknown],
+        vec!["campaign", "show", unknown],
+        vec!["gateway", "tickets"],
+    ] {
+        let run = caasctl(&[args.as_slice(), &["--gateway", &nobody, "--token", TOKEN]].concat());
+        let line = run.err();
+        assert!(
+            line.contains("cannot reach") && line.contains(&free.to_string()),
+            "{args:?}: {line}"
+        );
+    }
+
+    // Out-of-range limits are usage errors (clap, exit 2).
+    for bad in ["0", "501", "x"] {
+        let run = ctl(&base, &["gateway", "tickets", "--limit", bad]);
+        assert_eq!(run.code, 2, "--limit {bad}: {}", run.stderr);
+    }
+}
