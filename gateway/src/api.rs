@@ -755,14 +755,26 @@ async fn status(State(st): St, PathText(vin): PathText) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let (tx, rx) = oneshot::channel();
     let v = ask(&st.engine, &vin, Msg::Status { vin, resp: tx }, rx).await?;
-    v.map(|v| Json(v).into_response()).ok_or_else(|| {
-        ApiError::new(
-            404,
-            "unknown car",
-            "vin",
-            "no vehicle with this VIN is registered",
-        )
-    })
+    v.map(|v| Json(v).into_response()).ok_or_else(unknown_car)
+}
+
+/// The 404 for a VIN no car was registered with.
+fn unknown_car() -> ApiError {
+    ApiError::new(
+        404,
+        "unknown car",
+        "vin",
+        "no vehicle with this VIN is registered",
+    )
+}
+
+/// `Ok` when a car is registered with `vin`, else [`unknown_car`].
+fn registered(st: &AppState, vin: &Vin) -> Result<(), ApiError> {
+    match st.store.vehicles.contains_key(vin.as_bytes()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(unknown_car()),
+        Err(e) => Err(ApiError::storage(e)),
+    }
 }
 
 fn page_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
@@ -795,19 +807,7 @@ async fn history(State(st): St, PathText(vin): PathText, QueryMap(q): QueryMap) 
             "only limit and before",
         ));
     }
-    if !st
-        .store
-        .vehicles
-        .contains_key(vin.as_bytes())
-        .map_err(ApiError::storage)?
-    {
-        return Err(ApiError::new(
-            404,
-            "unknown car",
-            "vin",
-            "no vehicle with this VIN is registered",
-        ));
-    }
+    registered(&st, &vin)?;
     // The car's shard holds its newest entries for up to a second before writing them.
     let (tx, rx) = oneshot::channel();
     ask(&st.engine, &vin, Msg::WriteHistory { vin, resp: tx }, rx).await?;
@@ -1097,16 +1097,60 @@ async fn campaign_counts_from_store(
     .map_err(ApiError::storage)
 }
 
+/// Support tickets, newest first, a page at a time: `before` (the `nextBefore` of the
+/// previous page, a ticket id; `null` on the last page) pages back, `vin` keeps one car's. A page with `vin` reads
+/// the tickets until it is full, all of them at worst (they are few: one a request that
+/// failed unconfirmed, and pruned with the retention).
 async fn tickets(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
     let limit = page_limit(&q, 100)?;
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["limit", "before", "vin"].contains(&k.as_str()))
+    {
+        return Err(ApiError::new(
+            400,
+            "unknown parameter",
+            k,
+            "only limit, before and vin",
+        ));
+    }
+    let before = match q.get("before") {
+        None => u64::MAX,
+        Some(s) => s
+            .strip_prefix("T-")
+            .unwrap_or(s)
+            .parse::<u64>()
+            .map_err(|_| ApiError::bad("before", "a ticket id from a previous page"))?,
+    };
+    let vin = match q.get("vin") {
+        None => None,
+        Some(v) => {
+            let vin = parse_vin(v, "vin")?;
+            registered(&st, &vin)?;
+            Some(vin.to_string())
+        }
+    };
     let mut out = Vec::new();
-    for item in st.store.tickets.iter().rev().take(limit) {
+    for item in st.store.tickets.range(..before.to_be_bytes()).rev() {
         let (_, v) = item.map_err(ApiError::storage)?;
-        if let Some(t) = dec::<Ticket>(&v) {
+        let Some(t) = dec::<Ticket>(&v) else {
+            continue;
+        };
+        if vin.as_ref().is_none_or(|vin| *vin == t.vin) {
             out.push(t);
+            // One past the page tells whether an older page exists.
+            if out.len() > limit {
+                break;
+            }
         }
     }
-    Ok(Json(json!({ "tickets": out })).into_response())
+    let next = if out.len() > limit {
+        out.truncate(limit);
+        out.last().map(|t| t.ticket_id.clone())
+    } else {
+        None
+    };
+    Ok(Json(json!({ "tickets": out, "nextBefore": next })).into_response())
 }
 
 async fn keys(State(st): St) -> ApiResult {

@@ -233,9 +233,12 @@ pub(crate) fn document() -> Value {
             "/campaigns/{campaignId}": { "get": { "summary": "A campaign's requests counted by state",
                 "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "counts", r("Campaign")), errors(&["400", "401", "404", "500"])) } },
-            "/support/tickets": { "get": { "summary": "Support tickets, newest first", "parameters": [limit(100)],
-                "responses": merge(ok("200", "tickets", json!({ "type": "object", "required": ["tickets"], "properties": { "tickets": { "type": "array", "items": r("Ticket") } } })),
-                    errors(&["400", "401", "500"])) } },
+            "/support/tickets": { "get": { "summary": "Support tickets, newest first, a page at a time",
+                "parameters": [limit(100), query("before", "nextBefore of the previous page (a ticket id)", json!({ "type": "string", "pattern": "^(T-)?[0-9]+$" })),
+                    query("vin", "only this car's tickets", vin.clone())],
+                "responses": merge(ok("200", "one page", json!({ "type": "object", "required": ["tickets", "nextBefore"], "properties": {
+                    "tickets": { "type": "array", "items": r("Ticket") }, "nextBefore": { "type": "string", "nullable": true } } })),
+                    errors(&["400", "401", "404", "500"])) } },
             "/keys": { "get": { "summary": "The gateway's command-signing public keys",
                 "responses": merge(ok("200", "keys", json!({ "type": "object", "required": ["keys"], "properties": { "keys": { "type": "array", "items": { "type": "object", "required": ["keyId", "publicKey", "algorithm"], "properties": {
                     "keyId": { "type": "string" }, "publicKey": { "type": "string" }, "algorithm": { "type": "string", "enum": ["Ed25519"] } } } } } })),

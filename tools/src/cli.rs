@@ -77,9 +77,15 @@ pub enum GatewayCommand {
     /// The support tickets opened for requests that ended FAILED unconfirmed after their
     /// retries, newest first, with the car's diagnostics (GET /support/tickets).
     Tickets {
-        /// Most tickets to show (the newest ones; the gateway has no older-page cursor).
+        /// Most tickets to show on this page.
         #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway::MAX_PAGE_LIMIT)))]
         limit: u32,
+        /// Show tickets older than this cursor (the previous page's nextBefore).
+        #[arg(long)]
+        before: Option<String>,
+        /// Only this car's tickets.
+        #[arg(long)]
+        vin: Option<String>,
         /// The gateway.
         #[command(flatten)]
         gateway: GatewayArgs,
@@ -574,12 +580,20 @@ fn run_gateway(cmd: GatewayCommand) -> Result<()> {
         }
         GatewayCommand::Tickets {
             limit,
+            before,
+            vin,
             gateway,
             json,
         } => {
+            let vin = vin.as_deref().map(parse_vin).transpose()?;
             let gw = gateway_of(gateway)?;
-            let v = gw.tickets(&Client::new()?, limit)?;
-            print_answer(&v, json, |v| requests::tickets_text(v, limit))
+            let page = requests::TicketPage {
+                limit,
+                before: before.as_deref(),
+                vin: vin.as_ref(),
+            };
+            let v = gw.tickets(&Client::new()?, &page)?;
+            print_answer(&v, json, |v| requests::tickets_text(v, &page))
         }
     }
 }

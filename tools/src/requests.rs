@@ -9,20 +9,20 @@
 //!   counts:{QUEUED, IN_PROGRESS, COMPLETED, FAILED}}`, where `total` is the VINs the
 //!   campaign listed and the counts are its requests: a car refused when the campaign was
 //!   posted (unknown, too busy...) has none, hence the label "Total VINs".
-//! - `GET /support/tickets?limit=N` answers, newest first, `{tickets:[{ticketId, requestId,
-//!   vin, serviceId, action, createdAt, reason, attempts, connectivity, lastSeen,
-//!   probeAnswered, expectedSeq, appliedSeq, diagnostics}]}`: one ticket per request that
-//!   ended `FAILED` unconfirmed after its retries. The route has no cursor: a page is the
-//!   newest `limit` tickets.
+//! - `GET /support/tickets?limit=N[&before=CURSOR][&vin=VIN]` answers, newest first,
+//!   `{tickets:[{ticketId, requestId, vin, serviceId, action, createdAt, reason, attempts,
+//!   connectivity, lastSeen, probeAnswered, expectedSeq, appliedSeq, diagnostics}],
+//!   nextBefore}`: one ticket per request that ended `FAILED` unconfirmed after its retries;
+//!   `nextBefore` is the `before` cursor of the next (older) page, `null` on the last one.
 //!
 //! As in [`crate::vehicle`], the readable forms are built around the fields named here and
 //! show any other field too, so that a newer gateway's additions are seen, not lost.
 
-use caas_protocol::RequestId;
+use caas_protocol::{RequestId, Vin};
 use serde_json::{Map, Value};
 
-use crate::gateway::{Gateway, MAX_PAGE_LIMIT};
-use crate::http::{Client, HttpError};
+use crate::gateway::Gateway;
+use crate::http::{encode_component, Client, HttpError};
 use crate::table::{
     field, json_cell, key_values, labelled_fields, list_items, objects_table, other_fields, render,
 };
@@ -88,10 +88,29 @@ impl Gateway {
         self.get_json(client, &format!("/campaigns/{id}"))
     }
 
-    /// `GET /support/tickets?limit=N`.
-    pub fn tickets(&self, client: &Client, limit: u32) -> Result<Value, HttpError> {
-        self.get_json(client, &format!("/support/tickets?limit={limit}"))
+    /// `GET /support/tickets?limit=N[&before=CURSOR][&vin=VIN]`.
+    pub fn tickets(&self, client: &Client, page: &TicketPage<'_>) -> Result<Value, HttpError> {
+        let mut path = format!("/support/tickets?limit={}", page.limit);
+        if let Some(b) = page.before {
+            path.push_str("&before=");
+            path.push_str(&encode_component(b));
+        }
+        if let Some(vin) = page.vin {
+            path.push_str(&format!("&vin={vin}"));
+        }
+        self.get_json(client, &path)
     }
+}
+
+/// Which page of the support tickets to ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct TicketPage<'a> {
+    /// Most tickets on the page.
+    pub limit: u32,
+    /// Older than this cursor (the previous page's `nextBefore`).
+    pub before: Option<&'a str>,
+    /// Only this car's.
+    pub vin: Option<&'a Vin>,
 }
 
 fn keys_of(fields: &[(&'static str, &str)]) -> Vec<&'static str> {
@@ -163,9 +182,9 @@ fn spread(item: &Value, key: &str) -> Value {
     Value::Object(out)
 }
 
-/// The readable form of a tickets answer; `limit` is the page size asked for, used in the
-/// hint when the page may not hold every ticket.
-pub fn tickets_text(v: &Value, limit: u32) -> String {
+/// The readable form of a tickets answer; `page` is what was asked for, repeated in the
+/// command that shows the next page.
+pub fn tickets_text(v: &Value, page: &TicketPage<'_>) -> String {
     let items: Vec<Value> = list_items(v, "tickets")
         .iter()
         .map(|t| spread(t, "diagnostics"))
@@ -174,22 +193,32 @@ pub fn tickets_text(v: &Value, limit: u32) -> String {
     if !items.is_empty() {
         out.push_str(&objects_table(&items, &TICKET_COLUMNS));
     }
-    if let Some(obj) = v.as_object() {
-        for (k, val) in obj.iter().filter(|(_, val)| !val.is_array()) {
+    let Some(obj) = v.as_object() else {
+        return out;
+    };
+    for (k, val) in obj.iter().filter(|(_, val)| !val.is_array()) {
+        if k != "nextBefore" {
             out.push_str(&format!("{k}: {}\n", json_cell(val)));
         }
     }
-    // The route pages by size only: a full page may hide older tickets.
-    if u32::try_from(items.len()).is_ok_and(|n| n >= limit) {
-        if limit < MAX_PAGE_LIMIT {
+    match obj.get("nextBefore") {
+        Some(Value::Null) => {}
+        Some(next) => {
+            let vin = page.vin.map(|v| format!(" --vin {v}")).unwrap_or_default();
             out.push_str(&format!(
-                "Older tickets may exist: caasctl gateway tickets --limit {MAX_PAGE_LIMIT}\n"
-            ));
-        } else {
-            out.push_str(&format!(
-                "Older tickets may exist; the gateway lists at most its newest {MAX_PAGE_LIMIT}\n"
+                "Older tickets: caasctl gateway tickets --limit {}{vin} --before {}\n",
+                page.limit,
+                json_cell(next)
             ));
         }
+        // A gateway without paging lists only its newest tickets: a full page may hide more.
+        None if u32::try_from(items.len()).is_ok_and(|n| n >= page.limit) => {
+            out.push_str(&format!(
+                "Older tickets may exist (this gateway has no cursor past its newest {})\n",
+                page.limit
+            ));
+        }
+        None => {}
     }
     out
 }
@@ -297,7 +326,7 @@ mod tests {
                              "networkSignalStrength": 63, "modem": "lte"},
              "region": "eu"}
         ]});
-        let t = tickets_text(&v, 20);
+        let t = tickets_text(&v, &page(20));
         let l = lines(&t);
         assert_eq!(l[0], "Support tickets: 2, newest first");
         let cells = |line: &str| -> Vec<String> {
@@ -383,24 +412,48 @@ mod tests {
         assert_eq!(l.len(), 4, "no hint under a page that is not full:\n{t}");
     }
 
+    fn page(limit: u32) -> TicketPage<'static> {
+        TicketPage {
+            limit,
+            before: None,
+            vin: None,
+        }
+    }
+
     #[test]
-    fn a_full_page_of_tickets_says_older_ones_may_exist() {
-        let one = json!({"tickets": [{"ticketId": "T-1", "reason": "x"}]});
-        assert!(tickets_text(&one, 1).ends_with("--limit 500\n"));
-        let full = json!({"tickets": vec![json!({"ticketId": "T"}); 500]});
-        let t = tickets_text(&full, MAX_PAGE_LIMIT);
-        assert!(t.starts_with("Support tickets: 500, newest first\n"), "{t}");
+    fn a_page_with_older_tickets_names_the_command_for_the_next_one() {
+        let one = json!({"tickets": [{"ticketId": "T-9", "reason": "x"}], "nextBefore": "T-9"});
         assert!(
-            t.ends_with("Older tickets may exist; the gateway lists at most its newest 500\n"),
+            tickets_text(&one, &page(1))
+                .ends_with("Older tickets: caasctl gateway tickets --limit 1 --before T-9\n"),
+            "{}",
+            tickets_text(&one, &page(1))
+        );
+        let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
+        let of_car = TicketPage {
+            vin: Some(&vin),
+            ..page(1)
+        };
+        assert!(tickets_text(&one, &of_car)
+            .ends_with("--limit 1 --vin WVWZZZ1JZXW000001 --before T-9\n"));
+        // The last page says nothing more.
+        let last = json!({"tickets": [{"ticketId": "T-1", "reason": "x"}], "nextBefore": null});
+        assert_eq!(lines(&tickets_text(&last, &page(1))).len(), 3);
+        // A gateway that does not page: a full page may hide older tickets.
+        let full = json!({"tickets": vec![json!({"ticketId": "T"}); 5]});
+        let t = tickets_text(&full, &page(5));
+        assert!(t.starts_with("Support tickets: 5, newest first\n"), "{t}");
+        assert!(
+            t.ends_with("Older tickets may exist (this gateway has no cursor past its newest 5)\n"),
             "{t}"
         );
-        let none = json!({"tickets": []});
+        let none = json!({"tickets": [], "nextBefore": null});
         assert_eq!(
-            tickets_text(&none, 20),
+            tickets_text(&none, &page(20)),
             "Support tickets: 0, newest first\n"
         );
         // A ticket without diagnostics has no diagnostics columns.
-        let t = tickets_text(&one, 20);
+        let t = tickets_text(&last, &page(20));
         assert_eq!(lines(&t)[1], "TICKET  REASON", "{t}");
     }
 }
