@@ -26,7 +26,7 @@ use caas_protocol::{
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
-use crate::engine::{Accepted, Engine, Msg, NewRequest, Op};
+use crate::engine::{Accepted, CancelTarget, Engine, Msg, NewRequest, Op, CANCELLED};
 use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
 use crate::store::{
@@ -142,6 +142,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/ota/activate", post(activate))
         .route("/ota/deactivate", post(deactivate))
         .route("/ota/requests/{requestId}", get(get_request))
+        .route("/ota/requests/{requestId}/cancel", post(cancel_request))
         .route("/vehicles", post(register))
         .route("/vehicles/{vin}/status", get(status))
         .route("/vehicles/{vin}/history", get(history))
@@ -150,6 +151,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
             post(campaign).layer(DefaultBodyLimit::max(MAX_CAMPAIGN_BODY_BYTES)),
         )
         .route("/campaigns/{campaignId}", get(get_campaign))
+        .route("/campaigns/{campaignId}/cancel", post(cancel_campaign))
         .route("/support/tickets", get(tickets))
         .route("/keys", get(keys))
         .route("/metrics", get(metrics))
@@ -680,6 +682,12 @@ fn history_view(e: HistoryEntry) -> Value {
 }
 
 async fn get_request(State(st): St, PathText(id): PathText) -> ApiResult {
+    let (_, rec) = load_request(&st, &id)?;
+    Ok(Json(request_view(&rec)).into_response())
+}
+
+/// The request `id` names, as the store has it (400 for a malformed id, 404 for none).
+fn load_request(st: &AppState, id: &str) -> Result<(RequestId, RequestRec), ApiError> {
     let rid: RequestId = id.parse().map_err(|e| ApiError::bad("requestId", e))?;
     let v = st.store.requests.get(rid.0).map_err(ApiError::storage)?;
     let rec: RequestRec = v.and_then(|v| dec(&v)).ok_or_else(|| {
@@ -690,7 +698,38 @@ async fn get_request(State(st): St, PathText(id): PathText) -> ApiResult {
             "no request with this id",
         )
     })?;
-    Ok(Json(request_view(&rec)).into_response())
+    Ok((rid, rec))
+}
+
+fn is_final(rec: &RequestRec) -> bool {
+    matches!(rec.status.as_str(), "COMPLETED" | "FAILED")
+}
+
+/// `POST /ota/requests/{requestId}/cancel`: a request still in flight ends FAILED with
+/// `CANCELLED`, as if its retries had run out (its grant withdrawn in a newer command, what
+/// it replaced put back, a FAILED callback: no charge), answered with its state once that is
+/// durable. A final request is not changed: 409, or 200 if a cancel ended it.
+async fn cancel_request(State(st): St, PathText(id): PathText) -> ApiResult {
+    let (rid, rec) = load_request(&st, &id)?;
+    if !is_final(&rec) {
+        let vin = parse_vin(&rec.vin, "vin")?;
+        let (tx, rx) = oneshot::channel();
+        let target = CancelTarget::Request(rid);
+        ask(&st.engine, &vin, Msg::Cancel { target, resp: tx }, rx).await??;
+    }
+    let (_, rec) = load_request(&st, &id)?;
+    if rec.error_code.as_deref() == Some(CANCELLED) {
+        return Ok(Json(request_view(&rec)).into_response());
+    }
+    Err(ApiError::new(
+        409,
+        "request is final",
+        "requestId",
+        match rec.status.as_str() {
+            "COMPLETED" => "it completed before the cancel (the car confirmed it)",
+            _ => "it failed before the cancel",
+        },
+    ))
 }
 
 async fn register(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResult {
@@ -951,6 +990,10 @@ async fn campaign(
             idempotency: None,
         });
     }
+    // A repeat of a cancelled campaign makes none of its requests that a crash left unmade.
+    if replayed && cancelled_at(&st, &cid)?.is_some() {
+        per_shard.clear();
+    }
     let mut waits = Vec::new();
     for (i, reqs) in per_shard.into_iter().enumerate() {
         if reqs.is_empty() {
@@ -1023,6 +1066,69 @@ fn campaign_of_key(
 }
 
 async fn get_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
+    let (cid, rec) = load_campaign(&st, &id)?;
+    Ok(Json(campaign_view(&st, cid, &rec).await?).into_response())
+}
+
+/// `POST /campaigns/{campaignId}/cancel`: every request of the campaign still in flight
+/// ends as a cancelled request does (`POST /ota/requests/{requestId}/cancel`); those the
+/// cars confirmed stay as they are. The campaign is marked cancelled (`cancelledAt`), so a
+/// repeat of its POST with its idempotency key makes none of the requests a crash may
+/// have left unmade. Answered with the campaign and how many requests this call ended,
+/// once that is durable; cancelling again ends what is left (usually nothing).
+async fn cancel_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
+    let (cid, rec) = load_campaign(&st, &id)?;
+    let mark = cancel_mark(&cid);
+    if !st
+        .store
+        .campaigns
+        .contains_key(&mark)
+        .map_err(ApiError::storage)?
+    {
+        // Made durable by the shards' flushes below (one store).
+        st.store
+            .campaigns
+            .insert(&mark, enc(&iso_now()))
+            .map_err(ApiError::storage)?;
+    }
+    let mut waits = Vec::new();
+    for i in 0..st.engine.shard_count() {
+        let (tx, rx) = oneshot::channel();
+        let target = CancelTarget::Campaign(rec.campaign_id.clone());
+        st.engine
+            .shard_at(i)
+            .send_async(Msg::Cancel { target, resp: tx })
+            .await
+            .map_err(|_| ApiError::unavailable())?;
+        waits.push(rx);
+    }
+    let mut ended = 0;
+    for rx in waits {
+        ended += rx.await.map_err(|_| ApiError::unavailable())??;
+    }
+    let mut view = campaign_view(&st, cid, &rec).await?;
+    view["cancelledNow"] = json!(ended);
+    Ok(Json(view).into_response())
+}
+
+/// Where the time a campaign was cancelled is kept: its key in the campaigns tree with a
+/// suffix, so the mark goes when the campaign is pruned.
+fn cancel_mark(cid: &RequestId) -> Vec<u8> {
+    [&cid.0[..], b"/cancelled"].concat()
+}
+
+/// When campaign `cid` was cancelled, if it was.
+fn cancelled_at(st: &AppState, cid: &RequestId) -> Result<Option<String>, ApiError> {
+    let v = st
+        .store
+        .campaigns
+        .get(cancel_mark(cid))
+        .map_err(ApiError::storage)?;
+    Ok(v.and_then(|v| dec::<String>(&v)))
+}
+
+/// The campaign `id` names (400 for a malformed id, 404 for none).
+fn load_campaign(st: &AppState, id: &str) -> Result<(RequestId, CampaignRec), ApiError> {
     let cid: RequestId = id.parse().map_err(|e| ApiError::bad("campaignId", e))?;
     let rec: CampaignRec = st
         .store
@@ -1038,6 +1144,15 @@ async fn get_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
                 "no campaign with this id",
             )
         })?;
+    Ok((cid, rec))
+}
+
+/// A campaign as `GET /campaigns/{campaignId}` shows it.
+async fn campaign_view(
+    st: &AppState,
+    cid: RequestId,
+    rec: &CampaignRec,
+) -> Result<Value, ApiError> {
     let counts = match st.campaigns.get(&rec.campaign_id) {
         Some(live) => {
             let (in_progress, completed, failed) = live.snapshot();
@@ -1045,15 +1160,15 @@ async fn get_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
         }
         None => json!(campaign_counts_from_store(&st.store, cid).await?),
     };
-    Ok(Json(json!({
+    Ok(json!({
         "campaignId": rec.campaign_id,
         "action": rec.action,
         "serviceId": rec.service_id,
         "total": rec.total,
         "createdAt": rec.created_at,
+        "cancelledAt": cancelled_at(st, &cid)?,
         "counts": counts,
     }))
-    .into_response())
 }
 
 /// Counts a campaign's requests by state from the store (a read per request): for a

@@ -202,7 +202,26 @@ pub(crate) enum Msg {
     RepublishAll {
         only_behind: bool,
     },
+    /// Ends requests still in flight as a failure does, with [`CANCELLED`]: each one's grant
+    /// is withdrawn (what it replaced put back) in a newer command, and its callback says
+    /// FAILED, so nothing is charged. Answered, with how many ended, once that is durable.
+    Cancel {
+        target: CancelTarget,
+        resp: oneshot::Sender<Result<usize, ApiError>>,
+    },
     Stop(std::sync::mpsc::Sender<()>),
+}
+
+/// The error code of a cancelled request.
+pub(crate) const CANCELLED: &str = "CANCELLED";
+
+/// What a [`Msg::Cancel`] ends.
+#[derive(Debug, Clone)]
+pub(crate) enum CancelTarget {
+    /// This request, if it is still in flight.
+    Request(RequestId),
+    /// Every request of this campaign still in flight in the shard.
+    Campaign(String),
 }
 
 /// What every shard shares (read-only or atomics).
@@ -847,6 +866,12 @@ impl Shard {
             Msg::Presence { vin, online } => self.on_presence(vin, online),
             Msg::Status { vin, resp } => {
                 let _ = resp.send(self.status(&vin));
+            }
+            Msg::Cancel { target, resp } => {
+                let ended = self.cancel(&target);
+                self.batch.after.push(Box::new(move |f| {
+                    let _ = resp.send(f.map(|_| ended).map_err(ApiError::storage));
+                }));
             }
             Msg::WriteHistory { vin, resp } => {
                 self.write_history_now(&vin);
@@ -1664,6 +1689,33 @@ impl Shard {
             car.awaiting.push(id);
         }
         self.batch.callbacks.push(due);
+    }
+
+    /// Ends what `target` names that is still in flight in this shard ([`Msg::Cancel`]);
+    /// how many requests that was.
+    fn cancel(&mut self, target: &CancelTarget) -> usize {
+        let ids: Vec<RequestId> = match target {
+            CancelTarget::Request(id) => self
+                .pending
+                .get_key_value(id)
+                .map(|(id, _)| *id)
+                .into_iter()
+                .collect(),
+            CancelTarget::Campaign(campaign) => self
+                .pending
+                .iter()
+                .filter(|(_, p)| p.rec.campaign_id.as_ref() == Some(campaign))
+                .map(|(id, _)| *id)
+                .collect(),
+        };
+        for id in &ids {
+            self.finish(*id, Err((CANCELLED.to_owned(), false)));
+        }
+        self.sh
+            .metrics
+            .requests_cancelled
+            .fetch_add(ids.len() as u64, Relaxed);
+        ids.len()
     }
 
     fn open_ticket(&mut self, vin: &Vin, rec: &RequestRec, code: &str) {

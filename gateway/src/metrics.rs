@@ -30,6 +30,8 @@ pub(crate) struct Metrics {
     pub(crate) idempotent_replays: AtomicU64,
     /// Requests authorised by the old API token (`--api-token-previous`).
     pub(crate) previous_token_uses: AtomicU64,
+    /// Requests ended by a cancel (`POST /ota/requests/{id}/cancel`, `/campaigns/{id}/cancel`).
+    pub(crate) requests_cancelled: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
     /// Cars the gateway knows (registered, or loaded from the store at start).
     pub(crate) cars_registered: AtomicI64,
@@ -172,6 +174,11 @@ impl Metrics {
             "caas_idempotent_replays_total",
             "POSTs answered with the request or campaign an earlier one with the same Idempotency-Key made (nothing new created).",
             &[("", self.idempotent_replays.load(Relaxed))],
+        );
+        counter(
+            "caas_requests_cancelled_total",
+            "Requests in flight ended FAILED with CANCELLED by a cancel of the request or its campaign (their grants withdrawn, no charge).",
+            &[("", self.requests_cancelled.load(Relaxed))],
         );
         counter(
             "caas_api_previous_token_uses_total",

@@ -426,7 +426,8 @@ pub(crate) fn prune(
                 None => false,
             },
             // Only a version 7 id tells when the campaign was made.
-            Prunable::Campaigns => key.len() == 16 && key[6] >> 4 == 7,
+            // A campaign and its cancel mark (its id with a suffix) go together.
+            Prunable::Campaigns => key.len() >= 16 && key[6] >> 4 == 7,
             Prunable::SupportTickets => true,
             // Pruned through its time index above.
             Prunable::IdempotencyKeys => false,

@@ -686,16 +686,18 @@ async fn router_refusals_are_json_naming_the_field() {
 // ---------- the OpenAPI document, checked against the server's real answers ----------
 
 /// Every documented route and method (the README's table).
-const ROUTES: [(&str, &str); 13] = [
+const ROUTES: [(&str, &str); 15] = [
     ("/healthz", "get"),
     ("/ota/activate", "post"),
     ("/ota/deactivate", "post"),
     ("/ota/requests/{requestId}", "get"),
+    ("/ota/requests/{requestId}/cancel", "post"),
     ("/vehicles", "post"),
     ("/vehicles/{vin}/status", "get"),
     ("/vehicles/{vin}/history", "get"),
     ("/campaigns", "post"),
     ("/campaigns/{campaignId}", "get"),
+    ("/campaigns/{campaignId}/cancel", "post"),
     ("/support/tickets", "get"),
     ("/keys", "get"),
     ("/metrics", "get"),
@@ -1326,6 +1328,19 @@ async fn openapi_document_matches_what_the_server_answers() {
         let (s, b) = c.call(&api, "get", campaign, &path, None).await;
         assert_eq!(s, want, "{path}: {b}");
     }
+    let cancel_campaign = "/campaigns/{campaignId}/cancel";
+    for (path, want) in [
+        (format!("/campaigns/{cid}/cancel"), 200),
+        ("/campaigns/not-a-uuid/cancel".to_owned(), 400),
+        (format!("/campaigns/{zero}/cancel"), 404),
+    ] {
+        let (s, b) = c.call(&api, "post", cancel_campaign, &path, None).await;
+        assert_eq!(s, want, "{path}: {b}");
+    }
+    let (_, b) = c
+        .call(&api, "get", campaign, &format!("/campaigns/{cid}"), None)
+        .await;
+    assert!(b["cancelledAt"].is_string(), "{b}");
 
     // A car that never connects: the first refusal of many quick activations is 409 (no
     // room for another service) or 429 (too many in flight), and the requests end FAILED
@@ -1355,11 +1370,13 @@ async fn openapi_document_matches_what_the_server_answers() {
         .call(&api, "post", "/vehicles", "/vehicles", Some(&car3))
         .await;
     assert_eq!(s, 201);
+    let mut last_v3 = None;
     for _ in 0..caas_gateway::MAX_IN_FLIGHT_PER_CAR {
         let (s, b) = c
             .call(&api, "post", activate, activate, Some(&act(&v3, "svc-0")))
             .await;
         assert_eq!(s, 202, "{b}");
+        last_v3 = b["requestId"].as_str().map(str::to_owned);
     }
     let (s, b) = c
         .call(&api, "post", activate, activate, Some(&act(&v3, "svc-0")))
@@ -1370,6 +1387,36 @@ async fn openapi_document_matches_what_the_server_answers() {
         .call(&api, "post", deactivate, deactivate, Some(&body))
         .await;
     assert_eq!((s, b["field"].as_str()), (429, Some("vin")), "{b}");
+    // A cancel ends one of car 3's requests (again: the same answer); then there is room.
+    let cancel = "/ota/requests/{requestId}/cancel";
+    let in_flight = last_v3.unwrap();
+    for _ in 0..2 {
+        let (s, b) = c
+            .call(
+                &api,
+                "post",
+                cancel,
+                &format!("/ota/requests/{in_flight}/cancel"),
+                None,
+            )
+            .await;
+        assert_eq!(
+            (s, b["status"].as_str(), b["errorCode"].as_str()),
+            (200, Some("FAILED"), Some("CANCELLED")),
+            "{b}"
+        );
+    }
+    for (path, want) in [
+        ("/ota/requests/not-a-uuid/cancel".to_owned(), 400),
+        (format!("/ota/requests/{zero}/cancel"), 404),
+    ] {
+        let (s, b) = c.call(&api, "post", cancel, &path, None).await;
+        assert_eq!(s, want, "{path}: {b}");
+    }
+    let (s, b) = c
+        .call(&api, "post", activate, activate, Some(&act(&v3, "svc-0")))
+        .await;
+    assert_eq!(s, 202, "{b}");
 
     let tickets = "/support/tickets";
     let (s, _) = c
@@ -1471,6 +1518,17 @@ async fn openapi_document_matches_what_the_server_answers() {
         )
         .await;
     assert_eq!((s, r["status"].as_str()), (200, Some("FAILED")), "{r}");
+    // A request that ended on its own is not cancelled afterwards.
+    let (s, b) = c
+        .call(
+            &api,
+            "post",
+            "/ota/requests/{requestId}/cancel",
+            &format!("/ota/requests/{first}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!((s, b["field"].as_str()), (409, Some("requestId")), "{b}");
     let (s, st) = c
         .call(&api, "get", status, &format!("/vehicles/{v2}/status"), None)
         .await;

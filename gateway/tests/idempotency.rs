@@ -10,32 +10,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::{json, Value};
 
-/// A POST with an `Idempotency-Key`: status, body and whether it says it is a repeat.
-async fn post_keyed(api: &Api, path: &str, key: &str, body: &Value) -> (u16, Value, bool) {
-    let r = api
-        .http
-        .post(format!("{}{path}", api.base))
-        .bearer_auth(TOKEN)
-        .header("Idempotency-Key", key)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let replayed = r
-        .headers()
-        .get("idempotent-replayed")
-        .is_some_and(|v| v == "true");
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null), replayed)
-}
-
-async fn obeying_car(gw: &caas_gateway::Gateway, api: &Api, n: u32) -> TestCar {
-    api.register(n).await;
-    let car = TestCar::start(n, gw.public_key_hex(), CarOpts::plain(gw, Mode::Obey)).await;
-    car.wait_connected().await;
-    car
-}
-
 async fn created(api: &Api) -> f64 {
     api.metric("caas_requests_total{state=\"created\"}").await
 }

@@ -766,3 +766,31 @@ pub async fn start_mosquitto(conf: &Path, port: u16) -> Mosquitto {
     }
     m
 }
+
+/// A POST with an `Idempotency-Key`: status, body and whether it says it is a repeat.
+pub async fn post_keyed(api: &Api, path: &str, key: &str, body: &Value) -> (u16, Value, bool) {
+    let r = api
+        .http
+        .post(format!("{}{path}", api.base))
+        .bearer_auth(TOKEN)
+        .header("Idempotency-Key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let replayed = r
+        .headers()
+        .get("idempotent-replayed")
+        .is_some_and(|v| v == "true");
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null), replayed)
+}
+
+/// Registers car `n`, starts it obeying its commands on the plain listener, and waits until
+/// it is connected.
+pub async fn obeying_car(gw: &caas_gateway::Gateway, api: &Api, n: u32) -> TestCar {
+    api.register(n).await;
+    let car = TestCar::start(n, gw.public_key_hex(), CarOpts::plain(gw, Mode::Obey)).await;
+    car.wait_connected().await;
+    car
+}
