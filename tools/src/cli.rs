@@ -110,6 +110,19 @@ pub enum RequestCommand {
         #[arg(long)]
         json: bool,
     },
+    /// End a request still in flight: FAILED with CANCELLED, its grant withdrawn from the
+    /// car, a FAILED callback (no charge) (POST /ota/requests/{requestId}/cancel). A request
+    /// that ended before is left as it is (exit 1).
+    Cancel {
+        /// The request id the gateway answered (a UUID).
+        request_id: String,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// `caasctl campaign ...`
@@ -118,6 +131,18 @@ pub enum CampaignCommand {
     /// A campaign's action, service, size and its requests counted by state
     /// (GET /campaigns/{campaignId}).
     Show {
+        /// The campaign id the gateway answered (a UUID).
+        campaign_id: String,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a campaign: each of its requests still in flight ends as a cancelled request
+    /// does; those the cars confirmed stay (POST /campaigns/{campaignId}/cancel).
+    Cancel {
         /// The campaign id the gateway answered (a UUID).
         campaign_id: String,
         /// The gateway.
@@ -599,27 +624,45 @@ fn run_gateway(cmd: GatewayCommand) -> Result<()> {
 }
 
 fn run_request(cmd: RequestCommand) -> Result<()> {
-    let RequestCommand::Show {
+    let (RequestCommand::Show {
         request_id,
         gateway,
         json,
-    } = cmd;
-    let id = parse_id(&request_id, "request id")?;
-    let gw = gateway_of(gateway)?;
-    let v = gw.request(&Client::new()?, &id)?;
-    print_answer(&v, json, requests::request_text)
+    }
+    | RequestCommand::Cancel {
+        request_id,
+        gateway,
+        json,
+    }) = &cmd;
+    let id = parse_id(request_id, "request id")?;
+    let gw = gateway_of(gateway.clone())?;
+    let client = Client::new()?;
+    let v = match cmd {
+        RequestCommand::Show { .. } => gw.request(&client, &id)?,
+        RequestCommand::Cancel { .. } => gw.cancel_request(&client, &id)?,
+    };
+    print_answer(&v, *json, requests::request_text)
 }
 
 fn run_campaign(cmd: CampaignCommand) -> Result<()> {
-    let CampaignCommand::Show {
+    let (CampaignCommand::Show {
         campaign_id,
         gateway,
         json,
-    } = cmd;
-    let id = parse_id(&campaign_id, "campaign id")?;
-    let gw = gateway_of(gateway)?;
-    let v = gw.campaign(&Client::new()?, &id)?;
-    print_answer(&v, json, requests::campaign_text)
+    }
+    | CampaignCommand::Cancel {
+        campaign_id,
+        gateway,
+        json,
+    }) = &cmd;
+    let id = parse_id(campaign_id, "campaign id")?;
+    let gw = gateway_of(gateway.clone())?;
+    let client = Client::new()?;
+    let v = match cmd {
+        CampaignCommand::Show { .. } => gw.campaign(&client, &id)?,
+        CampaignCommand::Cancel { .. } => gw.cancel_campaign(&client, &id)?,
+    };
+    print_answer(&v, *json, requests::campaign_text)
 }
 
 fn run_vehicle(cmd: VehicleCommand) -> Result<()> {

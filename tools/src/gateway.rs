@@ -30,6 +30,11 @@ impl Gateway {
         client.get_json(&self.url_of(path), Some(&self.token))
     }
 
+    /// `POST` (an empty JSON object) to `path` with the token; the JSON of a 2xx answer.
+    pub fn post_json(&self, client: &Client, path: &str) -> Result<Value, HttpError> {
+        client.post_json(&self.url_of(path), Some(&self.token))
+    }
+
     /// `GET` of `path` with the token; the text of a 2xx answer.
     pub fn get_text(&self, client: &Client, path: &str) -> Result<String, HttpError> {
         client.get_text(&self.url_of(path), Some(&self.token))

@@ -4,6 +4,7 @@
 use std::io::Read;
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::Value;
 
 /// Largest response body read (a history page of 1000 entries is well under this).
@@ -113,27 +114,43 @@ impl Client {
 
     /// `GET url` with an optional bearer token; the JSON body of a 2xx answer.
     pub fn get_json(&self, url: &str, token: Option<&str>) -> Result<Value, HttpError> {
-        let body = self.get(url, token, "application/json")?;
-        serde_json::from_slice(&body).map_err(|e| HttpError::Body {
-            url: url.to_owned(),
-            reason: format!("not JSON ({e})"),
-        })
+        let body = self.exchange(Method::GET, url, token, "application/json")?;
+        json_of(url, &body)
+    }
+
+    /// `POST url` with an empty JSON object as its body (for routes that act on what the
+    /// URL names) and an optional bearer token; the JSON body of a 2xx answer.
+    pub fn post_json(&self, url: &str, token: Option<&str>) -> Result<Value, HttpError> {
+        let body = self.exchange(Method::POST, url, token, "application/json")?;
+        json_of(url, &body)
     }
 
     /// `GET url` with an optional bearer token; the UTF-8 text body of a 2xx answer.
     pub fn get_text(&self, url: &str, token: Option<&str>) -> Result<String, HttpError> {
-        let body = self.get(url, token, "text/plain")?;
+        let body = self.exchange(Method::GET, url, token, "text/plain")?;
         String::from_utf8(body).map_err(|e| HttpError::Body {
             url: url.to_owned(),
             reason: format!("not UTF-8 text ({e})"),
         })
     }
 
-    /// `GET url` asking for `accept`; the body of a 2xx answer (at most [`MAX_BODY_SIZE`]),
-    /// or the error, with the server's JSON error body when it sent one.
-    fn get(&self, url: &str, token: Option<&str>, accept: &str) -> Result<Vec<u8>, HttpError> {
+    /// `method url` asking for `accept`; the body of a 2xx answer (at most
+    /// [`MAX_BODY_SIZE`]), or the error, with the server's JSON error body when it sent one.
+    fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        token: Option<&str>,
+        accept: &str,
+    ) -> Result<Vec<u8>, HttpError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| HttpError::Url(format!("{url}: {e}")))?;
-        let mut req = self.inner.get(parsed).header("accept", accept);
+        let mut req = self
+            .inner
+            .request(method.clone(), parsed)
+            .header("accept", accept);
+        if method == Method::POST {
+            req = req.header("content-type", "application/json").body("{}");
+        }
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -169,6 +186,13 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+fn json_of(url: &str, body: &[u8]) -> Result<Value, HttpError> {
+    serde_json::from_slice(body).map_err(|e| HttpError::Body {
+        url: url.to_owned(),
+        reason: format!("not JSON ({e})"),
+    })
 }
 
 /// Percent-encodes one path segment or query value (RFC 3986 unreserved characters kept).

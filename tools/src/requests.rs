@@ -45,12 +45,13 @@ const REQUEST_FIELDS: [(&str, &str); 13] = [
 ];
 
 /// The lines of a campaign above its counts, as (field, label).
-const CAMPAIGN_FIELDS: [(&str, &str); 5] = [
+const CAMPAIGN_FIELDS: [(&str, &str); 6] = [
     ("campaignId", "Campaign"),
     ("action", "Action"),
     ("serviceId", "Service"),
     ("total", "Total VINs"),
     ("createdAt", "Created"),
+    ("cancelledAt", "Cancelled"),
 ];
 
 /// A campaign's request states in the order a request goes through them.
@@ -81,6 +82,16 @@ impl Gateway {
     /// `GET /ota/requests/{requestId}`.
     pub fn request(&self, client: &Client, id: &RequestId) -> Result<Value, HttpError> {
         self.get_json(client, &format!("/ota/requests/{id}"))
+    }
+
+    /// `POST /ota/requests/{requestId}/cancel`: the request, ended.
+    pub fn cancel_request(&self, client: &Client, id: &RequestId) -> Result<Value, HttpError> {
+        self.post_json(client, &format!("/ota/requests/{id}/cancel"))
+    }
+
+    /// `POST /campaigns/{campaignId}/cancel`: the campaign, with `cancelledNow`.
+    pub fn cancel_campaign(&self, client: &Client, id: &RequestId) -> Result<Value, HttpError> {
+        self.post_json(client, &format!("/campaigns/{id}/cancel"))
     }
 
     /// `GET /campaigns/{campaignId}`.
@@ -292,6 +303,7 @@ mod tests {
                 "Service     snow-mode",
                 "Total VINs  3",
                 "Created     2026-11-22T13:00:00Z",
+                "Cancelled   -",
                 "",
                 "Requests by state:",
                 "STATE        COUNT",
@@ -303,6 +315,13 @@ mod tests {
             ],
             "{t}"
         );
+        // A cancel's answer: when, and how many requests it ended.
+        let mut cancelled = v.clone();
+        cancelled["cancelledAt"] = json!("2026-11-22T13:05:00Z");
+        cancelled["cancelledNow"] = json!(1);
+        let t = campaign_text(&cancelled);
+        assert!(t.contains("Cancelled     2026-11-22T13:05:00Z\n"), "{t}");
+        assert!(t.contains("cancelledNow  1\n"), "{t}");
         // Counts in another shape are shown as a field rather than dropped.
         let t = campaign_text(&json!({"campaignId": "c-2", "counts": [1, 2]}));
         assert!(t.contains("counts      [1,2]"), "{t}");

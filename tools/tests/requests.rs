@@ -20,10 +20,15 @@ const VIN3: &str = "WVWZZZ1JZXW000003";
 const UNKNOWN_VIN: &str = "WVWZZZ1JZXW000009";
 
 fn gateway(dir: &std::path::Path) -> String {
+    gateway_waiting(dir, Duration::from_millis(300))
+}
+
+/// A gateway whose requests give up after 2 attempts of `attempt_timeout`.
+fn gateway_waiting(dir: &std::path::Path, attempt_timeout: Duration) -> String {
     let mut config = gateway_config(dir.join("gw"), TOKEN);
     config.retry = caas_gateway::RetryPolicy {
         attempts: 2,
-        attempt_timeout: Duration::from_millis(300),
+        attempt_timeout,
         backoff: vec![Duration::from_millis(100)],
     };
     start_gateway(config)
@@ -63,6 +68,20 @@ fn activate(base: &str, vin: &str) -> String {
     let (status, answer) = post(base, TOKEN, "/ota/activate", &body, None);
     assert_eq!(status, 202, "{answer}");
     answer["requestId"].as_str().unwrap().to_owned()
+}
+
+/// `POST /campaigns` activating snow mode on `vins`: the 202's body.
+fn snow_campaign(base: &str, vins: &[&str]) -> Value {
+    let body = json!({
+        "vins": vins,
+        "action": "ACTIVATE",
+        "serviceId": "snow-mode",
+        "configuration": {"featureFlags": ["snow_mode"]},
+        "duration": {"type": "PERMANENT"},
+    });
+    let (status, answer) = post(base, TOKEN, "/campaigns", &body, None);
+    assert_eq!(status, 202, "{answer}");
+    answer
 }
 
 #[test]
@@ -112,15 +131,7 @@ fn request_campaign_and_tickets_show_what_the_gateway_did_with_unanswered_reques
     assert_eq!(v["errorCode"], "NO_CONFIRMATION");
 
     // A campaign of two cars and one the gateway does not know.
-    let body = json!({
-        "vins": [VIN2, VIN3, UNKNOWN_VIN],
-        "action": "ACTIVATE",
-        "serviceId": "snow-mode",
-        "configuration": {"featureFlags": ["snow_mode"]},
-        "duration": {"type": "PERMANENT"},
-    });
-    let (status, answer) = post(&base, TOKEN, "/campaigns", &body, None);
-    assert_eq!(status, 202, "{answer}");
+    let answer = snow_campaign(&base, &[VIN2, VIN3, UNKNOWN_VIN]);
     assert_eq!(answer["accepted"], 2, "{answer}");
     let cid = answer["campaignId"].as_str().unwrap().to_owned();
     let cpath = format!("/campaigns/{cid}");
@@ -243,6 +254,54 @@ fn request_campaign_and_tickets_show_what_the_gateway_did_with_unanswered_reques
     assert_eq!(v["tickets"].as_array().unwrap().len(), 2, "{v}");
     let all = get(&base, TOKEN, "/support/tickets");
     assert_eq!(v["tickets"][0], all["tickets"][0]);
+}
+
+#[test]
+fn cancel_ends_a_request_and_a_campaign_still_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    // Attempts of a minute: nothing ends on its own during the test.
+    let base = gateway_waiting(dir.path(), Duration::from_secs(60));
+    for (i, vin) in [VIN1, VIN2, VIN3].into_iter().enumerate() {
+        register_car(&base, TOKEN, vin, 10 + u8::try_from(i).unwrap());
+    }
+    let id = activate(&base, VIN1);
+    let t = ctl(&base, &["request", "show", &id]).ok().to_owned();
+    assert_eq!(value_of(&t, "Status"), "IN_PROGRESS", "{t}");
+    for _ in 0..2 {
+        // The same answer again for a request already cancelled.
+        let t = ctl(&base, &["request", "cancel", &id]).ok().to_owned();
+        assert_eq!(value_of(&t, "Status"), "FAILED", "{t}");
+        assert_eq!(value_of(&t, "Error code"), "CANCELLED", "{t}");
+    }
+    assert_eq!(
+        get(&base, TOKEN, &format!("/ota/requests/{id}"))["errorCode"],
+        "CANCELLED"
+    );
+
+    let answer = snow_campaign(&base, &[VIN2, VIN3]);
+    let cid = answer["campaignId"].as_str().unwrap().to_owned();
+    let t = ctl(&base, &["campaign", "show", &cid]).ok().to_owned();
+    assert_eq!(value_of(&t, "Cancelled"), "-", "{t}");
+    let t = ctl(&base, &["campaign", "cancel", &cid]).ok().to_owned();
+    assert_ne!(value_of(&t, "Cancelled"), "-", "{t}");
+    assert_eq!(value_of(&t, "cancelledNow"), "2", "{t}");
+    let run = ctl(&base, &["campaign", "cancel", &cid, "--json"]);
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(
+        (&v["cancelledNow"], &v["counts"]["FAILED"]),
+        (&json!(0), &json!(2)),
+        "{v}"
+    );
+
+    // An unknown request and a malformed id: exit 1 and one clear line.
+    let unknown = "0b6f3a52-9c1e-4d2a-8f00-1234567890ab";
+    let line = ctl(&base, &["request", "cancel", unknown]).err().to_owned();
+    assert!(
+        line.contains("HTTP 404") && line.contains("unknown request"),
+        "{line}"
+    );
+    let line = ctl(&base, &["campaign", "cancel", "1234"]).err().to_owned();
+    assert!(line.contains(r#"invalid campaign id "1234""#), "{line}");
 }
 
 #[test]
