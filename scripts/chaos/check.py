@@ -265,6 +265,34 @@ for c in camps:
         violations["5_campaign_accepted_vs_requests"].append(camp_results[-1])
 report["campaigns_checked"] = len(camp_results)
 
+# ---------- 8: cancels ----------
+# A cancel answered 200 is durable: that request ended FAILED with CANCELLED, or that
+# campaign stays cancelled (kills and all). A 409 says the request ended otherwise first:
+# it must not end CANCELLED unless another cancel of it may have done that. Anything but
+# 200, 409, a 5xx from a gateway going down, or no answer at all is wrong.
+cancels = [r for r in driver if r.get("type") == "cancel"]
+by_answer = collections.Counter(str(r["status"]) for r in cancels)
+report["cancels"] = {"sent": len(cancels), "by_status": dict(by_answer)}
+maybe_cancelled = {r["id"] for r in cancels if r["status"] != 409}
+for r in cancels:
+    st = r["status"]
+    if st is not None and st not in (200, 409) and st < 500:
+        violations["8_cancel_unexpected_answer"].append(r)
+        continue
+    if r["target"] == "request" and st in (200, 409):
+        gst, gjs = reqs.get(r["id"]) or get(f"/ota/requests/{r['id']}")
+        code = gjs.get("errorCode") if isinstance(gjs, dict) else None
+        if gst != 200:
+            violations["8_cancelled_request_unknown"].append({"cancel": r, "get": [gst, gjs]})
+        elif st == 200 and (gjs["status"], code) != ("FAILED", "CANCELLED"):
+            violations["8_cancel_200_but_not_cancelled"].append({"cancel": r, "get": gjs})
+        elif st == 409 and code == "CANCELLED" and r["id"] not in maybe_cancelled:
+            violations["8_cancel_409_but_cancelled"].append({"cancel": r, "get": gjs})
+    elif r["target"] == "campaign" and st == 200:
+        gst, gjs = get(f"/campaigns/{r['id']}")
+        if gst != 200 or gjs.get("cancelledAt") != r["resp"].get("cancelledAt"):
+            violations["8_campaign_cancel_lost"].append({"cancel": r, "get": [gst, gjs]})
+
 # ---------- 4: vehicle status vs outcomes ----------
 vins = []
 for f in sorted(glob.glob(os.path.join(run, "vins-*.txt"))):

@@ -3,6 +3,9 @@
 and services, plus a campaign now and then. Every answer, including a connection error (the
 outcome of that POST is unknown), goes to RUNDIR/driver.jsonl for the checker.
 
+Now and then it cancels a request it made a moment ago, or its newest campaign
+(--cancel-share of the requests it sends, default 0.04).
+
 usage: driver.py BASE_URL TOKEN RUNDIR --vins F [F..] [--rate 12] [--campaign-every 30]
 Stops on SIGTERM/SIGINT after what is in flight, so no answer goes unrecorded.
 """
@@ -19,6 +22,7 @@ ap.add_argument("--campaign-every", type=float, default=30.0)
 ap.add_argument("--workers", type=int, default=12)
 ap.add_argument("--campaign-max", type=int, default=40)
 ap.add_argument("--seed", type=int, default=None)
+ap.add_argument("--cancel-share", type=float, default=0.04)
 args = ap.parse_args()
 
 rnd = random.Random(args.seed)
@@ -85,6 +89,15 @@ def call(method, path, body=None, timeout=20):
 
 # What the driver believes each car may have (only to aim deactivations; 409s are fine).
 believed = {v: set() for v in vins}
+# The newest accepted requests and campaigns (at most 50 and 5), for the cancels to aim at.
+recent_lock = threading.Lock()
+recent_requests, recent_campaigns = [], []
+
+
+def remember(lst, item, bound):
+    with recent_lock:
+        lst.append(item)
+        del lst[:-bound]
 
 
 def one_request():
@@ -121,6 +134,8 @@ def one_request():
            "body": body, "t0": t0, "t1": t1, "status": st, "resp": js, "err": err}
     record(rec)
     if st and 200 <= st < 300:
+        if isinstance(js, dict) and js.get("requestId"):
+            remember(recent_requests, js["requestId"], 50)
         if kind == "activate":
             have.add(body["serviceId"])
         else:
@@ -144,6 +159,25 @@ def one_campaign():
     t1 = time.time()
     record({"type": "campaign", "body": body, "t0": t0, "t1": t1, "status": st, "resp": js,
             "err": err})
+    if st and 200 <= st < 300 and isinstance(js, dict) and js.get("campaignId"):
+        remember(recent_campaigns, js["campaignId"], 5)
+
+
+def one_cancel():
+    """Cancels a recent request (mostly) or campaign; the checker holds the gateway to the
+    answer: a 200 means that request ended CANCELLED (or, for a campaign, it stays marked
+    cancelled), a 409 that it had ended otherwise before."""
+    with recent_lock:
+        target = "campaign" if recent_campaigns and rnd.random() < 0.15 else "request"
+        pool = recent_campaigns if target == "campaign" else recent_requests
+        if not pool:
+            return
+        ident = rnd.choice(pool)
+    path = f"/campaigns/{ident}/cancel" if target == "campaign" else f"/ota/requests/{ident}/cancel"
+    t0 = time.time()
+    st, js, err = call("POST", path, {})
+    record({"type": "cancel", "target": target, "id": ident, "t0": t0, "t1": time.time(),
+            "status": st, "resp": js, "err": err})
 
 
 jobs = queue.Queue(maxsize=64)
@@ -179,6 +213,8 @@ while not stop.is_set():
         if now >= next_campaign:
             next_campaign = now + rnd.uniform(0.5, 1.5) * args.campaign_every
             jobs.put(one_campaign, timeout=1)
+        elif rnd.random() < args.cancel_share:
+            jobs.put(one_cancel, timeout=1)
         else:
             jobs.put(one_request, timeout=1)
     except queue.Full:
