@@ -423,6 +423,12 @@ impl Api {
         self.get(&format!("/ota/requests/{id}")).await
     }
 
+    /// `POST /ota/requests/{id}/cancel`: the request, ended (FAILED, `CANCELLED`).
+    pub async fn cancel_request(&self, id: &str) -> Result<Value> {
+        self.post(&format!("/ota/requests/{id}/cancel"), &json!({}))
+            .await
+    }
+
     /// `GET /vehicles/{vin}/status`.
     pub async fn vehicle_status(&self, vin: &str) -> Result<Value> {
         self.get(&format!("/vehicles/{vin}/status")).await

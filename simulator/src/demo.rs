@@ -10,7 +10,9 @@
 //! 3. it is deactivated;
 //! 4. a car that never answers ends `FAILED`, is not charged, and when it comes back it
 //!    finds the grant withdrawn (a newer command without it);
-//! 5. a campaign reaches the whole fleet.
+//! 5. an order for a car out of reach is cancelled before the car takes it: `FAILED`
+//!    (`CANCELLED`), not charged, and the car, back, does not have the feature;
+//! 6. a campaign reaches the whole fleet.
 //!
 //! It prints the report and exits 0 only if every step held.
 
@@ -75,6 +77,9 @@ impl Ledger {
             "ACTIVATED" => format!("{vin} {service:<22} charged {price}"),
             "DEACTIVATED" => {
                 format!("{vin} {service:<22} subscription ended, nothing further charged")
+            }
+            "CANCELLED" => {
+                format!("{vin} {service:<22} order cancelled before the car took it: NOT charged")
             }
             _ => format!(
                 "{vin} {service:<22} {status}: NOT charged, refund issued, support ticket open"
@@ -172,7 +177,7 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
     );
     let vins = fleet.vins();
     let pick = |i: usize| vins.get(i.min(vins.len() - 1)).cloned().unwrap_or_default();
-    let (boost_car, perm_car, silent_car) = (pick(0), pick(1), pick(2));
+    let (boost_car, perm_car, silent_car, cancel_car) = (pick(0), pick(1), pick(2), pick(3));
     let mut ledger = Ledger { lines: Vec::new() };
     let no_params = serde_json::Map::new();
 
@@ -366,7 +371,68 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
     );
 
     story.say(&format!(
-        "5. a campaign: streaming (subscription) to all {} cars",
+        "5. {cancel_car} is out of reach; the customer orders snow_mode, then cancels the order"
+    ));
+    if let Some(c) = fleet.car(&cancel_car) {
+        c.shared.set_silent(true);
+    }
+    let cancel_req = api
+        .activate(
+            &cancel_car,
+            "snow-mode",
+            &["snow_mode".to_string()],
+            &no_params,
+            &Lasting::Permanent,
+        )
+        .await?;
+    receiver.expect(&cancel_req, Instant::now());
+    let answer = api.cancel_request(&cancel_req).await?;
+    let cb = callback_of(&receiver, &cancel_req, Duration::from_secs(20)).await;
+    let status = cb.as_ref().map(|c| c.status.clone()).unwrap_or_default();
+    let code = cb
+        .as_ref()
+        .and_then(|c| c.error_code.clone())
+        .unwrap_or_default();
+    story.check(
+        format!(
+            "POST /ota/requests/{cancel_req}/cancel → {} {}; callback {status} ({code})",
+            answer["status"].as_str().unwrap_or("?"),
+            answer["errorCode"].as_str().unwrap_or("?")
+        ),
+        answer["errorCode"] == "CANCELLED" && status == "FAILED" && code == "CANCELLED",
+    );
+    ledger.settle(&cancel_car, "snow-mode (permanent)", "€49.00", "CANCELLED");
+    if let Some(c) = fleet.car(&cancel_car) {
+        c.shared.set_silent(false);
+        c.shared.reconnect.notify_one();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut snap = Default::default();
+    while Instant::now() < deadline {
+        snap = fleet
+            .car(&cancel_car)
+            .map(|c| c.shared.snapshot())
+            .unwrap_or_default();
+        if snap.applied_seq > 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    story.check(
+        format!(
+            "back, the car applied the newest command (seq {}); snow_mode is {}",
+            snap.applied_seq,
+            if snap.lines_on.iter().any(|l| l == "snow_mode") {
+                "ON — unpaid!"
+            } else {
+                "off"
+            }
+        ),
+        snap.applied_seq > 1 && !snap.lines_on.iter().any(|l| l == "snow_mode"),
+    );
+
+    story.say(&format!(
+        "6. a campaign: streaming (subscription) to all {} cars",
         vins.len()
     ));
     let t = Instant::now();
