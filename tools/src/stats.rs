@@ -16,13 +16,14 @@ use crate::table::{key_values, render};
 pub const MAX_METRIC_LINES: usize = 10_000;
 
 /// The counters and gauges shown, as (label, sample name).
-const COUNTS: [(&str, &str); 14] = [
+const COUNTS: [(&str, &str); 15] = [
     ("requests created", "caas_requests_total{state=\"created\"}"),
     (
         "requests completed",
         "caas_requests_total{state=\"completed\"}",
     ),
     ("requests failed", "caas_requests_total{state=\"failed\"}"),
+    ("  of them cancelled", "caas_requests_cancelled_total"),
     ("requests in flight", "caas_requests_in_flight"),
     ("command attempts", "caas_attempts_total"),
     ("cars registered", "caas_cars_registered"),

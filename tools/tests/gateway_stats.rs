@@ -1,7 +1,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 //! `caasctl gateway stats` against a real gateway (embedded broker, a store in a temporary
 //! directory) started in this process: one car registered and one activation accepted, which
-//! stays in flight (no car is connected).
+//! stays in flight (no car is connected) until it is cancelled.
 
 mod common;
 
@@ -23,10 +23,13 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
         "duration": {"type": "PERMANENT"},
     });
     // Sent twice with one idempotency key: one request, one repeat.
+    let mut ids = Vec::new();
     for _ in 0..2 {
         let (status, answer) = post(&base, TOKEN, "/ota/activate", &activation, Some("order-1"));
         assert_eq!(status, 202, "{answer}");
+        ids.push(answer["requestId"].as_str().unwrap().to_owned());
     }
+    assert_eq!(ids[0], ids[1]);
 
     let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", TOKEN]);
     let text = run.ok();
@@ -39,6 +42,7 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     };
     assert_eq!(line("requests created").last(), Some(&"1"), "{text}");
     assert_eq!(line("requests in flight").last(), Some(&"1"), "{text}");
+    assert_eq!(line("  of them cancelled").last(), Some(&"0"), "{text}");
     assert_eq!(line("cars registered").last(), Some(&"1"), "{text}");
     assert_eq!(line("repeats answered").last(), Some(&"1"), "{text}");
     assert_eq!(line("uses of the previous").last(), Some(&"0"), "{text}");
@@ -75,6 +79,28 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     );
     assert_eq!(v["stages"]["caas_activation_latency_seconds"]["count"], 0.0);
     assert_eq!(v["webhookReceiverDown"], false);
+
+    // Cancelled, the request counts as failed and as cancelled, and is no longer in flight.
+    let id = &ids[0];
+    let (status, answer) = post(
+        &base,
+        TOKEN,
+        &format!("/ota/requests/{id}/cancel"),
+        &json!({}),
+        None,
+    );
+    assert_eq!(status, 200, "{answer}");
+    let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", TOKEN]);
+    let text = run.ok();
+    let last = |start: &str| {
+        text.lines()
+            .find(|l| l.starts_with(start))
+            .and_then(|l| l.split_whitespace().last())
+            .unwrap_or_else(|| panic!("no {start:?} line in\n{text}"))
+    };
+    assert_eq!(last("requests failed"), "1", "{text}");
+    assert_eq!(last("  of them cancelled"), "1", "{text}");
+    assert_eq!(last("requests in flight"), "0", "{text}");
 
     // A wrong token: one clear line naming the refusal, and a non-zero exit.
     let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", "wrong"]);
