@@ -148,7 +148,9 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/vehicles/{vin}/history", get(history))
         .route(
             "/campaigns",
-            post(campaign).layer(DefaultBodyLimit::max(MAX_CAMPAIGN_BODY_BYTES)),
+            post(campaign)
+                .layer(DefaultBodyLimit::max(MAX_CAMPAIGN_BODY_BYTES))
+                .get(list_campaigns),
         )
         .route("/campaigns/{campaignId}", get(get_campaign))
         .route("/campaigns/{campaignId}/cancel", post(cancel_campaign))
@@ -1111,6 +1113,64 @@ async fn cancel_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
     Ok(Json(view).into_response())
 }
 
+/// `GET /campaigns?limit=&before=`: the campaigns, newest first, a page at a time (`before`:
+/// the previous page's `nextBefore`, a campaign id; `null` on the last page), without their
+/// counts (a read per request: `GET /campaigns/{campaignId}` has them).
+async fn list_campaigns(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
+    let limit = page_limit(&q, 50)?;
+    if let Some(k) = q
+        .keys()
+        .find(|k| !["limit", "before"].contains(&k.as_str()))
+    {
+        return Err(ApiError::new(
+            400,
+            "unknown parameter",
+            k,
+            "only limit and before",
+        ));
+    }
+    let before = match q.get("before") {
+        None => None,
+        Some(s) => Some(
+            s.parse::<RequestId>()
+                .map_err(|_| ApiError::bad("before", "a campaign id from a previous page"))?,
+        ),
+    };
+    let range = match &before {
+        Some(cid) => st.store.campaigns.range(..&cid.0[..]),
+        None => st.store.campaigns.iter(),
+    };
+    let mut out = Vec::new();
+    // Campaign ids are version 7 UUIDs, in time order; a cancel mark (a longer key) is not
+    // a campaign. One past the page tells whether an older page exists.
+    for item in range.rev() {
+        let (key, v) = item.map_err(ApiError::storage)?;
+        let (Ok(cid), Some(rec)) = (<[u8; 16]>::try_from(&key[..]), dec::<CampaignRec>(&v)) else {
+            continue;
+        };
+        if out.len() == limit {
+            let next = out
+                .last()
+                .map(|(c, _): &(RequestId, CampaignRec)| c.to_string());
+            return campaigns_page(&st, &out, next);
+        }
+        out.push((RequestId(cid), rec));
+    }
+    campaigns_page(&st, &out, None)
+}
+
+fn campaigns_page(
+    st: &AppState,
+    page: &[(RequestId, CampaignRec)],
+    next: Option<String>,
+) -> ApiResult {
+    let mut campaigns = Vec::with_capacity(page.len());
+    for (cid, rec) in page {
+        campaigns.push(campaign_summary(st, cid, rec)?);
+    }
+    Ok(Json(json!({ "campaigns": campaigns, "nextBefore": next })).into_response())
+}
+
 /// Where the time a campaign was cancelled is kept: its key in the campaigns tree with a
 /// suffix, so the mark goes when the campaign is pruned.
 fn cancel_mark(cid: &RequestId) -> Vec<u8> {
@@ -1160,14 +1220,20 @@ async fn campaign_view(
         }
         None => json!(campaign_counts_from_store(&st.store, cid).await?),
     };
+    let mut view = campaign_summary(st, &cid, rec)?;
+    view["counts"] = counts;
+    Ok(view)
+}
+
+/// A campaign without its counts, as `GET /campaigns` lists it.
+fn campaign_summary(st: &AppState, cid: &RequestId, rec: &CampaignRec) -> Result<Value, ApiError> {
     Ok(json!({
         "campaignId": rec.campaign_id,
         "action": rec.action,
         "serviceId": rec.service_id,
         "total": rec.total,
         "createdAt": rec.created_at,
-        "cancelledAt": cancelled_at(st, &cid)?,
-        "counts": counts,
+        "cancelledAt": cancelled_at(st, cid)?,
     }))
 }
 

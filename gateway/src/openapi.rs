@@ -94,16 +94,9 @@ pub(crate) fn document() -> Value {
     let vin_param = path_param("vin", "VIN", vin.clone());
     let body_kib = MAX_BODY_BYTES / 1024;
     let campaign_mib = MAX_CAMPAIGN_BODY_BYTES / (1024 * 1024);
-    json!({
-        "openapi": "3.0.3",
-        "info": {
-            "title": "CaaS IoT API (caas-gateway)",
-            "version": env!("CARGO_PKG_VERSION"),
-            "description": format!("Activation and deactivation of car features over the air. Every route but /healthz needs `Authorization: Bearer <token>`. Bodies over {body_kib} KiB ({campaign_mib} MiB for /campaigns) are refused with 413. Every 4xx and 5xx body is an Error naming the field: also 404 for a path that is not listed here, and 405 (with an Allow header) for a method a listed path does not answer. Results arrive as callbacks: POST <webhook-url> with body CallbackBody and headers X-CaaS-Timestamp (Unix seconds) and X-CaaS-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + \".\" + body)>, retried until 2xx.")
-        },
-        "components": {
-            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
-            "schemas": {
+    // Built in three parts: one json! literal of the whole document passes the macro's
+    // recursion limit.
+    let schemas = json!({
                 "Health": { "type": "object", "required": ["status", "store", "broker", "webhookReceiver"], "properties": {
                     "status": { "type": "string", "enum": ["ok", "unavailable"] },
                     "store": { "type": "string", "enum": ["ok", "failing"] },
@@ -186,6 +179,10 @@ pub(crate) fn document() -> Value {
                     "refusedCount": { "type": "integer", "description": "cars that cannot take it: unknown, a service not active, too many services or too many requests in flight" },
                     "refused": { "type": "array", "maxItems": 100, "description": "the first of the refused cars", "items": { "type": "object", "required": ["vin", "reason"], "properties": { "vin": { "type": "string" }, "reason": { "type": "string" } } } },
                     "timestamp": { "type": "string", "format": "date-time" } } },
+                "CampaignSummary": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "cancelledAt"], "properties": {
+                    "campaignId": { "type": "string", "format": "uuid" }, "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] }, "serviceId": { "type": "string" },
+                    "total": { "type": "integer" }, "createdAt": { "type": "string", "format": "date-time" },
+                    "cancelledAt": { "type": "string", "format": "date-time", "nullable": true } } },
                 "Campaign": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "cancelledAt", "counts"], "properties": {
                     "campaignId": { "type": "string", "format": "uuid" }, "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] }, "serviceId": { "type": "string" },
                     "total": { "type": "integer" }, "createdAt": { "type": "string", "format": "date-time" },
@@ -203,10 +200,8 @@ pub(crate) fn document() -> Value {
                     "lastSeen": { "type": "string", "nullable": true }, "probeAnswered": { "type": "boolean" },
                     "expectedSeq": { "type": "integer" }, "appliedSeq": { "type": "integer" },
                     "diagnostics": { "type": "object", "nullable": true } } }
-            }
-        },
-        "security": [{ "bearer": [] }],
-        "paths": {
+    });
+    let paths = json!({
             "/healthz": { "get": { "security": [], "summary": "Liveness and readiness: 503 while the store does not flush or the external broker is not connected; a webhook receiver that is down is only reported (callbacks wait in the outbox)",
                 "responses": merge(ok("200", "ready", r("Health")), json!({ "503": { "description": "not ready", "content": { "application/json": { "schema": r("Health") } } } })) } },
             "/ota/activate": { "post": { "summary": "Activate a service on a car", "requestBody": body(r("ActivateRequest")),
@@ -234,7 +229,12 @@ pub(crate) fn document() -> Value {
             "/campaigns": { "post": { "summary": format!("One activation or deactivation for many cars (up to {MAX_CAMPAIGN_VINS} VINs)"), "requestBody": body(r("CampaignRequest")),
                 "parameters": [idempotency_key()],
                 "responses": merge(accepted("accepted and durable; cars that cannot take it are counted and listed as refused", r("CampaignAccepted")),
-                    errors(&["400", "401", "409", "413", "422", "500", "503"])) } },
+                    errors(&["400", "401", "409", "413", "422", "500", "503"])) },
+                "get": { "summary": "The campaigns, newest first, a page at a time, without their counts (GET /campaigns/{campaignId} has them)",
+                    "parameters": [limit(50), query("before", "nextBefore of the previous page (a campaign id)", json!({ "type": "string", "format": "uuid" }))],
+                    "responses": merge(ok("200", "one page", json!({ "type": "object", "required": ["campaigns", "nextBefore"], "properties": {
+                        "campaigns": { "type": "array", "items": r("CampaignSummary") }, "nextBefore": { "type": "string", "nullable": true } } })),
+                        errors(&["400", "401", "500"])) } },
             "/campaigns/{campaignId}": { "get": { "summary": "A campaign's requests counted by state",
                 "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "counts", r("Campaign")), errors(&["400", "401", "404", "500"])) } },
@@ -255,6 +255,19 @@ pub(crate) fn document() -> Value {
                 "responses": merge(json!({ "200": { "description": "text exposition", "content": { "text/plain": { "schema": { "type": "string" } } } } }), errors(&["401"])) } },
             "/openapi.json": { "get": { "summary": "This document",
                 "responses": merge(ok("200", "OpenAPI 3", json!({ "type": "object", "required": ["openapi", "info", "paths"] })), errors(&["401"])) } }
-        }
+    });
+    json!({
+        "openapi": "3.0.3",
+        "info": {
+            "title": "CaaS IoT API (caas-gateway)",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": format!("Activation and deactivation of car features over the air. Every route but /healthz needs `Authorization: Bearer <token>`. Bodies over {body_kib} KiB ({campaign_mib} MiB for /campaigns) are refused with 413. Every 4xx and 5xx body is an Error naming the field: also 404 for a path that is not listed here, and 405 (with an Allow header) for a method a listed path does not answer. Results arrive as callbacks: POST <webhook-url> with body CallbackBody and headers X-CaaS-Timestamp (Unix seconds) and X-CaaS-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + \".\" + body)>, retried until 2xx.")
+        },
+        "components": {
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },
+            "schemas": schemas
+        },
+        "security": [{ "bearer": [] }],
+        "paths": paths
     })
 }

@@ -686,7 +686,7 @@ async fn router_refusals_are_json_naming_the_field() {
 // ---------- the OpenAPI document, checked against the server's real answers ----------
 
 /// Every documented route and method (the README's table).
-const ROUTES: [(&str, &str); 15] = [
+const ROUTES: [(&str, &str); 16] = [
     ("/healthz", "get"),
     ("/ota/activate", "post"),
     ("/ota/deactivate", "post"),
@@ -696,6 +696,7 @@ const ROUTES: [(&str, &str); 15] = [
     ("/vehicles/{vin}/status", "get"),
     ("/vehicles/{vin}/history", "get"),
     ("/campaigns", "post"),
+    ("/campaigns", "get"),
     ("/campaigns/{campaignId}", "get"),
     ("/campaigns/{campaignId}/cancel", "post"),
     ("/support/tickets", "get"),
@@ -1341,6 +1342,39 @@ async fn openapi_document_matches_what_the_server_answers() {
         .call(&api, "get", campaign, &format!("/campaigns/{cid}"), None)
         .await;
     assert!(b["cancelledAt"].is_string(), "{b}");
+    // The list: a second campaign, newest first, pages of one; the cancelled one says so.
+    let (s, b) = c
+        .call(&api, "post", campaigns, campaigns, Some(&body))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let newer = b["campaignId"].as_str().unwrap().to_owned();
+    let (s, p1) = c
+        .call(&api, "get", campaigns, "/campaigns?limit=1", None)
+        .await;
+    assert_eq!(s, 200, "{p1}");
+    assert_eq!(p1["campaigns"][0]["campaignId"], newer.as_str(), "{p1}");
+    assert_eq!(p1["campaigns"][0]["cancelledAt"], Value::Null, "{p1}");
+    assert_eq!(p1["nextBefore"], newer.as_str(), "{p1}");
+    let (_, p2) = c
+        .call(
+            &api,
+            "get",
+            campaigns,
+            &format!("/campaigns?limit=1&before={newer}"),
+            None,
+        )
+        .await;
+    assert_eq!(p2["campaigns"][0]["campaignId"], cid.as_str(), "{p2}");
+    assert!(p2["campaigns"][0]["cancelledAt"].is_string(), "{p2}");
+    assert_eq!(p2["nextBefore"], Value::Null, "{p2}");
+    for (path, field) in [
+        ("/campaigns?before=nope", "before"),
+        ("/campaigns?limit=0", "limit"),
+        ("/campaigns?state=open", "state"),
+    ] {
+        let (s, b) = c.call(&api, "get", campaigns, path, None).await;
+        assert_eq!((s, b["field"].as_str()), (400, Some(field)), "{path}: {b}");
+    }
 
     // A car that never connects: the first refusal of many quick activations is 409 (no
     // room for another service) or 429 (too many in flight), and the requests end FAILED

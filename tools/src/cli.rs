@@ -128,6 +128,21 @@ pub enum RequestCommand {
 /// `caasctl campaign ...`
 #[derive(Debug, Subcommand)]
 pub enum CampaignCommand {
+    /// The campaigns, newest first, a page at a time (GET /campaigns).
+    List {
+        /// Most campaigns to show on this page.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway::MAX_PAGE_LIMIT)))]
+        limit: u32,
+        /// Show campaigns older than this cursor (the previous page's nextBefore).
+        #[arg(long)]
+        before: Option<String>,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A campaign's action, service, size and its requests counted by state
     /// (GET /campaigns/{campaignId}).
     Show {
@@ -645,22 +660,34 @@ fn run_request(cmd: RequestCommand) -> Result<()> {
 }
 
 fn run_campaign(cmd: CampaignCommand) -> Result<()> {
-    let (CampaignCommand::Show {
-        campaign_id,
-        gateway,
-        json,
-    }
-    | CampaignCommand::Cancel {
-        campaign_id,
-        gateway,
-        json,
-    }) = &cmd;
+    let client = Client::new()?;
+    let (campaign_id, gateway, json) = match &cmd {
+        CampaignCommand::List {
+            limit,
+            before,
+            gateway,
+            json,
+        } => {
+            let gw = gateway_of(gateway.clone())?;
+            let v = gw.campaigns(&client, *limit, before.as_deref())?;
+            return print_answer(&v, *json, |v| requests::campaigns_text(v, *limit));
+        }
+        CampaignCommand::Show {
+            campaign_id,
+            gateway,
+            json,
+        }
+        | CampaignCommand::Cancel {
+            campaign_id,
+            gateway,
+            json,
+        } => (campaign_id, gateway, json),
+    };
     let id = parse_id(campaign_id, "campaign id")?;
     let gw = gateway_of(gateway.clone())?;
-    let client = Client::new()?;
     let v = match cmd {
-        CampaignCommand::Show { .. } => gw.campaign(&client, &id)?,
         CampaignCommand::Cancel { .. } => gw.cancel_campaign(&client, &id)?,
+        _ => gw.campaign(&client, &id)?,
     };
     print_answer(&v, *json, requests::campaign_text)
 }

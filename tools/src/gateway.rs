@@ -44,3 +44,14 @@ impl Gateway {
         format!("{}{path}", trim_base(&self.url))
     }
 }
+
+/// `path?limit=N[&before=CURSOR]`: one page of a listing route, `before` (the previous
+/// page's `nextBefore`) percent-encoded.
+pub fn page_path(path: &str, limit: u32, before: Option<&str>) -> String {
+    let mut out = format!("{path}?limit={limit}");
+    if let Some(b) = before {
+        out.push_str("&before=");
+        out.push_str(&crate::http::encode_component(b));
+    }
+    out
+}

@@ -21,8 +21,8 @@
 use caas_protocol::{RequestId, Vin};
 use serde_json::{Map, Value};
 
-use crate::gateway::Gateway;
-use crate::http::{encode_component, Client, HttpError};
+use crate::gateway::{page_path, Gateway};
+use crate::http::{Client, HttpError};
 use crate::table::{
     field, json_cell, key_values, labelled_fields, list_items, objects_table, other_fields, render,
 };
@@ -52,6 +52,16 @@ const CAMPAIGN_FIELDS: [(&str, &str); 6] = [
     ("total", "Total VINs"),
     ("createdAt", "Created"),
     ("cancelledAt", "Cancelled"),
+];
+
+/// The columns of the campaigns table, as (field, header).
+const CAMPAIGN_COLUMNS: [(&str, &str); 6] = [
+    ("campaignId", "CAMPAIGN"),
+    ("createdAt", "CREATED"),
+    ("action", "ACTION"),
+    ("serviceId", "SERVICE"),
+    ("total", "VINS"),
+    ("cancelledAt", "CANCELLED"),
 ];
 
 /// A campaign's request states in the order a request goes through them.
@@ -94,6 +104,16 @@ impl Gateway {
         self.post_json(client, &format!("/campaigns/{id}/cancel"))
     }
 
+    /// `GET /campaigns?limit=N[&before=CURSOR]`.
+    pub fn campaigns(
+        &self,
+        client: &Client,
+        limit: u32,
+        before: Option<&str>,
+    ) -> Result<Value, HttpError> {
+        self.get_json(client, &page_path("/campaigns", limit, before))
+    }
+
     /// `GET /campaigns/{campaignId}`.
     pub fn campaign(&self, client: &Client, id: &RequestId) -> Result<Value, HttpError> {
         self.get_json(client, &format!("/campaigns/{id}"))
@@ -101,11 +121,7 @@ impl Gateway {
 
     /// `GET /support/tickets?limit=N[&before=CURSOR][&vin=VIN]`.
     pub fn tickets(&self, client: &Client, page: &TicketPage<'_>) -> Result<Value, HttpError> {
-        let mut path = format!("/support/tickets?limit={}", page.limit);
-        if let Some(b) = page.before {
-            path.push_str("&before=");
-            path.push_str(&encode_component(b));
-        }
+        let mut path = page_path("/support/tickets", page.limit, page.before);
         if let Some(vin) = page.vin {
             path.push_str(&format!("&vin={vin}"));
         }
@@ -200,9 +216,45 @@ pub fn tickets_text(v: &Value, page: &TicketPage<'_>) -> String {
         .iter()
         .map(|t| spread(t, "diagnostics"))
         .collect();
-    let mut out = format!("Support tickets: {}, newest first\n", items.len());
+    let vin = page.vin.map(|v| format!(" --vin {v}")).unwrap_or_default();
+    let mut out = listing_text(v, &items, "Support tickets", &TICKET_COLUMNS, |next| {
+        format!(
+            "Older tickets: caasctl gateway tickets --limit {}{vin} --before {next}",
+            page.limit
+        )
+    });
+    // A gateway without paging lists only its newest tickets: a full page may hide more.
+    let pages = v.get("nextBefore").is_some();
+    if !pages && u32::try_from(items.len()).is_ok_and(|n| n >= page.limit) {
+        out.push_str(&format!(
+            "Older tickets may exist (this gateway has no cursor past its newest {})\n",
+            page.limit
+        ));
+    }
+    out
+}
+
+/// The readable form of a campaigns page (`GET /campaigns`); `limit` is the page size
+/// asked for, repeated in the command that shows the next page.
+pub fn campaigns_text(v: &Value, limit: u32) -> String {
+    let items = list_items(v, "campaigns");
+    listing_text(v, items, "Campaigns", &CAMPAIGN_COLUMNS, |next| {
+        format!("Older campaigns: caasctl campaign list --limit {limit} --before {next}")
+    })
+}
+
+/// A page of a listing: its title with the count, the table, any other top-level field,
+/// and, when `nextBefore` names a cursor, the command for the next page (`next_command`).
+fn listing_text(
+    v: &Value,
+    items: &[Value],
+    title: &str,
+    columns: &[(&str, &str)],
+    next_command: impl Fn(&str) -> String,
+) -> String {
+    let mut out = format!("{title}: {}, newest first\n", items.len());
     if !items.is_empty() {
-        out.push_str(&objects_table(&items, &TICKET_COLUMNS));
+        out.push_str(&objects_table(items, columns));
     }
     let Some(obj) = v.as_object() else {
         return out;
@@ -212,24 +264,9 @@ pub fn tickets_text(v: &Value, page: &TicketPage<'_>) -> String {
             out.push_str(&format!("{k}: {}\n", json_cell(val)));
         }
     }
-    match obj.get("nextBefore") {
-        Some(Value::Null) => {}
-        Some(next) => {
-            let vin = page.vin.map(|v| format!(" --vin {v}")).unwrap_or_default();
-            out.push_str(&format!(
-                "Older tickets: caasctl gateway tickets --limit {}{vin} --before {}\n",
-                page.limit,
-                json_cell(next)
-            ));
-        }
-        // A gateway without paging lists only its newest tickets: a full page may hide more.
-        None if u32::try_from(items.len()).is_ok_and(|n| n >= page.limit) => {
-            out.push_str(&format!(
-                "Older tickets may exist (this gateway has no cursor past its newest {})\n",
-                page.limit
-            ));
-        }
-        None => {}
+    if let Some(next) = obj.get("nextBefore").filter(|n| !n.is_null()) {
+        out.push_str(&next_command(&json_cell(next)));
+        out.push('\n');
     }
     out
 }
@@ -437,6 +474,30 @@ mod tests {
             before: None,
             vin: None,
         }
+    }
+
+    #[test]
+    fn campaigns_are_a_table_and_a_full_page_names_the_next() {
+        let v = json!({"campaigns": [
+            {"campaignId": "c-2", "createdAt": "t2", "action": "ACTIVATE", "serviceId": "snow-mode",
+             "total": 3, "cancelledAt": "t3"},
+            {"campaignId": "c-1", "createdAt": "t1", "action": "DEACTIVATE", "serviceId": "radio",
+             "total": 1, "cancelledAt": null}
+        ], "nextBefore": "c-1"});
+        let t = campaigns_text(&v, 2);
+        assert_eq!(
+            lines(&t),
+            [
+                "Campaigns: 2, newest first",
+                "CAMPAIGN  CREATED  ACTION      SERVICE    VINS  CANCELLED",
+                "c-2       t2       ACTIVATE    snow-mode  3     t3",
+                "c-1       t1       DEACTIVATE  radio      1     -",
+                "Older campaigns: caasctl campaign list --limit 2 --before c-1",
+            ],
+            "{t}"
+        );
+        let last = json!({"campaigns": [], "nextBefore": null});
+        assert_eq!(campaigns_text(&last, 2), "Campaigns: 0, newest first\n");
     }
 
     #[test]

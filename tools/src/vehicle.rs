@@ -14,8 +14,8 @@
 use caas_protocol::Vin;
 use serde_json::Value;
 
-use crate::gateway::Gateway;
-use crate::http::{encode_component, Client, HttpError};
+use crate::gateway::{page_path, Gateway};
+use crate::http::{Client, HttpError};
 use crate::table::{field, json_cell, key_values, list_items, objects_table, other_fields};
 
 impl Gateway {
@@ -32,11 +32,7 @@ impl Gateway {
         limit: u32,
         before: Option<&str>,
     ) -> Result<Value, HttpError> {
-        let mut path = format!("/vehicles/{vin}/history?limit={limit}");
-        if let Some(b) = before {
-            path.push_str("&before=");
-            path.push_str(&encode_component(b));
-        }
+        let path = page_path(&format!("/vehicles/{vin}/history"), limit, before);
         self.get_json(client, &path)
     }
 }

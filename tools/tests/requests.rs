@@ -282,6 +282,29 @@ fn cancel_ends_a_request_and_a_campaign_still_in_flight() {
     let cid = answer["campaignId"].as_str().unwrap().to_owned();
     let t = ctl(&base, &["campaign", "show", &cid]).ok().to_owned();
     assert_eq!(value_of(&t, "Cancelled"), "-", "{t}");
+    // Listed newest first: one per page, the next page's command ends the first.
+    let newest = snow_campaign(&base, &[VIN2]);
+    let newest_id = newest["campaignId"].as_str().unwrap();
+    let t = ctl(&base, &["campaign", "list"]).ok().to_owned();
+    assert!(t.starts_with("Campaigns: 2, newest first\n"), "{t}");
+    let first = ctl(&base, &["campaign", "list", "--limit", "1"])
+        .ok()
+        .to_owned();
+    assert!(
+        first.contains(newest_id) && !first.contains(&cid),
+        "{first}"
+    );
+    let next = first
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("Older campaigns: caasctl "))
+        .unwrap_or_else(|| panic!("no next page in {first}"));
+    let args: Vec<&str> = next.split(' ').collect();
+    let second = ctl(&base, &args).ok().to_owned();
+    assert!(
+        second.contains(&cid) && !second.contains("Older campaigns"),
+        "{second}"
+    );
     let t = ctl(&base, &["campaign", "cancel", &cid]).ok().to_owned();
     assert_ne!(value_of(&t, "Cancelled"), "-", "{t}");
     assert_eq!(value_of(&t, "cancelledNow"), "2", "{t}");
