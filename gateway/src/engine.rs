@@ -1604,7 +1604,8 @@ impl Shard {
         if let Some(car) = self.cars.get_mut(&vin) {
             car.pending.retain(|x| *x != id);
             car.held.retain(|x| *x != id);
-            if result.is_err() {
+            // A cancel is the customer's doing, not the car's: its service shows no ERROR.
+            if result.is_err() && rec.error_code.as_deref() != Some(CANCELLED) {
                 if car.errors.len() >= MAX_ERRORS {
                     car.errors.remove(0);
                 }
@@ -1613,6 +1614,8 @@ impl Shard {
                     service_id: rec.service_id.clone(),
                     at: rec.created_at.clone(),
                 });
+            }
+            if result.is_err() {
                 // Withdraw what this request granted, so a car that comes back later does
                 // not keep a feature nobody paid for, and put back what it replaced.
                 let before = car.rec.grants.len();

@@ -70,6 +70,21 @@ async fn a_cancelled_request_ends_failed_and_the_car_does_not_keep_its_grant() {
         .is_some_and(|(_, services)| services == &["heated-seats"]));
     let (_, r) = api.get(&format!("/ota/requests/{boost}")).await;
     assert_eq!(r["errorCode"], "CANCELLED", "{r}");
+    // The status shows the seats, and no ERROR for the cancelled boost: the car did
+    // nothing wrong.
+    let (_, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
+    let services: Vec<(&str, &str)> = st["activeServices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["serviceId"].as_str().unwrap(),
+                s["status"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(services, [("heated-seats", "ACTIVE")], "{st}");
     assert_eq!(hook.for_request(&boost).len(), 1, "one callback");
     assert_eq!(api.metric("caas_requests_cancelled_total").await, 1.0);
 
