@@ -154,6 +154,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         )
         .route("/campaigns/{campaignId}", get(get_campaign))
         .route("/campaigns/{campaignId}/cancel", post(cancel_campaign))
+        .route("/campaigns/{campaignId}/requests", get(campaign_requests))
         .route("/support/tickets", get(tickets))
         .route("/keys", get(keys))
         .route("/metrics", get(metrics))
@@ -818,6 +819,19 @@ fn registered(st: &AppState, vin: &Vin) -> Result<(), ApiError> {
     }
 }
 
+/// 400 naming the first query parameter not in `allowed`.
+fn only_params(q: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match q.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::new(
+            400,
+            "unknown parameter",
+            k,
+            &format!("only {}", allowed.join(", ")),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn page_limit(q: &HashMap<String, String>, default: usize) -> Result<usize, ApiError> {
     match q.get("limit") {
         None => Ok(default),
@@ -840,14 +854,7 @@ async fn history(State(st): St, PathText(vin): PathText, QueryMap(q): QueryMap) 
             .parse::<u64>()
             .map_err(|_| ApiError::bad("before", "an entry id from a previous page"))?,
     };
-    if let Some(k) = q.keys().find(|k| *k != "limit" && *k != "before") {
-        return Err(ApiError::new(
-            400,
-            "unknown parameter",
-            k,
-            "only limit and before",
-        ));
-    }
+    only_params(&q, &["limit", "before"])?;
     registered(&st, &vin)?;
     // The car's shard holds its newest entries for up to a second before writing them.
     let (tx, rx) = oneshot::channel();
@@ -1118,17 +1125,7 @@ async fn cancel_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
 /// counts (a read per request: `GET /campaigns/{campaignId}` has them).
 async fn list_campaigns(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
     let limit = page_limit(&q, 50)?;
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["limit", "before"].contains(&k.as_str()))
-    {
-        return Err(ApiError::new(
-            400,
-            "unknown parameter",
-            k,
-            "only limit and before",
-        ));
-    }
+    only_params(&q, &["limit", "before"])?;
     let before = match q.get("before") {
         None => None,
         Some(s) => Some(
@@ -1237,6 +1234,109 @@ fn campaign_summary(st: &AppState, cid: &RequestId, rec: &CampaignRec) -> Result
     }))
 }
 
+/// `GET /campaigns/{campaignId}/requests?limit=&after=&status=`: the campaign's requests in
+/// the order of its VIN list, a page at a time (`after`: the previous page's `nextAfter`, a
+/// request id; `null` on the last page), each as `GET /ota/requests/{requestId}` shows it;
+/// `status` keeps those in one state (which cars did it fail on?). A page reads the
+/// campaign's requests until it is full: all of them at worst, with `status`.
+async fn campaign_requests(
+    State(st): St,
+    PathText(id): PathText,
+    QueryMap(q): QueryMap,
+) -> ApiResult {
+    let (cid, rec) = load_campaign(&st, &id)?;
+    let limit = page_limit(&q, 100)?;
+    only_params(&q, &["limit", "after", "status"])?;
+    let after = match q.get("after") {
+        None => None,
+        Some(s) => match s.parse::<RequestId>() {
+            Ok(rid) if rid.0[..CAMPAIGN_PREFIX] == cid.0[..CAMPAIGN_PREFIX] => Some(rid),
+            _ => {
+                return Err(ApiError::bad(
+                    "after",
+                    "a request id of this campaign from a previous page",
+                ))
+            }
+        },
+    };
+    let status = match q.get("status").map(String::as_str) {
+        None => None,
+        Some(s @ ("QUEUED" | "IN_PROGRESS" | "COMPLETED" | "FAILED")) => Some(s.to_owned()),
+        Some(_) => {
+            return Err(ApiError::bad(
+                "status",
+                "QUEUED, IN_PROGRESS, COMPLETED or FAILED",
+            ))
+        }
+    };
+    let store = st.store.clone();
+    let campaign_id = rec.campaign_id;
+    let (page, more) = tokio::task::spawn_blocking(move || {
+        let mut page: Vec<RequestRec> = Vec::new();
+        let mut take = |r: RequestRec| {
+            let wanted = r.campaign_id.as_deref() == Some(campaign_id.as_str())
+                && status.as_ref().is_none_or(|s| *s == r.status);
+            if wanted {
+                page.push(r);
+            }
+            // One past the page tells whether another page exists.
+            page.len() > limit
+        };
+        // Campaigns of older stores list their requests in a tree of their own.
+        let mut legacy_from = cid.0.to_vec();
+        if let Some(a) = &after {
+            legacy_from.extend_from_slice(&a.0);
+            legacy_from.push(0);
+        }
+        let mut legacy = false;
+        for item in store.campaign_reqs.range(legacy_from..) {
+            let Ok(k) = item.map(|(k, _)| k) else {
+                continue;
+            };
+            if !k.starts_with(&cid.0) {
+                break;
+            }
+            legacy = true;
+            let found = k
+                .get(16..32)
+                .and_then(|rid| store.requests.get(rid).ok().flatten())
+                .and_then(|v| dec::<RequestRec>(&v));
+            if found.is_some_and(&mut take) {
+                break;
+            }
+        }
+        if !legacy {
+            let from = match &after {
+                Some(a) => [&a.0[..], &[0]].concat(),
+                None => cid.0[..CAMPAIGN_PREFIX].to_vec(),
+            };
+            for item in store.requests.range(from..) {
+                let Ok((k, v)) = item else { continue };
+                if !k.starts_with(&cid.0[..CAMPAIGN_PREFIX]) {
+                    break;
+                }
+                if dec::<RequestRec>(&v).is_some_and(&mut take) {
+                    break;
+                }
+            }
+        }
+        let more = page.len() > limit;
+        page.truncate(limit);
+        (page, more)
+    })
+    .await
+    .map_err(ApiError::storage)?;
+    let next = match page.last() {
+        Some(r) if more => Some(r.request_id.clone()),
+        _ => None,
+    };
+    let requests: Vec<Value> = page.iter().map(request_view).collect();
+    Ok(
+        Json(json!({ "campaignId": cid.to_string(), "requests": requests, "nextAfter": next }))
+            .into_response(),
+    )
+}
+
 /// Counts a campaign's requests by state from the store (a read per request): for a
 /// campaign the live book no longer keeps, e.g. one from before a restart.
 async fn campaign_counts_from_store(
@@ -1279,22 +1379,12 @@ async fn campaign_counts_from_store(
 }
 
 /// Support tickets, newest first, a page at a time: `before` (the `nextBefore` of the
-/// previous page, a ticket id; `null` on the last page) pages back, `vin` keeps one car's. A page with `vin` reads
-/// the tickets until it is full, all of them at worst (they are few: one a request that
-/// failed unconfirmed, and pruned with the retention).
+/// previous page, a ticket id; `null` on the last page) pages back, `vin` keeps one car's.
+/// A page with `vin` reads the tickets until it is full, all of them at worst (they are
+/// few: one a request that failed unconfirmed, and pruned with the retention).
 async fn tickets(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
     let limit = page_limit(&q, 100)?;
-    if let Some(k) = q
-        .keys()
-        .find(|k| !["limit", "before", "vin"].contains(&k.as_str()))
-    {
-        return Err(ApiError::new(
-            400,
-            "unknown parameter",
-            k,
-            "only limit, before and vin",
-        ));
-    }
+    only_params(&q, &["limit", "before", "vin"])?;
     let before = match q.get("before") {
         None => u64::MAX,
         Some(s) => s

@@ -238,6 +238,13 @@ pub(crate) fn document() -> Value {
             "/campaigns/{campaignId}": { "get": { "summary": "A campaign's requests counted by state",
                 "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "counts", r("Campaign")), errors(&["400", "401", "404", "500"])) } },
+            "/campaigns/{campaignId}/requests": { "get": { "summary": "A campaign's requests in the order of its VIN list, a page at a time; status keeps those in one state",
+                "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" })), limit(100),
+                    query("after", "nextAfter of the previous page (a request id of this campaign)", json!({ "type": "string", "format": "uuid" })),
+                    query("status", "only requests in this state", json!({ "type": "string", "enum": ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"] }))],
+                "responses": merge(ok("200", "one page", json!({ "type": "object", "required": ["campaignId", "requests", "nextAfter"], "properties": {
+                    "campaignId": { "type": "string", "format": "uuid" }, "requests": { "type": "array", "items": r("RequestState") },
+                    "nextAfter": { "type": "string", "nullable": true } } })), errors(&["400", "401", "404", "500"])) } },
             "/campaigns/{campaignId}/cancel": { "post": { "summary": "Cancel a campaign: each of its requests still in flight ends as a cancelled request does (those the cars confirmed stay); a repeat of its POST with its Idempotency-Key then makes none of its requests; answered once durable",
                 "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "the campaign, with cancelledNow", r("Campaign")), errors(&["400", "401", "404", "500", "503"])) } },

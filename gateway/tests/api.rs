@@ -686,7 +686,7 @@ async fn router_refusals_are_json_naming_the_field() {
 // ---------- the OpenAPI document, checked against the server's real answers ----------
 
 /// Every documented route and method (the README's table).
-const ROUTES: [(&str, &str); 16] = [
+const ROUTES: [(&str, &str); 17] = [
     ("/healthz", "get"),
     ("/ota/activate", "post"),
     ("/ota/deactivate", "post"),
@@ -699,6 +699,7 @@ const ROUTES: [(&str, &str); 16] = [
     ("/campaigns", "get"),
     ("/campaigns/{campaignId}", "get"),
     ("/campaigns/{campaignId}/cancel", "post"),
+    ("/campaigns/{campaignId}/requests", "get"),
     ("/support/tickets", "get"),
     ("/keys", "get"),
     ("/metrics", "get"),
@@ -1367,6 +1368,40 @@ async fn openapi_document_matches_what_the_server_answers() {
     assert_eq!(p2["campaigns"][0]["campaignId"], cid.as_str(), "{p2}");
     assert!(p2["campaigns"][0]["cancelledAt"].is_string(), "{p2}");
     assert_eq!(p2["nextBefore"], Value::Null, "{p2}");
+    // Its requests: the one car it was accepted for, cancelled; none in flight.
+    let requests = "/campaigns/{campaignId}/requests";
+    let (s, b) = c
+        .call(
+            &api,
+            "get",
+            requests,
+            &format!("/campaigns/{cid}/requests"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["requests"].as_array().map(Vec::len), Some(1), "{b}");
+    assert_eq!(b["requests"][0]["vin"], v1.as_str(), "{b}");
+    assert_eq!(b["nextAfter"], Value::Null, "{b}");
+    let (_, b) = c
+        .call(
+            &api,
+            "get",
+            requests,
+            &format!("/campaigns/{cid}/requests?status=IN_PROGRESS"),
+            None,
+        )
+        .await;
+    assert_eq!(b["requests"], json!([]), "{b}");
+    for (path, want) in [
+        (format!("/campaigns/{cid}/requests?status=LOST"), 400),
+        (format!("/campaigns/{cid}/requests?after={zero}"), 400),
+        ("/campaigns/nope/requests".to_owned(), 400),
+        (format!("/campaigns/{zero}/requests"), 404),
+    ] {
+        let (s, b) = c.call(&api, "get", requests, &path, None).await;
+        assert_eq!(s, want, "{path}: {b}");
+    }
     for (path, field) in [
         ("/campaigns?before=nope", "before"),
         ("/campaigns?limit=0", "limit"),

@@ -181,6 +181,43 @@ async fn a_cancelled_campaign_ends_what_is_in_flight_and_its_keyed_repeat_makes_
         assert_eq!(of_car, [want], "car {n}");
     }
 
+    // Its requests, in the order of its VINs: one per page, all four; the failed ones are
+    // the two cancelled.
+    let mut vins_paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/campaigns/{cid}/requests?limit=1&after={a}"),
+            None => format!("/campaigns/{cid}/requests?limit=1"),
+        };
+        let (s, p) = api.get(&path).await;
+        assert_eq!(s, 200, "{p}");
+        for r in p["requests"].as_array().unwrap() {
+            vins_paged.push(r["vin"].as_str().unwrap().to_owned());
+        }
+        after = p["nextAfter"].as_str().map(str::to_owned);
+        if after.is_none() {
+            break;
+        }
+        assert!(vins_paged.len() <= 4, "pages repeat: {vins_paged:?}");
+    }
+    let want: Vec<String> = (1..=4).map(|n| vin(n).to_string()).collect();
+    assert_eq!(vins_paged, want);
+    let (_, failed) = api
+        .get(&format!("/campaigns/{cid}/requests?status=FAILED"))
+        .await;
+    let failed: Vec<(&str, &str)> = failed["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["vin"].as_str().unwrap(), r["errorCode"].as_str().unwrap()))
+        .collect();
+    let (v3, v4) = (vin(3).to_string(), vin(4).to_string());
+    assert_eq!(
+        failed,
+        [(v3.as_str(), "CANCELLED"), (v4.as_str(), "CANCELLED")]
+    );
+
     // Cancelling again ends nothing more. The repeat of the campaign's POST is answered as
     // a repeat and makes no request: not even car 5's, registered since (a repeat of a
     // campaign not cancelled makes the requests it lacks).

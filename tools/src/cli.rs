@@ -155,6 +155,27 @@ pub enum CampaignCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A campaign's requests in the order of its VINs, a page at a time, optionally only
+    /// those in one state: which cars did it fail on? (GET /campaigns/{campaignId}/requests)
+    Requests {
+        /// The campaign id the gateway answered (a UUID).
+        campaign_id: String,
+        /// Only requests in this state.
+        #[arg(long, value_parser = ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"])]
+        status: Option<String>,
+        /// Most requests to show on this page.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway::MAX_PAGE_LIMIT)))]
+        limit: u32,
+        /// Show requests after this cursor (the previous page's nextAfter).
+        #[arg(long)]
+        after: Option<String>,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Cancel a campaign: each of its requests still in flight ends as a cancelled request
     /// does; those the cars confirmed stay (POST /campaigns/{campaignId}/cancel).
     Cancel {
@@ -671,6 +692,26 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
             let gw = gateway_of(gateway.clone())?;
             let v = gw.campaigns(&client, *limit, before.as_deref())?;
             return print_answer(&v, *json, |v| requests::campaigns_text(v, *limit));
+        }
+        CampaignCommand::Requests {
+            campaign_id,
+            status,
+            limit,
+            after,
+            gateway,
+            json,
+        } => {
+            let id = parse_id(campaign_id, "campaign id")?;
+            let gw = gateway_of(gateway.clone())?;
+            let page = requests::CampaignRequestsPage {
+                limit: *limit,
+                after: after.as_deref(),
+                status: status.as_deref(),
+            };
+            let v = gw.campaign_requests(&client, &id, &page)?;
+            return print_answer(&v, *json, |v| {
+                requests::campaign_requests_text(v, &id, &page)
+            });
         }
         CampaignCommand::Show {
             campaign_id,

@@ -22,7 +22,7 @@ use caas_protocol::{RequestId, Vin};
 use serde_json::{Map, Value};
 
 use crate::gateway::{page_path, Gateway};
-use crate::http::{Client, HttpError};
+use crate::http::{encode_component, Client, HttpError};
 use crate::table::{
     field, json_cell, key_values, labelled_fields, list_items, objects_table, other_fields, render,
 };
@@ -62,6 +62,18 @@ const CAMPAIGN_COLUMNS: [(&str, &str); 6] = [
     ("serviceId", "SERVICE"),
     ("total", "VINS"),
     ("cancelledAt", "CANCELLED"),
+];
+
+/// The columns of a campaign's requests, as (field, header).
+const CAMPAIGN_REQUEST_COLUMNS: [(&str, &str); 8] = [
+    ("requestId", "REQUEST"),
+    ("vin", "VIN"),
+    ("status", "STATUS"),
+    ("phase", "PHASE"),
+    ("attempts", "ATTEMPTS"),
+    ("seq", "SEQ"),
+    ("errorCode", "ERROR CODE"),
+    ("updatedAt", "UPDATED"),
 ];
 
 /// A campaign's request states in the order a request goes through them.
@@ -112,6 +124,25 @@ impl Gateway {
         before: Option<&str>,
     ) -> Result<Value, HttpError> {
         self.get_json(client, &page_path("/campaigns", limit, before))
+    }
+
+    /// `GET /campaigns/{campaignId}/requests?limit=N[&after=CURSOR][&status=S]`.
+    pub fn campaign_requests(
+        &self,
+        client: &Client,
+        id: &RequestId,
+        page: &CampaignRequestsPage<'_>,
+    ) -> Result<Value, HttpError> {
+        let mut path = format!("/campaigns/{id}/requests?limit={}", page.limit);
+        if let Some(a) = page.after {
+            path.push_str("&after=");
+            path.push_str(&encode_component(a));
+        }
+        if let Some(s) = page.status {
+            path.push_str("&status=");
+            path.push_str(&encode_component(s));
+        }
+        self.get_json(client, &path)
     }
 
     /// `GET /campaigns/{campaignId}`.
@@ -217,7 +248,8 @@ pub fn tickets_text(v: &Value, page: &TicketPage<'_>) -> String {
         .map(|t| spread(t, "diagnostics"))
         .collect();
     let vin = page.vin.map(|v| format!(" --vin {v}")).unwrap_or_default();
-    let mut out = listing_text(v, &items, "Support tickets", &TICKET_COLUMNS, |next| {
+    let title = ("Support tickets", "newest first");
+    let mut out = listing_text(v, &items, title, &TICKET_COLUMNS, "nextBefore", |next| {
         format!(
             "Older tickets: caasctl gateway tickets --limit {}{vin} --before {next}",
             page.limit
@@ -238,21 +270,64 @@ pub fn tickets_text(v: &Value, page: &TicketPage<'_>) -> String {
 /// asked for, repeated in the command that shows the next page.
 pub fn campaigns_text(v: &Value, limit: u32) -> String {
     let items = list_items(v, "campaigns");
-    listing_text(v, items, "Campaigns", &CAMPAIGN_COLUMNS, |next| {
+    let title = ("Campaigns", "newest first");
+    listing_text(v, items, title, &CAMPAIGN_COLUMNS, "nextBefore", |next| {
         format!("Older campaigns: caasctl campaign list --limit {limit} --before {next}")
     })
 }
 
-/// A page of a listing: its title with the count, the table, any other top-level field,
-/// and, when `nextBefore` names a cursor, the command for the next page (`next_command`).
+/// Which page of a campaign's requests to ask for.
+#[derive(Debug, Clone, Copy)]
+pub struct CampaignRequestsPage<'a> {
+    /// Most requests on the page.
+    pub limit: u32,
+    /// After this cursor (the previous page's `nextAfter`).
+    pub after: Option<&'a str>,
+    /// Only requests in this state.
+    pub status: Option<&'a str>,
+}
+
+/// The readable form of a page of a campaign's requests
+/// (`GET /campaigns/{campaignId}/requests`).
+pub fn campaign_requests_text(
+    v: &Value,
+    campaign: &RequestId,
+    page: &CampaignRequestsPage<'_>,
+) -> String {
+    let items = list_items(v, "requests");
+    let status = page
+        .status
+        .map(|s| format!(" --status {s}"))
+        .unwrap_or_default();
+    let name = format!("Requests of campaign {campaign}");
+    let title = (name.as_str(), "in the order of its VINs");
+    listing_text(
+        v,
+        items,
+        title,
+        &CAMPAIGN_REQUEST_COLUMNS,
+        "nextAfter",
+        |next| {
+            format!(
+            "More requests: caasctl campaign requests {campaign} --limit {}{status} --after {next}",
+            page.limit
+        )
+        },
+    )
+}
+
+/// A page of a listing: its title with the count and the order (`title`: name, order), the
+/// table, any other top-level field, and, when the `cursor` field names the next page, the
+/// command for it (`next_command`).
 fn listing_text(
     v: &Value,
     items: &[Value],
-    title: &str,
+    (name, order): (&str, &str),
     columns: &[(&str, &str)],
+    cursor: &str,
     next_command: impl Fn(&str) -> String,
 ) -> String {
-    let mut out = format!("{title}: {}, newest first\n", items.len());
+    let mut out = format!("{name}: {}, {order}\n", items.len());
     if !items.is_empty() {
         out.push_str(&objects_table(items, columns));
     }
@@ -260,11 +335,11 @@ fn listing_text(
         return out;
     };
     for (k, val) in obj.iter().filter(|(_, val)| !val.is_array()) {
-        if k != "nextBefore" {
+        if k != cursor && k != "campaignId" {
             out.push_str(&format!("{k}: {}\n", json_cell(val)));
         }
     }
-    if let Some(next) = obj.get("nextBefore").filter(|n| !n.is_null()) {
+    if let Some(next) = obj.get(cursor).filter(|n| !n.is_null()) {
         out.push_str(&next_command(&json_cell(next)));
         out.push('\n');
     }

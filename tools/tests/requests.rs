@@ -282,6 +282,31 @@ fn cancel_ends_a_request_and_a_campaign_still_in_flight() {
     let cid = answer["campaignId"].as_str().unwrap().to_owned();
     let t = ctl(&base, &["campaign", "show", &cid]).ok().to_owned();
     assert_eq!(value_of(&t, "Cancelled"), "-", "{t}");
+    // Its requests, one per page in the order of its VINs, following the tool's own
+    // next-page commands.
+    let mut args: Vec<String> = ["campaign", "requests", &cid, "--limit", "1"]
+        .map(str::to_owned)
+        .to_vec();
+    let mut vins_seen = Vec::new();
+    loop {
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = ctl(&base, &argv).ok().to_owned();
+        assert!(
+            t.starts_with(&format!("Requests of campaign {cid}: 1, ")),
+            "{t}"
+        );
+        vins_seen.extend([VIN2, VIN3].into_iter().filter(|v| t.contains(v)));
+        match t
+            .lines()
+            .last()
+            .and_then(|l| l.strip_prefix("More requests: caasctl "))
+        {
+            Some(next) => args = next.split(' ').map(str::to_owned).collect(),
+            None => break,
+        }
+        assert!(vins_seen.len() <= 2, "pages repeat: {vins_seen:?}");
+    }
+    assert_eq!(vins_seen, [VIN2, VIN3]);
     // Listed newest first: one per page, the next page's command ends the first.
     let newest = snow_campaign(&base, &[VIN2]);
     let newest_id = newest["campaignId"].as_str().unwrap();
@@ -308,6 +333,23 @@ fn cancel_ends_a_request_and_a_campaign_still_in_flight() {
     let t = ctl(&base, &["campaign", "cancel", &cid]).ok().to_owned();
     assert_ne!(value_of(&t, "Cancelled"), "-", "{t}");
     assert_eq!(value_of(&t, "cancelledNow"), "2", "{t}");
+    let t = ctl(&base, &["campaign", "requests", &cid, "--status", "FAILED"])
+        .ok()
+        .to_owned();
+    assert!(
+        t.contains("CANCELLED") && t.contains(VIN2) && t.contains(VIN3),
+        "{t}"
+    );
+    let t = ctl(
+        &base,
+        &["campaign", "requests", &cid, "--status", "IN_PROGRESS"],
+    )
+    .ok()
+    .to_owned();
+    assert!(
+        t.starts_with(&format!("Requests of campaign {cid}: 0, ")),
+        "{t}"
+    );
     let run = ctl(&base, &["campaign", "cancel", &cid, "--json"]);
     let v: Value = serde_json::from_str(run.ok()).unwrap();
     assert_eq!(
