@@ -177,10 +177,14 @@ pub enum CampaignCommand {
         json: bool,
     },
     /// Cancel a campaign: each of its requests still in flight ends as a cancelled request
-    /// does; those the cars confirmed stay (POST /campaigns/{campaignId}/cancel).
+    /// does; those the cars confirmed stay (POST /campaigns/{campaignId}/cancel). It can
+    /// end thousands of orders at once, so it asks for --yes.
     Cancel {
         /// The campaign id the gateway answered (a UUID).
         campaign_id: String,
+        /// Yes, cancel every request of it still in flight.
+        #[arg(long)]
+        yes: bool,
         /// The gateway.
         #[command(flatten)]
         gateway: GatewayArgs,
@@ -713,6 +717,16 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
                 requests::campaign_requests_text(v, &id, &page)
             });
         }
+        CampaignCommand::Cancel {
+            yes: false,
+            campaign_id,
+            ..
+        } => {
+            bail!(
+                "campaign cancel ends every request of campaign {campaign_id} still in flight; \
+                 say --yes to do it (caasctl campaign show {campaign_id} shows its counts)"
+            )
+        }
         CampaignCommand::Show {
             campaign_id,
             gateway,
@@ -722,6 +736,7 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
             campaign_id,
             gateway,
             json,
+            ..
         } => (campaign_id, gateway, json),
     };
     let id = parse_id(campaign_id, "campaign id")?;

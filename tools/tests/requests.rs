@@ -330,7 +330,16 @@ fn cancel_ends_a_request_and_a_campaign_still_in_flight() {
         second.contains(&cid) && !second.contains("Older campaigns"),
         "{second}"
     );
-    let t = ctl(&base, &["campaign", "cancel", &cid]).ok().to_owned();
+    // Without --yes nothing is sent: the campaign is not cancelled.
+    let line = ctl(&base, &["campaign", "cancel", &cid]).err().to_owned();
+    assert!(line.contains("--yes"), "{line}");
+    assert_eq!(
+        get(&base, TOKEN, &format!("/campaigns/{cid}"))["cancelledAt"],
+        Value::Null
+    );
+    let t = ctl(&base, &["campaign", "cancel", &cid, "--yes"])
+        .ok()
+        .to_owned();
     assert_ne!(value_of(&t, "Cancelled"), "-", "{t}");
     assert_eq!(value_of(&t, "cancelledNow"), "2", "{t}");
     let t = ctl(&base, &["campaign", "requests", &cid, "--status", "FAILED"])
@@ -350,7 +359,7 @@ fn cancel_ends_a_request_and_a_campaign_still_in_flight() {
         t.starts_with(&format!("Requests of campaign {cid}: 0, ")),
         "{t}"
     );
-    let run = ctl(&base, &["campaign", "cancel", &cid, "--json"]);
+    let run = ctl(&base, &["campaign", "cancel", &cid, "--yes", "--json"]);
     let v: Value = serde_json::from_str(run.ok()).unwrap();
     assert_eq!(
         (&v["cancelledNow"], &v["counts"]["FAILED"]),
@@ -365,7 +374,9 @@ fn cancel_ends_a_request_and_a_campaign_still_in_flight() {
         line.contains("HTTP 404") && line.contains("unknown request"),
         "{line}"
     );
-    let line = ctl(&base, &["campaign", "cancel", "1234"]).err().to_owned();
+    let line = ctl(&base, &["campaign", "cancel", "1234", "--yes"])
+        .err()
+        .to_owned();
     assert!(line.contains(r#"invalid campaign id "1234""#), "{line}");
 }
 
