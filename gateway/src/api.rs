@@ -1139,33 +1139,32 @@ async fn list_campaigns(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
     };
     let mut out = Vec::new();
     // Campaign ids are version 7 UUIDs, in time order; a cancel mark (a longer key) is not
-    // a campaign. One past the page tells whether an older page exists.
+    // a campaign.
     for item in range.rev() {
         let (key, v) = item.map_err(ApiError::storage)?;
         let (Ok(cid), Some(rec)) = (<[u8; 16]>::try_from(&key[..]), dec::<CampaignRec>(&v)) else {
             continue;
         };
-        if out.len() == limit {
-            let next = out
-                .last()
-                .map(|(c, _): &(RequestId, CampaignRec)| c.to_string());
-            return campaigns_page(&st, &out, next);
-        }
         out.push((RequestId(cid), rec));
+        if out.len() > limit {
+            break;
+        }
     }
-    campaigns_page(&st, &out, None)
-}
-
-fn campaigns_page(
-    st: &AppState,
-    page: &[(RequestId, CampaignRec)],
-    next: Option<String>,
-) -> ApiResult {
+    let (page, more) = split_page(out, limit);
+    let next = page.last().filter(|_| more).map(|(cid, _)| cid.to_string());
     let mut campaigns = Vec::with_capacity(page.len());
-    for (cid, rec) in page {
-        campaigns.push(campaign_summary(st, cid, rec)?);
+    for (cid, rec) in &page {
+        campaigns.push(campaign_summary(&st, cid, rec)?);
     }
     Ok(Json(json!({ "campaigns": campaigns, "nextBefore": next })).into_response())
+}
+
+/// A page of at most `limit` items from `items`, read one past the page: the page, and
+/// whether another follows (so the last page is never an empty one).
+fn split_page<T>(mut items: Vec<T>, limit: usize) -> (Vec<T>, bool) {
+    let more = items.len() > limit;
+    items.truncate(limit);
+    (items, more)
 }
 
 /// Where the time a campaign was cancelled is kept: its key in the campaigns tree with a
@@ -1320,16 +1319,11 @@ async fn campaign_requests(
                 }
             }
         }
-        let more = page.len() > limit;
-        page.truncate(limit);
-        (page, more)
+        split_page(page, limit)
     })
     .await
     .map_err(ApiError::storage)?;
-    let next = match page.last() {
-        Some(r) if more => Some(r.request_id.clone()),
-        _ => None,
-    };
+    let next = page.last().filter(|_| more).map(|r| r.request_id.clone());
     let requests: Vec<Value> = page.iter().map(request_view).collect();
     Ok(
         Json(json!({ "campaignId": cid.to_string(), "requests": requests, "nextAfter": next }))
@@ -1409,19 +1403,14 @@ async fn tickets(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
         };
         if vin.as_ref().is_none_or(|vin| *vin == t.vin) {
             out.push(t);
-            // One past the page tells whether an older page exists.
             if out.len() > limit {
                 break;
             }
         }
     }
-    let next = if out.len() > limit {
-        out.truncate(limit);
-        out.last().map(|t| t.ticket_id.clone())
-    } else {
-        None
-    };
-    Ok(Json(json!({ "tickets": out, "nextBefore": next })).into_response())
+    let (page, more) = split_page(out, limit);
+    let next = page.last().filter(|_| more).map(|t| t.ticket_id.clone());
+    Ok(Json(json!({ "tickets": page, "nextBefore": next })).into_response())
 }
 
 async fn keys(State(st): St) -> ApiResult {

@@ -1700,8 +1700,8 @@ impl Shard {
         let ids: Vec<RequestId> = match target {
             CancelTarget::Request(id) => self
                 .pending
-                .get_key_value(id)
-                .map(|(id, _)| *id)
+                .contains_key(id)
+                .then_some(*id)
                 .into_iter()
                 .collect(),
             CancelTarget::Campaign(campaign) => self

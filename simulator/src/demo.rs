@@ -23,6 +23,7 @@ use clap::Args;
 use serde_json::json;
 
 use crate::api::{Api, Lasting};
+use crate::car::CarSnapshot;
 use crate::fleet::{Fleet, FleetOptions};
 use crate::gateway_proc::{GatewayProc, GatewaySpawn};
 use crate::webhook::Receiver;
@@ -116,6 +117,26 @@ async fn wait_line(fleet: &Fleet, vin: &str, flag: &str, on: bool, timeout: Dura
             return false;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Lets `vin` answer again (reconnecting), then waits up to 15 s for it to apply a command
+/// past seq `above`; the car's state at the end.
+async fn come_back(fleet: &Fleet, vin: &str, above: u64) -> CarSnapshot {
+    if let Some(c) = fleet.car(vin) {
+        c.shared.set_silent(false);
+        c.shared.reconnect.notify_one();
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let snap = fleet
+            .car(vin)
+            .map(|c| c.shared.snapshot())
+            .unwrap_or_default();
+        if snap.applied_seq > above || Instant::now() >= deadline {
+            return snap;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -334,22 +355,7 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
     );
     println!("  a moment later the car comes back (answers again, reconnects)");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    if let Some(c) = fleet.car(&silent_car) {
-        c.shared.set_silent(false);
-        c.shared.reconnect.notify_one();
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut snap = Default::default();
-    while Instant::now() < deadline {
-        snap = fleet
-            .car(&silent_car)
-            .map(|c| c.shared.snapshot())
-            .unwrap_or_default();
-        if snap.applied_seq > 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let snap = come_back(&fleet, &silent_car, 0).await;
     let withdrawn_ok =
         snap.applied_seq > 0 && !snap.lines_on.iter().any(|l| l == "highway_autopilot");
     if !withdrawn_ok {
@@ -402,22 +408,7 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
         answer["errorCode"] == "CANCELLED" && status == "FAILED" && code == "CANCELLED",
     );
     ledger.settle(&cancel_car, "snow-mode (permanent)", "€49.00", "CANCELLED");
-    if let Some(c) = fleet.car(&cancel_car) {
-        c.shared.set_silent(false);
-        c.shared.reconnect.notify_one();
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut snap = Default::default();
-    while Instant::now() < deadline {
-        snap = fleet
-            .car(&cancel_car)
-            .map(|c| c.shared.snapshot())
-            .unwrap_or_default();
-        if snap.applied_seq > 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let snap = come_back(&fleet, &cancel_car, 1).await;
     story.check(
         format!(
             "back, the car applied the newest command (seq {}); snow_mode is {}",
