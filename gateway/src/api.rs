@@ -30,8 +30,8 @@ use crate::engine::{Accepted, CancelTarget, Engine, Msg, NewRequest, Op, CANCELL
 use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
 use crate::store::{
-    campaign_request_id, dec, dec_history, enc, iso_now, new_uuid, now_ms, CampaignRec, GrantRec,
-    HistoryEntry, RequestRec, Store, Ticket, VehicleRec, CAMPAIGN_PREFIX,
+    campaign_request_id, cancel_mark, dec, dec_history, enc, iso_now, new_uuid, now_ms,
+    CampaignRec, GrantRec, HistoryEntry, RequestRec, Store, Ticket, VehicleRec, CAMPAIGN_PREFIX,
 };
 
 /// Largest request body on every route but `POST /campaigns`.
@@ -999,10 +999,8 @@ async fn campaign(
             idempotency: None,
         });
     }
-    // A repeat of a cancelled campaign makes none of its requests that a crash left unmade.
-    if replayed && cancelled_at(&st, &cid)?.is_some() {
-        per_shard.clear();
-    }
+    // A cancelled campaign's parts make none of their requests (its shards look at the
+    // mark): not those a crash left unmade, nor those of a cancel while this was accepted.
     let mut waits = Vec::new();
     for (i, reqs) in per_shard.into_iter().enumerate() {
         if reqs.is_empty() {
@@ -1023,13 +1021,15 @@ async fn campaign(
         waits.push(rx);
     }
     let mut accepted = 0;
+    let mut not_made = 0;
     let mut refused = Vec::new();
     let mut refused_count = 0;
     for rx in waits {
-        let (ok, r) = rx.await.map_err(|_| ApiError::unavailable())?;
-        accepted += ok;
-        refused_count += r.len();
-        for (vin, reason) in r {
+        let part = rx.await.map_err(|_| ApiError::unavailable())?;
+        accepted += part.accepted;
+        not_made += part.not_made;
+        refused_count += part.refused.len();
+        for (vin, reason) in part.refused {
             if refused.len() < MAX_REFUSED_LISTED {
                 refused.push(json!({ "vin": vin, "reason": reason }));
             }
@@ -1041,6 +1041,7 @@ async fn campaign(
         "accepted": accepted,
         "refusedCount": refused_count,
         "refused": refused,
+        "notMade": not_made,
         "timestamp": rec.created_at,
     }));
     Ok(replay_marked(StatusCode::ACCEPTED, answer, replayed))
@@ -1165,12 +1166,6 @@ fn split_page<T>(mut items: Vec<T>, limit: usize) -> (Vec<T>, bool) {
     let more = items.len() > limit;
     items.truncate(limit);
     (items, more)
-}
-
-/// Where the time a campaign was cancelled is kept: its key in the campaigns tree with a
-/// suffix, so the mark goes when the campaign is pruned.
-fn cancel_mark(cid: &RequestId) -> Vec<u8> {
-    [&cid.0[..], b"/cancelled"].concat()
 }
 
 /// When campaign `cid` was cancelled, if it was.

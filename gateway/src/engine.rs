@@ -41,8 +41,8 @@ use crate::config::RetryPolicy;
 use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
 use crate::store::{
-    dec, enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec, HistoryEntry,
-    OutboxEntry, RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
+    cancel_mark, dec, enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec,
+    HistoryEntry, OutboxEntry, RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
 };
 use crate::webhook::{Due, Handoff, Lane};
 
@@ -158,7 +158,7 @@ pub(crate) enum Msg {
         /// that exist already count as accepted and are not made again, so a repeat after a
         /// crash mid-campaign makes the rest.
         fill_in: bool,
-        resp: oneshot::Sender<(usize, Vec<(String, String)>)>,
+        resp: oneshot::Sender<CampaignPart>,
     },
     Report {
         vin: Vin,
@@ -573,13 +573,27 @@ fn run_flusher(sh: &Shared, rx: &flume::Receiver<Flushed>) {
 
 /// A shard's part of a campaign, not yet all accepted.
 struct CampaignJob {
+    /// The campaign's id text (every request of a job is of one campaign).
+    campaign: Option<String>,
     reqs: std::vec::IntoIter<NewRequest>,
     fill_in: bool,
-    ok: usize,
-    refused: Vec<(String, String)>,
+    /// The campaign was cancelled: what is left of it is not made.
+    cancelled: bool,
+    part: CampaignPart,
     /// Set by the commit of any chunk that failed to flush.
     failed: Arc<std::sync::atomic::AtomicBool>,
-    resp: oneshot::Sender<(usize, Vec<(String, String)>)>,
+    resp: oneshot::Sender<CampaignPart>,
+}
+
+/// What a shard did with its part of a campaign ([`Msg::Batch`]).
+#[derive(Debug, Default)]
+pub(crate) struct CampaignPart {
+    /// Requests made (or, in a repeat, found made before).
+    pub(crate) accepted: usize,
+    /// Cars refused, with why.
+    pub(crate) refused: Vec<(String, String)>,
+    /// Requests not made because the campaign was cancelled before their turn came.
+    pub(crate) not_made: usize,
 }
 
 fn rid_text(id: &RequestId) -> String {
@@ -693,15 +707,25 @@ impl Shard {
         let Some(mut job) = self.jobs.pop_front() else {
             return;
         };
-        for r in job.reqs.by_ref().take(CAMPAIGN_CHUNK) {
+        // What is left of a cancelled campaign costs a lookup a car: all of it at once.
+        let chunk = if job.cancelled {
+            usize::MAX
+        } else {
+            CAMPAIGN_CHUNK
+        };
+        for r in job.reqs.by_ref().take(chunk) {
             if job.fill_in && self.find_request(&r.request_id).is_some() {
-                job.ok += 1;
+                job.part.accepted += 1;
+                continue;
+            }
+            if job.cancelled {
+                job.part.not_made += 1;
                 continue;
             }
             let vin = r.vin.to_string();
             match self.new_request(r) {
-                Ok(_) => job.ok += 1,
-                Err(e) => job.refused.push((vin, e.reason)),
+                Ok(_) => job.part.accepted += 1,
+                Err(e) => job.part.refused.push((vin, e.reason)),
             }
         }
         let failed = job.failed.clone();
@@ -714,12 +738,12 @@ impl Shard {
             self.jobs.push_front(job);
             return;
         }
-        let CampaignJob {
-            ok, refused, resp, ..
-        } = job;
+        let CampaignJob { mut part, resp, .. } = job;
         self.batch.after.push(Box::new(move |f| {
-            let durable = f.is_ok() && !failed.load(Relaxed);
-            let _ = resp.send(if durable { (ok, refused) } else { (0, refused) });
+            if f.is_err() || failed.load(Relaxed) {
+                part.accepted = 0;
+            }
+            let _ = resp.send(part);
         }));
     }
 
@@ -854,14 +878,23 @@ impl Shard {
                 reqs,
                 fill_in,
                 resp,
-            } => self.jobs.push_back(CampaignJob {
-                reqs: reqs.into_iter(),
-                fill_in,
-                ok: 0,
-                refused: Vec::new(),
-                failed: Arc::default(),
-                resp,
-            }),
+            } => {
+                let campaign = reqs.first().and_then(|r| r.campaign_id.clone());
+                // A cancel sets its mark before it reaches the shards, so a part that
+                // finds it came too late for that cancel to end its requests: make none.
+                let cancelled = campaign
+                    .as_deref()
+                    .is_some_and(|c| self.campaign_cancelled(c));
+                self.jobs.push_back(CampaignJob {
+                    campaign,
+                    reqs: reqs.into_iter(),
+                    fill_in,
+                    cancelled,
+                    part: CampaignPart::default(),
+                    failed: Arc::default(),
+                    resp,
+                })
+            }
             Msg::Report { vin, payload } => self.on_report(vin, &payload, pre),
             Msg::Presence { vin, online } => self.on_presence(vin, online),
             Msg::Status { vin, resp } => {
@@ -1694,6 +1727,19 @@ impl Shard {
         self.batch.callbacks.push(due);
     }
 
+    /// Whether campaign `campaign` (its id text) was cancelled. A store that cannot be read
+    /// says no: a cancel that follows still ends what this shard makes of it.
+    fn campaign_cancelled(&self, campaign: &str) -> bool {
+        let Ok(cid) = campaign.parse::<RequestId>() else {
+            return false;
+        };
+        self.sh
+            .store
+            .campaigns
+            .contains_key(cancel_mark(&cid))
+            .unwrap_or(false)
+    }
+
     /// Ends what `target` names that is still in flight in this shard ([`Msg::Cancel`]);
     /// how many requests that was.
     fn cancel(&mut self, target: &CancelTarget) -> usize {
@@ -1704,12 +1750,20 @@ impl Shard {
                 .then_some(*id)
                 .into_iter()
                 .collect(),
-            CancelTarget::Campaign(campaign) => self
-                .pending
-                .iter()
-                .filter(|(_, p)| p.rec.campaign_id.as_ref() == Some(campaign))
-                .map(|(id, _)| *id)
-                .collect(),
+            CancelTarget::Campaign(campaign) => {
+                // Parts of it still being made stop here: their requests made so far are
+                // ended below with the rest.
+                for job in &mut self.jobs {
+                    if job.campaign.as_ref() == Some(campaign) {
+                        job.cancelled = true;
+                    }
+                }
+                self.pending
+                    .iter()
+                    .filter(|(_, p)| p.rec.campaign_id.as_ref() == Some(campaign))
+                    .map(|(id, _)| *id)
+                    .collect()
+            }
         };
         for id in &ids {
             self.finish(*id, Err((CANCELLED.to_owned(), false)));

@@ -174,10 +174,11 @@ pub(crate) fn document() -> Value {
                     "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] },
                     "serviceId": service.clone(),
                     "configuration": r("Configuration"), "duration": r("Duration") } },
-                "CampaignAccepted": { "type": "object", "required": ["campaignId", "total", "accepted", "refusedCount", "refused", "timestamp"], "properties": {
+                "CampaignAccepted": { "type": "object", "required": ["campaignId", "total", "accepted", "refusedCount", "refused", "notMade", "timestamp"], "properties": {
                     "campaignId": { "type": "string", "format": "uuid" }, "total": { "type": "integer" }, "accepted": { "type": "integer" },
                     "refusedCount": { "type": "integer", "description": "cars that cannot take it: unknown, a service not active, too many services or too many requests in flight" },
                     "refused": { "type": "array", "maxItems": 100, "description": "the first of the refused cars", "items": { "type": "object", "required": ["vin", "reason"], "properties": { "vin": { "type": "string" }, "reason": { "type": "string" } } } },
+                    "notMade": { "type": "integer", "description": "cars whose requests were not made because the campaign was cancelled before their turn (while it was being accepted, or before this repeat)" },
                     "timestamp": { "type": "string", "format": "date-time" } } },
                 "CampaignSummary": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "cancelledAt"], "properties": {
                     "campaignId": { "type": "string", "format": "uuid" }, "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] }, "serviceId": { "type": "string" },
@@ -245,7 +246,7 @@ pub(crate) fn document() -> Value {
                 "responses": merge(ok("200", "one page", json!({ "type": "object", "required": ["campaignId", "requests", "nextAfter"], "properties": {
                     "campaignId": { "type": "string", "format": "uuid" }, "requests": { "type": "array", "items": r("RequestState") },
                     "nextAfter": { "type": "string", "nullable": true } } })), errors(&["400", "401", "404", "500"])) } },
-            "/campaigns/{campaignId}/cancel": { "post": { "summary": "Cancel a campaign: each of its requests still in flight ends as a cancelled request does (those the cars confirmed stay); a repeat of its POST with its Idempotency-Key then makes none of its requests; answered once durable",
+            "/campaigns/{campaignId}/cancel": { "post": { "summary": "Cancel a campaign: each of its requests still in flight ends as a cancelled request does (those the cars confirmed stay); requests of it not yet made when it was being accepted are never made (its POST answers them as notMade), nor does a repeat of its POST with its Idempotency-Key make any; answered once durable",
                 "parameters": [path_param("campaignId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "the campaign, with cancelledNow", r("Campaign")), errors(&["400", "401", "404", "500", "503"])) } },
             "/support/tickets": { "get": { "summary": "Support tickets, newest first, a page at a time",

@@ -9,6 +9,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use caas_protocol::RequestId;
 use serde::{Deserialize, Serialize};
 
 /// History values kept per car (each holds the car's entries from one engine batch, so at
@@ -136,6 +137,12 @@ pub(crate) fn dec_history(bytes: &[u8]) -> Option<Vec<HistoryEntry>> {
             .ok()
             .map(HistoryEntries::into_vec),
     }
+}
+
+/// Where the time a campaign was cancelled is kept: its key in the campaigns tree with a
+/// suffix, so the mark goes when the campaign is pruned.
+pub(crate) fn cancel_mark(cid: &RequestId) -> Vec<u8> {
+    [&cid.0[..], b"/cancelled"].concat()
 }
 
 /// A provisioned car.

@@ -232,6 +232,12 @@ async fn a_cancelled_campaign_ends_what_is_in_flight_and_its_keyed_repeat_makes_
         (202, true, &json!(cid)),
         "{b}"
     );
+    // The four made before count as accepted; car 5's is not made.
+    assert_eq!(
+        (&b["accepted"], &b["notMade"]),
+        (&json!(4), &json!(1)),
+        "{b}"
+    );
     assert_eq!(
         api.metric("caas_requests_total{state=\"created\"}").await,
         created
@@ -260,4 +266,126 @@ async fn a_cancelled_campaign_ends_what_is_in_flight_and_its_keyed_repeat_makes_
     assert_eq!(c["cancelledAt"], cancelled_at.as_str(), "{c}");
     assert_eq!(counts(&c), (Some(2), Some(0), Some(2)), "{c}");
     gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_cancelled_while_it_is_accepted_makes_none_of_the_rest() {
+    // Without the shards' check, a campaign's requests made after its cancel stayed in
+    // flight, and were sent.
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = start(dir.path(), &hook).await;
+    // Enough cars that the shard makes a campaign's requests over ten chunks (256 a chunk),
+    // each its own flush. The cars are offline, so every request made stays in flight until
+    // a cancel ends it.
+    let n = 3_000u32;
+    let mut registering = tokio::task::JoinSet::new();
+    for first in (1..=n).step_by(100) {
+        let api = api.clone();
+        registering.spawn(async move {
+            for i in first..first + 100 {
+                api.register(i).await;
+            }
+        });
+    }
+    while let Some(r) = registering.join_next().await {
+        r.unwrap();
+    }
+    // Cancelled as soon as it is listed: the cancel mostly reaches the shard before the
+    // campaign does, which then makes nothing (the keyed repeat above is the case that
+    // always does).
+    cancel_while_accepted(&api, n, "snow", "snow_mode", false).await;
+    // Cancelled once its first requests are made: the shard stops making the rest.
+    let (accepted, not_made) =
+        cancel_while_accepted(&api, n, "offroad", "offroad_mode", true).await;
+    assert!(
+        accepted > 0 && not_made > 0,
+        "{accepted} made, {not_made} not"
+    );
+    assert_eq!(api.metric("caas_requests_in_flight").await, 0.0);
+    gw.shutdown().await;
+}
+
+/// Posts a campaign of `service` to cars 1..=n and cancels it while its POST is still
+/// being answered (`after_first`: once some of its requests are made, else as soon as it
+/// is stored). Checks that every car is made or not made, that what was made ended
+/// CANCELLED and that nothing of it is left in flight; returns (made, not made).
+async fn cancel_while_accepted(
+    api: &Api,
+    n: u32,
+    service: &str,
+    flag: &str,
+    after_first: bool,
+) -> (u64, u64) {
+    let created = api.metric("caas_requests_total{state=\"created\"}").await;
+    let body = json!({"vins": (1..=n).map(|i| vin(i).to_string()).collect::<Vec<_>>(),
+        "action": "ACTIVATE", "serviceId": service,
+        "configuration": {"featureFlags": [flag]}, "duration": {"type": "PERMANENT"}});
+    let posting = {
+        let api = api.clone();
+        tokio::spawn(async move { api.post("/campaigns", &body).await })
+    };
+    // A campaign is listed as soon as it is stored, before its requests are made.
+    let cid = loop {
+        let (_, page) = api.get("/campaigns?limit=1").await;
+        let newest = &page["campaigns"][0];
+        if newest["serviceId"] == service {
+            let cid = newest["campaignId"].as_str().unwrap().to_owned();
+            if !after_first {
+                break cid;
+            }
+            let (_, c) = api.get(&format!("/campaigns/{cid}")).await;
+            if c["counts"]["IN_PROGRESS"].as_u64() > Some(0) {
+                break cid;
+            }
+        }
+        assert!(
+            !posting.is_finished(),
+            "answered before it could be cancelled"
+        );
+    };
+    let (s, c) = cancel(api, &format!("/campaigns/{cid}/cancel")).await;
+    assert_eq!(s, 200, "{c}");
+    let (s, b) = posting.await.unwrap();
+    assert_eq!(
+        (s, b["campaignId"].as_str()),
+        (202, Some(cid.as_str())),
+        "{b}"
+    );
+    let accepted = b["accepted"].as_u64().unwrap();
+    let not_made = b["notMade"].as_u64().unwrap();
+    assert_eq!(
+        (accepted + not_made, b["refusedCount"].as_u64()),
+        (u64::from(n), Some(0)),
+        "{b}"
+    );
+    // The cancel ended what was made before it; nothing made after it is in flight.
+    assert_eq!(c["cancelledNow"].as_u64(), Some(accepted), "{c}");
+    let (_, c) = api.get(&format!("/campaigns/{cid}")).await;
+    assert_eq!(
+        (
+            c["counts"]["IN_PROGRESS"].as_u64(),
+            c["counts"]["FAILED"].as_u64()
+        ),
+        (Some(0), Some(accepted)),
+        "{c}"
+    );
+    assert_eq!(
+        api.metric("caas_requests_total{state=\"created\"}").await - created,
+        accepted as f64
+    );
+    let (_, failed) = api
+        .get(&format!(
+            "/campaigns/{cid}/requests?status=FAILED&limit=500"
+        ))
+        .await;
+    let codes: Vec<&str> = failed["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["errorCode"].as_str().unwrap())
+        .collect();
+    assert_eq!(codes.len() as u64, accepted.min(500));
+    assert!(codes.iter().all(|c| *c == "CANCELLED"), "{codes:?}");
+    (accepted, not_made)
 }
