@@ -146,6 +146,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/vehicles", post(register))
         .route("/vehicles/{vin}/status", get(status))
         .route("/vehicles/{vin}/history", get(history))
+        .route("/vehicles/{vin}/key", post(replace_key))
         .route(
             "/campaigns",
             post(campaign)
@@ -793,6 +794,34 @@ async fn register(State(st): St, body: Result<Bytes, BytesRejection>) -> ApiResu
     Ok((code, Json(stored)).into_response())
 }
 
+/// `POST /vehicles/{vin}/key`: a technician replaced the car's telematics unit, which holds
+/// its signing key. `previousPublicKey` must be the key the car has now, so a mistyped VIN
+/// or a second technician's stale call replaces no key; a repeat of a replacement that
+/// succeeded (its `publicKey` already the car's) answers the same and changes nothing.
+/// Answered with the car's record, the new key in it, once that is durable.
+async fn replace_key(
+    State(st): St,
+    PathText(vin): PathText,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult {
+    let vin = parse_vin(&vin, "vin")?;
+    let m = parse_body(body, MAX_BODY_BYTES)?;
+    no_unknown(&m, &["publicKey", "previousPublicKey"], "")?;
+    let key = verifying_key_from_hex(req_str(&m, "publicKey", "")?)
+        .map_err(|e| ApiError::bad("publicKey", e))?;
+    let previous = verifying_key_from_hex(req_str(&m, "previousPublicKey", "")?)
+        .map_err(|e| ApiError::bad("previousPublicKey", e))?;
+    let (tx, rx) = oneshot::channel();
+    let msg = Msg::ReplaceKey {
+        vin,
+        key,
+        previous,
+        resp: tx,
+    };
+    let rec = ask(&st.engine, &vin, msg, rx).await??;
+    Ok(Json(rec).into_response())
+}
+
 async fn status(State(st): St, PathText(vin): PathText) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let (tx, rx) = oneshot::channel();
@@ -801,7 +830,7 @@ async fn status(State(st): St, PathText(vin): PathText) -> ApiResult {
 }
 
 /// The 404 for a VIN no car was registered with.
-fn unknown_car() -> ApiError {
+pub(crate) fn unknown_car() -> ApiError {
     ApiError::new(
         404,
         "unknown car",

@@ -152,6 +152,15 @@ pub(crate) enum Msg {
         req: NewRequest,
         resp: oneshot::Sender<Result<Accepted, ApiError>>,
     },
+    /// The car's telematics unit was replaced: only reports signed with `key` are believed
+    /// from now on, if `previous` is the key the car has now (a repeat, with `key` already
+    /// in place, changes nothing). Answered with the car's record once that is durable.
+    ReplaceKey {
+        vin: Vin,
+        key: VerifyingKey,
+        previous: VerifyingKey,
+        resp: oneshot::Sender<Result<VehicleRec, ApiError>>,
+    },
     Batch {
         reqs: Vec<NewRequest>,
         /// The campaign was made before (a repeat with its idempotency key): requests of it
@@ -824,12 +833,19 @@ impl Shard {
         out.resize_with(msgs.len(), || None);
         let mut at = Vec::new();
         let mut frames: Vec<(&[u8], &TrustedKey)> = Vec::new();
+        // A report behind its car's key replacement in the same batch must be opened with
+        // the new key: it is left to be opened when handled, after the replacement.
+        let mut rekeyed: Vec<Vin> = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
-            if let Msg::Report { vin, payload } = m {
-                if let Some(car) = self.cars.get(vin) {
-                    at.push(i);
-                    frames.push((payload.as_slice(), &car.key));
+            match m {
+                Msg::ReplaceKey { vin, .. } => rekeyed.push(*vin),
+                Msg::Report { vin, payload } if !rekeyed.contains(vin) => {
+                    if let Some(car) = self.cars.get(vin) {
+                        at.push(i);
+                        frames.push((payload.as_slice(), &car.key));
+                    }
                 }
+                _ => {}
             }
         }
         if frames.len() < caas_protocol::MIN_BATCH {
@@ -869,6 +885,21 @@ impl Shard {
                 // may have been taken in this very batch.
                 Ok(a) => self.batch.after.push(Box::new(move |f| {
                     let _ = resp.send(f.map(|_| a).map_err(ApiError::storage));
+                })),
+                Err(e) => {
+                    let _ = resp.send(Err(e));
+                }
+            },
+            Msg::ReplaceKey {
+                vin,
+                key,
+                previous,
+                resp,
+            } => match self.replace_key(&vin, key, &previous) {
+                // A repeat too waits for the flush: the replacement it repeats may be in
+                // this very batch.
+                Ok(rec) => self.batch.after.push(Box::new(move |f| {
+                    let _ = resp.send(f.map(|_| rec).map_err(ApiError::storage));
                 })),
                 Err(e) => {
                     let _ = resp.send(Err(e));
@@ -1040,6 +1071,72 @@ impl Shard {
         self.cars.insert(vin, new_car(key, rec, CarRec::default()));
         self.sh.metrics.cars_registered.fetch_add(1, Relaxed);
         Ok(true)
+    }
+
+    /// Makes `key` the car's key ([`Msg::ReplaceKey`]); the car's record as it is then.
+    fn replace_key(
+        &mut self,
+        vin: &Vin,
+        key: VerifyingKey,
+        previous: &VerifyingKey,
+    ) -> Result<VehicleRec, ApiError> {
+        let Some(car) = self.cars.get(vin) else {
+            return Err(crate::api::unknown_car());
+        };
+        if car.key.key == key {
+            return Ok(car.vehicle.clone());
+        }
+        if car.key.key != *previous {
+            return Err(ApiError::new(
+                409,
+                "previous key does not match",
+                "previousPublicKey",
+                "the car is registered with another public key (a mistyped VIN, or its key \
+                 was replaced meanwhile): nothing changed",
+            ));
+        }
+        let old_hex = caas_protocol::verifying_key_to_hex(&car.key.key);
+        let new_hex = caas_protocol::verifying_key_to_hex(&key);
+        let vehicle = VehicleRec {
+            public_key: new_hex.to_string(),
+            ..car.vehicle.clone()
+        };
+        self.sh
+            .store
+            .vehicles
+            .insert(vin.as_bytes(), enc(&vehicle))
+            .map_err(ApiError::storage)?;
+        let Some(car) = self.cars.get_mut(vin) else {
+            return Err(crate::api::unknown_car());
+        };
+        car.key = TrustedKey::new(key);
+        car.vehicle = vehicle.clone();
+        // The new unit starts with an empty store: it holds nothing the old one applied,
+        // so every grant is pending again until it confirms, and it is behind when it
+        // comes online (its state is then sent to it).
+        car.rec.applied_seq = 0;
+        let online_with_state = car.online && car.rec.seq > 0;
+        self.mark_dirty(vin);
+        self.history(
+            vin,
+            "KEY_REPLACED",
+            None,
+            None,
+            format!(
+                "public key {}... replaced by {}...",
+                &old_hex[..16],
+                &new_hex[..16]
+            ),
+        );
+        // Written with this batch, so the entry is as durable as the replacement's answer.
+        self.move_history_to_batch(vin);
+        self.sh.metrics.keys_replaced.fetch_add(1, Relaxed);
+        if online_with_state {
+            // A new unit already online had its reports refused until now: its state goes
+            // to it again, and its answer (signed with the new key) settles what it holds.
+            self.send_state(vin, false);
+        }
+        Ok(vehicle)
     }
 
     fn history(

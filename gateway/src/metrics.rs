@@ -30,6 +30,8 @@ pub(crate) struct Metrics {
     pub(crate) idempotent_replays: AtomicU64,
     /// Requests authorised by the old API token (`--api-token-previous`).
     pub(crate) previous_token_uses: AtomicU64,
+    /// Cars whose public key was replaced (`POST /vehicles/{vin}/key`).
+    pub(crate) keys_replaced: AtomicU64,
     /// Requests ended by a cancel (`POST /ota/requests/{id}/cancel`, `/campaigns/{id}/cancel`).
     pub(crate) requests_cancelled: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
@@ -179,6 +181,11 @@ impl Metrics {
             "caas_requests_cancelled_total",
             "Requests in flight ended FAILED with CANCELLED by a cancel of the request or its campaign (their grants withdrawn, no charge).",
             &[("", self.requests_cancelled.load(Relaxed))],
+        );
+        counter(
+            "caas_vehicle_keys_replaced_total",
+            "Cars whose public key was replaced (a new telematics unit): reports signed with the old key are refused since.",
+            &[("", self.keys_replaced.load(Relaxed))],
         );
         counter(
             "caas_api_previous_token_uses_total",

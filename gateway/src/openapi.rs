@@ -29,7 +29,7 @@ fn error_description(code: &str) -> &'static str {
         "400" => "bad input: `field` names the field or parameter, `reason` says why; nothing changed",
         "401" => "no or wrong `Authorization: Bearer` token; nothing changed",
         "404" => "no such car, request or campaign (`field` says which; final requests and campaigns are removed once older than the gateway's retention, 30 days by default); nothing changed",
-        "409" => "conflicts with the car's state (`field` says which): another key for a known VIN, a service that is not active, or a car already holding its most services; or (`field` Idempotency-Key) another request with the same idempotency key being handled at this moment; or (`field` requestId) a cancel of a request that ended before it; nothing changed",
+        "409" => "conflicts with the car's state (`field` says which): another key for a known VIN, a previousPublicKey that is not the car's key, a service that is not active, or a car already holding its most services; or (`field` Idempotency-Key) another request with the same idempotency key being handled at this moment; or (`field` requestId) a cancel of a request that ended before it; nothing changed",
         "413" => "body over this route's size limit; nothing changed",
         "422" => "the Idempotency-Key was used for a different request (another route, car or body; `field` is Idempotency-Key); nothing changed",
         "429" => "too many of this car's requests in flight (`field` is vin); nothing changed, retry later",
@@ -122,6 +122,9 @@ pub(crate) fn document() -> Value {
                 "ActivateRequest": { "type": "object", "additionalProperties": false, "required": ["vin", "serviceId", "configuration", "duration"], "properties": {
                     "vin": vin.clone(), "serviceId": service.clone(),
                     "configuration": r("Configuration"), "duration": r("Duration") } },
+                "KeyReplacement": { "type": "object", "additionalProperties": false, "required": ["publicKey", "previousPublicKey"], "properties": {
+                    "publicKey": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "Ed25519 public key of the car's new telematics unit, hex" },
+                    "previousPublicKey": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "the key the car is registered with now, hex (the guard against a mistyped VIN or a concurrent replacement)" } } },
                 "DeactivateRequest": { "type": "object", "additionalProperties": false, "required": ["vin", "serviceId"], "properties": {
                     "vin": vin.clone(), "serviceId": service.clone() } },
                 "RequestAccepted": { "type": "object", "required": ["requestId", "status", "timestamp"], "properties": {
@@ -166,7 +169,7 @@ pub(crate) fn document() -> Value {
                     "vin": { "type": "string" },
                     "entries": { "type": "array", "items": { "type": "object", "required": ["id", "timestamp", "type", "detail"], "properties": {
                         "id": { "type": "string" }, "timestamp": { "type": "string", "format": "date-time" },
-                        "type": { "type": "string", "enum": ["REQUEST", "COMMAND", "REPORT", "RESULT", "PRESENCE"] },
+                        "type": { "type": "string", "enum": ["REQUEST", "COMMAND", "REPORT", "RESULT", "PRESENCE", "KEY_REPLACED"] },
                         "seq": { "type": "integer" }, "requestId": { "type": "string" }, "detail": { "type": "string" } } } },
                     "nextBefore": { "type": "string", "nullable": true } } },
                 "CampaignRequest": { "type": "object", "description": "configuration and duration are required for ACTIVATE and not allowed for DEACTIVATE", "additionalProperties": false, "required": ["vins", "action", "serviceId"], "properties": {
@@ -222,6 +225,10 @@ pub(crate) fn document() -> Value {
             "/vehicles": { "post": { "summary": "Provision a car (idempotent for the same key; 409 for another key)", "requestBody": body(r("Vehicle")),
                 "responses": merge(merge(ok("201", "registered", r("Vehicle")), ok("200", "already registered with this key", r("Vehicle"))),
                     errors(&["400", "401", "409", "413", "500", "503"])) } },
+            "/vehicles/{vin}/key": { "post": { "summary": "Replace a car's public key (its telematics unit was replaced): from the answer on, only reports signed with the new key are believed; requests in flight complete when the new unit confirms them. A repeat (publicKey already the car's key) answers the same and changes nothing; answered once durable",
+                "parameters": [vin_param.clone()], "requestBody": body(r("KeyReplacement")),
+                "responses": merge(ok("200", "the car's record with its new key", r("Vehicle")),
+                    errors(&["400", "401", "404", "409", "413", "500", "503"])) } },
             "/vehicles/{vin}/status": { "get": { "summary": "Connectivity, services and diagnostics", "parameters": [vin_param.clone()],
                 "responses": merge(ok("200", "the car's state", r("VehicleStatus")), errors(&["400", "401", "404", "503"])) } },
             "/vehicles/{vin}/history": { "get": { "summary": "Requests, commands, reports and results, newest first",

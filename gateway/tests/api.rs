@@ -686,7 +686,7 @@ async fn router_refusals_are_json_naming_the_field() {
 // ---------- the OpenAPI document, checked against the server's real answers ----------
 
 /// Every documented route and method (the README's table).
-const ROUTES: [(&str, &str); 17] = [
+const ROUTES: [(&str, &str); 18] = [
     ("/healthz", "get"),
     ("/ota/activate", "post"),
     ("/ota/deactivate", "post"),
@@ -695,6 +695,7 @@ const ROUTES: [(&str, &str); 17] = [
     ("/vehicles", "post"),
     ("/vehicles/{vin}/status", "get"),
     ("/vehicles/{vin}/history", "get"),
+    ("/vehicles/{vin}/key", "post"),
     ("/campaigns", "post"),
     ("/campaigns", "get"),
     ("/campaigns/{campaignId}", "get"),
@@ -1155,6 +1156,54 @@ async fn openapi_document_matches_what_the_server_answers() {
     let big = padded(&car1, MAX_BODY_BYTES + 1);
     let (s, _) = c
         .exchange(&api, "post", "/vehicles", "/vehicles", Some(big), true)
+        .await;
+    assert_eq!(s, 413);
+
+    // Car 2's telematics unit is replaced (no unit of it connects in this test).
+    let rekey = "/vehicles/{vin}/key";
+    let car2_key = format!("/vehicles/{v2}/key");
+    let replacement = json!({"publicKey": key_hex(12), "previousPublicKey": key_hex(2)});
+    for (path, body, want, field) in [
+        (car2_key.clone(), replacement.clone(), 200, None),
+        (car2_key.clone(), replacement.clone(), 200, None),
+        (
+            car2_key.clone(),
+            json!({"publicKey": key_hex(13), "previousPublicKey": key_hex(2)}),
+            409,
+            Some("previousPublicKey"),
+        ),
+        (
+            car2_key.clone(),
+            json!({"publicKey": "beef", "previousPublicKey": key_hex(12)}),
+            400,
+            Some("publicKey"),
+        ),
+        (
+            "/vehicles/BAD/key".to_owned(),
+            replacement.clone(),
+            400,
+            Some("vin"),
+        ),
+        (
+            format!("/vehicles/{unknown}/key"),
+            replacement.clone(),
+            404,
+            Some("vin"),
+        ),
+    ] {
+        let (s, b) = c.call(&api, "post", rekey, &path, Some(&body)).await;
+        assert_eq!(
+            (s, b["field"].as_str()),
+            (want, field),
+            "{path} {body}: {b}"
+        );
+        if s == 200 {
+            assert_eq!(b["publicKey"], key_hex(12), "{b}");
+        }
+    }
+    let big = padded(&replacement, MAX_BODY_BYTES + 1);
+    let (s, _) = c
+        .exchange(&api, "post", rekey, &car2_key, Some(big), true)
         .await;
     assert_eq!(s, 413);
 

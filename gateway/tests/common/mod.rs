@@ -321,8 +321,13 @@ impl CarOpts {
 
 impl TestCar {
     pub async fn start(n: u32, gateway_key: &str, o: CarOpts) -> TestCar {
+        TestCar::start_keyed(n, car_key(n), gateway_key, o).await
+    }
+
+    /// Car `n` signing its reports with `key` instead of its own [`car_key`]: a car whose
+    /// telematics unit was replaced.
+    pub async fn start_keyed(n: u32, key: SigningKey, gateway_key: &str, o: CarOpts) -> TestCar {
         let vin = vin(n);
-        let key = car_key(n);
         let gw = TrustedKey::new(verifying_key_from_hex(gateway_key).unwrap());
         let mut opts = MqttOptions::new(vin.to_string(), o.host.clone(), o.port);
         opts.set_keep_alive(Duration::from_secs(5));
@@ -522,12 +527,23 @@ pub fn report(vin: &Vin, key: &SigningKey, applied: u64, outcome: Outcome) -> Ve
 /// Publishes a report of car `n`, signed with its key, on its report topic over `car`'s
 /// connection: what the car would say, whatever its agent does.
 pub async fn send_report(car: &TestCar, n: u32, applied: u64, outcome: Outcome) {
+    send_report_signed(car, n, &car_key(n), applied, outcome).await;
+}
+
+/// Publishes a report of car `n` signed with `key`, over `car`'s connection.
+pub async fn send_report_signed(
+    car: &TestCar,
+    n: u32,
+    key: &SigningKey,
+    applied: u64,
+    outcome: Outcome,
+) {
     car.client
         .publish(
             topics::report_topic(&vin(n)).as_str(),
             QoS::AtLeastOnce,
             false,
-            report(&vin(n), &car_key(n), applied, outcome),
+            report(&vin(n), key, applied, outcome),
         )
         .await
         .unwrap();
