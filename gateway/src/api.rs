@@ -46,6 +46,11 @@ pub const MAX_PAGE: usize = 500;
 const MAX_REFUSED_LISTED: usize = 100;
 /// Longest platform name.
 const MAX_PLATFORM_LEN: usize = 64;
+/// Cars `GET /vehicles` reads statuses of at a time (one message to each shard).
+pub(crate) const VEHICLE_SCAN_CHUNK: usize = 256;
+/// Most cars one `GET /vehicles` call looks at. With a filter few cars pass, a page can then
+/// end short of its limit, with `nextAfter` to go on from: no call reads the whole fleet.
+pub const MAX_VEHICLES_SCANNED: usize = 20_000;
 
 /// A refusal: HTTP status and the JSON body naming the field.
 #[derive(Debug, Clone)]
@@ -143,7 +148,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/ota/deactivate", post(deactivate))
         .route("/ota/requests/{requestId}", get(get_request))
         .route("/ota/requests/{requestId}/cancel", post(cancel_request))
-        .route("/vehicles", post(register))
+        .route("/vehicles", post(register).get(list_vehicles))
         .route("/vehicles/{vin}/status", get(status))
         .route("/vehicles/{vin}/history", get(history))
         .route("/vehicles/{vin}/key", post(replace_key))
@@ -822,6 +827,135 @@ async fn replace_key(
     Ok(Json(rec).into_response())
 }
 
+/// `GET /vehicles?limit=&after=&connectivity=&serviceStatus=`: the registered cars in VIN
+/// order, a page at a time (`after`: the previous page's `nextAfter`), each as
+/// `GET /vehicles/{vin}/status` shows it with its `platform` and `registeredAt`;
+/// `connectivity` keeps the cars in that state, `serviceStatus` those with a service in
+/// that state (which cars have a service in ERROR?). At most [`MAX_VEHICLES_SCANNED`] cars
+/// are looked at a call: a filtered page may end short, even empty, with `nextAfter`.
+async fn list_vehicles(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
+    let limit = page_limit(&q, 100)?;
+    only_params(&q, &["limit", "after", "connectivity", "serviceStatus"])?;
+    let mut cursor = q.get("after").map(|s| parse_vin(s, "after")).transpose()?;
+    let connectivity = one_of(&q, "connectivity", &["ONLINE", "OFFLINE", "LIMITED"])?;
+    let service_status = one_of(&q, "serviceStatus", &["ACTIVE", "PENDING", "ERROR"])?;
+    let wanted = |status: &Value| {
+        connectivity.is_none_or(|c| status["connectivity"] == c)
+            && service_status.is_none_or(|s| {
+                status["activeServices"]
+                    .as_array()
+                    .is_some_and(|a| a.iter().any(|service| service["status"] == s))
+            })
+    };
+    let mut page = Vec::new();
+    let mut scanned = 0;
+    // One car past the page tells whether another page follows.
+    while page.len() <= limit {
+        let chunk = vehicles_after(&st.store, cursor.as_ref(), VEHICLE_SCAN_CHUNK)?;
+        let Some((last, _)) = chunk.last() else {
+            break;
+        };
+        cursor = Some(*last);
+        scanned += chunk.len();
+        let statuses = statuses_of(&st.engine, &chunk).await?;
+        for ((_, rec), status) in chunk.into_iter().zip(statuses) {
+            let Some(mut status) = status.filter(|s| wanted(s)) else {
+                continue;
+            };
+            status["platform"] = json!(rec.platform);
+            status["registeredAt"] = json!(rec.registered_at);
+            page.push(status);
+        }
+        if page.len() <= limit && scanned >= MAX_VEHICLES_SCANNED {
+            // Cut short: the client goes on from the last car looked at.
+            let next = cursor.map(|v| v.to_string());
+            return Ok(Json(json!({"vehicles": page, "nextAfter": next})).into_response());
+        }
+    }
+    let (page, more) = split_page(page, limit);
+    let next = more
+        .then(|| page.last().map(|s| s["vin"].clone()))
+        .flatten();
+    Ok(Json(json!({"vehicles": page, "nextAfter": next})).into_response())
+}
+
+/// The query parameter `name`, which must be one of `allowed` if given.
+fn one_of<'a>(
+    q: &HashMap<String, String>,
+    name: &str,
+    allowed: &[&'a str],
+) -> Result<Option<&'a str>, ApiError> {
+    match q.get(name) {
+        None => Ok(None),
+        Some(v) => match allowed.iter().find(|a| **a == v.as_str()) {
+            Some(a) => Ok(Some(*a)),
+            None => Err(ApiError::bad(
+                name,
+                format!("one of {}", allowed.join(", ")),
+            )),
+        },
+    }
+}
+
+/// Up to `n` registered cars after `after` (from the first without it), in VIN order.
+fn vehicles_after(
+    store: &Store,
+    after: Option<&Vin>,
+    n: usize,
+) -> Result<Vec<(Vin, VehicleRec)>, ApiError> {
+    use std::ops::Bound::{Excluded, Unbounded};
+    let range = match after {
+        Some(vin) => store
+            .vehicles
+            .range::<&[u8], _>((Excluded(&vin.as_bytes()[..]), Unbounded)),
+        None => store.vehicles.iter(),
+    };
+    let mut out = Vec::with_capacity(n);
+    for item in range {
+        let (key, v) = item.map_err(ApiError::storage)?;
+        let vin = std::str::from_utf8(&key)
+            .ok()
+            .and_then(|k| k.parse::<Vin>().ok());
+        if let (Some(vin), Some(rec)) = (vin, dec::<VehicleRec>(&v)) {
+            out.push((vin, rec));
+            if out.len() == n {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The statuses of `cars`, in their order (`None` for a car no shard holds), one message to
+/// each shard that holds some of them.
+async fn statuses_of(
+    engine: &Engine,
+    cars: &[(Vin, VehicleRec)],
+) -> Result<Vec<Option<Value>>, ApiError> {
+    let mut by_shard: Vec<Vec<usize>> = vec![Vec::new(); engine.shard_count()];
+    for (i, (vin, _)) in cars.iter().enumerate() {
+        by_shard[engine.shard_index(vin)].push(i);
+    }
+    let mut out = vec![None; cars.len()];
+    for (shard, at) in by_shard.into_iter().enumerate() {
+        if at.is_empty() {
+            continue;
+        }
+        let (tx, rx) = oneshot::channel();
+        let vins = at.iter().map(|&i| cars[i].0).collect();
+        engine
+            .shard_at(shard)
+            .send_async(Msg::Statuses { vins, resp: tx })
+            .await
+            .map_err(|_| ApiError::unavailable())?;
+        let statuses = rx.await.map_err(|_| ApiError::unavailable())?;
+        for (i, status) in at.into_iter().zip(statuses) {
+            out[i] = status;
+        }
+    }
+    Ok(out)
+}
+
 async fn status(State(st): St, PathText(vin): PathText) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let (tx, rx) = oneshot::channel();
@@ -1282,16 +1416,12 @@ async fn campaign_requests(
             }
         },
     };
-    let status = match q.get("status").map(String::as_str) {
-        None => None,
-        Some(s @ ("QUEUED" | "IN_PROGRESS" | "COMPLETED" | "FAILED")) => Some(s.to_owned()),
-        Some(_) => {
-            return Err(ApiError::bad(
-                "status",
-                "QUEUED, IN_PROGRESS, COMPLETED or FAILED",
-            ))
-        }
-    };
+    let status = one_of(
+        &q,
+        "status",
+        &["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"],
+    )?
+    .map(str::to_owned);
     let store = st.store.clone();
     let campaign_id = rec.campaign_id;
     let (page, more) = tokio::task::spawn_blocking(move || {

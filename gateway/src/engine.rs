@@ -181,6 +181,12 @@ pub(crate) enum Msg {
         vin: Vin,
         resp: oneshot::Sender<Option<serde_json::Value>>,
     },
+    /// The status of each of `vins` (cars of this shard), in their order: a page of
+    /// `GET /vehicles` (at most [`crate::api::VEHICLE_SCAN_CHUNK`] cars).
+    Statuses {
+        vins: Vec<Vin>,
+        resp: oneshot::Sender<Vec<Option<serde_json::Value>>>,
+    },
     /// Write the car's history entries made so far (before `GET /vehicles/{vin}/history`
     /// reads the store).
     WriteHistory {
@@ -930,6 +936,9 @@ impl Shard {
             Msg::Presence { vin, online } => self.on_presence(vin, online),
             Msg::Status { vin, resp } => {
                 let _ = resp.send(self.status(&vin));
+            }
+            Msg::Statuses { vins, resp } => {
+                let _ = resp.send(vins.iter().map(|v| self.status(v)).collect());
             }
             Msg::Cancel { target, resp } => {
                 let ended = self.cancel(&target);

@@ -5,7 +5,9 @@
 use caas_protocol::{MAX_FLAGS_PER_GRANT, MAX_PARAMS_PER_GRANT};
 use serde_json::{json, Value};
 
-use crate::api::{MAX_BODY_BYTES, MAX_CAMPAIGN_BODY_BYTES, MAX_CAMPAIGN_VINS, MAX_PAGE};
+use crate::api::{
+    MAX_BODY_BYTES, MAX_CAMPAIGN_BODY_BYTES, MAX_CAMPAIGN_VINS, MAX_PAGE, MAX_VEHICLES_SCANNED,
+};
 
 /// ISO 3779: 17 of 0-9 and A-Z except I, O and Q.
 const VIN_PATTERN: &str = "^[A-HJ-NPR-Z0-9]{17}$";
@@ -96,7 +98,7 @@ pub(crate) fn document() -> Value {
     let campaign_mib = MAX_CAMPAIGN_BODY_BYTES / (1024 * 1024);
     // Built in three parts: one json! literal of the whole document passes the macro's
     // recursion limit.
-    let schemas = json!({
+    let mut schemas = json!({
                 "Health": { "type": "object", "required": ["status", "store", "broker", "webhookReceiver"], "properties": {
                     "status": { "type": "string", "enum": ["ok", "unavailable"] },
                     "store": { "type": "string", "enum": ["ok", "failing"] },
@@ -205,6 +207,14 @@ pub(crate) fn document() -> Value {
                     "expectedSeq": { "type": "integer" }, "appliedSeq": { "type": "integer" },
                     "diagnostics": { "type": "object", "nullable": true } } }
     });
+    // A car in a `GET /vehicles` page: its status with its registration.
+    let mut listed = schemas["VehicleStatus"].clone();
+    listed["properties"]["platform"] = schemas["Vehicle"]["properties"]["platform"].clone();
+    listed["properties"]["registeredAt"] = json!({ "type": "string", "format": "date-time" });
+    if let Some(required) = listed["required"].as_array_mut() {
+        required.extend([json!("platform"), json!("registeredAt")]);
+    }
+    schemas["VehicleListed"] = listed;
     let paths = json!({
             "/healthz": { "get": { "security": [], "summary": "Liveness and readiness: 503 while the store does not flush or the external broker is not connected; a webhook receiver that is down is only reported (callbacks wait in the outbox)",
                 "responses": merge(ok("200", "ready", r("Health")), json!({ "503": { "description": "not ready", "content": { "application/json": { "schema": r("Health") } } } })) } },
@@ -224,7 +234,14 @@ pub(crate) fn document() -> Value {
                 "responses": merge(ok("200", "the request, cancelled (also for a repeat)", r("RequestState")), errors(&["400", "401", "404", "409", "500", "503"])) } },
             "/vehicles": { "post": { "summary": "Provision a car (idempotent for the same key; 409 for another key)", "requestBody": body(r("Vehicle")),
                 "responses": merge(merge(ok("201", "registered", r("Vehicle")), ok("200", "already registered with this key", r("Vehicle"))),
-                    errors(&["400", "401", "409", "413", "500", "503"])) } },
+                    errors(&["400", "401", "409", "413", "500", "503"])) },
+                "get": { "summary": format!("The registered cars in VIN order, a page at a time, each with its status; filtered by connectivity or by a service's status. At most {MAX_VEHICLES_SCANNED} cars are looked at a call, so a filtered page may end short of its limit (even empty) with nextAfter to go on from"),
+                "parameters": [limit(100), query("after", "nextAfter of the previous page (a VIN)", vin.clone()),
+                    query("connectivity", "only cars in this state", json!({ "type": "string", "enum": ["ONLINE", "OFFLINE", "LIMITED"] })),
+                    query("serviceStatus", "only cars with a service in this state (ERROR: a request of it failed)", json!({ "type": "string", "enum": ["ACTIVE", "PENDING", "ERROR"] }))],
+                "responses": merge(ok("200", "one page", json!({ "type": "object", "required": ["vehicles", "nextAfter"], "properties": {
+                    "vehicles": { "type": "array", "items": r("VehicleListed") }, "nextAfter": { "type": "string", "nullable": true } } })),
+                    errors(&["400", "401", "500", "503"])) } },
             "/vehicles/{vin}/key": { "post": { "summary": "Replace a car's public key (its telematics unit was replaced): from the answer on, only reports signed with the new key are believed; requests in flight complete when the new unit confirms them. A repeat (publicKey already the car's key) answers the same and changes nothing; answered once durable",
                 "parameters": [vin_param.clone()], "requestBody": body(r("KeyReplacement")),
                 "responses": merge(ok("200", "the car's record with its new key", r("Vehicle")),

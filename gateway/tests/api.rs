@@ -632,7 +632,13 @@ async fn router_refusals_are_json_naming_the_field() {
             "method",
             Some("GET,HEAD"),
         ),
-        (M::PUT, "/vehicles".to_owned(), 405, "method", Some("POST")),
+        (
+            M::PUT,
+            "/vehicles".to_owned(),
+            405,
+            "method",
+            Some("POST,GET,HEAD"),
+        ),
         (
             M::POST,
             format!("/ota/requests/{rid}"),
@@ -686,13 +692,14 @@ async fn router_refusals_are_json_naming_the_field() {
 // ---------- the OpenAPI document, checked against the server's real answers ----------
 
 /// Every documented route and method (the README's table).
-const ROUTES: [(&str, &str); 18] = [
+const ROUTES: [(&str, &str); 19] = [
     ("/healthz", "get"),
     ("/ota/activate", "post"),
     ("/ota/deactivate", "post"),
     ("/ota/requests/{requestId}", "get"),
     ("/ota/requests/{requestId}/cancel", "post"),
     ("/vehicles", "post"),
+    ("/vehicles", "get"),
     ("/vehicles/{vin}/status", "get"),
     ("/vehicles/{vin}/history", "get"),
     ("/vehicles/{vin}/key", "post"),
@@ -1654,6 +1661,116 @@ async fn openapi_document_matches_what_the_server_answers() {
         (s, st["diagnostics"]["firmwareVersion"].as_str()),
         (200, Some("2.1.0"))
     );
+
+    // The fleet, a page at a time: one car a page gives every car once, in VIN order, the
+    // same as one page of all; each as its status shows it, with its registration. Once no
+    // request is in flight, so that no car's status changes meanwhile.
+    let end = Instant::now() + Duration::from_secs(30);
+    while api.metric("caas_requests_in_flight").await != 0.0 {
+        assert!(Instant::now() < end, "requests still in flight");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let vehicles = "/vehicles";
+    let (_, all) = c
+        .call(&api, "get", vehicles, "/vehicles?limit=500", None)
+        .await;
+    assert_eq!(all["nextAfter"], Value::Null, "{all}");
+    let vins_of = |b: &Value| -> Vec<String> {
+        b["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["vin"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all_vins = vins_of(&all);
+    assert!(all_vins.windows(2).all(|w| w[0] < w[1]), "{all_vins:?}");
+    assert!(
+        all_vins.contains(&v1) && all_vins.contains(&v2),
+        "{all_vins:?}"
+    );
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("/vehicles?limit=1&after={a}"),
+            None => "/vehicles?limit=1".to_owned(),
+        };
+        let (s, p) = c.call(&api, "get", vehicles, &path, None).await;
+        assert_eq!(s, 200, "{p}");
+        let vins = vins_of(&p);
+        assert_eq!(vins.len(), 1, "{p}");
+        paged.extend(vins);
+        after = p["nextAfter"].as_str().map(str::to_owned);
+        if after.is_none() {
+            break;
+        }
+        assert!(paged.len() < all_vins.len(), "pages repeat: {paged:?}");
+    }
+    assert_eq!(paged, all_vins);
+    for listed in all["vehicles"].as_array().unwrap() {
+        let vin = listed["vin"].as_str().unwrap();
+        let (_, mut own) = c
+            .call(
+                &api,
+                "get",
+                status,
+                &format!("/vehicles/{vin}/status"),
+                None,
+            )
+            .await;
+        own["platform"] = json!("mqb-evo");
+        own["registeredAt"] = listed["registeredAt"].clone();
+        assert_eq!(listed, &own);
+    }
+    // Filters keep exactly the cars whose status says so (car 1 is connected, the others
+    // are not; their services are in several states by now).
+    let mut kept_some = 0;
+    for (param, state) in [
+        ("connectivity", "ONLINE"),
+        ("connectivity", "OFFLINE"),
+        ("serviceStatus", "ACTIVE"),
+        ("serviceStatus", "PENDING"),
+        ("serviceStatus", "ERROR"),
+    ] {
+        let query = format!("{param}={state}");
+        let (s, p) = c
+            .call(&api, "get", vehicles, &format!("/vehicles?{query}"), None)
+            .await;
+        assert_eq!((s, &p["nextAfter"]), (200, &Value::Null), "{query}: {p}");
+        let want: Vec<String> = all["vehicles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| match param {
+                "connectivity" => v["connectivity"] == state,
+                _ => v["activeServices"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["status"] == state),
+            })
+            .map(|v| v["vin"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(vins_of(&p), want, "{query}");
+        if !want.is_empty() && want.len() < all_vins.len() {
+            kept_some += 1;
+        }
+    }
+    // At least two of the filters kept some cars and left others.
+    assert!(kept_some >= 2, "{all}");
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("after=BAD", "after"),
+        ("connectivity=ASLEEP", "connectivity"),
+        ("serviceStatus=EXPIRED", "serviceStatus"),
+        ("vin=x", "vin"),
+    ] {
+        let (s, b) = c
+            .call(&api, "get", vehicles, &format!("/vehicles?{query}"), None)
+            .await;
+        assert_eq!((s, b["field"].as_str()), (400, Some(field)), "{query}: {b}");
+    }
 
     c.assert_every_documented_status_seen();
     drop(car);
