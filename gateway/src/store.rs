@@ -249,7 +249,7 @@ pub(crate) struct OutboxEntry {
 pub(crate) struct HistoryEntry {
     pub(crate) id: String,
     pub(crate) timestamp: String,
-    /// `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE`.
+    /// `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE`, `KEY_REPLACED`.
     #[serde(rename = "type")]
     pub(crate) kind: String,
     #[serde(default)]

@@ -46,7 +46,7 @@ pub enum Command {
     /// The car agent's local diagnostic endpoint (for a technician at the car).
     #[command(subcommand)]
     Local(LocalCommand),
-    /// A car's state and history from the gateway's IoT API.
+    /// A car's state and history from the gateway's IoT API, and the replacement of its key.
     #[command(subcommand)]
     Vehicle(VehicleCommand),
     /// An activation's or deactivation's state from the gateway's IoT API.
@@ -364,11 +364,42 @@ pub enum VehicleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Replace a car's public key after its telematics unit was replaced: from then on only
+    /// reports signed with the new key are believed, and requests in flight complete when
+    /// the new unit confirms them (POST /vehicles/{vin}/key). The gateway refuses it (409)
+    /// unless --previous-public-key is the car's key now; repeating a replacement that
+    /// succeeded changes nothing. The old unit's reports are refused after it, so it asks
+    /// for --yes.
+    Rekey {
+        /// The car's VIN.
+        vin: String,
+        /// The new unit's public key (64 hex digits, as `caasctl keys show` prints it).
+        #[arg(long, value_name = "HEX")]
+        public_key: String,
+        /// The key the car is registered with now (64 hex digits).
+        #[arg(long, value_name = "HEX")]
+        previous_public_key: String,
+        /// Yes, replace the car's key.
+        #[arg(long)]
+        yes: bool,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_vin(s: &str) -> Result<Vin> {
     s.parse::<Vin>()
         .map_err(|e| anyhow!("invalid VIN {s:?}: {e}"))
+}
+
+/// A public key given as `--flag` (64 hex digits), checked before anything is sent.
+fn parse_public_key(s: &str, flag: &str) -> Result<caas_protocol::VerifyingKey> {
+    caas_protocol::verifying_key_from_hex(s)
+        .map_err(|e| anyhow!("invalid {flag} {s:?}: {e} (64 hex digits of an Ed25519 key)"))
 }
 
 /// A request or campaign id (`what` says which, for the message). Checked before anything is
@@ -768,6 +799,28 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
             let gw = gateway_of(gateway)?;
             let v = gw.history(&client, &vin, limit, before.as_deref())?;
             print_answer(&v, json, |v| vehicle::history_text(v, &vin, limit))
+        }
+        VehicleCommand::Rekey {
+            vin,
+            public_key,
+            previous_public_key,
+            yes,
+            gateway,
+            json,
+        } => {
+            let vin = parse_vin(&vin)?;
+            let key = parse_public_key(&public_key, "--public-key")?;
+            let previous = parse_public_key(&previous_public_key, "--previous-public-key")?;
+            if !yes {
+                bail!(
+                    "vehicle rekey replaces car {vin}'s public key: from then on only reports \
+                     signed with {public_key} are believed, those signed with \
+                     {previous_public_key} are refused; say --yes to do it"
+                );
+            }
+            let gw = gateway_of(gateway)?;
+            let v = gw.replace_key(&client, &vin, &key, &previous)?;
+            print_answer(&v, json, vehicle::rekey_text)
         }
     }
 }

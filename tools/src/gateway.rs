@@ -35,6 +35,16 @@ impl Gateway {
         client.post_json(&self.url_of(path), Some(&self.token))
     }
 
+    /// `POST` of `body` as JSON to `path` with the token; the JSON of a 2xx answer.
+    pub fn post_json_body(
+        &self,
+        client: &Client,
+        path: &str,
+        body: &Value,
+    ) -> Result<Value, HttpError> {
+        client.post_json_body(&self.url_of(path), Some(&self.token), body)
+    }
+
     /// `GET` of `path` with the token; the text of a 2xx answer.
     pub fn get_text(&self, client: &Client, path: &str) -> Result<String, HttpError> {
         client.get_text(&self.url_of(path), Some(&self.token))

@@ -114,34 +114,48 @@ impl Client {
 
     /// `GET url` with an optional bearer token; the JSON body of a 2xx answer.
     pub fn get_json(&self, url: &str, token: Option<&str>) -> Result<Value, HttpError> {
-        let body = self.exchange(Method::GET, url, token, "application/json")?;
+        let body = self.exchange(Method::GET, url, token, "application/json", None)?;
         json_of(url, &body)
     }
 
     /// `POST url` with an empty JSON object as its body (for routes that act on what the
     /// URL names) and an optional bearer token; the JSON body of a 2xx answer.
     pub fn post_json(&self, url: &str, token: Option<&str>) -> Result<Value, HttpError> {
-        let body = self.exchange(Method::POST, url, token, "application/json")?;
+        let body = self.exchange(Method::POST, url, token, "application/json", None)?;
         json_of(url, &body)
+    }
+
+    /// `POST url` with `body` as JSON and an optional bearer token; the JSON body of a 2xx
+    /// answer.
+    pub fn post_json_body(
+        &self,
+        url: &str,
+        token: Option<&str>,
+        body: &Value,
+    ) -> Result<Value, HttpError> {
+        let answer = self.exchange(Method::POST, url, token, "application/json", Some(body))?;
+        json_of(url, &answer)
     }
 
     /// `GET url` with an optional bearer token; the UTF-8 text body of a 2xx answer.
     pub fn get_text(&self, url: &str, token: Option<&str>) -> Result<String, HttpError> {
-        let body = self.exchange(Method::GET, url, token, "text/plain")?;
+        let body = self.exchange(Method::GET, url, token, "text/plain", None)?;
         String::from_utf8(body).map_err(|e| HttpError::Body {
             url: url.to_owned(),
             reason: format!("not UTF-8 text ({e})"),
         })
     }
 
-    /// `method url` asking for `accept`; the body of a 2xx answer (at most
-    /// [`MAX_BODY_SIZE`]), or the error, with the server's JSON error body when it sent one.
+    /// `method url` asking for `accept` (a POST sends `json`, or an empty object); the body of
+    /// a 2xx answer (at most [`MAX_BODY_SIZE`]), or the error, with the server's JSON error
+    /// body when it sent one.
     fn exchange(
         &self,
         method: Method,
         url: &str,
         token: Option<&str>,
         accept: &str,
+        json: Option<&Value>,
     ) -> Result<Vec<u8>, HttpError> {
         let parsed = reqwest::Url::parse(url).map_err(|e| HttpError::Url(format!("{url}: {e}")))?;
         let mut req = self
@@ -149,7 +163,8 @@ impl Client {
             .request(method.clone(), parsed)
             .header("accept", accept);
         if method == Method::POST {
-            req = req.header("content-type", "application/json").body("{}");
+            let body = json.map_or_else(|| "{}".to_owned(), Value::to_string);
+            req = req.header("content-type", "application/json").body(body);
         }
         if let Some(t) = token {
             req = req.bearer_auth(t);

@@ -1,18 +1,21 @@
-//! `caasctl vehicle status|history`: a car's state and history from the gateway's IoT API.
+//! `caasctl vehicle status|history|rekey`: a car's state and history from the gateway's IoT
+//! API, and the replacement of its public key.
 //!
 //! - `GET /vehicles/{vin}/status` answers (DESIGN.md §4)
 //!   `{vin, connectivity, lastSeen, activeServices:[{serviceId, activationDate, status}],
 //!   diagnostics:{errorCodes, firmwareVersion, networkSignalStrength}}`.
 //! - `GET /vehicles/{vin}/history?limit=N[&before=CURSOR]` answers, newest first,
 //!   `{vin, entries:[{id, timestamp, type, seq?, requestId?, detail}], nextBefore}`, where
-//!   `type` is `REQUEST`, `COMMAND`, `REPORT`, `RESULT` or `PRESENCE` and `nextBefore` is the
-//!   `before` cursor of the next (older) page, `null` on the last one.
+//!   `type` is `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE` or `KEY_REPLACED` and
+//!   `nextBefore` is the `before` cursor of the next (older) page, `null` on the last one.
+//! - `POST /vehicles/{vin}/key {publicKey, previousPublicKey}` answers the car's record
+//!   `{vin, publicKey, platform, firmwareVersion, registeredAt}` with its new key.
 //!
 //! Both are rendered from the JSON generically around the fields named here, so a field the
 //! gateway adds (or a small difference in shape) is shown rather than breaking the tool.
 
-use caas_protocol::Vin;
-use serde_json::Value;
+use caas_protocol::{verifying_key_to_hex, VerifyingKey, Vin};
+use serde_json::{json, Value};
 
 use crate::gateway::{page_path, Gateway};
 use crate::http::{Client, HttpError};
@@ -35,6 +38,46 @@ impl Gateway {
         let path = page_path(&format!("/vehicles/{vin}/history"), limit, before);
         self.get_json(client, &path)
     }
+
+    /// `POST /vehicles/{vin}/key`: `key` replaces `previous`, the key the car has now.
+    pub fn replace_key(
+        &self,
+        client: &Client,
+        vin: &Vin,
+        key: &VerifyingKey,
+        previous: &VerifyingKey,
+    ) -> Result<Value, HttpError> {
+        let body = json!({
+            "publicKey": verifying_key_to_hex(key).as_str(),
+            "previousPublicKey": verifying_key_to_hex(previous).as_str(),
+        });
+        self.post_json_body(client, &format!("/vehicles/{vin}/key"), &body)
+    }
+}
+
+/// The readable form of a key replacement's answer (the car's record).
+pub fn rekey_text(v: &Value) -> String {
+    let Some(obj) = v.as_object() else {
+        return format!("{v}\n");
+    };
+    let mut pairs = vec![
+        ("VIN", field(obj, "vin")),
+        ("Public key", field(obj, "publicKey")),
+        ("Platform", field(obj, "platform")),
+        ("Firmware", field(obj, "firmwareVersion")),
+        ("Registered", field(obj, "registeredAt")),
+    ];
+    const KNOWN: [&str; 5] = [
+        "vin",
+        "publicKey",
+        "platform",
+        "firmwareVersion",
+        "registeredAt",
+    ];
+    pairs.extend(other_fields(obj, &KNOWN));
+    let mut out = key_values(&pairs);
+    out.push_str("Reports are believed only when signed with this key.\n");
+    out
 }
 
 /// The readable form of a status answer.
@@ -145,6 +188,19 @@ mod tests {
             t.contains("power-boost  ACTIVE  2026-11-01T00:00:00Z"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_key_replacement_shows_the_cars_record() {
+        let key = "ab".repeat(32);
+        let v = json!({"vin": "WVWZZZ1JZXW000001", "publicKey": key, "platform": "mqb-evo",
+            "firmwareVersion": null, "registeredAt": "2026-11-01T00:00:00Z"});
+        let t = rekey_text(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "VIN         WVWZZZ1JZXW000001", "{t}");
+        assert_eq!(lines[1], format!("Public key  {key}"), "{t}");
+        assert_eq!(lines[3], "Firmware    -", "{t}");
+        assert_eq!(lines[4], "Registered  2026-11-01T00:00:00Z", "{t}");
     }
 
     #[test]
