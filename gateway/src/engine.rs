@@ -2417,6 +2417,83 @@ mod tests {
         assert_eq!(places.named_by(6, 0b001), Some(vec![id(3)]));
     }
 
+    /// A report of car `vin` signed with `key`.
+    fn signed_report(vin: Vin, key: &SigningKey) -> Msg {
+        let report = Report {
+            vin,
+            applied_seq: 0,
+            car_time: now_ms() / 1000,
+            outcome: Outcome::Periodic { counter: 1 },
+            active: heapless::Vec::new(),
+            diagnostics: caas_protocol::Diagnostics {
+                firmware_version: "1.0.0".parse().unwrap(),
+                error_codes: heapless::Vec::new(),
+                signal_strength: 80,
+            },
+        };
+        let mut buf = [0u8; caas_protocol::MAX_REPORT_FRAME_SIZE];
+        let payload = caas_protocol::seal_report(&report, key, &mut buf)
+            .unwrap()
+            .to_vec();
+        Msg::Report { vin, payload }
+    }
+
+    #[test]
+    fn reports_behind_a_key_replacement_in_the_same_batch_are_opened_with_the_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (out, _published) = flume::unbounded();
+        let sh = Arc::new(Shared {
+            store: Store::open(dir.path(), 8).unwrap(),
+            metrics: Arc::default(),
+            retry: RetryPolicy::default(),
+            command_ttl: Duration::from_secs(60),
+            key: SigningKey::from_bytes(&[1; 32]),
+            out,
+            webhook: None,
+        });
+        let (flusher, _commits) = flume::bounded(1);
+        let mut shard = Shard::new(sh.clone(), flusher, std::thread::spawn(|| ()));
+        let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
+        let (old, new) = (
+            SigningKey::from_bytes(&[2; 32]),
+            SigningKey::from_bytes(&[3; 32]),
+        );
+        let rec = VehicleRec {
+            vin: vin.to_string(),
+            public_key: caas_protocol::verifying_key_to_hex(&old.verifying_key()).to_string(),
+            platform: "mqb-evo".into(),
+            firmware_version: None,
+            registered_at: String::new(),
+        };
+        shard.register(rec, vin, old.verifying_key()).unwrap();
+        let (resp, _answer) = oneshot::channel();
+        let msgs = vec![
+            signed_report(vin, &old),
+            signed_report(vin, &old),
+            Msg::ReplaceKey {
+                vin,
+                key: new.verifying_key(),
+                previous: old.verifying_key(),
+                resp,
+            },
+            signed_report(vin, &old),
+            signed_report(vin, &new),
+        ];
+        let pre = shard.verify_reports(&msgs);
+        // The two before the replacement are verified together with the old key; those
+        // behind it are left for when they are handled.
+        assert!(pre[0].as_ref().is_some_and(Result::is_ok));
+        assert!(pre[1].as_ref().is_some_and(Result::is_ok));
+        assert!(pre[3].is_none() && pre[4].is_none());
+        for (m, p) in msgs.into_iter().zip(pre) {
+            assert!(shard.handle(m, p).is_none());
+        }
+        let m = &sh.metrics;
+        assert_eq!(m.reports_verified.load(Relaxed), 3);
+        assert_eq!(m.reports_forged.load(Relaxed), 1);
+        assert_eq!(m.keys_replaced.load(Relaxed), 1);
+    }
+
     #[test]
     fn stale_timers_are_swept_once_they_outgrow_the_pending_requests() {
         let now = Instant::now();
