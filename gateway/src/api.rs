@@ -829,7 +829,7 @@ async fn replace_key(
 
 /// `GET /vehicles?limit=&after=&connectivity=&serviceStatus=`: the registered cars in VIN
 /// order, a page at a time (`after`: the previous page's `nextAfter`), each as
-/// `GET /vehicles/{vin}/status` shows it with its `platform` and `registeredAt`;
+/// `GET /vehicles/{vin}/status` shows it with its `platform`, `publicKey` and `registeredAt`;
 /// `connectivity` keeps the cars in that state, `serviceStatus` those with a service in
 /// that state (which cars have a service in ERROR?). At most [`MAX_VEHICLES_SCANNED`] cars
 /// are looked at a call: a filtered page may end short, even empty, with `nextAfter`.
@@ -863,6 +863,7 @@ async fn list_vehicles(State(st): St, QueryMap(q): QueryMap) -> ApiResult {
                 continue;
             };
             status["platform"] = json!(rec.platform);
+            status["publicKey"] = json!(rec.public_key);
             status["registeredAt"] = json!(rec.registered_at);
             page.push(status);
         }

@@ -210,9 +210,10 @@ pub(crate) fn document() -> Value {
     // A car in a `GET /vehicles` page: its status with its registration.
     let mut listed = schemas["VehicleStatus"].clone();
     listed["properties"]["platform"] = schemas["Vehicle"]["properties"]["platform"].clone();
+    listed["properties"]["publicKey"] = schemas["Vehicle"]["properties"]["publicKey"].clone();
     listed["properties"]["registeredAt"] = json!({ "type": "string", "format": "date-time" });
     if let Some(required) = listed["required"].as_array_mut() {
-        required.extend([json!("platform"), json!("registeredAt")]);
+        required.extend([json!("platform"), json!("publicKey"), json!("registeredAt")]);
     }
     schemas["VehicleListed"] = listed;
     let paths = json!({

@@ -1663,7 +1663,8 @@ async fn openapi_document_matches_what_the_server_answers() {
     );
 
     // The fleet, a page at a time: one car a page gives every car once, in VIN order, the
-    // same as one page of all; each as its status shows it, with its registration. Once no
+    // same as one page of all; each as its status shows it, with its registration (its key
+    // too: the one a key replacement must name as the previous). Once no
     // request is in flight, so that no car's status changes meanwhile.
     let end = Instant::now() + Duration::from_secs(30);
     while api.metric("caas_requests_in_flight").await != 0.0 {
@@ -1720,6 +1721,9 @@ async fn openapi_document_matches_what_the_server_answers() {
             )
             .await;
         own["platform"] = json!("mqb-evo");
+        // Car 2's unit was replaced above; car n was registered with key n.
+        let n: u32 = vin[vin.len() - 6..].parse().unwrap();
+        own["publicKey"] = json!(key_hex(if vin == v2 { 12 } else { n }));
         own["registeredAt"] = listed["registeredAt"].clone();
         assert_eq!(listed, &own);
     }
