@@ -58,10 +58,38 @@ impl Gateway {
 /// `path?limit=N[&before=CURSOR]`: one page of a listing route, `before` (the previous
 /// page's `nextBefore`) percent-encoded.
 pub fn page_path(path: &str, limit: u32, before: Option<&str>) -> String {
+    listing_path(path, limit, &[("before", before)])
+}
+
+/// `path?limit=N[&NAME=VALUE]...`: one page of a listing route with its cursor (`before` or
+/// `after`) and filters, in the order given; a parameter without a value is left out, the
+/// values are percent-encoded.
+pub fn listing_path(path: &str, limit: u32, params: &[(&str, Option<&str>)]) -> String {
     let mut out = format!("{path}?limit={limit}");
-    if let Some(b) = before {
-        out.push_str("&before=");
-        out.push_str(&crate::http::encode_component(b));
+    for (name, value) in params {
+        if let Some(v) = value {
+            out.push_str(&format!("&{name}={}", crate::http::encode_component(v)));
+        }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listing_paths_carry_the_given_parameters_encoded() {
+        assert_eq!(page_path("/campaigns", 5, None), "/campaigns?limit=5");
+        assert_eq!(page_path("/c", 5, Some("a b")), "/c?limit=5&before=a%20b");
+        let params = [
+            ("after", Some("V1")),
+            ("connectivity", None),
+            ("serviceStatus", Some("ERROR")),
+        ];
+        assert_eq!(
+            listing_path("/vehicles", 2, &params),
+            "/vehicles?limit=2&after=V1&serviceStatus=ERROR"
+        );
+    }
 }

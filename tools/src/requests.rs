@@ -19,12 +19,12 @@
 //! show any other field too, so that a newer gateway's additions are seen, not lost.
 
 use caas_protocol::{RequestId, Vin};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::gateway::{page_path, Gateway};
-use crate::http::{encode_component, Client, HttpError};
+use crate::gateway::{listing_path, page_path, Gateway};
+use crate::http::{Client, HttpError};
 use crate::table::{
-    field, json_cell, key_values, labelled_fields, list_items, objects_table, other_fields, render,
+    field, key_values, labelled_fields, list_items, listing_text, other_fields, render, spread,
 };
 
 /// The lines of a request, as (field, label).
@@ -133,15 +133,8 @@ impl Gateway {
         id: &RequestId,
         page: &CampaignRequestsPage<'_>,
     ) -> Result<Value, HttpError> {
-        let mut path = format!("/campaigns/{id}/requests?limit={}", page.limit);
-        if let Some(a) = page.after {
-            path.push_str("&after=");
-            path.push_str(&encode_component(a));
-        }
-        if let Some(s) = page.status {
-            path.push_str("&status=");
-            path.push_str(&encode_component(s));
-        }
+        let params = [("after", page.after), ("status", page.status)];
+        let path = listing_path(&format!("/campaigns/{id}/requests"), page.limit, &params);
         self.get_json(client, &path)
     }
 
@@ -152,11 +145,11 @@ impl Gateway {
 
     /// `GET /support/tickets?limit=N[&before=CURSOR][&vin=VIN]`.
     pub fn tickets(&self, client: &Client, page: &TicketPage<'_>) -> Result<Value, HttpError> {
-        let mut path = page_path("/support/tickets", page.limit, page.before);
-        if let Some(vin) = page.vin {
-            path.push_str(&format!("&vin={vin}"));
-        }
-        self.get_json(client, &path)
+        let params = [("before", page.before), ("vin", page.vin.map(Vin::as_str))];
+        self.get_json(
+            client,
+            &listing_path("/support/tickets", page.limit, &params),
+        )
     }
 }
 
@@ -217,27 +210,6 @@ pub fn campaign_text(v: &Value) -> String {
         out.push_str(&render(&["STATE", "COUNT"], &rows));
     }
     out
-}
-
-/// `item` with its `key` object spread into `key.field` fields (other items unchanged).
-fn spread(item: &Value, key: &str) -> Value {
-    let Some(obj) = item.as_object() else {
-        return item.clone();
-    };
-    let mut out = Map::new();
-    for (k, v) in obj {
-        match v.as_object() {
-            Some(inner) if k == key => {
-                for (ik, iv) in inner {
-                    out.insert(format!("{k}.{ik}"), iv.clone());
-                }
-            }
-            _ => {
-                out.insert(k.clone(), v.clone());
-            }
-        }
-    }
-    Value::Object(out)
 }
 
 /// The readable form of a tickets answer; `page` is what was asked for, repeated in the
@@ -314,36 +286,6 @@ pub fn campaign_requests_text(
         )
         },
     )
-}
-
-/// A page of a listing: its title with the count and the order (`title`: name, order), the
-/// table, any other top-level field, and, when the `cursor` field names the next page, the
-/// command for it (`next_command`).
-fn listing_text(
-    v: &Value,
-    items: &[Value],
-    (name, order): (&str, &str),
-    columns: &[(&str, &str)],
-    cursor: &str,
-    next_command: impl Fn(&str) -> String,
-) -> String {
-    let mut out = format!("{name}: {}, {order}\n", items.len());
-    if !items.is_empty() {
-        out.push_str(&objects_table(items, columns));
-    }
-    let Some(obj) = v.as_object() else {
-        return out;
-    };
-    for (k, val) in obj.iter().filter(|(_, val)| !val.is_array()) {
-        if k != cursor && k != "campaignId" {
-            out.push_str(&format!("{k}: {}\n", json_cell(val)));
-        }
-    }
-    if let Some(next) = obj.get(cursor).filter(|n| !n.is_null()) {
-        out.push_str(&next_command(&json_cell(next)));
-        out.push('\n');
-    }
-    out
 }
 
 #[cfg(test)]

@@ -194,6 +194,59 @@ pub fn list_items<'a>(v: &'a Value, key: &str) -> &'a [Value] {
     }
 }
 
+/// `item` with its `key` object spread into `key.field` fields (other items unchanged).
+pub fn spread(item: &Value, key: &str) -> Value {
+    let Some(obj) = item.as_object() else {
+        return item.clone();
+    };
+    let mut out = Map::new();
+    for (k, v) in obj {
+        match v.as_object() {
+            Some(inner) if k == key => {
+                for (ik, iv) in inner {
+                    out.insert(format!("{k}.{ik}"), iv.clone());
+                }
+            }
+            _ => {
+                out.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// A page of a listing (campaigns, a campaign's requests, support tickets): its
+/// title with the count and the order (`title`: name, order), the table, any other top-level
+/// field (but `campaignId`, which a campaign's requests name in their title), and, when the
+/// `cursor` field names the next page, the command for it (`next_command`), also under a page
+/// with no item (a filtered page the gateway cut short).
+pub fn listing_text(
+    v: &Value,
+    items: &[Value],
+    (name, order): (&str, &str),
+    columns: &[(&str, &str)],
+    cursor: &str,
+    next_command: impl Fn(&str) -> String,
+) -> String {
+    let mut out = format!("{name}: {}, {order}\n", items.len());
+    if !items.is_empty() {
+        out.push_str(&objects_table(items, columns));
+    }
+    let Some(obj) = v.as_object() else {
+        return out;
+    };
+    for (k, val) in obj.iter().filter(|(_, val)| !val.is_array()) {
+        if k != cursor && k != "campaignId" {
+            out.push_str(&format!("{k}: {}\n", json_cell(val)));
+        }
+    }
+    if let Some(next) = obj.get(cursor).filter(|n| !n.is_null()) {
+        out.push_str(&next_command(&json_cell(next)));
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
