@@ -46,7 +46,8 @@ pub enum Command {
     /// The car agent's local diagnostic endpoint (for a technician at the car).
     #[command(subcommand)]
     Local(LocalCommand),
-    /// A car's state and history from the gateway's IoT API, and the replacement of its key.
+    /// The fleet, a car's state and history from the gateway's IoT API, and the replacement
+    /// of a car's key.
     #[command(subcommand)]
     Vehicle(VehicleCommand),
     /// An activation's or deactivation's state from the gateway's IoT API.
@@ -334,6 +335,30 @@ pub struct GatewayArgs {
 /// `caasctl vehicle ...`
 #[derive(Debug, Subcommand)]
 pub enum VehicleCommand {
+    /// The registered cars in VIN order, a page at a time, each with its connectivity, last
+    /// seen time, services counted by state, firmware and platform, optionally only those in
+    /// one connectivity state or with a service in one state: which cars have a failed
+    /// service? (GET /vehicles)
+    List {
+        /// Only cars in this connectivity state.
+        #[arg(long, value_parser = vehicle::CONNECTIVITY_STATES)]
+        connectivity: Option<String>,
+        /// Only cars with at least one service in this state (ERROR: a request of it failed).
+        #[arg(long, value_parser = vehicle::SERVICE_STATES)]
+        service_status: Option<String>,
+        /// Most cars to show on this page.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway::MAX_PAGE_LIMIT)))]
+        limit: u32,
+        /// Show cars after this VIN (the previous page's nextAfter).
+        #[arg(long, value_name = "VIN")]
+        after: Option<String>,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// A car's connectivity, last seen time, active services and diagnostics
     /// (GET /vehicles/{vin}/status).
     Status {
@@ -782,6 +807,25 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
 fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
     let client = Client::new()?;
     match cmd {
+        VehicleCommand::List {
+            connectivity,
+            service_status,
+            limit,
+            after,
+            gateway,
+            json,
+        } => {
+            let after = after.as_deref().map(parse_vin).transpose()?;
+            let gw = gateway_of(gateway)?;
+            let page = vehicle::VehiclePage {
+                limit,
+                after: after.as_ref(),
+                connectivity: connectivity.as_deref(),
+                service_status: service_status.as_deref(),
+            };
+            let v = gw.vehicles(&client, &page)?;
+            print_answer(&v, json, |v| vehicle::vehicles_text(v, &page))
+        }
         VehicleCommand::Status { vin, gateway, json } => {
             let vin = parse_vin(&vin)?;
             let gw = gateway_of(gateway)?;

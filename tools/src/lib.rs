@@ -10,7 +10,9 @@
 //! - [`local`]: a technician with physical access reading the car agent's loopback
 //!   diagnostic endpoint;
 //! - [`gateway`]: where the gateway is and its API token, shared by the operator commands;
-//! - [`vehicle`]: an operator reading a car's state and history from the gateway's IoT API;
+//! - [`vehicle`]: an operator listing the fleet (filtered by connectivity or a service's
+//!   state) and reading a car's state and history from the gateway's IoT API, and replacing
+//!   a car's key;
 //! - [`requests`]: an operator following an activation, a campaign, and the support tickets
 //!   of requests that failed after their retries, from the same API;
 //! - [`stats`]: an operator reading the gateway's health and where its requests' time goes,

@@ -215,7 +215,7 @@ pub fn spread(item: &Value, key: &str) -> Value {
     Value::Object(out)
 }
 
-/// A page of a listing (campaigns, a campaign's requests, support tickets): its
+/// A page of a listing (campaigns, a campaign's requests, support tickets, vehicles): its
 /// title with the count and the order (`title`: name, order), the table, any other top-level
 /// field (but `campaignId`, which a campaign's requests name in their title), and, when the
 /// `cursor` field names the next page, the command for it (`next_command`), also under a page
