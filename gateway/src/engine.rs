@@ -22,7 +22,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 use caas_protocol::{
@@ -249,6 +249,52 @@ pub(crate) struct Shared {
     pub(crate) out: flume::Sender<Outbound>,
     /// Where flushed callbacks go (none without a webhook URL).
     pub(crate) webhook: Option<Handoff>,
+    /// Which car each registered public key belongs to, across shards.
+    pub(crate) key_owners: KeyOwners,
+}
+
+/// The car each registered public key belongs to: every car has a key of its own
+/// (DESIGN.md), so a key already registered for another VIN is refused, at registration and
+/// at a key replacement. Made from the stored vehicles at start (a car's entry as its shard
+/// loads it), so it needs no tree of its own; one entry a car (about 60 bytes).
+#[derive(Default)]
+pub(crate) struct KeyOwners(std::sync::Mutex<HashMap<[u8; 32], Vin>>);
+
+impl KeyOwners {
+    /// Makes `vin` the owner of `key`, unless another car owns it: then that car.
+    pub(crate) fn claim(&self, key: &VerifyingKey, vin: &Vin) -> Result<(), Vin> {
+        // The map stays whole through a panic elsewhere (one insert or remove at a time).
+        let mut owners = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        match owners.entry(key.to_bytes()) {
+            std::collections::hash_map::Entry::Occupied(e) if e.get() != vin => Err(*e.get()),
+            std::collections::hash_map::Entry::Occupied(_) => Ok(()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(*vin);
+                Ok(())
+            }
+        }
+    }
+
+    /// `vin` no longer owns `key` (its key was replaced, or its registration failed).
+    pub(crate) fn release(&self, key: &VerifyingKey, vin: &Vin) {
+        let mut owners = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if owners.get(&key.to_bytes()) == Some(vin) {
+            owners.remove(&key.to_bytes());
+        }
+    }
+}
+
+/// The 409 for a key another car is registered with.
+fn key_of_another_car(field: &str, owner: &Vin) -> ApiError {
+    ApiError::new(
+        409,
+        "public key of another car",
+        field,
+        &format!(
+            "{owner} is registered with this key; every car has a key of its own (a key \
+             copied from another car?): nothing changed"
+        ),
+    )
 }
 
 /// The handle the HTTP side and the MQTT side use.
@@ -986,6 +1032,11 @@ impl Shard {
             tracing::warn!(vin = %rec.vin, "stored vehicle is unreadable; skipped");
             return;
         };
+        if let Err(owner) = self.sh.key_owners.claim(&key, &vin) {
+            // Stored before keys were checked: both cars are served, and neither's key is
+            // given to a third.
+            tracing::warn!(%vin, %owner, "two stored cars have the same public key");
+        }
         let known = self
             .cars
             .insert(vin, new_car(key, rec, car.unwrap_or_default()));
@@ -1073,10 +1124,13 @@ impl Shard {
             ));
         }
         self.sh
-            .store
-            .vehicles
-            .insert(vin.as_bytes(), enc(&rec))
-            .map_err(ApiError::storage)?;
+            .key_owners
+            .claim(&key, &vin)
+            .map_err(|owner| key_of_another_car("publicKey", &owner))?;
+        if let Err(e) = self.sh.store.vehicles.insert(vin.as_bytes(), enc(&rec)) {
+            self.sh.key_owners.release(&key, &vin);
+            return Err(ApiError::storage(e));
+        }
         self.cars.insert(vin, new_car(key, rec, CarRec::default()));
         self.sh.metrics.cars_registered.fetch_add(1, Relaxed);
         Ok(true)
@@ -1104,17 +1158,22 @@ impl Shard {
                  was replaced meanwhile): nothing changed",
             ));
         }
-        let old_hex = caas_protocol::verifying_key_to_hex(&car.key.key);
+        let old_key = car.key.key;
+        let old_hex = caas_protocol::verifying_key_to_hex(&old_key);
         let new_hex = caas_protocol::verifying_key_to_hex(&key);
         let vehicle = VehicleRec {
             public_key: new_hex.to_string(),
             ..car.vehicle.clone()
         };
         self.sh
-            .store
-            .vehicles
-            .insert(vin.as_bytes(), enc(&vehicle))
-            .map_err(ApiError::storage)?;
+            .key_owners
+            .claim(&key, vin)
+            .map_err(|owner| key_of_another_car("publicKey", &owner))?;
+        if let Err(e) = self.sh.store.vehicles.insert(vin.as_bytes(), enc(&vehicle)) {
+            self.sh.key_owners.release(&key, vin);
+            return Err(ApiError::storage(e));
+        }
+        self.sh.key_owners.release(&old_key, vin);
         let Some(car) = self.cars.get_mut(vin) else {
             return Err(crate::api::unknown_car());
         };
@@ -2450,6 +2509,7 @@ mod tests {
             key: SigningKey::from_bytes(&[1; 32]),
             out,
             webhook: None,
+            key_owners: KeyOwners::default(),
         });
         let (flusher, _commits) = flume::bounded(1);
         let mut shard = Shard::new(sh.clone(), flusher, std::thread::spawn(|| ()));

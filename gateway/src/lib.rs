@@ -235,6 +235,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         key,
         out: out_tx,
         webhook: handoff,
+        key_owners: engine::KeyOwners::default(),
     });
     let engine = Engine::start(shared, config.shards)?;
     load_state(&store, &engine).await?;

@@ -233,7 +233,7 @@ pub(crate) fn document() -> Value {
             "/ota/requests/{requestId}/cancel": { "post": { "summary": "End a request still in flight: FAILED with errorCode CANCELLED, its grant withdrawn (what it replaced put back) and a FAILED callback, so nothing is charged; answered once durable",
                 "parameters": [path_param("requestId", "UUID", json!({ "type": "string", "format": "uuid" }))],
                 "responses": merge(ok("200", "the request, cancelled (also for a repeat)", r("RequestState")), errors(&["400", "401", "404", "409", "500", "503"])) } },
-            "/vehicles": { "post": { "summary": "Provision a car (idempotent for the same key; 409 for another key)", "requestBody": body(r("Vehicle")),
+            "/vehicles": { "post": { "summary": "Provision a car (idempotent for the same key; 409 naming publicKey for another key, or for a key another car is registered with: every car has a key of its own)", "requestBody": body(r("Vehicle")),
                 "responses": merge(merge(ok("201", "registered", r("Vehicle")), ok("200", "already registered with this key", r("Vehicle"))),
                     errors(&["400", "401", "409", "413", "500", "503"])) },
                 "get": { "summary": format!("The registered cars in VIN order, a page at a time, each with its status; filtered by connectivity or by a service's status. At most {MAX_VEHICLES_SCANNED} cars are looked at a call, so a filtered page may end short of its limit (even empty) with nextAfter to go on from"),
@@ -243,7 +243,7 @@ pub(crate) fn document() -> Value {
                 "responses": merge(ok("200", "one page", json!({ "type": "object", "required": ["vehicles", "nextAfter"], "properties": {
                     "vehicles": { "type": "array", "items": r("VehicleListed") }, "nextAfter": { "type": "string", "nullable": true } } })),
                     errors(&["400", "401", "500", "503"])) } },
-            "/vehicles/{vin}/key": { "post": { "summary": "Replace a car's public key (its telematics unit was replaced): from the answer on, only reports signed with the new key are believed; requests in flight complete when the new unit confirms them. A repeat (publicKey already the car's key) answers the same and changes nothing; answered once durable",
+            "/vehicles/{vin}/key": { "post": { "summary": "Replace a car's public key (its telematics unit was replaced): from the answer on, only reports signed with the new key are believed; requests in flight complete when the new unit confirms them. A repeat (publicKey already the car's key) answers the same and changes nothing; 409 naming previousPublicKey unless it is the car's key now, and naming publicKey for a key another car is registered with; answered once durable",
                 "parameters": [vin_param.clone()], "requestBody": body(r("KeyReplacement")),
                 "responses": merge(ok("200", "the car's record with its new key", r("Vehicle")),
                     errors(&["400", "401", "404", "409", "413", "500", "503"])) } },

@@ -334,3 +334,47 @@ async fn a_replacement_is_guarded_repeatable_and_survives_a_restart() {
     wait_metric_above(&api, "caas_reports_forged_total", forged).await;
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_car_is_refused_at_registration_and_replacement_even_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = patient_gateway(dir.path(), &hook).await;
+    api.register(1).await;
+    api.register(2).await;
+    let register_with = |n: u32, key: &SigningKey| json!({"vin": vin(n).to_string(), "publicKey": hex(key), "platform": "mqb-evo"});
+    // Car 3 registered with car 1's key (a key copied from the wrong car): refused, and
+    // car 3 is not registered.
+    let (s, b) = api.post("/vehicles", &register_with(3, &car_key(1))).await;
+    assert_eq!((s, b["field"].as_str()), (409, Some("publicKey")), "{b}");
+    assert!(
+        b["reason"].as_str().unwrap().contains(&vin(1).to_string()),
+        "{b}"
+    );
+    let (s, _) = api.get(&format!("/vehicles/{}/status", vin(3))).await;
+    assert_eq!(s, 404);
+    // Car 2's unit replaced with car 1's key: refused, car 2 keeps its key.
+    let (s, b) = replace_key(&api, 2, &hex(&car_key(1)), &hex(&car_key(2))).await;
+    assert_eq!((s, b["field"].as_str()), (409, Some("publicKey")), "{b}");
+    // Car 1's unit replaced: its old key is free for another car, its new one is not.
+    let (s, b) = replace_key(&api, 1, &hex(&new_unit_key(1)), &hex(&car_key(1))).await;
+    assert_eq!(s, 200, "{b}");
+    let (s, b) = api
+        .post("/vehicles", &register_with(3, &new_unit_key(1)))
+        .await;
+    assert_eq!((s, b["field"].as_str()), (409, Some("publicKey")), "{b}");
+    let (s, b) = api.post("/vehicles", &register_with(3, &car_key(1))).await;
+    assert_eq!(s, 201, "{b}");
+
+    // After a restart the owners are known again from the stored cars.
+    gw.shutdown().await;
+    let (gw, api) = patient_gateway(dir.path(), &hook).await;
+    let (s, b) = api.post("/vehicles", &register_with(4, &car_key(2))).await;
+    assert_eq!((s, b["field"].as_str()), (409, Some("publicKey")), "{b}");
+    let (s, b) = replace_key(&api, 2, &hex(&car_key(1)), &hex(&car_key(2))).await;
+    assert_eq!((s, b["field"].as_str()), (409, Some("publicKey")), "{b}");
+    // A car registered again with its own key is still answered 200.
+    let (s, b) = api.post("/vehicles", &register_with(3, &car_key(1))).await;
+    assert_eq!(s, 200, "{b}");
+    gw.shutdown().await;
+}
