@@ -899,19 +899,7 @@ async fn final_records_past_the_retention_are_pruned_and_requests_in_flight_are_
 /// The car's current services in `GET /vehicles/{vin}/status`, sorted: (serviceId, status).
 async fn services_of(api: &Api, n: u32) -> Vec<(String, String)> {
     let (_, st) = api.get(&format!("/vehicles/{}/status", vin(n))).await;
-    let mut v: Vec<(String, String)> = st["activeServices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["serviceId"].as_str().unwrap().to_owned(),
-                s["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
+    services(&st)
 }
 
 async fn deactivate(api: &Api, n: u32, service: &str) -> String {

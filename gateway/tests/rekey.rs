@@ -76,23 +76,6 @@ async fn wait_metric_above(api: &Api, name: &str, above: f64) -> f64 {
     }
 }
 
-/// The services of the car's status with their state, sorted.
-fn services(st: &Value) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = st["activeServices"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["serviceId"].as_str().unwrap().to_owned(),
-                s["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_unit_gets_the_cars_state_and_completes_what_was_in_flight() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,10 +4,10 @@
 
 mod common;
 
-use common::{caasctl, gateway_config, post, register_car, start_gateway};
+use common::{gateway_config, post, register_car, start_gateway};
 use serde_json::{json, Value};
 
-const TOKEN: &str = "ops-token";
+use common::{ctl, value_of, OPS_TOKEN as TOKEN};
 const VIN1: &str = "WVWZZZ1JZXW000001";
 /// Never registered.
 const UNKNOWN_VIN: &str = "WVWZZZ1JZXW000009";
@@ -16,21 +16,6 @@ const UNKNOWN_VIN: &str = "WVWZZZ1JZXW000009";
 fn key_hex(seed: u8) -> String {
     let key = caas_protocol::SigningKey::from_bytes(&[seed; 32]).verifying_key();
     caas_protocol::verifying_key_to_hex(&key).to_string()
-}
-
-/// `caasctl ARGS --gateway BASE --token TOKEN`.
-fn ctl(base: &str, args: &[&str]) -> common::Run {
-    let mut all = args.to_vec();
-    all.extend(["--gateway", base, "--token", TOKEN]);
-    caasctl(&all)
-}
-
-/// The value after `label` on its key/value line.
-fn value_of<'t>(text: &'t str, label: &str) -> &'t str {
-    text.lines()
-        .find_map(|l| l.strip_prefix(label).filter(|rest| rest.starts_with("  ")))
-        .unwrap_or_else(|| panic!("no {label:?} line in\n{text}"))
-        .trim()
 }
 
 /// What `POST /vehicles` answers for VIN1 with `key`: 200 while it is the car's key, 409

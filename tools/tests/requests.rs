@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{caasctl, caasctl_env, gateway_config, get, post, register_car, start_gateway};
 use serde_json::{json, Value};
 
-const TOKEN: &str = "ops-token";
+use common::{ctl, value_of, OPS_TOKEN as TOKEN};
 const VIN1: &str = "WVWZZZ1JZXW000001";
 const VIN2: &str = "WVWZZZ1JZXW000002";
 const VIN3: &str = "WVWZZZ1JZXW000003";
@@ -32,22 +32,6 @@ fn gateway_waiting(dir: &std::path::Path, attempt_timeout: Duration) -> String {
         backoff: vec![Duration::from_millis(100)],
     };
     start_gateway(config)
-}
-
-/// `caasctl ARGS --gateway BASE --token TOKEN`.
-fn ctl(base: &str, args: &[&str]) -> common::Run {
-    let mut all = args.to_vec();
-    all.extend(["--gateway", base, "--token", TOKEN]);
-    caasctl(&all)
-}
-
-/// The value after `label` on its key/value line (labels and values are two or more spaces
-/// apart).
-fn value_of<'t>(text: &'t str, label: &str) -> &'t str {
-    text.lines()
-        .find_map(|l| l.strip_prefix(label).filter(|rest| rest.starts_with("  ")))
-        .unwrap_or_else(|| panic!("no {label:?} line in\n{text}"))
-        .trim()
 }
 
 /// A table row's cells (cells are two or more spaces apart; a cell holds at most one).

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::{caasctl, gateway_config, get, post, register_car, start_gateway};
 use serde_json::{json, Value};
 
-const TOKEN: &str = "ops-token";
+use common::{ctl, OPS_TOKEN as TOKEN};
 /// In VIN order; registered in another order, so that the listing's order is the gateway's.
 const VINS: [&str; 5] = [
     "WVWZZZ1JZXW000001",
@@ -34,13 +34,6 @@ fn gateway(dir: &std::path::Path) -> String {
         register_car(&base, TOKEN, VINS[i], seed);
     }
     base
-}
-
-/// `caasctl ARGS --gateway BASE --token TOKEN`.
-fn ctl(base: &str, args: &[&str]) -> common::Run {
-    let mut all = args.to_vec();
-    all.extend(["--gateway", base, "--token", TOKEN]);
-    caasctl(&all)
 }
 
 /// A table row's cells (cells are two or more spaces apart; a cell holds at most one).

@@ -810,3 +810,21 @@ pub async fn obeying_car(gw: &caas_gateway::Gateway, api: &Api, n: u32) -> TestC
     car.wait_connected().await;
     car
 }
+
+/// The services of a car's status (`GET /vehicles/{vin}/status`) with their state, sorted:
+/// (serviceId, status).
+pub fn services(status: &Value) -> Vec<(String, String)> {
+    let mut v: Vec<(String, String)> = status["activeServices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["serviceId"].as_str().unwrap().to_owned(),
+                s["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}

@@ -186,3 +186,22 @@ pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// The API token of the gateways the `ctl` tests start.
+pub const OPS_TOKEN: &str = "ops-token";
+
+/// `caasctl ARGS --gateway BASE --token OPS_TOKEN`.
+pub fn ctl(base: &str, args: &[&str]) -> Run {
+    let mut all = args.to_vec();
+    all.extend(["--gateway", base, "--token", OPS_TOKEN]);
+    caasctl(&all)
+}
+
+/// The value after `label` on its key/value line (labels and values are two or more spaces
+/// apart).
+pub fn value_of<'t>(text: &'t str, label: &str) -> &'t str {
+    text.lines()
+        .find_map(|l| l.strip_prefix(label).filter(|rest| rest.starts_with("  ")))
+        .unwrap_or_else(|| panic!("no {label:?} line in\n{text}"))
+        .trim()
+}
