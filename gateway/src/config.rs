@@ -86,6 +86,11 @@ pub struct Config {
     pub webhook_url: Option<String>,
     /// HMAC-SHA256 key of the callback signature.
     pub webhook_secret: String,
+    /// The old callback key, while the receiver moves to a new one: each callback is also
+    /// signed with it, in `X-CaaS-Signature-Previous`, so a receiver still on the old key
+    /// keeps taking callbacks. Give the new key as `webhook_secret` and the old one here,
+    /// switch the receiver, then drop this.
+    pub webhook_secret_previous: Option<String>,
     /// Bearer token every route but `/healthz` requires.
     pub api_token: String,
     /// A second token taken as well, while clients move to a new one: give the new token as
@@ -158,6 +163,7 @@ impl Default for Config {
             signing_key: None,
             webhook_url: None,
             webhook_secret: String::new(),
+            webhook_secret_previous: None,
             api_token: DEV_API_TOKEN.to_owned(),
             api_token_previous: None,
             retry: RetryPolicy::default(),
@@ -230,6 +236,14 @@ impl Config {
             // ours (and charge on).
             if self.webhook_secret.is_empty() {
                 bail!("--webhook-url needs --webhook-secret (the callbacks' HMAC key)");
+            }
+        }
+        if let Some(previous) = &self.webhook_secret_previous {
+            if previous.is_empty() || *previous == self.webhook_secret {
+                bail!(
+                    "--webhook-secret-previous must be the old callback key: not empty, not \
+                     --webhook-secret"
+                );
             }
         }
         Ok(())
@@ -322,6 +336,10 @@ pub struct ServeArgs {
     /// Callback HMAC secret
     #[arg(long, env = "CAAS_GATEWAY_WEBHOOK_SECRET")]
     pub webhook_secret: Option<String>,
+    /// The old callback HMAC secret during a rotation: callbacks are signed with it too, in
+    /// X-CaaS-Signature-Previous (drop it once the receiver has the new one)
+    #[arg(long, env = "CAAS_GATEWAY_WEBHOOK_SECRET_PREVIOUS")]
+    pub webhook_secret_previous: Option<String>,
     /// API bearer token [default: dev-token]
     #[arg(long, env = "CAAS_GATEWAY_API_TOKEN")]
     pub api_token: Option<String>,
@@ -412,6 +430,7 @@ impl ServeArgs {
             signing_key: a.signing_key,
             webhook_url: a.webhook_url,
             webhook_secret: a.webhook_secret.unwrap_or_default(),
+            webhook_secret_previous: a.webhook_secret_previous,
             api_token: a.api_token.unwrap_or(d.api_token),
             api_token_previous: a.api_token_previous,
             retry,
@@ -447,6 +466,9 @@ impl ServeArgs {
             signing_key: self.signing_key.or(file.signing_key),
             webhook_url: self.webhook_url.or(file.webhook_url),
             webhook_secret: self.webhook_secret.or(file.webhook_secret),
+            webhook_secret_previous: self
+                .webhook_secret_previous
+                .or(file.webhook_secret_previous),
             api_token: self.api_token.or(file.api_token),
             api_token_previous: self.api_token_previous.or(file.api_token_previous),
             attempts: self.attempts.or(file.attempts),
@@ -560,6 +582,20 @@ mod tests {
         .into_config()
         .and_then(|c| c.validate());
         assert!(ok.is_ok(), "{ok:?}");
+        // During a rotation the old key signs too; it must be an old key, not the new one.
+        for (previous, valid) in [("old-s3cret", true), ("s3cret", false), ("", false)] {
+            let r = ServeArgs {
+                webhook_secret: Some("s3cret".into()),
+                webhook_secret_previous: Some(previous.into()),
+                ..hook()
+            }
+            .into_config()
+            .and_then(|c| c.validate());
+            assert_eq!(r.is_ok(), valid, "{previous:?}: {r:?}");
+            if let Err(e) = r {
+                assert!(e.to_string().contains("--webhook-secret-previous"), "{e}");
+            }
+        }
         let closed = ServeArgs {
             no_mqtt: true,
             ..Default::default()

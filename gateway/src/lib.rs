@@ -297,8 +297,11 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
                     store.clone(),
                     metrics.clone(),
                     engine.clone(),
-                    url.clone(),
-                    config.webhook_secret.clone(),
+                    webhook::Receiver {
+                        url: url.clone(),
+                        secret: config.webhook_secret.clone(),
+                        previous_secret: config.webhook_secret_previous.clone(),
+                    },
                     inbox,
                     stop_rx,
                 ),

@@ -294,7 +294,7 @@ pub(crate) fn document() -> Value {
         "info": {
             "title": "CaaS IoT API (caas-gateway)",
             "version": env!("CARGO_PKG_VERSION"),
-            "description": format!("Activation and deactivation of car features over the air. Every route but /healthz needs `Authorization: Bearer <token>`. Bodies over {body_kib} KiB ({campaign_mib} MiB for /campaigns) are refused with 413. Every 4xx and 5xx body is an Error naming the field: also 404 for a path that is not listed here, and 405 (with an Allow header) for a method a listed path does not answer. Results arrive as callbacks: POST <webhook-url> with body CallbackBody and headers X-CaaS-Timestamp (Unix seconds) and X-CaaS-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + \".\" + body)>, retried until 2xx.")
+            "description": format!("Activation and deactivation of car features over the air. Every route but /healthz needs `Authorization: Bearer <token>`. Bodies over {body_kib} KiB ({campaign_mib} MiB for /campaigns) are refused with 413. Every 4xx and 5xx body is an Error naming the field: also 404 for a path that is not listed here, and 405 (with an Allow header) for a method a listed path does not answer. Results arrive as callbacks: POST <webhook-url> with body CallbackBody and headers X-CaaS-Timestamp (Unix seconds) and X-CaaS-Signature: sha256=<hex HMAC-SHA256(secret, timestamp + \".\" + body)> (while the key is being rotated, also X-CaaS-Signature-Previous: the same with the old key), retried until 2xx.")
         },
         "components": {
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer" } },

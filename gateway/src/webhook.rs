@@ -6,7 +6,8 @@
 //! queue ([`FRESH_QUEUE`]; [`BULK_QUEUE`] for campaigns) without writing anything more:
 //! on a healthy receiver a callback costs no store write at all. The task POSTs,
 //! [`CONCURRENCY`] at a time, signed with HMAC-SHA256 over `timestamp + "." + body`
-//! (headers `X-CaaS-Timestamp` and `X-CaaS-Signature: sha256=<hex>`). On a 2xx it tells
+//! (headers `X-CaaS-Timestamp` and `X-CaaS-Signature: sha256=<hex>`; while the key is being
+//! rotated, also `X-CaaS-Signature-Previous` with the old key). On a 2xx it tells
 //! the car's shard, which drops the request from the car's list. On a failure the callback is filed in the sled `outbox`
 //! tree (keyed by due time) and retried with exponential backoff (1 s doubling, at most
 //! [`MAX_BACKOFF`]), holding up to [`RETRY_HELD`] retries in memory; once filed, the car's
@@ -430,6 +431,8 @@ struct Sender {
     /// visible share of the sender's CPU.
     url: reqwest::Url,
     secret: Arc<str>,
+    /// The old key during a rotation ([`crate::Config::webhook_secret_previous`]).
+    previous_secret: Option<Arc<str>>,
     /// Callbacks taken but not yet started.
     queues: Queues,
     breaker: Breaker,
@@ -511,17 +514,20 @@ impl Sender {
             let client = self.client.clone();
             let url = self.url.clone();
             let secret = self.secret.clone();
+            let previous = self.previous_secret.clone();
             self.in_flight.spawn(async move {
                 let ts = (now_ms() / 1000).to_string();
                 let sig = signature(&secret, &ts, &due.entry.body);
-                let r = client
+                let mut post = client
                     .post(url)
                     .header("content-type", "application/json")
                     .header("X-CaaS-Timestamp", &ts)
-                    .header("X-CaaS-Signature", sig)
-                    .body(due.entry.body.clone())
-                    .send()
-                    .await;
+                    .header("X-CaaS-Signature", sig);
+                if let Some(previous) = previous {
+                    let old = signature(&previous, &ts, &due.entry.body);
+                    post = post.header("X-CaaS-Signature-Previous", old);
+                }
+                let r = post.body(due.entry.body.clone()).send().await;
                 let ok = matches!(&r, Ok(resp) if resp.status().is_success());
                 (due, ok)
             });
@@ -717,18 +723,25 @@ fn lower_this_threads_priority() {
     }
 }
 
+/// Where callbacks go and the keys they are signed with.
+pub(crate) struct Receiver {
+    pub(crate) url: String,
+    pub(crate) secret: String,
+    /// The old key during a rotation ([`crate::Config::webhook_secret_previous`]).
+    pub(crate) previous_secret: Option<String>,
+}
+
 /// Runs the delivery loop until `stop` fires (then tells the engine what it delivered and
 /// returns; what is in flight is sent again after a restart) or the task is aborted.
 pub(crate) async fn run(
     store: Store,
     metrics: Arc<Metrics>,
     engine: Engine,
-    url: String,
-    secret: String,
+    to: Receiver,
     inbox: Inbox,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let url = match reqwest::Url::parse(&url) {
+    let url = match reqwest::Url::parse(&to.url) {
         Ok(u) => u,
         Err(e) => {
             tracing::error!(error = %e, "webhook URL");
@@ -753,7 +766,8 @@ pub(crate) async fn run(
         metrics,
         client,
         url,
-        secret: secret.into(),
+        secret: to.secret.into(),
+        previous_secret: to.previous_secret.map(Into::into),
         queues: Queues::default(),
         breaker: Breaker::default(),
         taken: HashSet::new(),

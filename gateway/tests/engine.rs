@@ -36,6 +36,7 @@ async fn activation_and_deactivation_call_back_signed() {
     assert_eq!(cb.body["status"], "ACTIVATED");
     assert_eq!(cb.body["vin"], vin(1).to_string());
     assert!(cb.signature_ok, "callback signature must verify");
+    assert_eq!(cb.previous_signature_ok, None, "no key is being rotated");
     assert!(cb.body.get("errorCode").is_none());
     assert_eq!(
         car.seen.lock().unwrap().grants,
@@ -1247,4 +1248,25 @@ fn new_and_all_grants(car: &TestCar, from: usize) -> Vec<(u64, Vec<String>, Vec<
             (c.seq, new, granted(c))
         })
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn during_a_callback_key_rotation_each_callback_is_signed_with_both_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let mut c = config(dir.path(), Some(&hook));
+    c.webhook_secret_previous = Some(OLD_SECRET.into());
+    let gw = caas_gateway::start(c).await.unwrap();
+    let api = Api::new(gw.http_addr());
+    let _car = obeying_car(&gw, &api, 1).await;
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    let cb = hook.wait(&id, Duration::from_secs(15)).await;
+    // A receiver on the new key and one still on the old key both take it.
+    assert!(cb.signature_ok, "X-CaaS-Signature with the new key");
+    assert_eq!(
+        cb.previous_signature_ok,
+        Some(true),
+        "X-CaaS-Signature-Previous with the old key"
+    );
+    gw.shutdown().await;
 }

@@ -1,8 +1,9 @@
 //! The webhook receiver: what the CaaS core runs to hear back from the gateway.
 //!
 //! It accepts `POST` on any path, checks `X-CaaS-Signature: sha256=<hex HMAC-SHA256(secret,
-//! X-CaaS-Timestamp + "." + body)>` (a bad or missing signature gets 401 and is counted, not
-//! recorded), parses `{requestId, vin, status, errorCode?, timestamp}`, and keeps every
+//! X-CaaS-Timestamp + "." + body)>` (or `X-CaaS-Signature-Previous`, the same with the old
+//! key while the gateway's key is rotated: a receiver still on the old key keeps working; a
+//! bad or missing signature gets 401 and is counted, not recorded), parses `{requestId, vin, status, errorCode?, timestamp}`, and keeps every
 //! callback per request id with its arrival time, so a caller can check "exactly one final
 //! callback per request" and measure POST-to-callback latency ([`Receiver::expect`] notes
 //! when the POST went out).
@@ -139,23 +140,27 @@ fn verify(key: &Hmac<Sha256>, headers: &HeaderMap, body: &[u8]) -> bool {
     else {
         return false;
     };
-    let Some(sig) = headers
-        .get("x-caas-signature")
-        .and_then(|v| v.to_str().ok())
-    else {
+    let Ok(ts_num) = ts.parse::<u64>() else {
         return false;
     };
+    if ts_num.abs_diff(crate::unix_now()) > MAX_SKEW_SECS {
+        return false;
+    }
+    // During a rotation of the gateway's key the old key's signature comes beside the new
+    // one's; a receiver holds one key and takes whichever header it matches.
+    ["x-caas-signature", "x-caas-signature-previous"]
+        .iter()
+        .filter_map(|name| headers.get(*name)?.to_str().ok())
+        .any(|sig| signed_with(key, ts, body, sig))
+}
+
+/// Whether `sig` (`sha256=<hex>`) is `key`'s over `ts + "." + body`.
+fn signed_with(key: &Hmac<Sha256>, ts: &str, body: &[u8], sig: &str) -> bool {
     let Some(hex_sig) = sig.strip_prefix("sha256=") else {
         return false;
     };
     let mut given = [0u8; 32];
     if hex::decode_to_slice(hex_sig, &mut given).is_err() {
-        return false;
-    }
-    let Ok(ts_num) = ts.parse::<u64>() else {
-        return false;
-    };
-    if ts_num.abs_diff(crate::unix_now()) > MAX_SKEW_SECS {
         return false;
     }
     // A copy of the keyed state: the key's pads are hashed once, when the receiver starts.
@@ -466,5 +471,30 @@ mod tests {
         assert_eq!(malformed.status(), 400);
         assert_eq!(rx.counts().malformed, 1);
         assert_eq!(rx.callbacks("r1").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn during_a_key_rotation_the_old_keys_signature_is_taken_too() {
+        // This receiver still holds the old key; the gateway signs with the new one and,
+        // while rotating, with the old one beside it.
+        let rx = Receiver::start("old-s3cret").await.unwrap();
+        let http = reqwest::Client::new();
+        let body = r#"{"requestId":"r1","vin":"V","status":"ACTIVATED","timestamp":"x"}"#;
+        let ts = crate::unix_now().to_string();
+        let send = |previous: Option<&str>| {
+            let mut post = http
+                .post(rx.url())
+                .header("X-CaaS-Timestamp", &ts)
+                .header("X-CaaS-Signature", sign("new-s3cret", &ts, body.as_bytes()));
+            if let Some(key) = previous {
+                post = post.header("X-CaaS-Signature-Previous", sign(key, &ts, body.as_bytes()));
+            }
+            post.body(body).send()
+        };
+        assert_eq!(send(None).await.unwrap().status(), 401, "new key only");
+        assert_eq!(send(Some("other")).await.unwrap().status(), 401, "neither");
+        assert_eq!(send(Some("old-s3cret")).await.unwrap().status(), 200);
+        assert_eq!(rx.callbacks("r1").len(), 1);
+        assert_eq!(rx.counts().bad_signature, 2);
     }
 }

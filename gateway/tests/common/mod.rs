@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 
 pub const TOKEN: &str = "test-token";
 pub const SECRET: &str = "s3cret";
+/// The callback key being rotated out, in the tests of a key rotation.
+pub const OLD_SECRET: &str = "old-s3cret";
 
 pub fn vin(n: u32) -> Vin {
     format!("WVWZZZ1JZXW{n:06}").parse().unwrap()
@@ -35,6 +37,8 @@ pub fn car_key(n: u32) -> SigningKey {
 pub struct Callback {
     pub body: Value,
     pub signature_ok: bool,
+    /// With `X-CaaS-Signature-Previous` (a key rotation), whether it is [`OLD_SECRET`]'s.
+    pub previous_signature_ok: Option<bool>,
 }
 
 /// A tiny axum server that records callbacks; answers 500 to the first `fail_first`.
@@ -83,9 +87,14 @@ impl Webhook {
                         .unwrap_or("");
                     let ok = !ts.is_empty()
                         && sig == caas_gateway::webhook::signature(SECRET, ts, &body);
+                    let previous_signature_ok = headers.get("x-caas-signature-previous").map(|v| {
+                        v.to_str().ok()
+                            == Some(&caas_gateway::webhook::signature(OLD_SECRET, ts, &body))
+                    });
                     g.lock().unwrap().push(Callback {
                         body: serde_json::from_str(&body).unwrap(),
                         signature_ok: ok,
+                        previous_signature_ok,
                     });
                     axum::http::StatusCode::NO_CONTENT
                 }
