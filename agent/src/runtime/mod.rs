@@ -26,6 +26,7 @@
 //! `online` on every connect at the presence topic, the command topic subscribed with QoS 1
 //! after every connect, a status report after every connect (re-sync), TCP_NODELAY.
 
+pub mod cli;
 pub mod diag;
 pub mod settings;
 pub mod store;
