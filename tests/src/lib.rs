@@ -10,8 +10,10 @@
 //!
 //! This library is the harness: [`Env`] (a gateway, a fleet and a receiver), [`Gateway`]
 //! (the gateway process, which a test can kill, signal and start again on its data),
-//! [`CommandWatch`] (what the broker delivers on some cars' command topics) and
-//! [`listening_addrs`]. The short retry policies keep the whole run to a couple of minutes
+//! [`start_gateway_and_receiver`] (the two without a fleet), [`AgentProcess`] (the real
+//! car agent binary, `caas-e2e-agent`, as one telematics unit), [`caasctl`] (the
+//! technician's CLI run against the gateway), [`CommandWatch`] (what the broker delivers on
+//! some cars' command topics) and [`listening_addrs`]. The short retry policies keep the whole run to a couple of minutes
 //! on two cores.
 
 use std::collections::HashMap;
@@ -28,6 +30,12 @@ use caas_sim::api::Api;
 use caas_sim::gateway_proc::{free_port, tail, wait_until_healthy};
 use caas_sim::stats::FleetReport;
 use caas_sim::webhook::Receiver;
+
+pub mod agent;
+pub mod ctl;
+
+pub use agent::{AgentProcess, AgentSpec};
+pub use ctl::{caasctl, stdout_of};
 
 /// Longest wait for a fleet to provision and connect.
 pub const FLEET_START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -245,6 +253,28 @@ impl Drop for Gateway {
     }
 }
 
+/// Starts the test's webhook receiver, then a gateway with `retry` that calls it back, on
+/// the external `broker` (`mqtt://HOST:PORT`) or on its embedded one for `None`.
+pub async fn start_gateway_and_receiver(
+    sim: &Path,
+    broker: Option<&str>,
+    retry: Retry,
+) -> Result<(Gateway, Receiver)> {
+    caas_sim::init_crypto();
+    let secret = format!("e2e-{:016x}", std::process::id());
+    let receiver = Receiver::start(&secret).await?;
+    let opts = GatewayOpts {
+        retry,
+        broker: broker.map(str::to_string),
+        webhook_url: receiver.url(),
+        webhook_secret: secret,
+        // Not the development default, so a client that ignores its token fails.
+        token: format!("e2e-token-{:08x}", std::process::id()),
+    };
+    let gateway = Gateway::start(sim, &opts).await?;
+    Ok((gateway, receiver))
+}
+
 /// A gateway, a fleet and a webhook receiver, all running.
 pub struct Env {
     /// The gateway process.
@@ -278,19 +308,8 @@ impl Env {
         retry: Retry,
         fleet_args: &[&str],
     ) -> Result<Env> {
-        caas_sim::init_crypto();
         let dir = tempfile::Builder::new().prefix("caas-e2e-").tempdir()?;
-        let secret = format!("e2e-{:016x}", std::process::id());
-        let receiver = Receiver::start(&secret).await?;
-        let opts = GatewayOpts {
-            retry,
-            broker: broker.map(str::to_string),
-            webhook_url: receiver.url(),
-            webhook_secret: secret,
-            // Not the development default, so a client that ignores its token fails.
-            token: format!("e2e-token-{:08x}", std::process::id()),
-        };
-        let gateway = Gateway::start(sim, &opts).await?;
+        let (gateway, receiver) = start_gateway_and_receiver(sim, broker, retry).await?;
         let api = gateway.api()?;
         let vins_path = dir.path().join("vins.txt");
         let faults_path = dir.path().join("faults.txt");

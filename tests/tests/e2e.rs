@@ -573,31 +573,14 @@ async fn with_no_flags_the_gateway_serves_on_loopback() {
     assert_eq!(status.code(), Some(0), "{status}");
 }
 
-/// Runs `caasctl ARGS` (as `caas-e2e-ctl`), with no gateway or token from the environment.
-async fn caasctl(args: &[&str]) -> Output {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_caas-e2e-ctl"))
-            .args(&args)
-            .env_remove("CAAS_GATEWAY_URL")
-            .env_remove("CAAS_API_TOKEN")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap()
+/// caasctl, built as this package's `caas-e2e-ctl`.
+fn ctl() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_caas-e2e-ctl"))
 }
 
 /// Its stdout, after checking it succeeded.
 fn stdout_of(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "caasctl failed ({}):\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
+    caas_tests::stdout_of(out).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -638,7 +621,7 @@ async fn caasctl_shows_a_real_cars_services_and_history() {
     };
     let run = |args: Vec<String>| async move {
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        caasctl(&refs).await
+        caas_tests::caasctl(ctl(), &refs).await.unwrap()
     };
 
     // The status table: the car, online, with the service active.
