@@ -423,6 +423,42 @@ for vin in vins:
                 {"vin": vin, "connectivity": status["connectivity"], "lastSeen": status["lastSeen"],
                  "faults": faults.get(vin)})
 report["connectivity_end"] = dict(conn)
+
+# ---------- 9: the fleet listing ----------
+# GET /vehicles, page after page, holds every registered car once, in VIN order, each with
+# the connectivity and services its own status shows (a car whose status moved between the
+# two reads is read again before it counts).
+listed, after = [], None
+for _ in range(1000):
+    q = "/vehicles?limit=97" + (f"&after={after}" if after else "")
+    ls, page = get(q)
+    if ls != 200:
+        violations["9_vehicle_listing_failed"].append({"get": q, "status": ls, "body": page})
+        break
+    listed += page["vehicles"]
+    after = page.get("nextAfter")
+    if not after:
+        break
+listed_vins = [v["vin"] for v in listed]
+if listed_vins != sorted(set(vins)):
+    violations["9_vehicle_listing_not_the_fleet"].append(
+        {"listed": len(listed_vins), "distinct": len(set(listed_vins)), "fleet": len(set(vins)),
+         "in_order": listed_vins == sorted(listed_vins)})
+
+
+def shown_of(status):
+    return (status["connectivity"],
+            sorted((s["serviceId"], s["status"]) for s in status["activeServices"]))
+
+
+for item in listed:
+    st, status, _ = cars.get(item["vin"], (None, None, None))
+    if st == 200 and shown_of(item) != shown_of(status):
+        st, status = get(f"/vehicles/{item['vin']}/status")
+        if st == 200 and shown_of(item) != shown_of(status):
+            violations["9_vehicle_listing_vs_status"].append(
+                {"vin": item["vin"], "listed": shown_of(item), "status": shown_of(status)})
+report["vehicles_listed"] = len(listed)
 for m in mism:
     violations["4_status_vs_outcomes"].append(m)
 for p in pending_left:
