@@ -20,8 +20,9 @@ pub struct AgentSpec {
     pub vin: String,
     /// The broker, `HOST:PORT` (plain MQTT).
     pub broker: String,
-    /// The gateway's public key file (`.pub`).
-    pub gateway_key: PathBuf,
+    /// The public key files (`.pub`) of the gateway keys it trusts, one `--gateway-key`
+    /// each (the agent takes up to 3, so a car can trust the next key before it is used).
+    pub gateway_keys: Vec<PathBuf>,
     /// The unit's secret key file (`.key`).
     pub device_key: PathBuf,
     /// The unit's state directory (sled): a new unit starts with an empty one.
@@ -52,10 +53,11 @@ impl AgentProcess {
         let mut cmd = Command::new(bin);
         cmd.arg("run")
             .args(["--vin", &spec.vin])
-            .args(["--broker", &format!("mqtt://{}", spec.broker)])
-            .arg("--gateway-key")
-            .arg(&spec.gateway_key)
-            .arg("--device-key")
+            .args(["--broker", &format!("mqtt://{}", spec.broker)]);
+        for key in &spec.gateway_keys {
+            cmd.arg("--gateway-key").arg(key);
+        }
+        cmd.arg("--device-key")
             .arg(&spec.device_key)
             .arg("--data")
             .arg(&spec.data)
@@ -113,6 +115,19 @@ impl AgentProcess {
             .with_context(|| format!("GET {url}"))?
             .error_for_status()?;
         Ok(resp.json().await?)
+    }
+
+    /// The services the unit has granted now, by id, sorted.
+    pub async fn active_services(&self) -> Result<Vec<String>> {
+        let mut services: Vec<String> = self
+            .status()
+            .await?
+            .active_grants
+            .into_iter()
+            .map(|g| g.service_id)
+            .collect();
+        services.sort();
+        Ok(services)
     }
 
     /// Everything it logged so far.

@@ -35,7 +35,7 @@ pub mod agent;
 pub mod ctl;
 
 pub use agent::{AgentProcess, AgentSpec};
-pub use ctl::{caasctl, stdout_of};
+pub use ctl::{caasctl, make_key, stdout_of, KeyFiles};
 
 /// Longest wait for a fleet to provision and connect.
 pub const FLEET_START_TIMEOUT: Duration = Duration::from_secs(120);
@@ -64,6 +64,9 @@ pub struct GatewayOpts {
     pub webhook_secret: String,
     /// The API token.
     pub token: String,
+    /// Its command-signing key file (`--signing-key`); `None` for the default, one the
+    /// gateway generates in its data directory.
+    pub signing_key: Option<PathBuf>,
 }
 
 /// A gateway process (`caas-e2e-sim gateway serve`, the `caas-gateway serve` code) on free
@@ -113,6 +116,9 @@ impl Gateway {
             "--webhook-secret".into(),
             opts.webhook_secret.clone(),
         ];
+        if let Some(key) = &opts.signing_key {
+            args.extend(["--signing-key".into(), key.to_string_lossy().into_owned()]);
+        }
         let mqtt = match &opts.broker {
             Some(url) => {
                 args.extend(["--broker".into(), url.clone()]);
@@ -166,6 +172,26 @@ impl Gateway {
             self.child = None;
         }
         started
+    }
+
+    /// Makes the stopped gateway sign with the key in `path` from its next start on (as an
+    /// operator rolling the signing key over restarts it with another `--signing-key`).
+    pub fn set_signing_key(&mut self, path: &Path) -> Result<()> {
+        if self.child.is_some() {
+            bail!("the gateway is still running");
+        }
+        let path = path.to_string_lossy().into_owned();
+        match self.args.iter().position(|a| a == "--signing-key") {
+            Some(flag) => {
+                let value = self
+                    .args
+                    .get_mut(flag + 1)
+                    .context("--signing-key without its value")?;
+                *value = path;
+            }
+            None => self.args.extend(["--signing-key".into(), path]),
+        }
+        Ok(())
     }
 
     /// An API client for it (a new one after a restart: the old one's pooled connections
@@ -260,6 +286,17 @@ pub async fn start_gateway_and_receiver(
     broker: Option<&str>,
     retry: Retry,
 ) -> Result<(Gateway, Receiver)> {
+    start_gateway_and_receiver_signing_with(sim, broker, retry, None).await
+}
+
+/// [`start_gateway_and_receiver`] with the gateway signing its commands with the key in
+/// `signing_key` (`--signing-key`), or with one it generates for `None`.
+pub async fn start_gateway_and_receiver_signing_with(
+    sim: &Path,
+    broker: Option<&str>,
+    retry: Retry,
+    signing_key: Option<&Path>,
+) -> Result<(Gateway, Receiver)> {
     caas_sim::init_crypto();
     let secret = format!("e2e-{:016x}", std::process::id());
     let receiver = Receiver::start(&secret).await?;
@@ -270,6 +307,7 @@ pub async fn start_gateway_and_receiver(
         webhook_secret: secret,
         // Not the development default, so a client that ignores its token fails.
         token: format!("e2e-token-{:08x}", std::process::id()),
+        signing_key: signing_key.map(Path::to_path_buf),
     };
     let gateway = Gateway::start(sim, &opts).await?;
     Ok((gateway, receiver))
@@ -431,6 +469,51 @@ impl Env {
         child.wait()?;
         Ok(())
     }
+}
+
+/// Waits until `ready` holds for what `probe` returns, checking every 100 ms; after
+/// `deadline` an error naming `what` and the last value seen.
+pub async fn wait_until<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    what: &str,
+    deadline: Duration,
+    mut probe: impl FnMut() -> F,
+    ready: impl Fn(&T) -> bool,
+) -> Result<T> {
+    let until = Instant::now() + deadline;
+    loop {
+        let seen = probe().await;
+        if ready(&seen) {
+            return Ok(seen);
+        }
+        if Instant::now() >= until {
+            bail!("{what}: not within {deadline:?}; last seen {seen:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Each service's state at the gateway, `(serviceId, status)` sorted, from a car's status
+/// as `GET /vehicles/{vin}/status` (and `caasctl vehicle status --json`) answers it.
+pub fn service_states(status: &serde_json::Value) -> Result<Vec<(String, String)>> {
+    let mut states = status["activeServices"]
+        .as_array()
+        .with_context(|| format!("no activeServices in {status}"))?
+        .iter()
+        .map(|s| {
+            Ok((
+                s["serviceId"]
+                    .as_str()
+                    .with_context(|| format!("a service without serviceId in {status}"))?
+                    .to_string(),
+                s["status"]
+                    .as_str()
+                    .with_context(|| format!("a service without status in {status}"))?
+                    .to_string(),
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    states.sort();
+    Ok(states)
 }
 
 /// Fleet worker processes (`caas-sim fleet --worker-first ...`) running with this VIN prefix.

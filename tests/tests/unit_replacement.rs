@@ -3,11 +3,14 @@
 //! the keys and replacing the car's key at the gateway (see the crate docs).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
 use caas_sim::api::{Api, Lasting};
-use caas_tests::{caasctl, start_gateway_and_receiver, stdout_of, AgentProcess, AgentSpec, Retry};
+use caas_tests::{
+    caasctl, make_key, service_states, start_gateway_and_receiver, stdout_of, AgentProcess,
+    AgentSpec, KeyFiles, Retry,
+};
 use serde_json::Value;
 
 /// A VIN with a valid check digit.
@@ -30,20 +33,9 @@ fn agent() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_caas-e2e-agent"))
 }
 
-/// A unit's device key pair as the technician makes it: `caasctl keys gen`. Returns the
-/// secret key file and the public key (64 hex digits).
-async fn make_device_key(dir: &Path, name: &str) -> (PathBuf, String) {
-    let out_dir = dir.to_str().unwrap();
-    let out = caasctl(
-        ctl(),
-        &["keys", "gen", "--out", out_dir, "--name", name, "--json"],
-    )
-    .await
-    .unwrap();
-    let v: Value = serde_json::from_str(&stdout_of(&out).unwrap()).unwrap();
-    let public = v["publicKey"].as_str().unwrap().to_string();
-    assert_eq!(public.len(), 64, "{v}");
-    (PathBuf::from(v["secretKeyFile"].as_str().unwrap()), public)
+/// A unit's device key pair as the technician makes it: `caasctl keys gen`.
+async fn make_device_key(dir: &Path, name: &str) -> KeyFiles {
+    make_key(ctl(), dir, name).await.unwrap()
 }
 
 /// `caas_reports_forged_total` from the gateway's `/metrics`: reports that failed
@@ -58,42 +50,15 @@ async fn forged_reports(api: &Api) -> u64 {
         .unwrap_or_else(|| panic!("no caas_reports_forged_total in /metrics:\n{text}"))
 }
 
-/// Waits until `ready` holds for what `probe` returns, checking every 100 ms; fails the
-/// test with `what` and the last value seen after [`DEADLINE`].
+/// [`caas_tests::wait_until`] with the test's [`DEADLINE`], failing the test past it.
 async fn wait_until<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
     what: &str,
-    mut probe: impl FnMut() -> F,
+    probe: impl FnMut() -> F,
     ready: impl Fn(&T) -> bool,
 ) -> T {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let seen = probe().await;
-        if ready(&seen) {
-            return seen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {DEADLINE:?}; last seen {seen:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Each service's state at the gateway as `caasctl vehicle status --json` shows it, sorted.
-fn service_states(status: &Value) -> Vec<(String, String)> {
-    let mut states: Vec<(String, String)> = status["activeServices"]
-        .as_array()
-        .unwrap_or_else(|| panic!("no activeServices in {status}"))
-        .iter()
-        .map(|s| {
-            (
-                s["serviceId"].as_str().unwrap_or("").to_string(),
-                s["status"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
-    states.sort();
-    states
+    caas_tests::wait_until(what, DEADLINE, probe, ready)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -126,7 +91,7 @@ async fn a_replaced_unit_takes_over_once_the_technician_replaces_the_cars_key() 
     let unit = |name: &str, device_key: &Path| AgentSpec {
         vin: VIN.to_string(),
         broker: gateway.mqtt.clone(),
-        gateway_key: gateway_key.clone(),
+        gateway_keys: vec![gateway_key.clone()],
         device_key: device_key.to_path_buf(),
         // Each unit, and each start of a unit standing for a new one, has a state
         // directory of its own: a new unit knows nothing of the car's services.
@@ -155,7 +120,11 @@ async fn a_replaced_unit_takes_over_once_the_technician_replaces_the_cars_key() 
 
     // The car with its first unit (key A): registered, connected, a service activated. The
     // agent's default catalogue is the seed's, the simulated platform's.
-    let (key_a, public_a) = make_device_key(dir.path(), "unit-a").await;
+    let KeyFiles {
+        secret: key_a,
+        public_hex: public_a,
+        ..
+    } = make_device_key(dir.path(), "unit-a").await;
     api.register_vehicle(VIN, &public_a, caas_sim::car::SEED_PLATFORM, "1.0.0")
         .await
         .unwrap();
@@ -178,15 +147,7 @@ async fn a_replaced_unit_takes_over_once_the_technician_replaces_the_cars_key() 
         .await;
     assert_eq!(answered, 1, "no callback; unit A:\n{}", unit_a.log_text());
     assert_eq!(receiver.callbacks(&first)[0].status, "ACTIVATED");
-    let grants: Vec<String> = unit_a
-        .status()
-        .await
-        .unwrap()
-        .active_grants
-        .into_iter()
-        .map(|g| g.service_id)
-        .collect();
-    assert_eq!(grants, ["heated-seats"]);
+    assert_eq!(unit_a.active_services().await.unwrap(), ["heated-seats"]);
 
     // The old unit is taken out. A request made now finds no unit: the gateway re-sends it
     // and it stays in progress.
@@ -213,7 +174,11 @@ async fn a_replaced_unit_takes_over_once_the_technician_replaces_the_cars_key() 
     // The new unit (key B) connected before its key is at the gateway: it gets the car's
     // commands (they verify with the gateway's key) and applies them, but the gateway
     // refuses its reports as forged, so the request does not complete with them.
-    let (key_b, public_b) = make_device_key(dir.path(), "unit-b").await;
+    let KeyFiles {
+        secret: key_b,
+        public_hex: public_b,
+        ..
+    } = make_device_key(dir.path(), "unit-b").await;
     let mut early_unit_b = AgentProcess::start(agent(), &unit("unit-b-before-rekey", &key_b))
         .await
         .unwrap();
@@ -285,23 +250,17 @@ async fn a_replaced_unit_takes_over_once_the_technician_replaces_the_cars_key() 
     assert_eq!(api.request(&second).await.unwrap()["status"], "COMPLETED");
     let status = ctl_json(&["vehicle", "status", VIN]).await;
     assert_eq!(
-        service_states(&status),
+        service_states(&status).unwrap(),
         [
             ("heated-seats".to_string(), "ACTIVE".to_string()),
             ("power-boost".to_string(), "ACTIVE".to_string()),
         ],
         "{status}"
     );
-    let mut grants: Vec<String> = unit_b
-        .status()
-        .await
-        .unwrap()
-        .active_grants
-        .into_iter()
-        .map(|g| g.service_id)
-        .collect();
-    grants.sort();
-    assert_eq!(grants, ["heated-seats", "power-boost"]);
+    assert_eq!(
+        unit_b.active_services().await.unwrap(),
+        ["heated-seats", "power-boost"]
+    );
     let history = ctl_json(&["vehicle", "history", VIN]).await;
     let key_replacements = history["entries"]
         .as_array()
