@@ -2049,8 +2049,18 @@ impl Shard {
         for id in settled {
             self.finish(id, Ok(()));
         }
-        if let Some((seq, code)) = report.outcome.refusal() {
+        if let Some((refused_seq, code)) = report.outcome.refusal() {
             m.reports_refused.fetch_add(1, Relaxed);
+            // A car cannot read the seq of a command signed with a key it does not trust, so
+            // it reports 0. Behind mTLS only the gateway (and the car itself) publishes on a
+            // car's command topic, so such a command is ours, signed with a key the car was
+            // not given (the signing key rolled over): while the car is behind it is taken
+            // as the newest command's refusal, so its requests fail with UNKNOWN_KEY, which
+            // names the cars to provision, instead of running out of attempts.
+            let seq = match (refused_seq, code) {
+                (0, RejectCode::UnknownKey) if latest > applied => latest,
+                _ => refused_seq,
+            };
             if seq > applied {
                 let named = match report.outcome {
                     Outcome::GrantsRefused { grants, .. } => self
