@@ -492,6 +492,9 @@ struct Car {
     /// Queued in the shard's lazy cars for its unwritten history.
     history_queued: bool,
     probe_answered: bool,
+    /// Commands the car refused as signed with a key it does not trust, since it last took
+    /// one of ours.
+    unknown_key_refusals: u32,
     /// Changed since the last commit: written once in the next one.
     dirty: bool,
     /// Changed in ways that may wait up to [`LAZY_WRITE_AFTER`].
@@ -1678,7 +1681,8 @@ impl Shard {
                     self.schedule(id, retry.attempt_timeout);
                 }
                 _ => {
-                    self.finish(id, Err(("NO_CONFIRMATION".into(), true)));
+                    let code = self.no_confirmation_code(&vin);
+                    self.finish(id, Err((code.into(), true)));
                     // The car answers nothing, so holding grants back to tell which one it
                     // refuses learns nothing: they go out together and each runs its own
                     // attempts (a new refusal, once it answers, isolates them again).
@@ -1892,6 +1896,21 @@ impl Shard {
         self.batch.callbacks.push(due);
     }
 
+    /// The error code of a request of `vin` that ran out of attempts: `UNKNOWN_KEY` when the
+    /// car refused at least as many commands as a request has attempts as signed with a key
+    /// it does not trust, and took none since; else `NO_CONFIRMATION`.
+    fn no_confirmation_code(&self, vin: &Vin) -> &'static str {
+        if self
+            .cars
+            .get(vin)
+            .is_some_and(|car| car.unknown_key_refusals >= self.sh.retry.attempts)
+        {
+            RejectCode::UnknownKey.as_str()
+        } else {
+            "NO_CONFIRMATION"
+        }
+    }
+
     /// Whether campaign `campaign` (its id text) was cancelled. A store that cannot be read
     /// says no: a cancel that follows still ends what this shard makes of it.
     fn campaign_cancelled(&self, campaign: &str) -> bool {
@@ -1999,6 +2018,22 @@ impl Shard {
             car.online = true;
             m.connected_cars.fetch_add(1, Relaxed);
         }
+        // A car cannot read the seq of a command signed with a key it does not trust, so it
+        // refuses it as seq 0, naming no command; a frame corrupted on its way can look the
+        // same. Such a refusal fails nothing by itself (the next attempt may get through),
+        // but a car that refuses as many of them in a row as a request has attempts, taking
+        // none of our commands in between, names the error code of its requests that run
+        // out of attempts: after the signing key rolled over, the cars not given the new key
+        // ([`Shard::no_confirmation_code`]).
+        if matches!(
+            report.outcome,
+            Outcome::Rejected {
+                seq: 0,
+                code: RejectCode::UnknownKey
+            }
+        ) {
+            car.unknown_key_refusals = car.unknown_key_refusals.saturating_add(1);
+        }
         car.last_report = Some(LastReport {
             error_codes: report
                 .diagnostics
@@ -2011,6 +2046,7 @@ impl Shard {
         });
         let advanced = report.applied_seq > car.rec.applied_seq;
         if advanced {
+            car.unknown_key_refusals = 0;
             car.rec.applied_seq = report.applied_seq;
         }
         let applied = car.rec.applied_seq;
@@ -2049,18 +2085,8 @@ impl Shard {
         for id in settled {
             self.finish(id, Ok(()));
         }
-        if let Some((refused_seq, code)) = report.outcome.refusal() {
+        if let Some((seq, code)) = report.outcome.refusal() {
             m.reports_refused.fetch_add(1, Relaxed);
-            // A car cannot read the seq of a command signed with a key it does not trust, so
-            // it reports 0. Behind mTLS only the gateway (and the car itself) publishes on a
-            // car's command topic, so such a command is ours, signed with a key the car was
-            // not given (the signing key rolled over): while the car is behind it is taken
-            // as the newest command's refusal, so its requests fail with UNKNOWN_KEY, which
-            // names the cars to provision, instead of running out of attempts.
-            let seq = match (refused_seq, code) {
-                (0, RejectCode::UnknownKey) if latest > applied => latest,
-                _ => refused_seq,
-            };
             if seq > applied {
                 let named = match report.outcome {
                     Outcome::GrantsRefused { grants, .. } => self
@@ -2431,6 +2457,7 @@ fn new_car(key: VerifyingKey, vehicle: VehicleRec, rec: CarRec) -> Car {
         unwritten_history: Vec::new(),
         history_queued: false,
         probe_answered: false,
+        unknown_key_refusals: 0,
         dirty: false,
         lazy: false,
         awaiting: Vec::new(),
@@ -2488,11 +2515,21 @@ mod tests {
 
     /// A report of car `vin` signed with `key`.
     fn signed_report(vin: Vin, key: &SigningKey) -> Msg {
+        report_of(vin, key, Outcome::Periodic { counter: 1 })
+    }
+
+    /// A report of `vin`, signed with `key`, that has applied nothing yet.
+    fn report_of(vin: Vin, key: &SigningKey, outcome: Outcome) -> Msg {
+        report_applied(vin, key, 0, outcome)
+    }
+
+    /// A report of `vin`, signed with `key`, that has applied seq `applied`.
+    fn report_applied(vin: Vin, key: &SigningKey, applied: u64, outcome: Outcome) -> Msg {
         let report = Report {
             vin,
-            applied_seq: 0,
+            applied_seq: applied,
             car_time: now_ms() / 1000,
-            outcome: Outcome::Periodic { counter: 1 },
+            outcome,
             active: heapless::Vec::new(),
             diagnostics: caas_protocol::Diagnostics {
                 firmware_version: "1.0.0".parse().unwrap(),
@@ -2507,12 +2544,15 @@ mod tests {
         Msg::Report { vin, payload }
     }
 
-    #[test]
-    fn reports_behind_a_key_replacement_in_the_same_batch_are_opened_with_the_new_key() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A shard on a store in `dir` (its flusher never runs) with car 1 registered with
+    /// `car_key`, and what it shares.
+    fn shard_with_a_car(
+        dir: &std::path::Path,
+        car_key: &SigningKey,
+    ) -> (Shard, Arc<Shared>, Vin, flume::Receiver<Flushed>) {
         let (out, _published) = flume::unbounded();
         let sh = Arc::new(Shared {
-            store: Store::open(dir.path(), 8).unwrap(),
+            store: Store::open(dir, 8).unwrap(),
             metrics: Arc::default(),
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(60),
@@ -2521,21 +2561,28 @@ mod tests {
             webhook: None,
             key_owners: KeyOwners::default(),
         });
-        let (flusher, _commits) = flume::bounded(1);
+        let (flusher, commits) = flume::bounded(1);
         let mut shard = Shard::new(sh.clone(), flusher, std::thread::spawn(|| ()));
         let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
-        let (old, new) = (
-            SigningKey::from_bytes(&[2; 32]),
-            SigningKey::from_bytes(&[3; 32]),
-        );
         let rec = VehicleRec {
             vin: vin.to_string(),
-            public_key: caas_protocol::verifying_key_to_hex(&old.verifying_key()).to_string(),
+            public_key: caas_protocol::verifying_key_to_hex(&car_key.verifying_key()).to_string(),
             platform: "mqb-evo".into(),
             firmware_version: None,
             registered_at: String::new(),
         };
-        shard.register(rec, vin, old.verifying_key()).unwrap();
+        shard.register(rec, vin, car_key.verifying_key()).unwrap();
+        (shard, sh, vin, commits)
+    }
+
+    #[test]
+    fn reports_behind_a_key_replacement_in_the_same_batch_are_opened_with_the_new_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            SigningKey::from_bytes(&[2; 32]),
+            SigningKey::from_bytes(&[3; 32]),
+        );
+        let (mut shard, sh, vin, _commits) = shard_with_a_car(dir.path(), &old);
         let (resp, _answer) = oneshot::channel();
         let msgs = vec![
             signed_report(vin, &old),
@@ -2562,6 +2609,64 @@ mod tests {
         assert_eq!(m.reports_verified.load(Relaxed), 3);
         assert_eq!(m.reports_forged.load(Relaxed), 1);
         assert_eq!(m.keys_replaced.load(Relaxed), 1);
+    }
+
+    #[test]
+    fn unknown_key_refusals_name_the_error_only_when_as_many_as_the_attempts() {
+        let dir = tempfile::tempdir().unwrap();
+        let car = SigningKey::from_bytes(&[2; 32]);
+        let (mut shard, _sh, vin, _commits) = shard_with_a_car(dir.path(), &car);
+        let id = RequestId([7; 16]);
+        let boost = GrantRec {
+            service_id: "power-boost".into(),
+            flags: vec!["power_boost".into()],
+            params: Vec::new(),
+            ends_at: None,
+            request_id: String::new(),
+            seq: 0,
+            activation_date: String::new(),
+        };
+        shard
+            .new_request(NewRequest {
+                vin,
+                op: Op::Activate(boost),
+                request_id: id,
+                campaign_id: None,
+                campaign: None,
+                created_ms: now_ms(),
+                received: Instant::now(),
+                idempotency: None,
+            })
+            .unwrap();
+        shard.send_state(&vin, false);
+        let refusal = |code| report_of(vin, &car, Outcome::Rejected { seq: 0, code });
+        let attempts = RetryPolicy::default().attempts;
+        // A refusal that names no command fails nothing: a frame corrupted on its way is
+        // refused the same way, and the next attempt may get through.
+        for code in [RejectCode::BadSignature, RejectCode::Malformed] {
+            assert!(shard.handle(refusal(code), None).is_none());
+            assert!(shard.pending.contains_key(&id), "{code:?}");
+        }
+        for _ in 1..attempts {
+            assert!(shard
+                .handle(refusal(RejectCode::UnknownKey), None)
+                .is_none());
+            // Periodic reports between them change nothing.
+            assert!(shard.handle(signed_report(vin, &car), None).is_none());
+        }
+        assert!(shard.pending.contains_key(&id));
+        assert_eq!(shard.no_confirmation_code(&vin), "NO_CONFIRMATION");
+        // As many as a request has attempts, none of our commands taken in between: the
+        // code a request that runs out of attempts ends with.
+        assert!(shard
+            .handle(refusal(RejectCode::UnknownKey), None)
+            .is_none());
+        assert!(shard.pending.contains_key(&id));
+        assert_eq!(shard.no_confirmation_code(&vin), "UNKNOWN_KEY");
+        // Once the car takes a command of ours, the count starts again.
+        let applied = report_applied(vin, &car, 1, Outcome::Periodic { counter: 2 });
+        assert!(shard.handle(applied, None).is_none());
+        assert_eq!(shard.no_confirmation_code(&vin), "NO_CONFIRMATION");
     }
 
     #[test]
