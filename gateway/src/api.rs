@@ -937,7 +937,8 @@ async fn statuses_of(
     for (i, (vin, _)) in cars.iter().enumerate() {
         by_shard[engine.shard_index(vin)].push(i);
     }
-    let mut out = vec![None; cars.len()];
+    // Every shard is asked before any answer is awaited, so they look their cars up at once.
+    let mut waits = Vec::new();
     for (shard, at) in by_shard.into_iter().enumerate() {
         if at.is_empty() {
             continue;
@@ -949,6 +950,10 @@ async fn statuses_of(
             .send_async(Msg::Statuses { vins, resp: tx })
             .await
             .map_err(|_| ApiError::unavailable())?;
+        waits.push((at, rx));
+    }
+    let mut out = vec![None; cars.len()];
+    for (at, rx) in waits {
         let statuses = rx.await.map_err(|_| ApiError::unavailable())?;
         for (i, status) in at.into_iter().zip(statuses) {
             out[i] = status;

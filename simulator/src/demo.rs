@@ -100,6 +100,33 @@ async fn callback_of(
     rx.callbacks(id).into_iter().next()
 }
 
+/// Orders `flag` (service `service`) for `vin` and tells the receiver when it was posted:
+/// the request's id and that time.
+async fn order(
+    api: &Api,
+    receiver: &Receiver,
+    vin: &str,
+    (service, flag): (&str, &str),
+    params: &serde_json::Map<String, serde_json::Value>,
+    lasting: &Lasting,
+) -> Result<(String, Instant)> {
+    let id = api
+        .activate(vin, service, &[flag.to_string()], params, lasting)
+        .await?;
+    let posted = Instant::now();
+    receiver.expect(&id, posted);
+    Ok((id, posted))
+}
+
+/// `ON` or `off`: the car's `flag` line, as the story tells it.
+fn line_state(fleet: &Fleet, vin: &str, flag: &str) -> &'static str {
+    if has_line(fleet, vin, flag) {
+        "ON"
+    } else {
+        "off"
+    }
+}
+
 fn has_line(fleet: &Fleet, vin: &str, flag: &str) -> bool {
     fleet
         .car(vin)
@@ -209,17 +236,15 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
     if let Some(c) = fleet.car(&silent_car) {
         c.shared.set_silent(true);
     }
-    let silent_req = api
-        .activate(
-            &silent_car,
-            "highway-autopilot",
-            &["highway_autopilot".to_string()],
-            &no_params,
-            &Lasting::Subscription { auto_renewal: true },
-        )
-        .await?;
-    let silent_posted = Instant::now();
-    receiver.expect(&silent_req, silent_posted);
+    let (silent_req, silent_posted) = order(
+        &api,
+        &receiver,
+        &silent_car,
+        ("highway-autopilot", "highway_autopilot"),
+        &no_params,
+        &Lasting::Subscription { auto_renewal: true },
+    )
+    .await?;
     println!(
         "  POST /ota/activate → requestId {silent_req} (the gateway retries in the background)"
     );
@@ -231,54 +256,43 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
     let expiry = crate::unix_now() + a.boost_secs;
     let mut params = serde_json::Map::new();
     params.insert("boostPercent".into(), json!("15"));
-    let boost_req = api
-        .activate(
-            &boost_car,
-            "power-boost",
-            &["power_boost".to_string()],
-            &params,
-            &Lasting::Temporary(expiry),
-        )
-        .await?;
-    let boost_posted = Instant::now();
-    receiver.expect(&boost_req, boost_posted);
+    let (boost_req, boost_posted) = order(
+        &api,
+        &receiver,
+        &boost_car,
+        ("power-boost", "power_boost"),
+        &params,
+        &Lasting::Temporary(expiry),
+    )
+    .await?;
     let cb = callback_of(&receiver, &boost_req, Duration::from_secs(20)).await;
     let status = cb.as_ref().map(|c| c.status.clone()).unwrap_or_default();
     story.check(
         format!(
             "callback {status} after {} ms; the car's power_boost line is {}",
             boost_posted.elapsed().as_millis(),
-            if has_line(&fleet, &boost_car, "power_boost") {
-                "ON"
-            } else {
-                "off"
-            }
+            line_state(&fleet, &boost_car, "power_boost")
         ),
         status == "ACTIVATED" && has_line(&fleet, &boost_car, "power_boost"),
     );
     ledger.settle(&boost_car, "power-boost (8 s)", "€4.99", &status);
 
     story.say(&format!("2. {perm_car}: heated_seats, PERMANENT"));
-    let perm_req = api
-        .activate(
-            &perm_car,
-            "heated-seats",
-            &["heated_seats".to_string()],
-            &no_params,
-            &Lasting::Permanent,
-        )
-        .await?;
-    receiver.expect(&perm_req, Instant::now());
+    let (perm_req, _) = order(
+        &api,
+        &receiver,
+        &perm_car,
+        ("heated-seats", "heated_seats"),
+        &no_params,
+        &Lasting::Permanent,
+    )
+    .await?;
     let cb = callback_of(&receiver, &perm_req, Duration::from_secs(20)).await;
     let status = cb.as_ref().map(|c| c.status.clone()).unwrap_or_default();
     story.check(
         format!(
             "callback {status}; heated_seats is {} in the car",
-            if has_line(&fleet, &perm_car, "heated_seats") {
-                "ON"
-            } else {
-                "off"
-            }
+            line_state(&fleet, &perm_car, "heated_seats")
         ),
         status == "ACTIVATED" && has_line(&fleet, &perm_car, "heated_seats"),
     );
@@ -382,16 +396,15 @@ pub async fn demo_main(a: DemoArgs) -> Result<i32> {
     if let Some(c) = fleet.car(&cancel_car) {
         c.shared.set_silent(true);
     }
-    let cancel_req = api
-        .activate(
-            &cancel_car,
-            "snow-mode",
-            &["snow_mode".to_string()],
-            &no_params,
-            &Lasting::Permanent,
-        )
-        .await?;
-    receiver.expect(&cancel_req, Instant::now());
+    let (cancel_req, _) = order(
+        &api,
+        &receiver,
+        &cancel_car,
+        ("snow-mode", "snow_mode"),
+        &no_params,
+        &Lasting::Permanent,
+    )
+    .await?;
     let answer = api.cancel_request(&cancel_req).await?;
     let cb = callback_of(&receiver, &cancel_req, Duration::from_secs(20)).await;
     let status = cb.as_ref().map(|c| c.status.clone()).unwrap_or_default();
