@@ -76,6 +76,9 @@ pub struct Config {
     pub mqtts: Option<SocketAddr>,
     /// TLS files: server side for `mqtts`, client side for an `mqtts://` external broker.
     pub tls: Option<TlsFiles>,
+    /// The CA's certificate revocation list (PEM) for `mqtts`: revoked car certificates are
+    /// refused, and the file is read again when it changes (see `tlsfront`).
+    pub tls_crl: Option<PathBuf>,
     /// External broker URL (`mqtt://host:port` or `mqtts://host:port`) instead of the embedded one.
     pub broker: Option<String>,
     /// Data directory (sled database, signing key).
@@ -158,6 +161,7 @@ impl Default for Config {
             mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
             mqtts: None,
             tls: None,
+            tls_crl: None,
             broker: None,
             data: PathBuf::from("./data/gateway"),
             signing_key: None,
@@ -196,6 +200,12 @@ impl Config {
         }
         if self.mqtts.is_some() && self.tls.is_none() {
             bail!("--mqtts needs --tls-ca, --tls-cert and --tls-key");
+        }
+        if self.tls_crl.is_some() && self.mqtts.is_none() {
+            bail!(
+                "--tls-crl is for the embedded broker's --mqtts listener (an external broker \
+                 checks revocation itself: Mosquitto's crlfile)"
+            );
         }
         if let Some(url) = &self.broker {
             let (scheme, _) = split_broker_url(url)?;
@@ -324,6 +334,10 @@ pub struct ServeArgs {
     /// Our private key (PEM)
     #[arg(long, env = "CAAS_GATEWAY_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// The CA's certificate revocation list (PEM, `caasctl certs revoke`) for --mqtts:
+    /// revoked car certificates are refused, and the file is read again when it changes
+    #[arg(long, env = "CAAS_GATEWAY_TLS_CRL")]
+    pub tls_crl: Option<PathBuf>,
     /// Data directory [default: ./data/gateway]
     #[arg(long, env = "CAAS_GATEWAY_DATA")]
     pub data: Option<PathBuf>,
@@ -425,6 +439,7 @@ impl ServeArgs {
             },
             mqtts: a.mqtts,
             tls,
+            tls_crl: a.tls_crl,
             broker: a.broker,
             data: a.data.unwrap_or(d.data),
             signing_key: a.signing_key,
@@ -462,6 +477,7 @@ impl ServeArgs {
             tls_ca: self.tls_ca.or(file.tls_ca),
             tls_cert: self.tls_cert.or(file.tls_cert),
             tls_key: self.tls_key.or(file.tls_key),
+            tls_crl: self.tls_crl.or(file.tls_crl),
             data: self.data.or(file.data),
             signing_key: self.signing_key.or(file.signing_key),
             webhook_url: self.webhook_url.or(file.webhook_url),

@@ -273,15 +273,28 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             )));
         }
         if let (Some(listen), Some(tls)) = (config.mqtts, &config.tls) {
-            let server = tlsfront::server_config(tls)?;
+            let front = tlsfront::FrontTls::load(tls, config.tls_crl.as_deref())?;
+            metrics
+                .crl_entries
+                .store(front.revoked_count() as u64, Relaxed);
+            let (front_tx, front) = tokio::sync::watch::channel(Arc::new(front));
+            if let Some(crl) = &config.tls_crl {
+                tasks.push(tokio::spawn(tlsfront::watch_crl(
+                    tls.clone(),
+                    crl.clone(),
+                    front_tx,
+                    metrics.clone(),
+                )));
+            }
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("MQTT TLS listener {listen}"))?;
             mqtts_addr = Some(listener.local_addr()?);
             tasks.push(tokio::spawn(tlsfront::serve(
                 listener,
-                server,
+                front,
                 acceptors.clone(),
+                metrics.clone(),
             )));
         }
         engine.broadcast(|| Msg::RepublishAll { only_behind: false });

@@ -52,6 +52,14 @@ pub(crate) struct Metrics {
     pub(crate) flushes: AtomicU64,
     /// Bytes of heap the warmer faulted in ahead of need (heap.rs).
     pub(crate) heap_prefaulted_bytes: AtomicU64,
+    /// mTLS handshakes refused because the car's certificate is revoked (tlsfront.rs).
+    pub(crate) revoked_refused: AtomicU64,
+    /// Car connections closed because a newer revocation list revoked their certificate.
+    pub(crate) revoked_closed: AtomicU64,
+    /// Revocation list files that could not be loaded (the list in force stays).
+    pub(crate) crl_failures: AtomicU64,
+    /// Certificates the revocation list in force revokes.
+    pub(crate) crl_entries: AtomicU64,
     latency: Histogram,
     accept_time: Histogram,
     callback_time: Histogram,
@@ -217,12 +225,28 @@ impl Metrics {
             "Heap faulted in ahead of need by the warmer (see --heap-reserve-mb).",
             &[("", self.heap_prefaulted_bytes.load(Relaxed))],
         );
+        counter(
+            "caas_mqtts_revoked_refused_total",
+            "Car TLS handshakes refused because the car's certificate is revoked (--tls-crl).",
+            &[("", self.revoked_refused.load(Relaxed))],
+        );
+        counter(
+            "caas_mqtts_revoked_closed_total",
+            "Car connections closed because a changed revocation list revoked their certificate.",
+            &[("", self.revoked_closed.load(Relaxed))],
+        );
+        counter(
+            "caas_mqtts_crl_failures_total",
+            "Revocation list files that could not be loaded (the list in force stays in force).",
+            &[("", self.crl_failures.load(Relaxed))],
+        );
         let _ = writeln!(s, "# HELP caas_webhook_receiver_down 1 while the webhook receiver looks down (failures in a row; one callback at a time probes it).\n# TYPE caas_webhook_receiver_down gauge\ncaas_webhook_receiver_down {}", self.webhook_receiver_down.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_store_failing 1 while the newest store flush failed.\n# TYPE caas_store_failing gauge\ncaas_store_failing {}", self.store_failing.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_broker_disconnected 1 while the external broker is not connected.\n# TYPE caas_broker_disconnected gauge\ncaas_broker_disconnected {}", self.broker_disconnected.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_cars_registered Cars the gateway knows.\n# TYPE caas_cars_registered gauge\ncaas_cars_registered {}", self.cars_registered.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_mqtts_crl_entries Certificates the revocation list in force revokes.\n# TYPE caas_mqtts_crl_entries gauge\ncaas_mqtts_crl_entries {}", self.crl_entries.load(Relaxed));
         self.latency.render(
             &mut s,
             "caas_activation_latency_seconds",

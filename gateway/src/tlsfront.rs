@@ -16,21 +16,36 @@
 //! * Plain (loopback tests, trusted networks): no isolation; the VIN is taken from the
 //!   CONNECT's will topic (`/tenants/{VIN}/presence`) or else the client id's first 17
 //!   characters; a connection naming no VIN goes to router 0.
+//!
+//! Revocation (`--tls-crl FILE`): a car whose telematics unit was replaced, stolen or
+//! compromised keeps a certificate that is valid until it expires. With it, the old unit could
+//! still connect as that VIN: its reports are refused (they are not signed with the car's
+//! key), but it could read the car's commands and, by connecting again and again, keep
+//! knocking the real car's session off. The CA's revocation list (PEM, `caasctl certs
+//! revoke`) closes that: a revoked certificate fails the handshake, and the file is read
+//! again when it changes (checked every [`CRL_POLL`]), which also closes the live
+//! connections of the certificates it newly revokes. A list that fails to load (not PEM, not
+//! signed by a trusted CA, too large) leaves the one in force in force.
 
-use std::path::Path;
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use caas_protocol::Vin;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsFiles;
+use crate::metrics::Metrics;
 use crate::mqtt::Acceptor;
 
 /// Longest a client may take to finish its TLS handshake.
@@ -39,6 +54,11 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const MAX_PACKET: usize = 64 * 1024;
 /// Most connections in the TLS handshake or being proxied at once.
 pub(crate) const MAX_CONNECTIONS: usize = 200_000;
+/// How often the revocation list file is checked for a change.
+pub(crate) const CRL_POLL: Duration = Duration::from_secs(2);
+/// Largest revocation list file read: an entry takes about 40 bytes, so this holds some
+/// 400,000 revoked certificates.
+pub(crate) const MAX_CRL_FILE: u64 = 16 * 1024 * 1024;
 
 /// Reads every certificate of a PEM file.
 pub(crate) fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -60,20 +80,172 @@ pub(crate) fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .ok_or_else(|| anyhow!("no private key in {}", path.display()))
 }
 
-/// The server configuration: our certificate, client certificates required from the CA.
-pub(crate) fn server_config(tls: &TlsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in read_certs(&tls.ca)? {
-        roots.add(c).context("CA certificate")?;
+/// A certificate as a revocation list names it: its issuer's DER name and its serial.
+type CertId = (Vec<u8>, Vec<u8>);
+
+/// What the mTLS front checks cars with: replaced whole when the revocation list changes.
+pub(crate) struct FrontTls {
+    config: Arc<rustls::ServerConfig>,
+    /// What the list in force revokes, to close the live connections it names.
+    revoked: HashSet<CertId>,
+}
+
+impl FrontTls {
+    /// Our certificate; client certificates required from the CA and, with `crl`, checked
+    /// against that revocation list.
+    pub(crate) fn load(tls: &TlsFiles, crl: Option<&Path>) -> anyhow::Result<FrontTls> {
+        let cas = read_certs(&tls.ca)?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in &cas {
+            roots.add(c.clone()).context("CA certificate")?;
+        }
+        let (crls, revoked) = match crl {
+            Some(path) => read_crls(path, &cas)?,
+            None => (Vec::new(), HashSet::new()),
+        };
+        // A list revokes what it names; a CA with no list of its own revokes nothing (else a
+        // second CA in the bundle would lock its whole fleet out).
+        let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+            .with_crls(crls)
+            .allow_unknown_revocation_status()
+            .build()
+            .map_err(|e| anyhow!("client verifier: {e}"))?;
+        let config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)
+            .context("server certificate")?;
+        Ok(FrontTls {
+            config: Arc::new(config),
+            revoked,
+        })
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
-        .build()
-        .map_err(|e| anyhow!("client verifier: {e}"))?;
-    let config = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(read_certs(&tls.cert)?, read_key(&tls.key)?)
-        .context("server certificate")?;
-    Ok(Arc::new(config))
+
+    /// How many certificates the list in force revokes.
+    pub(crate) fn revoked_count(&self) -> usize {
+        self.revoked.len()
+    }
+}
+
+/// Reads every revocation list of a PEM file; each must be signed by one of `cas`.
+fn read_crls(
+    path: &Path,
+    cas: &[CertificateDer<'static>],
+) -> anyhow::Result<(Vec<CertificateRevocationListDer<'static>>, HashSet<CertId>)> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut pem = Vec::new();
+    f.take(MAX_CRL_FILE + 1)
+        .read_to_end(&mut pem)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if pem.len() as u64 > MAX_CRL_FILE {
+        bail!("{} is larger than {MAX_CRL_FILE} bytes", path.display());
+    }
+    let crls: Vec<CertificateRevocationListDer<'static>> =
+        rustls_pemfile::crls(&mut pem.as_slice())
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading revocation lists from {}", path.display()))?;
+    // An empty file is more likely a list caught half-written than one revoking nothing
+    // (`caasctl certs init` writes a list with no entries).
+    if crls.is_empty() {
+        bail!("no revocation list (X509 CRL) in {}", path.display());
+    }
+    let mut revoked = HashSet::new();
+    for der in &crls {
+        let (_, crl) = x509_parser::parse_x509_crl(der.as_ref())
+            .map_err(|e| anyhow!("{}: a revocation list does not parse: {e}", path.display()))?;
+        let issuer = crl.issuer().as_raw();
+        let signed_by_a_ca = cas.iter().any(|ca| {
+            x509_parser::parse_x509_certificate(ca.as_ref()).is_ok_and(|(_, ca)| {
+                ca.subject().as_raw() == issuer && crl.verify_signature(ca.public_key()).is_ok()
+            })
+        });
+        if !signed_by_a_ca {
+            bail!(
+                "{}: a revocation list is not signed by a CA of --tls-ca",
+                path.display()
+            );
+        }
+        for r in crl.iter_revoked_certificates() {
+            revoked.insert((issuer.to_vec(), r.raw_serial().to_vec()));
+        }
+    }
+    Ok((crls, revoked))
+}
+
+/// The file's modification time and length: a change of either means a new list.
+fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+/// Loads the revocation list at `crl` again whenever the file changes, until aborted.
+pub(crate) async fn watch_crl(
+    tls: TlsFiles,
+    crl: PathBuf,
+    front: watch::Sender<Arc<FrontTls>>,
+    metrics: Arc<Metrics>,
+) {
+    let mut seen = file_stamp(&crl);
+    loop {
+        tokio::time::sleep(CRL_POLL).await;
+        let stamp = file_stamp(&crl);
+        if stamp == seen {
+            continue;
+        }
+        // Taken before the read: a write that ends after it changes the stamp again.
+        seen = stamp;
+        let (tls, path) = (tls.clone(), crl.clone());
+        let loaded = tokio::task::spawn_blocking(move || FrontTls::load(&tls, Some(&path))).await;
+        match loaded {
+            Ok(Ok(next)) => {
+                metrics
+                    .crl_entries
+                    .store(next.revoked_count() as u64, Relaxed);
+                tracing::info!(path = %crl.display(), revoked = next.revoked_count(),
+                    "revocation list loaded");
+                front.send_replace(Arc::new(next));
+            }
+            Ok(Err(e)) => {
+                metrics.crl_failures.fetch_add(1, Relaxed);
+                tracing::error!(error = %format!("{e:#}"),
+                    "revocation list not loaded; the one in force stays");
+            }
+            Err(e) => {
+                metrics.crl_failures.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "revocation list load stopped");
+            }
+        }
+    }
+}
+
+/// The issuer and serial of a certificate.
+fn cert_id(cert: &CertificateDer<'_>) -> Option<CertId> {
+    let (_, c) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some((c.issuer().as_raw().to_vec(), c.raw_serial().to_vec()))
+}
+
+/// Whether a handshake failed on a revoked client certificate.
+fn is_revoked(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            )
+        })
+}
+
+/// Resolves once a revocation list in force names `id` (never, if none ever does).
+async fn until_revoked(mut front: watch::Receiver<Arc<FrontTls>>, id: CertId) {
+    loop {
+        if front.borrow_and_update().revoked.contains(&id) {
+            return;
+        }
+        if front.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// The VIN in a certificate's subject Organization.
@@ -86,10 +258,10 @@ fn vin_of(cert: &CertificateDer<'_>) -> Option<Vin> {
 /// Accepts TLS connections on `listener` and hands each to its VIN's router until aborted.
 pub(crate) async fn serve(
     listener: TcpListener,
-    config: Arc<rustls::ServerConfig>,
+    front: watch::Receiver<Arc<FrontTls>>,
     acceptors: Arc<Vec<Acceptor>>,
+    metrics: Arc<Metrics>,
 ) {
-    let tls_acceptor = TlsAcceptor::from(config);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -104,8 +276,8 @@ pub(crate) async fn serve(
             tracing::warn!(%peer, "TLS front: connection limit reached; refused");
             continue;
         };
-        let tls_acceptor = tls_acceptor.clone();
-        let acceptors = acceptors.clone();
+        let tls_acceptor = TlsAcceptor::from(front.borrow().config.clone());
+        let (acceptors, front, metrics) = (acceptors.clone(), front.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
@@ -113,7 +285,12 @@ pub(crate) async fn serve(
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_acceptor.accept(stream)).await {
                     Ok(Ok(t)) => t,
                     Ok(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        if is_revoked(&e) {
+                            metrics.revoked_refused.fetch_add(1, Relaxed);
+                            tracing::info!(%peer, "revoked client certificate refused");
+                        } else {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        }
                         return;
                     }
                     Err(_) => {
@@ -121,19 +298,90 @@ pub(crate) async fn serve(
                         return;
                     }
                 };
-            let vin = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .and_then(vin_of);
-            let Some(vin) = vin else {
+            let cert = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+            let (Some(vin), Some(id)) = (cert.and_then(vin_of), cert.and_then(cert_id)) else {
                 tracing::warn!(%peer, "client certificate has no VIN as its Organization; closed");
                 return;
             };
+            let revoked = Box::pin(until_revoked(front, id));
+            let stream = Revocable {
+                inner: tls,
+                revoked,
+                closed: false,
+                vin,
+                metrics,
+            };
             let acceptor = &acceptors[crate::mqtt::broker_shard(&vin, acceptors.len())];
-            acceptor.serve(tls, Some(vin.to_string())).await;
+            acceptor.serve(stream, Some(vin.to_string())).await;
         });
+    }
+}
+
+/// A car's TLS stream that fails once its certificate is revoked: the broker then ends the
+/// session as for any broken connection (its will is published, the router forgets it).
+struct Revocable<S> {
+    inner: S,
+    revoked: Pin<Box<dyn Future<Output = ()> + Send>>,
+    closed: bool,
+    vin: Vin,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> Revocable<S> {
+    /// `Err` once the certificate is revoked (from then on).
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        if !self.closed && self.revoked.as_mut().poll(cx).is_ready() {
+            self.closed = true;
+            self.metrics.revoked_closed.fetch_add(1, Relaxed);
+            tracing::info!(vin = %self.vin, "certificate revoked; connection closed");
+        }
+        if self.closed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "client certificate revoked",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Revocable<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -379,16 +379,6 @@ async fn grants_held_after_a_refusal_are_still_held_after_kill_9() {
     drop(gw);
 }
 
-fn mosquitto_or_skip() -> bool {
-    if mosquitto_bin().is_none() {
-        eprintln!(
-            "\n*** SKIPPED: mosquitto is not installed (scripts/install-deps.sh installs it) ***\n"
-        );
-        return false;
-    }
-    true
-}
-
 /// A gateway (in this process, with a webhook receiver) whose external broker is a plain
 /// Mosquitto on a free port, not started: (data directory, receiver, gateway, API client,
 /// the broker's configuration file, its port). `None` (the test is skipped) when Mosquitto
@@ -1020,15 +1010,8 @@ async fn mosquitto_with_the_shipped_mtls_config_confines_each_car_to_its_own_top
     let pki = Pki::new(dir.path());
     pki.issue("gateway", &[], "caas-gateway", None, false);
     let port = free_port();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("mosquitto");
-    let conf = std::fs::read_to_string(shipped.join("mosquitto.conf"))
-        .unwrap()
-        .replace("@PORT@", &port.to_string())
-        .replace("@CERTS@", dir.path().to_str().unwrap())
-        .replace("@ACL@", shipped.join("acl").to_str().unwrap());
-    let conf_path = dir.path().join("mosquitto.conf");
-    std::fs::write(&conf_path, conf).unwrap();
-    let _m = start_mosquitto(&conf_path, port).await;
+    pki.write_crl(1, &[]);
+    let _m = start_shipped_mosquitto(dir.path(), port).await;
 
     let hook = Webhook::start(0).await;
     let mut c = config(&dir.path().join("gw"), Some(&hook));

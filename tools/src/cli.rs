@@ -259,6 +259,25 @@ pub enum CertsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Revoke a certificate the CA in --ca-dir issued (a car's telematics unit replaced,
+    /// stolen or scrapped): adds it to the CA's revocation list, DIR/crl.pem, and signs the
+    /// list again. The gateway's --mqtts listener (--tls-crl DIR/crl.pem) reads the list
+    /// within 2 s, refuses the certificate and closes its live connection; Mosquitto
+    /// (crlfile) reads it when restarted. Revoking a certificate twice changes nothing.
+    Revoke {
+        /// The certificate to revoke (PEM), e.g. DIR/VIN.pem.
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Directory holding ca.pem, ca.key and the list (crl.pem).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Why (RFC 5280 reason code in the list).
+        #[arg(long, value_enum)]
+        reason: Option<pki::Reason>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Issue another client certificate, subject CN = O = NAME (e.g. a second gateway or a
     /// test client): NAME.pem and NAME.key.
     Client {
@@ -552,6 +571,7 @@ fn run_certs(cmd: CertsCommand) -> Result<()> {
                     "caCert": show(&f.ca_cert), "caKey": show(&f.ca_key),
                     "serverCert": show(&f.server_cert), "serverKey": show(&f.server_key),
                     "gatewayCert": show(&f.gateway_cert), "gatewayKey": show(&f.gateway_key),
+                    "crl": show(&f.crl),
                 }));
             }
             let rows = [
@@ -576,6 +596,10 @@ fn run_certs(cmd: CertsCommand) -> Result<()> {
                     ),
                 ),
                 (pki::GATEWAY_KEY, "its key (secret)".to_owned()),
+                (
+                    pki::CRL,
+                    "the CA's revocation list, empty (certs revoke adds to it)".to_owned(),
+                ),
             ];
             let mut text = format!("wrote a development PKI in {}:\n", show(&out));
             for (file, what) in rows {
@@ -597,6 +621,38 @@ fn run_certs(cmd: CertsCommand) -> Result<()> {
             let out = out.unwrap_or_else(|| ca_dir.clone());
             let f = pki::issue_car_cert(&ca_dir, &vin, &out)?;
             print_issued(&f, vin.as_str(), json)
+        }
+        CertsCommand::Revoke {
+            cert,
+            ca_dir,
+            reason,
+            json,
+        } => {
+            let r = pki::revoke_cert(&ca_dir, &cert, reason)?;
+            let serial = hex::encode(&r.serial);
+            if json {
+                return print_json(&json!({
+                    "cert": show(&cert), "commonName": r.common_name, "serial": serial,
+                    "newlyRevoked": r.newly_revoked, "crl": show(&r.crl),
+                    "crlNumber": r.crl_number, "revokedCount": r.revoked_count,
+                    "reason": reason.map(pki::Reason::as_str),
+                }));
+            }
+            let what = if r.newly_revoked {
+                "revoked"
+            } else {
+                "was already revoked (nothing changed):"
+            };
+            print(&format!(
+                "{what} {} (CN = {}, serial {serial})\n{} (list number {}) names {} \
+                 certificate(s)\nthe gateway (--tls-crl) reads it within 2 s; restart \
+                 Mosquitto (crlfile) to apply it there\n",
+                show(&cert),
+                r.common_name,
+                show(&r.crl),
+                r.crl_number,
+                r.revoked_count
+            ))
         }
         CertsCommand::Client {
             name,

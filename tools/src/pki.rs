@@ -9,6 +9,7 @@
 //! | `server.pem`, `server.key` | the broker's server certificate for `localhost` and `127.0.0.1` |
 //! | `gateway.pem`, `gateway.key` | a client certificate for the gateway (CN = O = `gateway`), for brokers that require one from everybody (Mosquitto with `require_certificate`) |
 //! | `VIN.pem`, `VIN.key` | a car's client certificate (CN = O = VIN) |
+//! | `crl.pem` | the CA's certificate revocation list ([`revoke_cert`] adds to it) |
 //!
 //! The VIN is in both CN and O because the brokers read different fields for a client's
 //! identity: rumqttd's `validate-tenant-prefix` takes the tenant from O, Mosquitto's
@@ -23,8 +24,9 @@ use std::path::{Path, PathBuf};
 
 use caas_protocol::Vin;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -52,6 +54,15 @@ pub const LEAF_VALIDITY_DAYS: i64 = 825;
 pub const BACKDATE: Duration = Duration::hours(1);
 /// Largest PEM file read back (a CA certificate or key is about 1 KB).
 pub const MAX_PEM_FILE: u64 = 64 * 1024;
+/// The revocation list's file name.
+pub const CRL: &str = "crl.pem";
+/// Most certificates one revocation list names: about 40 bytes each, so a list stays well
+/// under the gateway's 16 MiB limit on the file (`--tls-crl`).
+pub const MAX_REVOKED: usize = 100_000;
+/// How long a revocation list is valid (its nextUpdate): OpenSSL (Mosquitto) refuses every
+/// client once the list in force is past it, so `caasctl certs revoke` before then (it
+/// signs the whole list again).
+pub const CRL_VALIDITY_DAYS: i64 = LEAF_VALIDITY_DAYS;
 
 /// Why a certificate could not be made.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +82,22 @@ pub enum PkiError {
     #[error("{path}: {reason} (make a CA with `caasctl certs init --out DIR`)")]
     BadCa {
         /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A certificate to revoke was not issued by this CA.
+    #[error("{path}: {reason}")]
+    NotOurs {
+        /// The certificate file.
+        path: PathBuf,
+        /// Why it is not this CA's.
+        reason: String,
+    },
+    /// The revocation list on disk cannot be added to.
+    #[error("{path}: {reason}")]
+    BadCrl {
+        /// The list's file.
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
@@ -250,6 +277,169 @@ impl Ca {
     pub fn issue_car(&self, vin: &Vin) -> Result<PemPair, PkiError> {
         self.issue_client(vin.as_str())
     }
+
+    /// The CA's revocation list number `number` naming `revoked`, signed, PEM.
+    pub fn revocation_list(&self, number: u64, revoked: &[Revoked]) -> Result<String, PkiError> {
+        let now = OffsetDateTime::now_utc();
+        let params = CertificateRevocationListParams {
+            this_update: now - BACKDATE,
+            next_update: now + Duration::days(CRL_VALIDITY_DAYS),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|r| RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&r.serial),
+                    revocation_time: r.at,
+                    reason_code: r.reason.map(Reason::to_rcgen),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.cert, &self.key)?.pem()?)
+    }
+
+    /// Checks that `cert_pem` is a certificate this CA signed; returns its serial and subject
+    /// Common Name.
+    fn issued_here(&self, cert_pem: &str) -> Result<(Vec<u8>, String), String> {
+        let der = pem_cert_der(cert_pem).ok_or("not a PEM certificate")?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|_| "not a valid X.509 certificate")?;
+        let ca_der = pem_cert_der(&self.cert_pem).ok_or("the CA certificate is not PEM")?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+            .map_err(|_| "the CA certificate does not parse")?;
+        if cert.issuer().as_raw() != ca.subject().as_raw()
+            || cert.verify_signature(Some(ca.public_key())).is_err()
+        {
+            return Err(format!(
+                "not issued by this CA ({}): it names {} as its issuer",
+                ca.subject(),
+                cert.issuer()
+            ));
+        }
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok((cert.raw_serial().to_vec(), cn))
+    }
+
+    /// Reads a revocation list this CA signed: its number and what it names.
+    fn read_list(&self, pem: &str) -> Result<(u64, Vec<Revoked>), String> {
+        let (_, parsed) =
+            x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|_| "not PEM")?;
+        if parsed.label != "X509 CRL" {
+            return Err(format!("holds a {}, not an X509 CRL", parsed.label));
+        }
+        let (_, crl) = x509_parser::parse_x509_crl(&parsed.contents)
+            .map_err(|_| "not a valid revocation list")?;
+        let ca_der = pem_cert_der(&self.cert_pem).ok_or("the CA certificate is not PEM")?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der)
+            .map_err(|_| "the CA certificate does not parse")?;
+        if crl.issuer().as_raw() != ca.subject().as_raw()
+            || crl.verify_signature(ca.public_key()).is_err()
+        {
+            return Err("not signed by this CA".into());
+        }
+        let number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        let revoked = crl
+            .iter_revoked_certificates()
+            .map(|r| Revoked {
+                serial: r.raw_serial().to_vec(),
+                at: r.revocation_date.to_datetime(),
+                reason: r
+                    .reason_code()
+                    .and_then(|(_, code)| Reason::from_code(code.0)),
+            })
+            .collect();
+        Ok((number, revoked))
+    }
+}
+
+/// One certificate a revocation list names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Its serial number (DER integer bytes).
+    pub serial: Vec<u8>,
+    /// When it was revoked.
+    pub at: OffsetDateTime,
+    /// Why, if said.
+    pub reason: Option<Reason>,
+}
+
+/// Why a certificate was revoked (RFC 5280 CRLReason, the ones a fleet uses).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum Reason {
+    /// No reason given.
+    Unspecified,
+    /// The unit's key may be known to someone else (a stolen or tampered unit).
+    KeyCompromise,
+    /// The car left the fleet or changed hands.
+    AffiliationChanged,
+    /// A new unit took its place (a telematics unit replaced).
+    Superseded,
+    /// The unit is out of service (a scrapped car).
+    CessationOfOperation,
+}
+
+impl Reason {
+    fn to_rcgen(self) -> RevocationReason {
+        match self {
+            Reason::Unspecified => RevocationReason::Unspecified,
+            Reason::KeyCompromise => RevocationReason::KeyCompromise,
+            Reason::AffiliationChanged => RevocationReason::AffiliationChanged,
+            Reason::Superseded => RevocationReason::Superseded,
+            Reason::CessationOfOperation => RevocationReason::CessationOfOperation,
+        }
+    }
+
+    /// The reason a list's entry gives; `None` for codes a fleet does not use.
+    fn from_code(code: u8) -> Option<Reason> {
+        Some(match code {
+            0 => Reason::Unspecified,
+            1 => Reason::KeyCompromise,
+            3 => Reason::AffiliationChanged,
+            4 => Reason::Superseded,
+            5 => Reason::CessationOfOperation,
+            _ => return None,
+        })
+    }
+
+    /// The name RFC 5280 gives it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Unspecified => "unspecified",
+            Reason::KeyCompromise => "keyCompromise",
+            Reason::AffiliationChanged => "affiliationChanged",
+            Reason::Superseded => "superseded",
+            Reason::CessationOfOperation => "cessationOfOperation",
+        }
+    }
+}
+
+/// What [`revoke_cert`] did.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// The list's file.
+    pub crl: PathBuf,
+    /// The revoked certificate's subject Common Name (a car's VIN).
+    pub common_name: String,
+    /// Its serial number (DER integer bytes).
+    pub serial: Vec<u8>,
+    /// False when the list already named it (nothing was written).
+    pub newly_revoked: bool,
+    /// The list's number now.
+    pub crl_number: u64,
+    /// How many certificates the list names now.
+    pub revoked_count: usize,
 }
 
 /// What is wrong with a CA given as PEM.
@@ -381,6 +571,8 @@ pub struct DevPkiFiles {
     pub gateway_cert: PathBuf,
     /// `gateway.key`.
     pub gateway_key: PathBuf,
+    /// `crl.pem`, the CA's revocation list (empty).
+    pub crl: PathBuf,
 }
 
 /// A certificate file and its key file.
@@ -400,6 +592,8 @@ pub fn init_dev_pki(dir: &Path) -> Result<DevPkiFiles, PkiError> {
     let server = ca.issue_server(&SERVER_NAMES)?;
     let gateway = ca.issue_client(GATEWAY_IDENTITY)?;
     let ca_key = ca.key_pem();
+    // An empty list from the start, so brokers can be pointed at it before any revocation.
+    let crl = ca.revocation_list(1, &[])?;
     let out = |name: &str, text, secret| Out {
         name: name.to_owned(),
         text,
@@ -414,6 +608,7 @@ pub fn init_dev_pki(dir: &Path) -> Result<DevPkiFiles, PkiError> {
             out(SERVER_KEY, &server.key_pem, true),
             out(GATEWAY_CERT, &gateway.cert_pem, false),
             out(GATEWAY_KEY, &gateway.key_pem, true),
+            out(CRL, &crl, false),
         ],
     )?;
     Ok(DevPkiFiles {
@@ -423,7 +618,94 @@ pub fn init_dev_pki(dir: &Path) -> Result<DevPkiFiles, PkiError> {
         server_key: dir.join(SERVER_KEY),
         gateway_cert: dir.join(GATEWAY_CERT),
         gateway_key: dir.join(GATEWAY_KEY),
+        crl: dir.join(CRL),
     })
+}
+
+/// Revokes the certificate in `cert` (issued by the CA in `ca_dir`): adds it to the CA's
+/// revocation list `ca_dir/crl.pem` (made if missing), numbered one above the list before,
+/// all of it signed again. A certificate the list already names changes nothing.
+pub fn revoke_cert(
+    ca_dir: &Path,
+    cert: &Path,
+    reason: Option<Reason>,
+) -> Result<Revocation, PkiError> {
+    let ca = Ca::load(ca_dir)?;
+    let cert_pem = read_pem(cert)?;
+    let (serial, common_name) = ca
+        .issued_here(&cert_pem)
+        .map_err(|reason| PkiError::NotOurs {
+            path: cert.to_owned(),
+            reason,
+        })?;
+    let crl_path = ca_dir.join(CRL);
+    let (number, mut revoked) = if crl_path.exists() {
+        let pem = read_crl_file(&crl_path)?;
+        ca.read_list(&pem).map_err(|reason| PkiError::BadCrl {
+            path: crl_path.clone(),
+            reason,
+        })?
+    } else {
+        (0, Vec::new())
+    };
+    if revoked.iter().any(|r| r.serial == serial) {
+        return Ok(Revocation {
+            crl: crl_path,
+            common_name,
+            serial,
+            newly_revoked: false,
+            crl_number: number,
+            revoked_count: revoked.len(),
+        });
+    }
+    if revoked.len() >= MAX_REVOKED {
+        return Err(PkiError::BadCrl {
+            path: crl_path,
+            reason: format!("already names {MAX_REVOKED} certificates, the most one list holds"),
+        });
+    }
+    revoked.push(Revoked {
+        serial: serial.clone(),
+        at: OffsetDateTime::now_utc(),
+        reason,
+    });
+    let number = number + 1;
+    let pem = ca.revocation_list(number, &revoked)?;
+    write_all(
+        ca_dir,
+        &[Out {
+            name: CRL.to_owned(),
+            text: &pem,
+            secret: false,
+        }],
+    )?;
+    Ok(Revocation {
+        crl: crl_path,
+        common_name,
+        serial,
+        newly_revoked: true,
+        crl_number: number,
+        revoked_count: revoked.len(),
+    })
+}
+
+/// Reads a revocation list file, bounded by [`MAX_REVOKED`] entries' worth of bytes.
+fn read_crl_file(path: &Path) -> Result<String, PkiError> {
+    use std::io::Read;
+    const MAX_CRL_FILE: u64 = MAX_PEM_FILE + 64 * MAX_REVOKED as u64;
+    let bad = |reason: String| PkiError::BadCrl {
+        path: path.to_owned(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let mut text = String::new();
+    file.take(MAX_CRL_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    if text.len() as u64 > MAX_CRL_FILE {
+        return Err(bad(format!("larger than {MAX_CRL_FILE} bytes")));
+    }
+    Ok(text)
 }
 
 /// Issues a client certificate with CN = O = `identity`, signed by the CA in `ca_dir`, into

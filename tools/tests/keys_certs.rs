@@ -222,6 +222,7 @@ fn certs_init_and_car_make_a_pki_that_rustls_accepts_with_the_vin_as_identity() 
         "server.key",
         "gateway.pem",
         "gateway.key",
+        "crl.pem",
     ] {
         assert!(pki.join(f).is_file(), "{f} missing");
     }
@@ -322,6 +323,178 @@ fn a_car_certificate_from_another_ca_is_refused_and_a_new_init_replaces_the_ca()
         .filter(|n| n.ends_with(".tmp"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// A server that checks client certificates against the revocation list `crl` too.
+fn server_with_crl(ca_dir: &Path, crl: &Path) -> Arc<ServerConfig> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut roots = RootCertStore::empty();
+    roots.add(certs(&ca_dir.join("ca.pem")).remove(0)).unwrap();
+    let crls: Vec<_> = rustls_pemfile::crls(&mut BufReader::new(std::fs::File::open(crl).unwrap()))
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(crls.len(), 1, "one list in {}", crl.display());
+    let verifier = WebPkiClientVerifier::builder(Arc::new(roots))
+        .with_crls(crls)
+        .build()
+        .unwrap();
+    let config = ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            certs(&ca_dir.join("server.pem")),
+            key(&ca_dir.join("server.key")),
+        )
+        .unwrap();
+    Arc::new(config)
+}
+
+/// The client end of car `vin`'s certificate in `dir`, trusting the CA in `ca_dir`.
+fn car_client(ca_dir: &Path, dir: &Path, vin: &str) -> Arc<ClientConfig> {
+    configs(ca_dir, dir, vin).1
+}
+
+#[test]
+fn certs_revoke_puts_a_car_on_the_ca_list_that_rustls_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    let cars = dir.path().join("cars");
+    caasctl(&["certs", "init", "--out", s(&pki)]).ok();
+    const VIN2: &str = "WVWZZZ1JZXW000002";
+    for vin in [VIN, VIN2] {
+        caasctl(&[
+            "certs",
+            "car",
+            "--vin",
+            vin,
+            "--ca-dir",
+            s(&pki),
+            "--out",
+            s(&cars),
+        ])
+        .ok();
+    }
+    let crl = pki.join("crl.pem");
+    // init's list names nothing: both cars get in.
+    for vin in [VIN, VIN2] {
+        handshake(
+            server_with_crl(&pki, &crl),
+            car_client(&pki, &cars, vin),
+            "localhost",
+        )
+        .unwrap();
+    }
+
+    let car1 = cars.join(format!("{VIN}.pem"));
+    let out = caasctl(&[
+        "certs",
+        "revoke",
+        "--cert",
+        s(&car1),
+        "--ca-dir",
+        s(&pki),
+        "--reason",
+        "key-compromise",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.ok()).unwrap();
+    assert_eq!(v["commonName"], VIN);
+    assert_eq!(v["newlyRevoked"], true);
+    assert_eq!(v["crlNumber"], 2);
+    assert_eq!(v["revokedCount"], 1);
+    assert_eq!(v["reason"], "keyCompromise");
+    let (_, car1_x509) = x509_parser::pem::parse_x509_pem(&std::fs::read(&car1).unwrap()).unwrap();
+    let car1_x509 = car1_x509.parse_x509().unwrap();
+    assert_eq!(v["serial"], hex::encode(car1_x509.raw_serial()));
+
+    // The list names car 1 with its reason, and rustls refuses car 1 and takes car 2.
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&std::fs::read(&crl).unwrap()).unwrap();
+    let (_, list) = x509_parser::parse_x509_crl(&pem.contents).unwrap();
+    let entries: Vec<_> = list.iter_revoked_certificates().collect();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].raw_serial(), car1_x509.raw_serial());
+    assert_eq!(entries[0].reason_code().map(|(_, r)| r.0), Some(1));
+    let err = handshake(
+        server_with_crl(&pki, &crl),
+        car_client(&pki, &cars, VIN),
+        "localhost",
+    )
+    .expect_err("a revoked certificate was taken");
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        ),
+        "{err:?}"
+    );
+    handshake(
+        server_with_crl(&pki, &crl),
+        car_client(&pki, &cars, VIN2),
+        "localhost",
+    )
+    .unwrap();
+
+    // Revoking it again changes nothing, not even the list's number.
+    let before = std::fs::read(&crl).unwrap();
+    let out = caasctl(&["certs", "revoke", "--cert", s(&car1), "--ca-dir", s(&pki)]);
+    assert!(out.ok().contains("already revoked"), "{}", out.stdout);
+    assert_eq!(std::fs::read(&crl).unwrap(), before);
+
+    // A second revocation keeps the first: the list grows, numbered one higher.
+    let car2 = cars.join(format!("{VIN2}.pem"));
+    let out = caasctl(&[
+        "certs",
+        "revoke",
+        "--cert",
+        s(&car2),
+        "--ca-dir",
+        s(&pki),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(out.ok()).unwrap();
+    assert_eq!(
+        (v["crlNumber"].clone(), v["revokedCount"].clone()),
+        (3.into(), 2.into())
+    );
+    for vin in [VIN, VIN2] {
+        handshake(
+            server_with_crl(&pki, &crl),
+            car_client(&pki, &cars, vin),
+            "localhost",
+        )
+        .expect_err("revoked");
+    }
+
+    // A certificate of another CA, or a list another CA signed, is refused; nothing changes.
+    let other = dir.path().join("other");
+    caasctl(&["certs", "init", "--out", s(&other)]).ok();
+    caasctl(&["certs", "car", "--vin", VIN, "--ca-dir", s(&other)]).ok();
+    let before = std::fs::read(&crl).unwrap();
+    let foreign = other.join(format!("{VIN}.pem"));
+    let out = caasctl(&[
+        "certs",
+        "revoke",
+        "--cert",
+        s(&foreign),
+        "--ca-dir",
+        s(&pki),
+    ]);
+    assert!(
+        out.err().contains("not issued by this CA"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(std::fs::read(&crl).unwrap(), before);
+    std::fs::copy(other.join("crl.pem"), &crl).unwrap();
+    let out = caasctl(&["certs", "revoke", "--cert", s(&car1), "--ca-dir", s(&pki)]);
+    assert!(
+        out.err().contains("not signed by this CA"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read(&crl).unwrap(),
+        std::fs::read(other.join("crl.pem")).unwrap()
+    );
 }
 
 #[test]

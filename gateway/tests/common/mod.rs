@@ -707,6 +707,46 @@ impl Pki {
         std::fs::write(self.dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
     }
 
+    /// Writes `crl.pem`, the CA's revocation list number `number` naming the certificates
+    /// `{name}.pem` of `revoked`, to a temporary name renamed into place (as an operator
+    /// would), and returns its path.
+    pub fn write_crl(&self, number: u64, revoked: &[&str]) -> PathBuf {
+        use rcgen::{
+            CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams,
+            SerialNumber,
+        };
+        let now = time::OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .iter()
+            .map(|name| {
+                let pem = std::fs::read(self.dir.join(format!("{name}.pem"))).unwrap();
+                let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+                let cert = pem.parse_x509().unwrap();
+                RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(cert.raw_serial()),
+                    revocation_time: now,
+                    reason_code: Some(RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                }
+            })
+            .collect();
+        let crl = CertificateRevocationListParams {
+            this_update: now - time::Duration::hours(1),
+            next_update: now + time::Duration::days(30),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.ca_cert, &self.ca_key)
+        .unwrap();
+        let path = self.dir.join("crl.pem");
+        let tmp = self.dir.join("crl.pem.tmp");
+        std::fs::write(&tmp, crl.pem().unwrap()).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        path
+    }
+
     pub fn car(&self, n: u32) -> Arc<rustls::ClientConfig> {
         let v = vin(n).to_string();
         let name = format!("car{n}");
@@ -762,6 +802,31 @@ pub fn mosquitto_bin() -> Option<PathBuf> {
         }
     }
     None
+}
+
+/// False (and says the test is skipped) when Mosquitto is not installed.
+pub fn mosquitto_or_skip() -> bool {
+    if mosquitto_bin().is_none() {
+        eprintln!(
+            "\n*** SKIPPED: mosquitto is not installed (scripts/install-deps.sh installs it) ***\n"
+        );
+        return false;
+    }
+    true
+}
+
+/// Mosquitto with the shipped mTLS configuration (`gateway/mosquitto/`) on `port`, its
+/// certificates (`ca.pem`, `server.pem`, `server.key`, `crl.pem`) from `certs`.
+pub async fn start_shipped_mosquitto(certs: &Path, port: u16) -> Mosquitto {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("mosquitto");
+    let conf = std::fs::read_to_string(shipped.join("mosquitto.conf"))
+        .unwrap()
+        .replace("@PORT@", &port.to_string())
+        .replace("@CERTS@", certs.to_str().unwrap())
+        .replace("@ACL@", shipped.join("acl").to_str().unwrap());
+    let conf_path = certs.join("mosquitto.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    start_mosquitto(&conf_path, port).await
 }
 
 /// A mosquitto process killed on drop.
