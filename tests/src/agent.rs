@@ -18,8 +18,10 @@ pub const AGENT_START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct AgentSpec {
     /// The car.
     pub vin: String,
-    /// The broker, `HOST:PORT` (plain MQTT).
+    /// The broker, `HOST:PORT`: plain MQTT, or TLS with `tls`.
     pub broker: String,
+    /// For a TLS broker: the files of the agent's `--ca`, `--cert` and `--key`.
+    pub tls: Option<AgentTls>,
     /// The public key files (`.pub`) of the gateway keys it trusts, one `--gateway-key`
     /// each (the agent takes up to 3, so a car can trust the next key before it is used).
     pub gateway_keys: Vec<PathBuf>,
@@ -29,6 +31,18 @@ pub struct AgentSpec {
     pub data: PathBuf,
     /// Where its output goes (appended, so a log can hold several runs).
     pub log: PathBuf,
+}
+
+/// A unit's TLS files: the CA that signed the broker's certificate, and the unit's own
+/// client certificate and key (mutual TLS).
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    /// The CA certificate (PEM).
+    pub ca: PathBuf,
+    /// The unit's client certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM).
+    pub key: PathBuf,
 }
 
 /// A running agent process; killed when dropped.
@@ -51,9 +65,21 @@ impl AgentProcess {
             .open(&spec.log)
             .with_context(|| format!("opening {}", spec.log.display()))?;
         let mut cmd = Command::new(bin);
-        cmd.arg("run")
-            .args(["--vin", &spec.vin])
-            .args(["--broker", &format!("mqtt://{}", spec.broker)]);
+        cmd.arg("run").args(["--vin", &spec.vin]);
+        match &spec.tls {
+            None => {
+                cmd.args(["--broker", &format!("mqtt://{}", spec.broker)]);
+            }
+            Some(tls) => {
+                cmd.args(["--broker", &format!("mqtts://{}", spec.broker)])
+                    .arg("--ca")
+                    .arg(&tls.ca)
+                    .arg("--cert")
+                    .arg(&tls.cert)
+                    .arg("--key")
+                    .arg(&tls.key);
+            }
+        }
         for key in &spec.gateway_keys {
             cmd.arg("--gateway-key").arg(key);
         }

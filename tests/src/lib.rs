@@ -10,11 +10,14 @@
 //!
 //! This library is the harness: [`Env`] (a gateway, a fleet and a receiver), [`Gateway`]
 //! (the gateway process, which a test can kill, signal and start again on its data),
-//! [`start_gateway_and_receiver`] (the two without a fleet), [`AgentProcess`] (the real
-//! car agent binary, `caas-e2e-agent`, as one telematics unit), [`caasctl`] (the
-//! technician's CLI run against the gateway), [`CommandWatch`] (what the broker delivers on
-//! some cars' command topics) and [`listening_addrs`]. The short retry policies keep the whole run to a couple of minutes
-//! on two cores.
+//! [`start_gateway_and_receiver`] (the two without a fleet; [`receiver_and_gateway_opts`]
+//! for a gateway with further flags, such as the mTLS listener's), [`AgentProcess`] (the
+//! real car agent binary, `caas-e2e-agent`, as one telematics unit, on plain MQTT or mutual
+//! TLS), [`caasctl`] (the technician's CLI run against the gateway), [`metric`] (one value
+//! of the gateway's `/metrics`), [`CommandWatch`] (what the broker delivers on some cars'
+//! command topics) and [`listening_addrs`]. `tests/common` has what only test targets can
+//! have: the package's binaries' paths. The short retry policies keep the whole run to a
+//! couple of minutes on two cores.
 
 use std::collections::HashMap;
 use std::io::BufRead;
@@ -34,7 +37,7 @@ use caas_sim::webhook::Receiver;
 pub mod agent;
 pub mod ctl;
 
-pub use agent::{AgentProcess, AgentSpec};
+pub use agent::{AgentProcess, AgentSpec, AgentTls};
 pub use ctl::{caasctl, make_key, stdout_of, KeyFiles};
 
 /// Longest wait for a fleet to provision and connect.
@@ -67,6 +70,8 @@ pub struct GatewayOpts {
     /// Its command-signing key file (`--signing-key`); `None` for the default, one the
     /// gateway generates in its data directory.
     pub signing_key: Option<PathBuf>,
+    /// Further `serve` flags (the mTLS listener's, say), given after the others.
+    pub extra_args: Vec<String>,
 }
 
 /// A gateway process (`caas-e2e-sim gateway serve`, the `caas-gateway serve` code) on free
@@ -132,6 +137,7 @@ impl Gateway {
                 addr
             }
         };
+        args.extend(opts.extra_args.iter().cloned());
         let mut gw = Gateway {
             child: None,
             sim: sim.to_path_buf(),
@@ -297,20 +303,42 @@ pub async fn start_gateway_and_receiver_signing_with(
     retry: Retry,
     signing_key: Option<&Path>,
 ) -> Result<(Gateway, Receiver)> {
+    let (receiver, mut opts) = receiver_and_gateway_opts(retry).await?;
+    opts.broker = broker.map(str::to_string);
+    opts.signing_key = signing_key.map(Path::to_path_buf);
+    let gateway = Gateway::start(sim, &opts).await?;
+    Ok((gateway, receiver))
+}
+
+/// A running webhook receiver, and the options of a gateway (embedded broker) that calls it
+/// back, for a test to add to before [`Gateway::start`].
+pub async fn receiver_and_gateway_opts(retry: Retry) -> Result<(Receiver, GatewayOpts)> {
     caas_sim::init_crypto();
     let secret = format!("e2e-{:016x}", std::process::id());
     let receiver = Receiver::start(&secret).await?;
     let opts = GatewayOpts {
         retry,
-        broker: broker.map(str::to_string),
+        broker: None,
         webhook_url: receiver.url(),
         webhook_secret: secret,
         // Not the development default, so a client that ignores its token fails.
         token: format!("e2e-token-{:08x}", std::process::id()),
-        signing_key: signing_key.map(Path::to_path_buf),
+        signing_key: None,
+        extra_args: Vec::new(),
     };
-    let gateway = Gateway::start(sim, &opts).await?;
-    Ok((gateway, receiver))
+    Ok((receiver, opts))
+}
+
+/// The value of the metric `name` (a counter or gauge without labels) in the gateway's
+/// `/metrics`.
+pub async fn metric(api: &Api, name: &str) -> Result<f64> {
+    let text = api.metrics().await?;
+    text.lines()
+        .find_map(|l| {
+            let (n, value) = l.split_once(' ')?;
+            (n == name).then(|| value.trim().parse().ok())?
+        })
+        .with_context(|| format!("no {name} in /metrics:\n{text}"))
 }
 
 /// A gateway, a fleet and a webhook receiver, all running.

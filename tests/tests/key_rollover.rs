@@ -4,8 +4,9 @@
 //! (see the crate docs and gateway/README.md, "Rolling the signing key over").
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
-use std::path::Path;
-use std::time::Duration;
+mod common;
+
+use common::*;
 
 use caas_sim::api::{Api, Lasting};
 use caas_sim::webhook::Receiver;
@@ -19,23 +20,6 @@ use serde_json::Value;
 const VIN_BOTH_KEYS: &str = "1HGCM82633A004352";
 /// Car 2, provisioned with the current gateway key only.
 const VIN_OLD_KEY_ONLY: &str = "1M8GDM9AXKP042788";
-/// Longest wait for anything the test waits on: generous, as a loaded CI machine may be
-/// slow; a passing run waits a second or two at each step.
-const DEADLINE: Duration = Duration::from_secs(30);
-
-fn sim() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_caas-e2e-sim"))
-}
-
-/// caasctl, built as this package's `caas-e2e-ctl`.
-fn ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_caas-e2e-ctl"))
-}
-
-/// The real agent, built as this package's `caas-e2e-agent`.
-fn agent() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_caas-e2e-agent"))
-}
 
 /// The gateway's published keys, `(keyId, publicKey)`, from `GET /keys`.
 async fn published_keys(gateway: &Gateway) -> Vec<(String, String)> {
@@ -126,6 +110,7 @@ async fn after_a_signing_key_rollover_cars_trusting_the_next_key_work_and_the_ot
     let unit = |vin: &str, name: &str, device_key: &KeyFiles, trusted: &[&KeyFiles]| AgentSpec {
         vin: vin.to_string(),
         broker: gateway.mqtt.clone(),
+        tls: None,
         gateway_keys: trusted.iter().map(|k| k.public.clone()).collect(),
         device_key: device_key.secret.clone(),
         data: dir.path().join(format!("{name}-state")),

@@ -3,8 +3,11 @@
 //! the keys and replacing the car's key at the gateway (see the crate docs).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
+use common::*;
+
 use std::path::Path;
-use std::time::Duration;
 
 use caas_sim::api::{Api, Lasting};
 use caas_tests::{
@@ -15,23 +18,6 @@ use serde_json::Value;
 
 /// A VIN with a valid check digit.
 const VIN: &str = "1HGCM82633A004352";
-/// Longest wait for anything the test waits on: generous, as a loaded CI machine may be
-/// slow; a passing run waits a second or two at each step.
-const DEADLINE: Duration = Duration::from_secs(30);
-
-fn sim() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_caas-e2e-sim"))
-}
-
-/// caasctl, built as this package's `caas-e2e-ctl`.
-fn ctl() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_caas-e2e-ctl"))
-}
-
-/// The real agent, built as this package's `caas-e2e-agent`.
-fn agent() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_caas-e2e-agent"))
-}
 
 /// A unit's device key pair as the technician makes it: `caasctl keys gen`.
 async fn make_device_key(dir: &Path, name: &str) -> KeyFiles {
@@ -41,24 +27,9 @@ async fn make_device_key(dir: &Path, name: &str) -> KeyFiles {
 /// `caas_reports_forged_total` from the gateway's `/metrics`: reports that failed
 /// verification and were ignored.
 async fn forged_reports(api: &Api) -> u64 {
-    let text = api.metrics().await.unwrap();
-    text.lines()
-        .find_map(|l| {
-            let (name, value) = l.split_once(' ')?;
-            (name == "caas_reports_forged_total").then(|| value.trim().parse().ok())?
-        })
-        .unwrap_or_else(|| panic!("no caas_reports_forged_total in /metrics:\n{text}"))
-}
-
-/// [`caas_tests::wait_until`] with the test's [`DEADLINE`], failing the test past it.
-async fn wait_until<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
-    what: &str,
-    probe: impl FnMut() -> F,
-    ready: impl Fn(&T) -> bool,
-) -> T {
-    caas_tests::wait_until(what, DEADLINE, probe, ready)
+    caas_tests::metric(api, "caas_reports_forged_total")
         .await
-        .unwrap()
+        .unwrap() as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -80,17 +51,11 @@ async fn a_replaced_unit_takes_over_once_the_technician_replaces_the_cars_key() 
         .tempdir()
         .unwrap();
     let gateway_key = dir.path().join("gateway.pub");
-    std::fs::write(
-        &gateway_key,
-        format!(
-            "{}\n",
-            caas_protocol::verifying_key_to_hex(&api.gateway_key().await.unwrap())
-        ),
-    )
-    .unwrap();
+    write_gateway_key(&api, &gateway_key).await;
     let unit = |name: &str, device_key: &Path| AgentSpec {
         vin: VIN.to_string(),
         broker: gateway.mqtt.clone(),
+        tls: None,
         gateway_keys: vec![gateway_key.clone()],
         device_key: device_key.to_path_buf(),
         // Each unit, and each start of a unit standing for a new one, has a state
