@@ -13,7 +13,7 @@
 //! [`start_gateway_and_receiver`] (the two without a fleet; [`receiver_and_gateway_opts`]
 //! for a gateway with further flags, such as the mTLS listener's), [`AgentProcess`] (the
 //! real car agent binary, `caas-e2e-agent`, as one telematics unit, on plain MQTT or mutual
-//! TLS), [`caasctl`] (the technician's CLI run against the gateway), [`metric`] (one value
+//! TLS), [`caasctl`](fn@caasctl) (the technician's CLI run against the gateway), [`metric`] (one value
 //! of the gateway's `/metrics`), [`CommandWatch`] (what the broker delivers on some cars'
 //! command topics) and [`listening_addrs`]. `tests/common` has what only test targets can
 //! have: the package's binaries' paths. The short retry policies keep the whole run to a
