@@ -63,6 +63,9 @@ const CAMPAIGN_CHUNK: usize = 256;
 pub const MAX_IN_FLIGHT_PER_CAR: usize = 32;
 /// Service errors remembered per car for `GET /vehicles/{vin}/status`.
 const MAX_ERRORS: usize = 8;
+/// Largest applied seq a car's report may show for the gateway to take it up
+/// ([`Shard::resync_seq`]): far beyond any real car's commands, far below overflow.
+const MAX_SEQ: u64 = 1 << 62;
 /// Re-sends of a car's state closer together than this are merged into one.
 const RESEND_MERGE: Duration = Duration::from_millis(200);
 /// How long a car's record may wait with changes that need not be durable at once (its
@@ -2044,6 +2047,10 @@ impl Shard {
             firmware_version: report.diagnostics.firmware_version.to_string(),
             signal: report.diagnostics.signal_strength,
         });
+        if report.applied_seq > car.rec.seq {
+            self.resync_seq(&vin, report.applied_seq);
+            return;
+        }
         let advanced = report.applied_seq > car.rec.applied_seq;
         if advanced {
             car.unknown_key_refusals = 0;
@@ -2264,6 +2271,63 @@ impl Shard {
         self.history(vin, "COMMAND", Some(next), rid, detail);
         self.send_state(vin, false);
         true
+    }
+
+    /// The car says it applied `car_applied`, above the newest seq this gateway has issued
+    /// to it: the commands it applied are ones this store has no record of (the store was
+    /// restored from an older backup, or lost and the car registered again; or a command
+    /// went out just before a crash that lost its record). Nothing the car applied can
+    /// settle a request here, whose seq may be one the car took for something else, and the
+    /// car refuses every seq up to its own as a replay. So the seq jumps above the car's,
+    /// every grant counts as unconfirmed, and the whole state as this store has it goes to
+    /// the car again; the requests in flight complete when the car applies that.
+    fn resync_seq(&mut self, vin: &Vin, car_applied: u64) {
+        // A seq this large never comes from our own commands; taking it would bring the
+        // seq to overflow (a car key in the wrong hands could sign anything).
+        if car_applied >= MAX_SEQ {
+            tracing::error!(%vin, car_applied, "report with an impossible applied seq; ignored");
+            return;
+        }
+        let Some(car) = self.cars.get_mut(vin) else {
+            return;
+        };
+        let ours = car.rec.seq;
+        let next = car_applied + 1;
+        car.rec.seq = next;
+        car.rec.applied_seq = car_applied;
+        for g in &mut car.rec.grants {
+            g.seq = next;
+        }
+        let now_iso = iso_ms(now_ms());
+        let in_flight: Vec<RequestId> = car
+            .pending
+            .iter()
+            .filter(|id| !car.held.contains(id))
+            .copied()
+            .collect();
+        for id in &in_flight {
+            if let Some(p) = self.pending.get_mut(id) {
+                p.rec.seq = next;
+                p.rec.updated_at.clone_from(&now_iso);
+                let rec = p.rec.clone();
+                self.save_request(&rec);
+            }
+        }
+        self.sh.metrics.seq_resyncs.fetch_add(1, Relaxed);
+        tracing::warn!(%vin, car_applied, ours, next,
+            "car is ahead of the store's seq (restored or lost store); its state goes again");
+        self.mark_dirty(vin);
+        self.history(
+            vin,
+            "COMMAND",
+            Some(next),
+            None,
+            format!(
+                "the car applied seq {car_applied}, above the newest this store issued \
+                 ({ours}): the store was restored or lost; the whole state goes again"
+            ),
+        );
+        self.send_state(vin, false);
     }
 
     fn on_presence(&mut self, vin: Vin, online: bool) {

@@ -60,6 +60,9 @@ pub(crate) struct Metrics {
     pub(crate) crl_failures: AtomicU64,
     /// Certificates the revocation list in force revokes.
     pub(crate) crl_entries: AtomicU64,
+    /// Cars found ahead of the store's seq, whose state went again above their own
+    /// (engine.rs `resync_seq`).
+    pub(crate) seq_resyncs: AtomicU64,
     latency: Histogram,
     accept_time: Histogram,
     callback_time: Histogram,
@@ -224,6 +227,11 @@ impl Metrics {
             "caas_heap_prefaulted_bytes_total",
             "Heap faulted in ahead of need by the warmer (see --heap-reserve-mb).",
             &[("", self.heap_prefaulted_bytes.load(Relaxed))],
+        );
+        counter(
+            "caas_vehicle_seq_resyncs_total",
+            "Cars whose signed report showed a seq above the newest the store issued (a restored or lost store): the seq jumped above the car's and the whole state went again.",
+            &[("", self.seq_resyncs.load(Relaxed))],
         );
         counter(
             "caas_mqtts_revoked_refused_total",

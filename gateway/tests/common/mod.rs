@@ -289,6 +289,9 @@ pub struct TestCar {
     pub client: AsyncClient,
     pub connected: Arc<AtomicBool>,
     pub errors: Arc<AtomicU64>,
+    /// What the unit's agent persisted last (its flash): a unit started again with it
+    /// ([`TestCar::start_with_flash`]) is the same unit rebooted.
+    pub flash: Arc<Mutex<Option<Vec<u8>>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -336,6 +339,17 @@ impl TestCar {
     /// Car `n` signing its reports with `key` instead of its own [`car_key`]: a car whose
     /// telematics unit was replaced.
     pub async fn start_keyed(n: u32, key: SigningKey, gateway_key: &str, o: CarOpts) -> TestCar {
+        TestCar::start_with_flash(n, key, gateway_key, o, None).await
+    }
+
+    /// Car `n` whose agent starts from `flash` (what an earlier run persisted), or empty.
+    pub async fn start_with_flash(
+        n: u32,
+        key: SigningKey,
+        gateway_key: &str,
+        o: CarOpts,
+        flash: Option<Vec<u8>>,
+    ) -> TestCar {
         let vin = vin(n);
         let gw = TrustedKey::new(verifying_key_from_hex(gateway_key).unwrap());
         let mut opts = MqttOptions::new(vin.to_string(), o.host.clone(), o.port);
@@ -361,6 +375,8 @@ impl TestCar {
         let mute = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(AtomicU64::new(0));
+        let flash = Arc::new(Mutex::new(flash));
+        let persisted = flash.clone();
         let (s, ig, mu, c, cl, errs) = (
             seen.clone(),
             ignore.clone(),
@@ -379,8 +395,12 @@ impl TestCar {
         };
         config.trusted_keys.push(gw).unwrap();
         let task = tokio::spawn(async move {
-            let mut stored: Option<Vec<u8>> = None;
-            let mut agent = Box::new(caas_agent::Agent::new(config, None, SystemTime_now()));
+            let mut stored: Option<Vec<u8>> = persisted.lock().unwrap().clone();
+            let mut agent = Box::new(caas_agent::Agent::new(
+                config,
+                stored.as_deref(),
+                SystemTime_now(),
+            ));
             agent.set_signal_strength(80);
             loop {
                 match el.poll().await {
@@ -426,6 +446,7 @@ impl TestCar {
                         }
                         agent.handle_frame(&p.payload, SystemTime_now());
                         let frames = drive(&mut agent, &mut stored);
+                        persisted.lock().unwrap().clone_from(&stored);
                         {
                             let mut seen = s.lock().unwrap();
                             seen.applied_seq = agent.state().applied_seq;
@@ -465,6 +486,7 @@ impl TestCar {
             client,
             connected,
             errors,
+            flash,
             task,
         }
     }
