@@ -17,7 +17,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use caas_protocol::{
     verifying_key_from_hex, FeatureFlag, FirmwareVersion, ParamKey, ParamValue, RequestId,
@@ -29,6 +29,7 @@ use tokio::sync::oneshot;
 use crate::engine::{Accepted, CancelTarget, Engine, Msg, NewRequest, Op, CANCELLED};
 use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
+use crate::store::RetiredRec;
 use crate::store::{
     campaign_request_id, cancel_mark, dec, dec_history, enc, iso_now, new_uuid, now_ms,
     CampaignRec, GrantRec, HistoryEntry, RequestRec, Store, Ticket, VehicleRec, CAMPAIGN_PREFIX,
@@ -149,6 +150,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .route("/ota/requests/{requestId}", get(get_request))
         .route("/ota/requests/{requestId}/cancel", post(cancel_request))
         .route("/vehicles", post(register).get(list_vehicles))
+        .route("/vehicles/{vin}", delete(decommission))
         .route("/vehicles/{vin}/status", get(status))
         .route("/vehicles/{vin}/history", get(history))
         .route("/vehicles/{vin}/key", post(replace_key))
@@ -966,7 +968,47 @@ async fn status(State(st): St, PathText(vin): PathText) -> ApiResult {
     let vin = parse_vin(&vin, "vin")?;
     let (tx, rx) = oneshot::channel();
     let v = ask(&st.engine, &vin, Msg::Status { vin, resp: tx }, rx).await?;
-    v.map(|v| Json(v).into_response()).ok_or_else(unknown_car)
+    match v {
+        Some(v) => Ok(Json(v).into_response()),
+        // Only for a car its shard does not hold: the tombstone says why it is gone.
+        None => match st.store.retired_car(vin.as_bytes()) {
+            Ok(Some(tomb)) => Err(decommissioned_car(&tomb)),
+            _ => Err(unknown_car()),
+        },
+    }
+}
+
+/// The 404 for a car taken out of the fleet.
+fn decommissioned_car(tomb: &RetiredRec) -> ApiError {
+    ApiError::new(
+        404,
+        "vehicle decommissioned",
+        "vin",
+        &format!(
+            "this car was decommissioned at {} (its history is kept); register it again \
+             (POST /vehicles) to bring it back",
+            tomb.decommissioned_at
+        ),
+    )
+}
+
+/// `DELETE /vehicles/{vin}`: the car leaves the fleet (scrapped, written off, out of the
+/// programme). Its requests in flight end FAILED with `DECOMMISSIONED` (no charge), one last
+/// command withdraws its grants, its registration ends and its key is free; its history
+/// stays, and a tombstone keeps its seq so that a registration again goes on above it.
+/// Answered once durable; a repeat answers the same car and time with `requestsFailed` 0
+/// and changes nothing.
+async fn decommission(State(st): St, PathText(vin): PathText) -> ApiResult {
+    let vin = parse_vin(&vin, "vin")?;
+    let (tx, rx) = oneshot::channel();
+    let tomb = ask(&st.engine, &vin, Msg::Decommission { vin, resp: tx }, rx).await??;
+    Ok(Json(json!({
+        "vin": tomb.vin,
+        "decommissionedAt": tomb.decommissioned_at,
+        "requestsFailed": tomb.requests_failed,
+        "withdrawalSeq": tomb.seq,
+    }))
+    .into_response())
 }
 
 /// The 404 for a VIN no car was registered with.
@@ -979,9 +1021,15 @@ pub(crate) fn unknown_car() -> ApiError {
     )
 }
 
-/// `Ok` when a car is registered with `vin`, else [`unknown_car`].
+/// `Ok` when a car is registered with `vin`, or was and has been decommissioned (what it
+/// left, its history and tickets, stays readable), else [`unknown_car`].
 fn registered(st: &AppState, vin: &Vin) -> Result<(), ApiError> {
-    match st.store.vehicles.contains_key(vin.as_bytes()) {
+    let known = st
+        .store
+        .vehicles
+        .contains_key(vin.as_bytes())
+        .and_then(|now| Ok(now || st.store.retired.contains_key(vin.as_bytes())?));
+    match known {
         Ok(true) => Ok(()),
         Ok(false) => Err(unknown_car()),
         Err(e) => Err(ApiError::storage(e)),

@@ -42,7 +42,7 @@ use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
 use crate::store::{
     cancel_mark, dec, enc, enc_json, iso_ms, next_id, now_ms, CarRec, Continuation, GrantRec,
-    HistoryEntry, OutboxEntry, RequestRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
+    HistoryEntry, OutboxEntry, RequestRec, RetiredRec, Store, Ticket, VehicleRec, HISTORY_PER_CAR,
 };
 use crate::webhook::{Due, Handoff, Lane};
 
@@ -164,6 +164,13 @@ pub(crate) enum Msg {
         previous: VerifyingKey,
         resp: oneshot::Sender<Result<VehicleRec, ApiError>>,
     },
+    /// The car leaves the fleet ([`Shard::decommission`]). Answered with its tombstone once
+    /// that is durable; a repeat answers the tombstone with `requests_failed` 0 and changes
+    /// nothing.
+    Decommission {
+        vin: Vin,
+        resp: oneshot::Sender<Result<RetiredRec, ApiError>>,
+    },
     Batch {
         reqs: Vec<NewRequest>,
         /// The campaign was made before (a repeat with its idempotency key): requests of it
@@ -207,6 +214,12 @@ pub(crate) enum Msg {
         vin: Vin,
         held: Vec<String>,
     },
+    /// A decommissioned car's final requests whose callbacks were under way when it was
+    /// decommissioned and are not in the outbox: sent again, as a car's are at start.
+    LoadRetired {
+        vin: Vin,
+        awaiting: Vec<RequestRec>,
+    },
     /// These callbacks were delivered, or filed in the outbox: their cars' records need
     /// not keep them any more.
     CallbacksSettled(Vec<(Vin, RequestId)>),
@@ -232,6 +245,8 @@ pub(crate) enum Msg {
 
 /// The error code of a cancelled request.
 pub(crate) const CANCELLED: &str = "CANCELLED";
+/// The error code of a request ended because its car was decommissioned.
+pub(crate) const DECOMMISSIONED: &str = "DECOMMISSIONED";
 
 /// What a [`Msg::Cancel`] ends.
 #[derive(Debug, Clone)]
@@ -278,7 +293,8 @@ impl KeyOwners {
         }
     }
 
-    /// `vin` no longer owns `key` (its key was replaced, or its registration failed).
+    /// `vin` no longer owns `key` (its key was replaced, its registration failed, or it
+    /// was decommissioned).
     pub(crate) fn release(&self, key: &VerifyingKey, vin: &Vin) {
         let mut owners = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if owners.get(&key.to_bytes()) == Some(vin) {
@@ -584,6 +600,10 @@ struct Shard {
     /// The flusher's thread, joined when the shard stops, so that every commit's answers
     /// have gone out and the store is let go.
     flusher_thread: Option<std::thread::JoinHandle<()>>,
+    /// Decommissioned cars with callbacks still in their first try, which their tombstone
+    /// lists ([`RetiredRec::awaiting`]) until each is delivered or filed in the outbox. A car
+    /// leaves it once none is left, so it holds only the cars of the last moments' callbacks.
+    retired_awaiting: HashMap<Vin, Vec<RequestId>>,
 }
 
 /// Commits waiting for a shard's flusher at most; past it the shard waits (it is then as
@@ -703,6 +723,7 @@ impl Shard {
             buf: Box::new([0u8; MAX_COMMAND_FRAME_SIZE]),
             lazy_cars: std::collections::VecDeque::new(),
             jobs: std::collections::VecDeque::new(),
+            retired_awaiting: HashMap::new(),
         }
     }
 
@@ -896,7 +917,9 @@ impl Shard {
         let mut rekeyed: Vec<Vin> = Vec::new();
         for (i, m) in msgs.iter().enumerate() {
             match m {
-                Msg::ReplaceKey { vin, .. } => rekeyed.push(*vin),
+                // A decommissioned car's reports are no longer believed; one registered again
+                // after it in the batch may have a new key.
+                Msg::ReplaceKey { vin, .. } | Msg::Decommission { vin, .. } => rekeyed.push(*vin),
                 Msg::Report { vin, payload } if !rekeyed.contains(vin) => {
                     if let Some(car) = self.cars.get(vin) {
                         at.push(i);
@@ -963,6 +986,16 @@ impl Shard {
                     let _ = resp.send(Err(e));
                 }
             },
+            Msg::Decommission { vin, resp } => match self.decommission(&vin) {
+                // A repeat too waits for the flush: the decommissioning it repeats may be in
+                // this very batch.
+                Ok(rec) => self.batch.after.push(Box::new(move |f| {
+                    let _ = resp.send(f.map(|_| rec).map_err(ApiError::storage));
+                })),
+                Err(e) => {
+                    let _ = resp.send(Err(e));
+                }
+            },
             Msg::Batch {
                 reqs,
                 fill_in,
@@ -1005,10 +1038,13 @@ impl Shard {
             Msg::Load { rec, car } => self.load(rec, car),
             Msg::LoadPending(rec) => self.load_pending(rec),
             Msg::LoadHeld { vin, held } => self.load_held(vin, &held),
+            Msg::LoadRetired { vin, awaiting } => self.load_retired(vin, &awaiting),
             Msg::CallbacksSettled(list) => {
                 for (vin, request_id) in list {
                     if let Some(car) = self.cars.get_mut(&vin) {
                         car.awaiting.retain(|x| *x != request_id);
+                    } else {
+                        self.retired_callback_settled(&vin, request_id);
                     }
                     self.mark_lazy(&vin);
                 }
@@ -1129,17 +1165,258 @@ impl Shard {
                 "this VIN is registered with a different public key",
             ));
         }
+        // Registrations are rare: reading the tombstone costs nothing that matters.
+        let retired = self
+            .sh
+            .store
+            .retired_car(vin.as_bytes())
+            .map_err(ApiError::storage)?;
         self.sh
             .key_owners
             .claim(&key, &vin)
             .map_err(|owner| key_of_another_car("publicKey", &owner))?;
+        // A decommissioned car's seq goes on from its tombstone. Its record is written
+        // before the registration: sled keeps the order of writes, so whatever a crash leaves
+        // of this never has the car registered with a seq that starts again at 0.
+        let mut car_rec = CarRec::default();
+        if let Some(r) = &retired {
+            car_rec.seq = r.seq;
+            car_rec.pending.clone_from(&r.awaiting);
+            if let Err(e) = self.sh.store.cars.insert(vin.as_bytes(), enc(&car_rec)) {
+                self.sh.key_owners.release(&key, &vin);
+                return Err(ApiError::storage(e));
+            }
+        }
         if let Err(e) = self.sh.store.vehicles.insert(vin.as_bytes(), enc(&rec)) {
             self.sh.key_owners.release(&key, &vin);
             return Err(ApiError::storage(e));
         }
-        self.cars.insert(vin, new_car(key, rec, CarRec::default()));
+        self.cars.insert(vin, new_car(key, rec, car_rec));
         self.sh.metrics.cars_registered.fetch_add(1, Relaxed);
+        if let Some(r) = retired {
+            // The tombstone's work is done: the car's record holds the seq again, and the
+            // callbacks still under way (if any) are the car's to keep.
+            let _ = self.sh.store.retired.remove(vin.as_bytes());
+            let awaiting = self.retired_awaiting.remove(&vin).unwrap_or_default();
+            if let Some(car) = self.cars.get_mut(&vin) {
+                car.awaiting = awaiting;
+            }
+            self.mark_dirty(&vin);
+            self.history(
+                &vin,
+                "REGISTERED",
+                Some(r.seq),
+                None,
+                format!(
+                    "registered again after its decommissioning at {}: seq goes on above {}",
+                    r.decommissioned_at, r.seq
+                ),
+            );
+            self.move_history_to_batch(&vin);
+        }
         Ok(true)
+    }
+
+    /// Takes `vin` out of the fleet ([`Msg::Decommission`]): every request of it not yet
+    /// final ends FAILED with [`DECOMMISSIONED`] (its callback filed in the outbox, so the
+    /// backend charges nothing), one last command with the next seq withdraws every grant
+    /// (retained, so a unit that comes online later drops its features; the base platform
+    /// is in no grant), and its registration ends: the shard forgets it (no re-sends; its
+    /// reports count as an unknown car's), its key is free for another car, and a
+    /// tombstone keeps its seq and when. Its history stays. Everything is written in this
+    /// batch, answered after its flush.
+    fn decommission(&mut self, vin: &Vin) -> Result<RetiredRec, ApiError> {
+        if !self.cars.contains_key(vin) {
+            // A repeat (a script that retries) answers what the first did and changes
+            // nothing; a VIN never registered is unknown.
+            return match self.sh.store.retired_car(vin.as_bytes()) {
+                Ok(Some(rec)) => Ok(RetiredRec {
+                    requests_failed: 0,
+                    ..rec
+                }),
+                Ok(None) => Err(crate::api::unknown_car()),
+                Err(e) => Err(ApiError::storage(e)),
+            };
+        }
+        let now = now_ms();
+        let at = iso_ms(now);
+        let ids: Vec<RequestId> = self
+            .cars
+            .get(vin)
+            .map(|c| c.pending.clone())
+            .unwrap_or_default();
+        let mut failed = 0;
+        for id in ids {
+            if self.fail_decommissioned(vin, id, &at) {
+                failed += 1;
+            }
+        }
+        let Some(car) = self.cars.get_mut(vin) else {
+            return Err(crate::api::unknown_car());
+        };
+        car.pending.clear();
+        car.held.clear();
+        car.rec.grants.clear();
+        car.rec.settles.clear();
+        car.rec.seq += 1;
+        let seq = car.rec.seq;
+        let key = car.key.key;
+        let key_hex = caas_protocol::verifying_key_to_hex(&key).to_string();
+        self.send_state(vin, false);
+        self.history(
+            vin,
+            "COMMAND",
+            Some(seq),
+            None,
+            "every grant withdrawn: the car is decommissioned".into(),
+        );
+        self.history(
+            vin,
+            "DECOMMISSIONED",
+            Some(seq),
+            None,
+            format!(
+                "taken out of the fleet: {failed} requests in flight failed, grants withdrawn \
+                 with seq {seq}, key {}... released",
+                &key_hex[..16]
+            ),
+        );
+        let Some(car) = self.cars.remove(vin) else {
+            return Err(crate::api::unknown_car());
+        };
+        // Written in the order a crash must find them (sled keeps the order of writes, and
+        // only what a flush covered counts): the ended requests and their callbacks (above),
+        // the history, the car's last record, the tombstone, and last the end of its
+        // registration. Whatever part of this survives a crash is a car still registered
+        // (with fewer requests in flight), or a decommissioned one; never one registered with
+        // its seq lost.
+        let history: Vec<(Vin, u64, HistoryEntry)> = car
+            .unwritten_history
+            .iter()
+            .map(|(id, e)| (*vin, *id, e.clone()))
+            .collect();
+        let (mine, others): (Vec<_>, Vec<_>) = std::mem::take(&mut self.batch.history)
+            .into_iter()
+            .partition(|(v, _, _)| v == vin);
+        self.batch.history = others;
+        self.write_history(mine.into_iter().chain(history).collect());
+        let store = &self.sh.store;
+        let last = CarRec {
+            pending: car.awaiting.iter().map(rid_text).collect(),
+            ..car.rec.clone()
+        };
+        let tomb = RetiredRec {
+            vin: vin.to_string(),
+            decommissioned_at: at,
+            seq,
+            public_key: key_hex,
+            requests_failed: failed,
+            awaiting: last.pending.clone(),
+        };
+        let written = store
+            .held
+            .remove(vin.as_bytes())
+            .and_then(|_| store.cars.insert(vin.as_bytes(), enc(&last)))
+            .and_then(|_| store.retired.insert(vin.as_bytes(), enc(&tomb)))
+            .and_then(|_| store.vehicles.remove(vin.as_bytes()))
+            // Once the registration is gone the record is only a leftover: the tombstone
+            // has its seq and callbacks (a crash before this is tidied at the next start).
+            .and_then(|_| store.cars.remove(vin.as_bytes()));
+        self.sh.key_owners.release(&key, vin);
+        let m = &self.sh.metrics;
+        m.cars_registered.fetch_sub(1, Relaxed);
+        if car.online {
+            m.connected_cars.fetch_sub(1, Relaxed);
+        }
+        m.vehicles_decommissioned.fetch_add(1, Relaxed);
+        if !car.awaiting.is_empty() {
+            self.retired_awaiting.insert(*vin, car.awaiting.clone());
+        }
+        written.map_err(ApiError::storage)?;
+        Ok(tomb)
+    }
+
+    /// Ends request `id` of `vin`, being decommissioned, FAILED with [`DECOMMISSIONED`]
+    /// (`at`: now); `false` if it was not in flight. Unlike [`Shard::finish`] it sends no
+    /// command and puts no grant back: the car's one last command withdraws them all. Its
+    /// callback is parked in the outbox (released after this batch's flush, or at the next
+    /// start), since the car's record, which keeps first tries, goes.
+    fn fail_decommissioned(&mut self, vin: &Vin, id: RequestId, at: &str) -> bool {
+        let Some(p) = self.pending.remove(&id) else {
+            return false;
+        };
+        if let Some(c) = &p.campaign {
+            c.ended(false);
+        }
+        let m = &self.sh.metrics;
+        m.requests_in_flight.fetch_sub(1, Relaxed);
+        m.requests_failed.fetch_add(1, Relaxed);
+        if p.replaced.is_some() {
+            let _ = self.sh.store.replaced.remove(id.0);
+        }
+        let mut rec = p.rec;
+        rec.phase = "DONE".into();
+        rec.status = "FAILED".into();
+        rec.error_code = Some(DECOMMISSIONED.into());
+        rec.updated_at = at.to_owned();
+        rec.completed_at = Some(at.to_owned());
+        self.save_request(&rec);
+        self.history(
+            vin,
+            "RESULT",
+            Some(rec.seq),
+            Some(rec.request_id.clone()),
+            format!("FAILED {DECOMMISSIONED}"),
+        );
+        if let (Some(webhook), Some(body)) = (&self.sh.webhook, callback_body(&rec)) {
+            let lane = match rec.campaign_id {
+                Some(_) => Lane::Bulk,
+                None => Lane::Interactive,
+            };
+            let due = Due::first(*vin, id, body, lane);
+            webhook.park(&due.entry);
+            self.batch.parked.push(due.entry);
+        }
+        true
+    }
+
+    /// Queues again the callbacks of decommissioned `vin` that were under way when the car
+    /// was decommissioned ([`Msg::LoadRetired`]); the tombstone lists them until each is
+    /// delivered or filed.
+    fn load_retired(&mut self, vin: Vin, awaiting: &[RequestRec]) {
+        self.retired_awaiting.insert(vin, Vec::new());
+        for rec in awaiting {
+            if let Ok(id) = rec.request_id.parse::<RequestId>() {
+                self.queue_callback(vin, id, rec);
+            }
+        }
+        if self.retired_awaiting.get(&vin).is_some_and(Vec::is_empty) {
+            self.retired_awaiting.remove(&vin);
+            self.write_retired_awaiting(&vin, &[]);
+        }
+    }
+
+    /// A decommissioned car's callback was delivered or filed: its tombstone stops listing
+    /// it (a lost write only repeats the callback after a restart, as for a car's record).
+    fn retired_callback_settled(&mut self, vin: &Vin, id: RequestId) {
+        let Some(list) = self.retired_awaiting.get_mut(vin) else {
+            return;
+        };
+        list.retain(|x| *x != id);
+        let left = list.clone();
+        if left.is_empty() {
+            self.retired_awaiting.remove(vin);
+        }
+        self.write_retired_awaiting(vin, &left);
+    }
+
+    /// Rewrites the callbacks `vin`'s tombstone lists as under way.
+    fn write_retired_awaiting(&self, vin: &Vin, left: &[RequestId]) {
+        let store = &self.sh.store;
+        if let Ok(Some(mut tomb)) = store.retired_car(vin.as_bytes()) {
+            tomb.awaiting = left.iter().map(rid_text).collect();
+            let _ = store.retired.insert(vin.as_bytes(), enc(&tomb));
+        }
     }
 
     /// Makes `key` the car's key ([`Msg::ReplaceKey`]); the car's record as it is then.
@@ -1895,6 +2172,8 @@ impl Shard {
         }
         if let Some(car) = self.cars.get_mut(&vin) {
             car.awaiting.push(id);
+        } else if let Some(list) = self.retired_awaiting.get_mut(&vin) {
+            list.push(id);
         }
         self.batch.callbacks.push(due);
     }
@@ -2731,6 +3010,126 @@ mod tests {
         let applied = report_applied(vin, &car, 1, Outcome::Periodic { counter: 2 });
         assert!(shard.handle(applied, None).is_none());
         assert_eq!(shard.no_confirmation_code(&vin), "NO_CONFIRMATION");
+    }
+
+    #[test]
+    fn decommissioning_ends_every_request_in_any_phase_withdraws_all_and_keeps_the_seq() {
+        let dir = tempfile::tempdir().unwrap();
+        let car = SigningKey::from_bytes(&[2; 32]);
+        let (mut shard, sh, vin, _commits) = shard_with_a_car(dir.path(), &car);
+        let grant = |service: &str| GrantRec {
+            service_id: service.into(),
+            flags: vec!["power_boost".into()],
+            params: Vec::new(),
+            ends_at: None,
+            request_id: String::new(),
+            seq: 0,
+            activation_date: String::new(),
+        };
+        let ids = [RequestId([7; 16]), RequestId([8; 16]), RequestId([9; 16])];
+        for (i, id) in ids.iter().enumerate() {
+            shard
+                .new_request(NewRequest {
+                    vin,
+                    op: Op::Activate(grant(&format!("svc-{i}"))),
+                    request_id: *id,
+                    campaign_id: None,
+                    campaign: None,
+                    created_ms: now_ms(),
+                    received: Instant::now(),
+                    idempotency: None,
+                })
+                .unwrap();
+        }
+        // One backing off, one probing, one held after a refusal.
+        shard.pending.get_mut(&ids[0]).unwrap().rec.phase = "BACKOFF".into();
+        shard.pending.get_mut(&ids[1]).unwrap().rec.phase = "PROBING".into();
+        shard.cars.get_mut(&vin).unwrap().held.push(ids[2]);
+        let seq = shard.cars[&vin].rec.seq;
+        assert_eq!(seq, 3);
+
+        let tomb = shard.decommission(&vin).unwrap();
+        assert_eq!((tomb.requests_failed, tomb.seq), (3, seq + 1));
+        assert!(shard.pending.is_empty() && !shard.cars.contains_key(&vin));
+        for id in ids {
+            let rec: RequestRec = dec(&sh.store.requests.get(id.0).unwrap().unwrap()).unwrap();
+            assert_eq!(
+                (
+                    rec.status.as_str(),
+                    rec.phase.as_str(),
+                    rec.error_code.as_deref()
+                ),
+                ("FAILED", "DONE", Some(DECOMMISSIONED))
+            );
+        }
+        // The last command: the next seq, retained, no grant at all.
+        let last = shard.batch.publishes.last().unwrap();
+        let gateway = TrustedKey::new(sh.key.verifying_key());
+        let cmd = caas_protocol::open_command(&last.payload, &[gateway]).unwrap();
+        assert_eq!((cmd.seq, last.retain), (seq + 1, topics::COMMAND_RETAIN));
+        match cmd.body {
+            CommandBody::SetState(d) => assert!(d.grants.is_empty()),
+            CommandBody::QueryStatus { .. } => panic!("not a state"),
+        }
+        // The registration is gone, the tombstone kept, the key free.
+        assert!(sh.store.vehicles.get(vin.as_bytes()).unwrap().is_none());
+        assert!(sh.store.cars.get(vin.as_bytes()).unwrap().is_none());
+        assert_eq!(
+            sh.store.retired_car(vin.as_bytes()).unwrap(),
+            Some(tomb.clone())
+        );
+        let other: Vin = "WVWZZZ1JZXW000002".parse().unwrap();
+        assert!(sh.key_owners.claim(&car.verifying_key(), &other).is_ok());
+        sh.key_owners.release(&car.verifying_key(), &other);
+        let m = &sh.metrics;
+        assert_eq!(m.requests_in_flight.load(Relaxed), 0);
+        assert_eq!(m.requests_failed.load(Relaxed), 3);
+        assert_eq!(m.cars_registered.load(Relaxed), 0);
+        // Its timers, when they fall due, find nothing; its reports are an unknown car's.
+        let published = shard.batch.publishes.len();
+        shard.fire_timers();
+        assert!(shard.handle(signed_report(vin, &car), None).is_none());
+        assert_eq!(shard.batch.publishes.len(), published);
+        assert_eq!(m.reports_forged.load(Relaxed), 1);
+
+        // A repeat answers the same tombstone with nothing failed, and changes nothing.
+        let again = shard.decommission(&vin).unwrap();
+        assert_eq!(
+            again,
+            RetiredRec {
+                requests_failed: 0,
+                ..tomb.clone()
+            }
+        );
+        assert_eq!(shard.batch.publishes.len(), published);
+        assert_eq!(m.vehicles_decommissioned.load(Relaxed), 1);
+
+        // Registered again, the car's seq goes on above the withdrawal, on disk too.
+        let rec = VehicleRec {
+            vin: vin.to_string(),
+            public_key: caas_protocol::verifying_key_to_hex(&car.verifying_key()).to_string(),
+            platform: "mqb-evo".into(),
+            firmware_version: None,
+            registered_at: String::new(),
+        };
+        assert!(shard.register(rec, vin, car.verifying_key()).unwrap());
+        assert_eq!(shard.cars[&vin].rec.seq, seq + 1);
+        let stored: CarRec = dec(&sh.store.cars.get(vin.as_bytes()).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.seq, seq + 1);
+        assert!(sh.store.retired_car(vin.as_bytes()).unwrap().is_none());
+        let next = shard
+            .new_request(NewRequest {
+                vin,
+                op: Op::Activate(grant("svc-0")),
+                request_id: RequestId([10; 16]),
+                campaign_id: None,
+                campaign: None,
+                created_ms: now_ms(),
+                received: Instant::now(),
+                idempotency: None,
+            })
+            .unwrap();
+        assert_eq!(next.seq, seq + 2);
     }
 
     #[test]

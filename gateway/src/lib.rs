@@ -520,6 +520,46 @@ async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
                 pending += 1;
             }
         }
+        // Decommissioned cars: only their callbacks still under way when they were taken out
+        // are sent again (from the outbox if a try already failed). A tombstone whose VIN is
+        // registered is what a crash left of a decommissioning that was never answered (the
+        // registration's end is its last write) or of a registration again (its first): the
+        // registered car holds the truth, so the tombstone goes; a car record beside a
+        // tombstone is what a crash left of the decommissioning's last write.
+        for item in store.retired.iter() {
+            let (k, v) = item?;
+            let Ok(vin) = std::str::from_utf8(&k)
+                .unwrap_or("")
+                .parse::<caas_protocol::Vin>()
+            else {
+                continue;
+            };
+            if store.vehicles.contains_key(&k)? {
+                store.retired.remove(&k)?;
+                continue;
+            }
+            store.cars.remove(&k)?;
+            let Some(tomb) = dec::<store::RetiredRec>(&v) else {
+                tracing::warn!(%vin, "stored tombstone is unreadable; skipped");
+                continue;
+            };
+            if tomb.awaiting.is_empty() {
+                continue;
+            }
+            let mut awaiting = Vec::new();
+            for id in &tomb.awaiting {
+                let Some(rid) = parse_request_id(id) else {
+                    continue;
+                };
+                let Some(req) = store.requests.get(rid)?.and_then(|v| dec::<RequestRec>(&v)) else {
+                    continue;
+                };
+                if req.phase == "DONE" && !in_outbox.contains(&req.request_id) {
+                    awaiting.push(req);
+                }
+            }
+            let _ = engine.shard(&vin).send(Msg::LoadRetired { vin, awaiting });
+        }
         // One scan: the tree holds only cars whose refusal is still being sorted out.
         for item in store.held.iter() {
             let (k, v) = item?;

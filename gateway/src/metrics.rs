@@ -32,6 +32,8 @@ pub(crate) struct Metrics {
     pub(crate) previous_token_uses: AtomicU64,
     /// Cars whose public key was replaced (`POST /vehicles/{vin}/key`).
     pub(crate) keys_replaced: AtomicU64,
+    /// Cars taken out of the fleet (`DELETE /vehicles/{vin}`; a repeat does not count).
+    pub(crate) vehicles_decommissioned: AtomicU64,
     /// Requests ended by a cancel (`POST /ota/requests/{id}/cancel`, `/campaigns/{id}/cancel`).
     pub(crate) requests_cancelled: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
@@ -197,6 +199,11 @@ impl Metrics {
             "caas_vehicle_keys_replaced_total",
             "Cars whose public key was replaced (a new telematics unit): reports signed with the old key are refused since.",
             &[("", self.keys_replaced.load(Relaxed))],
+        );
+        counter(
+            "caas_vehicles_decommissioned_total",
+            "Cars taken out of the fleet (DELETE /vehicles/{vin}): their requests in flight failed DECOMMISSIONED, their grants withdrawn, their registration ended.",
+            &[("", self.vehicles_decommissioned.load(Relaxed))],
         );
         counter(
             "caas_api_previous_token_uses_total",

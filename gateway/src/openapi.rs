@@ -30,7 +30,7 @@ fn error_description(code: &str) -> &'static str {
     match code {
         "400" => "bad input: `field` names the field or parameter, `reason` says why; nothing changed",
         "401" => "no or wrong `Authorization: Bearer` token; nothing changed",
-        "404" => "no such car, request or campaign (`field` says which; final requests and campaigns are removed once older than the gateway's retention, 30 days by default); nothing changed",
+        "404" => "no such car, request or campaign (`field` says which; final requests and campaigns are removed once older than the gateway's retention, 30 days by default; a decommissioned car is no longer registered, and `reason` says since when); nothing changed",
         "409" => "conflicts with the car's state (`field` says which): another key for a known VIN, a previousPublicKey that is not the car's key, a service that is not active, or a car already holding its most services; or (`field` Idempotency-Key) another request with the same idempotency key being handled at this moment; or (`field` requestId) a cancel of a request that ended before it; nothing changed",
         "413" => "body over this route's size limit; nothing changed",
         "422" => "the Idempotency-Key was used for a different request (another route, car or body; `field` is Idempotency-Key); nothing changed",
@@ -148,8 +148,13 @@ pub(crate) fn document() -> Value {
                 "CallbackBody": { "type": "object", "required": ["requestId", "vin", "status", "timestamp"], "properties": {
                     "requestId": { "type": "string" }, "vin": { "type": "string" },
                     "status": { "type": "string", "enum": ["ACTIVATED", "DEACTIVATED", "FAILED"] },
-                    "errorCode": { "type": "string", "description": "a car's refusal code (e.g. UNKNOWN_FEATURE) or NO_CONFIRMATION after the retries" },
+                    "errorCode": { "type": "string", "description": "a car's refusal code (e.g. UNKNOWN_FEATURE), NO_CONFIRMATION after the retries, CANCELLED, or DECOMMISSIONED (the car was taken out of the fleet)" },
                     "timestamp": { "type": "string", "format": "date-time" } } },
+                "Decommissioned": { "type": "object", "additionalProperties": false, "required": ["vin", "decommissionedAt", "requestsFailed", "withdrawalSeq"], "properties": {
+                    "vin": vin.clone(),
+                    "decommissionedAt": { "type": "string", "format": "date-time", "description": "when the car was taken out of the fleet (the first call's time, also in a repeat's answer)" },
+                    "requestsFailed": { "type": "integer", "minimum": 0, "description": "requests in flight this call ended FAILED with errorCode DECOMMISSIONED (0 in a repeat's answer)" },
+                    "withdrawalSeq": { "type": "integer", "minimum": 1, "description": "seq of the last command, which withdrew every grant; a registration of the VIN again goes on above it" } } },
                 "Vehicle": { "type": "object", "additionalProperties": false, "required": ["vin", "publicKey", "platform"], "properties": {
                     "vin": vin.clone(),
                     "publicKey": { "type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "Ed25519 public key of the car, hex" },
@@ -171,7 +176,7 @@ pub(crate) fn document() -> Value {
                     "vin": { "type": "string" },
                     "entries": { "type": "array", "items": { "type": "object", "required": ["id", "timestamp", "type", "detail"], "properties": {
                         "id": { "type": "string" }, "timestamp": { "type": "string", "format": "date-time" },
-                        "type": { "type": "string", "enum": ["REQUEST", "COMMAND", "REPORT", "RESULT", "PRESENCE", "KEY_REPLACED"] },
+                        "type": { "type": "string", "enum": ["REQUEST", "COMMAND", "REPORT", "RESULT", "PRESENCE", "KEY_REPLACED", "DECOMMISSIONED", "REGISTERED"], "description": "REGISTERED: a decommissioned car registered again" },
                         "seq": { "type": "integer" }, "requestId": { "type": "string" }, "detail": { "type": "string" } } } },
                     "nextBefore": { "type": "string", "nullable": true } } },
                 "CampaignRequest": { "type": "object", "description": "configuration and duration are required for ACTIVATE and not allowed for DEACTIVATE", "additionalProperties": false, "required": ["vins", "action", "serviceId"], "properties": {
@@ -243,6 +248,10 @@ pub(crate) fn document() -> Value {
                 "responses": merge(ok("200", "one page", json!({ "type": "object", "required": ["vehicles", "nextAfter"], "properties": {
                     "vehicles": { "type": "array", "items": r("VehicleListed") }, "nextAfter": { "type": "string", "nullable": true } } })),
                     errors(&["400", "401", "500", "503"])) } },
+            "/vehicles/{vin}": { "delete": { "summary": "Take a car out of the fleet (scrapped, written off, out of the programme): each of its requests in flight ends FAILED with errorCode DECOMMISSIONED and a FAILED callback (no charge); one last command with the next seq withdraws every grant (retained, so a unit that comes online later drops its features; the base platform is untouched); its registration ends (status 404, not listed, activations and campaigns refuse it as an unknown car, its reports are not believed) and its public key is free for another car. Its history stays readable. Its seq is kept: registered again (POST /vehicles), the car's commands go on above withdrawalSeq. Answered once durable; a repeat answers the same vin and decommissionedAt with requestsFailed 0 and changes nothing",
+                "parameters": [vin_param.clone()],
+                "responses": merge(ok("200", "decommissioned (or already)", r("Decommissioned")),
+                    errors(&["400", "401", "404", "500", "503"])) } },
             "/vehicles/{vin}/key": { "post": { "summary": "Replace a car's public key (its telematics unit was replaced): from the answer on, only reports signed with the new key are believed; requests in flight complete when the new unit confirms them. A repeat (publicKey already the car's key) answers the same and changes nothing; 409 naming previousPublicKey unless it is the car's key now, and naming publicKey for a key another car is registered with; answered once durable",
                 "parameters": [vin_param.clone()], "requestBody": body(r("KeyReplacement")),
                 "responses": merge(ok("200", "the car's record with its new key", r("Vehicle")),

@@ -56,6 +56,11 @@ pub(crate) struct Store {
     /// when a key was claimed (ms, u64 BE) ++ its hash → (): the order in which
     /// [`crate::idempotency::prune`] reaches keys past the retention.
     pub(crate) idempotency_times: sled::Tree,
+    /// VIN → [`RetiredRec`]: the tombstone of a car taken out of the fleet
+    /// (`DELETE /vehicles/{vin}`), kept until the VIN is registered again. One small value a
+    /// decommissioned car, never pruned: it holds the car's newest seq, which a unit keeps
+    /// for good (a command at or below it is refused as a replay).
+    pub(crate) retired: sled::Tree,
 }
 
 impl Store {
@@ -79,12 +84,19 @@ impl Store {
             idempotency: db.open_tree("idempotency")?,
             idempotency_times: db.open_tree("idempotency_times")?,
             held: db.open_tree("held")?,
+            retired: db.open_tree("retired")?,
             db,
         })
     }
 }
 
 impl Store {
+    /// The tombstone of `vin` if the car was decommissioned (and not registered since); an
+    /// unreadable one reads as none.
+    pub(crate) fn retired_car(&self, vin: &[u8]) -> sled::Result<Option<RetiredRec>> {
+        Ok(self.retired.get(vin)?.and_then(|v| dec(&v)))
+    }
+
     /// Makes every write so far durable (sled's flush); `Err` says why not.
     pub(crate) fn flush(&self, metrics: &crate::metrics::Metrics) -> Result<(), String> {
         metrics
@@ -243,13 +255,36 @@ pub(crate) struct OutboxEntry {
     pub(crate) tries: u32,
 }
 
+/// What outlives a car's registration once it is decommissioned (the `retired` tree).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RetiredRec {
+    pub(crate) vin: String,
+    pub(crate) decommissioned_at: String,
+    /// The seq of the command that withdrew its grants, the newest it was sent: a
+    /// registration of the VIN again starts above it, so that a unit that applied it (the
+    /// same unit back in the programme) takes the commands that follow instead of refusing
+    /// them as replays.
+    pub(crate) seq: u64,
+    /// The key it was registered with (no longer its: free for another car).
+    pub(crate) public_key: String,
+    /// The requests its decommissioning ended (0 in the answer to a repeat).
+    pub(crate) requests_failed: usize,
+    /// Final requests whose callback's first try was under way when the car was
+    /// decommissioned (the car's record, which kept them until delivered, is gone): sent
+    /// again at the next start unless delivered first. Bounded by the webhook sender's
+    /// queues: past half of them a callback is filed in the outbox instead of kept here.
+    pub(crate) awaiting: Vec<String>,
+}
+
 /// One line of a car's history.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub(crate) struct HistoryEntry {
     pub(crate) id: String,
     pub(crate) timestamp: String,
-    /// `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE`, `KEY_REPLACED`.
+    /// `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE`, `KEY_REPLACED`,
+    /// `DECOMMISSIONED`, `REGISTERED` (only when a decommissioned VIN is registered again).
     #[serde(rename = "type")]
     pub(crate) kind: String,
     #[serde(default)]

@@ -692,7 +692,7 @@ async fn router_refusals_are_json_naming_the_field() {
 // ---------- the OpenAPI document, checked against the server's real answers ----------
 
 /// Every documented route and method (the README's table).
-const ROUTES: [(&str, &str); 19] = [
+const ROUTES: [(&str, &str); 20] = [
     ("/healthz", "get"),
     ("/ota/activate", "post"),
     ("/ota/deactivate", "post"),
@@ -700,6 +700,7 @@ const ROUTES: [(&str, &str); 19] = [
     ("/ota/requests/{requestId}/cancel", "post"),
     ("/vehicles", "post"),
     ("/vehicles", "get"),
+    ("/vehicles/{vin}", "delete"),
     ("/vehicles/{vin}/status", "get"),
     ("/vehicles/{vin}/history", "get"),
     ("/vehicles/{vin}/key", "post"),
@@ -769,6 +770,7 @@ impl Contract {
         let mut req = match method {
             "get" => api.http.get(url),
             "post" => api.http.post(url),
+            "delete" => api.http.delete(url),
             _ => panic!("no {method} route is documented"),
         };
         if token {
@@ -1775,6 +1777,39 @@ async fn openapi_document_matches_what_the_server_answers() {
             .await;
         assert_eq!((s, b["field"].as_str()), (400, Some(field)), "{query}: {b}");
     }
+
+    // Car 3 taken out of the fleet; a repeat answers the same time and fails nothing more.
+    let retire = "/vehicles/{vin}";
+    let car3_path = format!("/vehicles/{v3}");
+    let (s, first) = c.call(&api, "delete", retire, &car3_path, None).await;
+    assert_eq!(
+        (s, first["vin"].as_str()),
+        (200, Some(v3.as_str())),
+        "{first}"
+    );
+    let (s, again) = c.call(&api, "delete", retire, &car3_path, None).await;
+    assert_eq!(
+        (s, &again["decommissionedAt"], &again["requestsFailed"]),
+        (200, &first["decommissionedAt"], &json!(0)),
+        "{again}"
+    );
+    assert_eq!(again["withdrawalSeq"], first["withdrawalSeq"], "{again}");
+    for (path, want) in [
+        ("/vehicles/BAD".to_owned(), 400),
+        ("/vehicles/%FF".to_owned(), 400),
+        (format!("/vehicles/{unknown}"), 404),
+    ] {
+        let (s, b) = c.call(&api, "delete", retire, &path, None).await;
+        assert_eq!((s, b["field"].as_str()), (want, Some("vin")), "{path}: {b}");
+    }
+    let (s, b) = c
+        .call(&api, "get", status, &format!("/vehicles/{v3}/status"), None)
+        .await;
+    assert_eq!((s, b["field"].as_str()), (404, Some("vin")), "{b}");
+    assert!(
+        b["reason"].as_str().unwrap().contains("decommissioned"),
+        "{b}"
+    );
 
     c.assert_every_documented_status_seen();
     drop(car);
