@@ -433,6 +433,25 @@ pub enum VehicleCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a car out of the fleet (scrapped, written off, out of the programme): its
+    /// requests in flight end FAILED with DECOMMISSIONED (no charge), a last command withdraws
+    /// its grants, its registration ends and its key is free; its history stays, and
+    /// registered again its commands go on above its seq (DELETE /vehicles/{vin}). A repeat
+    /// changes nothing. It cannot be undone but by registering the car again, so it asks for
+    /// --yes.
+    Decommission {
+        /// The car's VIN.
+        vin: String,
+        /// Yes, take the car out of the fleet.
+        #[arg(long)]
+        yes: bool,
+        /// The gateway.
+        #[command(flatten)]
+        gateway: GatewayArgs,
+        /// Print the gateway's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_vin(s: &str) -> Result<Vin> {
@@ -921,6 +940,25 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
             let gw = gateway_of(gateway)?;
             let v = gw.replace_key(&client, &vin, &key, &previous)?;
             print_answer(&v, json, vehicle::rekey_text)
+        }
+        VehicleCommand::Decommission {
+            vin,
+            yes,
+            gateway,
+            json,
+        } => {
+            let vin = parse_vin(&vin)?;
+            if !yes {
+                bail!(
+                    "vehicle decommission takes car {vin} out of the fleet: its requests in \
+                     flight end FAILED (DECOMMISSIONED), a last command withdraws its grants, \
+                     its registration ends and its key is free; say --yes to do it \
+                     (caasctl vehicle status {vin} shows what it has now)"
+                );
+            }
+            let gw = gateway_of(gateway)?;
+            let v = gw.decommission(&client, &vin)?;
+            print_answer(&v, json, vehicle::decommission_text)
         }
     }
 }

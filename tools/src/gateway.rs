@@ -45,6 +45,11 @@ impl Gateway {
         client.post_json_body(&self.url_of(path), Some(&self.token), body)
     }
 
+    /// `DELETE` of `path` with the token; the JSON of a 2xx answer.
+    pub fn delete_json(&self, client: &Client, path: &str) -> Result<Value, HttpError> {
+        client.delete_json(&self.url_of(path), Some(&self.token))
+    }
+
     /// `GET` of `path` with the token; the text of a 2xx answer.
     pub fn get_text(&self, client: &Client, path: &str) -> Result<String, HttpError> {
         client.get_text(&self.url_of(path), Some(&self.token))

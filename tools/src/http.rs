@@ -137,6 +137,12 @@ impl Client {
         json_of(url, &answer)
     }
 
+    /// `DELETE url` (no body) with an optional bearer token; the JSON body of a 2xx answer.
+    pub fn delete_json(&self, url: &str, token: Option<&str>) -> Result<Value, HttpError> {
+        let body = self.exchange(Method::DELETE, url, token, "application/json", None)?;
+        json_of(url, &body)
+    }
+
     /// `GET url` with an optional bearer token; the UTF-8 text body of a 2xx answer.
     pub fn get_text(&self, url: &str, token: Option<&str>) -> Result<String, HttpError> {
         let body = self.exchange(Method::GET, url, token, "text/plain", None)?;

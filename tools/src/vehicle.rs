@@ -1,5 +1,6 @@
-//! `caasctl vehicle list|status|history|rekey`: the fleet and a car's state and history from
-//! the gateway's IoT API, and the replacement of a car's public key.
+//! `caasctl vehicle list|status|history|rekey|decommission`: the fleet and a car's state and
+//! history from the gateway's IoT API, the replacement of a car's public key, and a car taken
+//! out of the fleet.
 //!
 //! - `GET /vehicles?limit=N[&after=VIN][&connectivity=C][&serviceStatus=S]` answers, in VIN
 //!   order, `{vehicles:[ITEM], nextAfter}`, where ITEM is a status answer (below) with the
@@ -11,10 +12,13 @@
 //!   diagnostics:{errorCodes, firmwareVersion, networkSignalStrength}}`.
 //! - `GET /vehicles/{vin}/history?limit=N[&before=CURSOR]` answers, newest first,
 //!   `{vin, entries:[{id, timestamp, type, seq?, requestId?, detail}], nextBefore}`, where
-//!   `type` is `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE` or `KEY_REPLACED` and
+//!   `type` is `REQUEST`, `COMMAND`, `REPORT`, `RESULT`, `PRESENCE`, `KEY_REPLACED`,
+//!   `DECOMMISSIONED` or `REGISTERED` and
 //!   `nextBefore` is the `before` cursor of the next (older) page, `null` on the last one.
 //! - `POST /vehicles/{vin}/key {publicKey, previousPublicKey}` answers the car's record
 //!   `{vin, publicKey, platform, firmwareVersion, registeredAt}` with its new key.
+//! - `DELETE /vehicles/{vin}` answers `{vin, decommissionedAt, requestsFailed, withdrawalSeq}`
+//!   (a repeat: the same car and time, `requestsFailed` 0).
 //!
 //! They are rendered from the JSON generically around the fields named here, so a field the
 //! gateway adds (or a small difference in shape) is shown rather than breaking the tool.
@@ -110,6 +114,11 @@ impl Gateway {
             "previousPublicKey": verifying_key_to_hex(previous).as_str(),
         });
         self.post_json_body(client, &format!("/vehicles/{vin}/key"), &body)
+    }
+
+    /// `DELETE /vehicles/{vin}`: the car leaves the fleet.
+    pub fn decommission(&self, client: &Client, vin: &Vin) -> Result<Value, HttpError> {
+        self.delete_json(client, &format!("/vehicles/{vin}"))
     }
 }
 
@@ -222,6 +231,28 @@ pub fn rekey_text(v: &Value) -> String {
     pairs.extend(other_fields(obj, &KNOWN));
     let mut out = key_values(&pairs);
     out.push_str("Reports are believed only when signed with this key.\n");
+    out
+}
+
+/// The readable form of a decommissioning's answer.
+pub fn decommission_text(v: &Value) -> String {
+    let Some(obj) = v.as_object() else {
+        return format!("{v}\n");
+    };
+    let mut pairs = vec![
+        ("VIN", field(obj, "vin")),
+        ("Decommissioned", field(obj, "decommissionedAt")),
+        ("Requests failed", field(obj, "requestsFailed")),
+        ("Withdrawal seq", field(obj, "withdrawalSeq")),
+    ];
+    const KNOWN: [&str; 4] = ["vin", "decommissionedAt", "requestsFailed", "withdrawalSeq"];
+    pairs.extend(other_fields(obj, &KNOWN));
+    let mut out = key_values(&pairs);
+    out.push_str(
+        "The car is no longer registered: its requests in flight ended FAILED \
+         (DECOMMISSIONED, no charge) and a last command withdrew its grants. Its history stays; \
+         registered again (POST /vehicles), its commands go on above the withdrawal seq.\n",
+    );
     out
 }
 
@@ -420,6 +451,28 @@ mod tests {
         assert_eq!(lines[1], format!("Public key  {key}"), "{t}");
         assert_eq!(lines[3], "Firmware    -", "{t}");
         assert_eq!(lines[4], "Registered  2026-11-01T00:00:00Z", "{t}");
+    }
+
+    #[test]
+    fn a_decommissioning_shows_the_car_the_time_and_what_it_ended() {
+        let v = json!({"vin": "WVWZZZ1JZXW000001", "decommissionedAt": "2026-12-07T12:00:00Z",
+            "requestsFailed": 2, "withdrawalSeq": 9});
+        let t = decommission_text(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "VIN              WVWZZZ1JZXW000001", "{t}");
+        assert_eq!(lines[1], "Decommissioned   2026-12-07T12:00:00Z", "{t}");
+        assert_eq!(lines[2], "Requests failed  2", "{t}");
+        assert_eq!(lines[3], "Withdrawal seq   9", "{t}");
+        assert!(
+            lines[4].starts_with("The car is no longer registered"),
+            "{t}"
+        );
+        // A field the tool does not know is shown, not dropped; a shape it does not know
+        // is printed as it came.
+        let more = json!({"vin": "V", "decommissionedAt": "t", "requestsFailed": 0,
+            "withdrawalSeq": 1, "reason": "scrapped"});
+        assert!(decommission_text(&more).contains("scrapped"));
+        assert_eq!(decommission_text(&json!([1])), "[1]\n");
     }
 
     #[test]
