@@ -1175,13 +1175,19 @@ impl Shard {
             .key_owners
             .claim(&key, &vin)
             .map_err(|owner| key_of_another_car("publicKey", &owner))?;
+        // The callbacks still under way for a decommissioned car are those this process
+        // keeps for it (its start queued again those its tombstone listed).
+        let awaiting = match retired {
+            Some(_) => self.retired_awaiting.get(&vin).cloned().unwrap_or_default(),
+            None => Vec::new(),
+        };
         // A decommissioned car's seq goes on from its tombstone. Its record is written
         // before the registration: sled keeps the order of writes, so whatever a crash leaves
         // of this never has the car registered with a seq that starts again at 0.
         let mut car_rec = CarRec::default();
         if let Some(r) = &retired {
             car_rec.seq = r.seq;
-            car_rec.pending.clone_from(&r.awaiting);
+            car_rec.pending = awaiting.iter().map(rid_text).collect();
             if let Err(e) = self.sh.store.cars.insert(vin.as_bytes(), enc(&car_rec)) {
                 self.sh.key_owners.release(&key, &vin);
                 return Err(ApiError::storage(e));
@@ -1197,7 +1203,7 @@ impl Shard {
             // The tombstone's work is done: the car's record holds the seq again, and the
             // callbacks still under way (if any) are the car's to keep.
             let _ = self.sh.store.retired.remove(vin.as_bytes());
-            let awaiting = self.retired_awaiting.remove(&vin).unwrap_or_default();
+            self.retired_awaiting.remove(&vin);
             if let Some(car) = self.cars.get_mut(&vin) {
                 car.awaiting = awaiting;
             }
@@ -1390,10 +1396,12 @@ impl Shard {
                 self.queue_callback(vin, id, rec);
             }
         }
-        if self.retired_awaiting.get(&vin).is_some_and(Vec::is_empty) {
+        // The tombstone lists what is kept here (not the callbacks already in the outbox).
+        let kept = self.retired_awaiting.get(&vin).cloned().unwrap_or_default();
+        if kept.is_empty() {
             self.retired_awaiting.remove(&vin);
-            self.write_retired_awaiting(&vin, &[]);
         }
+        self.write_retired_awaiting(&vin, &kept);
     }
 
     /// A decommissioned car's callback was delivered or filed: its tombstone stops listing
@@ -2893,15 +2901,27 @@ mod tests {
         dir: &std::path::Path,
         car_key: &SigningKey,
     ) -> (Shard, Arc<Shared>, Vin, flume::Receiver<Flushed>) {
+        shard_with_a_car_and_webhook(dir, car_key, false)
+    }
+
+    /// [`shard_with_a_car`], with a webhook handoff over the store's outbox if `webhook`
+    /// (its senders never run: callbacks stay in the shard's batch or the outbox).
+    fn shard_with_a_car_and_webhook(
+        dir: &std::path::Path,
+        car_key: &SigningKey,
+        webhook: bool,
+    ) -> (Shard, Arc<Shared>, Vin, flume::Receiver<Flushed>) {
         let (out, _published) = flume::unbounded();
+        let store = Store::open(dir, 8).unwrap();
+        let webhook = webhook.then(|| crate::webhook::handoff(&store).0);
         let sh = Arc::new(Shared {
-            store: Store::open(dir, 8).unwrap(),
+            store,
             metrics: Arc::default(),
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(60),
             key: SigningKey::from_bytes(&[1; 32]),
             out,
-            webhook: None,
+            webhook,
             key_owners: KeyOwners::default(),
         });
         let (flusher, commits) = flume::bounded(1);
@@ -3130,6 +3150,90 @@ mod tests {
             })
             .unwrap();
         assert_eq!(next.seq, seq + 2);
+    }
+
+    #[test]
+    fn callbacks_under_way_at_a_decommissioning_are_kept_by_the_tombstone_until_settled() {
+        let dir = tempfile::tempdir().unwrap();
+        let car = SigningKey::from_bytes(&[2; 32]);
+        let (mut shard, sh, vin, _commits) = shard_with_a_car_and_webhook(dir.path(), &car, true);
+        let boost = GrantRec {
+            service_id: "power-boost".into(),
+            flags: vec!["power_boost".into()],
+            params: Vec::new(),
+            ends_at: None,
+            request_id: String::new(),
+            seq: 0,
+            activation_date: String::new(),
+        };
+        let (done, open) = (RequestId([7; 16]), RequestId([8; 16]));
+        for (id, service) in [(done, "power-boost"), (open, "snow-mode")] {
+            let grant = GrantRec {
+                service_id: service.into(),
+                ..boost.clone()
+            };
+            shard
+                .new_request(NewRequest {
+                    vin,
+                    op: Op::Activate(grant),
+                    request_id: id,
+                    campaign_id: None,
+                    campaign: None,
+                    created_ms: now_ms(),
+                    received: Instant::now(),
+                    idempotency: None,
+                })
+                .unwrap();
+        }
+        // One completed, its callback in its first try (kept by the car's record).
+        shard.finish(done, Ok(()));
+        assert_eq!(shard.cars[&vin].awaiting, vec![done]);
+        let first_tries = shard.batch.callbacks.len();
+
+        let tomb = shard.decommission(&vin).unwrap();
+        assert_eq!(tomb.requests_failed, 1);
+        assert_eq!(tomb.awaiting, vec![rid_text(&done)]);
+        assert_eq!(shard.retired_awaiting[&vin], vec![done]);
+        // The one it ended has its callback parked in the outbox, not a first try.
+        assert_eq!(shard.batch.callbacks.len(), first_tries);
+        assert_eq!(shard.batch.parked.len(), 1);
+        assert_eq!(shard.batch.parked[0].request_id, rid_text(&open));
+        assert!(shard.batch.parked[0].body.contains(DECOMMISSIONED));
+        assert_eq!(sh.store.outbox.len(), 1);
+
+        // Delivered: the tombstone stops listing it.
+        let settled = Msg::CallbacksSettled(vec![(vin, done)]);
+        assert!(shard.handle(settled, None).is_none());
+        assert!(!shard.retired_awaiting.contains_key(&vin));
+        let stored = sh.store.retired_car(vin.as_bytes()).unwrap().unwrap();
+        assert!(stored.awaiting.is_empty());
+
+        // As a restart finds it when the delivery was not known: sent again, and listed
+        // until it is settled.
+        let rec = shard.find_request(&done).unwrap();
+        let load = Msg::LoadRetired {
+            vin,
+            awaiting: vec![rec],
+        };
+        assert!(shard.handle(load, None).is_none());
+        assert_eq!(shard.batch.callbacks.len(), first_tries + 1);
+        assert_eq!(shard.retired_awaiting[&vin], vec![done]);
+        // Registered again meanwhile, the car keeps it, on disk too.
+        let rec = VehicleRec {
+            vin: vin.to_string(),
+            public_key: caas_protocol::verifying_key_to_hex(&car.verifying_key()).to_string(),
+            platform: "mqb-evo".into(),
+            firmware_version: None,
+            registered_at: String::new(),
+        };
+        assert!(shard.register(rec, vin, car.verifying_key()).unwrap());
+        assert_eq!(shard.cars[&vin].awaiting, vec![done]);
+        assert!(shard.retired_awaiting.is_empty());
+        let stored: CarRec = dec(&sh.store.cars.get(vin.as_bytes()).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            (stored.seq, stored.pending),
+            (tomb.seq, vec![rid_text(&done)])
+        );
     }
 
     #[test]
