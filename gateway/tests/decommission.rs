@@ -211,6 +211,13 @@ async fn a_decommissioned_car_ends_its_requests_drops_its_grants_and_comes_back_
         wait_decommissioned(&hook, id).await;
         assert_eq!(request(&api, id).await["errorCode"], "DECOMMISSIONED");
     }
+    // A unit of car 2 that comes online only now gets the retained withdrawal, and nothing
+    // else: the car is no longer sent anything.
+    let w2 = second["withdrawalSeq"].as_u64().unwrap();
+    let late = TestCar::start(2, gw.public_key_hex(), CarOpts::plain(&gw, Mode::Obey)).await;
+    wait_command(&late, "the retained withdrawal", |seq| seq == w2).await;
+    assert_eq!(states_seen(&late, 0), vec![(w2, vec![])]);
+    drop(late);
     let (_, c) = api.get(&format!("/campaigns/{cid}")).await;
     assert_eq!(
         (&c["counts"]["FAILED"], &c["counts"]["IN_PROGRESS"]),
@@ -356,11 +363,71 @@ async fn a_decommissioned_car_ends_its_requests_drops_its_grants_and_comes_back_
         .into_iter()
         .map(|(seq, _)| seq)
         .collect();
-    assert!(since.iter().all(|seq| *seq > withdrawal2), "{since:?}");
+    assert!(
+        !since.is_empty() && since.iter().all(|seq| *seq > withdrawal2),
+        "{since:?}"
+    );
 
     // Exactly one callback for each request a decommissioning ended, restart included.
     for id in [&seats, &snow, &highway] {
         assert_eq!(hook.for_request(id).len(), 1, "{id}");
     }
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_decommissionings_are_refused_naming_the_field_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = patient_gateway(dir.path(), &hook, free_port()).await;
+    api.register(1).await;
+    let boost = api.activate(1, "power-boost", "power_boost").await;
+    let car1 = format!("{}/vehicles/{}", api.base, vin(1));
+    let refusals = [
+        (
+            format!("{}/vehicles/NOT-A-VIN", api.base),
+            Some(TOKEN),
+            400,
+            "vin",
+        ),
+        (
+            format!("{}/vehicles/{}", api.base, vin(9)),
+            Some(TOKEN),
+            404,
+            "vin",
+        ),
+        (car1.clone(), None, 401, "Authorization"),
+        (car1.clone(), Some("wrong-token"), 401, "Authorization"),
+    ];
+    for (url, token, status, field) in refusals {
+        let mut req = api.http.delete(&url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req.send().await.unwrap();
+        let s = r.status().as_u16();
+        let b: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (s, b["field"].as_str()),
+            (status, Some(field)),
+            "{url}: {b}"
+        );
+    }
+    // A VIN never registered is not decommissioned by the attempt: it stays unknown.
+    let (s, b) = api.get(&format!("/vehicles/{}/status", vin(9))).await;
+    assert_eq!(s, 404, "{b}");
+    assert!(
+        !b["reason"].as_str().unwrap().contains("decommissioned"),
+        "{b}"
+    );
+    let (s, _) = api.get(&format!("/vehicles/{}/history", vin(9))).await;
+    assert_eq!(s, 404);
+    // Car 1 is untouched.
+    let (s, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
+    assert_eq!(s, 200, "{st}");
+    assert_eq!(request(&api, &boost).await["status"], "IN_PROGRESS");
+    assert!(listed(&api).await.contains(&vin(1).to_string()));
+    assert_eq!(api.metric("caas_vehicles_decommissioned_total").await, 0.0);
+    assert!(history_of(&api, 1, "DECOMMISSIONED").await.is_empty());
     gw.shutdown().await;
 }
