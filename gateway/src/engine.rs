@@ -1645,6 +1645,37 @@ impl Shard {
         }
     }
 
+    /// A decommissioned car's unit came online: its withdrawal (the tombstone's seq, no
+    /// grant) is signed afresh and published. The one sent at the decommissioning is gone
+    /// from an embedded broker after a restart, and past `--command-ttl` a unit refuses it
+    /// as expired, so a unit away through either would otherwise keep the features it had
+    /// for good. A unit that took it already refuses the repeat as a replay and changes
+    /// nothing. Costs a store read per presence of a VIN this shard does not hold.
+    fn withdraw_again(&mut self, vin: &Vin) {
+        let Ok(Some(tomb)) = self.sh.store.retired_car(vin.as_bytes()) else {
+            return;
+        };
+        let now = now_ms() / 1000;
+        let cmd = Command {
+            vin: *vin,
+            seq: tomb.seq,
+            issued_at: now,
+            not_after: now + self.sh.command_ttl.as_secs(),
+            body: CommandBody::SetState(DesiredState::default()),
+        };
+        match seal_command(&cmd, &self.sh.key, &mut self.buf[..]) {
+            Ok(frame) => {
+                tracing::info!(%vin, seq = tomb.seq, "decommissioned car online: withdrawal sent again");
+                self.batch.publishes.push(Outbound {
+                    topic: topics::command_topic(vin).to_string(),
+                    payload: frame.to_vec(),
+                    retain: topics::COMMAND_RETAIN,
+                });
+            }
+            Err(e) => tracing::error!(%vin, error = %e, "cannot seal a withdrawal"),
+        }
+    }
+
     /// Signs the car's current desired state afresh and queues it for publishing.
     fn send_state(&mut self, vin: &Vin, merge: bool) {
         if merge {
@@ -2620,6 +2651,9 @@ impl Shard {
     fn on_presence(&mut self, vin: Vin, online: bool) {
         let m = self.sh.metrics.clone();
         let Some(car) = self.cars.get_mut(&vin) else {
+            if online {
+                self.withdraw_again(&vin);
+            }
             return;
         };
         let behind = car.rec.seq > car.rec.applied_seq;
