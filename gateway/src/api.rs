@@ -26,13 +26,15 @@ use caas_protocol::{
 use serde_json::{json, Map, Value};
 use tokio::sync::oneshot;
 
+use crate::campaign::{AbortWhen, Trip, DEFAULT_MIN_FINISHED, MAX_MIN_FINISHED};
 use crate::engine::{Accepted, CancelTarget, Engine, Msg, NewRequest, Op, CANCELLED};
 use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
 use crate::store::RetiredRec;
 use crate::store::{
-    campaign_request_id, cancel_mark, dec, dec_history, enc, iso_now, new_uuid, now_ms,
-    CampaignRec, GrantRec, HistoryEntry, RequestRec, Store, Ticket, VehicleRec, CAMPAIGN_PREFIX,
+    abort_when_mark, aborted_mark, campaign_request_id, cancel_mark, dec, dec_history, enc,
+    iso_now, new_uuid, now_ms, AbortedRec, CampaignRec, GrantRec, HistoryEntry, RequestRec, Store,
+    Ticket, VehicleRec, CAMPAIGN_PREFIX,
 };
 
 /// Largest request body on every route but `POST /campaigns`.
@@ -1118,7 +1120,14 @@ async fn campaign(
     let m = parse_body(body, MAX_CAMPAIGN_BODY_BYTES)?;
     no_unknown(
         &m,
-        &["vins", "action", "serviceId", "configuration", "duration"],
+        &[
+            "vins",
+            "action",
+            "serviceId",
+            "configuration",
+            "duration",
+            "abortWhen",
+        ],
         "",
     )?;
     let vins = match m.get("vins") {
@@ -1165,6 +1174,7 @@ async fn campaign(
         }
         _ => return Err(ApiError::bad("action", "must be ACTIVATE or DEACTIVATE")),
     };
+    let abort = parse_abort_when(&m)?;
     let key = idempotency::from_headers(&headers, "campaign", &m)?;
     let mut cid = RequestId(new_uuid());
     let created = now_ms();
@@ -1175,32 +1185,60 @@ async fn campaign(
         total: parsed.len(),
         created_at: iso_now(),
     };
-    st.store
-        .campaigns
-        .insert(cid.0, enc(&rec))
-        .map_err(ApiError::storage)?;
+    // A campaign made here and then given up (a repeat's, or a failed write) leaves nothing.
+    let forget = |store: &Store, cid: &RequestId| {
+        let _ = store.campaigns.remove(cid.0);
+        let _ = store.campaigns.remove(abort_when_mark(cid));
+    };
+    // The rule before the record: whoever finds the record (a racing copy, a start) finds
+    // its rule too. Made durable by the shards' flushes, with the record.
+    if let Some(a) = &abort {
+        st.store
+            .campaigns
+            .insert(abort_when_mark(&cid), enc(a))
+            .map_err(ApiError::storage)?;
+    }
+    if let Err(e) = st.store.campaigns.insert(cid.0, enc(&rec)) {
+        forget(&st.store, &cid);
+        return Err(ApiError::storage(e));
+    }
     let replayed = match &key {
         Some(key) => match campaign_of_key(&st.store, key, cid, created) {
             Ok(None) => false,
             Ok(Some(earlier)) => {
-                let _ = st.store.campaigns.remove(cid.0);
+                forget(&st.store, &cid);
                 cid = earlier.0;
                 rec = earlier.1;
                 st.metrics.idempotent_replays.fetch_add(1, Relaxed);
                 true
             }
             Err(e) => {
-                let _ = st.store.campaigns.remove(cid.0);
+                forget(&st.store, &cid);
                 return Err(e);
             }
         },
         None => false,
     };
     // A repeat's requests count where its first's do, if the book still keeps them (else
-    // GET counts them from the store).
+    // GET counts them from the store). With an abort rule, a book that lost them (a
+    // restart) counts them from the store again, so that what the repeat makes is counted
+    // by the rule too.
     let counts = match replayed {
-        false => Some(st.campaigns.open(&rec.campaign_id)),
-        true => st.campaigns.get(&rec.campaign_id),
+        false => Some(st.campaigns.open(&rec.campaign_id, abort)),
+        true => match st.campaigns.get(&rec.campaign_id) {
+            Some(live) => Some(live),
+            None if abort.is_some() => {
+                let (store, book, id) = (
+                    st.store.clone(),
+                    st.campaigns.clone(),
+                    rec.campaign_id.clone(),
+                );
+                tokio::task::spawn_blocking(move || crate::campaign::rearm(&store, &book, &id))
+                    .await
+                    .map_err(ApiError::storage)?
+            }
+            None => None,
+        },
     };
     let n = st.engine.shard_count();
     let mut per_shard: Vec<Vec<NewRequest>> = (0..n).map(|_| Vec::new()).collect();
@@ -1264,6 +1302,42 @@ async fn campaign(
     Ok(replay_marked(StatusCode::ACCEPTED, answer, replayed))
 }
 
+/// A campaign's `abortWhen` (`null` reads as not given, as for the other optional fields):
+/// `{refusedPercent: 1..=100, minFinished?: 1..=100000 (default 20)}`, integers.
+fn parse_abort_when(m: &Map<String, Value>) -> Result<Option<AbortWhen>, ApiError> {
+    let a = match m.get("abortWhen") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(a)) => a,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "abortWhen",
+                "must be an object {refusedPercent, minFinished}",
+            ))
+        }
+    };
+    no_unknown(a, &["refusedPercent", "minFinished"], "abortWhen")?;
+    let int = |name: &str, max: u32| -> Result<Option<u32>, ApiError> {
+        let field = join("abortWhen", name);
+        match a.get(name) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (1..=max).contains(n))
+                .map(Some)
+                .ok_or_else(|| ApiError::bad(&field, format!("an integer from 1 to {max}"))),
+        }
+    };
+    let refused_percent = int("refusedPercent", 100)?.ok_or_else(|| {
+        ApiError::new(400, "missing field", "abortWhen.refusedPercent", "required")
+    })?;
+    let min_finished = int("minFinished", MAX_MIN_FINISHED)?.unwrap_or(DEFAULT_MIN_FINISHED);
+    Ok(Some(AbortWhen {
+        refused_percent,
+        min_finished,
+    }))
+}
+
 /// Claims `key` for the new campaign `cid` (its record already stored, so that a copy
 /// racing with this one finds it); `Some`: the key names an earlier campaign, this one.
 fn campaign_of_key(
@@ -1305,7 +1379,27 @@ async fn get_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
 /// once that is durable; cancelling again ends what is left (usually nothing).
 async fn cancel_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
     let (cid, rec) = load_campaign(&st, &id)?;
-    let mark = cancel_mark(&cid);
+    let ended = end_campaign(&st, &cid, &rec).await?;
+    let mut view = campaign_view(&st, cid, &rec).await?;
+    view["cancelledNow"] = json!(ended);
+    Ok(Json(view).into_response())
+}
+
+/// Cancels campaign `cid`: marks it cancelled (once: a later cancel keeps the first time)
+/// and ends each of its requests still in flight on every shard; how many that ended, once
+/// durable. The one way a campaign is cancelled: `POST /campaigns/{campaignId}/cancel` and
+/// the campaign's abort rule ([`run_aborts`]) both come here.
+async fn end_campaign(
+    st: &AppState,
+    cid: &RequestId,
+    rec: &CampaignRec,
+) -> Result<usize, ApiError> {
+    // Cancelled, it no longer trips its abort rule (its requests ending CANCELLED could
+    // otherwise bring it to `minFinished`).
+    if let Some(live) = st.campaigns.get(&rec.campaign_id) {
+        live.disarm();
+    }
+    let mark = cancel_mark(cid);
     if !st
         .store
         .campaigns
@@ -1333,9 +1427,67 @@ async fn cancel_campaign(State(st): St, PathText(id): PathText) -> ApiResult {
     for rx in waits {
         ended += rx.await.map_err(|_| ApiError::unavailable())??;
     }
-    let mut view = campaign_view(&st, cid, &rec).await?;
-    view["cancelledNow"] = json!(ended);
-    Ok(Json(view).into_response())
+    Ok(ended)
+}
+
+/// Cancels the campaigns whose abort rule tripped ([`crate::campaign`]), one at a time, the
+/// way `POST /campaigns/{campaignId}/cancel` does, after recording why (`abortedAt`,
+/// `abortReason`). A task of its own, fed by a bounded queue
+/// ([`crate::campaign::TRIP_QUEUE`]): a cancel waits for every shard, and the trip is made
+/// on a shard's thread, which must not wait for itself.
+pub(crate) async fn run_aborts(st: Arc<AppState>, mut trips: tokio::sync::mpsc::Receiver<Trip>) {
+    while let Some(trip) = trips.recv().await {
+        if let Err(e) = abort_campaign(&st, &trip).await {
+            tracing::error!(campaign = %trip.campaign_id, status = e.status, reason = %e.reason,
+                "campaign abort not done; tried again at its next request end or the next start");
+            if e.status != 404 {
+                if let Some(live) = st.campaigns.get(&trip.campaign_id) {
+                    live.rearm();
+                }
+            }
+        }
+    }
+}
+
+/// Records campaign `trip`'s abort (unless recorded before: a restart after a trip whose
+/// cancel was not yet durable) and cancels it through [`end_campaign`]. A campaign cancelled
+/// already, by hand or by this rule, is left as it is: the rule trips at most once, and
+/// never after a cancel.
+async fn abort_campaign(st: &AppState, trip: &Trip) -> Result<(), ApiError> {
+    let (cid, rec) = load_campaign(st, &trip.campaign_id)?;
+    if cancelled_at(st, &cid)?.is_some() {
+        if let Some(live) = st.campaigns.get(&rec.campaign_id) {
+            live.disarm();
+        }
+        return Ok(());
+    }
+    let recorded = st
+        .store
+        .campaigns
+        .get(aborted_mark(&cid))
+        .map_err(ApiError::storage)?
+        .and_then(|v| dec::<AbortedRec>(&v));
+    let aborted = match recorded {
+        Some(a) => a,
+        None => {
+            let a = AbortedRec {
+                aborted_at: iso_now(),
+                abort_reason: trip.when.reason(trip.finished, trip.refused),
+            };
+            // Before the cancel mark, made durable by the same flushes: a cancelled campaign
+            // whose abort is recorded was cancelled by its rule.
+            st.store
+                .campaigns
+                .insert(aborted_mark(&cid), enc(&a))
+                .map_err(ApiError::storage)?;
+            st.metrics.campaigns_aborted.fetch_add(1, Relaxed);
+            a
+        }
+    };
+    let ended = end_campaign(st, &cid, &rec).await?;
+    tracing::warn!(campaign = %rec.campaign_id, reason = %aborted.abort_reason,
+        requests_cancelled = ended, "campaign aborted by its abortWhen rule");
+    Ok(())
 }
 
 /// `GET /campaigns?limit=&before=`: the campaigns, newest first, a page at a time (`before`:
@@ -1435,6 +1587,10 @@ async fn campaign_view(
 
 /// A campaign without its counts, as `GET /campaigns` lists it.
 fn campaign_summary(st: &AppState, cid: &RequestId, rec: &CampaignRec) -> Result<Value, ApiError> {
+    let mark = |key: Vec<u8>| st.store.campaigns.get(key).map_err(ApiError::storage);
+    let abort_when = mark(abort_when_mark(cid))?.and_then(|v| dec::<AbortWhen>(&v));
+    let aborted = mark(aborted_mark(cid))?.and_then(|v| dec::<AbortedRec>(&v));
+    let (aborted_at, abort_reason) = aborted.map(|a| (a.aborted_at, a.abort_reason)).unzip();
     Ok(json!({
         "campaignId": rec.campaign_id,
         "action": rec.action,
@@ -1442,6 +1598,9 @@ fn campaign_summary(st: &AppState, cid: &RequestId, rec: &CampaignRec) -> Result
         "total": rec.total,
         "createdAt": rec.created_at,
         "cancelledAt": cancelled_at(st, cid)?,
+        "abortWhen": abort_when.map(AbortWhen::to_json),
+        "abortedAt": aborted_at,
+        "abortReason": abort_reason,
     }))
 }
 
@@ -1551,29 +1710,9 @@ async fn campaign_counts_from_store(
             .iter()
             .map(|s| (s.to_string(), 0))
             .collect();
-        let mut count = |r: RequestRec| *counts.entry(r.status).or_default() += 1;
-        let mut legacy = false;
-        for item in store.campaign_reqs.scan_prefix(cid.0).keys() {
-            legacy = true;
-            let Ok(k) = item else { continue };
-            if let Some(r) = k
-                .get(16..32)
-                .and_then(|rid| store.requests.get(rid).ok().flatten())
-                .and_then(|v| dec::<RequestRec>(&v))
-            {
-                count(r);
-            }
-        }
-        if !legacy {
-            let campaign_id = cid.to_string();
-            for item in store.requests.scan_prefix(&cid.0[..CAMPAIGN_PREFIX]) {
-                let Ok((_, v)) = item else { continue };
-                match dec::<RequestRec>(&v) {
-                    Some(r) if r.campaign_id.as_deref() == Some(campaign_id.as_str()) => count(r),
-                    _ => {}
-                }
-            }
-        }
+        crate::campaign::for_each_request(&store, cid, |r| {
+            *counts.entry(r.status).or_default() += 1
+        });
         counts
     })
     .await

@@ -36,7 +36,7 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::api::ApiError;
-use crate::campaign::CampaignCounts;
+use crate::campaign::{CampaignCounts, Ending};
 use crate::config::RetryPolicy;
 use crate::idempotency::{self, Claim, IdemKey};
 use crate::metrics::Metrics;
@@ -207,7 +207,12 @@ pub(crate) enum Msg {
         rec: VehicleRec,
         car: Option<CarRec>,
     },
-    LoadPending(RequestRec),
+    /// A request not yet final, with its campaign's live counts when its campaign's abort
+    /// rule still applies ([`crate::campaign::rearm`]).
+    LoadPending {
+        rec: RequestRec,
+        campaign: Option<Arc<CampaignCounts>>,
+    },
     /// The car's held grants as the store has them (request ids, oldest first): sent after
     /// every car and pending request is loaded, since only requests still in flight stay held.
     LoadHeld {
@@ -247,6 +252,21 @@ pub(crate) enum Msg {
 pub(crate) const CANCELLED: &str = "CANCELLED";
 /// The error code of a request ended because its car was decommissioned.
 pub(crate) const DECOMMISSIONED: &str = "DECOMMISSIONED";
+
+/// Why [`Shard::finish`] fails a request. Told apart where the error code is assigned, not
+/// from the code: `UNKNOWN_KEY` is both a car's refusal code and what a request that ran out
+/// of attempts gets from a car that does not trust our key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// The car's signed report refused the command carrying it (its reject code): counted
+    /// as refused by its campaign's abort rule.
+    Refused,
+    /// It ran out of attempts unconfirmed: a support ticket opens. Says nothing about the
+    /// campaign (the car was offline, or does not trust our key).
+    Unconfirmed,
+    /// Cancelled (by hand, or by its campaign's abort rule).
+    Cancelled,
+}
 
 /// What a [`Msg::Cancel`] ends.
 #[derive(Debug, Clone)]
@@ -1036,7 +1056,7 @@ impl Shard {
                 let _ = resp.send(());
             }
             Msg::Load { rec, car } => self.load(rec, car),
-            Msg::LoadPending(rec) => self.load_pending(rec),
+            Msg::LoadPending { rec, campaign } => self.load_pending(rec, campaign),
             Msg::LoadHeld { vin, held } => self.load_held(vin, &held),
             Msg::LoadRetired { vin, awaiting } => self.load_retired(vin, &awaiting),
             Msg::CallbacksSettled(list) => {
@@ -1087,7 +1107,7 @@ impl Shard {
         }
     }
 
-    fn load_pending(&mut self, rec: RequestRec) {
+    fn load_pending(&mut self, rec: RequestRec, campaign: Option<Arc<CampaignCounts>>) {
         let Ok(id) = rec.request_id.parse::<RequestId>() else {
             return;
         };
@@ -1125,7 +1145,7 @@ impl Shard {
                     .and_then(|v| dec(&v)),
                 rec,
                 gen: 0,
-                campaign: None,
+                campaign,
                 received: None,
             },
         );
@@ -1352,7 +1372,7 @@ impl Shard {
             return false;
         };
         if let Some(c) = &p.campaign {
-            c.ended(false);
+            c.ended(Ending::Failed);
         }
         let m = &self.sh.metrics;
         m.requests_in_flight.fetch_sub(1, Relaxed);
@@ -2001,7 +2021,7 @@ impl Shard {
                 }
                 _ => {
                     let code = self.no_confirmation_code(&vin);
-                    self.finish(id, Err((code.into(), true)));
+                    self.finish(id, Err((code.into(), Failure::Unconfirmed)));
                     // The car answers nothing, so holding grants back to tell which one it
                     // refuses learns nothing: they go out together and each runs its own
                     // attempts (a new refusal, once it answers, isolates them again).
@@ -2042,13 +2062,17 @@ impl Shard {
         );
     }
 
-    /// Makes a request final: `Ok` settled, `Err((code, open_ticket))` failed.
-    fn finish(&mut self, id: RequestId, result: Result<(), (String, bool)>) {
+    /// Makes a request final: `Ok` settled, `Err((code, why))` failed.
+    fn finish(&mut self, id: RequestId, result: Result<(), (String, Failure)>) {
         let Some(p) = self.pending.remove(&id) else {
             return;
         };
         if let Some(c) = &p.campaign {
-            c.ended(result.is_ok());
+            c.ended(match &result {
+                Ok(()) => Ending::Completed,
+                Err((_, Failure::Refused)) => Ending::Refused,
+                Err(_) => Ending::Failed,
+            });
         }
         let mut rec = p.rec;
         let Ok(vin) = rec.vin.parse::<Vin>() else {
@@ -2075,12 +2099,12 @@ impl Shard {
                     None => now.saturating_sub(rec.created_ms) as f64 / 1000.0,
                 });
             }
-            Err((code, ticket)) => {
+            Err((code, why)) => {
                 rec.status = "FAILED".into();
                 rec.error_code = Some(code.clone());
                 callback_status = "FAILED";
                 m.requests_failed.fetch_add(1, Relaxed);
-                if *ticket {
+                if *why == Failure::Unconfirmed {
                     self.open_ticket(&vin, &rec, code);
                 }
             }
@@ -2271,7 +2295,7 @@ impl Shard {
             }
         };
         for id in &ids {
-            self.finish(*id, Err((CANCELLED.to_owned(), false)));
+            self.finish(*id, Err((CANCELLED.to_owned(), Failure::Cancelled)));
         }
         self.sh
             .metrics
@@ -2426,7 +2450,9 @@ impl Shard {
                     Some(refused) => {
                         let failed = !refused.is_empty();
                         for id in refused {
-                            self.finish(id, Err((code.as_str().to_owned(), false)));
+                            // The one place a car's refusal fails a request: what a
+                            // campaign's abort rule counts as refused.
+                            self.finish(id, Err((code.as_str().to_owned(), Failure::Refused)));
                         }
                         // What the refusal did not fail waits for a newer command (a failure
                         // above sent one if it changed the grants), with the next held grant.

@@ -37,6 +37,7 @@ mod store;
 mod tlsfront;
 pub mod webhook;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -238,7 +239,11 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         key_owners: engine::KeyOwners::default(),
     });
     let engine = Engine::start(shared, config.shards)?;
-    load_state(&store, &engine).await?;
+    // Campaigns whose abort rule trips are cancelled by one task, started below once the
+    // API's state exists; trips made while loading wait in the queue.
+    let (trips_tx, trips_rx) = tokio::sync::mpsc::channel(campaign::TRIP_QUEUE);
+    let campaigns = Arc::new(campaign::CampaignBook::new(trips_tx));
+    load_state(&store, &engine, &campaigns).await?;
 
     let mut tasks = Vec::new();
     let mut mqtt_addr = None;
@@ -332,8 +337,9 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         api_token_previous: config.api_token_previous.clone(),
         key_id: key_id.clone(),
         public_key: public_key.clone(),
-        campaigns: Arc::new(campaign::CampaignBook::default()),
+        campaigns,
     });
+    tasks.push(tokio::spawn(api::run_aborts(state.clone(), trips_rx)));
     let listener = tokio::net::TcpListener::bind(config.http)
         .await
         .with_context(|| format!("HTTP listener {}", config.http))?;
@@ -475,11 +481,21 @@ fn survive_file_size_limit() {
 }
 
 /// Hands every stored car, then each car's unfinished requests, then the cars' held grants
-/// (kept by a shard only while their requests are in flight), to their shards.
-async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
+/// (kept by a shard only while their requests are in flight), to their shards. A campaign
+/// with an abort rule and requests in flight is counted again from the store, refusals
+/// included, and its requests carry those counts ([`campaign::rearm`]).
+async fn load_state(
+    store: &Store,
+    engine: &Engine,
+    campaigns: &Arc<campaign::CampaignBook>,
+) -> anyhow::Result<()> {
     let store = store.clone();
     let engine = engine.clone();
+    let book = campaigns.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        // Each campaign with requests in flight, looked up once: at most one entry per
+        // campaign in the store (bounded by the retention), dropped once loaded.
+        let mut rearmed: HashMap<String, Option<Arc<campaign::CampaignCounts>>> = HashMap::new();
         let mut cars = 0usize;
         let mut pending = 0usize;
         // A final request whose callback already waits in the outbox (a try failed) is sent
@@ -516,7 +532,14 @@ async fn load_state(store: &Store, engine: &Engine) -> anyhow::Result<()> {
                 if req.phase == "DONE" && in_outbox.contains(&req.request_id) {
                     continue;
                 }
-                let _ = shard.send(Msg::LoadPending(req));
+                let campaign = match &req.campaign_id {
+                    Some(c) if req.phase != "DONE" => rearmed
+                        .entry(c.clone())
+                        .or_insert_with(|| campaign::rearm(&store, &book, c))
+                        .clone(),
+                    _ => None,
+                };
+                let _ = shard.send(Msg::LoadPending { rec: req, campaign });
                 pending += 1;
             }
         }

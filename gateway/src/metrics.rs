@@ -36,6 +36,8 @@ pub(crate) struct Metrics {
     pub(crate) vehicles_decommissioned: AtomicU64,
     /// Requests ended by a cancel (`POST /ota/requests/{id}/cancel`, `/campaigns/{id}/cancel`).
     pub(crate) requests_cancelled: AtomicU64,
+    /// Campaigns stopped by their `abortWhen` rule (counted once, when the abort is recorded).
+    pub(crate) campaigns_aborted: AtomicU64,
     pub(crate) connected_cars: AtomicI64,
     /// Cars the gateway knows (registered, or loaded from the store at start).
     pub(crate) cars_registered: AtomicI64,
@@ -194,6 +196,11 @@ impl Metrics {
             "caas_requests_cancelled_total",
             "Requests in flight ended FAILED with CANCELLED by a cancel of the request or its campaign (their grants withdrawn, no charge).",
             &[("", self.requests_cancelled.load(Relaxed))],
+        );
+        counter(
+            "caas_campaigns_aborted_total",
+            "Campaigns cancelled by their abortWhen rule: too many of their finished requests refused by the cars.",
+            &[("", self.campaigns_aborted.load(Relaxed))],
         );
         counter(
             "caas_vehicle_keys_replaced_total",

@@ -5,6 +5,8 @@
 use caas_protocol::{MAX_FLAGS_PER_GRANT, MAX_PARAMS_PER_GRANT};
 use serde_json::{json, Value};
 
+use crate::campaign::{DEFAULT_MIN_FINISHED, MAX_MIN_FINISHED};
+
 use crate::api::{
     MAX_BODY_BYTES, MAX_CAMPAIGN_BODY_BYTES, MAX_CAMPAIGN_VINS, MAX_PAGE, MAX_VEHICLES_SCANNED,
 };
@@ -96,6 +98,16 @@ pub(crate) fn document() -> Value {
     let vin_param = path_param("vin", "VIN", vin.clone());
     let body_kib = MAX_BODY_BYTES / 1024;
     let campaign_mib = MAX_CAMPAIGN_BODY_BYTES / (1024 * 1024);
+    // A campaign's abort rule and its abort as GET shows them: always present, null when
+    // the campaign has no rule or was not aborted.
+    let abort_when = json!({ "type": "object", "nullable": true, "required": ["refusedPercent", "minFinished"],
+        "description": "the campaign's abortWhen as given, minFinished filled in; null without one",
+        "properties": { "refusedPercent": { "type": "integer", "minimum": 1, "maximum": 100 },
+            "minFinished": { "type": "integer", "minimum": 1, "maximum": MAX_MIN_FINISHED } } });
+    let aborted_at = json!({ "type": "string", "format": "date-time", "nullable": true,
+        "description": "when its abortWhen rule tripped and cancelled the campaign (cancelledAt is then set too); null if it did not" });
+    let abort_reason = json!({ "type": "string", "nullable": true,
+        "description": "why it was aborted, with the counts it tripped at, e.g. \"7 of 20 finished requests refused by their cars (35% \u{2265} 30%)\"; null if it was not" });
     // Built in three parts: one json! literal of the whole document passes the macro's
     // recursion limit.
     let mut schemas = json!({
@@ -183,21 +195,24 @@ pub(crate) fn document() -> Value {
                     "vins": { "type": "array", "minItems": 1, "maxItems": MAX_CAMPAIGN_VINS, "uniqueItems": true, "items": vin.clone() },
                     "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] },
                     "serviceId": service.clone(),
-                    "configuration": r("Configuration"), "duration": r("Duration") } },
+                    "configuration": r("Configuration"), "duration": r("Duration"),
+                    "abortWhen": r("AbortWhen") } },
                 "CampaignAccepted": { "type": "object", "required": ["campaignId", "total", "accepted", "refusedCount", "refused", "notMade", "timestamp"], "properties": {
                     "campaignId": { "type": "string", "format": "uuid" }, "total": { "type": "integer" }, "accepted": { "type": "integer" },
                     "refusedCount": { "type": "integer", "description": "cars that cannot take it: unknown, a service not active, too many services or too many requests in flight" },
                     "refused": { "type": "array", "maxItems": 100, "description": "the first of the refused cars", "items": { "type": "object", "required": ["vin", "reason"], "properties": { "vin": { "type": "string" }, "reason": { "type": "string" } } } },
                     "notMade": { "type": "integer", "description": "cars whose requests were not made because the campaign was cancelled before their turn (while it was being accepted, or before this repeat)" },
                     "timestamp": { "type": "string", "format": "date-time" } } },
-                "CampaignSummary": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "cancelledAt"], "properties": {
+                "CampaignSummary": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "cancelledAt", "abortWhen", "abortedAt", "abortReason"], "properties": {
                     "campaignId": { "type": "string", "format": "uuid" }, "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] }, "serviceId": { "type": "string" },
                     "total": { "type": "integer" }, "createdAt": { "type": "string", "format": "date-time" },
-                    "cancelledAt": { "type": "string", "format": "date-time", "nullable": true } } },
-                "Campaign": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "cancelledAt", "counts"], "properties": {
+                    "cancelledAt": { "type": "string", "format": "date-time", "nullable": true },
+                    "abortWhen": abort_when.clone(), "abortedAt": aborted_at.clone(), "abortReason": abort_reason.clone() } },
+                "Campaign": { "type": "object", "required": ["campaignId", "action", "serviceId", "total", "createdAt", "cancelledAt", "abortWhen", "abortedAt", "abortReason", "counts"], "properties": {
                     "campaignId": { "type": "string", "format": "uuid" }, "action": { "type": "string", "enum": ["ACTIVATE", "DEACTIVATE"] }, "serviceId": { "type": "string" },
                     "total": { "type": "integer" }, "createdAt": { "type": "string", "format": "date-time" },
                     "cancelledAt": { "type": "string", "format": "date-time", "nullable": true, "description": "when the campaign was cancelled (POST /campaigns/{campaignId}/cancel), null if it was not" },
+                    "abortWhen": abort_when, "abortedAt": aborted_at, "abortReason": abort_reason,
                     "cancelledNow": { "type": "integer", "description": "only in a cancel's answer: the requests this cancel ended" },
                     "counts": { "type": "object", "required": ["QUEUED", "IN_PROGRESS", "COMPLETED", "FAILED"], "properties": {
                         "QUEUED": { "type": "integer" }, "IN_PROGRESS": { "type": "integer" },
@@ -213,6 +228,12 @@ pub(crate) fn document() -> Value {
                     "diagnostics": { "type": "object", "nullable": true } } }
     });
     // A car in a `GET /vehicles` page: its status with its registration.
+    // Apart: one more schema inside the `json!` above passes the macro's recursion limit.
+    schemas["AbortWhen"] = json!({ "type": "object", "additionalProperties": false, "required": ["refusedPercent"],
+                    "description": "Stop the campaign once its cars refuse it: the first time at least minFinished of its requests are final (COMPLETED or FAILED, any failure) and at least refusedPercent of those were refused by their cars, it is cancelled as POST /campaigns/{campaignId}/cancel does (requests still in flight end FAILED CANCELLED, with their grants withdrawn; requests not yet made are not made) and abortedAt and abortReason are recorded. A refusal is a request failed by its car's signed refusal of the command (errorCode a reject code such as UNKNOWN_FEATURE, BASE_PLATFORM_FEATURE, APPLY_FAILED, EXPIRED); NO_CONFIRMATION (an offline car out of attempts), UNKNOWN_KEY given after the attempts, CANCELLED and DECOMMISSIONED are not. Trips at most once, and not after a cancel by hand",
+                    "properties": {
+                    "refusedPercent": { "type": "integer", "minimum": 1, "maximum": 100, "description": "the share of finished requests refused, in percent, at or above which the campaign stops" },
+                    "minFinished": { "type": "integer", "minimum": 1, "maximum": MAX_MIN_FINISHED, "default": DEFAULT_MIN_FINISHED, "description": "finished requests needed before the rule applies" } } });
     let mut listed = schemas["VehicleStatus"].clone();
     listed["properties"]["platform"] = schemas["Vehicle"]["properties"]["platform"].clone();
     listed["properties"]["publicKey"] = schemas["Vehicle"]["properties"]["publicKey"].clone();

@@ -157,6 +157,27 @@ pub(crate) fn cancel_mark(cid: &RequestId) -> Vec<u8> {
     [&cid.0[..], b"/cancelled"].concat()
 }
 
+/// Where a campaign's `abortWhen` rule is kept ([`crate::campaign::AbortWhen`]): like the
+/// cancel mark, beside the campaign's record rather than in it, so that campaign records
+/// written before it still read (the compact encoding has no optional trailing fields), and
+/// it goes when the campaign is pruned.
+pub(crate) fn abort_when_mark(cid: &RequestId) -> Vec<u8> {
+    [&cid.0[..], b"/abortWhen"].concat()
+}
+
+/// Where a campaign's abort by its rule is recorded ([`AbortedRec`]).
+pub(crate) fn aborted_mark(cid: &RequestId) -> Vec<u8> {
+    [&cid.0[..], b"/aborted"].concat()
+}
+
+/// A campaign stopped by its `abortWhen` rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct AbortedRec {
+    pub(crate) aborted_at: String,
+    pub(crate) abort_reason: String,
+}
+
 /// A provisioned car.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -468,7 +489,8 @@ pub(crate) fn prune(
                 None => false,
             },
             // Only a version 7 id tells when the campaign was made.
-            // A campaign and its cancel mark (its id with a suffix) go together.
+            // A campaign and its marks (its id with a suffix: cancel, abort rule, abort) go
+            // together.
             Prunable::Campaigns => key.len() >= 16 && key[6] >> 4 == 7,
             Prunable::SupportTickets => true,
             // Pruned through its time index above.

@@ -1811,6 +1811,45 @@ async fn openapi_document_matches_what_the_server_answers() {
         "{b}"
     );
 
+    // An abort rule: taken as documented, shown by GET; a bad one refused naming its field.
+    // A car the gateway does not know: the campaign makes no request.
+    let mut ruled = json!({"vins": [unknown], "action": "DEACTIVATE", "serviceId": "svc-1",
+        "abortWhen": {"refusedPercent": 30, "minFinished": 5}});
+    let (s, b) = c
+        .call(&api, "post", "/campaigns", "/campaigns", Some(&ruled))
+        .await;
+    assert_eq!(s, 202, "{b}");
+    let ruled_id = b["campaignId"].as_str().unwrap().to_owned();
+    let (s, r) = c
+        .call(
+            &api,
+            "get",
+            "/campaigns/{campaignId}",
+            &format!("/campaigns/{ruled_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(
+        (s, &r["abortWhen"], &r["abortedAt"]),
+        (200, &ruled["abortWhen"], &Value::Null),
+        "{r}"
+    );
+    for (rule, field) in [
+        (json!({"refusedPercent": 0}), "abortWhen.refusedPercent"),
+        (json!({"minFinished": 5}), "abortWhen.refusedPercent"),
+        (
+            json!({"refusedPercent": 30, "minFinished": 100_001}),
+            "abortWhen.minFinished",
+        ),
+        (json!({"refusedPercent": 30, "when": 1}), "abortWhen.when"),
+        (json!(true), "abortWhen"),
+    ] {
+        ruled["abortWhen"] = rule;
+        let (s, e) = c
+            .call(&api, "post", "/campaigns", "/campaigns", Some(&ruled))
+            .await;
+        assert_eq!((s, e["field"].as_str()), (400, Some(field)), "{e}");
+    }
     c.assert_every_documented_status_seen();
     drop(car);
     gw.shutdown().await;

@@ -302,7 +302,7 @@ impl Drop for TestCar {
 }
 
 /// The test platform: these optional features, one base feature; anything else is unknown.
-const CATALOG: caas_agent::Catalog<'static> = caas_agent::Catalog {
+pub const CATALOG: caas_agent::Catalog<'static> = caas_agent::Catalog {
     optional: &[
         "power_boost",
         "snow_mode",
@@ -350,6 +350,19 @@ impl TestCar {
         o: CarOpts,
         flash: Option<Vec<u8>>,
     ) -> TestCar {
+        TestCar::start_on_platform(n, key, gateway_key, o, flash, CATALOG).await
+    }
+
+    /// Car `n` of a platform with these features (another model than [`CATALOG`]'s: its
+    /// agent refuses a grant of a feature it lacks with `UNKNOWN_FEATURE`).
+    pub async fn start_on_platform(
+        n: u32,
+        key: SigningKey,
+        gateway_key: &str,
+        o: CarOpts,
+        flash: Option<Vec<u8>>,
+        platform: caas_agent::Catalog<'static>,
+    ) -> TestCar {
         let vin = vin(n);
         let gw = TrustedKey::new(verifying_key_from_hex(gateway_key).unwrap());
         let mut opts = MqttOptions::new(vin.to_string(), o.host.clone(), o.port);
@@ -389,7 +402,7 @@ impl TestCar {
             vin,
             trusted_keys: heapless::Vec::new(),
             device_key: key,
-            platform: CATALOG,
+            platform,
             firmware_version: "1.0.0".parse().unwrap(),
             report_interval_secs: 0,
         };
