@@ -144,7 +144,8 @@ pub enum CampaignCommand {
         #[arg(long)]
         json: bool,
     },
-    /// A campaign's action, service, size and its requests counted by state
+    /// A campaign's action, service, size and its requests counted by state, with its
+    /// abort rule (abortWhen) and, if the rule stopped it, when and why
     /// (GET /campaigns/{campaignId}).
     Show {
         /// The campaign id the gateway answered (a UUID).

@@ -8,7 +8,9 @@
 //! - `GET /campaigns/{campaignId}` answers `{campaignId, action, serviceId, total, createdAt,
 //!   counts:{QUEUED, IN_PROGRESS, COMPLETED, FAILED}}`, where `total` is the VINs the
 //!   campaign listed and the counts are its requests: a car refused when the campaign was
-//!   posted (unknown, too busy...) has none, hence the label "Total VINs".
+//!   posted (unknown, too busy...) has none, hence the label "Total VINs". A campaign posted
+//!   with an `abortWhen` rule also has `abortWhen: {refusedPercent, minFinished}`, and once
+//!   the rule stopped it, `abortedAt` and `abortReason` (null otherwise): shown when set.
 //! - `GET /support/tickets?limit=N[&before=CURSOR][&vin=VIN]` answers, newest first,
 //!   `{tickets:[{ticketId, requestId, vin, serviceId, action, createdAt, reason, attempts,
 //!   connectivity, lastSeen, probeAnswered, expectedSeq, appliedSeq, diagnostics}],
@@ -54,14 +56,24 @@ const CAMPAIGN_FIELDS: [(&str, &str); 6] = [
     ("cancelledAt", "Cancelled"),
 ];
 
-/// The columns of the campaigns table, as (field, header).
-const CAMPAIGN_COLUMNS: [(&str, &str); 6] = [
+/// A campaign's abort rule and abort: shown only when set (most campaigns have neither).
+const ABORT_FIELDS: [(&str, &str); 3] = [
+    ("abortWhen", "Abort when"),
+    ("abortedAt", "Aborted"),
+    ("abortReason", "Abort reason"),
+];
+
+/// The columns of the campaigns table, as (field, header). `ABORTED` only when a campaign
+/// of the page was aborted; the rule and the reason are too wide for a table (`campaign
+/// show` has them).
+const CAMPAIGN_COLUMNS: [(&str, &str); 7] = [
     ("campaignId", "CAMPAIGN"),
     ("createdAt", "CREATED"),
     ("action", "ACTION"),
     ("serviceId", "SERVICE"),
     ("total", "VINS"),
     ("cancelledAt", "CANCELLED"),
+    ("abortedAt", "ABORTED"),
 ];
 
 /// The columns of a campaign's requests, as (field, header).
@@ -190,10 +202,18 @@ pub fn campaign_text(v: &Value) -> String {
     };
     let counts = obj.get("counts").and_then(Value::as_object);
     let mut shown = keys_of(&CAMPAIGN_FIELDS);
+    shown.extend(keys_of(&ABORT_FIELDS));
     if counts.is_some() {
         shown.push("counts");
     }
     let mut pairs = labelled_fields(obj, &CAMPAIGN_FIELDS);
+    for (key, label) in ABORT_FIELDS {
+        match obj.get(key) {
+            None | Some(Value::Null) => {}
+            Some(rule) if key == "abortWhen" => pairs.push((label, abort_rule_text(rule))),
+            Some(_) => pairs.push((label, field(obj, key))),
+        }
+    }
     pairs.extend(other_fields(obj, &shown));
     let mut out = key_values(&pairs);
     if let Some(counts) = counts {
@@ -210,6 +230,34 @@ pub fn campaign_text(v: &Value) -> String {
         out.push_str(&render(&["STATE", "COUNT"], &rows));
     }
     out
+}
+
+/// `{refusedPercent: 30, minFinished: 20}` as "30% of at least 20 finished requests refused
+/// by their cars"; another shape as it is.
+fn abort_rule_text(rule: &Value) -> String {
+    match (
+        rule.get("refusedPercent").and_then(Value::as_u64),
+        rule.get("minFinished").and_then(Value::as_u64),
+    ) {
+        (Some(p), Some(m)) => {
+            format!("{p}% of at least {m} finished requests refused by their cars")
+        }
+        _ => crate::table::json_cell(rule),
+    }
+}
+
+/// A listed campaign without its abort rule and reason, and without `abortedAt` while it is
+/// unset: a page of campaigns none of which was aborted keeps its columns.
+fn without_unset_abort(item: &Value) -> Value {
+    let mut item = item.clone();
+    if let Some(obj) = item.as_object_mut() {
+        obj.remove("abortWhen");
+        obj.remove("abortReason");
+        if obj.get("abortedAt").is_some_and(Value::is_null) {
+            obj.remove("abortedAt");
+        }
+    }
+    item
 }
 
 /// The readable form of a tickets answer; `page` is what was asked for, repeated in the
@@ -241,9 +289,12 @@ pub fn tickets_text(v: &Value, page: &TicketPage<'_>) -> String {
 /// The readable form of a campaigns page (`GET /campaigns`); `limit` is the page size
 /// asked for, repeated in the command that shows the next page.
 pub fn campaigns_text(v: &Value, limit: u32) -> String {
-    let items = list_items(v, "campaigns");
+    let items: Vec<Value> = list_items(v, "campaigns")
+        .iter()
+        .map(without_unset_abort)
+        .collect();
     let title = ("Campaigns", "newest first");
-    listing_text(v, items, title, &CAMPAIGN_COLUMNS, "nextBefore", |next| {
+    listing_text(v, &items, title, &CAMPAIGN_COLUMNS, "nextBefore", |next| {
         format!("Older campaigns: caasctl campaign list --limit {limit} --before {next}")
     })
 }
@@ -380,6 +431,68 @@ mod tests {
         let t = campaign_text(&json!({"campaignId": "c-2", "counts": [1, 2]}));
         assert!(t.contains("counts      [1,2]"), "{t}");
         assert!(!t.contains("Requests by state"), "{t}");
+    }
+
+    #[test]
+    fn a_campaign_shows_its_abort_rule_and_abort_only_when_set() {
+        let v = json!({
+            "campaignId": "c-1", "action": "ACTIVATE", "serviceId": "autopilot", "total": 30,
+            "createdAt": "2026-11-22T13:00:00Z", "cancelledAt": "2026-11-22T13:01:00Z",
+            "abortWhen": {"refusedPercent": 30, "minFinished": 20},
+            "abortedAt": "2026-11-22T13:01:00Z",
+            "abortReason": "7 of 20 finished requests refused by their cars (35% \u{2265} 30%)",
+            "counts": {"QUEUED": 0, "IN_PROGRESS": 0, "COMPLETED": 13, "FAILED": 17}
+        });
+        let t = campaign_text(&v);
+        let head: Vec<&str> = lines(&t).into_iter().take(9).collect();
+        assert_eq!(
+            head,
+            [
+                "Campaign      c-1",
+                "Action        ACTIVATE",
+                "Service       autopilot",
+                "Total VINs    30",
+                "Created       2026-11-22T13:00:00Z",
+                "Cancelled     2026-11-22T13:01:00Z",
+                "Abort when    30% of at least 20 finished requests refused by their cars",
+                "Aborted       2026-11-22T13:01:00Z",
+                "Abort reason  7 of 20 finished requests refused by their cars (35% \u{2265} 30%)",
+            ],
+            "{t}"
+        );
+        // A rule that did not trip: the rule only. No rule: none of the three.
+        let mut ruled = v.clone();
+        ruled["abortedAt"] = Value::Null;
+        ruled["abortReason"] = Value::Null;
+        let t = campaign_text(&ruled);
+        assert!(t.contains("\nAbort when  "), "{t}");
+        assert!(!t.contains("Aborted") && !t.contains("Abort reason"), "{t}");
+        let mut plain = ruled.clone();
+        plain["abortWhen"] = Value::Null;
+        let t = campaign_text(&plain);
+        assert!(!t.contains("bort"), "{t}");
+        assert!(t.starts_with("Campaign    c-1\n"), "{t}");
+
+        // Listed: an ABORTED column only on a page with an aborted campaign.
+        // As GET /campaigns lists them: without counts.
+        let listed = |c: &Value| {
+            let mut c = c.clone();
+            c.as_object_mut().unwrap().remove("counts");
+            c
+        };
+        let (v, ruled, plain) = (listed(&v), listed(&ruled), listed(&plain));
+        let page = |items: Value| json!({"campaigns": items, "nextBefore": null});
+        let t = campaigns_text(&page(json!([plain.clone(), ruled.clone()])), 50);
+        assert!(!t.contains("ABORTED") && !t.contains("bort"), "{t}");
+        let t = campaigns_text(&page(json!([v.clone(), plain])), 50);
+        let header = lines(&t)[1];
+        let columns: Vec<&str> = header.split_whitespace().collect();
+        assert_eq!(
+            columns[columns.len() - 2..],
+            ["CANCELLED", "ABORTED"],
+            "{t}"
+        );
+        assert!(!t.contains("refused"), "{t}");
     }
 
     #[test]

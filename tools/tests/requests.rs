@@ -445,3 +445,62 @@ fn unknown_and_malformed_ids_a_wrong_token_and_no_gateway_are_one_clear_line() {
         assert_eq!(run.code, 2, "--limit {bad}: {}", run.stderr);
     }
 }
+
+#[test]
+fn campaign_show_and_list_show_an_abort_rule_from_a_real_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = gateway_waiting(dir.path(), Duration::from_secs(60));
+    register_car(&base, TOKEN, VIN1, 10);
+    let body = json!({
+        "vins": [VIN1],
+        "action": "ACTIVATE",
+        "serviceId": "snow-mode",
+        "configuration": {"featureFlags": ["snow_mode"]},
+        "duration": {"type": "PERMANENT"},
+        "abortWhen": {"refusedPercent": 40},
+    });
+    let (status, answer) = post(&base, TOKEN, "/campaigns", &body, None);
+    assert_eq!(status, 202, "{answer}");
+    let cid = answer["campaignId"].as_str().unwrap().to_owned();
+    let t = ctl(&base, &["campaign", "show", &cid]).ok().to_owned();
+    assert_eq!(
+        value_of(&t, "Abort when"),
+        "40% of at least 20 finished requests refused by their cars",
+        "{t}"
+    );
+    // Not aborted: no abort lines.
+    assert!(!t.contains("Aborted") && !t.contains("Abort reason"), "{t}");
+    let run = ctl(&base, &["campaign", "show", &cid, "--json"]);
+    let v: Value = serde_json::from_str(run.ok()).unwrap();
+    assert_eq!(
+        v["abortWhen"],
+        json!({"refusedPercent": 40, "minFinished": 20})
+    );
+    assert_eq!(
+        (&v["abortedAt"], &v["abortReason"]),
+        (&Value::Null, &Value::Null)
+    );
+    // A campaign without a rule shows none, and the list keeps its columns.
+    let plain = snow_campaign(&base, &[VIN1]);
+    let t = ctl(
+        &base,
+        &["campaign", "show", plain["campaignId"].as_str().unwrap()],
+    )
+    .ok()
+    .to_owned();
+    assert!(!t.contains("bort"), "{t}");
+    let t = ctl(&base, &["campaign", "list"]).ok().to_owned();
+    assert!(t.starts_with("Campaigns: 2, newest first\n"), "{t}");
+    assert_eq!(
+        cells(t.lines().nth(1).unwrap()),
+        [
+            "CAMPAIGN",
+            "CREATED",
+            "ACTION",
+            "SERVICE",
+            "VINS",
+            "CANCELLED"
+        ],
+        "{t}"
+    );
+}
