@@ -1450,17 +1450,11 @@ pub(crate) async fn run_aborts(st: Arc<AppState>, mut trips: tokio::sync::mpsc::
 }
 
 /// Records campaign `trip`'s abort (unless recorded before: a restart after a trip whose
-/// cancel was not yet durable) and cancels it through [`end_campaign`]. A campaign cancelled
-/// already, by hand or by this rule, is left as it is: the rule trips at most once, and
-/// never after a cancel.
+/// cancel may not have been carried out) and cancels it through [`end_campaign`]. A
+/// campaign cancelled by hand is left as it is: the rule never trips after a cancel.
 async fn abort_campaign(st: &AppState, trip: &Trip) -> Result<(), ApiError> {
     let (cid, rec) = load_campaign(st, &trip.campaign_id)?;
-    if cancelled_at(st, &cid)?.is_some() {
-        if let Some(live) = st.campaigns.get(&rec.campaign_id) {
-            live.disarm();
-        }
-        return Ok(());
-    }
+    let cancelled = cancelled_at(st, &cid)?.is_some();
     let recorded = st
         .store
         .campaigns
@@ -1468,7 +1462,14 @@ async fn abort_campaign(st: &AppState, trip: &Trip) -> Result<(), ApiError> {
         .map_err(ApiError::storage)?
         .and_then(|v| dec::<AbortedRec>(&v));
     let aborted = match recorded {
+        // Its cancel again: a kill may have cut it short; otherwise it ends nothing.
         Some(a) => a,
+        None if cancelled => {
+            if let Some(live) = st.campaigns.get(&rec.campaign_id) {
+                live.disarm();
+            }
+            return Ok(());
+        }
         None => {
             let a = AbortedRec {
                 aborted_at: iso_now(),

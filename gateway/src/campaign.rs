@@ -378,11 +378,12 @@ pub(crate) fn tally(store: &Store, cid: RequestId) -> Tally {
 
 /// Live counts armed with campaign `campaign_id`'s abort rule, counted from the store, when
 /// the book lost them (a restart; a keyed repeat of its POST after one): `None` when the
-/// campaign has no rule, was cancelled (by hand, or its abort's cancel is durable), or the
-/// store cannot be read (the rule then waits for the next start). Checked at once: a trip
-/// that a crash cut off before its cancel was durable trips again here, and a campaign
-/// whose abort was recorded but whose cancel was not is cancelled whatever its counts.
-/// Costs a read per request of the campaign, once per campaign and start.
+/// campaign has no rule, was cancelled by hand, or the store cannot be read (the rule then
+/// waits for the next start). Checked at once: a trip that a crash cut off before its
+/// cancel was durable trips again here, and a campaign whose abort was recorded is
+/// cancelled again whatever its counts (its cancel mark may be durable while a kill cut
+/// its shards' work short; a cancel that finished ends nothing more). Costs a read per
+/// request of the campaign, once per campaign and start.
 pub(crate) fn rearm(
     store: &Store,
     book: &CampaignBook,
@@ -397,10 +398,11 @@ pub(crate) fn rearm(
         }
     };
     let when: AbortWhen = dec(&read(abort_when_mark(&cid))??)?;
-    if read(cancel_mark(&cid))?.is_some() {
+    let cancelled = read(cancel_mark(&cid))?.is_some();
+    let aborted = read(aborted_mark(&cid))?.is_some();
+    if cancelled && !aborted {
         return None;
     }
-    let aborted = read(aborted_mark(&cid))?.is_some();
     let counts = book.restore(campaign_id, when, tally(store, cid));
     if aborted {
         counts.force();
@@ -552,5 +554,108 @@ mod tests {
         ] {
             assert!(!refused_code(code), "{code}");
         }
+    }
+
+    /// A store holding campaign `cid` with `rule` and requests ending as `ends` says
+    /// (`None`: in flight; else the error code, `""` for COMPLETED).
+    fn stored_campaign(store: &Store, rule: AbortWhen, ends: &[Option<&str>]) -> RequestId {
+        use crate::store::{campaign_request_id, enc, new_uuid, CampaignRec};
+        let cid = RequestId(new_uuid());
+        let campaign_id = cid.to_string();
+        let rec = CampaignRec {
+            campaign_id: campaign_id.clone(),
+            action: "ACTIVATE".into(),
+            service_id: "autopilot".into(),
+            total: ends.len(),
+            created_at: "2026-12-07T00:00:00Z".into(),
+        };
+        store
+            .campaigns
+            .insert(abort_when_mark(&cid), enc(&rule))
+            .unwrap();
+        store.campaigns.insert(cid.0, enc(&rec)).unwrap();
+        for (i, end) in (0u64..).zip(ends) {
+            let rid = RequestId(campaign_request_id(&cid.0, i));
+            let (status, code) = match end {
+                None => ("IN_PROGRESS", None),
+                Some("") => ("COMPLETED", None),
+                Some(code) => ("FAILED", Some((*code).to_owned())),
+            };
+            let r = RequestRec {
+                request_id: rid.to_string(),
+                vin: format!("WVWZZZ1JZXW{i:06}"),
+                action: "ACTIVATE".into(),
+                service_id: "autopilot".into(),
+                seq: 1,
+                status: status.into(),
+                phase: if end.is_some() { "DONE" } else { "SENDING" }.into(),
+                attempts: 1,
+                error_code: code,
+                created_at: rec.created_at.clone(),
+                updated_at: rec.created_at.clone(),
+                completed_at: None,
+                campaign_id: Some(campaign_id.clone()),
+                grant: None,
+                created_ms: 0,
+            };
+            store.requests.insert(rid.0, enc(&r)).unwrap();
+        }
+        cid
+    }
+
+    #[test]
+    fn a_start_counts_refusals_again_and_trips_what_a_kill_cut_short() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), 8).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+        let book = CampaignBook::new(tx);
+        let refused = Some("UNKNOWN_FEATURE");
+        let offline = Some("NO_CONFIRMATION");
+        let done = Some("");
+        // 2 refusals, 1 completed, 2 out of attempts, 2 in flight: 2 of 5 finished.
+        let ends = [refused, refused, done, offline, offline, None, None];
+        let below = stored_campaign(&store, rule(50, 5), &ends);
+        let c = rearm(&store, &book, &below.to_string()).expect("armed");
+        assert_eq!(c.snapshot(), (2, 1, 4));
+        assert!(rx.try_recv().is_err(), "40% < 50%: no trip");
+        // Counted as refusals, the unconfirmed would trip it: they are not. One more
+        // refusal does (3 of 6).
+        c.ended(Ending::Refused);
+        assert_eq!(rx.try_recv().unwrap().refused, 3);
+
+        // A trip a kill cut off before its cancel was durable: at the start it trips again.
+        let cut = stored_campaign(&store, rule(40, 5), &ends);
+        rearm(&store, &book, &cut.to_string()).expect("armed");
+        let trip = rx.try_recv().expect("trips at start");
+        assert_eq!(
+            (trip.campaign_id, trip.finished, trip.refused),
+            (cut.to_string(), 5, 2)
+        );
+
+        // Its abort recorded, its cancel maybe cut short: handed over again, whatever the
+        // counts.
+        let recorded = stored_campaign(&store, rule(100, 5), &ends);
+        store
+            .campaigns
+            .insert(aborted_mark(&recorded), vec![])
+            .unwrap();
+        store
+            .campaigns
+            .insert(cancel_mark(&recorded), vec![])
+            .unwrap();
+        rearm(&store, &book, &recorded.to_string()).expect("armed");
+        assert_eq!(rx.try_recv().unwrap().campaign_id, recorded.to_string());
+
+        // Cancelled by hand, or no rule: not armed.
+        let by_hand = stored_campaign(&store, rule(1, 1), &ends);
+        store
+            .campaigns
+            .insert(cancel_mark(&by_hand), vec![])
+            .unwrap();
+        assert!(rearm(&store, &book, &by_hand.to_string()).is_none());
+        let ruleless = stored_campaign(&store, rule(1, 1), &ends);
+        store.campaigns.remove(abort_when_mark(&ruleless)).unwrap();
+        assert!(rearm(&store, &book, &ruleless.to_string()).is_none());
+        assert!(rx.try_recv().is_err());
     }
 }
