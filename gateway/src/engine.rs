@@ -2895,6 +2895,17 @@ fn prune_history(tree: &sled::Tree, vin: &Vin) {
 mod tests {
     use super::*;
 
+    /// A registration of `vin` with `key`'s public key, as `POST /vehicles` makes one.
+    fn test_vehicle(vin: &Vin, key: &SigningKey) -> VehicleRec {
+        VehicleRec {
+            vin: vin.to_string(),
+            public_key: caas_protocol::verifying_key_to_hex(&key.verifying_key()).to_string(),
+            platform: "mqb-evo".into(),
+            firmware_version: None,
+            registered_at: String::new(),
+        }
+    }
+
     #[test]
     fn a_refusal_names_requests_only_for_commands_whose_places_are_known_for_sure() {
         let id = |n: u8| RequestId([n; 16]);
@@ -2987,13 +2998,7 @@ mod tests {
         let (flusher, commits) = flume::bounded(1);
         let mut shard = Shard::new(sh.clone(), flusher, std::thread::spawn(|| ()));
         let vin: Vin = "WVWZZZ1JZXW000001".parse().unwrap();
-        let rec = VehicleRec {
-            vin: vin.to_string(),
-            public_key: caas_protocol::verifying_key_to_hex(&car_key.verifying_key()).to_string(),
-            platform: "mqb-evo".into(),
-            firmware_version: None,
-            registered_at: String::new(),
-        };
+        let rec = test_vehicle(&vin, car_key);
         shard.register(rec, vin, car_key.verifying_key()).unwrap();
         (shard, sh, vin, commits)
     }
@@ -3185,13 +3190,7 @@ mod tests {
         assert_eq!(m.vehicles_decommissioned.load(Relaxed), 1);
 
         // Registered again, the car's seq goes on above the withdrawal, on disk too.
-        let rec = VehicleRec {
-            vin: vin.to_string(),
-            public_key: caas_protocol::verifying_key_to_hex(&car.verifying_key()).to_string(),
-            platform: "mqb-evo".into(),
-            firmware_version: None,
-            registered_at: String::new(),
-        };
+        let rec = test_vehicle(&vin, &car);
         assert!(shard.register(rec, vin, car.verifying_key()).unwrap());
         assert_eq!(shard.cars[&vin].rec.seq, seq + 1);
         let stored: CarRec = dec(&sh.store.cars.get(vin.as_bytes()).unwrap().unwrap()).unwrap();
@@ -3279,13 +3278,7 @@ mod tests {
         assert_eq!(shard.batch.callbacks.len(), first_tries + 1);
         assert_eq!(shard.retired_awaiting[&vin], vec![done]);
         // Registered again meanwhile, the car keeps it, on disk too.
-        let rec = VehicleRec {
-            vin: vin.to_string(),
-            public_key: caas_protocol::verifying_key_to_hex(&car.verifying_key()).to_string(),
-            platform: "mqb-evo".into(),
-            firmware_version: None,
-            registered_at: String::new(),
-        };
+        let rec = test_vehicle(&vin, &car);
         assert!(shard.register(rec, vin, car.verifying_key()).unwrap());
         assert_eq!(shard.cars[&vin].awaiting, vec![done]);
         assert!(shard.retired_awaiting.is_empty());

@@ -512,10 +512,7 @@ async fn load_state(
             let (k, v) = item?;
             let Some(rec) = dec(&v) else { continue };
             let car: Option<store::CarRec> = store.cars.get(&k)?.and_then(|c| dec(&c));
-            let Ok(vin) = std::str::from_utf8(&k)
-                .unwrap_or("")
-                .parse::<caas_protocol::Vin>()
-            else {
+            let Some(vin) = vin_of_key(&k) else {
                 continue;
             };
             let unfinished = car.as_ref().map(|c| c.pending.clone()).unwrap_or_default();
@@ -551,10 +548,7 @@ async fn load_state(
         // tombstone is what a crash left of the decommissioning's last write.
         for item in store.retired.iter() {
             let (k, v) = item?;
-            let Ok(vin) = std::str::from_utf8(&k)
-                .unwrap_or("")
-                .parse::<caas_protocol::Vin>()
-            else {
+            let Some(vin) = vin_of_key(&k) else {
                 continue;
             };
             if store.vehicles.contains_key(&k)? {
@@ -586,10 +580,7 @@ async fn load_state(
         // One scan: the tree holds only cars whose refusal is still being sorted out.
         for item in store.held.iter() {
             let (k, v) = item?;
-            let Ok(vin) = std::str::from_utf8(&k)
-                .unwrap_or("")
-                .parse::<caas_protocol::Vin>()
-            else {
+            let Some(vin) = vin_of_key(&k) else {
                 continue;
             };
             let Some(held) = dec::<Vec<String>>(&v) else {
@@ -607,4 +598,9 @@ async fn load_state(
 /// Parses a request id (UUID text), for callers of the lib API.
 pub fn parse_request_id(s: &str) -> Option<[u8; 16]> {
     s.parse::<RequestId>().ok().map(|r| r.0)
+}
+
+/// The VIN a store tree keys a car's record by; `None` for a key that is not one.
+fn vin_of_key(key: &[u8]) -> Option<caas_protocol::Vin> {
+    std::str::from_utf8(key).ok()?.parse().ok()
 }
