@@ -1,4 +1,5 @@
-//! The broker side: a kill -9 of the gateway process, Mosquitto as the external broker
+//! The broker side: a kill -9 of the gateway process (after a request's 2xx, a campaign's,
+//! a decommissioning's), Mosquitto as the external broker
 //! (plain, and mTLS with the shipped configuration), per-car isolation on the embedded
 //! broker's mTLS listener, an idle TCP socket that must not stall other cars, a car's late
 //! acknowledgement on a new connection, grants held after a refusal staying held across a
@@ -224,6 +225,86 @@ async fn request_survives_kill_9_after_its_2xx() {
         car.seen.lock().unwrap().grants,
         vec!["power-boost".to_string()]
     );
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioning_survives_kill_9_after_its_2xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (mut gw, api, http, mqtt) = spawned_with_car_1(dir.path(), &hook).await;
+    let car = obeying_car_1(&api, mqtt).await;
+    let boost = api.activate(1, "power-boost", "power_boost").await;
+    assert_eq!(
+        hook.wait(&boost, Duration::from_secs(20)).await.body["status"],
+        "ACTIVATED"
+    );
+    // The unit leaves with the feature in its flash; a request made now waits for it.
+    let flash = car.flash.lock().unwrap().clone();
+    drop(car);
+    let seats = api.activate(1, "heated-seats", "heated_seats").await;
+    let r = api
+        .http
+        .delete(format!("{}/vehicles/{}", api.base, vin(1)))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let retired: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(retired["requestsFailed"], 1, "{retired}");
+    let withdrawal = retired["withdrawalSeq"].as_u64().unwrap();
+    // SIGKILL right after the 2xx: nothing but the flushed database survives.
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+
+    let (s, st) = api.get(&format!("/vehicles/{}/status", vin(1))).await;
+    assert_eq!((s, st["field"].as_str()), (404, Some("vin")), "{st}");
+    let (_, r) = api.get(&format!("/ota/requests/{seats}")).await;
+    assert_eq!(
+        (&r["status"], &r["errorCode"]),
+        (
+            &serde_json::json!("FAILED"),
+            &serde_json::json!("DECOMMISSIONED")
+        ),
+        "{r}"
+    );
+    let cb = hook.wait(&seats, Duration::from_secs(20)).await;
+    assert_eq!(
+        (&cb.body["status"], &cb.body["errorCode"]),
+        (
+            &serde_json::json!("FAILED"),
+            &serde_json::json!("DECOMMISSIONED")
+        )
+    );
+    // The unit comes back with its flash: it is sent the withdrawal and drops the feature.
+    let (_, keys) = api.get("/keys").await;
+    let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
+    let opts = CarOpts {
+        host: "127.0.0.1".into(),
+        port: mqtt,
+        tls: None,
+        mode: Mode::Obey,
+    };
+    let car = TestCar::start_with_flash(1, car_key(1), &key, opts, flash).await;
+    wait_until(
+        "the unit applied the withdrawal",
+        Duration::from_secs(20),
+        || car.seen.lock().unwrap().applied_seq == withdrawal,
+    )
+    .await;
+    assert_eq!(car_services(&car), Vec::<String>::new());
+    // Registered again, the car's next command goes on above the withdrawal.
+    api.register(1).await;
+    let snow = api.activate(1, "snow-mode", "snow_mode").await;
+    assert_eq!(
+        hook.wait(&snow, Duration::from_secs(20)).await.body["status"],
+        "ACTIVATED"
+    );
+    assert_eq!(car_services(&car), ["snow-mode"]);
+    assert_eq!(hook.for_request(&seats).len(), 1, "one callback");
     drop(gw);
 }
 
