@@ -265,6 +265,47 @@ for c in camps:
         violations["5_campaign_accepted_vs_requests"].append(camp_results[-1])
 report["campaigns_checked"] = len(camp_results)
 
+# ---------- 10: campaigns that stop themselves ----------
+# A campaign's abortWhen is kept as given (kills and all). One that stopped itself says why,
+# with counts that hold its rule. One that did not stop, and was not cancelled by hand, does
+# not end with counts that hold it (noted only: a kill after its last request ended and
+# before the trip was acted on leaves nothing in flight to re-check at the next start).
+# A refusal is a FAILED request whose code the car's signed report gave.
+NOT_REFUSALS = {"NO_CONFIRMATION", "CANCELLED", "DECOMMISSIONED", "UNKNOWN_KEY", None}
+aborts = {"rules": 0, "aborted": 0}
+for c in camps:
+    rule = c["body"].get("abortWhen")
+    if not rule or not (c["status"] and 200 <= c["status"] < 300):
+        continue
+    aborts["rules"] += 1
+    cid = c["resp"]["campaignId"]
+    st, js = get(f"/campaigns/{cid}")
+    want = {"refusedPercent": rule["refusedPercent"], "minFinished": rule.get("minFinished", 20)}
+    if st != 200 or js.get("abortWhen") != want:
+        violations["10_abort_rule_lost"].append({"campaignId": cid, "want": want, "get": [st, js]})
+        continue
+    finished = refused = 0
+    for i, _ in enumerate(c["body"]["vins"]):
+        rst, rjs = reqs[campaign_request_id(cid, i)]
+        if rst != 200 or rjs.get("status") not in ("COMPLETED", "FAILED"):
+            continue
+        finished += 1
+        if rjs["status"] == "FAILED" and rjs.get("errorCode") not in NOT_REFUSALS:
+            refused += 1
+    holds = lambda f, r: f >= want["minFinished"] and r * 100 >= want["refusedPercent"] * f
+    if js.get("abortedAt"):
+        aborts["aborted"] += 1
+        m = re.match(r"(\d+) of (\d+) finished", js.get("abortReason") or "")
+        if not m or not holds(int(m.group(2)), int(m.group(1))):
+            violations["10_abort_reason_breaks_rule"].append(
+                {"campaignId": cid, "abortWhen": want, "abortReason": js.get("abortReason")})
+        if js.get("cancelledAt") is None:
+            violations["10_aborted_but_not_cancelled"].append({"campaignId": cid, "get": js})
+    elif js.get("cancelledAt") is None and holds(finished, refused):
+        violations["note_abort_rule_holds_but_not_aborted"].append(
+            {"campaignId": cid, "finished": finished, "refused": refused, "abortWhen": want})
+report["aborts"] = aborts
+
 # ---------- 8: cancels ----------
 # A cancel answered 200 is durable: that request ended FAILED with CANCELLED, or that
 # campaign stays cancelled (kills and all). A 409 says the request ended otherwise first:

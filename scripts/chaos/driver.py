@@ -4,7 +4,8 @@ and services, plus a campaign now and then. Every answer, including a connection
 outcome of that POST is unknown), goes to RUNDIR/driver.jsonl for the checker.
 
 Now and then it cancels a request it made a moment ago, or its newest campaign
-(--cancel-share of the requests it sends, default 0.04).
+(--cancel-share of the requests it sends, default 0.04). Some campaigns carry an abortWhen
+rule, and some of those name a feature every car refuses, so they stop themselves.
 
 usage: driver.py BASE_URL TOKEN RUNDIR --vins F [F..] [--rate 12] [--campaign-every 30]
 Stops on SIGTERM/SIGINT after what is in flight, so no answer goes unrecorded.
@@ -144,16 +145,27 @@ def one_request():
         have.discard(body["serviceId"])
 
 
+# A campaign's abortWhen: it stops itself once half of at least 5 finished requests were
+# refused by their cars. Campaigns of the unknown feature (which every car refuses) trip it;
+# the others carry it without tripping it.
+ABORT_WHEN = {"refusedPercent": 50, "minFinished": 5}
+
+
 def one_campaign():
     n = rnd.randint(10, max(10, min(args.campaign_max, len(vins))))
     cvins = rnd.sample(vins, n)
     svc, flags = rnd.choice(SERVICES)
-    if rnd.random() < 0.7:
+    r = rnd.random()
+    if r < 0.15:
+        svc, flags = BAD_SERVICE
+    if r < 0.7:
         body = {"vins": cvins, "action": "ACTIVATE", "serviceId": svc,
                 "configuration": {"featureFlags": flags, "parameters": {}},
                 "duration": {"type": "PERMANENT"}}
     else:
         body = {"vins": cvins, "action": "DEACTIVATE", "serviceId": svc}
+    if r < 0.15 or rnd.random() < 0.3:
+        body["abortWhen"] = dict(ABORT_WHEN)
     t0 = time.time()
     st, js, err = call("POST", "/campaigns", body, timeout=30)
     t1 = time.time()
