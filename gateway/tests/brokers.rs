@@ -1,5 +1,5 @@
 //! The broker side: a kill -9 of the gateway process (after a request's 2xx, a campaign's,
-//! a decommissioning's), Mosquitto as the external broker
+//! a decommissioning's, a campaign's stop of itself), Mosquitto as the external broker
 //! (plain, and mTLS with the shipped configuration), per-car isolation on the embedded
 //! broker's mTLS listener, an idle TCP socket that must not stall other cars, a car's late
 //! acknowledgement on a new connection, grants held after a refusal staying held across a
@@ -320,6 +320,104 @@ async fn a_decommissioning_survives_kill_9_after_its_2xx() {
         "{outcomes:?}"
     );
     drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_that_stopped_itself_stays_stopped_after_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (http, mqtt) = (free_port(), free_port());
+    let mut gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let api = Api::new(format!("127.0.0.1:{http}").parse().unwrap());
+    let (_, keys) = api.get("/keys").await;
+    let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
+    // Cars 1-5 online (their platform has no warp drive: each refuses it), 6-8 offline.
+    let mut cars = Vec::new();
+    for n in 1..=8 {
+        api.register(n).await;
+    }
+    for n in 1..=5 {
+        let opts = CarOpts {
+            host: "127.0.0.1".into(),
+            port: mqtt,
+            tls: None,
+            mode: Mode::Obey,
+        };
+        let car = TestCar::start(n, &key, opts).await;
+        car.wait_connected().await;
+        cars.push(car);
+    }
+    let body = serde_json::json!({
+        "vins": (1..=8).map(|n| vin(n).to_string()).collect::<Vec<_>>(),
+        "action": "ACTIVATE", "serviceId": "warp-drive",
+        "configuration": {"featureFlags": ["warp_drive"]},
+        "duration": {"type": "PERMANENT"},
+        "abortWhen": {"refusedPercent": 50, "minFinished": 5}});
+    let (s, b) = api.post("/campaigns", &body).await;
+    assert_eq!(s, 202, "{b}");
+    let cid = b["campaignId"].as_str().unwrap().to_owned();
+    let path = format!("/campaigns/{cid}");
+    let campaign = || api.get(&path);
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, c) = campaign().await;
+        if !c["abortedAt"].is_null() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the campaign did not stop itself: {c}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // SIGKILL once it says it stopped: what it said must hold after the restart.
+    gw.0.kill().unwrap();
+    gw.0.wait().unwrap();
+    let gw = spawn_gateway(dir.path(), http, mqtt, &hook);
+    wait_healthy(http).await;
+    let end = Instant::now() + Duration::from_secs(20);
+    let c = loop {
+        let (_, c) = campaign().await;
+        if c["counts"]["IN_PROGRESS"] == 0 && c["counts"]["QUEUED"] == 0 {
+            break c;
+        }
+        assert!(Instant::now() < end, "requests still in flight: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        !c["abortedAt"].is_null() && !c["cancelledAt"].is_null(),
+        "{c}"
+    );
+    assert_eq!(c["counts"]["FAILED"], 8, "{c}");
+    let (_, page) = api
+        .get(&format!("/campaigns/{cid}/requests?limit=500"))
+        .await;
+    let requests = page["requests"].as_array().unwrap();
+    assert_eq!(requests.len(), 8, "{page}");
+    for r in requests {
+        let v = r["vin"].as_str().unwrap();
+        let n: u32 = v[v.len() - 6..].parse().unwrap();
+        let want = if n <= 5 {
+            "UNKNOWN_FEATURE"
+        } else {
+            "CANCELLED"
+        };
+        assert_eq!(
+            (r["status"].as_str(), r["errorCode"].as_str()),
+            (Some("FAILED"), Some(want)),
+            "{r}"
+        );
+        // Every callback of it (a repeat after the kill may come) says the same.
+        let id = r["requestId"].as_str().unwrap();
+        let cb = hook.wait(id, Duration::from_secs(20)).await;
+        assert_eq!(cb.body["errorCode"], want, "{}", cb.body);
+        assert!(hook
+            .for_request(id)
+            .iter()
+            .all(|c| c.body["status"] == "FAILED" && c.body["errorCode"] == want));
+    }
+    drop((cars, gw));
 }
 
 /// The process's resident size, from `/proc`.
