@@ -1239,6 +1239,10 @@ impl Shard {
                 ),
             );
             self.move_history_to_batch(&vin);
+            // Its unit may have stayed connected all along, saying nothing the shard took in
+            // (its presence and reports went unheard while the car was retired): a status
+            // query makes it report, so the car shows ONLINE and its applied seq is known.
+            self.query_status(&vin);
         }
         Ok(true)
     }
@@ -1665,6 +1669,31 @@ impl Shard {
         }
     }
 
+    /// Asks the car for a status report: a signed query at its newest seq (not retained: a
+    /// query answered late says nothing).
+    fn query_status(&mut self, vin: &Vin) {
+        let Some(car) = self.cars.get(vin) else {
+            return;
+        };
+        let now = now_ms() / 1000;
+        let cmd = Command {
+            vin: *vin,
+            seq: car.rec.seq,
+            issued_at: now,
+            not_after: now + self.sh.command_ttl.as_secs(),
+            body: CommandBody::QueryStatus {
+                nonce: rand::random(),
+            },
+        };
+        if let Ok(frame) = seal_command(&cmd, &self.sh.key, &mut self.buf[..]) {
+            self.batch.publishes.push(Outbound {
+                topic: topics::command_topic(vin).to_string(),
+                payload: frame.to_vec(),
+                retain: topics::QUERY_RETAIN,
+            });
+        }
+    }
+
     /// A decommissioned car's unit came online: its withdrawal (the tombstone's seq, no
     /// grant) is signed afresh and published. The one sent at the decommissioning is gone
     /// from an embedded broker after a restart, and past `--command-ttl` a unit refuses it
@@ -2033,26 +2062,11 @@ impl Shard {
 
     fn probe(&mut self, vin: &Vin, rec: &RequestRec) {
         self.sh.metrics.probes.fetch_add(1, Relaxed);
-        let now = now_ms() / 1000;
-        let nonce: u64 = rand::random();
         let Some(car) = self.cars.get_mut(vin) else {
             return;
         };
         car.probe_answered = false;
-        let cmd = Command {
-            vin: *vin,
-            seq: car.rec.seq,
-            issued_at: now,
-            not_after: now + self.sh.command_ttl.as_secs(),
-            body: CommandBody::QueryStatus { nonce },
-        };
-        if let Ok(frame) = seal_command(&cmd, &self.sh.key, &mut self.buf[..]) {
-            self.batch.publishes.push(Outbound {
-                topic: topics::command_topic(vin).to_string(),
-                payload: frame.to_vec(),
-                retain: topics::QUERY_RETAIN,
-            });
-        }
+        self.query_status(vin);
         self.history(
             vin,
             "COMMAND",

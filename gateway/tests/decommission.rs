@@ -479,3 +479,32 @@ async fn a_unit_away_through_the_decommissioning_and_a_restart_still_drops_its_f
     drop(car);
     gw.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_car_registered_again_with_its_unit_connected_shows_online_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = patient_gateway(dir.path(), &hook, free_port()).await;
+    api.register(1).await;
+    let car = TestCar::start(1, gw.public_key_hex(), CarOpts::plain(&gw, Mode::Obey)).await;
+    car.wait_connected().await;
+    let boost = api.activate(1, "power-boost", "power_boost").await;
+    wait_activated(&hook, &[&boost], Duration::from_secs(10)).await;
+    let (s, retired) = decommission(&api, 1).await;
+    assert_eq!(s, 200, "{retired}");
+    let withdrawal = retired["withdrawalSeq"].as_u64().unwrap();
+    wait_services(&car, &[]).await;
+    // The unit stays connected through it all, and says nothing of its own accord (no
+    // periodic reports): registered again, the car is asked for its status.
+    let (s, b) = register_with(&api, 1, &car_key(1)).await;
+    assert_eq!(s, 201, "{b}");
+    let st = wait_status(&api, 1, "car 1 online", Duration::from_secs(10), |st| {
+        st["connectivity"] == "ONLINE"
+    })
+    .await;
+    assert!(st["activeServices"].as_array().unwrap().is_empty(), "{st}");
+    assert_eq!(car.seen.lock().unwrap().applied_seq, withdrawal);
+    assert!(car.seen.lock().unwrap().queries >= 1);
+    drop(car);
+    gw.shutdown().await;
+}
