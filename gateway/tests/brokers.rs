@@ -243,15 +243,8 @@ async fn a_decommissioning_survives_kill_9_after_its_2xx() {
     let flash = car.flash.lock().unwrap().clone();
     drop(car);
     let seats = api.activate(1, "heated-seats", "heated_seats").await;
-    let r = api
-        .http
-        .delete(format!("{}/vehicles/{}", api.base, vin(1)))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let retired: serde_json::Value = r.json().await.unwrap();
+    let (s, retired) = api.delete(&format!("/vehicles/{}", vin(1))).await;
+    assert_eq!(s, 200, "{retired}");
     assert_eq!(retired["requestsFailed"], 1, "{retired}");
     let withdrawal = retired["withdrawalSeq"].as_u64().unwrap();
     // SIGKILL right after the 2xx: nothing but the flushed database survives.

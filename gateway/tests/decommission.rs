@@ -46,36 +46,13 @@ async fn register_with(api: &Api, n: u32, key: &SigningKey) -> (u16, Value) {
 }
 
 async fn decommission(api: &Api, n: u32) -> (u16, Value) {
-    let r = api
-        .http
-        .delete(format!("{}/vehicles/{}", api.base, vin(n)))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    let s = r.status().as_u16();
-    (s, r.json().await.unwrap_or(Value::Null))
+    api.delete(&format!("/vehicles/{}", vin(n))).await
 }
 
 async fn request(api: &Api, id: &str) -> Value {
     let (s, r) = api.get(&format!("/ota/requests/{id}")).await;
     assert_eq!(s, 200, "{r}");
     r
-}
-
-/// The car's history entries of `kind`, newest first.
-async fn history_of(api: &Api, n: u32, kind: &str) -> Vec<Value> {
-    let (s, h) = api
-        .get(&format!("/vehicles/{}/history?limit=500", vin(n)))
-        .await;
-    assert_eq!(s, 200, "{h}");
-    h["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == kind)
-        .cloned()
-        .collect()
 }
 
 /// The VINs `GET /vehicles` lists.

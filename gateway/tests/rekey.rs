@@ -48,21 +48,6 @@ async fn request_status(api: &Api, id: &str) -> String {
     r["status"].as_str().unwrap().to_owned()
 }
 
-/// The car's history entries of `kind`, newest first.
-async fn history_of(api: &Api, n: u32, kind: &str) -> Vec<Value> {
-    let (s, h) = api
-        .get(&format!("/vehicles/{}/history?limit=500", vin(n)))
-        .await;
-    assert_eq!(s, 200, "{h}");
-    h["entries"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == kind)
-        .cloned()
-        .collect()
-}
-
 /// Waits (bounded) until metric `name` exceeds `above`; returns its value.
 async fn wait_metric_above(api: &Api, name: &str, above: f64) -> f64 {
     let end = Instant::now() + Duration::from_secs(10);

@@ -108,10 +108,8 @@ async fn a_store_restored_from_an_older_backup_confirms_nothing_the_car_did_not_
     ids.sort();
     assert_eq!(ids, ["highway-autopilot", "power-boost"]);
     assert_eq!(api.metric("caas_vehicle_seq_resyncs_total").await, 1.0);
-    let (_, history) = api.get(&format!("/vehicles/{}/history", vin(1))).await;
-    let resyncs = history["entries"]
-        .as_array()
-        .unwrap()
+    let commands = history_of(&api, 1, "COMMAND").await;
+    let resyncs = commands
         .iter()
         .filter(|e| {
             e["detail"]
@@ -119,7 +117,7 @@ async fn a_store_restored_from_an_older_backup_confirms_nothing_the_car_did_not_
                 .is_some_and(|d| d.contains("above the newest this store issued"))
         })
         .count();
-    assert_eq!(resyncs, 1, "{history}");
+    assert_eq!(resyncs, 1, "{commands:?}");
     assert_eq!(hook.for_request(&autopilot).len(), 1, "one callback");
     drop(car);
     gw.shutdown().await;

@@ -172,43 +172,32 @@ impl Api {
         }
     }
 
-    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-            .json(body)
-            .send()
-            .await
-            .unwrap();
+    /// Sends `req` with the test token: the status and the JSON body (null if none).
+    async fn answer(req: reqwest::RequestBuilder) -> (u16, Value) {
+        let r = req.bearer_auth(TOKEN).send().await.unwrap();
         let s = r.status().as_u16();
         (s, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        Api::answer(self.http.post(format!("{}{path}", self.base)).json(body)).await
     }
 
     pub async fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
-        let r = self
+        let req = self
             .http
             .post(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
             .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
+            .body(body);
+        Api::answer(req).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, Value) {
+        Api::answer(self.http.delete(format!("{}{path}", self.base))).await
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let s = r.status().as_u16();
-        (s, r.json().await.unwrap_or(Value::Null))
+        Api::answer(self.http.get(format!("{}{path}", self.base))).await
     }
 
     pub async fn get_text(&self, path: &str) -> String {
@@ -616,6 +605,21 @@ pub async fn refuse_command_of(api: &Api, car: &TestCar, id: &str) -> u64 {
     let code = RejectCode::UnknownFeature;
     send_report(car, 1, applied, Outcome::Rejected { seq: refused, code }).await;
     refused
+}
+
+/// Car `n`'s history entries of `kind`, newest first.
+pub async fn history_of(api: &Api, n: u32, kind: &str) -> Vec<Value> {
+    let (s, h) = api
+        .get(&format!("/vehicles/{}/history?limit=500", vin(n)))
+        .await;
+    assert_eq!(s, 200, "{h}");
+    h["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == kind)
+        .cloned()
+        .collect()
 }
 
 /// Polls `GET /vehicles/{vin}/status` (bounded) until `pred` holds; returns that status.
