@@ -25,6 +25,19 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+/// The IoT API's TLS listener (`--https`): our certificate chain and key (PEM), and
+/// optionally the CA whose client certificates callers must present.
+#[derive(Debug, Clone)]
+pub struct HttpsFiles {
+    /// Our certificate chain (PEM), e.g. a server certificate from `caasctl certs init`.
+    pub cert: PathBuf,
+    /// Our private key (PEM).
+    pub key: PathBuf,
+    /// With it, a caller must present a client certificate this CA (PEM) signed, as well as
+    /// the bearer token.
+    pub client_ca: Option<PathBuf>,
+}
+
 /// The seed's retry policy: attempts, a timeout per attempt, backoff between attempts.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -70,6 +83,12 @@ impl RetryPolicy {
 pub struct Config {
     /// HTTP listen address (port 0 picks a free port).
     pub http: SocketAddr,
+    /// No plain HTTP listener (`--no-http`): the IoT API only on [`Config::https`].
+    pub no_http: bool,
+    /// The IoT API over TLS, on this address, with [`Config::https_files`].
+    pub https: Option<SocketAddr>,
+    /// The certificate and key of [`Config::https`].
+    pub https_files: Option<HttpsFiles>,
     /// Embedded broker's plain MQTT listener (port 0 picks a free port); `None` for none.
     pub mqtt: Option<SocketAddr>,
     /// Embedded broker's TLS listener with client certificates (needs `tls`).
@@ -87,6 +106,9 @@ pub struct Config {
     pub signing_key: Option<PathBuf>,
     /// Where callbacks are POSTed; `None` records results without calling anyone.
     pub webhook_url: Option<String>,
+    /// CA certificates (PEM) trusted for an `https://` webhook URL besides the public roots
+    /// (a receiver with a certificate from a private CA).
+    pub webhook_ca: Option<PathBuf>,
     /// HMAC-SHA256 key of the callback signature.
     pub webhook_secret: String,
     /// The old callback key, while the receiver moves to a new one: each callback is also
@@ -158,6 +180,9 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            no_http: false,
+            https: None,
+            https_files: None,
             mqtt: Some(SocketAddr::from(([127, 0, 0, 1], 1883))),
             mqtts: None,
             tls: None,
@@ -166,6 +191,7 @@ impl Default for Config {
             data: PathBuf::from("./data/gateway"),
             signing_key: None,
             webhook_url: None,
+            webhook_ca: None,
             webhook_secret: String::new(),
             webhook_secret_previous: None,
             api_token: DEV_API_TOKEN.to_owned(),
@@ -197,6 +223,17 @@ impl Config {
         }
         if self.retry.backoff.is_empty() {
             bail!("--backoff needs at least one duration");
+        }
+        match (self.https.is_some(), self.https_files.is_some()) {
+            (true, false) => bail!("--https needs --https-cert and --https-key"),
+            (false, true) => bail!("--https-cert, --https-key and --https-client-ca need --https"),
+            _ => {}
+        }
+        if self.no_http && self.https.is_none() {
+            bail!("--no-http needs --https: the IoT API would have no listener");
+        }
+        if self.webhook_ca.is_some() && self.webhook_url.is_none() {
+            bail!("--webhook-ca needs --webhook-url");
         }
         if self.mqtts.is_some() && self.tls.is_none() {
             bail!("--mqtts needs --tls-ca, --tls-cert and --tls-key");
@@ -310,6 +347,23 @@ pub struct ServeArgs {
     /// HTTP listen address [default: 127.0.0.1:8080]
     #[arg(long, env = "CAAS_GATEWAY_HTTP")]
     pub http: Option<SocketAddr>,
+    /// No plain HTTP listener: the IoT API only over TLS (--https)
+    #[arg(long, env = "CAAS_GATEWAY_NO_HTTP", conflicts_with = "http")]
+    #[serde(default)]
+    pub no_http: bool,
+    /// The IoT API over TLS on this address too (needs --https-cert and --https-key)
+    #[arg(long, env = "CAAS_GATEWAY_HTTPS")]
+    pub https: Option<SocketAddr>,
+    /// Certificate chain (PEM) of --https; read again when the file changes
+    #[arg(long, env = "CAAS_GATEWAY_HTTPS_CERT")]
+    pub https_cert: Option<PathBuf>,
+    /// Private key (PEM) of --https; read again when the file changes
+    #[arg(long, env = "CAAS_GATEWAY_HTTPS_KEY")]
+    pub https_key: Option<PathBuf>,
+    /// Callers of --https must present a client certificate this CA (PEM) signed, besides
+    /// the API token
+    #[arg(long, env = "CAAS_GATEWAY_HTTPS_CLIENT_CA")]
+    pub https_client_ca: Option<PathBuf>,
     /// Embedded broker's plain MQTT listener [default: 127.0.0.1:1883]
     #[arg(long, env = "CAAS_GATEWAY_MQTT")]
     pub mqtt: Option<SocketAddr>,
@@ -347,6 +401,9 @@ pub struct ServeArgs {
     /// Callback URL
     #[arg(long, env = "CAAS_GATEWAY_WEBHOOK_URL")]
     pub webhook_url: Option<String>,
+    /// CA certificates (PEM) trusted for an https:// --webhook-url, besides the public roots
+    #[arg(long, env = "CAAS_GATEWAY_WEBHOOK_CA")]
+    pub webhook_ca: Option<PathBuf>,
     /// Callback HMAC secret
     #[arg(long, env = "CAAS_GATEWAY_WEBHOOK_SECRET")]
     pub webhook_secret: Option<String>,
@@ -416,6 +473,18 @@ impl ServeArgs {
             (None, None, None) => None,
             _ => bail!("--tls-ca, --tls-cert and --tls-key go together"),
         };
+        if a.no_http && a.http.is_some() {
+            bail!("--no-http and --http contradict each other");
+        }
+        let https_files = match (a.https_cert, a.https_key, a.https_client_ca) {
+            (Some(cert), Some(key), client_ca) => Some(HttpsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, None, None) => None,
+            _ => bail!("--https-cert and --https-key go together (--https-client-ca needs both)"),
+        };
         if a.no_mqtt && a.mqtt.is_some() {
             bail!("--no-mqtt and --mqtt contradict each other");
         }
@@ -431,6 +500,9 @@ impl ServeArgs {
         }
         let config = Config {
             http: a.http.unwrap_or(d.http),
+            no_http: a.no_http,
+            https: a.https,
+            https_files,
             // An external broker replaces the embedded one, listeners included.
             mqtt: if a.broker.is_some() || a.no_mqtt {
                 a.mqtt
@@ -444,6 +516,7 @@ impl ServeArgs {
             data: a.data.unwrap_or(d.data),
             signing_key: a.signing_key,
             webhook_url: a.webhook_url,
+            webhook_ca: a.webhook_ca,
             webhook_secret: a.webhook_secret.unwrap_or_default(),
             webhook_secret_previous: a.webhook_secret_previous,
             api_token: a.api_token.unwrap_or(d.api_token),
@@ -470,6 +543,11 @@ impl ServeArgs {
     fn merge(self, file: ServeArgs) -> ServeArgs {
         ServeArgs {
             http: self.http.or(file.http),
+            no_http: self.no_http || file.no_http,
+            https: self.https.or(file.https),
+            https_cert: self.https_cert.or(file.https_cert),
+            https_key: self.https_key.or(file.https_key),
+            https_client_ca: self.https_client_ca.or(file.https_client_ca),
             mqtt: self.mqtt.or(file.mqtt),
             no_mqtt: self.no_mqtt || file.no_mqtt,
             mqtts: self.mqtts.or(file.mqtts),
@@ -481,6 +559,7 @@ impl ServeArgs {
             data: self.data.or(file.data),
             signing_key: self.signing_key.or(file.signing_key),
             webhook_url: self.webhook_url.or(file.webhook_url),
+            webhook_ca: self.webhook_ca.or(file.webhook_ca),
             webhook_secret: self.webhook_secret.or(file.webhook_secret),
             webhook_secret_previous: self
                 .webhook_secret_previous
@@ -659,6 +738,107 @@ mod tests {
                 "{token:?} {previous:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_tls_api_flags_go_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let served = dir.path().join("https.toml");
+        std::fs::write(
+            &served,
+            "https = \"0.0.0.0:8443\"\nhttps-cert = \"api.pem\"\nhttps-key = \"api.key\"\nno-http = true\n",
+        )
+        .unwrap();
+        let c = ServeArgs {
+            config: Some(served),
+            ..Default::default()
+        }
+        .into_config()
+        .unwrap();
+        assert_eq!(c.https, Some("0.0.0.0:8443".parse().unwrap()));
+        assert!(c.no_http);
+        let files = c.https_files.unwrap();
+        assert_eq!(
+            (files.cert.to_str(), files.key.to_str(), files.client_ca),
+            (Some("api.pem"), Some("api.key"), None)
+        );
+        let https = || ServeArgs {
+            https: Some("127.0.0.1:8443".parse().unwrap()),
+            https_cert: Some("api.pem".into()),
+            https_key: Some("api.key".into()),
+            ..Default::default()
+        };
+        let refused = [
+            (
+                ServeArgs {
+                    https_cert: None,
+                    ..https()
+                },
+                "--https-cert",
+            ),
+            (
+                ServeArgs {
+                    https: None,
+                    ..https()
+                },
+                "--https",
+            ),
+            (
+                ServeArgs {
+                    https: None,
+                    https_cert: None,
+                    https_key: None,
+                    https_client_ca: Some("clients.pem".into()),
+                    ..Default::default()
+                },
+                "--https-client-ca",
+            ),
+            (
+                ServeArgs {
+                    no_http: true,
+                    ..Default::default()
+                },
+                "--no-http needs --https",
+            ),
+            (
+                ServeArgs {
+                    no_http: true,
+                    http: Some("127.0.0.1:8080".parse().unwrap()),
+                    ..https()
+                },
+                "--no-http and --http",
+            ),
+            (
+                ServeArgs {
+                    webhook_ca: Some("ca.pem".into()),
+                    ..https()
+                },
+                "--webhook-ca needs --webhook-url",
+            ),
+        ];
+        for (args, named) in refused {
+            let r = args.into_config();
+            assert!(
+                r.as_ref().is_err_and(|e| e.to_string().contains(named)),
+                "{named}: {r:?}"
+            );
+        }
+        let mutual = ServeArgs {
+            https_client_ca: Some("clients.pem".into()),
+            ..https()
+        }
+        .into_config()
+        .unwrap();
+        assert_eq!(
+            mutual.https_files.unwrap().client_ca,
+            Some("clients.pem".into())
+        );
+        assert!(!https().into_config().unwrap().no_http, "plain HTTP stays");
+    }
+
+    #[test]
+    fn a_bad_config_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
         let bad = dir.path().join("bad.toml");
         std::fs::write(&bad, "nope = 1\n").unwrap();
         assert!(ServeArgs {

@@ -28,6 +28,7 @@ mod campaign;
 pub mod config;
 mod engine;
 pub mod heap;
+mod https;
 mod idempotency;
 mod listener;
 mod metrics;
@@ -44,10 +45,10 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use caas_protocol::{files, verifying_key_to_hex, KeyId, RequestId};
 
-pub use config::{Config, RetryPolicy, TlsFiles, DEV_API_TOKEN};
+pub use config::{Config, HttpsFiles, RetryPolicy, TlsFiles, DEV_API_TOKEN};
 pub use engine::MAX_IN_FLIGHT_PER_CAR;
 
 use engine::{Engine, Msg, Shared};
@@ -56,14 +57,18 @@ use store::{dec, RequestRec, Store};
 /// A running gateway. Dropping it does not stop it: call [`Gateway::shutdown`].
 pub struct Gateway {
     http_addr: SocketAddr,
+    https_addr: Option<SocketAddr>,
     mqtt_addr: Option<SocketAddr>,
     mqtts_addr: Option<SocketAddr>,
     public_key: String,
     key_id: String,
     engine: Engine,
     store: Store,
-    http_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    http_task: tokio::task::JoinHandle<()>,
+    /// The IoT API's servers (plain, TLS) and what stops each.
+    http: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The store's pruner and what stops it between two of its steps.
     pruner: (
@@ -80,9 +85,14 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Where the IoT API listens.
+    /// Where the IoT API listens: the plain listener, or with `--no-http` the TLS one.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// Where the IoT API listens over TLS (`--https`), if it does.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// The embedded broker's plain MQTT listener, if any.
@@ -109,19 +119,8 @@ impl Gateway {
     /// (The embedded broker's threads end with the process.)
     pub async fn shutdown(mut self) {
         drop(self.heap.take());
-        if let Some(tx) = self.http_stop.take() {
-            let _ = tx.send(());
-        }
-        let http_task = self.http_task;
-        stop_within(http_task, Duration::from_secs(5)).await;
-        let mut senders = Vec::new();
-        for (stop, task) in self.webhook.drain(..) {
-            let _ = stop.send(());
-            senders.push(task);
-        }
-        for task in senders {
-            stop_within(task, Duration::from_secs(5)).await;
-        }
+        stop_all(std::mem::take(&mut self.http)).await;
+        stop_all(std::mem::take(&mut self.webhook)).await;
         for t in self.tasks.drain(..) {
             stop_within(t, Duration::ZERO).await;
         }
@@ -134,6 +133,33 @@ impl Gateway {
         let _ = self.store.db.flush_async().await;
         tracing::info!("gateway stopped");
     }
+}
+
+/// Serves the IoT API on `listener` until the returned sender fires (then lets the requests
+/// under way finish).
+fn serve_api<L>(
+    listener: L,
+    app: axum::Router,
+) -> (
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<()>,
+)
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let r = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "HTTP server");
+        }
+    });
+    (stop_tx, task)
 }
 
 /// Records looked at per pruning step (one blocking task of a few milliseconds).
@@ -189,6 +215,23 @@ async fn prune_forever(
     }
 }
 
+/// Tells every task of `tasks` to stop, then gives each up to 5 s to do so.
+async fn stop_all(
+    tasks: Vec<(
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    )>,
+) {
+    let mut stopping = Vec::new();
+    for (stop, task) in tasks {
+        let _ = stop.send(());
+        stopping.push(task);
+    }
+    for task in stopping {
+        stop_within(task, Duration::from_secs(5)).await;
+    }
+}
+
 /// Lets `task` end by itself within `grace`, then aborts it, and returns once it is gone (so
 /// nothing it holds, such as the database, outlives the gateway's shutdown).
 async fn stop_within(mut task: tokio::task::JoinHandle<()>, grace: Duration) {
@@ -204,6 +247,12 @@ async fn stop_within(mut task: tokio::task::JoinHandle<()>, grace: Duration) {
 pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     config.validate()?;
+    // Before anything is opened: a certificate that does not load stops the start.
+    let api_tls = config.https_files.as_ref().map(https::load).transpose()?;
+    let webhook_roots = match &config.webhook_ca {
+        Some(path) => webhook::read_roots(path)?,
+        None => Vec::new(),
+    };
     raise_open_file_limit();
     survive_file_size_limit();
     std::fs::create_dir_all(&config.data)
@@ -319,6 +368,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
                         url: url.clone(),
                         secret: config.webhook_secret.clone(),
                         previous_secret: config.webhook_secret_previous.clone(),
+                        roots: webhook_roots.clone(),
                     },
                     inbox,
                     stop_rx,
@@ -332,7 +382,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let state = Arc::new(api::AppState {
         engine: engine.clone(),
         store: store.clone(),
-        metrics,
+        metrics: metrics.clone(),
         api_token: config.api_token.clone(),
         api_token_previous: config.api_token_previous.clone(),
         key_id: key_id.clone(),
@@ -340,27 +390,47 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         campaigns,
     });
     tasks.push(tokio::spawn(api::run_aborts(state.clone(), trips_rx)));
-    let listener = tokio::net::TcpListener::bind(config.http)
-        .await
-        .with_context(|| format!("HTTP listener {}", config.http))?;
-    let http_addr = listener.local_addr()?;
-    let listener = listener::BoundedListener::new(
-        listener,
-        listener::MAX_HTTP_CONNECTIONS,
-        listener::HTTP_IDLE_TIMEOUT,
-    );
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(state);
-    let http_task = tokio::spawn(async move {
-        let r = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "HTTP server");
+    let mut http = Vec::new();
+    let mut http_addr = None;
+    if !config.no_http {
+        let listener = tokio::net::TcpListener::bind(config.http)
+            .await
+            .with_context(|| format!("HTTP listener {}", config.http))?;
+        let addr = listener.local_addr()?;
+        if !addr.ip().is_loopback() {
+            tracing::warn!(%addr, "the IoT API is served in the clear beyond this machine: \
+                its token and requests can be read and replayed on the way; --https and \
+                --no-http serve it over TLS only");
         }
-    });
+        http_addr = Some(addr);
+        let listener = listener::BoundedListener::new(
+            listener,
+            listener::MAX_HTTP_CONNECTIONS,
+            listener::HTTP_IDLE_TIMEOUT,
+        );
+        http.push(serve_api(listener, app.clone()));
+    }
+    let mut https_addr = None;
+    if let (Some(listen), Some(files), Some(api_tls)) = (config.https, &config.https_files, api_tls)
+    {
+        let tcp = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("HTTPS listener {listen}"))?;
+        let (config_tx, config_rx) = tokio::sync::watch::channel(api_tls);
+        let (listener, acceptor) = https::listen(tcp, config_rx, metrics.clone())?;
+        https_addr = Some(axum::serve::Listener::local_addr(&listener)?);
+        tasks.push(acceptor);
+        tasks.push(tokio::spawn(https::watch_files(
+            files.clone(),
+            config_tx,
+            metrics.clone(),
+        )));
+        http.push(serve_api(listener, app));
+    }
+    let Some(http_addr) = http_addr.or(https_addr) else {
+        bail!("no IoT API listener (--no-http needs --https)");
+    };
     let (pruner_stop, pruner_stopped) = tokio::sync::oneshot::channel();
     let pruner = tokio::spawn(prune_forever(
         store.clone(),
@@ -368,17 +438,17 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         config.retention,
         pruner_stopped,
     ));
-    tracing::info!(%http_addr, ?mqtt_addr, ?mqtts_addr, broker = ?config.broker, key_id = %key_id, "gateway started");
+    tracing::info!(%http_addr, ?https_addr, ?mqtt_addr, ?mqtts_addr, broker = ?config.broker, key_id = %key_id, "gateway started");
     Ok(Gateway {
         http_addr,
+        https_addr,
         mqtt_addr,
         mqtts_addr,
         public_key,
         key_id,
         engine,
         store,
-        http_stop: Some(stop_tx),
-        http_task,
+        http,
         tasks,
         pruner: (pruner_stop, pruner),
         heap,

@@ -30,7 +30,6 @@ pub(crate) const HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 pub(crate) struct BoundedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
-    limit: usize,
     idle_timeout: Duration,
     refused: u64,
 }
@@ -40,7 +39,6 @@ impl BoundedListener {
         BoundedListener {
             inner,
             slots: Arc::new(Semaphore::new(limit)),
-            limit,
             idle_timeout,
             refused: 0,
         }
@@ -48,39 +46,13 @@ impl BoundedListener {
 }
 
 impl axum::serve::Listener for BoundedListener {
-    type Io = Counted;
+    type Io = Counted<TcpStream>;
     type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Counted, SocketAddr) {
-        loop {
-            let (stream, peer) = match self.inner.accept().await {
-                Ok(s) => s,
-                Err(e) => {
-                    // Out of descriptors or memory: wait instead of spinning.
-                    tracing::warn!(error = %e, "HTTP accept");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-                self.refused += 1;
-                if self.refused.is_power_of_two() {
-                    tracing::warn!(%peer, limit = self.limit, refused = self.refused,
-                        "HTTP connection limit reached; new connections closed");
-                }
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            return (
-                Counted {
-                    stream,
-                    _slot: slot,
-                    idle_timeout: self.idle_timeout,
-                    idle: Box::pin(tokio::time::sleep(self.idle_timeout)),
-                },
-                peer,
-            );
-        }
+    async fn accept(&mut self) -> (Counted<TcpStream>, SocketAddr) {
+        let (stream, peer, slot) =
+            accept_bounded(&self.inner, &self.slots, "HTTP", &mut self.refused).await;
+        (Counted::new(stream, slot, self.idle_timeout), peer)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -88,16 +60,61 @@ impl axum::serve::Listener for BoundedListener {
     }
 }
 
-/// A connection holding its slot until it is dropped.
-pub(crate) struct Counted {
-    stream: TcpStream,
+/// The next connection `tcp` accepts for which `slots` has a slot, with TCP_NODELAY set and
+/// the slot, which it holds until dropped. Connections past the slots are closed at once
+/// (`refused` counts them; logged at each power of two, so a flood does not flood the log).
+/// `what` names the listener in the log.
+pub(crate) async fn accept_bounded(
+    tcp: &TcpListener,
+    slots: &Arc<Semaphore>,
+    what: &str,
+    refused: &mut u64,
+) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    loop {
+        let (stream, peer) = match tcp.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of descriptors or memory: wait instead of spinning.
+                tracing::warn!(error = %e, "{what} accept");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            *refused += 1;
+            if refused.is_power_of_two() {
+                tracing::warn!(%peer, refused = *refused,
+                    "{what} connection limit reached; new connections closed");
+            }
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        return (stream, peer, slot);
+    }
+}
+
+/// A connection holding its slot until it is dropped (plain TCP, or TLS for `--https`),
+/// closed when it sends nothing for its idle timeout.
+pub(crate) struct Counted<S> {
+    stream: S,
     _slot: OwnedSemaphorePermit,
     idle_timeout: Duration,
     /// Fires [`Self::idle_timeout`] after the last bytes read.
     idle: Pin<Box<tokio::time::Sleep>>,
 }
 
-impl AsyncRead for Counted {
+impl<S> Counted<S> {
+    pub(crate) fn new(stream: S, slot: OwnedSemaphorePermit, idle_timeout: Duration) -> Self {
+        Counted {
+            stream,
+            _slot: slot,
+            idle_timeout,
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -122,7 +139,7 @@ impl AsyncRead for Counted {
     }
 }
 
-impl AsyncWrite for Counted {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -64,6 +64,12 @@ pub(crate) struct Metrics {
     pub(crate) crl_failures: AtomicU64,
     /// Certificates the revocation list in force revokes.
     pub(crate) crl_entries: AtomicU64,
+    /// IoT API TLS handshakes that failed or timed out (https.rs).
+    pub(crate) https_handshake_failures: AtomicU64,
+    /// IoT API certificate sets loaded again after a file changed.
+    pub(crate) https_reloads: AtomicU64,
+    /// Changed IoT API certificate sets that did not load (the one in force stays).
+    pub(crate) https_reload_failures: AtomicU64,
     /// Cars found ahead of the store's seq, whose state went again above their own
     /// (engine.rs `resync_seq`).
     pub(crate) seq_resyncs: AtomicU64,
@@ -261,6 +267,21 @@ impl Metrics {
             "caas_mqtts_crl_failures_total",
             "Revocation list files that could not be loaded (the list in force stays in force).",
             &[("", self.crl_failures.load(Relaxed))],
+        );
+        counter(
+            "caas_https_handshake_failures_total",
+            "IoT API TLS handshakes that failed or timed out (--https).",
+            &[("", self.https_handshake_failures.load(Relaxed))],
+        );
+        counter(
+            "caas_https_cert_reloads_total",
+            "IoT API certificate and key loaded again after their files changed.",
+            &[("", self.https_reloads.load(Relaxed))],
+        );
+        counter(
+            "caas_https_cert_reload_failures_total",
+            "Changed IoT API certificate files that did not load (the ones in force stay in force).",
+            &[("", self.https_reload_failures.load(Relaxed))],
         );
         let _ = writeln!(s, "# HELP caas_webhook_receiver_down 1 while the webhook receiver looks down (failures in a row; one callback at a time probes it).\n# TYPE caas_webhook_receiver_down gauge\ncaas_webhook_receiver_down {}", self.webhook_receiver_down.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_store_failing 1 while the newest store flush failed.\n# TYPE caas_store_failing gauge\ncaas_store_failing {}", self.store_failing.load(Relaxed));

@@ -173,9 +173,39 @@ fn read_crls(
 }
 
 /// The file's modification time and length: a change of either means a new list.
-fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+pub(crate) fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
+}
+
+/// Runs `load` on a blocking thread whenever `stamp` changes (checked every `every`) and
+/// hands its result to `loaded`, until aborted: the files a listener reads at start, read
+/// again when an operator replaces them.
+pub(crate) async fn reload_on_change<S, T, L>(
+    every: Duration,
+    stamp: impl Fn() -> S,
+    load: L,
+    mut loaded: impl FnMut(anyhow::Result<T>),
+) where
+    S: PartialEq,
+    T: Send + 'static,
+    L: Fn() -> anyhow::Result<T> + Clone + Send + 'static,
+{
+    let mut seen = stamp();
+    loop {
+        tokio::time::sleep(every).await;
+        let now = stamp();
+        if now == seen {
+            continue;
+        }
+        // Taken before the read: a write that ends after it changes the stamp again.
+        seen = now;
+        let load = load.clone();
+        loaded(match tokio::task::spawn_blocking(load).await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow!("the load stopped: {e}")),
+        });
+    }
 }
 
 /// Loads the revocation list at `crl` again whenever the file changes, until aborted.
@@ -185,37 +215,29 @@ pub(crate) async fn watch_crl(
     front: watch::Sender<Arc<FrontTls>>,
     metrics: Arc<Metrics>,
 ) {
-    let mut seen = file_stamp(&crl);
-    loop {
-        tokio::time::sleep(CRL_POLL).await;
-        let stamp = file_stamp(&crl);
-        if stamp == seen {
-            continue;
-        }
-        // Taken before the read: a write that ends after it changes the stamp again.
-        seen = stamp;
-        let (tls, path) = (tls.clone(), crl.clone());
-        let loaded = tokio::task::spawn_blocking(move || FrontTls::load(&tls, Some(&path))).await;
-        match loaded {
-            Ok(Ok(next)) => {
+    let path = crl.clone();
+    let load = move || FrontTls::load(&tls, Some(&path));
+    reload_on_change(
+        CRL_POLL,
+        || file_stamp(&crl),
+        load,
+        |r| match r {
+            Ok(next) => {
                 metrics
                     .crl_entries
                     .store(next.revoked_count() as u64, Relaxed);
                 tracing::info!(path = %crl.display(), revoked = next.revoked_count(),
-                    "revocation list loaded");
+                "revocation list loaded");
                 front.send_replace(Arc::new(next));
-            }
-            Ok(Err(e)) => {
-                metrics.crl_failures.fetch_add(1, Relaxed);
-                tracing::error!(error = %format!("{e:#}"),
-                    "revocation list not loaded; the one in force stays");
             }
             Err(e) => {
                 metrics.crl_failures.fetch_add(1, Relaxed);
-                tracing::error!(error = %e, "revocation list load stopped");
+                tracing::error!(error = %format!("{e:#}"),
+                "revocation list not loaded; the one in force stays");
             }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 /// The issuer and serial of a certificate.
@@ -263,24 +285,14 @@ pub(crate) async fn serve(
     metrics: Arc<Metrics>,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "TLS front accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "TLS front: connection limit reached; refused");
-            continue;
-        };
+        let (stream, peer, permit) =
+            crate::listener::accept_bounded(&listener, &slots, "TLS front", &mut refused).await;
         let tls_acceptor = TlsAcceptor::from(front.borrow().config.clone());
         let (acceptors, front, metrics) = (acceptors.clone(), front.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = stream.set_nodelay(true);
             let tls =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls_acceptor.accept(stream)).await {
                     Ok(Ok(t)) => t,
@@ -388,23 +400,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Revocable<S> {
 /// Accepts plain MQTT connections on `listener` and hands each to its VIN's router.
 pub(crate) async fn serve_plain(listener: TcpListener, acceptors: Arc<Vec<Acceptor>>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut refused: u64 = 0;
     loop {
-        let (mut stream, peer) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "MQTT front accept");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "MQTT front: connection limit reached; refused");
-            continue;
-        };
+        let (mut stream, peer, permit) =
+            crate::listener::accept_bounded(&listener, &slots, "MQTT front", &mut refused).await;
         let acceptors = acceptors.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let _ = stream.set_nodelay(true);
             let connect =
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_packet(&mut stream)).await {
                     Ok(Ok(Some(p))) if p[0] >> 4 == 1 => p,

@@ -729,6 +729,32 @@ pub(crate) struct Receiver {
     pub(crate) secret: String,
     /// The old key during a rotation ([`crate::Config::webhook_secret_previous`]).
     pub(crate) previous_secret: Option<String>,
+    /// CA certificates trusted besides the public roots ([`crate::Config::webhook_ca`]).
+    pub(crate) roots: Vec<reqwest::Certificate>,
+}
+
+/// Largest `--webhook-ca` file read (a bundle of a few hundred certificates).
+const MAX_CA_FILE: u64 = 1024 * 1024;
+
+/// Reads the CA certificates of `--webhook-ca` (PEM, at least one).
+pub(crate) fn read_roots(path: &std::path::Path) -> anyhow::Result<Vec<reqwest::Certificate>> {
+    use anyhow::Context;
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("--webhook-ca {}", path.display()))?
+        .len();
+    if len > MAX_CA_FILE {
+        anyhow::bail!(
+            "--webhook-ca {}: {len} bytes, more than the {MAX_CA_FILE} a CA bundle may have",
+            path.display()
+        );
+    }
+    let pem = std::fs::read(path).with_context(|| format!("--webhook-ca {}", path.display()))?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .with_context(|| format!("--webhook-ca {}: not PEM certificates", path.display()))?;
+    if roots.is_empty() {
+        anyhow::bail!("--webhook-ca {}: no certificate in it", path.display());
+    }
+    Ok(roots)
 }
 
 /// Runs the delivery loop until `stop` fires (then tells the engine what it delivered and
@@ -748,12 +774,14 @@ pub(crate) async fn run(
             return;
         }
     };
-    let client = match reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(POST_TIMEOUT)
         .tcp_nodelay(true)
-        .pool_max_idle_per_host(CONCURRENCY)
-        .build()
-    {
+        .pool_max_idle_per_host(CONCURRENCY);
+    for root in &to.roots {
+        builder = builder.add_root_certificate(root.clone());
+    }
+    let client = match builder.build() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "webhook client");

@@ -42,12 +42,13 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum GatewayCmd {
     /// Serve the IoT API and the MQTT fan-out (the same options as `caas-gateway serve`).
-    Serve(caas_gateway::config::ServeArgs),
+    /// Boxed: the options are far larger than every other command's.
+    Serve(Box<caas_gateway::config::ServeArgs>),
 }
 
 fn gateway_main(cmd: GatewayCmd) -> i32 {
     let GatewayCmd::Serve(args) = cmd;
-    caas_gateway::serve_main(args)
+    caas_gateway::serve_main(*args)
 }
 
 /// Where the gateway is.

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::frame;
 use crate::gateway::{self, Gateway};
-use crate::http::Client;
+use crate::http::{Client, TlsOptions};
 use crate::keys::{self, KeyFileKind};
 use crate::local;
 use crate::pki;
@@ -233,7 +233,7 @@ pub enum KeysCommand {
 #[derive(Debug, Subcommand)]
 pub enum CertsCommand {
     /// Make a new development PKI in DIR: ca.pem/ca.key (the CA), server.pem/server.key (the
-    /// broker, for localhost and 127.0.0.1), gateway.pem/gateway.key (the gateway's client
+    /// broker's, and the IoT API's for --https; localhost and 127.0.0.1), gateway.pem/gateway.key (the gateway's client
     /// certificate). PEM; keys mode 0600. Replaces a PKI already in DIR.
     Init {
         /// Directory to write into (created if missing), e.g. certs/dev.
@@ -350,6 +350,27 @@ pub struct GatewayArgs {
     /// The IoT API bearer token.
     #[arg(long, value_name = "T", env = "CAAS_API_TOKEN", default_value = gateway::DEFAULT_API_TOKEN, hide_env_values = true)]
     pub token: String,
+    /// CA certificate(s) (PEM) to trust for an https:// gateway, besides the public roots
+    /// (e.g. the development PKI's ca.pem).
+    #[arg(long, value_name = "FILE", env = "CAAS_GATEWAY_CA")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM) to present to an https:// gateway that asks for one
+    /// (its --https-client-ca); with --client-key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CAAS_CLIENT_CERT",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+    /// The private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "CAAS_CLIENT_KEY",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
 }
 
 /// `caasctl vehicle ...`
@@ -746,12 +767,13 @@ fn run_local(cmd: LocalCommand) -> Result<()> {
     }
 }
 
-fn gateway_of(args: GatewayArgs) -> Result<Gateway> {
-    match reqwest::Url::parse(&args.gateway) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(Gateway {
+/// The gateway the arguments name and a client set up to reach it (its TLS options).
+fn gateway_of(args: GatewayArgs) -> Result<(Gateway, Client)> {
+    let gw = match reqwest::Url::parse(&args.gateway) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => Gateway {
             url: args.gateway,
             token: args.token,
-        }),
+        },
         Ok(_) => bail!(
             "invalid gateway URL {:?}: use http:// or https://",
             args.gateway
@@ -761,14 +783,19 @@ fn gateway_of(args: GatewayArgs) -> Result<Gateway> {
             args.gateway,
             gateway::DEFAULT_GATEWAY_URL
         ),
-    }
+    };
+    let tls = TlsOptions {
+        ca: args.ca,
+        identity: args.client_cert.zip(args.client_key),
+    };
+    Ok((gw, Client::with_tls(&tls)?))
 }
 
 fn run_gateway(cmd: GatewayCommand) -> Result<()> {
     match cmd {
         GatewayCommand::Stats { gateway, json } => {
-            let gw = gateway_of(gateway)?;
-            let text = gw.metrics(&Client::new()?)?;
+            let (gw, client) = gateway_of(gateway)?;
+            let text = gw.metrics(&client)?;
             if json {
                 print_json(&stats::stats_json(&text))
             } else {
@@ -783,13 +810,13 @@ fn run_gateway(cmd: GatewayCommand) -> Result<()> {
             json,
         } => {
             let vin = vin.as_deref().map(parse_vin).transpose()?;
-            let gw = gateway_of(gateway)?;
+            let (gw, client) = gateway_of(gateway)?;
             let page = requests::TicketPage {
                 limit,
                 before: before.as_deref(),
                 vin: vin.as_ref(),
             };
-            let v = gw.tickets(&Client::new()?, &page)?;
+            let v = gw.tickets(&client, &page)?;
             print_answer(&v, json, |v| requests::tickets_text(v, &page))
         }
     }
@@ -807,8 +834,7 @@ fn run_request(cmd: RequestCommand) -> Result<()> {
         json,
     }) = &cmd;
     let id = parse_id(request_id, "request id")?;
-    let gw = gateway_of(gateway.clone())?;
-    let client = Client::new()?;
+    let (gw, client) = gateway_of(gateway.clone())?;
     let v = match cmd {
         RequestCommand::Show { .. } => gw.request(&client, &id)?,
         RequestCommand::Cancel { .. } => gw.cancel_request(&client, &id)?,
@@ -817,7 +843,6 @@ fn run_request(cmd: RequestCommand) -> Result<()> {
 }
 
 fn run_campaign(cmd: CampaignCommand) -> Result<()> {
-    let client = Client::new()?;
     let (campaign_id, gateway, json) = match &cmd {
         CampaignCommand::List {
             limit,
@@ -825,7 +850,7 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
             gateway,
             json,
         } => {
-            let gw = gateway_of(gateway.clone())?;
+            let (gw, client) = gateway_of(gateway.clone())?;
             let v = gw.campaigns(&client, *limit, before.as_deref())?;
             return print_answer(&v, *json, |v| requests::campaigns_text(v, *limit));
         }
@@ -838,7 +863,7 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
             json,
         } => {
             let id = parse_id(campaign_id, "campaign id")?;
-            let gw = gateway_of(gateway.clone())?;
+            let (gw, client) = gateway_of(gateway.clone())?;
             let page = requests::CampaignRequestsPage {
                 limit: *limit,
                 after: after.as_deref(),
@@ -872,7 +897,7 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
         } => (campaign_id, gateway, json),
     };
     let id = parse_id(campaign_id, "campaign id")?;
-    let gw = gateway_of(gateway.clone())?;
+    let (gw, client) = gateway_of(gateway.clone())?;
     let v = match cmd {
         CampaignCommand::Cancel { .. } => gw.cancel_campaign(&client, &id)?,
         _ => gw.campaign(&client, &id)?,
@@ -881,7 +906,6 @@ fn run_campaign(cmd: CampaignCommand) -> Result<()> {
 }
 
 fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
-    let client = Client::new()?;
     match cmd {
         VehicleCommand::List {
             connectivity,
@@ -892,7 +916,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
             json,
         } => {
             let after = after.as_deref().map(parse_vin).transpose()?;
-            let gw = gateway_of(gateway)?;
+            let (gw, client) = gateway_of(gateway)?;
             let page = vehicle::VehiclePage {
                 limit,
                 after: after.as_ref(),
@@ -904,7 +928,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
         }
         VehicleCommand::Status { vin, gateway, json } => {
             let vin = parse_vin(&vin)?;
-            let gw = gateway_of(gateway)?;
+            let (gw, client) = gateway_of(gateway)?;
             let v = gw.status(&client, &vin)?;
             print_answer(&v, json, vehicle::status_text)
         }
@@ -916,7 +940,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
             json,
         } => {
             let vin = parse_vin(&vin)?;
-            let gw = gateway_of(gateway)?;
+            let (gw, client) = gateway_of(gateway)?;
             let v = gw.history(&client, &vin, limit, before.as_deref())?;
             print_answer(&v, json, |v| vehicle::history_text(v, &vin, limit))
         }
@@ -938,7 +962,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
                      {previous_public_key} are refused; say --yes to do it"
                 );
             }
-            let gw = gateway_of(gateway)?;
+            let (gw, client) = gateway_of(gateway)?;
             let v = gw.replace_key(&client, &vin, &key, &previous)?;
             print_answer(&v, json, vehicle::rekey_text)
         }
@@ -957,7 +981,7 @@ fn run_vehicle(cmd: VehicleCommand) -> Result<()> {
                      (caasctl vehicle status {vin} shows what it has now)"
                 );
             }
-            let gw = gateway_of(gateway)?;
+            let (gw, client) = gateway_of(gateway)?;
             let v = gw.decommission(&client, &vin)?;
             print_answer(&v, json, vehicle::decommission_text)
         }

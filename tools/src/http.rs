@@ -44,6 +44,14 @@ pub enum HttpError {
         /// The body as JSON, when it was JSON.
         json: Option<Value>,
     },
+    /// A TLS file given (a CA to trust, a client certificate) could not be used.
+    #[error("{path}: {reason}")]
+    Tls {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The body is not JSON or too large.
     #[error("{url} answered something caasctl cannot read: {reason}")]
     Body {
@@ -52,6 +60,35 @@ pub enum HttpError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Largest CA, certificate or key file read (a CA bundle of a few hundred certificates).
+pub const MAX_TLS_FILE: u64 = 1024 * 1024;
+
+/// How to reach an `https://` server whose certificate a private CA signed, or that asks
+/// for a client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// CA certificates (PEM) trusted besides the public roots.
+    pub ca: Option<std::path::PathBuf>,
+    /// Client certificate and its key (PEM).
+    pub identity: Option<(std::path::PathBuf, std::path::PathBuf)>,
+}
+
+fn read_tls_file(path: &std::path::Path) -> Result<Vec<u8>, HttpError> {
+    let tls_error = |reason: String| HttpError::Tls {
+        path: path.display().to_string(),
+        reason,
+    };
+    let len = std::fs::metadata(path)
+        .map_err(|e| tls_error(e.to_string()))?
+        .len();
+    if len > MAX_TLS_FILE {
+        return Err(tls_error(format!(
+            "{len} bytes, more than the {MAX_TLS_FILE} such a file may have"
+        )));
+    }
+    std::fs::read(path).map_err(|e| tls_error(e.to_string()))
 }
 
 /// A client for `caasctl`'s requests.
@@ -98,17 +135,44 @@ fn one_line(s: &str) -> String {
 impl Client {
     /// A client with [`CONNECT_TIMEOUT`] and [`REQUEST_TIMEOUT`], using rustls (ring).
     pub fn new() -> Result<Self, HttpError> {
+        Client::with_tls(&TlsOptions::default())
+    }
+
+    /// [`Client::new`] that also trusts `tls.ca` and presents `tls.identity`.
+    pub fn with_tls(tls: &TlsOptions) -> Result<Self, HttpError> {
         // rustls 0.23 panics when no crypto provider is chosen and several are compiled in.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let inner = reqwest::blocking::Client::builder()
+        let mut builder = reqwest::blocking::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(REQUEST_TIMEOUT)
-            .user_agent(concat!("caasctl/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| HttpError::Transport {
-                url: String::new(),
-                reason: chain(&e),
+            .user_agent(concat!("caasctl/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &tls.ca {
+            let pem = read_tls_file(path)?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|r| !r.is_empty())
+                .ok_or_else(|| HttpError::Tls {
+                    path: path.display().to_string(),
+                    reason: "no PEM certificate in it".to_owned(),
+                })?;
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        if let Some((cert, key)) = &tls.identity {
+            let mut pem = read_tls_file(cert)?;
+            pem.push(b'\n');
+            pem.extend(read_tls_file(key)?);
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| HttpError::Tls {
+                path: format!("{} with {}", cert.display(), key.display()),
+                reason: format!("not a PEM certificate and private key: {}", chain(&e)),
             })?;
+            builder = builder.identity(identity);
+        }
+        let inner = builder.build().map_err(|e| HttpError::Transport {
+            url: String::new(),
+            reason: chain(&e),
+        })?;
         Ok(Client { inner })
     }
 

@@ -53,6 +53,15 @@ pub struct Webhook {
 
 impl Webhook {
     pub async fn start(fail_first: u64) -> Webhook {
+        Webhook::start_on(fail_first, None).await
+    }
+
+    /// A receiver over TLS with `tls` (its URL `https://127.0.0.1:PORT/hook`).
+    pub async fn start_tls(tls: Arc<rustls::ServerConfig>) -> Webhook {
+        Webhook::start_on(0, Some(tls)).await
+    }
+
+    async fn start_on(fail_first: u64, tls: Option<Arc<rustls::ServerConfig>>) -> Webhook {
         use axum::http::HeaderMap;
         let got: Arc<Mutex<Vec<Callback>>> = Arc::default();
         let failures = Arc::new(AtomicU64::new(fail_first));
@@ -101,8 +110,22 @@ impl Webhook {
             }),
         );
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", l.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+        let addr = l.local_addr().unwrap();
+        let url = match tls {
+            Some(tls) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+                tokio::spawn(async move {
+                    axum::serve(TlsTestListener { tcp: l, acceptor }, app)
+                        .await
+                        .unwrap()
+                });
+                format!("https://{addr}/hook")
+            }
+            None => {
+                tokio::spawn(async move { axum::serve(l, app).await.unwrap() });
+                format!("http://{addr}/hook")
+            }
+        };
         Webhook {
             url,
             got,
@@ -134,6 +157,33 @@ impl Webhook {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// A TLS listener for test servers: each handshake inline (one client at a time is enough
+/// here), a failed one skipped.
+pub struct TlsTestListener {
+    pub tcp: tokio::net::TcpListener,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsTestListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, SocketAddr) {
+        loop {
+            let Ok((stream, peer)) = self.tcp.accept().await else {
+                continue;
+            };
+            if let Ok(tls) = self.acceptor.accept(stream).await {
+                return (tls, peer);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
     }
 }
 
@@ -170,6 +220,12 @@ impl Api {
             base: format!("http://{addr}"),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// A client of the IoT API at `base` (e.g. `https://127.0.0.1:PORT`) with `http`.
+    pub fn with_client(base: String, http: reqwest::Client) -> Api {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Api { base, http }
     }
 
     /// Sends `req` with the test token: the status and the JSON body (null if none).
@@ -793,7 +849,8 @@ impl Pki {
         self.client_config(&name)
     }
 
-    pub fn client_config(&self, name: &str) -> Arc<rustls::ClientConfig> {
+    /// The CA's certificate as the only root.
+    pub fn roots(&self) -> rustls::RootCertStore {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut std::io::BufReader::new(
@@ -801,6 +858,17 @@ impl Pki {
         )) {
             roots.add(c.unwrap()).unwrap();
         }
+        roots
+    }
+
+    /// `{name}.pem` and `{name}.key`.
+    fn pair(
+        &self,
+        name: &str,
+    ) -> (
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    ) {
         let certs: Vec<_> = rustls_pemfile::certs(&mut std::io::BufReader::new(
             std::fs::File::open(self.dir.join(format!("{name}.pem"))).unwrap(),
         ))
@@ -811,10 +879,28 @@ impl Pki {
         ))
         .unwrap()
         .unwrap();
+        (certs, key)
+    }
+
+    pub fn client_config(&self, name: &str) -> Arc<rustls::ClientConfig> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (certs, key) = self.pair(name);
         Arc::new(
             rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
+                .with_root_certificates(self.roots())
                 .with_client_auth_cert(certs, key)
+                .unwrap(),
+        )
+    }
+
+    /// The rustls server configuration of `{name}.pem` and `{name}.key` (no client auth).
+    pub fn server_config(&self, name: &str) -> Arc<rustls::ServerConfig> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let (certs, key) = self.pair(name);
+        Arc::new(
+            rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(certs, key)
                 .unwrap(),
         )
     }

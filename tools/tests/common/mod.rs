@@ -56,6 +56,9 @@ fn command(args: &[&str]) -> Command {
     cmd.args(args)
         .env_remove("CAAS_GATEWAY_URL")
         .env_remove("CAAS_API_TOKEN")
+        .env_remove("CAAS_GATEWAY_CA")
+        .env_remove("CAAS_CLIENT_CERT")
+        .env_remove("CAAS_CLIENT_KEY")
         .stdin(Stdio::null());
     cmd
 }
@@ -112,6 +115,14 @@ pub fn gateway_config(data: std::path::PathBuf, token: &str) -> caas_gateway::Co
 /// Starts a gateway from a thread of its own and returns its base URL; it lives as long as
 /// the test process.
 pub fn start_gateway(config: caas_gateway::Config) -> String {
+    format!("http://{}", start_gateway_listening(config).0)
+}
+
+/// [`start_gateway`], returning the IoT API's addresses: plain (or the TLS one with
+/// `no_http`), and the TLS one when it has one.
+pub fn start_gateway_listening(
+    config: caas_gateway::Config,
+) -> (std::net::SocketAddr, Option<std::net::SocketAddr>) {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -121,11 +132,12 @@ pub fn start_gateway(config: caas_gateway::Config) -> String {
             .expect("runtime");
         rt.block_on(async move {
             let gw = caas_gateway::start(config).await.expect("gateway starts");
-            tx.send(gw.http_addr()).expect("send address");
+            tx.send((gw.http_addr(), gw.https_addr()))
+                .expect("send address");
             std::future::pending::<()>().await;
         });
     });
-    format!("http://{}", rx.recv().expect("gateway address"))
+    rx.recv().expect("gateway address")
 }
 
 /// `POST base+path` with the token (and an idempotency key): the status and the JSON answer
