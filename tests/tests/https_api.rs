@@ -1,0 +1,184 @@
+//! The IoT API over mutual TLS, end to end with real processes: a gateway serving it with
+//! `--https` and `--https-client-ca` (a PKI made by `caasctl certs`), the real agent as the
+//! car, the CaaS core's activation sent over TLS with the backend's client certificate, and
+//! the technician's `caasctl` reading the car over the same listener.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use common::*;
+
+use std::path::Path;
+
+use caas_tests::{
+    caasctl, make_key, receiver_and_gateway_opts, stdout_of, AgentProcess, AgentSpec, Gateway,
+    KeyFiles, Retry,
+};
+
+/// A VIN with a valid check digit.
+const VIN: &str = "1HGCM82633A004352";
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A client of the TLS listener trusting only the PKI's CA, with the backend's certificate
+/// when `with_certificate`.
+fn core_client(pki: &Path, with_certificate: bool) -> reqwest::Client {
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(pki.join("ca.pem")).unwrap()).unwrap();
+    let mut b = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(ca)
+        .timeout(std::time::Duration::from_secs(10));
+    if with_certificate {
+        let mut pem = std::fs::read(pki.join("backend.pem")).unwrap();
+        pem.extend(std::fs::read(pki.join("backend.key")).unwrap());
+        b = b.identity(reqwest::Identity::from_pem(&pem).unwrap());
+    }
+    b.build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_over_it() {
+    let dir = tempfile::Builder::new()
+        .prefix("caas-e2e-https-")
+        .tempdir()
+        .unwrap();
+    let pki = dir.path().join("pki");
+    for args in [
+        vec!["certs", "init", "--out", path(&pki)],
+        vec![
+            "certs",
+            "client",
+            "--name",
+            "backend",
+            "--ca-dir",
+            path(&pki),
+        ],
+    ] {
+        stdout_of(&caasctl(ctl(), &args).await.unwrap()).unwrap();
+    }
+    let retry = Retry {
+        attempts: 4,
+        attempt_timeout: "2s",
+        backoff: "500ms",
+    };
+    let (receiver, mut opts) = receiver_and_gateway_opts(retry).await.unwrap();
+    let https = format!("127.0.0.1:{}", caas_sim::gateway_proc::free_port().unwrap());
+    opts.extra_args = [
+        "--https",
+        &https,
+        "--https-cert",
+        path(&pki.join("server.pem")),
+        "--https-key",
+        path(&pki.join("server.key")),
+        "--https-client-ca",
+        path(&pki.join("ca.pem")),
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let gateway = Gateway::start(sim(), &opts).await.unwrap();
+    let api = gateway.api().unwrap();
+    let gateway_key = dir.path().join("gateway.pub");
+    write_gateway_key(&api, &gateway_key).await;
+    let KeyFiles {
+        secret, public_hex, ..
+    } = make_key(ctl(), dir.path(), "car-key").await.unwrap();
+    api.register_vehicle(VIN, &public_hex, caas_sim::car::SEED_PLATFORM, "1.0.0")
+        .await
+        .unwrap();
+    let car = AgentProcess::start(
+        agent(),
+        &AgentSpec {
+            vin: VIN.to_string(),
+            broker: gateway.mqtt.clone(),
+            tls: None,
+            gateway_keys: vec![gateway_key.clone()],
+            device_key: secret,
+            data: dir.path().join("car-state"),
+            log: dir.path().join("car.log"),
+        },
+    )
+    .await
+    .unwrap();
+
+    // The CaaS core, over TLS with its client certificate and the token.
+    let activation = serde_json::json!({
+        "vin": VIN,
+        "serviceId": "heated-seats",
+        "configuration": {"featureFlags": ["heated_seats"], "parameters": {}},
+        "duration": {"type": "PERMANENT"},
+    });
+    let url = format!("https://{https}/ota/activate");
+    let answer = core_client(&pki, true)
+        .post(&url)
+        .bearer_auth(&gateway.token)
+        .json(&activation)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status().as_u16(), 202);
+    let body: serde_json::Value = answer.json().await.unwrap();
+    let id = body["requestId"].as_str().unwrap().to_owned();
+    let answered = receiver.wait_for(std::slice::from_ref(&id), DEADLINE).await;
+    assert_eq!(answered, 1, "no callback; the car:\n{}", car.log_text());
+    assert_eq!(receiver.callbacks(&id)[0].status, "ACTIVATED");
+
+    // Without the client certificate the handshake is refused: nothing is made.
+    let refused = core_client(&pki, false)
+        .post(&url)
+        .bearer_auth(&gateway.token)
+        .json(&activation)
+        .send()
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+
+    // The technician, over the same listener.
+    let base = format!("https://{https}");
+    let status = caasctl(
+        ctl(),
+        &[
+            "vehicle",
+            "status",
+            VIN,
+            "--gateway",
+            &base,
+            "--token",
+            &gateway.token,
+            "--ca",
+            path(&pki.join("ca.pem")),
+            "--client-cert",
+            path(&pki.join("backend.pem")),
+            "--client-key",
+            path(&pki.join("backend.key")),
+            "--json",
+        ],
+    )
+    .await
+    .unwrap();
+    let status: serde_json::Value = serde_json::from_str(&stdout_of(&status).unwrap()).unwrap();
+    assert_eq!(status["connectivity"], "ONLINE", "{status}");
+    assert_eq!(
+        status["activeServices"][0]["serviceId"], "heated-seats",
+        "{status}"
+    );
+    assert_eq!(status["activeServices"][0]["status"], "ACTIVE", "{status}");
+    let without_ca = caasctl(
+        ctl(),
+        &[
+            "vehicle",
+            "status",
+            VIN,
+            "--gateway",
+            &base,
+            "--token",
+            &gateway.token,
+        ],
+    )
+    .await
+    .unwrap();
+    assert!(
+        !without_ca.status.success(),
+        "no --ca: the certificate is not trusted"
+    );
+}
