@@ -10,17 +10,10 @@ use common::*;
 
 use std::path::Path;
 
-use caas_tests::{
-    caasctl, make_key, receiver_and_gateway_opts, stdout_of, AgentProcess, AgentSpec, Gateway,
-    KeyFiles, Retry,
-};
+use caas_tests::{caasctl, make_key, stdout_of, AgentProcess, AgentSpec, KeyFiles, Retry};
 
 /// A VIN with a valid check digit.
 const VIN: &str = "1HGCM82633A004352";
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A client of the TLS listener trusting only the PKI's CA, with the backend's certificate
 /// when `with_certificate`.
@@ -63,24 +56,27 @@ async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_ove
         attempt_timeout: "2s",
         backoff: "500ms",
     };
-    let (receiver, mut opts) = receiver_and_gateway_opts(retry).await.unwrap();
     let https = format!("127.0.0.1:{}", caas_sim::gateway_proc::free_port().unwrap());
-    opts.extra_args = [
-        "--https",
-        &https,
-        "--https-cert",
-        path(&pki.join("server.pem")),
-        "--https-key",
-        path(&pki.join("server.key")),
-        "--https-client-ca",
-        path(&pki.join("ca.pem")),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let gateway = Gateway::start(sim(), &opts).await.unwrap();
-    let api = gateway.api().unwrap();
-    let gateway_key = dir.path().join("gateway.pub");
-    write_gateway_key(&api, &gateway_key).await;
+    let Started {
+        receiver,
+        gateway,
+        api,
+        gateway_key,
+    } = start_gateway_with(
+        dir.path(),
+        retry,
+        &[
+            "--https",
+            &https,
+            "--https-cert",
+            path(&pki.join("server.pem")),
+            "--https-key",
+            path(&pki.join("server.key")),
+            "--https-client-ca",
+            path(&pki.join("ca.pem")),
+        ],
+    )
+    .await;
     let KeyFiles {
         secret, public_hex, ..
     } = make_key(ctl(), dir.path(), "car-key").await.unwrap();

@@ -12,8 +12,7 @@ use std::path::{Path, PathBuf};
 
 use caas_sim::api::{Api, Lasting};
 use caas_tests::{
-    caasctl, make_key, metric, receiver_and_gateway_opts, stdout_of, AgentProcess, AgentSpec,
-    AgentTls, Gateway, KeyFiles, Retry,
+    caasctl, make_key, metric, stdout_of, AgentProcess, AgentSpec, AgentTls, KeyFiles, Retry,
 };
 
 /// A VIN with a valid check digit.
@@ -35,10 +34,6 @@ async fn connectivity(api: &Api) -> String {
         .as_str()
         .unwrap_or_default()
         .to_owned()
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,26 +66,29 @@ async fn a_stolen_units_certificate_is_revoked_and_its_replacement_takes_over() 
         attempt_timeout: "500ms",
         backoff: "200ms",
     };
-    let (receiver, mut opts) = receiver_and_gateway_opts(retry).await.unwrap();
     let mqtts = format!("127.0.0.1:{}", caas_sim::gateway_proc::free_port().unwrap());
-    opts.extra_args = [
-        "--mqtts",
-        &mqtts,
-        "--tls-ca",
-        path(&pki.join("ca.pem")),
-        "--tls-cert",
-        path(&pki.join("server.pem")),
-        "--tls-key",
-        path(&pki.join("server.key")),
-        "--tls-crl",
-        path(&pki.join("crl.pem")),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    let gateway = Gateway::start(sim(), &opts).await.unwrap();
-    let api = gateway.api().unwrap();
-    let gateway_key = dir.path().join("gateway.pub");
-    write_gateway_key(&api, &gateway_key).await;
+    let Started {
+        receiver,
+        gateway,
+        api,
+        gateway_key,
+    } = start_gateway_with(
+        dir.path(),
+        retry,
+        &[
+            "--mqtts",
+            &mqtts,
+            "--tls-ca",
+            path(&pki.join("ca.pem")),
+            "--tls-cert",
+            path(&pki.join("server.pem")),
+            "--tls-key",
+            path(&pki.join("server.key")),
+            "--tls-crl",
+            path(&pki.join("crl.pem")),
+        ],
+    )
+    .await;
     let unit = |name: &str, device_key: &Path| AgentSpec {
         vin: VIN.to_string(),
         broker: mqtts.clone(),

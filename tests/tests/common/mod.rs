@@ -46,3 +46,34 @@ pub async fn write_gateway_key(api: &caas_sim::api::Api, path: &Path) {
     )
     .unwrap();
 }
+
+/// A path as the `&str` a command line takes (the tests' temporary paths are UTF-8).
+pub fn path(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// A running gateway process with its webhook receiver and API client.
+pub struct Started {
+    pub receiver: caas_sim::webhook::Receiver,
+    pub gateway: caas_tests::Gateway,
+    pub api: caas_sim::api::Api,
+    /// The gateway's public key, written for the agent's `--gateway-key` (DIR/gateway.pub).
+    pub gateway_key: std::path::PathBuf,
+}
+
+/// Starts a gateway process with `retry`, the serve flags `extra` after the others, and a
+/// webhook receiver; writes its public key into `dir`.
+pub async fn start_gateway_with(dir: &Path, retry: caas_tests::Retry, extra: &[&str]) -> Started {
+    let (receiver, mut opts) = caas_tests::receiver_and_gateway_opts(retry).await.unwrap();
+    opts.extra_args = extra.iter().map(|a| a.to_string()).collect();
+    let gateway = caas_tests::Gateway::start(sim(), &opts).await.unwrap();
+    let api = gateway.api().unwrap();
+    let gateway_key = dir.join("gateway.pub");
+    write_gateway_key(&api, &gateway_key).await;
+    Started {
+        receiver,
+        gateway,
+        api,
+        gateway_key,
+    }
+}
