@@ -332,14 +332,21 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
                 .crl_entries
                 .store(front.revoked_count() as u64, Relaxed);
             let (front_tx, front) = tokio::sync::watch::channel(Arc::new(front));
+            let front_tx = Arc::new(front_tx);
             if let Some(crl) = &config.tls_crl {
                 tasks.push(tokio::spawn(tlsfront::watch_crl(
                     tls.clone(),
                     crl.clone(),
-                    front_tx,
+                    front_tx.clone(),
                     metrics.clone(),
                 )));
             }
+            tasks.push(tokio::spawn(tlsfront::watch_certs(
+                tls.clone(),
+                config.tls_crl.clone(),
+                front_tx,
+                metrics.clone(),
+            )));
             let listener = tokio::net::TcpListener::bind(listen)
                 .await
                 .with_context(|| format!("MQTT TLS listener {listen}"))?;

@@ -64,6 +64,10 @@ pub(crate) struct Metrics {
     pub(crate) crl_failures: AtomicU64,
     /// Certificates the revocation list in force revokes.
     pub(crate) crl_entries: AtomicU64,
+    /// mTLS front certificate sets loaded again after a file changed (tlsfront.rs).
+    pub(crate) mqtts_cert_reloads: AtomicU64,
+    /// Changed mTLS front certificate sets that did not load (the one in force stays).
+    pub(crate) mqtts_cert_reload_failures: AtomicU64,
     /// IoT API TLS handshakes that failed or timed out (https.rs).
     pub(crate) https_handshake_failures: AtomicU64,
     /// IoT API certificate sets loaded again after a file changed.
@@ -267,6 +271,16 @@ impl Metrics {
             "caas_mqtts_crl_failures_total",
             "Revocation list files that could not be loaded (the list in force stays in force).",
             &[("", self.crl_failures.load(Relaxed))],
+        );
+        counter(
+            "caas_mqtts_cert_reloads_total",
+            "The MQTT TLS listener's CA, certificate and key loaded again after their files changed.",
+            &[("", self.mqtts_cert_reloads.load(Relaxed))],
+        );
+        counter(
+            "caas_mqtts_cert_reload_failures_total",
+            "Changed MQTT TLS listener files that did not load (the ones in force stay in force).",
+            &[("", self.mqtts_cert_reload_failures.load(Relaxed))],
         );
         counter(
             "caas_https_handshake_failures_total",

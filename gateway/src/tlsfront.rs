@@ -212,7 +212,7 @@ pub(crate) async fn reload_on_change<S, T, L>(
 pub(crate) async fn watch_crl(
     tls: TlsFiles,
     crl: PathBuf,
-    front: watch::Sender<Arc<FrontTls>>,
+    front: Arc<watch::Sender<Arc<FrontTls>>>,
     metrics: Arc<Metrics>,
 ) {
     let path = crl.clone();
@@ -237,6 +237,44 @@ pub(crate) async fn watch_crl(
             }
         },
     )
+    .await;
+}
+
+/// Loads the mTLS front's files again whenever its CA, certificate or key file changes (a
+/// renewed server certificate, a CA added to the bundle), until aborted: every handshake
+/// after it uses them, and the cars connected keep their connections. Without it a renewal
+/// needs a restart, which disconnects the whole fleet at once.
+pub(crate) async fn watch_certs(
+    tls: TlsFiles,
+    crl: Option<PathBuf>,
+    front: Arc<watch::Sender<Arc<FrontTls>>>,
+    metrics: Arc<Metrics>,
+) {
+    let files = tls.clone();
+    let stamps = move || {
+        [
+            file_stamp(&files.ca),
+            file_stamp(&files.cert),
+            file_stamp(&files.key),
+        ]
+    };
+    let cert = tls.cert.clone();
+    let load = move || FrontTls::load(&tls, crl.as_deref());
+    reload_on_change(CRL_POLL, stamps, load, |r| match r {
+        Ok(next) => {
+            metrics.mqtts_cert_reloads.fetch_add(1, Relaxed);
+            metrics
+                .crl_entries
+                .store(next.revoked_count() as u64, Relaxed);
+            tracing::info!(cert = %cert.display(), "MQTT TLS certificate loaded");
+            front.send_replace(Arc::new(next));
+        }
+        Err(e) => {
+            metrics.mqtts_cert_reload_failures.fetch_add(1, Relaxed);
+            tracing::error!(error = %format!("{e:#}"),
+                "MQTT TLS certificate not loaded; the one in force stays");
+        }
+    })
     .await;
 }
 

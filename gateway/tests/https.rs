@@ -8,7 +8,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -65,33 +64,6 @@ async fn try_get(http: &reqwest::Client, url: String) -> Result<u16, String> {
         Ok(r) => Ok(r.status().as_u16()),
         Err(e) => Err(format!("{e:?}")),
     }
-}
-
-/// The DER of the leaf certificate the server at `port` presents to a new connection.
-async fn presented_cert(pki: &Pki, port: u16) -> Vec<u8> {
-    let config = rustls::ClientConfig::builder()
-        .with_root_certificates(pki.roots())
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
-        .await
-        .expect("handshake within 10 s")
-        .unwrap();
-    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-fn cert_der(pki: &Pki, name: &str) -> Vec<u8> {
-    let pem = std::fs::read(pki.dir.join(format!("{name}.pem"))).unwrap();
-    let der = rustls_pemfile::certs(&mut &pem[..])
-        .next()
-        .unwrap()
-        .unwrap()
-        .to_vec();
-    der
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,27 +218,13 @@ async fn a_renewed_certificate_is_used_without_a_restart_and_a_broken_one_is_not
     let pki = Pki::new(dir.path());
     let (gw, port) = start_https(dir.path(), &pki).await;
     let api = Api::new(gw.http_addr());
-    let first = cert_der(&pki, "server");
-    assert_eq!(presented_cert(&pki, port).await, first);
+    let first = pki.cert_der("server");
+    assert_eq!(presented_cert(port, pki.server_only_client()).await, first);
 
-    // Renewed: a new pair written beside and renamed into place, key first. Between the two
-    // renames the pair does not match; that set is refused and the next one taken.
-    pki.issue("renewed", &["127.0.0.1", "localhost"], "server", None, true);
-    let renewed = cert_der(&pki, "renewed");
+    // Renewed by renames; the mismatched pair between them is refused, the next one taken.
+    let renewed = renew_server_cert(&pki, "server").await;
     assert_ne!(renewed, first);
-    std::fs::rename(pki.dir.join("renewed.key"), pki.dir.join("server.key")).unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    std::fs::rename(pki.dir.join("renewed.pem"), pki.dir.join("server.pem")).unwrap();
-    let end = Instant::now() + SETTLED_WITHIN;
-    loop {
-        let now = presented_cert(&pki, port).await;
-        if now == renewed {
-            break;
-        }
-        assert_eq!(now, first, "only the old or the renewed certificate");
-        assert!(Instant::now() < end, "the renewed certificate never served");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_presented(port, pki.server_only_client(), &first, &renewed).await;
     assert!(api.metric("caas_https_cert_reloads_total").await >= 1.0);
 
     // A key file that is not a key: refused, the renewed pair stays in force.
@@ -277,7 +235,10 @@ async fn a_renewed_certificate_is_used_without_a_restart_and_a_broken_one_is_not
         assert!(Instant::now() < end, "the broken key was never looked at");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(presented_cert(&pki, port).await, renewed);
+    assert_eq!(
+        presented_cert(port, pki.server_only_client()).await,
+        renewed
+    );
     let r = try_get(
         &client(&pki, None),
         format!("https://127.0.0.1:{port}/keys"),

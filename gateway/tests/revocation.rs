@@ -184,3 +184,51 @@ async fn mosquitto_with_the_shipped_config_refuses_a_revoked_car() {
         "a certificate the list does not name was refused"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_broker_certificate_is_served_without_a_restart_and_cars_stay_connected() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let car1_tls = pki.car(1);
+    let car2_tls = pki.car(2);
+    let hook = Webhook::start(0).await;
+    let mut c = config(&dir.path().join("gw"), Some(&hook));
+    c.mqtts = Some("127.0.0.1:0".parse().unwrap());
+    c.tls = Some(pki.tls_files());
+    let gw = caas_gateway::start(c).await.unwrap();
+    let port = gw.mqtts_addr().unwrap().port();
+    let api = Api::new(gw.http_addr());
+    api.register(1).await;
+    let car1 = TestCar::start(
+        1,
+        gw.public_key_hex(),
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port,
+            tls: Some(car1_tls.clone()),
+            mode: Mode::Obey,
+        },
+    )
+    .await;
+    car1.wait_connected().await;
+    let first = pki.cert_der("server");
+    assert_eq!(presented_cert(port, car2_tls.clone()).await, first);
+
+    let renewed = renew_server_cert(&pki, "server").await;
+    wait_presented(port, car2_tls.clone(), &first, &renewed).await;
+    assert!(api.metric("caas_mqtts_cert_reloads_total").await >= 1.0);
+    assert!(
+        api.metric("caas_mqtts_cert_reload_failures_total").await >= 1.0,
+        "the mismatched pair between the renames was refused"
+    );
+    // Car 1 kept the connection it made with the old certificate; its commands get through.
+    assert!(car1.connected.load(std::sync::atomic::Ordering::SeqCst));
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    assert_eq!(
+        hook.wait(&id, SETTLED_WITHIN).await.body["status"],
+        "ACTIVATED"
+    );
+    assert!(connects("car2-after-renewal", port, car2_tls).await);
+    drop(car1);
+    gw.shutdown().await;
+}

@@ -905,12 +905,83 @@ impl Pki {
         )
     }
 
+    /// A client trusting the CA, with no certificate of its own.
+    pub fn server_only_client(&self) -> Arc<rustls::ClientConfig> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Arc::new(
+            rustls::ClientConfig::builder()
+                .with_root_certificates(self.roots())
+                .with_no_client_auth(),
+        )
+    }
+
+    /// The DER of `{name}.pem`'s (first) certificate.
+    pub fn cert_der(&self, name: &str) -> Vec<u8> {
+        self.pair(name).0[0].to_vec()
+    }
+
     pub fn tls_files(&self) -> caas_gateway::TlsFiles {
         caas_gateway::TlsFiles {
             ca: self.dir.join("ca.pem"),
             cert: self.dir.join("server.pem"),
             key: self.dir.join("server.key"),
         }
+    }
+}
+
+/// The DER of the leaf certificate a TLS server on `port` presents to a new connection made
+/// with `client`.
+pub async fn presented_cert(port: u16, client: Arc<rustls::ClientConfig>) -> Vec<u8> {
+    let connector = tokio_rustls::TlsConnector::from(client);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = tokio::time::timeout(Duration::from_secs(10), connector.connect(name, tcp))
+        .await
+        .expect("handshake within 10 s")
+        .unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// Renews `{name}.pem`/`{name}.key` with a new server certificate for 127.0.0.1 and
+/// localhost as an operator would: the new pair written beside, then renamed into place, key
+/// first, a poll interval (2 s) apart, so the gateway also sees the mismatched pair between.
+/// Returns the new certificate's DER.
+pub async fn renew_server_cert(pki: &Pki, name: &str) -> Vec<u8> {
+    pki.issue("renewed", &["127.0.0.1", "localhost"], "server", None, true);
+    let renewed = pki.cert_der("renewed");
+    std::fs::rename(
+        pki.dir.join("renewed.key"),
+        pki.dir.join(format!("{name}.key")),
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    std::fs::rename(
+        pki.dir.join("renewed.pem"),
+        pki.dir.join(format!("{name}.pem")),
+    )
+    .unwrap();
+    renewed
+}
+
+/// Waits (15 s at most) until new connections on `port` are shown `renewed`; until then
+/// they may only be shown `old`.
+pub async fn wait_presented(
+    port: u16,
+    client: Arc<rustls::ClientConfig>,
+    old: &[u8],
+    renewed: &[u8],
+) {
+    let end = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = presented_cert(port, client.clone()).await;
+        if now == renewed {
+            return;
+        }
+        assert_eq!(now, old, "only the old or the renewed certificate");
+        assert!(Instant::now() < end, "the renewed certificate never served");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
