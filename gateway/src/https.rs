@@ -97,6 +97,8 @@ pub(crate) async fn watch_files(
         |r| match r {
             Ok(next) => {
                 metrics.https_reloads.fetch_add(1, Relaxed);
+                let expires_at = crate::preflight::expires_at(&files.cert).unwrap_or(0);
+                metrics.https_cert_expires_at.store(expires_at, Relaxed);
                 tracing::info!(cert = %files.cert.display(), "IoT API certificate loaded");
                 config.send_replace(next);
             }

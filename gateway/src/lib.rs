@@ -34,6 +34,7 @@ mod listener;
 mod metrics;
 mod mqtt;
 mod openapi;
+pub mod preflight;
 mod store;
 mod tlsfront;
 pub mod webhook;
@@ -331,6 +332,9 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             metrics
                 .crl_entries
                 .store(front.revoked_count() as u64, Relaxed);
+            metrics
+                .mqtts_cert_expires_at
+                .store(preflight::expires_at(&tls.cert).unwrap_or(0), Relaxed);
             let (front_tx, front) = tokio::sync::watch::channel(Arc::new(front));
             let front_tx = Arc::new(front_tx);
             if let Some(crl) = &config.tls_crl {
@@ -424,6 +428,9 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let tcp = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("HTTPS listener {listen}"))?;
+        metrics
+            .https_cert_expires_at
+            .store(preflight::expires_at(&files.cert).unwrap_or(0), Relaxed);
         let (config_tx, config_rx) = tokio::sync::watch::channel(api_tls);
         let (listener, acceptor) = https::listen(tcp, config_rx, metrics.clone())?;
         https_addr = Some(axum::serve::Listener::local_addr(&listener)?);
@@ -501,6 +508,36 @@ pub fn serve_main(args: config::ServeArgs) -> i32 {
     };
     match rt.block_on(run(config, shutdown_signal())) {
         Ok(()) => 0,
+        Err(e) => {
+            eprintln!("caas-gateway: {e:#}");
+            1
+        }
+    }
+}
+
+/// `caas-gateway check`: the settings `serve` would start with, checked and reported without
+/// starting ([`preflight`]). Returns the process's exit code: 0 when they would start
+/// (warnings printed), 1 when they would not, 2 when the settings themselves do not parse.
+pub fn check_main(args: config::ServeArgs) -> i32 {
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("caas-gateway: {e:#}");
+            return 2;
+        }
+    };
+    match preflight::check(&config) {
+        Ok(report) => {
+            for line in &report.lines {
+                println!("{line}");
+            }
+            let plural = if report.warnings == 1 { "" } else { "s" };
+            println!(
+                "ok: serve would start with these settings ({} warning{plural})",
+                report.warnings
+            );
+            0
+        }
         Err(e) => {
             eprintln!("caas-gateway: {e:#}");
             1

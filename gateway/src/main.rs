@@ -19,9 +19,16 @@ struct Cli {
 enum Command {
     /// Serve the IoT API and the MQTT fan-out (loopback only unless told otherwise).
     Serve(caas_gateway::config::ServeArgs),
+    /// Check the settings `serve` would start with (the same flags, environment and file),
+    /// loading every certificate, key and list, without starting: 0 when they would start
+    /// (warnings printed, such as a certificate expiring within 30 days), 1 when not.
+    Check(caas_gateway::config::ServeArgs),
 }
 
 fn main() {
-    let Command::Serve(args) = Cli::parse().command;
-    std::process::exit(caas_gateway::serve_main(args));
+    let code = match Cli::parse().command {
+        Command::Serve(args) => caas_gateway::serve_main(args),
+        Command::Check(args) => caas_gateway::check_main(args),
+    };
+    std::process::exit(code);
 }

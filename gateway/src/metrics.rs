@@ -64,6 +64,10 @@ pub(crate) struct Metrics {
     pub(crate) crl_failures: AtomicU64,
     /// Certificates the revocation list in force revokes.
     pub(crate) crl_entries: AtomicU64,
+    /// When the IoT API's TLS certificate in force expires (Unix seconds; 0 without --https).
+    pub(crate) https_cert_expires_at: AtomicU64,
+    /// When the mTLS front's certificate in force expires (Unix seconds; 0 without --mqtts).
+    pub(crate) mqtts_cert_expires_at: AtomicU64,
     /// mTLS front certificate sets loaded again after a file changed (tlsfront.rs).
     pub(crate) mqtts_cert_reloads: AtomicU64,
     /// Changed mTLS front certificate sets that did not load (the one in force stays).
@@ -303,6 +307,8 @@ impl Metrics {
         let _ = writeln!(s, "# HELP caas_requests_in_flight Requests not yet final.\n# TYPE caas_requests_in_flight gauge\ncaas_requests_in_flight {}", self.requests_in_flight.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_connected_cars Cars whose presence is online.\n# TYPE caas_connected_cars gauge\ncaas_connected_cars {}", self.connected_cars.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_cars_registered Cars the gateway knows.\n# TYPE caas_cars_registered gauge\ncaas_cars_registered {}", self.cars_registered.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_https_cert_expires_at_seconds When the IoT API's TLS certificate in force expires (Unix time; 0 without --https).\n# TYPE caas_https_cert_expires_at_seconds gauge\ncaas_https_cert_expires_at_seconds {}", self.https_cert_expires_at.load(Relaxed));
+        let _ = writeln!(s, "# HELP caas_mqtts_cert_expires_at_seconds When the MQTT TLS listener's certificate in force expires (Unix time; 0 without --mqtts).\n# TYPE caas_mqtts_cert_expires_at_seconds gauge\ncaas_mqtts_cert_expires_at_seconds {}", self.mqtts_cert_expires_at.load(Relaxed));
         let _ = writeln!(s, "# HELP caas_mqtts_crl_entries Certificates the revocation list in force revokes.\n# TYPE caas_mqtts_crl_entries gauge\ncaas_mqtts_crl_entries {}", self.crl_entries.load(Relaxed));
         self.latency.render(
             &mut s,

@@ -263,6 +263,8 @@ pub(crate) async fn watch_certs(
     reload_on_change(CRL_POLL, stamps, load, |r| match r {
         Ok(next) => {
             metrics.mqtts_cert_reloads.fetch_add(1, Relaxed);
+            let expires_at = crate::preflight::expires_at(&cert).unwrap_or(0);
+            metrics.mqtts_cert_expires_at.store(expires_at, Relaxed);
             metrics
                 .crl_entries
                 .store(next.revoked_count() as u64, Relaxed);

@@ -784,6 +784,19 @@ impl Pki {
 
     /// Writes `{name}.pem` and `{name}.key`.
     pub fn issue(&self, name: &str, sans: &[&str], cn: &str, org: Option<&str>, server: bool) {
+        self.issue_until(name, sans, cn, org, server, None);
+    }
+
+    /// [`Pki::issue`], valid until `not_after` when given (rcgen's far-off default if not).
+    pub fn issue_until(
+        &self,
+        name: &str,
+        sans: &[&str],
+        cn: &str,
+        org: Option<&str>,
+        server: bool,
+        not_after: Option<time::OffsetDateTime>,
+    ) {
         use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, KeyPair};
         let mut p =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
@@ -796,6 +809,10 @@ impl Pki {
         } else {
             ExtendedKeyUsagePurpose::ClientAuth
         }];
+        if let Some(end) = not_after {
+            p.not_before = end - time::Duration::days(400);
+            p.not_after = end;
+        }
         let key = KeyPair::generate().unwrap();
         let cert = p.signed_by(&key, &self.ca_cert, &self.ca_key).unwrap();
         std::fs::write(self.dir.join(format!("{name}.pem")), cert.pem()).unwrap();
