@@ -43,6 +43,35 @@ const COUNTS: [(&str, &str); 15] = [
     ),
 ];
 
+/// The listeners' certificate expiry gauges shown, as (label, gauge name): the Unix time the
+/// certificate in force expires, 0 when the listener is off.
+const CERTIFICATES: [(&str, &str); 2] = [
+    (
+        "IoT API TLS certificate",
+        "caas_https_cert_expires_at_seconds",
+    ),
+    ("MQTT TLS certificate", "caas_mqtts_cert_expires_at_seconds"),
+];
+
+/// A certificate's expiry from its gauge: the time, the whole days left (negative once
+/// expired) and whether it has expired; `None` when not exported or its listener is off.
+fn expiry(at: Option<f64>, now: time::OffsetDateTime) -> Option<(String, i64, bool)> {
+    let at = at.filter(|v| *v > 0.0)?;
+    let when = time::OffsetDateTime::from_unix_timestamp(at as i64).ok()?;
+    let date = when
+        .format(&time::format_description::well_known::Rfc3339)
+        .ok()?;
+    Some((date, (when - now).whole_days(), when <= now))
+}
+
+fn expiry_text(at: Option<f64>, now: time::OffsetDateTime) -> String {
+    match expiry(at, now) {
+        None => "-".to_owned(),
+        Some((date, _, true)) => format!("EXPIRED {date}"),
+        Some((date, days, false)) => format!("{date} ({days} days left)"),
+    }
+}
+
 /// The stage histograms shown, as (label, histogram name).
 const STAGES: [(&str, &str); 4] = [
     ("answered (arrival → durable 2xx)", "caas_accept_seconds"),
@@ -161,6 +190,10 @@ fn count_text(v: Option<f64>) -> String {
 
 /// The readable form of a `/metrics` text.
 pub fn stats_text(text: &str) -> String {
+    stats_text_at(text, time::OffsetDateTime::now_utc())
+}
+
+fn stats_text_at(text: &str, now: time::OffsetDateTime) -> String {
     let all = samples(text);
     let mut pairs: Vec<(&str, String)> = COUNTS
         .iter()
@@ -174,6 +207,9 @@ pub fn stats_text(text: &str) -> String {
         }
     });
     pairs.push(("webhook receiver", down.unwrap_or_else(|| "-".into())));
+    for (label, name) in CERTIFICATES {
+        pairs.push((label, expiry_text(sample(&all, name), now)));
+    }
     let rows: Vec<Vec<String>> = STAGES
         .iter()
         .map(|(label, name)| match histogram(&all, name) {
@@ -204,6 +240,10 @@ pub fn stats_text(text: &str) -> String {
 /// meanSeconds, p50AtMostSeconds, p99AtMostSeconds}}}` (`null` where not exported; a
 /// percentile above the largest finite bucket is `"+Inf"`).
 pub fn stats_json(text: &str) -> Value {
+    stats_json_at(text, time::OffsetDateTime::now_utc())
+}
+
+fn stats_json_at(text: &str, now: time::OffsetDateTime) -> Value {
     let all = samples(text);
     let counts: Map<String, Value> = COUNTS
         .iter()
@@ -229,10 +269,21 @@ pub fn stats_json(text: &str) -> Value {
             (name.to_string(), v)
         })
         .collect();
+    let certificates: Map<String, Value> = CERTIFICATES
+        .iter()
+        .map(|(_, name)| {
+            let v = match expiry(sample(&all, name), now) {
+                Some((date, days, _)) => json!({"expiresAt": date, "daysLeft": days}),
+                None => Value::Null,
+            };
+            (name.to_string(), v)
+        })
+        .collect();
     json!({
         "counts": counts,
         "webhookReceiverDown": sample(&all, "caas_webhook_receiver_down").map(|v| v > 0.0),
         "stages": stages,
+        "certificates": certificates,
     })
 }
 
@@ -246,7 +297,8 @@ mod tests {
         caas_accept_seconds_bucket{le=\"0.002\"} 99\n\
         caas_accept_seconds_bucket{le=\"+Inf\"} 100\n\
         caas_accept_seconds_sum 0.06\ncaas_accept_seconds_count 100\n\
-        caas_requests_total{state=\"created\"} 100\ncaas_webhook_receiver_down 1\n";
+        caas_requests_total{state=\"created\"} 100\ncaas_webhook_receiver_down 1\n\
+        caas_https_cert_expires_at_seconds 1767225600\ncaas_mqtts_cert_expires_at_seconds 0\n";
 
     #[test]
     fn a_histogram_gives_its_mean_and_the_buckets_half_and_99_percent_fell_under() {
@@ -261,6 +313,34 @@ mod tests {
 
     #[test]
     fn the_text_and_json_show_what_is_exported_and_a_dash_or_null_for_the_rest() {
+        // The IoT API certificate expired on 2026-01-01; the MQTT listener is off.
+        let after = time::OffsetDateTime::from_unix_timestamp(1_767_225_600 + 3_600).unwrap();
+        let text = stats_text_at(TEXT, after);
+        let https = text
+            .lines()
+            .find(|l| l.starts_with("IoT API TLS certificate"))
+            .unwrap();
+        assert!(
+            https.contains("2026-01-01T00:00:00Z") && https.contains("EXPIRED"),
+            "{https}"
+        );
+        let mqtts = text
+            .lines()
+            .find(|l| l.starts_with("MQTT TLS certificate"))
+            .unwrap();
+        assert!(mqtts.ends_with('-'), "{mqtts}");
+        let before =
+            time::OffsetDateTime::from_unix_timestamp(1_767_225_600 - 25 * 86_400).unwrap();
+        let v = stats_json_at(TEXT, before);
+        assert_eq!(
+            v["certificates"]["caas_https_cert_expires_at_seconds"],
+            json!({"expiresAt": "2026-01-01T00:00:00Z", "daysLeft": 25})
+        );
+        assert_eq!(
+            v["certificates"]["caas_mqtts_cert_expires_at_seconds"],
+            Value::Null
+        );
+        assert!(stats_text_at(TEXT, before).contains("2026-01-01T00:00:00Z (25 days left)"));
         let text = stats_text(TEXT);
         assert!(text.contains("requests created"), "{text}");
         assert!(text.contains("down (probed once a second)"), "{text}");

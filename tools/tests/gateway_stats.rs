@@ -79,6 +79,11 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     );
     assert_eq!(v["stages"]["caas_activation_latency_seconds"]["count"], 0.0);
     assert_eq!(v["webhookReceiverDown"], false);
+    assert_eq!(
+        v["certificates"]["caas_https_cert_expires_at_seconds"],
+        Value::Null,
+        "no --https"
+    );
 
     // Cancelled, the request counts as failed and as cancelled, and is no longer in flight.
     let id = &ids[0];

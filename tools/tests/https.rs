@@ -79,6 +79,21 @@ fn status_over_tls_needs_the_ca_and_the_client_certificate() {
     let v: serde_json::Value = serde_json::from_str(run.ok()).unwrap();
     assert_eq!(v["vin"], VIN1);
 
+    // The stats over the same listener show its certificate's expiry (`certs init`: years).
+    let mut args = vec![
+        "gateway",
+        "stats",
+        "--gateway",
+        &base,
+        "--token",
+        TOKEN,
+        "--json",
+    ];
+    args.extend(all);
+    let v: serde_json::Value = serde_json::from_str(caasctl(&args).ok()).unwrap();
+    let left = &v["certificates"]["caas_https_cert_expires_at_seconds"]["daysLeft"];
+    assert!(left.as_i64().is_some_and(|d| d > 365), "{v}");
+
     // Without the CA the gateway's certificate is not trusted.
     let line = status(&all[2..]).err().to_owned();
     assert!(
