@@ -68,6 +68,10 @@ pub(crate) struct Metrics {
     pub(crate) https_cert_expires_at: AtomicU64,
     /// When the mTLS front's certificate in force expires (Unix seconds; 0 without --mqtts).
     pub(crate) mqtts_cert_expires_at: AtomicU64,
+    /// External broker client TLS sets loaded again at a reconnection after a file changed.
+    pub(crate) broker_tls_reloads: AtomicU64,
+    /// Changed external broker client TLS sets that did not load (the one in force stays).
+    pub(crate) broker_tls_reload_failures: AtomicU64,
     /// mTLS front certificate sets loaded again after a file changed (tlsfront.rs).
     pub(crate) mqtts_cert_reloads: AtomicU64,
     /// Changed mTLS front certificate sets that did not load (the one in force stays).
@@ -275,6 +279,16 @@ impl Metrics {
             "caas_mqtts_crl_failures_total",
             "Revocation list files that could not be loaded (the list in force stays in force).",
             &[("", self.crl_failures.load(Relaxed))],
+        );
+        counter(
+            "caas_broker_tls_reloads_total",
+            "The external broker client's CA, certificate and key loaded again at a reconnection after their files changed.",
+            &[("", self.broker_tls_reloads.load(Relaxed))],
+        );
+        counter(
+            "caas_broker_tls_reload_failures_total",
+            "Changed external broker client TLS files that did not load (the ones in force stay in force).",
+            &[("", self.broker_tls_reload_failures.load(Relaxed))],
         );
         counter(
             "caas_mqtts_cert_reloads_total",

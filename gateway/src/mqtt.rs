@@ -229,6 +229,20 @@ pub(crate) fn client_tls(cfg: &Config) -> anyhow::Result<Arc<rustls::ClientConfi
         .tls
         .as_ref()
         .ok_or_else(|| anyhow!("mqtts:// needs --tls-ca/--tls-cert/--tls-key"))?;
+    client_tls_of(tls)
+}
+
+/// The modification times and lengths of the TLS files: a change of any means a new set.
+fn tls_stamps(tls: &crate::config::TlsFiles) -> [Option<(std::time::SystemTime, u64)>; 3] {
+    use crate::tlsfront::file_stamp;
+    [
+        file_stamp(&tls.ca),
+        file_stamp(&tls.cert),
+        file_stamp(&tls.key),
+    ]
+}
+
+fn client_tls_of(tls: &crate::config::TlsFiles) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for c in crate::tlsfront::read_certs(&tls.ca)? {
         roots.add(c).context("CA certificate")?;
@@ -264,10 +278,17 @@ pub(crate) fn start_external(
     opts.set_clean_session(true);
     opts.set_max_packet_size(MAX_PAYLOAD * 4, MAX_PAYLOAD * 4);
     opts.set_inflight(1000);
+    // The files the connection's TLS came from, and how they were when read: a renewed
+    // client certificate is taken at the next reconnection (it is only shown in a handshake).
+    let mut tls_files = None;
     if scheme == "mqtts" {
         opts.set_transport(Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(client_tls(cfg)?),
         ));
+        tls_files = cfg.tls.clone().map(|t| {
+            let stamps = tls_stamps(&t);
+            (t, stamps)
+        });
     }
     let (client, mut el) = AsyncClient::new(opts, 4096);
     let mut net = el.network_options();
@@ -334,6 +355,28 @@ pub(crate) fn start_external(
                 Err(e) => {
                     metrics.broker_disconnected.store(1, Relaxed);
                     tracing::warn!(error = %e, "external broker connection; retrying in 1 s");
+                    if let Some((files, seen)) = tls_files.as_mut() {
+                        let now = tls_stamps(files);
+                        if now != *seen {
+                            *seen = now;
+                            match client_tls_of(files) {
+                                Ok(tls) => {
+                                    metrics.broker_tls_reloads.fetch_add(1, Relaxed);
+                                    tracing::info!(cert = %files.cert.display(),
+                                        "external broker client certificate loaded");
+                                    el.mqtt_options.set_transport(Transport::tls_with_config(
+                                        rumqttc::TlsConfiguration::Rustls(tls),
+                                    ));
+                                }
+                                Err(e) => {
+                                    metrics.broker_tls_reload_failures.fetch_add(1, Relaxed);
+                                    tracing::error!(error = %format!("{e:#}"),
+                                        "external broker client certificate not loaded; the \
+                                         one in force stays");
+                                }
+                            }
+                        }
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }

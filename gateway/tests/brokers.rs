@@ -1227,6 +1227,88 @@ async fn mosquitto_with_the_shipped_mtls_config_confines_each_car_to_its_own_top
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_gateway_certificate_is_taken_at_the_next_connection_to_mosquitto() {
+    if !mosquitto_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    pki.issue("gateway", &[], "caas-gateway", None, false);
+    // Mosquitto restarts on it below: a port no other test or connection takes meanwhile.
+    let port = free_port_for_restarts();
+    pki.write_crl(1, &[]);
+    let m = start_shipped_mosquitto(dir.path(), port).await;
+    let hook = Webhook::start(0).await;
+    let mut c = config(&dir.path().join("gw"), Some(&hook));
+    c.mqtt = None;
+    c.broker = Some(format!("mqtts://127.0.0.1:{port}"));
+    c.tls = Some(caas_gateway::TlsFiles {
+        ca: dir.path().join("ca.pem"),
+        cert: dir.path().join("gateway.pem"),
+        key: dir.path().join("gateway.key"),
+    });
+    let gw = caas_gateway::start(c).await.unwrap();
+    let api = Api::new(gw.http_addr());
+    api.register(1).await;
+    let car_tls = pki.car(1);
+    let car = TestCar::start(
+        1,
+        gw.public_key_hex(),
+        CarOpts {
+            host: "127.0.0.1".into(),
+            port,
+            tls: Some(car_tls),
+            mode: Mode::Obey,
+        },
+    )
+    .await;
+    car.wait_connected().await;
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    assert_eq!(
+        hook.wait(&id, SETTLED_WITHIN).await.body["status"],
+        "ACTIVATED"
+    );
+
+    // The gateway's certificate is renewed and the old one revoked; the broker restarts
+    // (Mosquitto reads its list only then), so the gateway must connect with the new one.
+    std::fs::copy(
+        dir.path().join("gateway.pem"),
+        dir.path().join("gateway-old.pem"),
+    )
+    .unwrap();
+    pki.issue("gateway", &[], "caas-gateway", None, false);
+    pki.write_crl(2, &["gateway-old"]);
+    drop(m);
+    let _m = start_shipped_mosquitto(dir.path(), port).await;
+    let id = api.activate(1, "snow-mode", "snow_mode").await;
+    let end = Instant::now() + Duration::from_secs(30);
+    while hook.for_request(&id).is_empty() {
+        assert!(
+            Instant::now() < end,
+            "no callback: reloads {}, failures {}, disconnected {}, car connected {}, request {}",
+            api.metric("caas_broker_tls_reloads_total").await,
+            api.metric("caas_broker_tls_reload_failures_total").await,
+            api.metric("caas_broker_disconnected").await,
+            car.connected.load(Ordering::SeqCst),
+            api.get(&format!("/ota/requests/{id}")).await.1
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        hook.wait(&id, Duration::from_secs(1)).await.body["status"],
+        "ACTIVATED",
+        "the gateway got back in with its renewed certificate"
+    );
+    assert!(api.metric("caas_broker_tls_reloads_total").await >= 1.0);
+    assert_eq!(
+        api.metric("caas_broker_tls_reload_failures_total").await,
+        0.0
+    );
+    drop(car);
+    gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callback_filed_after_a_failed_try_is_sent_once_after_kill_9() {
     let dir = tempfile::tempdir().unwrap();
     // The first try is answered 500: the callback is filed in the outbox for a retry, while

@@ -756,6 +756,20 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port below Linux's ephemeral range (32768 and up), for a server restarted on the
+/// same port: no other test's `free_port` and no outgoing connection can take it while the
+/// server is down.
+pub fn free_port_for_restarts() -> u16 {
+    // Each call starts further on, so two tests of one process never get the same one.
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::SeqCst);
+    let start = ((u64::from(std::process::id()) + call * 97) % 10_000) as u16;
+    (0..10_000u16)
+        .map(|i| 20_000 + (start + i) % 10_000)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in 20000-29999")
+}
+
 /// Test PKI: a CA, a server certificate for 127.0.0.1/localhost, client certificates.
 pub struct Pki {
     pub dir: PathBuf,
