@@ -1187,6 +1187,31 @@ async fn an_idle_socket_on_the_tls_port_stalls_no_other_car() {
     gw.shutdown().await;
 }
 
+/// Mosquitto with the shipped mTLS configuration on `port` (an empty revocation list) and a
+/// gateway using it over mqtts:// with the client certificate `gateway.pem` (CN
+/// caas-gateway, which the shipped ACL lets reach every car's topics).
+async fn gateway_on_shipped_mosquitto(
+    dir: &Path,
+    pki: &Pki,
+    port: u16,
+    hook: &Webhook,
+) -> (Mosquitto, caas_gateway::Gateway, Api) {
+    pki.issue("gateway", &[], "caas-gateway", None, false);
+    pki.write_crl(1, &[]);
+    let m = start_shipped_mosquitto(dir, port).await;
+    let mut c = config(&dir.join("gw"), Some(hook));
+    c.mqtt = None;
+    c.broker = Some(format!("mqtts://127.0.0.1:{port}"));
+    c.tls = Some(caas_gateway::TlsFiles {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("gateway.pem"),
+        key: dir.join("gateway.key"),
+    });
+    let gw = caas_gateway::start(c).await.unwrap();
+    let api = Api::new(gw.http_addr());
+    (m, gw, api)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_with_the_shipped_mtls_config_confines_each_car_to_its_own_topics() {
     if !mosquitto_or_skip() {
@@ -1194,22 +1219,9 @@ async fn mosquitto_with_the_shipped_mtls_config_confines_each_car_to_its_own_top
     }
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    pki.issue("gateway", &[], "caas-gateway", None, false);
     let port = free_port();
-    pki.write_crl(1, &[]);
-    let _m = start_shipped_mosquitto(dir.path(), port).await;
-
     let hook = Webhook::start(0).await;
-    let mut c = config(&dir.path().join("gw"), Some(&hook));
-    c.mqtt = None;
-    c.broker = Some(format!("mqtts://127.0.0.1:{port}"));
-    c.tls = Some(caas_gateway::TlsFiles {
-        ca: dir.path().join("ca.pem"),
-        cert: dir.path().join("gateway.pem"),
-        key: dir.path().join("gateway.key"),
-    });
-    let gw = caas_gateway::start(c).await.unwrap();
-    let api = Api::new(gw.http_addr());
+    let (_m, gw, api) = gateway_on_shipped_mosquitto(dir.path(), &pki, port, &hook).await;
     api.register(1).await;
     api.register(2).await;
 
@@ -1233,22 +1245,10 @@ async fn a_renewed_gateway_certificate_is_taken_at_the_next_connection_to_mosqui
     }
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
-    pki.issue("gateway", &[], "caas-gateway", None, false);
     // Mosquitto restarts on it below: a port no other test or connection takes meanwhile.
     let port = free_port_for_restarts();
-    pki.write_crl(1, &[]);
-    let m = start_shipped_mosquitto(dir.path(), port).await;
     let hook = Webhook::start(0).await;
-    let mut c = config(&dir.path().join("gw"), Some(&hook));
-    c.mqtt = None;
-    c.broker = Some(format!("mqtts://127.0.0.1:{port}"));
-    c.tls = Some(caas_gateway::TlsFiles {
-        ca: dir.path().join("ca.pem"),
-        cert: dir.path().join("gateway.pem"),
-        key: dir.path().join("gateway.key"),
-    });
-    let gw = caas_gateway::start(c).await.unwrap();
-    let api = Api::new(gw.http_addr());
+    let (m, gw, api) = gateway_on_shipped_mosquitto(dir.path(), &pki, port, &hook).await;
     api.register(1).await;
     let car_tls = pki.car(1);
     let car = TestCar::start(
