@@ -38,6 +38,17 @@ pub struct HttpsFiles {
     pub client_ca: Option<PathBuf>,
 }
 
+/// How the gateway's log lines are written (to standard error).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    /// One readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log collectors.
+    Json,
+}
+
 /// The seed's retry policy: attempts, a timeout per attempt, backoff between attempts.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -83,6 +94,8 @@ impl RetryPolicy {
 pub struct Config {
     /// HTTP listen address (port 0 picks a free port).
     pub http: SocketAddr,
+    /// How log lines are written.
+    pub log_format: LogFormat,
     /// No plain HTTP listener (`--no-http`): the IoT API only on [`Config::https`].
     pub no_http: bool,
     /// The IoT API over TLS, on this address, with [`Config::https_files`].
@@ -180,6 +193,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             http: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            log_format: LogFormat::Text,
             no_http: false,
             https: None,
             https_files: None,
@@ -347,6 +361,9 @@ pub struct ServeArgs {
     /// HTTP listen address [default: 127.0.0.1:8080]
     #[arg(long, env = "CAAS_GATEWAY_HTTP")]
     pub http: Option<SocketAddr>,
+    /// Log lines as readable text or as one JSON object per line [default: text]
+    #[arg(long, value_enum, env = "CAAS_GATEWAY_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
     /// No plain HTTP listener: the IoT API only over TLS (--https)
     #[arg(long, env = "CAAS_GATEWAY_NO_HTTP", conflicts_with = "http")]
     #[serde(default)]
@@ -500,6 +517,7 @@ impl ServeArgs {
         }
         let config = Config {
             http: a.http.unwrap_or(d.http),
+            log_format: a.log_format.unwrap_or(d.log_format),
             no_http: a.no_http,
             https: a.https,
             https_files,
@@ -543,6 +561,7 @@ impl ServeArgs {
     fn merge(self, file: ServeArgs) -> ServeArgs {
         ServeArgs {
             http: self.http.or(file.http),
+            log_format: self.log_format.or(file.log_format),
             no_http: self.no_http || file.no_http,
             https: self.https.or(file.https),
             https_cert: self.https_cert.or(file.https_cert),
@@ -606,7 +625,7 @@ mod tests {
         let path = dir.path().join("gw.toml");
         std::fs::write(
             &path,
-            "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\nstore-cache-mb = 64\nheap-reserve-mb = 0\nruntime-threads = 3\n",
+            "http = \"127.0.0.1:9999\"\nattempts = 2\nbackoff = \"1s,2s\"\nstore-cache-mb = 64\nheap-reserve-mb = 0\nruntime-threads = 3\nlog-format = \"json\"\n",
         )
         .unwrap();
         let args = ServeArgs {
@@ -625,6 +644,11 @@ mod tests {
         assert_eq!(c.store_cache_mb, 64);
         assert_eq!(c.heap_reserve_mb, Some(0));
         assert_eq!(c.runtime_threads, 3);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(
+            ServeArgs::default().into_config().unwrap().log_format,
+            LogFormat::Text
+        );
         assert_eq!(
             ServeArgs::default().into_config().unwrap().runtime_threads,
             cores()

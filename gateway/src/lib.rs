@@ -49,7 +49,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use caas_protocol::{files, verifying_key_to_hex, KeyId, RequestId};
 
-pub use config::{Config, HttpsFiles, RetryPolicy, TlsFiles, DEV_API_TOKEN};
+pub use config::{Config, HttpsFiles, LogFormat, RetryPolicy, TlsFiles, DEV_API_TOKEN};
 pub use engine::MAX_IN_FLIGHT_PER_CAR;
 
 use engine::{Engine, Msg, Shared};
@@ -475,14 +475,6 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
 /// first thing in `main`, while no other thread runs ([`heap::retain_freed_memory`]).
 pub fn serve_main(args: config::ServeArgs) -> i32 {
     heap::retain_freed_memory();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,rumqttd=warn,sled=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let config = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -490,6 +482,19 @@ pub fn serve_main(args: config::ServeArgs) -> i32 {
             return 2;
         }
     };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,rumqttd=warn,sled=warn")
+            }),
+        )
+        .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: in a file or a collector they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match config.log_format {
+        config::LogFormat::Text => logs.init(),
+        config::LogFormat::Json => logs.json().init(),
+    }
     if config.api_token == DEV_API_TOKEN {
         eprintln!(
             "caas-gateway: using the development API token {DEV_API_TOKEN:?} (set --api-token)"
