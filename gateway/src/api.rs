@@ -296,6 +296,18 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
 }
 
 async fn auth(State(st): St, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .cloned();
+    let response = authorized(&st, req, next).await;
+    let route = route.as_ref().map(axum::extract::MatchedPath::as_str);
+    st.metrics.count_response(route, response.status().as_u16());
+    response
+}
+
+/// The route's answer when the request carries a token in force, else 401.
+async fn authorized(st: &AppState, req: Request, next: Next) -> Response {
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -310,6 +322,7 @@ async fn auth(State(st): St, req: Request, next: Next) -> Response {
         st.metrics.previous_token_uses.fetch_add(1, Relaxed);
     }
     if !current && !previous {
+        st.metrics.unauthorized.fetch_add(1, Relaxed);
         return ApiError::new(
             401,
             "unauthorized",

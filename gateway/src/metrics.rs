@@ -9,6 +9,30 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
 ];
 
+/// The IoT API's routes as `caas_http_responses_total` names them (axum's matched paths),
+/// in the order of [`Metrics::http_responses`]; a route missing here counts as `other`.
+pub(crate) const API_ROUTES: [&str; 17] = [
+    "/ota/activate",
+    "/ota/deactivate",
+    "/ota/requests/{requestId}",
+    "/ota/requests/{requestId}/cancel",
+    "/vehicles",
+    "/vehicles/{vin}",
+    "/vehicles/{vin}/status",
+    "/vehicles/{vin}/history",
+    "/vehicles/{vin}/key",
+    "/campaigns",
+    "/campaigns/{campaignId}",
+    "/campaigns/{campaignId}/cancel",
+    "/campaigns/{campaignId}/requests",
+    "/support/tickets",
+    "/keys",
+    "/metrics",
+    "/openapi.json",
+];
+/// The status classes counted, in the order of each route's counters.
+const STATUS_CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+
 /// Every metric the gateway exports at `GET /metrics`.
 #[derive(Default)]
 pub(crate) struct Metrics {
@@ -76,6 +100,11 @@ pub(crate) struct Metrics {
     pub(crate) mqtts_cert_reloads: AtomicU64,
     /// Changed mTLS front certificate sets that did not load (the one in force stays).
     pub(crate) mqtts_cert_reload_failures: AtomicU64,
+    /// IoT API responses by route ([`API_ROUTES`], then `other`) and status class
+    /// ([`STATUS_CLASSES`]).
+    http_responses: [[AtomicU64; 3]; API_ROUTES.len() + 1],
+    /// IoT API calls refused for a missing or wrong token (a guessing caller shows here).
+    pub(crate) unauthorized: AtomicU64,
     /// IoT API TLS handshakes that failed or timed out (https.rs).
     pub(crate) https_handshake_failures: AtomicU64,
     /// IoT API certificate sets loaded again after a file changed.
@@ -132,6 +161,20 @@ impl Metrics {
         self.latency.observe(secs);
     }
 
+    /// Counts one IoT API response of `route` (a matched path) with `status`.
+    pub(crate) fn count_response(&self, route: Option<&str>, status: u16) {
+        let class = match status / 100 {
+            2 => 0,
+            4 => 1,
+            5 => 2,
+            _ => return,
+        };
+        let at = route
+            .and_then(|r| API_ROUTES.iter().position(|known| *known == r))
+            .unwrap_or(API_ROUTES.len());
+        self.http_responses[at][class].fetch_add(1, Relaxed);
+    }
+
     /// Records how long one single request took from its arrival to its durable answer.
     pub(crate) fn observe_accept(&self, secs: f64) {
         self.accept_time.observe(secs);
@@ -168,6 +211,27 @@ impl Metrics {
                 ("state=\"completed\"", self.requests_completed.load(Relaxed)),
                 ("state=\"failed\"", self.requests_failed.load(Relaxed)),
             ],
+        );
+        let mut responses = Vec::with_capacity(self.http_responses.len() * 3);
+        for (at, counts) in self.http_responses.iter().enumerate() {
+            let route = API_ROUTES.get(at).copied().unwrap_or("other");
+            for (class, count) in STATUS_CLASSES.iter().zip(counts) {
+                responses.push((
+                    format!("route=\"{route}\",code=\"{class}\""),
+                    count.load(Relaxed),
+                ));
+            }
+        }
+        let responses: Vec<(&str, u64)> = responses.iter().map(|(l, v)| (l.as_str(), *v)).collect();
+        counter(
+            "caas_http_responses_total",
+            "IoT API responses by route and status class (every route but /healthz).",
+            &responses,
+        );
+        counter(
+            "caas_api_unauthorized_total",
+            "IoT API calls refused 401 for a missing or wrong token.",
+            &[("", self.unauthorized.load(Relaxed))],
         );
         counter(
             "caas_attempts_total",

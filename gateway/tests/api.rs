@@ -341,6 +341,49 @@ async fn still_gateway(dir: &std::path::Path) -> (caas_gateway::Gateway, Api) {
     (gw, api)
 }
 
+/// The value of `caas_http_responses_total` for `route` and `code`.
+async fn responses(api: &Api, route: &str, code: &str) -> f64 {
+    api.metric(&format!(
+        "caas_http_responses_total{{route=\"{route}\",code=\"{code}\"}}"
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_counted_by_route_and_status_class_and_bad_tokens_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (gw, api) = still_gateway(dir.path()).await;
+    api.register(1).await;
+    api.activate(1, "power-boost", "power_boost").await;
+    api.activate(1, "snow-mode", "snow_mode").await;
+    let (s, _) = api.post("/ota/activate", &json!({"vin": "nope"})).await;
+    assert_eq!(s, 400);
+    let (s, _) = api.get(&format!("/vehicles/{}/status", vin(2))).await;
+    assert_eq!(s, 404);
+    for token in ["wrong", ""] {
+        let r = api
+            .http
+            .get(format!("{}/keys", api.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+    }
+
+    assert_eq!(responses(&api, "/ota/activate", "2xx").await, 2.0);
+    assert_eq!(responses(&api, "/ota/activate", "4xx").await, 1.0);
+    assert_eq!(responses(&api, "/ota/activate", "5xx").await, 0.0);
+    assert_eq!(responses(&api, "/vehicles", "2xx").await, 1.0);
+    assert_eq!(responses(&api, "/vehicles/{vin}/status", "4xx").await, 1.0);
+    assert_eq!(responses(&api, "/keys", "4xx").await, 2.0);
+    assert_eq!(api.metric("caas_api_unauthorized_total").await, 2.0);
+    // The seven scrapes above; this one's own answer is counted once it is sent.
+    assert_eq!(responses(&api, "/metrics", "2xx").await, 7.0);
+    assert_eq!(responses(&api, "other", "2xx").await, 0.0);
+    gw.shutdown().await;
+}
+
 fn assert_refusal(what: &str, got: (u16, Value), status: u16, field: &str) {
     let (s, b) = got;
     assert_eq!(s, status, "{what}: {b}");
@@ -1851,6 +1894,14 @@ async fn openapi_document_matches_what_the_server_answers() {
         assert_eq!((s, e["field"].as_str()), (400, Some(field)), "{e}");
     }
     c.assert_every_documented_status_seen();
+    // Every route was called: each has its own responses counter, none fell into `other`.
+    for code in ["2xx", "4xx", "5xx"] {
+        assert_eq!(responses(&api, "other", code).await, 0.0, "{code}");
+    }
+    for (route, _) in ROUTES.iter().filter(|(r, _)| *r != "/healthz") {
+        let answered = responses(&api, route, "2xx").await + responses(&api, route, "4xx").await;
+        assert!(answered > 0.0, "{route} has no responses counter");
+    }
     drop(car);
     gw.shutdown().await;
 }

@@ -16,7 +16,7 @@ use crate::table::{key_values, render};
 pub const MAX_METRIC_LINES: usize = 10_000;
 
 /// The counters and gauges shown, as (label, sample name).
-const COUNTS: [(&str, &str); 15] = [
+const COUNTS: [(&str, &str); 16] = [
     ("requests created", "caas_requests_total{state=\"created\"}"),
     (
         "requests completed",
@@ -40,6 +40,10 @@ const COUNTS: [(&str, &str); 15] = [
     (
         "uses of the previous API token",
         "caas_api_previous_token_uses_total",
+    ),
+    (
+        "calls refused for a bad token",
+        "caas_api_unauthorized_total",
     ),
 ];
 

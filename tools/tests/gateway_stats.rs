@@ -111,4 +111,16 @@ fn gateway_stats_shows_the_counts_and_the_stage_times_as_a_table_and_as_json() {
     let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", "wrong"]);
     let err = run.err();
     assert!(err.contains("401"), "{err}");
+    let run = caasctl(&["gateway", "stats", "--gateway", &base, "--token", TOKEN]);
+    let refused = run
+        .ok()
+        .lines()
+        .find(|l| l.starts_with("calls refused for a bad token"))
+        .and_then(|l| l.split_whitespace().last())
+        .map(str::to_owned);
+    assert_eq!(
+        refused.as_deref(),
+        Some("1"),
+        "the wrong token's call is counted"
+    );
 }
