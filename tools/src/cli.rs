@@ -279,6 +279,27 @@ pub enum CertsCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Issue a TLS server certificate for a host the PKI's server.pem (localhost, 127.0.0.1)
+    /// does not name: the gateway's IoT API (--https-cert/--https-key) or a broker on another
+    /// machine. Writes STEM.pem and STEM.key (STEM: --file, or the first --name).
+    Server {
+        /// A DNS name or IP address the certificate is for; repeat for more (the first is
+        /// its CN).
+        #[arg(long = "name", value_name = "HOST", required = true)]
+        names: Vec<String>,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Directory to write into (default: the CA directory).
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// File name stem (default: the first --name).
+        #[arg(long, value_name = "STEM")]
+        file: Option<String>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Issue another client certificate, subject CN = O = NAME (e.g. a second gateway or a
     /// test client): NAME.pem and NAME.key.
     Client {
@@ -694,6 +715,27 @@ fn run_certs(cmd: CertsCommand) -> Result<()> {
                 r.crl_number,
                 r.revoked_count
             ))
+        }
+        CertsCommand::Server {
+            names,
+            ca_dir,
+            out,
+            file,
+            json,
+        } => {
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let f = pki::issue_server_cert(&ca_dir, &names, file.as_deref(), &out)?;
+            if json {
+                print_json(&json!({"cert": show(&f.cert), "key": show(&f.key), "names": names}))
+            } else {
+                print(&format!(
+                    "wrote {} and {} (secret): server certificate for {}\n",
+                    show(&f.cert),
+                    show(&f.key),
+                    names.join(", ")
+                ))
+            }
         }
         CertsCommand::Client {
             name,

@@ -105,6 +105,12 @@ pub enum PkiError {
     /// A name is not allowed in a certificate.
     #[error("invalid certificate name {0:?}: a client identity is 1-64 ASCII letters and digits")]
     BadName(String),
+    /// A server name is neither a DNS name nor an IP address.
+    #[error(
+        "invalid server name {0:?}: give a DNS name (letters, digits, '-' and '.', a leading \
+         \"*.\" for a wildcard; at most 253 characters) or an IP address"
+    )]
+    BadServerName(String),
     /// rcgen refused.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
@@ -457,6 +463,26 @@ pub enum CaPemError {
 /// Longest client identity.
 pub const MAX_IDENTITY_LEN: usize = 64;
 
+/// A DNS name (labels of 1-63 letters, digits and inner '-', an optional leading "*." for a
+/// wildcard) or an IP address, as a server certificate may name.
+fn valid_server_name(s: &str) -> bool {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = s.strip_prefix("*.").unwrap_or(s);
+    !host.is_empty()
+        && s.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 fn valid_identity(s: &str) -> bool {
     // rumqttd refuses a tenant id (O) with anything but letters and digits.
     !s.is_empty() && s.len() <= MAX_IDENTITY_LEN && s.bytes().all(|b| b.is_ascii_alphanumeric())
@@ -716,6 +742,31 @@ pub fn issue_client_cert(ca_dir: &Path, identity: &str, out: &Path) -> Result<Ce
     write_pair(out, identity, &pair)
 }
 
+/// Issues a TLS server certificate for `names` (DNS names or IP addresses; CN = the first),
+/// signed by the CA in `ca_dir`, into `out/STEM.pem` and `out/STEM.key` (replacing them if
+/// present): the IoT API's (`--https-cert`) or a broker's, on a host the development PKI's
+/// `server.pem` (localhost, 127.0.0.1) does not name. `stem` defaults to the first name.
+pub fn issue_server_cert(
+    ca_dir: &Path,
+    names: &[&str],
+    stem: Option<&str>,
+    out: &Path,
+) -> Result<CertFiles, PkiError> {
+    let first = names
+        .first()
+        .ok_or_else(|| PkiError::BadServerName(String::new()))?;
+    if let Some(bad) = names.iter().find(|n| !valid_server_name(n)) {
+        return Err(PkiError::BadServerName((*bad).to_owned()));
+    }
+    let stem = stem.unwrap_or(first).replace('*', "wildcard");
+    if !valid_server_name(&stem) || stem.contains(':') {
+        return Err(PkiError::BadServerName(stem));
+    }
+    let ca = Ca::load(ca_dir)?;
+    let pair = ca.issue_server(names)?;
+    write_pair(out, &stem, &pair)
+}
+
 /// Issues a car's client certificate (CN = O = VIN), signed by the CA in `ca_dir`, into
 /// `out/VIN.pem` and `out/VIN.key` (replacing them if present).
 pub fn issue_car_cert(ca_dir: &Path, vin: &Vin, out: &Path) -> Result<CertFiles, PkiError> {
@@ -780,6 +831,33 @@ mod tests {
             Ca::from_pem("junk", &ca.key_pem()),
             Err(CaPemError::Cert(_))
         ));
+    }
+
+    #[test]
+    fn server_names_are_dns_names_or_addresses() {
+        for good in [
+            "gateway.example.com",
+            "localhost",
+            "*.fleet.example",
+            "10.0.0.7",
+            "::1",
+            "a-b.c",
+        ] {
+            assert!(valid_server_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "*.",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a b",
+            "a/b",
+            "a*.b",
+            &"x".repeat(64),
+        ] {
+            assert!(!valid_server_name(bad), "{bad:?}");
+        }
     }
 
     #[test]

@@ -141,3 +141,81 @@ fn status_over_tls_needs_the_ca_and_the_client_certificate() {
     assert_eq!(half.code, 2, "{}", half.stderr);
     assert!(half.stderr.contains("--client-key"), "{}", half.stderr);
 }
+
+#[test]
+fn a_server_certificate_for_another_host_serves_the_api_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = dir.path().join("pki");
+    caasctl(&["certs", "init", "--out", s(&pki)]).ok();
+    let out = dir.path().join("api");
+    let t = caasctl(&[
+        "certs",
+        "server",
+        "--name",
+        "gateway.fleet.test",
+        "--name",
+        "127.0.0.1",
+        "--ca-dir",
+        s(&pki),
+        "--out",
+        s(&out),
+    ])
+    .ok()
+    .to_owned();
+    assert!(
+        t.contains("server certificate for gateway.fleet.test, 127.0.0.1"),
+        "{t}"
+    );
+    let (cert, key) = (
+        out.join("gateway.fleet.test.pem"),
+        out.join("gateway.fleet.test.key"),
+    );
+    let mut config = gateway_config(dir.path().join("gw"), TOKEN);
+    config.https = Some("127.0.0.1:0".parse().unwrap());
+    config.no_http = true;
+    config.https_files = Some(caas_gateway::HttpsFiles {
+        cert,
+        key,
+        client_ca: None,
+    });
+    let (_, tls) = start_gateway_listening(config);
+    let base = format!("https://127.0.0.1:{}", tls.unwrap().port());
+    let run = caasctl(&[
+        "vehicle",
+        "list",
+        "--gateway",
+        &base,
+        "--token",
+        TOKEN,
+        "--ca",
+        s(&pki.join("ca.pem")),
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(run.ok()).unwrap();
+    assert!(v["vehicles"].as_array().is_some_and(Vec::is_empty), "{v}");
+
+    for bad in ["gateway fleet", "a..b", "*."] {
+        let line = caasctl(&[
+            "certs",
+            "server",
+            "--name",
+            bad,
+            "--ca-dir",
+            s(&pki),
+            "--out",
+            s(&out),
+        ])
+        .err()
+        .to_owned();
+        assert!(line.contains("invalid server name"), "{bad}: {line}");
+    }
+    let names: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "nothing written for the bad names: {names:?}"
+    );
+}
