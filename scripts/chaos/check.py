@@ -352,25 +352,30 @@ for rid, (st, js) in reqs.items():
         per_car[js["vin"]][rid] = js
 
 
+history_status = {}  # vin -> the HTTP status of its history's first page
+
+
 def fetch_car(vin):
     st, status = get(f"/vehicles/{vin}/status")
-    hist, before = [], None
+    hist, before, first = [], None, None
     for _ in range(20):
         q = f"/vehicles/{vin}/history?limit=500" + (f"&before={before}" if before else "")
         hs, h = get(q)
+        first = first or hs
         if hs != 200:
             break
         hist += h["entries"]
         before = h.get("nextBefore")
         if not before:
             break
-    return vin, st, status, hist
+    return vin, st, status, hist, first
 
 
 cars = {}
 with ThreadPoolExecutor(6) as ex:
-    for vin, st, status, hist in ex.map(fetch_car, vins):
+    for vin, st, status, hist, hs in ex.map(fetch_car, vins):
         cars[vin] = (st, status, hist)
+        history_status[vin] = hs
 
 # requests seen only in history (accepted, never answered, never called back)
 extra = []
@@ -392,6 +397,253 @@ def parse_iso(s):
     return datetime.datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
 
 
+# ---------- 11: decommissionings and registrations again ----------
+# The driver's DELETE /vehicles/{vin} and POST /vehicles, per car in its order, and what the
+# cars' histories say (DECOMMISSIONED with the withdrawal's seq, REGISTERED with it and the
+# decommissioning's time). A DELETE answered 200 is durable: the car is out until a
+# registration answered 2xx, no request of it is taken meanwhile, and the registration after
+# it makes a new car (201). One answered with a connection error or a 5xx has an unknown
+# outcome, as a POST's: the history tells whether it happened.
+DECOM = "DECOMMISSIONED"
+vehicle_ops = collections.defaultdict(list)
+for r in driver:
+    if r.get("type") in ("decommission", "register"):
+        vehicle_ops[r["vin"]].append(r)
+for lst in vehicle_ops.values():
+    lst.sort(key=lambda r: r["n"])
+
+
+def is_2xx(r):
+    return r["status"] is not None and 200 <= r["status"] < 300
+
+
+def not_sent(r):
+    """A connection refused: nothing reached the gateway, so nothing was done."""
+    return r["status"] is None and (r.get("err") or "").startswith("ConnectionRefusedError")
+
+
+def outcome_unknown(r):
+    return not not_sent(r) and (r["status"] is None or r["status"] >= 500)
+
+
+def end_state(vin):
+    """'registered', 'retired' or 'unknown' after the driver's last DELETE or POST /vehicles."""
+    state = "registered"
+    for r in vehicle_ops.get(vin, []):
+        if r["type"] == "decommission":
+            if r["status"] == 200:
+                state = "retired"
+            elif outcome_unknown(r) and state != "retired":
+                state = "unknown"
+        elif is_2xx(r):
+            state = "registered"
+        elif outcome_unknown(r) and state != "registered":
+            state = "unknown"
+    return state
+
+
+withdrawals = {}    # vin -> {withdrawal seq: (decommissioning time, exact?)}
+registered_again = collections.defaultdict(dict)  # vin -> {withdrawal seq: REGISTERED's time}
+uncertain = set()   # cars with a decommissioning whose withdrawal seq is not known here
+reg_seq_bad = []
+for vin in vins:
+    st, status, hist = cars[vin]
+    ws = {}
+    ordered = sorted(hist, key=lambda e: int(e["id"]))
+    last_decom_seq = None
+    for e in ordered:
+        if e["type"] == "DECOMMISSIONED" and e.get("seq") is not None:
+            ws.setdefault(e["seq"], (parse_iso(e["timestamp"]), False))
+            last_decom_seq = e["seq"]
+        elif e["type"] == "REGISTERED" and e.get("seq") is not None:
+            m = re.search(r"decommissioning at (\S+Z):", e.get("detail") or "")
+            if m:
+                ws[e["seq"]] = (parse_iso(m.group(1)), True)
+            else:
+                ws.setdefault(e["seq"], (parse_iso(e["timestamp"]), False))
+            registered_again[vin][e["seq"]] = parse_iso(e["timestamp"])
+            if last_decom_seq is not None and e["seq"] != last_decom_seq:
+                reg_seq_bad.append({"vin": vin, "registered": e, "decommissionedSeq": last_decom_seq})
+    for r in vehicle_ops.get(vin, []):
+        if r["type"] == "decommission" and r["status"] == 200 and isinstance(r["resp"], dict) \
+                and isinstance(r["resp"].get("withdrawalSeq"), int) and r["resp"].get("decommissionedAt"):
+            ws[r["resp"]["withdrawalSeq"]] = (parse_iso(r["resp"]["decommissionedAt"]), True)
+    withdrawals[vin] = ws
+    # A DELETE with an unknown outcome that no known withdrawal matches (by time), and that
+    # the next registration does not show as not taken (a first answer 200: still registered).
+    lst = vehicle_ops.get(vin, [])
+    for i, r in enumerate(lst):
+        if r["type"] != "decommission" or not outcome_unknown(r):
+            continue
+        if any(r["t0"] - 2 <= at <= r["t1"] + 2 for at, _ in ws.values()):
+            continue
+        nxt = next((q for q in lst[i + 1:] if not not_sent(q)), None)
+        if nxt is not None and nxt["type"] == "register" and nxt["status"] == 200:
+            continue
+        if nxt is None and cars[vin][0] == 200:
+            continue  # no registration after it, and the car is registered: not taken
+        uncertain.add(vin)
+for x in reg_seq_bad:
+    violations["11_registered_seq_not_the_withdrawal"].append(x)
+
+
+def withdrawal_above(vin, seq):
+    """The first known withdrawal above `seq` of `vin`: (seq, time, exact?) or None."""
+    above = [w for w in withdrawals.get(vin, {}) if w > seq]
+    if not above:
+        return None
+    w = min(above)
+    return (w,) + withdrawals[vin][w]
+
+
+ISO_EXACT = lambda a, b: abs(a - b) < 0.0015
+decom_report = {"sent": 0, "answered_200": 0, "unknown_outcome": 0, "refused_connection": 0,
+                "scrap": 0, "registration_attempts": 0, "registered_201": 0, "registered_200": 0,
+                "registration_unknown_outcome": 0, "registration_refused_connection": 0, "requests_failed_decommissioned": 0,
+                "requests_answered_404": 0, "cars_retired_at_end": 0,
+                "cars_uncertain": len(uncertain)}
+for vin, lst in vehicle_ops.items():
+    st_end, status_end, _ = cars.get(vin, (None, None, None))
+    for i, r in enumerate(lst):
+        if r["type"] == "register":
+            decom_report["registration_attempts"] += 1
+            if not_sent(r):
+                decom_report["registration_refused_connection"] += 1
+            elif r["status"] == 201:
+                decom_report["registered_201"] += 1
+            elif r["status"] == 200:
+                decom_report["registered_200"] += 1
+            elif outcome_unknown(r):
+                decom_report["registration_unknown_outcome"] += 1
+            else:
+                violations["11_register_unexpected_answer"].append(r)
+            continue
+        decom_report["sent"] += 1
+        decom_report["scrap"] += bool(r.get("scrap"))
+        if not_sent(r):
+            decom_report["refused_connection"] += 1
+            continue
+        if outcome_unknown(r):
+            decom_report["unknown_outcome"] += 1
+            continue
+        if r["status"] != 200:
+            violations["11_delete_unexpected_answer"].append(r)
+            continue
+        decom_report["answered_200"] += 1
+        resp = r["resp"] if isinstance(r["resp"], dict) else {}
+        w = resp.get("withdrawalSeq")
+        if resp.get("vin") != vin or not isinstance(w, int) or not resp.get("decommissionedAt") \
+                or not isinstance(resp.get("requestsFailed"), int):
+            violations["11_delete_answer_malformed"].append(r)
+            continue
+        # Durable: the history has it, when it reaches back that far.
+        hist = cars[vin][2]
+        oldest = min((parse_iso(e["timestamp"]) for e in hist), default=None)
+        if history_status.get(vin) == 200 and oldest is not None and oldest < r["t0"] and \
+                not any(e["type"] == "DECOMMISSIONED" and e.get("seq") == w for e in hist):
+            violations["11_decommissioning_not_in_history"].append({"delete": r, "oldestEntry": oldest})
+        # The registration after it (its first attempt opens the window in which the car is
+        # surely out) makes the car anew: 201, unless an attempt before had an unknown outcome.
+        regs_after = []
+        for q in lst[i + 1:]:
+            if q["type"] != "register":
+                break
+            if not not_sent(q):
+                regs_after.append(q)
+        window_end = regs_after[0]["t0"] if regs_after else float("inf")
+        for q in regs_after:
+            if outcome_unknown(q):
+                break
+            if q["status"] == 200:
+                violations["11_registered_again_but_was_not_decommissioned"].append(
+                    {"delete": r, "register": q})
+            break
+        # No request of it taken while it was surely out; the withdrawal's seq is above every
+        # request taken before the DELETE and below every one taken after it.
+        for rid, a in answered.items():
+            if a["vin"] != vin:
+                continue
+            rs_, rj = reqs.get(rid, (None, None))
+            seq = rj.get("seq") if rs_ == 200 and isinstance(rj, dict) else None
+            if a["t0"] > r["t1"] and a["t1"] < window_end:
+                violations["11_accepted_while_decommissioned"].append(
+                    {"delete": r, "request": a["resp"], "kind": a["kind"], "t0": a["t0"], "t1": a["t1"]})
+            if seq is None:
+                continue
+            if a["t1"] < r["t0"] and seq >= w:
+                violations["11_withdrawal_seq_not_above_earlier_requests"].append(
+                    {"delete": r, "requestId": rid, "seq": seq})
+            if a["t0"] > r["t1"] and seq <= w:
+                violations["11_request_after_decommissioning_not_above_withdrawal"].append(
+                    {"delete": r, "requestId": rid, "seq": seq})
+        for c in camps:
+            if not (is_2xx(c) and c["t0"] > r["t1"] and c["t1"] < window_end) or vin not in c["body"]["vins"]:
+                continue
+            rid = campaign_request_id(c["resp"]["campaignId"], c["body"]["vins"].index(vin))
+            if reqs.get(rid, (None,))[0] == 200:
+                violations["11_accepted_while_decommissioned"].append(
+                    {"delete": r, "campaignId": c["resp"]["campaignId"], "requestId": rid})
+        # requestsFailed: the car's requests this decommissioning failed (seq between the
+        # withdrawal before and this one), when every withdrawal of the car is known.
+        if vin not in uncertain:
+            prev = max((x for x in withdrawals[vin] if x < w), default=0)
+            n = sum(1 for j in per_car[vin].values()
+                    if prev < j["seq"] < w and j.get("errorCode") == DECOM)
+            if n != resp["requestsFailed"]:
+                violations["11_requests_failed_count_differs"].append(
+                    {"delete": r, "requestsFailed": resp["requestsFailed"], "found": n})
+    # The history stays readable.
+    if history_status.get(vin) != 200:
+        violations["11_history_unreadable"].append({"vin": vin, "status": history_status.get(vin)})
+    # The end: out (404 naming the decommissioning) or registered, as the driver left it.
+    want = end_state(vin)
+    gone = st_end == 404 and isinstance(status_end, dict) and status_end.get("error") == "vehicle decommissioned"
+    if want == "retired":
+        decom_report["cars_retired_at_end"] += 1
+        if not gone:
+            violations["11_decommissioned_car_not_out"].append(
+                {"vin": vin, "status": [st_end, status_end], "ops": lst})
+    elif want == "registered" and st_end != 200:
+        violations["11_registered_car_not_back"].append({"vin": vin, "status": [st_end, status_end], "ops": lst})
+    elif want == "unknown" and gone:
+        decom_report["cars_retired_at_end"] += 1
+decom_report["requests_answered_404"] = sum(
+    1 for r in driver if r.get("type") == "request" and r["status"] == 404)
+
+# Every request of a car below a withdrawal: final before it (COMPLETED no later than the
+# decommissioning), or FAILED; FAILED DECOMMISSIONED only by a decommissioning, at its time.
+for vin in vins:
+    for rid, j in per_car[vin].items():
+        above = withdrawal_above(vin, j["seq"])
+        code = j.get("errorCode")
+        if code == DECOM:
+            decom_report["requests_failed_decommissioned"] += 1
+        # A request stamped (createdAt, when the API took it in, or its campaign was) after a
+        # registration again reached the car's shard after it: its seq is above the
+        # withdrawal. (Stamped while the car was out says nothing: it may have reached the
+        # shard after the registration; the driver's answers check that window, above.)
+        created = parse_iso(j["createdAt"])
+        for w in withdrawals.get(vin, {}):
+            back = registered_again[vin].get(w)
+            if back is not None and created > back + 0.05 and j["seq"] <= w:
+                violations["11_request_after_registration_not_above_withdrawal"].append(
+                    {"request": j, "withdrawalSeq": w, "registeredAgain": back})
+        if above is None:
+            if code == DECOM and vin not in uncertain:
+                violations["11_decommissioned_code_without_decommissioning"].append(j)
+            continue
+        w, at, exact = above
+        done = parse_iso(j["completedAt"]) if j.get("completedAt") else None
+        if j["status"] == "COMPLETED" and done is not None and done > at + 0.0015:
+            violations["11_completed_after_its_decommissioning"].append(
+                {"request": j, "withdrawalSeq": w, "decommissionedAt": at})
+        if code == DECOM and vin not in uncertain and done is not None and \
+                not (ISO_EXACT(done, at) if exact else abs(done - at) < 1):
+            violations["11_decommissioned_code_at_another_time"].append(
+                {"request": j, "withdrawalSeq": w, "decommissionedAt": at})
+report["decommissionings"] = decom_report
+
+
 # the grant end of each activation (from the driver's bodies / campaigns)
 ends = {}
 for rid, r in answered.items():
@@ -404,13 +656,22 @@ decided = undecided = 0
 for vin in vins:
     st, status, hist = cars[vin]
     if st != 200:
-        status_err.append((vin, st, status))
+        # A car out of the fleet at the end answers 404: 11 holds it to the driver's records.
+        if not (st == 404 and end_state(vin) != "registered"):
+            status_err.append((vin, st, status))
         continue
     shown = {s["serviceId"]: s["status"] for s in status["activeServices"]}
     for s, v in shown.items():
         if v == "PENDING":
             pending_left.append({"vin": vin, "service": s, "faults": faults.get(vin)})
-    rs = sorted(per_car[vin].values(), key=lambda j: j["seq"])
+    # A decommissioning's withdrawal ended every grant issued before it (its seq is above
+    # theirs), and a car registered again starts with none: only the requests above its
+    # last withdrawal count. A car with a decommissioning whose seq is unknown is skipped.
+    if vin in uncertain:
+        undecided += len({j["serviceId"] for j in per_car[vin].values()} | set(shown))
+        continue
+    last_w = max(withdrawals.get(vin, {}), default=0)
+    rs = sorted((j for j in per_car[vin].values() if j["seq"] > last_w), key=lambda j: j["seq"])
     services = {j["serviceId"] for j in rs} | set(shown)
     for svc in services:
         seqd = [j for j in rs if j["serviceId"] == svc]
@@ -448,7 +709,9 @@ for vin in vins:
                          "ACTIVE" if expected else None, "faults": faults.get(vin),
                          "requests": [(j["seq"], j["action"], j["status"], j.get("errorCode"),
                                        j["requestId"]) for j in seqd]})
-report["services_checked"] = {"cars": len(vins) - len(status_err), "services": decided,
+report["services_checked"] = {"cars": sum(1 for v in vins if cars[v][0] == 200) - (
+                                  len(uncertain & {v for v in vins if cars[v][0] == 200})),
+                              "services": decided,
                               "undecided": undecided}
 conn = collections.Counter()
 for vin in vins:
@@ -481,10 +744,16 @@ for _ in range(1000):
     if not after:
         break
 listed_vins = [v["vin"] for v in listed]
-if listed_vins != sorted(set(vins)):
+# The fleet at the end: the cars out of it (decommissioned and not registered again, by the
+# driver's records, or with an unknown outcome and their status saying so) are not listed.
+registered_at_end = sorted(v for v in set(vins) if not (
+    end_state(v) == "retired" or (end_state(v) == "unknown" and cars[v][0] == 404)))
+if listed_vins != registered_at_end:
     violations["9_vehicle_listing_not_the_fleet"].append(
-        {"listed": len(listed_vins), "distinct": len(set(listed_vins)), "fleet": len(set(vins)),
-         "in_order": listed_vins == sorted(listed_vins)})
+        {"listed": len(listed_vins), "distinct": len(set(listed_vins)), "fleet": len(registered_at_end),
+         "in_order": listed_vins == sorted(listed_vins),
+         "missing": sorted(set(registered_at_end) - set(listed_vins))[:20],
+         "not_in_fleet": sorted(set(listed_vins) - set(registered_at_end))[:20]})
 
 
 def shown_of(status):
@@ -626,7 +895,9 @@ summary = (f"{d['requests']} requests ({d['accepted']} accepted, {d['unknown_out
            f"{d['campaigns_2xx']} campaigns, {report['callbacks']['total']} callbacks for "
            f"{report['callbacks']['distinct_requests']} requests, "
            f"{report['restarts']['kills']} kills + {report['restarts']['terms']} SIGTERMs"
-           + (f", {len(broker_kills)} broker kills" if broker_starts else ""))
+           + (f", {len(broker_kills)} broker kills" if broker_starts else "")
+           + f", {decom_report['sent']} decommissionings ({decom_report['answered_200']} answered 200), "
+           f"{decom_report['registered_201'] + decom_report['registered_200']} registrations again answered 2xx")
 if failed:
     print("\nVERDICT: FAIL: " + ", ".join(f"{k}={len(violations[k])}" for k in failed) + "; " + summary)
     sys.exit(1)

@@ -39,6 +39,11 @@ ap.add_argument("--quick-kill-share", type=float, default=0.0,
                 help="share of stops 0.3-2 s after a start (recovery interrupted)")
 ap.add_argument("--campaign-max", type=int, default=40, help="most cars in one campaign")
 ap.add_argument("--campaign-every", type=float, default=30, help="mean seconds between campaigns")
+ap.add_argument("--decommission-every", type=float, default=30,
+                help="mean seconds between the driver's decommissionings of a random car (DELETE "
+                     "/vehicles/{vin}), each registered again 2-10 s later; 0: never (default 30)")
+ap.add_argument("--scrap-share", type=float, default=0.15,
+                help="share of the decommissioned cars not registered again (default 0.15)")
 ap.add_argument("--receiver-down-share", type=float, default=0.15,
                 help="chance, per stop, that the webhook receiver also goes down for 10-25 s")
 ap.add_argument("--broker", choices=["embedded", "mosquitto"], default="embedded",
@@ -391,7 +396,9 @@ try:
     note_pid("driver", subprocess.Popen(
         [sys.executable, os.path.join(HERE, "driver.py"), BASE, TOKEN, run, "--rate", str(args.rate),
          "--seed", str(seed), "--campaign-max", str(args.campaign_max),
-         "--campaign-every", str(args.campaign_every), "--vins"] + [os.path.join(run, f"vins-{n}.txt") for n in fleets],
+         "--campaign-every", str(args.campaign_every),
+         "--decommission-every", str(args.decommission_every), "--scrap-share", str(args.scrap_share),
+         "--vins"] + [os.path.join(run, f"vins-{n}.txt") for n in fleets],
         stdout=dlog, stderr=subprocess.STDOUT))
 
     t_end = time.time() + args.chaos
