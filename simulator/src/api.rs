@@ -272,13 +272,28 @@ pub fn iso8601(unix: u64) -> String {
 impl Api {
     /// A client of the gateway at `base` (e.g. `http://127.0.0.1:8080`).
     pub fn new(base: &str, token: &str) -> Result<Self> {
+        Api::with_ca(base, token, None)
+    }
+
+    /// [`Api::new`] that also trusts the CA certificates (PEM) in `ca`, for a gateway serving
+    /// the IoT API over TLS with a private CA's certificate.
+    pub fn with_ca(base: &str, token: &str, ca: Option<&std::path::Path>) -> Result<Self> {
         crate::init_crypto();
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .tcp_nodelay(true)
-            .pool_max_idle_per_host(256)
-            .build()
-            .context("building the HTTP client")?;
+            .pool_max_idle_per_host(256);
+        if let Some(path) = ca {
+            let pem = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let roots = reqwest::Certificate::from_pem_bundle(&pem)
+                .ok()
+                .filter(|r| !r.is_empty())
+                .with_context(|| format!("{}: no PEM certificate in it", path.display()))?;
+            for root in roots {
+                builder = builder.add_root_certificate(root);
+            }
+        }
+        let http = builder.build().context("building the HTTP client")?;
         let base = base.trim_end_matches('/').to_string();
         Ok(Api {
             fast: Fast::new(&base, token).map(Arc::new),

@@ -60,6 +60,10 @@ pub struct GatewayArgs {
     /// The IoT API bearer token.
     #[arg(long, env = "CAAS_API_TOKEN", default_value = "dev-token")]
     pub api_token: String,
+    /// CA certificate(s) (PEM) to trust for an https:// gateway (its `--https` listener),
+    /// besides the public roots.
+    #[arg(long, value_name = "FILE", env = "CAAS_GATEWAY_CA")]
+    pub gateway_ca: Option<std::path::PathBuf>,
 }
 
 /// Fault injection flags (ratios are `0.3` or `30%`, durations `500ms`, `5s`, `2m`).
@@ -253,6 +257,7 @@ fn options(a: &FleetArgs, seed: u64, prefix: String) -> Result<FleetOptions> {
     Ok(FleetOptions {
         gateway: a.gw.gateway.clone(),
         api_token: a.gw.api_token.clone(),
+        gateway_ca: a.gw.gateway_ca.clone(),
         mqtt: a.mqtt.clone(),
         cars: a.cars,
         first_index: 0,
@@ -481,8 +486,11 @@ async fn run_workers(a: &FleetArgs, workers: u64, seed: u64, prefix: &str) -> Re
         }
         let mut cmd = Process::new(&exe);
         cmd.arg("fleet")
-            .args(["--gateway", &a.gw.gateway, "--api-token", &a.gw.api_token])
-            .args(["--mqtt", &a.mqtt, "--cars", &count.to_string()])
+            .args(["--gateway", &a.gw.gateway, "--api-token", &a.gw.api_token]);
+        if let Some(ca) = &a.gw.gateway_ca {
+            cmd.arg("--gateway-ca").arg(ca);
+        }
+        cmd.args(["--mqtt", &a.mqtt, "--cars", &count.to_string()])
             .args(["--seed", &seed.to_string(), "--vin-prefix", prefix])
             .args(["--worker-first", &first.to_string(), "--no-progress"])
             .args(["--threads", &a.threads.to_string()])

@@ -34,6 +34,8 @@ pub struct FleetOptions {
     pub gateway: String,
     /// The IoT API token.
     pub api_token: String,
+    /// CA certificates (PEM) trusted for an https:// gateway, besides the public roots.
+    pub gateway_ca: Option<std::path::PathBuf>,
     /// The broker, `HOST:PORT`, or several addresses of it separated by commas (cars are
     /// spread over them round-robin).
     pub mqtt: String,
@@ -112,6 +114,7 @@ impl Default for FleetOptions {
         FleetOptions {
             gateway: "http://127.0.0.1:8080".to_string(),
             api_token: "dev-token".to_string(),
+            gateway_ca: None,
             mqtt: "127.0.0.1:1883".to_string(),
             cars: 100,
             first_index: 0,
@@ -240,7 +243,7 @@ impl Fleet {
         if let Some(p) = &opts.platform {
             p.validate()?;
         }
-        let api = Api::new(&opts.gateway, &opts.api_token)?;
+        let api = Api::with_ca(&opts.gateway, &opts.api_token, opts.gateway_ca.as_deref())?;
         let gateway_key = match opts.gateway_key {
             Some(k) => k,
             None => api

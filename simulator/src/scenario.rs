@@ -608,7 +608,7 @@ pub async fn run_main(a: RunArgs) -> Result<i32> {
             .collect();
         receiver = Receiver::start_on(a.webhook_listen, &a.webhook_secret).await?;
         eprintln!("caas-sim run: webhook receiver on {}", receiver.url());
-        api = Api::new(&a.gw.gateway, &a.gw.api_token)?;
+        api = Api::with_ca(&a.gw.gateway, &a.gw.api_token, a.gw.gateway_ca.as_deref())?;
         if let Some(warning) = api
             .metrics()
             .await

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use caas_tests::{caasctl, make_key, stdout_of, AgentProcess, AgentSpec, KeyFiles, Retry};
 
@@ -31,24 +31,24 @@ fn core_client(pki: &Path, with_certificate: bool) -> reqwest::Client {
     b.build().unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_over_it() {
-    let dir = tempfile::Builder::new()
-        .prefix("caas-e2e-https-")
-        .tempdir()
-        .unwrap();
-    let pki = dir.path().join("pki");
-    for args in [
-        vec!["certs", "init", "--out", path(&pki)],
-        vec![
+/// A development PKI made by `caasctl certs` in DIR/pki (with a `backend` client certificate
+/// when `client_ca`), and a gateway process serving the IoT API over TLS with its server
+/// certificate (asking callers for one from its CA when `client_ca`): the gateway, the TLS
+/// listener's address and the PKI's directory.
+async fn tls_gateway(dir: &Path, client_ca: bool) -> (Started, String, PathBuf) {
+    let pki = dir.join("pki");
+    let mut make = vec![vec!["certs", "init", "--out", path(&pki)]];
+    if client_ca {
+        make.push(vec![
             "certs",
             "client",
             "--name",
             "backend",
             "--ca-dir",
             path(&pki),
-        ],
-    ] {
+        ]);
+    }
+    for args in make {
         stdout_of(&caasctl(ctl(), &args).await.unwrap()).unwrap();
     }
     let retry = Retry {
@@ -57,26 +57,42 @@ async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_ove
         backoff: "500ms",
     };
     let https = format!("127.0.0.1:{}", caas_sim::gateway_proc::free_port().unwrap());
-    let Started {
-        receiver,
-        gateway,
-        api,
-        gateway_key,
-    } = start_gateway_with(
-        dir.path(),
-        retry,
-        &[
-            "--https",
-            &https,
-            "--https-cert",
-            path(&pki.join("server.pem")),
-            "--https-key",
-            path(&pki.join("server.key")),
-            "--https-client-ca",
-            path(&pki.join("ca.pem")),
-        ],
-    )
-    .await;
+    let (cert, key, ca) = (
+        pki.join("server.pem"),
+        pki.join("server.key"),
+        pki.join("ca.pem"),
+    );
+    let mut flags = vec![
+        "--https",
+        &https,
+        "--https-cert",
+        path(&cert),
+        "--https-key",
+        path(&key),
+    ];
+    if client_ca {
+        flags.extend(["--https-client-ca", path(&ca)]);
+    }
+    let started = start_gateway_with(dir, retry, &flags).await;
+    (started, https, pki)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_over_it() {
+    let dir = tempfile::Builder::new()
+        .prefix("caas-e2e-https-")
+        .tempdir()
+        .unwrap();
+    let (
+        Started {
+            receiver,
+            gateway,
+            api,
+            gateway_key,
+        },
+        https,
+        pki,
+    ) = tls_gateway(dir.path(), true).await;
     let KeyFiles {
         secret, public_hex, ..
     } = make_key(ctl(), dir.path(), "car-key").await.unwrap();
@@ -177,4 +193,85 @@ async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_ove
         !without_ca.status.success(),
         "no --ca: the certificate is not trusted"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_registers_and_drives_cars_through_the_tls_listener() {
+    let dir = tempfile::Builder::new()
+        .prefix("caas-e2e-https-sim-")
+        .tempdir()
+        .unwrap();
+    let (Started { gateway, .. }, https, pki) = tls_gateway(dir.path(), false).await;
+    let base = format!("https://{https}");
+    let ca = pki.join("ca.pem");
+    let vins = dir.path().join("vins.txt");
+
+    // The fleet registers its cars and fetches the gateway's key over TLS.
+    let mut fleet = std::process::Command::new(sim())
+        .args(["fleet", "--gateway", &base, "--gateway-ca", path(&ca)])
+        .args(["--api-token", &gateway.token, "--mqtt", &gateway.mqtt])
+        .args(["--cars", "3", "--no-progress", "--duration", "2m"])
+        .arg("--vins-out")
+        .arg(&vins)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let api = gateway.api().unwrap();
+    wait_until(
+        "3 cars registered over TLS and connected",
+        || caas_tests::metric(&api, "caas_connected_cars"),
+        |n| matches!(n, Ok(v) if *v >= 3.0),
+    )
+    .await
+    .unwrap();
+
+    // A run over TLS: its activations are accepted. Their callbacks go to the gateway's
+    // webhook (this test's receiver), so the run's own receiver waits only its settle.
+    let scenario = dir.path().join("scenario.toml");
+    std::fs::write(&scenario, "settle = \"1s\"\n").unwrap();
+    let report = dir.path().join("run.json");
+    let run = |ca: Option<&Path>| {
+        let mut cmd = std::process::Command::new(sim());
+        cmd.args(["run", "--gateway", &base, "--api-token", &gateway.token])
+            .arg("--scenario")
+            .arg(&scenario)
+            .arg("--vins")
+            .arg(&vins)
+            .args(["--rate", "5", "--duration", "1s"])
+            .args([
+                "--webhook-listen",
+                "127.0.0.1:0",
+                "--webhook-secret",
+                "unused",
+            ])
+            .arg("--report")
+            .arg(&report)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        if let Some(ca) = ca {
+            cmd.arg("--gateway-ca").arg(ca);
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "caas-sim run: {status}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        (
+            r["accepted"].as_u64().unwrap(),
+            r["http_errors"].as_u64().unwrap(),
+        )
+    };
+    let (accepted, errors) = run(Some(&ca));
+    assert!(
+        accepted >= 3 && errors == 0,
+        "{accepted} accepted, {errors} errors"
+    );
+    // Without the CA the gateway's certificate is not trusted: nothing is accepted.
+    let (accepted, errors) = run(None);
+    assert_eq!(accepted, 0, "{errors} errors");
+    assert!(errors >= 3);
+    let _ = fleet.kill();
+    let _ = fleet.wait();
 }
