@@ -23,7 +23,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use tokio::net::TcpListener;
@@ -34,7 +34,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::HttpsFiles;
 use crate::listener::Counted;
 use crate::metrics::Metrics;
-use crate::tlsfront::{file_stamp, read_certs, read_key, reload_on_change, HANDSHAKE_TIMEOUT};
+use crate::tlsfront::{
+    file_stamp, read_certs, read_key, reload_on_change, roots_of, FileStamp, HANDSHAKE_TIMEOUT,
+};
 
 /// Connections whose handshake is done and that axum has not yet taken. axum takes each at
 /// once, so this only bounds a burst of handshakes finishing together.
@@ -48,10 +50,7 @@ pub(crate) fn load(files: &HttpsFiles) -> anyhow::Result<Arc<rustls::ServerConfi
     let builder = rustls::ServerConfig::builder();
     let builder = match &files.client_ca {
         Some(ca) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for c in read_certs(ca)? {
-                roots.add(c).context("--https-client-ca certificate")?;
-            }
+            let roots = roots_of(&read_certs(ca)?).context("--https-client-ca")?;
             let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
                 .build()
                 .map_err(|e| anyhow!("--https-client-ca: {e}"))?;
@@ -73,7 +72,7 @@ pub(crate) fn load(files: &HttpsFiles) -> anyhow::Result<Arc<rustls::ServerConfi
 }
 
 /// The files' modification times and lengths: a change of any means a new set.
-fn stamps(files: &HttpsFiles) -> [Option<(SystemTime, u64)>; 3] {
+fn stamps(files: &HttpsFiles) -> [FileStamp; 3] {
     let ca = files.client_ca.as_deref();
     [
         file_stamp(&files.cert),

@@ -232,21 +232,8 @@ pub(crate) fn client_tls(cfg: &Config) -> anyhow::Result<Arc<rustls::ClientConfi
     client_tls_of(tls)
 }
 
-/// The modification times and lengths of the TLS files: a change of any means a new set.
-fn tls_stamps(tls: &crate::config::TlsFiles) -> [Option<(std::time::SystemTime, u64)>; 3] {
-    use crate::tlsfront::file_stamp;
-    [
-        file_stamp(&tls.ca),
-        file_stamp(&tls.cert),
-        file_stamp(&tls.key),
-    ]
-}
-
 fn client_tls_of(tls: &crate::config::TlsFiles) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in crate::tlsfront::read_certs(&tls.ca)? {
-        roots.add(c).context("CA certificate")?;
-    }
+    let roots = crate::tlsfront::roots_of(&crate::tlsfront::read_certs(&tls.ca)?)?;
     let certs = crate::tlsfront::read_certs(&tls.cert)?;
     let key = crate::tlsfront::read_key(&tls.key)?;
     let config = rustls::ClientConfig::builder()
@@ -286,7 +273,7 @@ pub(crate) fn start_external(
             rumqttc::TlsConfiguration::Rustls(client_tls(cfg)?),
         ));
         tls_files = cfg.tls.clone().map(|t| {
-            let stamps = tls_stamps(&t);
+            let stamps = crate::tlsfront::tls_file_stamps(&t);
             (t, stamps)
         });
     }
@@ -355,33 +342,47 @@ pub(crate) fn start_external(
                 Err(e) => {
                     metrics.broker_disconnected.store(1, Relaxed);
                     tracing::warn!(error = %e, "external broker connection; retrying in 1 s");
-                    if let Some((files, seen)) = tls_files.as_mut() {
-                        let now = tls_stamps(files);
-                        if now != *seen {
-                            *seen = now;
-                            match client_tls_of(files) {
-                                Ok(tls) => {
-                                    metrics.broker_tls_reloads.fetch_add(1, Relaxed);
-                                    tracing::info!(cert = %files.cert.display(),
-                                        "external broker client certificate loaded");
-                                    el.mqtt_options.set_transport(Transport::tls_with_config(
-                                        rumqttc::TlsConfiguration::Rustls(tls),
-                                    ));
-                                }
-                                Err(e) => {
-                                    metrics.broker_tls_reload_failures.fetch_add(1, Relaxed);
-                                    tracing::error!(error = %format!("{e:#}"),
-                                        "external broker client certificate not loaded; the \
-                                         one in force stays");
-                                }
-                            }
-                        }
+                    if let Some(tls) = tls_files
+                        .as_mut()
+                        .and_then(|(files, seen)| renewed_client_tls(files, seen, &metrics))
+                    {
+                        el.mqtt_options.set_transport(Transport::tls_with_config(
+                            rumqttc::TlsConfiguration::Rustls(tls),
+                        ));
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
     }))
+}
+
+/// The client TLS configuration of `files` if they changed since `seen` (which then becomes
+/// their stamps) and load; `None` when unchanged or when they do not load (counted: the one
+/// in force stays).
+fn renewed_client_tls(
+    files: &crate::config::TlsFiles,
+    seen: &mut [crate::tlsfront::FileStamp; 3],
+    metrics: &Metrics,
+) -> Option<Arc<rustls::ClientConfig>> {
+    let now = crate::tlsfront::tls_file_stamps(files);
+    if now == *seen {
+        return None;
+    }
+    *seen = now;
+    match client_tls_of(files) {
+        Ok(tls) => {
+            metrics.broker_tls_reloads.fetch_add(1, Relaxed);
+            tracing::info!(cert = %files.cert.display(), "external broker client certificate loaded");
+            Some(tls)
+        }
+        Err(e) => {
+            metrics.broker_tls_reload_failures.fetch_add(1, Relaxed);
+            tracing::error!(error = %format!("{e:#}"),
+                "external broker client certificate not loaded; the one in force stays");
+            None
+        }
+    }
 }
 
 /// A report or presence message the external broker's event loop hands to the engine

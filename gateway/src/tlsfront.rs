@@ -80,6 +80,27 @@ pub(crate) fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .ok_or_else(|| anyhow!("no private key in {}", path.display()))
 }
 
+/// The certificates `cas` as the roots a peer's certificate must chain to.
+pub(crate) fn roots_of(cas: &[CertificateDer<'static>]) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in cas {
+        roots.add(c.clone()).context("CA certificate")?;
+    }
+    Ok(roots)
+}
+
+/// A file's modification time and length: a change of either means the file changed.
+pub(crate) type FileStamp = Option<(SystemTime, u64)>;
+
+/// The stamps of the CA, certificate and key files of `tls`.
+pub(crate) fn tls_file_stamps(tls: &TlsFiles) -> [FileStamp; 3] {
+    [
+        file_stamp(&tls.ca),
+        file_stamp(&tls.cert),
+        file_stamp(&tls.key),
+    ]
+}
+
 /// A certificate as a revocation list names it: its issuer's DER name and its serial.
 type CertId = (Vec<u8>, Vec<u8>);
 
@@ -95,10 +116,7 @@ impl FrontTls {
     /// against that revocation list.
     pub(crate) fn load(tls: &TlsFiles, crl: Option<&Path>) -> anyhow::Result<FrontTls> {
         let cas = read_certs(&tls.ca)?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in &cas {
-            roots.add(c.clone()).context("CA certificate")?;
-        }
+        let roots = roots_of(&cas)?;
         let (crls, revoked) = match crl {
             Some(path) => read_crls(path, &cas)?,
             None => (Vec::new(), HashSet::new()),
@@ -172,8 +190,8 @@ fn read_crls(
     Ok((crls, revoked))
 }
 
-/// The file's modification time and length: a change of either means a new list.
-pub(crate) fn file_stamp(path: &Path) -> Option<(SystemTime, u64)> {
+/// The file's modification time and length ([`FileStamp`]).
+pub(crate) fn file_stamp(path: &Path) -> FileStamp {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
 }
@@ -251,13 +269,7 @@ pub(crate) async fn watch_certs(
     metrics: Arc<Metrics>,
 ) {
     let files = tls.clone();
-    let stamps = move || {
-        [
-            file_stamp(&files.ca),
-            file_stamp(&files.cert),
-            file_stamp(&files.key),
-        ]
-    };
+    let stamps = move || tls_file_stamps(&files);
     let cert = tls.cert.clone();
     let load = move || FrontTls::load(&tls, crl.as_deref());
     reload_on_change(CRL_POLL, stamps, load, |r| match r {
