@@ -39,6 +39,28 @@ async fn start(config: caas_gateway::Config) -> (caas_gateway::Gateway, Api) {
 }
 
 /// Registers car `n`, a model without the autopilot, and connects it.
+/// Cars `refusing` (connected, refusing the autopilot), `obeying` (connected) and `offline`
+/// (registered, never connected), all registered; the connected ones, to keep alive.
+async fn fleet(
+    gw: &caas_gateway::Gateway,
+    api: &Api,
+    refusing: std::ops::RangeInclusive<u32>,
+    obeying: std::ops::RangeInclusive<u32>,
+    offline: std::ops::RangeInclusive<u32>,
+) -> Vec<TestCar> {
+    let mut cars = Vec::new();
+    for n in refusing {
+        cars.push(refusing_car(gw, api, n).await);
+    }
+    for n in obeying {
+        cars.push(obeying_car(gw, api, n).await);
+    }
+    for n in offline {
+        api.register(n).await;
+    }
+    cars
+}
+
 async fn refusing_car(gw: &caas_gateway::Gateway, api: &Api, n: u32) -> TestCar {
     api.register(n).await;
     online_without_autopilot(gw, n).await
@@ -120,16 +142,7 @@ async fn a_campaign_its_cars_refuse_aborts_itself_once_through_the_cancel_path()
     let (gw, api) = start(patient(dir.path(), &hook)).await;
     // Cars 1-6 are a model without the autopilot, 7-10 have it, 11-30 are registered but
     // offline (their requests stay in flight); car 31 is not registered yet.
-    let mut cars = Vec::new();
-    for n in 1..=6 {
-        cars.push(refusing_car(&gw, &api, n).await);
-    }
-    for n in 7..=10 {
-        cars.push(obeying_car(&gw, &api, n).await);
-    }
-    for n in 11..=30 {
-        api.register(n).await;
-    }
+    let cars = fleet(&gw, &api, 1..=6, 7..=10, 11..=30).await;
     // 50% of at least 10: the online cars' 10 answers (6 refusals) trip it, whatever their
     // order, and nothing before them can.
     let body = autopilot_campaign(1..=31, json!({"refusedPercent": 50, "minFinished": 10}));
@@ -256,16 +269,7 @@ async fn refusals_below_the_rule_and_cars_out_of_attempts_do_not_abort_a_campaig
     // The tests' short retry policy: an offline car's request fails NO_CONFIRMATION within
     // a few seconds.
     let (gw, api) = start(config(dir.path(), Some(&hook))).await;
-    let mut cars = Vec::new();
-    for n in 1..=2 {
-        cars.push(refusing_car(&gw, &api, n).await);
-    }
-    for n in 3..=6 {
-        cars.push(obeying_car(&gw, &api, n).await);
-    }
-    for n in 7..=12 {
-        api.register(n).await;
-    }
+    let cars = fleet(&gw, &api, 1..=2, 3..=6, 7..=12).await;
     // 2 refusals can never make 50% of 5 or more; counted as refusals, the 6 offline cars'
     // NO_CONFIRMATION would (8 of 12).
     let body = autopilot_campaign(1..=12, json!({"refusedPercent": 50, "minFinished": 5}));

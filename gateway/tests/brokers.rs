@@ -1104,9 +1104,7 @@ async fn embedded_mtls_confines_each_car_to_its_own_topics() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let hook = Webhook::start(0).await;
-    let mut c = config(&dir.path().join("gw"), Some(&hook));
-    c.mqtts = Some("127.0.0.1:0".parse().unwrap());
-    c.tls = Some(pki.tls_files());
+    let mut c = pki.with_mqtts(config(&dir.path().join("gw"), Some(&hook)));
     // One router: with several, two cars may sit on different routers, where neither could
     // see the other's topics even without the tenant check, and the gateway would read the
     // routers' reports in no common order.
@@ -1144,12 +1142,8 @@ async fn an_idle_socket_on_the_tls_port_stalls_no_other_car() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(dir.path());
     let hook = Webhook::start(0).await;
-    let mut c = config(&dir.path().join("gw"), Some(&hook));
-    c.mqtts = Some("127.0.0.1:0".parse().unwrap());
-    c.tls = Some(pki.tls_files());
-    let gw = caas_gateway::start(c).await.unwrap();
-    let port = gw.mqtts_addr().unwrap().port();
-    let api = Api::new(gw.http_addr());
+    let (gw, port, api) =
+        start_mqtts(pki.with_mqtts(config(&dir.path().join("gw"), Some(&hook)))).await;
     api.register(1).await;
 
     // Connected first, so it is ahead of the car in the listener's queue, and silent.

@@ -186,8 +186,7 @@ async fn the_listeners_certificates_expiry_is_served_as_gauges() {
         key: dir.path().join("api.key"),
         client_ca: None,
     });
-    c.mqtts = Some("127.0.0.1:0".parse().unwrap());
-    c.tls = Some(pki.tls_files());
+    let c = pki.with_mqtts(c);
     let gw = caas_gateway::start(c).await.unwrap();
     let api = Api::new(gw.http_addr());
     assert_eq!(

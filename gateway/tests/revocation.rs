@@ -56,13 +56,9 @@ async fn a_revoked_car_certificate_is_refused_and_its_live_connection_closed() {
     let car2_tls = pki.car(2);
     let crl = pki.write_crl(1, &[]);
     let hook = Webhook::start(0).await;
-    let mut c = config(&dir.path().join("gw"), Some(&hook));
-    c.mqtts = Some("127.0.0.1:0".parse().unwrap());
-    c.tls = Some(pki.tls_files());
+    let mut c = pki.with_mqtts(config(&dir.path().join("gw"), Some(&hook)));
     c.tls_crl = Some(crl);
-    let gw = caas_gateway::start(c).await.unwrap();
-    let port = gw.mqtts_addr().unwrap().port();
-    let api = Api::new(gw.http_addr());
+    let (gw, port, api) = start_mqtts(c).await;
     api.register(1).await;
     api.register(2).await;
     assert_eq!(api.metric("caas_mqtts_crl_entries").await, 0.0);
@@ -147,9 +143,7 @@ async fn a_revocation_list_no_trusted_ca_signed_stops_the_start() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = Pki::new(other_dir.path());
     let foreign = other.write_crl(1, &[]);
-    let mut c = config(&dir.path().join("gw"), None);
-    c.mqtts = Some("127.0.0.1:0".parse().unwrap());
-    c.tls = Some(pki.tls_files());
+    let mut c = pki.with_mqtts(config(&dir.path().join("gw"), None));
     c.tls_crl = Some(foreign);
     let err = match caas_gateway::start(c).await {
         Ok(_) => panic!("a gateway started with another CA's revocation list"),
@@ -192,12 +186,8 @@ async fn a_renewed_broker_certificate_is_served_without_a_restart_and_cars_stay_
     let car1_tls = pki.car(1);
     let car2_tls = pki.car(2);
     let hook = Webhook::start(0).await;
-    let mut c = config(&dir.path().join("gw"), Some(&hook));
-    c.mqtts = Some("127.0.0.1:0".parse().unwrap());
-    c.tls = Some(pki.tls_files());
-    let gw = caas_gateway::start(c).await.unwrap();
-    let port = gw.mqtts_addr().unwrap().port();
-    let api = Api::new(gw.http_addr());
+    let (gw, port, api) =
+        start_mqtts(pki.with_mqtts(config(&dir.path().join("gw"), Some(&hook)))).await;
     api.register(1).await;
     let car1 = TestCar::start(
         1,

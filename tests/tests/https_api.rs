@@ -147,27 +147,31 @@ async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_ove
 
     // The technician, over the same listener.
     let base = format!("https://{https}");
-    let status = caasctl(
-        ctl(),
-        &[
-            "vehicle",
-            "status",
-            VIN,
-            "--gateway",
-            &base,
-            "--token",
-            &gateway.token,
-            "--ca",
-            path(&pki.join("ca.pem")),
-            "--client-cert",
-            path(&pki.join("backend.pem")),
-            "--client-key",
-            path(&pki.join("backend.key")),
-            "--json",
-        ],
-    )
-    .await
-    .unwrap();
+    let status_over_tls = |extra: &[&str]| {
+        let mut args = vec!["vehicle", "status", VIN, "--gateway", &base];
+        args.extend(["--token", &gateway.token]);
+        args.extend(extra);
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            caasctl(ctl(), &args).await.unwrap()
+        }
+    };
+    let (ca, cert, key) = (
+        pki.join("ca.pem"),
+        pki.join("backend.pem"),
+        pki.join("backend.key"),
+    );
+    let status = status_over_tls(&[
+        "--ca",
+        path(&ca),
+        "--client-cert",
+        path(&cert),
+        "--client-key",
+        path(&key),
+        "--json",
+    ])
+    .await;
     let status: serde_json::Value = serde_json::from_str(&stdout_of(&status).unwrap()).unwrap();
     assert_eq!(status["connectivity"], "ONLINE", "{status}");
     assert_eq!(
@@ -175,20 +179,7 @@ async fn the_core_activates_over_mutual_tls_and_the_technician_reads_the_car_ove
         "{status}"
     );
     assert_eq!(status["activeServices"][0]["status"], "ACTIVE", "{status}");
-    let without_ca = caasctl(
-        ctl(),
-        &[
-            "vehicle",
-            "status",
-            VIN,
-            "--gateway",
-            &base,
-            "--token",
-            &gateway.token,
-        ],
-    )
-    .await
-    .unwrap();
+    let without_ca = status_over_tls(&[]).await;
     assert!(
         !without_ca.status.success(),
         "no --ca: the certificate is not trusted"

@@ -7,7 +7,7 @@
 mod common;
 
 use common::{
-    caasctl, caasctl_env, gateway_config, register_car, s, start_gateway_listening, value_of,
+    caasctl, caasctl_env, ctl, gateway_config, register_car, s, start_gateway_listening, value_of,
     OPS_TOKEN as TOKEN,
 };
 
@@ -34,19 +34,7 @@ fn status_over_tls_needs_the_ca_and_the_client_certificate() {
         pki.join("backend.pem"),
         pki.join("backend.key"),
     );
-    let status = |extra: &[&str]| {
-        let mut args = vec![
-            "vehicle",
-            "status",
-            VIN1,
-            "--gateway",
-            &base,
-            "--token",
-            TOKEN,
-        ];
-        args.extend(extra);
-        caasctl(&args)
-    };
+    let status = |extra: &[&str]| ctl(&base, &[&["vehicle", "status", VIN1], extra].concat());
 
     let all = [
         "--ca",
@@ -80,17 +68,8 @@ fn status_over_tls_needs_the_ca_and_the_client_certificate() {
     assert_eq!(v["vin"], VIN1);
 
     // The stats over the same listener show its certificate's expiry (`certs init`: years).
-    let mut args = vec![
-        "gateway",
-        "stats",
-        "--gateway",
-        &base,
-        "--token",
-        TOKEN,
-        "--json",
-    ];
-    args.extend(all);
-    let v: serde_json::Value = serde_json::from_str(caasctl(&args).ok()).unwrap();
+    let stats = ctl(&base, &[&["gateway", "stats", "--json"][..], &all].concat());
+    let v: serde_json::Value = serde_json::from_str(stats.ok()).unwrap();
     let left = &v["certificates"]["caas_https_cert_expires_at_seconds"]["daysLeft"];
     assert!(left.as_i64().is_some_and(|d| d > 365), "{v}");
 

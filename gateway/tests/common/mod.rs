@@ -951,6 +951,14 @@ impl Pki {
         self.pair(name).0[0].to_vec()
     }
 
+    /// `c` with the embedded broker's mTLS listener on a free port, with this PKI's CA and
+    /// server certificate.
+    pub fn with_mqtts(&self, mut c: caas_gateway::Config) -> caas_gateway::Config {
+        c.mqtts = Some("127.0.0.1:0".parse().unwrap());
+        c.tls = Some(self.tls_files());
+        c
+    }
+
     pub fn tls_files(&self) -> caas_gateway::TlsFiles {
         caas_gateway::TlsFiles {
             ca: self.dir.join("ca.pem"),
@@ -958,6 +966,15 @@ impl Pki {
             key: self.dir.join("server.key"),
         }
     }
+}
+
+/// Starts a gateway with an mTLS listener (`config` from [`Pki::with_mqtts`]): the gateway,
+/// that listener's port and an API client.
+pub async fn start_mqtts(config: caas_gateway::Config) -> (caas_gateway::Gateway, u16, Api) {
+    let gw = caas_gateway::start(config).await.unwrap();
+    let port = gw.mqtts_addr().unwrap().port();
+    let api = Api::new(gw.http_addr());
+    (gw, port, api)
 }
 
 /// The DER of the leaf certificate a TLS server on `port` presents to a new connection made
