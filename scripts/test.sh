@@ -7,6 +7,14 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# A full disk shows up late and cryptically (the linker dies with a "Bus error"), so say so
+# first: a clean build of the workspace with its tests takes ~5 GiB, the firmware's ~1 GiB.
+free_kib=$(df -Pk . | awk 'NR == 2 { print $4 }')
+if [ "${free_kib:-0}" -lt $((8 * 1024 * 1024)) ]; then
+  printf 'warning: only %s MiB free on this disk; a clean build with its tests needs ~6 GiB\n' \
+    "$((${free_kib:-0} / 1024))" >&2
+fi
+
 step "installing what the tests need (idempotent)"
 scripts/install-deps.sh
 
