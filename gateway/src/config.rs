@@ -153,16 +153,16 @@ pub struct Config {
     /// spread the routing over threads.
     pub broker_shards: usize,
     /// Worker threads of the binary's async runtime (the IoT API, the embedded broker's car
-    /// connections, the MQTT client), at least 1; by default half the cores
-    /// ([`default_threads`]): the engine shards, their flushers, the broker routers and the
-    /// callback sender are threads of their own and take the other half. Only
+    /// connections, the MQTT client), at least 1; by default one per core ([`cores`]). Only
     /// `caas-gateway serve` reads it: a program embedding the gateway with [`crate::start`]
-    /// runs it on its own runtime. On 2 cores a second worker mostly woke the first: at 1,000
-    /// activations/s the workers switched context 4.1 times an activation with one against
-    /// 8.3 with two, and the gateway used 3-13% less CPU per activation with one (7% on
-    /// average over four `caas-sim bench` pairs, alternating), with the same 19,000-car
-    /// campaigns (2.06 / 2.18 s against 2.09 / 2.18 s on average, first / repeat) and
-    /// sustained rates.
+    /// runs it on its own runtime. On 2 cores one worker against two gave the same
+    /// 19,000-car campaigns (1.69-1.90 s against 1.64-1.76 s, gateway CPU per car 88-106 µs
+    /// against 87-95 µs; 3 rounds of `caas-sim bench`, alternating), though a scratch rig
+    /// without callbacks had shown 8% less gateway CPU per car with one. Tried again with six
+    /// alternated pairs: one worker switched context half as often and used 7% less CPU per
+    /// activation at 1,000/s (0.86-1.00×), but campaigns were no faster (2.09 / 2.22 s against
+    /// 2.08 / 2.16 s, first / repeat) and two of its six p99s at 1,000/s were 21 and 142 ms
+    /// (against 10-19 ms with two): with one worker anything that holds it holds every car.
     pub runtime_threads: usize,
     /// Most memory sled keeps as its page cache, in MiB: past it pages are evicted and read
     /// back from disk when needed. 128 MiB holds a 19,000-car campaign's working set; a
@@ -180,8 +180,8 @@ pub fn cores() -> usize {
 }
 
 /// The default number of engine shards and of broker routers: half the cores, at least 1.
-/// The gateway's other threads (the async runtime's workers, also half the cores; the
-/// callback senders; sled's IO threads) need cores too, and more busy threads than cores only add
+/// The gateway's other threads (the async runtime's workers, one per core; the callback
+/// senders; sled's IO threads) need cores too, and more busy threads than cores only add
 /// context switches and cut the batches a shard commits and verifies at once into smaller
 /// ones. On 2 cores, 2 + 2 against 4 + 4 took 19,000-car campaigns 2.13 s against 2.19 s
 /// (repeats) and 2.18 s against 2.27 s (first after a start), with ~6% less gateway CPU (9
@@ -219,7 +219,7 @@ impl Default for Config {
             retention: Duration::from_secs(30 * 24 * 3600),
             shards: default_threads(),
             broker_shards: default_threads(),
-            runtime_threads: default_threads(),
+            runtime_threads: cores(),
             store_cache_mb: 128,
             heap_reserve_mb: None,
         }
@@ -460,7 +460,7 @@ pub struct ServeArgs {
     /// Embedded broker routers, cars spread over them by VIN [default: half the cores, at least 1]
     #[arg(long, env = "CAAS_GATEWAY_BROKER_SHARDS")]
     pub broker_shards: Option<usize>,
-    /// Async runtime worker threads (IoT API, car connections) [default: half the cores, at least 1]
+    /// Async runtime worker threads (IoT API, car connections) [default: one per core]
     #[arg(long, env = "CAAS_GATEWAY_RUNTIME_THREADS")]
     pub runtime_threads: Option<usize>,
     /// The store's page cache, MiB [default: 128]
@@ -655,7 +655,7 @@ mod tests {
         );
         assert_eq!(
             ServeArgs::default().into_config().unwrap().runtime_threads,
-            default_threads()
+            cores()
         );
         assert_eq!(
             ServeArgs::default().into_config().unwrap().heap_reserve_mb,
