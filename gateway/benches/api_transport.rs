@@ -1,16 +1,20 @@
-//! What serving the IoT API over TLS (`--https`) costs the gateway, side by side with plain
-//! HTTP in one run: the real `caas-gateway` binary serving both listeners, driven with the
-//! same keep-alive load (8 concurrent clients) on each in turn, rounds alternated. Per
-//! transport: requests a second, the gateway process's CPU per request (from
-//! `/proc/PID/stat`, so the clients' own TLS work is not in it) and latency percentiles; then
-//! TLS ÷ plain. Prints a table; no assertions.
+//! What serving the IoT API over TLS (`--https`) and over HTTP/2 costs the gateway, side by
+//! side with plain HTTP/1.1 in one run: the real `caas-gateway` binary serving both
+//! listeners, driven with the same keep-alive load (8 concurrent callers) over each of four
+//! transports in turn (HTTP/1.1 and h2c on the plain listener, HTTP/1.1 and h2 on the TLS
+//! one; over HTTP/2 the 8 callers share one connection, as a core's client would), the order
+//! rotated each round. Per transport: requests a second, the gateway process's CPU per
+//! request (from `/proc/PID/stat`, so the clients' own TLS work is not in it) and latency
+//! percentiles; then TLS ÷ plain and HTTP/2 ÷ HTTP/1.1. Prints a table; no assertions.
 //!
 //! Two routes: `GET /keys` (the transport and the API's layers alone) and `POST /ota/activate`
 //! of an unregistered car (refused 404 after parsing and checking the JSON body, nothing
 //! written): both leave the engine and the store out, so the difference is the transport's.
 //!
 //! Run: `cargo bench -p caas-gateway --bench api_transport` (`CAAS_BENCH_REQUESTS=20000`,
-//! `CAAS_BENCH_ROUNDS=3`).
+//! `CAAS_BENCH_ROUNDS=3`; `CAAS_BENCH_GATEWAY=PATH` runs another `caas-gateway` binary, say
+//! the previous commit's, to set beside this one's; a binary without HTTP/2 gets only the
+//! HTTP/1.1 rows).
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::process::{Child, Command, Stdio};
@@ -154,7 +158,9 @@ async fn main() {
     let dir = tempfile::tempdir().unwrap();
     let ca = pki(dir.path());
     let (http, https, mqtt) = (free_port(), free_port(), free_port());
-    let child = Command::new(env!("CARGO_BIN_EXE_caas-gateway"))
+    let binary = std::env::var_os("CAAS_BENCH_GATEWAY")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_caas-gateway").into());
+    let child = Command::new(&binary)
         .args(["serve", "--api-token", TOKEN, "--heap-reserve-mb", "0"])
         .args(["--http", &format!("127.0.0.1:{http}")])
         .args(["--mqtt", &format!("127.0.0.1:{mqtt}")])
@@ -172,18 +178,24 @@ async fn main() {
         .unwrap();
     let pid = child.id();
     let _gateway = Gateway(child);
-    let plain = reqwest::Client::builder()
-        .pool_max_idle_per_host(CLIENTS)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap();
-    let tls = reqwest::Client::builder()
-        .pool_max_idle_per_host(CLIENTS)
-        .tcp_nodelay(true)
-        .tls_built_in_root_certs(false)
-        .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())
-        .build()
-        .unwrap();
+    let client = |tls: bool, h2: bool| {
+        let mut b = reqwest::Client::builder()
+            .pool_max_idle_per_host(CLIENTS)
+            .tcp_nodelay(true);
+        if tls {
+            b = b
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap());
+        }
+        b = match (tls, h2) {
+            (_, false) => b.http1_only(),
+            (false, true) => b.http2_prior_knowledge(),
+            // h2 by ALPN.
+            (true, true) => b,
+        };
+        b.build().unwrap()
+    };
+    let plain = client(false, false);
     let plain_base = format!("http://127.0.0.1:{http}");
     let tls_base = format!("https://127.0.0.1:{https}");
     let end = Instant::now() + Duration::from_secs(30);
@@ -197,22 +209,39 @@ async fn main() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    let transports: [(&str, reqwest::Client, &str); 4] = [
+        ("HTTP/1.1", plain, &plain_base),
+        ("h2c", client(false, true), &plain_base),
+        ("TLS HTTP/1.1", client(true, false), &tls_base),
+        ("TLS h2", client(true, true), &tls_base),
+    ];
+    // A gateway without HTTP/2 answers no h2c request: only the HTTP/1.1 transports then.
+    let speaks_h2 = transports[1]
+        .1
+        .get(format!("{plain_base}/healthz"))
+        .send()
+        .await
+        .is_ok();
+    let transports: Vec<_> = transports
+        .into_iter()
+        .filter(|t| speaks_h2 || !t.0.contains("h2"))
+        .collect();
+    let n = transports.len();
+    println!("gateway: {}\n", std::path::Path::new(&binary).display());
     println!(
         "IoT API transport, {requests} requests a run, {CLIENTS} keep-alive clients, {rounds} \
-         rounds alternated (medians)\n"
+         rounds, the order rotated each round (medians)\n"
     );
     println!("| route | transport | requests/s | gateway CPU per request | p50 | p99 |");
     println!("|---|---|---|---|---|---|");
-    let transports: [(&str, &reqwest::Client, &str); 2] =
-        [("HTTP", &plain, &plain_base), ("TLS", &tls, &tls_base)];
     for route in ["/keys", "/ota/activate"] {
-        let mut cpu: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
-        let mut rows: [Vec<Run>; 2] = [Vec::new(), Vec::new()];
+        let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); n];
+        let mut rows: Vec<Vec<Run>> = (0..n).map(|_| Vec::new()).collect();
         for round in 0..rounds {
-            // Alternate which goes first: the first of a pair runs on a cooler machine.
-            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-            for i in order {
-                let (_, client, base) = transports[i];
+            // Rotate which goes first: the first of a round runs on a cooler machine.
+            for k in 0..n {
+                let i = (round + k) % n;
+                let (_, client, base) = &transports[i];
                 let run = drive(client, base, route, requests, pid).await;
                 cpu[i].push(run.cpu_per_request.as_secs_f64() * 1e6);
                 rows[i].push(run);
@@ -228,9 +257,20 @@ async fn main() {
                 transports[i].0, medians[i]
             );
         }
-        println!(
-            "| {route} | TLS ÷ HTTP | | {:.2}× | | |",
-            medians[1] / medians[0]
-        );
+        let ratios = if speaks_h2 {
+            vec![
+                ("TLS ÷ HTTP (HTTP/1.1)", 2, 0),
+                ("HTTP/2 ÷ HTTP/1.1 (plain)", 1, 0),
+                ("HTTP/2 ÷ HTTP/1.1 (TLS)", 3, 2),
+            ]
+        } else {
+            vec![("TLS ÷ HTTP (HTTP/1.1)", 1, 0)]
+        };
+        for (label, a, b) in ratios {
+            println!(
+                "| {route} | {label} | | {:.2}× | | |",
+                medians[a] / medians[b]
+            );
+        }
     }
 }

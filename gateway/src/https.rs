@@ -45,7 +45,8 @@ pub(crate) const HANDSHAKEN_QUEUE: usize = 1_024;
 pub(crate) const RELOAD_POLL: Duration = Duration::from_secs(2);
 
 /// The server configuration the files give: our certificate chain and key, and with a client
-/// CA, client certificates required from it. HTTP/1.1 only (what the router is served as).
+/// CA, client certificates required from it. HTTP/2 and HTTP/1.1 offered by ALPN, h2 first:
+/// the server tells them apart by the connection's first bytes, so either works.
 pub(crate) fn load(files: &HttpsFiles) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let builder = rustls::ServerConfig::builder();
     let builder = match &files.client_ca {
@@ -67,7 +68,7 @@ pub(crate) fn load(files: &HttpsFiles) -> anyhow::Result<Arc<rustls::ServerConfi
                 files.key.display()
             )
         })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 

@@ -3,7 +3,8 @@
 //! certificate, or speak plain HTTP to the TLS port, get nothing; sockets that never finish
 //! a handshake stall no one; `--https-client-ca` asks for a client certificate as well as
 //! the token; and a changed certificate is used for new connections without a restart,
-//! while a broken one leaves the one in force.
+//! while a broken one leaves the one in force. Both listeners speak HTTP/2 (h2 by ALPN, h2c
+//! with prior knowledge) beside HTTP/1.1.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
@@ -276,4 +277,86 @@ async fn a_certificate_that_does_not_load_stops_the_start() {
         .err()
         .expect("a CA file with no certificate");
     assert!(format!("{e:#}").contains("--webhook-ca"), "{e:#}");
+}
+
+/// The HTTP version and status of `GET /keys` with the token through `http` at `base`.
+async fn keys_version(http: &reqwest::Client, base: &str) -> (reqwest::Version, u16) {
+    let r = http
+        .get(format!("{base}/keys"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    (r.version(), r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_listeners_speak_http2_and_http1_and_an_activation_completes_over_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path());
+    let hook = Webhook::start(0).await;
+    let gw = caas_gateway::start(https_config(dir.path(), &pki, Some(&hook)))
+        .await
+        .unwrap();
+    let tls = format!("https://127.0.0.1:{}", gw.https_addr().unwrap().port());
+    let plain = format!("http://{}", gw.http_addr());
+
+    // TLS: h2 by ALPN when the client offers it, HTTP/1.1 when that is all it speaks.
+    let h2 = client(&pki, None);
+    assert_eq!(
+        keys_version(&h2, &tls).await,
+        (reqwest::Version::HTTP_2, 200)
+    );
+    let h1 = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(&std::fs::read(pki.dir.join("ca.pem")).unwrap())
+                .unwrap(),
+        )
+        .http1_only()
+        .build()
+        .unwrap();
+    assert_eq!(
+        keys_version(&h1, &tls).await,
+        (reqwest::Version::HTTP_11, 200)
+    );
+    // Plain: h2c with prior knowledge, and HTTP/1.1 as before.
+    let h2c = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    assert_eq!(
+        keys_version(&h2c, &plain).await,
+        (reqwest::Version::HTTP_2, 200)
+    );
+    assert_eq!(
+        keys_version(&reqwest::Client::new(), &plain).await,
+        (reqwest::Version::HTTP_11, 200)
+    );
+
+    // The same API over h2c: a refusal names the field, an activation completes, and calls
+    // in flight together on the one connection are each answered.
+    let api = Api::with_client(plain.clone(), h2c.clone());
+    let (s, body) = api
+        .post("/ota/activate", &serde_json::json!({"vin": "nope"}))
+        .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(body.to_string().contains("vin"), "{body}");
+    let _car = obeying_car(&gw, &api, 1).await;
+    let id = api.activate(1, "power-boost", "power_boost").await;
+    let cb = hook.wait(&id, Duration::from_secs(20)).await;
+    assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (h2c, plain) = (h2c.clone(), plain.clone());
+        calls.spawn(async move { keys_version(&h2c, &plain).await });
+    }
+    let answers = calls.join_all().await;
+    assert!(
+        answers
+            .iter()
+            .all(|a| *a == (reqwest::Version::HTTP_2, 200)),
+        "{answers:?}"
+    );
+    gw.shutdown().await;
 }
