@@ -161,8 +161,8 @@ pub struct Config {
     /// without callbacks had shown 8% less gateway CPU per car with one. Tried again with six
     /// alternated pairs: one worker switched context half as often and used 7% less CPU per
     /// activation at 1,000/s (0.86-1.00×), but campaigns were no faster (2.09 / 2.22 s against
-    /// 2.08 / 2.16 s, first / repeat) and two of its six p99s at 1,000/s were 21 and 142 ms
-    /// (against 10-19 ms with two): with one worker anything that holds it holds every car.
+    /// 2.08 / 2.16 s, first / repeat), and with one worker anything that holds it (a slow
+    /// store read in a handler) holds every car's connection, so the default stays.
     pub runtime_threads: usize,
     /// Most memory sled keeps as its page cache, in MiB: past it pages are evicted and read
     /// back from disk when needed. 128 MiB holds a 19,000-car campaign's working set; a
