@@ -1,12 +1,12 @@
 //! # caas-gateway: the fleet command gateway
 //!
 //! Sits between the CaaS core and the cars (DESIGN.md §1): it serves the IoT API over HTTP
-//! ([`api`]), and over TLS with optional client certificates for a core on another machine
-//! (`--https`, module `https`), keeps a durable activation engine (sled with group commits, per-car desired
-//! state, retries, support tickets, signed webhooks from an outbox), signs every command
-//! with `caas-protocol` and fans them out over MQTT: an embedded rumqttd broker by default
-//! (plain listener, plus an mTLS listener with per-car isolation through our own TLS front)
-//! or an external broker such as Mosquitto 2.
+//! ([`api`]; HTTP/1.1 and HTTP/2), and over TLS with optional client certificates for a core
+//! on another machine (`--https`, module `https`), keeps a durable activation engine (sled
+//! with group commits, per-car desired state, retries, support tickets, signed webhooks from
+//! an outbox), signs every command with `caas-protocol` and fans them out over MQTT: an
+//! embedded rumqttd broker by default (plain listener, plus an mTLS listener with per-car
+//! isolation through our own TLS front) or an external broker such as Mosquitto 2.
 //!
 //! Run it as `caas-gateway serve` (see [`config::ServeArgs`]; `caas-gateway check` checks the
 //! same settings without starting, [`preflight`]) or embed it:
