@@ -246,6 +246,9 @@ pub(crate) enum Msg {
         resp: oneshot::Sender<Result<usize, ApiError>>,
     },
     Stop(std::sync::mpsc::Sender<()>),
+    /// An embedded broker router's gateway link, whose cars are all this shard's: the shard
+    /// reads their reports and presence from it itself ([`crate::mqtt::Embedded::attach`]).
+    BrokerLink(Box<rumqttd::local::LinkRx>),
 }
 
 /// The error code of a cancelled request.
@@ -284,7 +287,7 @@ pub(crate) struct Shared {
     pub(crate) retry: RetryPolicy,
     pub(crate) command_ttl: Duration,
     pub(crate) key: SigningKey,
-    pub(crate) out: flume::Sender<Outbound>,
+    pub(crate) out: crate::mqtt::Publisher,
     /// Where flushed callbacks go (none without a webhook URL).
     pub(crate) webhook: Option<Handoff>,
     /// Which car each registered public key belongs to, across shards.
@@ -345,7 +348,9 @@ pub(crate) struct Engine {
 }
 
 /// Which shard owns `vin` (FNV-1a over its bytes).
-fn shard_of(vin: &Vin, n: usize) -> usize {
+/// Which of `n` shards owns `vin` (FNV-1a); the embedded broker splits cars over its
+/// routers with it too ([`crate::mqtt::broker_shard`]).
+pub(crate) fn shard_of(vin: &Vin, n: usize) -> usize {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in vin.as_bytes() {
         h ^= u64::from(*b);
@@ -624,6 +629,27 @@ struct Shard {
     /// lists ([`RetiredRec::awaiting`]) until each is delivered or filed in the outbox. A car
     /// leaves it once none is left, so it holds only the cars of the last moments' callbacks.
     retired_awaiting: HashMap<Vin, Vec<RequestId>>,
+    /// Embedded broker links read by this shard itself ([`Msg::BrokerLink`]): at most one
+    /// per router, in practice one.
+    broker_links: Vec<rumqttd::local::LinkRx>,
+    /// A turn took [`SHARD_BATCH`] broker messages and may have left more: the next turn
+    /// looks without waiting.
+    broker_backlog: bool,
+}
+
+/// What woke a waiting shard.
+// Returned once per wait and moved straight into the turn's batch: boxing the message would
+// cost an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
+enum Woke {
+    /// A message on its queue.
+    Msg(Msg),
+    /// A signal from a broker link, or a deadline, or nothing (it did not wait).
+    Look,
+    /// Broker link `i` is closed (its router is gone).
+    LinkGone(usize),
+    /// Its queue is closed: the engine is gone.
+    Closed,
 }
 
 /// Commits waiting for a shard's flusher at most; past it the shard waits (it is then as
@@ -656,10 +682,8 @@ fn run_flusher(sh: &Shared, rx: &flume::Receiver<Flushed>) {
                 sh.metrics
                     .commands_published
                     .fetch_add(c.publishes.len() as u64, Relaxed);
-                for p in c.publishes {
-                    if sh.out.send(p).is_err() {
-                        break;
-                    }
+                if !c.publishes.is_empty() {
+                    sh.out.publish(c.publishes);
                 }
                 if let Some(w) = &sh.webhook {
                     for due in c.callbacks {
@@ -744,7 +768,73 @@ impl Shard {
             lazy_cars: std::collections::VecDeque::new(),
             jobs: std::collections::VecDeque::new(),
             retired_awaiting: HashMap::new(),
+            broker_links: Vec::new(),
+            broker_backlog: false,
         }
+    }
+
+    /// Waits for a message on `rx` or a signal from a broker link, until `deadline`; with
+    /// campaign work or broker messages left, only looks.
+    fn wait(&self, rx: &flume::Receiver<Msg>, deadline: Option<Instant>) -> Woke {
+        let from_queue = |r: Result<Msg, flume::RecvError>| r.map_or(Woke::Closed, Woke::Msg);
+        if !self.jobs.is_empty() || self.broker_backlog {
+            return match rx.try_recv() {
+                Ok(m) => Woke::Msg(m),
+                Err(flume::TryRecvError::Empty) => Woke::Look,
+                Err(flume::TryRecvError::Disconnected) => Woke::Closed,
+            };
+        }
+        if self.broker_links.is_empty() {
+            return match deadline {
+                Some(at) => match rx.recv_deadline(at) {
+                    Ok(m) => Woke::Msg(m),
+                    Err(flume::RecvTimeoutError::Timeout) => Woke::Look,
+                    Err(flume::RecvTimeoutError::Disconnected) => Woke::Closed,
+                },
+                None => from_queue(rx.recv()),
+            };
+        }
+        let mut select = flume::Selector::new().recv(rx, from_queue);
+        for (i, link) in self.broker_links.iter().enumerate() {
+            select = select.recv(link.signals(), move |r| match r {
+                Ok(()) => Woke::Look,
+                Err(_) => Woke::LinkGone(i),
+            });
+        }
+        match deadline {
+            Some(at) => select.wait_deadline(at).unwrap_or(Woke::Look),
+            None => select.wait(),
+        }
+    }
+
+    /// Appends to `msgs` what the broker links hold (at most [`SHARD_BATCH`] in all), as
+    /// [`crate::mqtt::route`] makes them.
+    fn take_broker_messages(&mut self, msgs: &mut Vec<Msg>) {
+        let mut taken = 0;
+        for link in &mut self.broker_links {
+            while taken < SHARD_BATCH {
+                let Some(n) = link.try_next() else {
+                    break;
+                };
+                taken += 1;
+                match n {
+                    rumqttd::Notification::Forward(f) => {
+                        if let Some((_, msg)) = crate::mqtt::route_forward(&self.sh.metrics, &f) {
+                            msgs.push(msg);
+                        }
+                    }
+                    // The router stopped forwarding with the link's queue full; what it held
+                    // is taken, so it may go on.
+                    rumqttd::Notification::Unschedule => {
+                        if let Err(e) = link.wake_blocking() {
+                            tracing::error!(error = %e, "embedded broker link closed");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.broker_backlog = taken >= SHARD_BATCH;
     }
 
     fn run(mut self, rx: flume::Receiver<Msg>) {
@@ -755,27 +845,19 @@ impl Shard {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let msg = match deadline {
-                // Campaign work waiting: only look at the queue, do not wait on it.
-                _ if !self.jobs.is_empty() => match rx.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(flume::TryRecvError::Empty) => None,
-                    Err(flume::TryRecvError::Disconnected) => break,
-                },
-                Some(at) => match rx.recv_deadline(at) {
-                    Ok(m) => Some(m),
-                    Err(flume::RecvTimeoutError::Timeout) => None,
-                    Err(flume::RecvTimeoutError::Disconnected) => break,
-                },
-                None => match rx.recv() {
-                    Ok(m) => Some(m),
-                    Err(_) => break,
-                },
-            };
-            if let Some(m) = msg {
-                let mut msgs = Vec::with_capacity(64);
-                msgs.push(m);
-                msgs.extend(rx.try_iter().take(SHARD_BATCH));
+            let mut msgs = Vec::with_capacity(64);
+            match self.wait(&rx, deadline) {
+                Woke::Msg(m) => msgs.push(m),
+                Woke::Look => {}
+                Woke::LinkGone(i) => {
+                    tracing::error!("embedded broker link closed");
+                    self.broker_links.swap_remove(i);
+                }
+                Woke::Closed => break,
+            }
+            msgs.extend(rx.try_iter().take(SHARD_BATCH));
+            self.take_broker_messages(&mut msgs);
+            if !msgs.is_empty() {
                 let verified = self.verify_reports(&msgs);
                 for (m, pre) in msgs.into_iter().zip(verified) {
                     if let Some(stop) = self.handle(m, pre) {
@@ -1082,6 +1164,7 @@ impl Shard {
                 }
             }
             Msg::Stop(tx) => return Some(tx),
+            Msg::BrokerLink(link) => self.broker_links.push(*link),
         }
         None
     }
@@ -3005,7 +3088,7 @@ mod tests {
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(60),
             key: SigningKey::from_bytes(&[1; 32]),
-            out,
+            out: crate::mqtt::Publisher::Queue(out),
             webhook,
             key_owners: KeyOwners::default(),
         });

@@ -272,7 +272,17 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         heap::Reserve::from_setting(config.heap_reserve_mb, config.broker.is_none()),
         metrics.clone(),
     );
-    let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
+    // The embedded routers start before the engine, whose flushers publish into them.
+    let (embedded, publisher, out_rx) = match &config.broker {
+        Some(_) => {
+            let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
+            (None, mqtt::Publisher::Queue(out_tx), Some(out_rx))
+        }
+        None => {
+            let (embedded, publisher) = mqtt::start_embedded(config.broker_shards)?;
+            (Some(embedded), publisher, None)
+        }
+    };
     let (handoff, inboxes) = match config.webhook_url {
         Some(_) => {
             let (h, i) = webhook::handoff(&store);
@@ -286,7 +296,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         retry: config.retry.clone(),
         command_ttl: config.command_ttl,
         key,
-        out: out_tx,
+        out: publisher,
         webhook: handoff,
         key_owners: engine::KeyOwners::default(),
     });
@@ -300,7 +310,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let mut tasks = Vec::new();
     let mut mqtt_addr = None;
     let mut mqtts_addr = None;
-    if let Some(url) = &config.broker {
+    if let (Some(url), Some(out_rx)) = (&config.broker, out_rx) {
         tasks.push(mqtt::start_external(
             &config,
             url,
@@ -308,13 +318,8 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
             metrics.clone(),
             out_rx,
         )?);
-    } else {
-        let acceptors = Arc::new(mqtt::start_embedded(
-            engine.clone(),
-            metrics.clone(),
-            out_rx,
-            config.broker_shards,
-        )?);
+    } else if let Some(embedded) = embedded {
+        let acceptors = Arc::new(embedded.attach(&engine, &metrics));
         if let Some(listen) = config.mqtt {
             let listener = tokio::net::TcpListener::bind(listen)
                 .await

@@ -1,7 +1,8 @@
 //! MQTT fan-out: the embedded rumqttd broker (default) or an external broker (rumqttc).
 //!
-//! Either way the engine hands signed commands to one bounded queue ([`OUT_QUEUE`]) and
-//! receives every car's reports and presence through [`route`].
+//! The engine's flushers hand signed commands to a [`Publisher`]: straight into the embedded
+//! routers, or into one bounded queue ([`OUT_QUEUE`]) for an external broker's client. Every
+//! car's reports and presence reach the engine through [`route`].
 //!
 //! Embedded: we build rumqttd's routers ourselves (several, see [`start_embedded`]) and
 //! attach the gateway to each as an in-process link without a tenant that subscribes
@@ -24,11 +25,12 @@ use crate::config::{split_broker_url, Config};
 use crate::engine::{Engine, Msg, Outbound};
 use crate::metrics::Metrics;
 
-/// Commands waiting to be published; a shard waits when it is full.
+/// Commands waiting for an external broker's client; a shard's flusher waits when it is full.
 pub(crate) const OUT_QUEUE: usize = 65_536;
 /// Reports and presence from an external broker waiting for their shard. rumqttc's one event
 /// loop both receives them and writes our commands, so it must never wait for a shard: a
-/// shard waits for [`OUT_QUEUE`], which only the event loop drains (a cycle). When this queue
+/// shard waits for its flusher, which waits for [`OUT_QUEUE`], which only the event loop
+/// drains (a cycle). When this queue
 /// is full the newest message is shed and counted (`caas_inbound_shed_total`): a shed report
 /// costs its request one attempt timeout (the car reports again on the resend), a shed
 /// presence message only stale connectivity until the car's next one.
@@ -116,39 +118,41 @@ fn router_config() -> rumqttd::RouterConfig {
     }
 }
 
-/// Which of `k` broker routers serves `vin` (FNV-1a; the same function routes the car's
-/// connection and the gateway's commands to it).
+/// Which of `k` broker routers serves `vin`: the engine's own split of cars over shards
+/// (FNV-1a), so with as many routers as shards a router's cars are one shard's
+/// ([`Embedded::attach`]). It routes the car's connection and the gateway's commands to it.
 pub(crate) fn broker_shard(vin: &caas_protocol::Vin, k: usize) -> usize {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in vin.as_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    (h % k.max(1) as u64) as usize
+    crate::engine::shard_of(vin, k.max(1))
+}
+
+/// The embedded broker's `k` rumqttd routers, started before the engine so that the engine's
+/// flushers publish straight into them ([`Publisher::Links`]); [`Embedded::attach`] then
+/// connects the engine to what they receive and gives the acceptors to the fronts.
+pub(crate) struct Embedded {
+    /// Per router (index = [`broker_shard`]): the gateway's link, subscribed to every car's
+    /// reports and presence, not yet attached to the engine.
+    reports: Vec<rumqttd::local::LinkRx>,
+    acceptors: Vec<Acceptor>,
 }
 
 /// Starts `k` rumqttd routers, each with the gateway's in-process link (subscribed to every
-/// car's reports and presence); returns each router's [`Acceptor`], index = [`broker_shard`].
-/// Cars reach them through our fronts ([`crate::tlsfront`]), which pick the router by VIN and
-/// hand the connection over in-process: one file descriptor per car, no loopback hop.
+/// car's reports and presence); returns them and the [`Publisher`] into them. Cars reach them
+/// through our fronts ([`crate::tlsfront`]), which pick the router by VIN and hand the
+/// connection over in-process: one file descriptor per car, no loopback hop.
 ///
 /// rumqttd is vendored with a patch (`vendor/rumqttd/PATCHES.md`) so that a new topic is
 /// matched against the wildcard filters only and an exact filter is looked up, instead of
 /// every topic against every filter (quadratic over a fleet; `benches/router_matching.rs`).
 /// Several routers still spread the routing work over threads.
-pub(crate) fn start_embedded(
-    engine: Engine,
-    metrics: Arc<Metrics>,
-    out: flume::Receiver<Outbound>,
-    k: usize,
-) -> anyhow::Result<Vec<Acceptor>> {
+pub(crate) fn start_embedded(k: usize) -> anyhow::Result<(Embedded, Publisher)> {
     let k = k.max(1);
-    let mut links = Vec::with_capacity(k);
+    let mut publish = Vec::with_capacity(k);
+    let mut reports = Vec::with_capacity(k);
     let mut acceptors = Vec::with_capacity(k);
     for i in 0..k {
         let router = rumqttd::Router::new(i, router_config());
         let router_tx = router.spawn();
-        let (mut link_tx, mut link_rx, _ack) =
+        let (mut link_tx, link_rx, _ack) =
             rumqttd::local::LinkBuilder::new("caas-gateway", router_tx.clone())
                 .build()
                 .map_err(|e| anyhow!("gateway link: {e}"))?;
@@ -158,58 +162,124 @@ pub(crate) fn start_embedded(
         link_tx
             .subscribe(topics::ALL_PRESENCE)
             .map_err(|e| anyhow!("subscribe: {e}"))?;
-        links.push(link_tx);
-        let (engine, metrics) = (engine.clone(), metrics.clone());
-        tokio::spawn(async move {
-            loop {
-                match link_rx.next().await {
-                    Ok(Some(rumqttd::Notification::Forward(f))) => {
-                        let Ok(topic) = std::str::from_utf8(&f.publish.topic) else {
-                            continue;
-                        };
-                        if let Some((vin, msg)) = route(&metrics, topic, &f.publish.payload) {
-                            let _ = engine.shard(&vin).send_async(msg).await;
-                        }
-                    }
-                    Ok(Some(rumqttd::Notification::Unschedule)) => {
-                        if link_rx.wake().await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::error!(error = %e, "embedded broker link closed");
-                        return;
-                    }
-                }
-            }
-        });
+        publish.push(std::sync::Mutex::new(link_tx));
+        reports.push(link_rx);
         acceptors.push(Acceptor::new(
             connection_settings(),
             router_tx,
             rumqttd::protocol::v4::V4,
         ));
     }
-    tokio::spawn(async move {
-        while let Ok(o) = out.recv_async().await {
-            let Some((vin, _)) = topics::parse_topic(&o.topic) else {
-                continue;
-            };
-            let link = &mut links[broker_shard(&vin, k)];
-            // Local links publish at QoS 0; rumqttd forwards at the subscriber's QoS, so
-            // cars subscribed at QoS 1 still get at-least-once delivery.
-            let publish = Publish::new(
-                bytes::Bytes::from(o.topic.into_bytes()),
-                o.payload.into(),
-                o.retain,
-            );
-            if link.send(Packet::Publish(publish, None)).await.is_err() {
-                tracing::error!("embedded broker gone; publisher stops");
+    Ok((Embedded { reports, acceptors }, Publisher::Links(publish)))
+}
+
+impl Embedded {
+    /// Connects the engine to every router's reports and presence, and returns each router's
+    /// [`Acceptor`] (index = [`broker_shard`]).
+    ///
+    /// With as many engine shards as routers (the default: half the cores each), a router's
+    /// cars are exactly one shard's ([`broker_shard`] is the engine's own split), so each shard
+    /// reads its router's link itself ([`Msg::BrokerLink`]): a report wakes one thread, the
+    /// shard, instead of an async task that wakes the shard. Otherwise a task per router
+    /// hands each message to its car's shard.
+    pub(crate) fn attach(self, engine: &Engine, metrics: &Arc<Metrics>) -> Vec<Acceptor> {
+        let direct = engine.shard_count() == self.reports.len();
+        for (i, link_rx) in self.reports.into_iter().enumerate() {
+            if direct {
+                let _ = engine.shard_at(i).send(Msg::BrokerLink(Box::new(link_rx)));
+            } else {
+                tokio::spawn(hand_reports_on(link_rx, engine.clone(), metrics.clone()));
+            }
+        }
+        self.acceptors
+    }
+}
+
+/// Hands each report and presence message of a router's link to its car's shard.
+async fn hand_reports_on(
+    mut link_rx: rumqttd::local::LinkRx,
+    engine: Engine,
+    metrics: Arc<Metrics>,
+) {
+    loop {
+        match link_rx.next().await {
+            Ok(Some(rumqttd::Notification::Forward(f))) => {
+                if let Some((vin, msg)) = route_forward(&metrics, &f) {
+                    let _ = engine.shard(&vin).send_async(msg).await;
+                }
+            }
+            Ok(Some(rumqttd::Notification::Unschedule)) => {
+                if link_rx.wake().await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "embedded broker link closed");
                 return;
             }
         }
-    });
-    Ok(acceptors)
+    }
+}
+
+/// [`route`] for a message the embedded broker forwards.
+pub(crate) fn route_forward(
+    metrics: &Metrics,
+    f: &rumqttd::Forward,
+) -> Option<(caas_protocol::Vin, Msg)> {
+    let topic = std::str::from_utf8(&f.publish.topic).ok()?;
+    route(metrics, topic, &f.publish.payload)
+}
+
+/// Where the engine's flushers hand the commands of each flushed batch.
+pub(crate) enum Publisher {
+    /// An external broker: its client's task drains this queue ([`OUT_QUEUE`]).
+    Queue(flume::Sender<Outbound>),
+    /// The embedded routers' gateway links (index = [`broker_shard`]): the flusher's thread
+    /// queues a batch's commands on each router's link itself, with one router event per
+    /// router and batch, instead of waking a task that sends them one by one.
+    Links(Vec<std::sync::Mutex<rumqttd::local::LinkTx>>),
+}
+
+impl Publisher {
+    /// Publishes `batch` (each car's commands in order); `false` once the broker is gone.
+    /// Waits while the queue, or a router's event queue, is full.
+    pub(crate) fn publish(&self, batch: Vec<Outbound>) -> bool {
+        match self {
+            Publisher::Queue(q) => batch.into_iter().all(|o| q.send(o).is_ok()),
+            Publisher::Links(links) => {
+                let mut per_router: Vec<Vec<Packet>> = links.iter().map(|_| Vec::new()).collect();
+                for o in batch {
+                    let Some((vin, _)) = topics::parse_topic(&o.topic) else {
+                        continue;
+                    };
+                    // Local links publish at QoS 0; rumqttd forwards at the subscriber's QoS,
+                    // so cars subscribed at QoS 1 still get at-least-once delivery.
+                    let publish = Publish::new(
+                        bytes::Bytes::from(o.topic.into_bytes()),
+                        bytes::Bytes::from(o.payload),
+                        o.retain,
+                    );
+                    per_router[broker_shard(&vin, links.len())]
+                        .push(Packet::Publish(publish, None));
+                }
+                for (link, packets) in links.iter().zip(per_router) {
+                    if packets.is_empty() {
+                        continue;
+                    }
+                    let mut link = match link.lock() {
+                        Ok(l) => l,
+                        Err(poisoned) => poisoned.into_inner(),
+                    };
+                    if link.push_all(packets).is_err() {
+                        tracing::error!("embedded broker gone; commands are not published");
+                        return false;
+                    }
+                }
+                true
+            }
+        }
+    }
 }
 
 fn connection_settings() -> rumqttd::ConnectionSettings {

@@ -1272,3 +1272,101 @@ async fn during_a_callback_key_rotation_each_callback_is_signed_with_both_keys()
     );
     gw.shutdown().await;
 }
+
+/// Commands and reports of cars spread over several embedded routers reach their cars and
+/// their shards both ways the gateway wires them: with as many shards as routers each shard
+/// reads its router's link itself, otherwise a task per router hands reports on; either way
+/// a flushed batch's commands are split over the routers by VIN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cars_on_several_routers_are_activated_however_shards_and_routers_pair() {
+    const CARS: u32 = 6;
+    for (shards, routers) in [(2, 2), (1, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = Webhook::start(0).await;
+        let mut c = config(dir.path(), Some(&hook));
+        c.shards = shards;
+        c.broker_shards = routers;
+        let gw = caas_gateway::start(c).await.unwrap();
+        let api = Api::new(gw.http_addr());
+        let cars = obeying_cars(&gw, &api, 1..CARS + 1).await;
+        let mut ids = Vec::new();
+        for n in 1..=CARS {
+            ids.push(api.activate(n, "power-boost", "power_boost").await);
+        }
+        for (id, car) in ids.iter().zip(&cars) {
+            let cb = hook.wait(id, Duration::from_secs(15)).await;
+            assert_eq!(
+                cb.body["status"], "ACTIVATED",
+                "{shards} shards, {routers} routers: {}",
+                cb.body
+            );
+            assert_eq!(car_services(car), vec!["power-boost".to_string()]);
+        }
+        assert_eq!(api.metric("caas_connected_cars").await, f64::from(CARS));
+        gw.shutdown().await;
+    }
+}
+
+/// A burst of reports far past what the router queues for the gateway's link before it
+/// stops and waits to be woken (200 notifications) reaches the cars' shards whole: each one
+/// is counted (here as forged: signed with another car's key), none lost, and the link does
+/// not stay stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_reports_past_the_links_queue_reaches_the_shards_whole() {
+    const CARS: u32 = 8;
+    const EACH: u32 = 1_000;
+    let dir = tempfile::tempdir().unwrap();
+    let hook = Webhook::start(0).await;
+    let (gw, api) = gateway(dir.path(), &hook).await;
+    let cars = obeying_cars(&gw, &api, 1..CARS + 1).await;
+    let forged = "caas_reports_forged_total";
+    let before = api.metric(forged).await;
+    let frames: Vec<Vec<u8>> = (1..=CARS)
+        .map(|n| {
+            report(
+                &vin(n),
+                &car_key(n + CARS),
+                1,
+                caas_protocol::Outcome::Applied { seq: 1 },
+            )
+        })
+        .collect();
+    let bursts: Vec<_> = (1..=CARS)
+        .zip(frames)
+        .zip(&cars)
+        .map(|((n, frame), car)| {
+            let client = car.client.clone();
+            tokio::spawn(async move {
+                let topic = caas_protocol::topics::report_topic(&vin(n)).to_string();
+                for _ in 0..EACH {
+                    client
+                        .publish(
+                            topic.as_str(),
+                            rumqttc::QoS::AtMostOnce,
+                            false,
+                            frame.clone(),
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for b in bursts {
+        b.await.unwrap();
+    }
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let counted = api.metric(forged).await - before;
+        if counted == f64::from(CARS * EACH) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{counted} of {} reports reached the shards",
+            CARS * EACH
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gw.shutdown().await;
+}

@@ -200,8 +200,10 @@ pub fn config(data: &Path, webhook: Option<&Webhook>) -> caas_gateway::Config {
             attempt_timeout: Duration::from_secs(1),
             backoff: vec![Duration::from_millis(500)],
         },
+        // As many shards as routers, as by default (each shard reads its router's reports);
+        // several of each, so cars spread over them.
         shards: 2,
-        broker_shards: 3,
+        broker_shards: 2,
         ..Default::default()
     }
 }

@@ -191,6 +191,23 @@ impl LinkTx {
         Ok(len)
     }
 
+    /// CaaS patch (PATCHES.md item 10): queues every packet of `packets` and tells the
+    /// router once, waiting while its event queue is full; returns how many are queued.
+    /// Why: a thread (not a task) publishes a whole flushed batch with one router event.
+    pub fn push_all(
+        &mut self,
+        packets: impl IntoIterator<Item = Packet>,
+    ) -> Result<usize, LinkError> {
+        let len = {
+            let mut buffer = self.recv_buffer.lock();
+            buffer.extend(packets);
+            buffer.len()
+        };
+        self.router_tx
+            .send((self.connection_id, Event::DeviceData))?;
+        Ok(len)
+    }
+
     fn try_push(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {
             let mut buffer = self.recv_buffer.lock();
@@ -393,6 +410,33 @@ impl LinkRx {
                 Ok(self.cache.pop_front())
             }
         }
+    }
+
+    /// CaaS patch (PATCHES.md item 10): the channel on which the router signals fresh
+    /// notifications, for a thread that waits on it beside channels of its own
+    /// (`flume::Selector`); after taking a signal from it, read with [`LinkRx::try_next`].
+    pub fn signals(&self) -> &Receiver<()> {
+        &self.router_rx
+    }
+
+    /// CaaS patch (PATCHES.md item 10): the next notification without waiting, from the
+    /// cache or else from whatever the router has queued, signalled or not. Signals already
+    /// sent are taken first, so a signal seen later means notifications queued after this
+    /// read (at most one spurious wake-up, never a missed one).
+    pub fn try_next(&mut self) -> Option<Notification> {
+        if let Some(v) = self.cache.pop_front() {
+            return Some(v);
+        }
+        while self.router_rx.try_recv().is_ok() {}
+        mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+        self.cache.pop_front()
+    }
+
+    /// CaaS patch (PATCHES.md item 10): [`LinkRx::wake`] for a thread: asks the router to
+    /// forward again after an `Unschedule`, waiting while its event queue is full.
+    pub fn wake_blocking(&self) -> Result<(), LinkError> {
+        self.router_tx.send((self.connection_id, Event::Ready))?;
+        Ok(())
     }
 
     pub(crate) async fn exchange(
