@@ -632,9 +632,12 @@ struct Shard {
     /// Embedded broker links read by this shard itself ([`Msg::BrokerLink`]): at most one
     /// per router, in practice one.
     broker_links: Vec<rumqttd::local::LinkRx>,
-    /// A turn took [`SHARD_BATCH`] broker messages and may have left more: the next turn
-    /// looks without waiting.
-    broker_backlog: bool,
+    /// Reports and presence taken from [`Shard::broker_links`], waiting for their turn
+    /// ([`SHARD_BATCH`] a turn): at most [`SHARD_QUEUE`], as a task handing them on would
+    /// have queued; past that they wait in the router, whose log keeps them. The links are
+    /// emptied into it every turn, so a shard busy with a campaign or waiting for a slow
+    /// flush leaves the router's log its whole slack.
+    broker_inbox: std::collections::VecDeque<Msg>,
 }
 
 /// What woke a waiting shard.
@@ -769,7 +772,7 @@ impl Shard {
             jobs: std::collections::VecDeque::new(),
             retired_awaiting: HashMap::new(),
             broker_links: Vec::new(),
-            broker_backlog: false,
+            broker_inbox: std::collections::VecDeque::new(),
         }
     }
 
@@ -777,7 +780,7 @@ impl Shard {
     /// campaign work or broker messages left, only looks.
     fn wait(&self, rx: &flume::Receiver<Msg>, deadline: Option<Instant>) -> Woke {
         let from_queue = |r: Result<Msg, flume::RecvError>| r.map_or(Woke::Closed, Woke::Msg);
-        if !self.jobs.is_empty() || self.broker_backlog {
+        if !self.jobs.is_empty() || !self.broker_inbox.is_empty() {
             return match rx.try_recv() {
                 Ok(m) => Woke::Msg(m),
                 Err(flume::TryRecvError::Empty) => Woke::Look,
@@ -807,20 +810,18 @@ impl Shard {
         }
     }
 
-    /// Appends to `msgs` what the broker links hold (at most [`SHARD_BATCH`] in all), as
-    /// [`crate::mqtt::route`] makes them.
+    /// Empties the broker links into [`Shard::broker_inbox`] (as [`crate::mqtt::route`]
+    /// makes their messages) and appends its oldest [`SHARD_BATCH`] to `msgs`.
     fn take_broker_messages(&mut self, msgs: &mut Vec<Msg>) {
-        let mut taken = 0;
         for link in &mut self.broker_links {
-            while taken < SHARD_BATCH {
+            while self.broker_inbox.len() < SHARD_QUEUE {
                 let Some(n) = link.try_next() else {
                     break;
                 };
-                taken += 1;
                 match n {
                     rumqttd::Notification::Forward(f) => {
                         if let Some((_, msg)) = crate::mqtt::route_forward(&self.sh.metrics, &f) {
-                            msgs.push(msg);
+                            self.broker_inbox.push_back(msg);
                         }
                     }
                     // The router stopped forwarding with the link's queue full; what it held
@@ -834,7 +835,12 @@ impl Shard {
                 }
             }
         }
-        self.broker_backlog = taken >= SHARD_BATCH;
+        let turn = self.broker_inbox.len().min(SHARD_BATCH);
+        msgs.extend(self.broker_inbox.drain(..turn));
+        // A burst's room is given back once it is through (a full inbox holds ~28 MiB).
+        if self.broker_inbox.is_empty() && self.broker_inbox.capacity() > SHARD_BATCH {
+            self.broker_inbox.shrink_to(SHARD_BATCH);
+        }
     }
 
     fn run(mut self, rx: flume::Receiver<Msg>) {
