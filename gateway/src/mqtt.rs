@@ -27,14 +27,6 @@ use crate::metrics::Metrics;
 
 /// Commands waiting for an external broker's client; a shard's flusher waits when it is full.
 pub(crate) const OUT_QUEUE: usize = 65_536;
-/// Reports and presence from an external broker waiting for their shard. rumqttc's one event
-/// loop both receives them and writes our commands, so it must never wait for a shard: a
-/// shard waits for its flusher, which waits for [`OUT_QUEUE`], which only the event loop
-/// drains (a cycle). When this queue
-/// is full the newest message is shed and counted (`caas_inbound_shed_total`): a shed report
-/// costs its request one attempt timeout (the car reports again on the resend), a shed
-/// presence message only stale connectivity until the car's next one.
-pub(crate) const INBOUND_QUEUE: usize = 65_536;
 /// Largest MQTT payload the embedded broker accepts (a report is far smaller).
 const MAX_PAYLOAD: usize = 16 * 1024;
 /// How long a connection may take to send CONNECT.
@@ -352,25 +344,15 @@ pub(crate) fn start_external(
     net.set_tcp_nodelay(true);
     el.set_network_options(net);
     let publisher = client.clone();
-    let (inbound, inbound_rx) = flume::bounded::<Inbound>(INBOUND_QUEUE);
     // A connection asks for every car's state again on a channel of its own, never shed as
     // reports are: one waiting request stands for any number (the newest state is re-sent).
     let (republish, republish_rx) = flume::bounded::<()>(1);
     let dispatcher = engine.clone();
     tokio::spawn(async move {
-        loop {
-            let delivered = tokio::select! {
-                biased;
-                Ok(()) = republish_rx.recv_async() => {
-                    dispatcher
-                        .broadcast_async(|| Msg::RepublishAll { only_behind: true })
-                        .await
-                }
-                next = inbound_rx.recv_async() => match next {
-                    Ok((vin, msg)) => dispatcher.shard(&vin).send_async(msg).await.is_ok(),
-                    Err(_) => return,
-                },
-            };
+        while republish_rx.recv_async().await.is_ok() {
+            let delivered = dispatcher
+                .broadcast_async(|| Msg::RepublishAll { only_behind: true })
+                .await;
             if !delivered {
                 return;
             }
@@ -405,7 +387,7 @@ pub(crate) fn start_external(
                 }
                 Ok(Event::Incoming(CPacket::Publish(p))) => {
                     if let Some((vin, msg)) = route(&metrics, &p.topic, &p.payload) {
-                        hand_on(&inbound, &metrics, (vin, msg));
+                        hand_on(engine.shard(&vin), &metrics, msg);
                     }
                 }
                 Ok(_) => {}
@@ -455,12 +437,16 @@ fn renewed_client_tls(
     }
 }
 
-/// A report or presence message the external broker's event loop hands to the engine
-/// through [`INBOUND_QUEUE`], with the car it is for.
-type Inbound = (caas_protocol::Vin, Msg);
-
-/// Queues `next` for the engine without waiting (see [`INBOUND_QUEUE`]).
-fn hand_on(queue: &flume::Sender<Inbound>, metrics: &Metrics, next: Inbound) {
+/// Queues a report or presence message from the external broker on its car's shard without
+/// waiting. rumqttc's one event loop both receives them and writes our commands, so it must
+/// never wait for a shard: a shard waits for its flusher, which waits for [`OUT_QUEUE`],
+/// which only the event loop drains (a cycle). When the shard's queue
+/// ([`crate::engine::SHARD_QUEUE`]) is full the message is shed and counted
+/// (`caas_inbound_shed_total`): a shed report costs its request one attempt timeout (the car
+/// reports again on the resend), a shed presence message only stale connectivity until the
+/// car's next one. Straight into the shard's queue, with no task between (one thread
+/// wake-up less per report).
+fn hand_on(queue: &flume::Sender<Msg>, metrics: &Metrics, next: Msg) {
     if let Err(flume::TrySendError::Full(_)) = queue.try_send(next) {
         let shed = metrics
             .inbound_shed
@@ -496,7 +482,7 @@ mod tests {
         let (queue, rx) = flume::bounded(1);
         // On this thread a wait for room would never end: only the receiver could make it.
         let vin: caas_protocol::Vin = "WVWZZZ1JZXW000001".parse().unwrap();
-        let presence = || (vin, Msg::Presence { vin, online: true });
+        let presence = || Msg::Presence { vin, online: true };
         hand_on(&queue, &metrics, presence());
         hand_on(&queue, &metrics, presence());
         hand_on(&queue, &metrics, presence());
@@ -506,7 +492,7 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             2
         );
-        assert!(matches!(rx.try_recv(), Ok((_, Msg::Presence { .. }))));
+        assert!(matches!(rx.try_recv(), Ok(Msg::Presence { .. })));
         assert!(rx.try_recv().is_err(), "the shed ones are not queued");
         assert!(metrics.render().contains("caas_inbound_shed_total 2"));
     }
