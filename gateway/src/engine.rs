@@ -347,7 +347,6 @@ pub(crate) struct Engine {
     threads: Arc<std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>>,
 }
 
-/// Which shard owns `vin` (FNV-1a over its bytes).
 /// Which of `n` shards owns `vin` (FNV-1a); the embedded broker splits cars over its
 /// routers with it too ([`crate::mqtt::broker_shard`]).
 pub(crate) fn shard_of(vin: &Vin, n: usize) -> usize {
