@@ -273,16 +273,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         metrics.clone(),
     );
     // The embedded routers start before the engine, whose flushers publish into them.
-    let (embedded, publisher, out_rx) = match &config.broker {
-        Some(_) => {
-            let (out_tx, out_rx) = flume::bounded(mqtt::OUT_QUEUE);
-            (None, mqtt::Publisher::Queue(out_tx), Some(out_rx))
-        }
-        None => {
-            let (embedded, publisher) = mqtt::start_embedded(config.broker_shards)?;
-            (Some(embedded), publisher, None)
-        }
-    };
+    let (broker, publisher) = mqtt::prepare(&config)?;
     let (handoff, inboxes) = match config.webhook_url {
         Some(_) => {
             let (h, i) = webhook::handoff(&store);
@@ -310,66 +301,69 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let mut tasks = Vec::new();
     let mut mqtt_addr = None;
     let mut mqtts_addr = None;
-    if let (Some(url), Some(out_rx)) = (&config.broker, out_rx) {
-        tasks.push(mqtt::start_external(
-            &config,
-            url,
-            engine.clone(),
-            metrics.clone(),
-            out_rx,
-        )?);
-    } else if let Some(embedded) = embedded {
-        let acceptors = Arc::new(embedded.attach(&engine, &metrics));
-        if let Some(listen) = config.mqtt {
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("MQTT listener {listen}"))?;
-            mqtt_addr = Some(listener.local_addr()?);
-            if config.mqtts.is_some() {
-                tracing::warn!(%listen, "the plain MQTT listener has no client authentication \
-                    beside the certificate-checked one; --no-mqtt closes it");
-            }
-            tasks.push(tokio::spawn(tlsfront::serve_plain(
-                listener,
-                acceptors.clone(),
-            )));
+    match broker {
+        mqtt::Broker::External { url, commands } => {
+            tasks.push(mqtt::start_external(
+                &config,
+                &url,
+                engine.clone(),
+                metrics.clone(),
+                commands,
+            )?);
         }
-        if let (Some(listen), Some(tls)) = (config.mqtts, &config.tls) {
-            let front = tlsfront::FrontTls::load(tls, config.tls_crl.as_deref())?;
-            metrics
-                .crl_entries
-                .store(front.revoked_count() as u64, Relaxed);
-            metrics
-                .mqtts_cert_expires_at
-                .store(preflight::expires_at(&tls.cert).unwrap_or(0), Relaxed);
-            let (front_tx, front) = tokio::sync::watch::channel(Arc::new(front));
-            let front_tx = Arc::new(front_tx);
-            if let Some(crl) = &config.tls_crl {
-                tasks.push(tokio::spawn(tlsfront::watch_crl(
+        mqtt::Broker::Embedded(embedded) => {
+            let acceptors = Arc::new(embedded.attach(&engine, &metrics));
+            if let Some(listen) = config.mqtt {
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("MQTT listener {listen}"))?;
+                mqtt_addr = Some(listener.local_addr()?);
+                if config.mqtts.is_some() {
+                    tracing::warn!(%listen, "the plain MQTT listener has no client authentication \
+                    beside the certificate-checked one; --no-mqtt closes it");
+                }
+                tasks.push(tokio::spawn(tlsfront::serve_plain(
+                    listener,
+                    acceptors.clone(),
+                )));
+            }
+            if let (Some(listen), Some(tls)) = (config.mqtts, &config.tls) {
+                let front = tlsfront::FrontTls::load(tls, config.tls_crl.as_deref())?;
+                metrics
+                    .crl_entries
+                    .store(front.revoked_count() as u64, Relaxed);
+                metrics
+                    .mqtts_cert_expires_at
+                    .store(preflight::expires_at(&tls.cert).unwrap_or(0), Relaxed);
+                let (front_tx, front) = tokio::sync::watch::channel(Arc::new(front));
+                let front_tx = Arc::new(front_tx);
+                if let Some(crl) = &config.tls_crl {
+                    tasks.push(tokio::spawn(tlsfront::watch_crl(
+                        tls.clone(),
+                        crl.clone(),
+                        front_tx.clone(),
+                        metrics.clone(),
+                    )));
+                }
+                tasks.push(tokio::spawn(tlsfront::watch_certs(
                     tls.clone(),
-                    crl.clone(),
-                    front_tx.clone(),
+                    config.tls_crl.clone(),
+                    front_tx,
+                    metrics.clone(),
+                )));
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("MQTT TLS listener {listen}"))?;
+                mqtts_addr = Some(listener.local_addr()?);
+                tasks.push(tokio::spawn(tlsfront::serve(
+                    listener,
+                    front,
+                    acceptors.clone(),
                     metrics.clone(),
                 )));
             }
-            tasks.push(tokio::spawn(tlsfront::watch_certs(
-                tls.clone(),
-                config.tls_crl.clone(),
-                front_tx,
-                metrics.clone(),
-            )));
-            let listener = tokio::net::TcpListener::bind(listen)
-                .await
-                .with_context(|| format!("MQTT TLS listener {listen}"))?;
-            mqtts_addr = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(tlsfront::serve(
-                listener,
-                front,
-                acceptors.clone(),
-                metrics.clone(),
-            )));
+            engine.broadcast(|| Msg::RepublishAll { only_behind: false });
         }
-        engine.broadcast(|| Msg::RepublishAll { only_behind: false });
     }
     let mut webhook_tasks = Vec::new();
     if let (Some(url), Some(inboxes)) = (&config.webhook_url, inboxes) {

@@ -117,6 +117,34 @@ pub(crate) fn broker_shard(vin: &caas_protocol::Vin, k: usize) -> usize {
     crate::engine::shard_of(vin, k.max(1))
 }
 
+/// The MQTT side chosen by the configuration, before the engine starts.
+pub(crate) enum Broker {
+    /// An external broker at `url`; its client's task takes the commands from `commands`
+    /// ([`OUT_QUEUE`]).
+    External {
+        url: String,
+        commands: flume::Receiver<Outbound>,
+    },
+    /// The embedded routers, already running.
+    Embedded(Embedded),
+}
+
+/// Prepares the MQTT side `cfg` asks for (an external broker's command queue, or the
+/// embedded routers started) and the [`Publisher`] the engine's flushers hand commands to.
+pub(crate) fn prepare(cfg: &Config) -> anyhow::Result<(Broker, Publisher)> {
+    Ok(match &cfg.broker {
+        Some(url) => {
+            let (queue, commands) = flume::bounded(OUT_QUEUE);
+            let url = url.clone();
+            (Broker::External { url, commands }, Publisher::Queue(queue))
+        }
+        None => {
+            let (embedded, publisher) = start_embedded(cfg.broker_shards)?;
+            (Broker::Embedded(embedded), publisher)
+        }
+    })
+}
+
 /// The embedded broker's `k` rumqttd routers, started before the engine so that the engine's
 /// flushers publish straight into them ([`Publisher::Links`]); [`Embedded::attach`] then
 /// connects the engine to what they receive and gives the acceptors to the fronts.
@@ -136,7 +164,7 @@ pub(crate) struct Embedded {
 /// matched against the wildcard filters only and an exact filter is looked up, instead of
 /// every topic against every filter (quadratic over a fleet; `benches/router_matching.rs`).
 /// Several routers still spread the routing work over threads.
-pub(crate) fn start_embedded(k: usize) -> anyhow::Result<(Embedded, Publisher)> {
+fn start_embedded(k: usize) -> anyhow::Result<(Embedded, Publisher)> {
     let k = k.max(1);
     let mut publish = Vec::with_capacity(k);
     let mut reports = Vec::with_capacity(k);
