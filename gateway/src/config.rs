@@ -152,6 +152,10 @@ pub struct Config {
     /// router's matching no longer grows with the square of its cars; more routers only
     /// spread the routing over threads.
     pub broker_shards: usize,
+    /// Requests an external broker's client holds before a flusher waits for it: our commands
+    /// (MQTT publishes), queued by the engine's flushers while the client writes them out, and
+    /// while the broker is away ([`crate::mqtt::OUT_QUEUE`] by default, at least 1).
+    pub broker_queue: usize,
     /// Worker threads of the binary's async runtime (the IoT API, the embedded broker's car
     /// connections, the MQTT client), at least 1; by default one per core ([`cores`]). Only
     /// `caas-gateway serve` reads it: a program embedding the gateway with [`crate::start`]
@@ -219,6 +223,7 @@ impl Default for Config {
             retention: Duration::from_secs(30 * 24 * 3600),
             shards: default_threads(),
             broker_shards: default_threads(),
+            broker_queue: crate::mqtt::OUT_QUEUE,
             runtime_threads: cores(),
             store_cache_mb: 128,
             heap_reserve_mb: None,
@@ -270,6 +275,9 @@ impl Config {
         }
         if self.broker_shards == 0 {
             bail!("broker shards must be at least 1");
+        }
+        if self.broker_queue == 0 {
+            bail!("broker queue must be at least 1");
         }
         if self.runtime_threads == 0 {
             bail!("runtime threads must be at least 1");
@@ -460,6 +468,9 @@ pub struct ServeArgs {
     /// Embedded broker routers, cars spread over them by VIN [default: half the cores, at least 1]
     #[arg(long, env = "CAAS_GATEWAY_BROKER_SHARDS")]
     pub broker_shards: Option<usize>,
+    /// Commands an external broker's client holds before the engine waits for it [default: 65536]
+    #[arg(long, env = "CAAS_GATEWAY_BROKER_QUEUE")]
+    pub broker_queue: Option<usize>,
     /// Async runtime worker threads (IoT API, car connections) [default: one per core]
     #[arg(long, env = "CAAS_GATEWAY_RUNTIME_THREADS")]
     pub runtime_threads: Option<usize>,
@@ -554,6 +565,7 @@ impl ServeArgs {
             },
             shards: a.shards.unwrap_or(d.shards),
             broker_shards: a.broker_shards.unwrap_or(d.broker_shards),
+            broker_queue: a.broker_queue.unwrap_or(d.broker_queue),
             runtime_threads: a.runtime_threads.unwrap_or(d.runtime_threads),
             store_cache_mb: a.store_cache_mb.unwrap_or(d.store_cache_mb),
             heap_reserve_mb: a.heap_reserve_mb,
@@ -596,6 +608,7 @@ impl ServeArgs {
             retention: self.retention.or(file.retention),
             shards: self.shards.or(file.shards),
             broker_shards: self.broker_shards.or(file.broker_shards),
+            broker_queue: self.broker_queue.or(file.broker_queue),
             runtime_threads: self.runtime_threads.or(file.runtime_threads),
             store_cache_mb: self.store_cache_mb.or(file.store_cache_mb),
             heap_reserve_mb: self.heap_reserve_mb.or(file.heap_reserve_mb),

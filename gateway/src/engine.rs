@@ -3085,6 +3085,7 @@ mod tests {
         webhook: bool,
     ) -> (Shard, Arc<Shared>, Vin, flume::Receiver<Flushed>) {
         let (out, _published) = flume::unbounded();
+        let out = rumqttc::Client::from_sender(out);
         let store = Store::open(dir, 8).unwrap();
         let webhook = webhook.then(|| crate::webhook::handoff(&store).0);
         let sh = Arc::new(Shared {
@@ -3093,7 +3094,7 @@ mod tests {
             retry: RetryPolicy::default(),
             command_ttl: Duration::from_secs(60),
             key: SigningKey::from_bytes(&[1; 32]),
-            out: crate::mqtt::Publisher::Queue(out),
+            out: crate::mqtt::Publisher::Client(out),
             webhook,
             key_owners: KeyOwners::default(),
         });

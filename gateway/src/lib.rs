@@ -302,14 +302,12 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
     let mut mqtt_addr = None;
     let mut mqtts_addr = None;
     match broker {
-        mqtt::Broker::External { url, commands } => {
+        mqtt::Broker::External(external) => {
             tasks.push(mqtt::start_external(
-                &config,
-                &url,
+                external,
                 engine.clone(),
                 metrics.clone(),
-                commands,
-            )?);
+            ));
         }
         mqtt::Broker::Embedded(embedded) => {
             let acceptors = Arc::new(embedded.attach(&engine, &metrics));

@@ -1,8 +1,8 @@
 //! MQTT fan-out: the embedded rumqttd broker (default) or an external broker (rumqttc).
 //!
 //! The engine's flushers hand signed commands to a [`Publisher`]: straight into the embedded
-//! routers, or into one bounded queue ([`OUT_QUEUE`]) for an external broker's client. Every
-//! car's reports and presence reach the engine through [`route`].
+//! routers, or into an external broker's client's request queue ([`OUT_QUEUE`]). Every car's
+//! reports and presence reach the engine through [`route`].
 //!
 //! Embedded: we build rumqttd's routers ourselves (several, see [`start_embedded`]) and
 //! attach the gateway to each as an in-process link without a tenant that subscribes
@@ -25,7 +25,9 @@ use crate::config::{split_broker_url, Config};
 use crate::engine::{Engine, Msg, Outbound};
 use crate::metrics::Metrics;
 
-/// Commands waiting for an external broker's client; a shard's flusher waits when it is full.
+/// Requests (our commands, and the client's own) waiting for an external broker's client's
+/// event loop (rumqttc's request channel), by default (`--broker-queue`); a shard's flusher
+/// waits when it is full.
 pub(crate) const OUT_QUEUE: usize = 65_536;
 /// Largest MQTT payload the embedded broker accepts (a report is far smaller).
 const MAX_PAYLOAD: usize = 16 * 1024;
@@ -119,24 +121,23 @@ pub(crate) fn broker_shard(vin: &caas_protocol::Vin, k: usize) -> usize {
 
 /// The MQTT side chosen by the configuration, before the engine starts.
 pub(crate) enum Broker {
-    /// An external broker at `url`; its client's task takes the commands from `commands`
-    /// ([`OUT_QUEUE`]).
-    External {
-        url: String,
-        commands: flume::Receiver<Outbound>,
-    },
+    /// An external broker's client, not yet polled ([`start_external`]); boxed, as rumqttc's
+    /// event loop is ~1 KB.
+    External(Box<External>),
     /// The embedded routers, already running.
     Embedded(Embedded),
 }
 
-/// Prepares the MQTT side `cfg` asks for (an external broker's command queue, or the
-/// embedded routers started) and the [`Publisher`] the engine's flushers hand commands to.
+/// Prepares the MQTT side `cfg` asks for (an external broker's client, or the embedded
+/// routers started) and the [`Publisher`] the engine's flushers hand commands to.
 pub(crate) fn prepare(cfg: &Config) -> anyhow::Result<(Broker, Publisher)> {
     Ok(match &cfg.broker {
         Some(url) => {
-            let (queue, commands) = flume::bounded(OUT_QUEUE);
-            let url = url.clone();
-            (Broker::External { url, commands }, Publisher::Queue(queue))
+            let (external, client) = External::new(cfg, url)?;
+            (
+                Broker::External(Box::new(external)),
+                Publisher::Client(client),
+            )
         }
         None => {
             let (embedded, publisher) = start_embedded(cfg.broker_shards)?;
@@ -253,8 +254,9 @@ pub(crate) fn route_forward(
 
 /// Where the engine's flushers hand the commands of each flushed batch.
 pub(crate) enum Publisher {
-    /// An external broker: its client's task drains this queue ([`OUT_QUEUE`]).
-    Queue(flume::Sender<Outbound>),
+    /// An external broker's client: the flusher's thread queues each command on the client's
+    /// event loop itself ([`OUT_QUEUE`]), with no task between them to wake.
+    Client(rumqttc::Client),
     /// The embedded routers' gateway links (index = [`broker_shard`]): the flusher's thread
     /// queues a batch's commands on each router's link itself, with one router event per
     /// router and batch, instead of waking a task that sends them one by one.
@@ -266,7 +268,12 @@ impl Publisher {
     /// Waits while the queue, or a router's event queue, is full.
     pub(crate) fn publish(&self, batch: Vec<Outbound>) -> bool {
         match self {
-            Publisher::Queue(q) => batch.into_iter().all(|o| q.send(o).is_ok()),
+            // An error means the event loop is gone (our topics are all valid ones).
+            Publisher::Client(client) => batch.into_iter().all(|o| {
+                client
+                    .publish(o.topic, rumqttc::QoS::AtLeastOnce, o.retain, o.payload)
+                    .is_ok()
+            }),
             Publisher::Links(links) => {
                 let mut per_router: Vec<Vec<Packet>> = links.iter().map(|_| Vec::new()).collect();
                 for o in batch {
@@ -333,45 +340,84 @@ fn client_tls_of(tls: &crate::config::TlsFiles) -> anyhow::Result<Arc<rustls::Cl
     Ok(Arc::new(config))
 }
 
-/// Connects to an external broker; returns the task driving it.
+/// An external broker's client before it first connects: rumqttc's event loop, whose request
+/// queue the [`Publisher::Client`] feeds.
+pub(crate) struct External {
+    event_loop: rumqttc::EventLoop,
+    /// The files an `mqtts://` connection's TLS came from, and how they were when read: a
+    /// renewed client certificate is taken at the next reconnection (it is only shown in a
+    /// handshake).
+    tls_files: Option<(crate::config::TlsFiles, [crate::tlsfront::FileStamp; 3])>,
+}
+
+impl External {
+    /// The client for the broker at `url` (`mqtt://` or `mqtts://host:port`), and the
+    /// blocking handle the flushers publish with.
+    fn new(cfg: &Config, url: &str) -> anyhow::Result<(External, rumqttc::Client)> {
+        use rumqttc::{MqttOptions, Transport};
+        let (scheme, hostport) = split_broker_url(url)?;
+        let (host, port) = hostport
+            .rsplit_once(':')
+            .ok_or_else(|| anyhow!("broker URL needs host:port"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("broker port in {url:?}"))?;
+        let client_id = format!("caas-gateway-{:08x}", rand::random::<u32>());
+        let mut opts =
+            MqttOptions::new(client_id, host.trim_matches(|c| c == '[' || c == ']'), port);
+        opts.set_keep_alive(Duration::from_secs(30));
+        opts.set_clean_session(true);
+        opts.set_max_packet_size(MAX_PAYLOAD * 4, MAX_PAYLOAD * 4);
+        opts.set_inflight(1000);
+        let mut tls_files = None;
+        if scheme == "mqtts" {
+            opts.set_transport(Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(client_tls(cfg)?),
+            ));
+            tls_files = cfg.tls.clone().map(|t| {
+                let stamps = crate::tlsfront::tls_file_stamps(&t);
+                (t, stamps)
+            });
+        }
+        // rumqttc's blocking `Client` (a flusher publishes from its own thread, and waits while
+        // the request queue is full) comes only with a `Connection`: the event loop inside a
+        // runtime of its own. We poll the event loop on the gateway's runtime instead. The
+        // unused runtime is made and dropped on a thread of its own, because dropping a
+        // runtime inside another runtime's async context panics.
+        let queue = cfg.broker_queue;
+        let (client, mut event_loop) = std::thread::spawn(move || {
+            let (client, connection) = rumqttc::Client::new(opts, queue);
+            let rumqttc::Connection { eventloop, .. } = connection;
+            (client, eventloop)
+        })
+        .join()
+        .map_err(|_| anyhow!("the external broker's client could not be made"))?;
+        let mut net = event_loop.network_options();
+        net.set_tcp_nodelay(true);
+        event_loop.set_network_options(net);
+        Ok((
+            External {
+                event_loop,
+                tls_files,
+            },
+            client,
+        ))
+    }
+}
+
+/// Drives the external broker's client; returns its task. Reports and presence go straight
+/// to their car's shard ([`hand_on`]); each (re)connection subscribes to them again and asks
+/// the engine to re-send every state not yet confirmed.
 pub(crate) fn start_external(
-    cfg: &Config,
-    url: &str,
+    external: Box<External>,
     engine: Engine,
     metrics: Arc<Metrics>,
-    out: flume::Receiver<Outbound>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet as CPacket, QoS as CQoS, Transport};
-    let (scheme, hostport) = split_broker_url(url)?;
-    let (host, port) = hostport
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow!("broker URL needs host:port"))?;
-    let port: u16 = port
-        .parse()
-        .with_context(|| format!("broker port in {url:?}"))?;
-    let client_id = format!("caas-gateway-{:08x}", rand::random::<u32>());
-    let mut opts = MqttOptions::new(client_id, host.trim_matches(|c| c == '[' || c == ']'), port);
-    opts.set_keep_alive(Duration::from_secs(30));
-    opts.set_clean_session(true);
-    opts.set_max_packet_size(MAX_PAYLOAD * 4, MAX_PAYLOAD * 4);
-    opts.set_inflight(1000);
-    // The files the connection's TLS came from, and how they were when read: a renewed
-    // client certificate is taken at the next reconnection (it is only shown in a handshake).
-    let mut tls_files = None;
-    if scheme == "mqtts" {
-        opts.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(client_tls(cfg)?),
-        ));
-        tls_files = cfg.tls.clone().map(|t| {
-            let stamps = crate::tlsfront::tls_file_stamps(&t);
-            (t, stamps)
-        });
-    }
-    let (client, mut el) = AsyncClient::new(opts, 4096);
-    let mut net = el.network_options();
-    net.set_tcp_nodelay(true);
-    el.set_network_options(net);
-    let publisher = client.clone();
+) -> tokio::task::JoinHandle<()> {
+    use rumqttc::{Event, Packet as CPacket, QoS as CQoS, Request, Subscribe, SubscribeFilter};
+    let External {
+        event_loop: mut el,
+        mut tls_files,
+    } = *external;
     // A connection asks for every car's state again on a channel of its own, never shed as
     // reports are: one waiting request stands for any number (the newest state is re-sent).
     let (republish, republish_rx) = flume::bounded::<()>(1);
@@ -386,19 +432,8 @@ pub(crate) fn start_external(
             }
         }
     });
-    tokio::spawn(async move {
-        while let Ok(o) = out.recv_async().await {
-            if publisher
-                .publish(o.topic, CQoS::AtLeastOnce, o.retain, o.payload)
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    });
     metrics.broker_disconnected.store(1, Relaxed);
-    Ok(tokio::spawn(async move {
+    tokio::spawn(async move {
         loop {
             match el.poll().await {
                 Ok(Event::Incoming(CPacket::ConnAck(_))) => {
@@ -407,8 +442,21 @@ pub(crate) fn start_external(
                         .store(crate::store::now_ms(), Relaxed);
                     metrics.broker_disconnected.store(0, Relaxed);
                     tracing::info!("connected to the external broker");
-                    let _ = client.try_subscribe(topics::ALL_REPORTS, CQoS::AtLeastOnce);
-                    let _ = client.try_subscribe(topics::ALL_PRESENCE, CQoS::AtLeastOnce);
+                    // Ahead of every command queued meanwhile, and never refused: through the
+                    // request queue it would wait behind up to OUT_QUEUE commands, and be
+                    // dropped when the queue is full, as it is after an outage with traffic
+                    // (the gateway would then hear no car until it restarts).
+                    el.pending
+                        .push_front(Request::Subscribe(Subscribe::new_many([
+                            SubscribeFilter::new(
+                                topics::ALL_REPORTS.to_string(),
+                                CQoS::AtLeastOnce,
+                            ),
+                            SubscribeFilter::new(
+                                topics::ALL_PRESENCE.to_string(),
+                                CQoS::AtLeastOnce,
+                            ),
+                        ])));
                     // The broker may have lost retained commands (restart without persistence):
                     // the cars that have not confirmed their newest get it again.
                     let _ = republish.try_send(());
@@ -426,15 +474,16 @@ pub(crate) fn start_external(
                         .as_mut()
                         .and_then(|(files, seen)| renewed_client_tls(files, seen, &metrics))
                     {
-                        el.mqtt_options.set_transport(Transport::tls_with_config(
-                            rumqttc::TlsConfiguration::Rustls(tls),
-                        ));
+                        el.mqtt_options
+                            .set_transport(rumqttc::Transport::tls_with_config(
+                                rumqttc::TlsConfiguration::Rustls(tls),
+                            ));
                     }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         }
-    }))
+    })
 }
 
 /// The client TLS configuration of `files` if they changed since `seen` (which then becomes
@@ -467,8 +516,8 @@ fn renewed_client_tls(
 
 /// Queues a report or presence message from the external broker on its car's shard without
 /// waiting. rumqttc's one event loop both receives them and writes our commands, so it must
-/// never wait for a shard: a shard waits for its flusher, which waits for [`OUT_QUEUE`],
-/// which only the event loop drains (a cycle). When the shard's queue
+/// never wait for a shard: a shard waits for its flusher, which waits while [`OUT_QUEUE`] is
+/// full, which only the event loop drains (a cycle). When the shard's queue
 /// ([`crate::engine::SHARD_QUEUE`]) is full the message is shed and counted
 /// (`caas_inbound_shed_total`): a shed report costs its request one attempt timeout (the car
 /// reports again on the resend), a shed presence message only stale connectivity until the

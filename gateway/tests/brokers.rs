@@ -577,6 +577,20 @@ async fn gateway_on_plain_mosquitto() -> Option<(
     PathBuf,
     u16,
 )> {
+    gateway_on_plain_mosquitto_with(|_| ()).await
+}
+
+/// [`gateway_on_plain_mosquitto`], with the gateway's configuration changed by `tweak`.
+async fn gateway_on_plain_mosquitto_with(
+    tweak: impl FnOnce(&mut caas_gateway::Config),
+) -> Option<(
+    tempfile::TempDir,
+    Webhook,
+    caas_gateway::Gateway,
+    Api,
+    PathBuf,
+    u16,
+)> {
     if !mosquitto_or_skip() {
         return None;
     }
@@ -592,6 +606,7 @@ async fn gateway_on_plain_mosquitto() -> Option<(
     let mut c = config(&dir.path().join("gw"), Some(&hook));
     c.mqtt = None;
     c.broker = Some(format!("mqtt://127.0.0.1:{port}"));
+    tweak(&mut c);
     let gw = caas_gateway::start(c).await.unwrap();
     let api = Api::new(gw.http_addr());
     Some((dir, hook, gw, api, conf, port))
@@ -660,6 +675,55 @@ async fn a_broker_outage_spends_no_attempt() {
 
     let _mosquitto = start_mosquitto(&conf, port).await;
     wait_healthz(&api, 200).await;
+    let car = obeying_car_1(&api, port).await;
+    car.wait_connected().await;
+    let cb = hook.wait(&id, SETTLED_WITHIN).await;
+    assert_eq!(cb.body["status"], "ACTIVATED", "{}", cb.body);
+    gw.shutdown().await;
+}
+
+/// An outage during which the engine made more commands than the broker client's request
+/// queue holds (`broker_queue`, here 16): when the broker is back, the gateway subscribes to
+/// the cars' reports again ahead of the waiting commands, and hears the cars. Before, the
+/// subscription was queued behind them, and dropped when the queue was full, so the gateway
+/// heard no car again until it restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_outage_that_filled_the_command_queue_the_gateway_hears_the_cars_again() {
+    const CARS: u32 = 40;
+    let Some((_dir, hook, gw, api, conf, port)) =
+        gateway_on_plain_mosquitto_with(|c| c.broker_queue = 16).await
+    else {
+        return;
+    };
+    let mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
+    for n in 1..=CARS {
+        api.register(n).await;
+    }
+    drop(mosquitto);
+    wait_healthz(&api, 503).await;
+
+    // One command a car: more than the queue holds, so a flusher waits on it (and these
+    // answers with it) until the broker is back.
+    let mut activations = tokio::task::JoinSet::new();
+    for n in 1..=CARS {
+        let api = api.clone();
+        activations.spawn(async move { (n, api.activate(n, "power-boost", "power_boost").await) });
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut answered = Vec::new();
+    while let Some(done) = activations.try_join_next() {
+        answered.push(done.unwrap());
+    }
+    assert!(
+        !activations.is_empty(),
+        "some activation waits on the full queue"
+    );
+
+    let _mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
+    answered.extend(activations.join_all().await);
+    let (_, id) = answered.into_iter().find(|(n, _)| *n == 1).unwrap();
     let car = obeying_car_1(&api, port).await;
     car.wait_connected().await;
     let cb = hook.wait(&id, SETTLED_WITHIN).await;
