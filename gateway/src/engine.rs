@@ -681,11 +681,8 @@ fn run_flusher(sh: &Shared, rx: &flume::Receiver<Flushed>) {
         let r = sh.store.flush(&sh.metrics);
         for c in commits {
             if r.is_ok() {
-                sh.metrics
-                    .commands_published
-                    .fetch_add(c.publishes.len() as u64, Relaxed);
                 if !c.publishes.is_empty() {
-                    sh.out.publish(c.publishes);
+                    sh.out.publish(c.publishes, &sh.metrics);
                 }
                 if let Some(w) = &sh.webhook {
                     for due in c.callbacks {

@@ -273,7 +273,7 @@ pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         metrics.clone(),
     );
     // The embedded routers start before the engine, whose flushers publish into them.
-    let (broker, publisher) = mqtt::prepare(&config)?;
+    let (broker, publisher) = mqtt::prepare(&config, &metrics)?;
     let (handoff, inboxes) = match config.webhook_url {
         Some(_) => {
             let (h, i) = webhook::handoff(&store);

@@ -43,6 +43,9 @@ pub(crate) struct Metrics {
     pub(crate) attempts: AtomicU64,
     pub(crate) probes: AtomicU64,
     pub(crate) commands_published: AtomicU64,
+    /// Commands not handed to the external broker's client because it was disconnected: its
+    /// reconnection re-sends every state not yet confirmed (mqtt.rs).
+    pub(crate) commands_deferred: AtomicU64,
     pub(crate) reports_verified: AtomicU64,
     pub(crate) reports_refused: AtomicU64,
     pub(crate) reports_forged: AtomicU64,
@@ -247,6 +250,11 @@ impl Metrics {
             "caas_commands_published_total",
             "Signed commands published.",
             &[("", self.commands_published.load(Relaxed))],
+        );
+        counter(
+            "caas_commands_deferred_total",
+            "Signed commands not handed to the external broker while it was disconnected (its reconnection re-sends every state not yet confirmed).",
+            &[("", self.commands_deferred.load(Relaxed))],
         );
         counter(
             "caas_reports_verified_total",

@@ -130,9 +130,12 @@ pub(crate) enum Broker {
 
 /// Prepares the MQTT side `cfg` asks for (an external broker's client, or the embedded
 /// routers started) and the [`Publisher`] the engine's flushers hand commands to.
-pub(crate) fn prepare(cfg: &Config) -> anyhow::Result<(Broker, Publisher)> {
+pub(crate) fn prepare(cfg: &Config, metrics: &Metrics) -> anyhow::Result<(Broker, Publisher)> {
     Ok(match &cfg.broker {
         Some(url) => {
+            // Disconnected until the first CONNACK: what the engine publishes before it is
+            // deferred, and that CONNACK's re-send covers it.
+            metrics.broker_disconnected.store(1, Relaxed);
             let (external, client) = External::new(cfg, url)?;
             (
                 Broker::External(Box::new(external)),
@@ -264,16 +267,36 @@ pub(crate) enum Publisher {
 }
 
 impl Publisher {
-    /// Publishes `batch` (each car's commands in order); `false` once the broker is gone.
-    /// Waits while the queue, or a router's event queue, is full.
-    pub(crate) fn publish(&self, batch: Vec<Outbound>) -> bool {
+    /// Publishes `batch` (each car's commands in order), counting what it hands over
+    /// (`caas_commands_published_total`). Waits while the client's request queue, or a
+    /// router's event queue, is full.
+    ///
+    /// While the external broker is disconnected the batch is dropped and counted
+    /// (`caas_commands_deferred_total`) instead: nothing queued would leave before the
+    /// reconnection, which re-sends every car's state not yet confirmed anyway
+    /// ([`Msg::RepublishAll`]; a deferred command is always such a state), and a flusher
+    /// waiting for room in the queue would hold up its shard, and every answer behind it,
+    /// until the broker came back.
+    pub(crate) fn publish(&self, batch: Vec<Outbound>, metrics: &Metrics) {
         match self {
-            // An error means the event loop is gone (our topics are all valid ones).
-            Publisher::Client(client) => batch.into_iter().all(|o| {
-                client
-                    .publish(o.topic, rumqttc::QoS::AtLeastOnce, o.retain, o.payload)
-                    .is_ok()
-            }),
+            Publisher::Client(client) => {
+                if metrics.broker_disconnected.load(Relaxed) != 0 {
+                    metrics
+                        .commands_deferred
+                        .fetch_add(batch.len() as u64, Relaxed);
+                    return;
+                }
+                for o in batch {
+                    // An error means the event loop is gone (our topics are all valid).
+                    if client
+                        .publish(o.topic, rumqttc::QoS::AtLeastOnce, o.retain, o.payload)
+                        .is_err()
+                    {
+                        return;
+                    }
+                    metrics.commands_published.fetch_add(1, Relaxed);
+                }
+            }
             Publisher::Links(links) => {
                 let mut per_router: Vec<Vec<Packet>> = links.iter().map(|_| Vec::new()).collect();
                 for o in batch {
@@ -298,12 +321,13 @@ impl Publisher {
                         Ok(l) => l,
                         Err(poisoned) => poisoned.into_inner(),
                     };
+                    let sent = packets.len() as u64;
                     if link.push_all(packets).is_err() {
                         tracing::error!("embedded broker gone; commands are not published");
-                        return false;
+                        return;
                     }
+                    metrics.commands_published.fetch_add(sent, Relaxed);
                 }
-                true
             }
         }
     }
@@ -432,7 +456,6 @@ pub(crate) fn start_external(
             }
         }
     });
-    metrics.broker_disconnected.store(1, Relaxed);
     tokio::spawn(async move {
         loop {
             match el.poll().await {
