@@ -731,6 +731,72 @@ async fn an_outage_longer_than_the_command_queue_holds_stalls_nothing_and_loses_
     gw.shutdown().await;
 }
 
+/// A campaign's burst of reports reaches the gateway through a Mosquitto whose per-client
+/// queues are far smaller than the burst (5 in flight and 10 queued here; the shipped
+/// configuration has 100 and 1,000, for a fleet of thousands). Mosquitto 2 applies them to
+/// the gateway's one subscription too, which carries every car's reports: at QoS 1 it dropped
+/// those past them, and each such request waited for its attempt timeout (a 19,000-car
+/// campaign took 61 s instead of ~2.4 s). The gateway now subscribes at QoS 0, which the
+/// in-flight window does not hold back: every request completes on its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaigns_reports_pass_a_mosquitto_with_small_per_client_queues() {
+    const CARS: u32 = 40;
+    let Some((_dir, _hook, gw, api, conf, port)) = gateway_on_plain_mosquitto_with(|c| {
+        // A lost report would wait this long: far past the test's wait.
+        c.retry.attempt_timeout = Duration::from_secs(120);
+    })
+    .await
+    else {
+        return;
+    };
+    let mut bounds = std::fs::read_to_string(&conf).unwrap();
+    bounds.push_str("max_inflight_messages 5\nmax_queued_messages 10\n");
+    std::fs::write(&conf, bounds).unwrap();
+    let _mosquitto = start_mosquitto(&conf, port).await;
+    wait_healthz(&api, 200).await;
+    let (_, keys) = api.get("/keys").await;
+    let key = keys["keys"][0]["publicKey"].as_str().unwrap().to_owned();
+    let mut cars = Vec::new();
+    for n in 1..=CARS {
+        api.register(n).await;
+        let opts = CarOpts {
+            host: "127.0.0.1".into(),
+            port,
+            tls: None,
+            mode: Mode::Obey,
+        };
+        cars.push(TestCar::start(n, &key, opts).await);
+    }
+    for car in &cars {
+        car.wait_connected().await;
+    }
+    let attempts = api.metric("caas_attempts_total").await;
+
+    let body = serde_json::json!({
+        "vins": (1..=CARS).map(|n| vin(n).to_string()).collect::<Vec<_>>(),
+        "action": "ACTIVATE", "serviceId": "power-boost",
+        "configuration": {"featureFlags": ["power_boost"]},
+        "duration": {"type": "PERMANENT"}});
+    let (s, b) = api.post("/campaigns", &body).await;
+    assert_eq!(s, 202, "{b}");
+    let cid = b["campaignId"].as_str().unwrap().to_owned();
+    let end = Instant::now() + SETTLED_WITHIN;
+    loop {
+        let (_, c) = api.get(&format!("/campaigns/{cid}")).await;
+        if c["counts"]["COMPLETED"] == CARS {
+            break;
+        }
+        assert!(Instant::now() < end, "reports lost on the way: {c}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        api.metric("caas_attempts_total").await,
+        attempts + f64::from(CARS),
+        "one attempt a car"
+    );
+    gw.shutdown().await;
+}
+
 /// When the external broker comes back (here without its retained messages, as the shipped
 /// configuration runs it), only the car that has not confirmed its newest command gets it
 /// again: a broker with persistent sessions would queue every copy for every offline car.
