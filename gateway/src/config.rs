@@ -153,8 +153,9 @@ pub struct Config {
     /// spread the routing over threads.
     pub broker_shards: usize,
     /// Requests an external broker's client holds before a flusher waits for it: our commands
-    /// (MQTT publishes), queued by the engine's flushers while the client writes them out, and
-    /// while the broker is away ([`crate::mqtt::OUT_QUEUE`] by default, at least 1).
+    /// (MQTT publishes), queued by the engine's flushers while the client writes them out
+    /// ([`crate::mqtt::OUT_QUEUE`] by default, at least 1). While the broker is away they are
+    /// deferred instead ([`crate::mqtt::Publisher::publish`]).
     pub broker_queue: usize,
     /// Worker threads of the binary's async runtime (the IoT API, the embedded broker's car
     /// connections, the MQTT client), at least 1; by default one per core ([`cores`]). Only

@@ -280,13 +280,18 @@ impl Publisher {
     pub(crate) fn publish(&self, batch: Vec<Outbound>, metrics: &Metrics) {
         match self {
             Publisher::Client(client) => {
-                if metrics.broker_disconnected.load(Relaxed) != 0 {
-                    metrics
-                        .commands_deferred
-                        .fetch_add(batch.len() as u64, Relaxed);
-                    return;
-                }
-                for o in batch {
+                let mut batch = batch.into_iter();
+                while let Some(o) = batch.next() {
+                    // Looked at for each command, not once a batch: a connection lost while
+                    // this flusher waited for room has the queue emptied (rumqttc moves it
+                    // aside), and the rest of the batch must not fill it again and wait. (The
+                    // flag is set just after that; only a queue smaller than a batch, far
+                    // below the default, could fill in between.)
+                    if metrics.broker_disconnected.load(Relaxed) != 0 {
+                        let rest = 1 + batch.len() as u64;
+                        metrics.commands_deferred.fetch_add(rest, Relaxed);
+                        return;
+                    }
                     // An error means the event loop is gone (our topics are all valid).
                     if client
                         .publish(o.topic, rumqttc::QoS::AtLeastOnce, o.retain, o.payload)

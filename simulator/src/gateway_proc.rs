@@ -255,7 +255,11 @@ pub fn mosquitto_binary() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// A Mosquitto broker on a free loopback port, anonymous, no persistence, with large queues.
+/// A Mosquitto broker on a free loopback port, anonymous, no persistence, with the per-client
+/// bounds of the shipped configuration (`gateway/mosquitto/mosquitto.conf`: 100 messages in
+/// flight, 1,000 queued), so that the bench measures what is shipped. (Until 2026-12-08 it
+/// had 1,000 and 100,000, which hid that those bounds dropped a campaign's reports to a
+/// gateway subscribed at QoS 1.)
 pub struct Mosquitto {
     child: Child,
     /// `127.0.0.1:PORT`.
@@ -277,7 +281,7 @@ impl Mosquitto {
             &conf,
             format!(
                 "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 max_inflight_messages 1000\nmax_queued_messages 100000\nmax_connections -1\n\
+                 max_inflight_messages 100\nmax_queued_messages 1000\nmax_connections -1\n\
                  set_tcp_nodelay true\nlog_type error\nlog_dest stderr\n"
             ),
         )?;
